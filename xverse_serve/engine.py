@@ -1,0 +1,199 @@
+"""The engine: a step loop over the scheduler and model runner, and the async bridge the server talks to."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import torch
+
+from .scheduler import Scheduler, Sequence
+from .runner import ModelRunner
+from .sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepOutput:
+    """New tokens of one request after a step; the last one carries finish_reason (or error)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None = None  # "stop" (end of text or stop token) or "length"
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+class Engine:
+    """Synchronous core: add and abort requests, and advance every running sequence by one step."""
+
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, eos_token_id: int, max_model_len: int) -> None:
+        self.runner = runner
+        self.scheduler = scheduler
+        self.eos_token_id = eos_token_id
+        self.max_model_len = max_model_len
+        self.sequences: dict[str, Sequence] = {}
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_model_len}")
+        if request_id in self.sequences:
+            raise ValueError(f"request id {request_id!r} is already running")
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+        seq = Sequence(request_id, list(prompt_ids), params, generator)
+        self.sequences[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        seq = self.sequences.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.remove(seq)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[StepOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        try:
+            sampled = iter(self.runner.run(scheduled))
+        except Exception as exc:  # one bad step fails the requests in it, not the server
+            log.exception("engine step failed")
+            for entry in scheduled:
+                self.abort(entry.seq.request_id)
+            return [StepOutput(e.seq.request_id, [], error=f"{type(exc).__name__}: {exc}") for e in scheduled]
+        outputs = []
+        for entry in scheduled:
+            seq = entry.seq
+            samples = entry.samples
+            seq.num_computed += entry.num_new_tokens
+            if not samples:
+                continue
+            token = next(sampled)
+            seq.output_ids.append(token)
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                self.abort(seq.request_id)
+            outputs.append(StepOutput(seq.request_id, [token], reason))
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.params
+        if (token == self.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids:
+            return "stop"
+        if len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+
+class EngineDead(RuntimeError):
+    """The engine thread has stopped; no request can be served."""
+
+
+class AsyncEngine:
+    """Runs the Engine in a background thread; each request gets an async iterator of its outputs.
+
+    Requests and aborts are handed to the thread through a locked inbox, applied between steps,
+    so the engine's state is only ever touched by its own thread."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._inbox: list[tuple[str, str, list[int] | None, SamplingParams | None]] = []
+        self._lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._queues: dict[str, asyncio.Queue[StepOutput]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.error: BaseException | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StepOutput]:
+        """Yields the request's outputs until it finishes; leaving early (or being cancelled) aborts it."""
+        if not self.alive:
+            raise EngineDead("the engine is not running")
+        queue: asyncio.Queue[StepOutput] = asyncio.Queue()
+        self._queues[request_id] = queue
+        self._send("add", request_id, prompt_ids, params)
+        finished = False
+        try:
+            while not finished:
+                output = await queue.get()
+                finished = output.finished
+                yield output
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self._send("abort", request_id)
+
+    def _send(self, command: str, request_id: str, prompt_ids: list[int] | None = None,
+              params: SamplingParams | None = None) -> None:
+        with self._lock:
+            self._inbox.append((command, request_id, prompt_ids, params))
+        self._wakeup.set()
+
+    def _apply_inbox(self) -> list[StepOutput]:
+        with self._lock:
+            commands, self._inbox = self._inbox, []
+        rejected = []
+        for command, request_id, prompt_ids, params in commands:
+            if command == "abort":
+                self.engine.abort(request_id)
+                continue
+            try:
+                self.engine.add_request(request_id, prompt_ids, params)
+            except ValueError as exc:
+                rejected.append(StepOutput(request_id, [], error=str(exc)))
+        return rejected
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                outputs = self._apply_inbox()
+                if self.engine.has_work():
+                    outputs += self.engine.step()
+                if outputs:
+                    self._loop.call_soon_threadsafe(self._deliver, outputs)
+                if not self.engine.has_work():
+                    self._wakeup.wait()
+                    self._wakeup.clear()
+        except BaseException as exc:
+            log.exception("the engine thread died")
+            self.error = exc
+            self._loop.call_soon_threadsafe(self._fail_all, f"the engine stopped: {exc}")
+
+    def _deliver(self, outputs: list[StepOutput]) -> None:
+        for output in outputs:
+            queue = self._queues.get(output.request_id)
+            if queue is not None:
+                queue.put_nowait(output)
+
+    def _fail_all(self, message: str) -> None:
+        for request_id, queue in self._queues.items():
+            queue.put_nowait(StepOutput(request_id, [], error=message))

@@ -1,0 +1,108 @@
+"""Start-up: resolve device and dtype, load tokenizer and weights, size the KV cache, build the engine."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .chat import Tokenizer
+from .checkpoint import CheckpointError, GenerationDefaults, ModelConfig, load_config, load_generation_defaults, weight_files
+from .engine import AsyncEngine, Engine
+from .kv_cache import BlockAllocator, KVCache
+from .model import load_model
+from .runner import ModelRunner
+from .scheduler import Scheduler
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+DOWNLOAD_HINT = "python model_download.py"
+# Room left for activations and sampling when sizing the KV cache from the card (per batched token).
+ACTIVATION_BYTES_PER_TOKEN = 256 * 1024
+
+
+@dataclass
+class ServingContext:
+    """What the server needs: the running engine and the facts of the loaded model."""
+
+    engine: AsyncEngine
+    tokenizer: Tokenizer
+    config: ModelConfig
+    generation_defaults: GenerationDefaults
+    settings: Settings
+    max_model_len: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"--device {name} asked for, but this machine has no usable CUDA GPU")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cpu":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def check_model_dir(settings: Settings) -> None:
+    model_dir = settings.model_path
+    if not model_dir.is_dir():
+        raise CheckpointError(f"model folder {model_dir} not found: run `{DOWNLOAD_HINT}` or pass --model-path")
+    missing = [name for name in ("config.json", "tokenizer.json") if not (model_dir / name).is_file()]
+    if missing:
+        raise CheckpointError(f"model folder {model_dir} is incomplete ({', '.join(missing)} missing): "
+                              f"run `{DOWNLOAD_HINT}` again")
+    weight_files(model_dir)
+
+
+def kv_cache_tokens(settings: Settings, config: ModelConfig, device: torch.device, dtype: torch.dtype,
+                    max_model_len: int) -> int:
+    if settings.kv_cache_tokens is not None:
+        return settings.kv_cache_tokens
+    if device.type != "cuda":
+        return 4 * max_model_len
+    free, total = torch.cuda.mem_get_info(device)
+    budget = total * settings.gpu_memory_utilization - (total - free)
+    budget -= settings.max_batched_tokens * ACTIVATION_BYTES_PER_TOKEN
+    return max(0, int(budget)) // KVCache.bytes_per_token(config, dtype)
+
+
+def build_engine(settings: Settings) -> ServingContext:
+    check_model_dir(settings)
+    model_dir = settings.model_path
+    config = load_config(model_dir)
+    tokenizer = Tokenizer(model_dir / "tokenizer.json", config)
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    max_model_len = settings.max_model_len or config.max_position_embeddings
+    if max_model_len > config.max_position_embeddings:
+        raise CheckpointError(f"--max-model-len {max_model_len} exceeds the model's "
+                              f"max_position_embeddings ({config.max_position_embeddings})")
+    log.info("loading %s on %s as %s", model_dir, device, dtype)
+    model = load_model(model_dir, config, device, dtype, max_model_len)
+
+    block_size = settings.block_size
+    num_blocks = kv_cache_tokens(settings, config, device, dtype, max_model_len) // block_size
+    if num_blocks * block_size < max_model_len:
+        raise CheckpointError(
+            f"the KV cache holds {num_blocks * block_size} tokens, less than one {max_model_len}-token context: "
+            "lower --max-model-len, or give the cache more memory (--gpu-memory-utilization, --kv-cache-tokens)"
+        )
+    kv_cache = KVCache(config, num_blocks, block_size, dtype, device)
+    capacity = num_blocks * block_size
+    log.info("KV cache: %d blocks of %d tokens = %d tokens, %.1f full %d-token contexts, %.2f GiB",
+             num_blocks, block_size, capacity, capacity / max_model_len, max_model_len,
+             capacity * KVCache.bytes_per_token(config, dtype) / 2**30)
+    scheduler = Scheduler(BlockAllocator(num_blocks), block_size, settings.max_num_seqs,
+                          max(settings.max_batched_tokens, settings.max_num_seqs))
+    engine = Engine(ModelRunner(model, kv_cache), scheduler, config.eos_token_id, max_model_len)
+    return ServingContext(AsyncEngine(engine), tokenizer, config, load_generation_defaults(model_dir),
+                          settings, max_model_len)

@@ -1,0 +1,126 @@
+"""Who runs each step: sequences, admission under a token budget, chunked prefill, preemption by recompute."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from .kv_cache import BlockAllocator, blocks_needed
+from .sampling import SamplingParams
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None = None
+    output_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose keys and values are in the cache
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        prompt_len = len(self.prompt_ids)
+        if start >= prompt_len:
+            return self.output_ids[start - prompt_len:end - prompt_len]
+        return (self.prompt_ids + self.output_ids)[start:end]
+
+
+@dataclass
+class ScheduledSequence:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the end of the sequence, so its last position yields a token."""
+        return self.seq.num_computed + self.num_new_tokens == self.seq.num_tokens
+
+
+class Scheduler:
+    """First come, first served. Running sequences go first (decodes and unfinished prefill chunks);
+    waiting ones are admitted while blocks, the token budget and the sequence limit allow.
+    When a running sequence needs a block and none is free, the latest arrival is preempted:
+    its blocks are freed and it waits at the front of the queue to be recomputed."""
+
+    def __init__(self, allocator: BlockAllocator, block_size: int, max_num_seqs: int, max_batched_tokens: int) -> None:
+        self.allocator = allocator
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_batched_tokens = max_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Takes a sequence out wherever it is and frees its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.allocator.release(seq.block_table)
+        seq.block_table = []
+
+    def schedule(self) -> list[ScheduledSequence]:
+        budget = self.max_batched_tokens
+        scheduled: list[ScheduledSequence] = []
+        preempted = False
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq not in self.running:  # preempted earlier in this loop
+                continue
+            count = min(seq.num_tokens - seq.num_computed, budget)
+            if not self._reserve(seq, count):
+                preempted = True
+                continue
+            scheduled.append(ScheduledSequence(seq, count))
+            budget -= count
+        # Admitting new work in a step that had to preempt would only preempt again.
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            count = min(seq.num_tokens, budget)
+            needed = blocks_needed(count, self.block_size)
+            if needed > self.allocator.num_free:
+                break
+            self.waiting.popleft()
+            seq.block_table = self.allocator.allocate(needed)
+            self.running.append(seq)
+            scheduled.append(ScheduledSequence(seq, count))
+            budget -= count
+        # Single-token entries first: the attention runs them as one batched decode.
+        scheduled.sort(key=lambda entry: entry.num_new_tokens != 1)
+        return scheduled
+
+    def _reserve(self, seq: Sequence, count: int) -> bool:
+        """Gives `seq` the blocks for `count` more tokens, preempting later arrivals if needed.
+        False if `seq` itself had to be preempted."""
+        needed = blocks_needed(seq.num_computed + count, self.block_size) - len(seq.block_table)
+        while needed > self.allocator.num_free:
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        if needed > 0:
+            seq.block_table.extend(self.allocator.allocate(needed))
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.remove(seq)
+        seq.num_computed = 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1

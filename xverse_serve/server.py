@@ -1,0 +1,251 @@
+"""HTTP routes: the seed's POST /, the OpenAI-compatible /v1 API, health; and their error responses."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from .chat import PromptError, encode_chat, max_input_tokens
+from .generation import GenerationFailed, TextDelta, generate_text
+from .launch import ServingContext
+from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, OpenAIFields, SamplingFields, SeedRequest
+from .sampling import SamplingParams
+
+log = logging.getLogger("xverse_serve.requests")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, error_type: str = "invalid_request_error",
+                 param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.error_type, self.param = status, message, error_type, param
+
+
+def error_body(status: int, message: str, error_type: str, param: str | None = None) -> dict:
+    """OpenAI's error shape; `status` is kept beside it as the seed's clients read it."""
+    return {"error": {"message": message, "type": error_type, "param": param, "code": status}, "status": status}
+
+
+def describe_validation_errors(exc: RequestValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        if error["type"] == "json_invalid":
+            return f"the body is not valid JSON ({error.get('ctx', {}).get('error', 'decode error')})"
+        location = [p for p in error["loc"] if p != "body"]
+        if not location and error["type"] in ("model_attributes_type", "dict_type"):
+            return "the body must be a JSON object, sent with Content-Type: application/json"
+        field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in location).lstrip(".") or "body"
+        parts.append(f"{field}: {error['msg']}")
+    return "; ".join(parts)
+
+
+def now_text() -> str:
+    return datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def sse(payload: dict | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+class Handlers:
+    """Request handling around one ServingContext: prompts, sampling parameters, responses."""
+
+    def __init__(self, ctx: ServingContext) -> None:
+        self.ctx = ctx
+
+    def sampling_params(self, fields: SamplingFields, max_tokens: int, stop: tuple[str, ...] = (),
+                        seed: int | None = None) -> SamplingParams:
+        defaults = self.ctx.generation_defaults
+        default_temperature = defaults.temperature if defaults.do_sample else 0.0
+        top_k = defaults.top_k if fields.top_k is None else fields.top_k
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=default_temperature if fields.temperature is None else fields.temperature,
+            top_p=defaults.top_p if fields.top_p is None else fields.top_p,
+            top_k=max(top_k, 0),
+            repetition_penalty=defaults.repetition_penalty if fields.repetition_penalty is None
+            else fields.repetition_penalty,
+            seed=seed,
+            stop=stop,
+        )
+
+    def answer_budget(self, prompt_len: int, requested: int | None) -> int:
+        """max_tokens for a prompt: the request's, which must fit the context, or the default, cut to fit."""
+        remaining = self.ctx.max_model_len - prompt_len
+        if remaining <= 0:
+            raise APIError(400, f"the prompt has {prompt_len} tokens; the context window holds "
+                                f"{self.ctx.max_model_len}: shorten it", param="prompt")
+        if requested is None:
+            return min(self.ctx.generation_defaults.max_new_tokens, remaining)
+        if requested > remaining:
+            raise APIError(400, f"max_tokens is {requested}, but the prompt uses {prompt_len} of the "
+                                f"{self.ctx.max_model_len}-token context: at most {remaining} are left",
+                           param="max_tokens")
+        return requested
+
+    def chat_prompt(self, messages: list, requested_tokens: int | None) -> tuple[list[int], int]:
+        budget = requested_tokens or self.ctx.generation_defaults.max_new_tokens
+        limit = max_input_tokens(self.ctx.config, self.ctx.max_model_len, budget)
+        try:
+            prompt_ids = encode_chat(self.ctx.tokenizer, [m.to_message() for m in messages], limit)
+        except PromptError as exc:
+            raise APIError(400, str(exc), param="messages") from exc
+        return prompt_ids, self.answer_budget(len(prompt_ids), requested_tokens)
+
+    def check_model(self, body: OpenAIFields) -> str:
+        served = self.ctx.settings.served_model_name
+        if body.model is not None and body.model.lower() != served.lower():
+            raise APIError(404, f"the model {body.model!r} does not exist; this server serves {served!r}",
+                           "not_found_error", "model")
+        return served
+
+    def text(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TextDelta]:
+        return generate_text(self.ctx.engine, self.ctx.tokenizer, uuid.uuid4().hex, prompt_ids, params)
+
+    async def complete(self, prompt_ids: list[int], params: SamplingParams) -> TextDelta:
+        """The whole answer as one TextDelta (text, tokens, finish_reason)."""
+        pieces, last = [], TextDelta("", 0)
+        try:
+            async for last in self.text(prompt_ids, params):
+                pieces.append(last.text)
+        except GenerationFailed as exc:
+            raise APIError(500, f"generation failed: {exc}", "server_error") from exc
+        return TextDelta("".join(pieces), last.completion_tokens, last.finish_reason)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def create_app(ctx: ServingContext) -> FastAPI:
+    handlers = Handlers(ctx)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        ctx.engine.start()
+        yield
+        ctx.engine.stop()
+
+    app = FastAPI(title="xverse-serve", summary="XVERSE-7B-Chat behind the seed's API and an OpenAI-compatible one",
+                  lifespan=lifespan)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(error_body(exc.status, exc.message, exc.error_type, exc.param), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(error_body(400, describe_validation_errors(exc), "invalid_request_error"), status_code=400)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if ctx.engine.alive:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "engine stopped"}, status_code=503)
+
+    @app.post("/")
+    async def seed_chat(body: SeedRequest) -> dict:
+        """The seed's API: {"prompt": ...} -> {"response", "status", "time"}."""
+        messages = [*body.history, ChatMessage(role="user", content=body.prompt)]
+        prompt_ids, max_tokens = handlers.chat_prompt(messages, body.max_new_tokens)
+        result = await handlers.complete(prompt_ids, handlers.sampling_params(body, max_tokens))
+        time_text = now_text()
+        print(f'[{time_text}] ", prompt:"{body.prompt}", response:"{result.text!r}"', flush=True)
+        return {"response": result.text, "status": 200, "time": time_text}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        return {"object": "list", "data": [{
+            "id": ctx.settings.served_model_name, "object": "model", "created": int(time.time()),
+            "owned_by": "xverse", "max_model_len": ctx.max_model_len,
+        }]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        model = handlers.check_model(body)
+        requested = body.max_completion_tokens or body.max_tokens
+        prompt_ids, max_tokens = handlers.chat_prompt(body.messages, requested)
+        params = handlers.sampling_params(body, max_tokens, body.stop_strings(), body.seed)
+        response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": response_id, "created": created, "model": model}
+        if not body.stream:
+            result = await handlers.complete(prompt_ids, params)
+            return {**head, "object": "chat.completion", "choices": [{
+                "index": 0, "message": {"role": "assistant", "content": result.text},
+                "logprobs": None, "finish_reason": result.finish_reason,
+            }], "usage": usage(len(prompt_ids), result.completion_tokens)}
+
+        def chunk(delta: dict, finish_reason: str | None) -> dict:
+            return {**head, "object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+        async def events() -> AsyncIterator[str]:
+            yield sse(chunk({"role": "assistant", "content": ""}, None))
+            async for piece in stream_deltas(handlers, prompt_ids, params):
+                if isinstance(piece, str):
+                    yield piece
+                    return
+                if piece.text:
+                    yield sse(chunk({"content": piece.text}, None))
+                if piece.finish_reason:
+                    yield sse(chunk({}, piece.finish_reason))
+                    if body.stream_options and body.stream_options.include_usage:
+                        yield sse({**head, "object": "chat.completion.chunk", "choices": [],
+                                   "usage": usage(len(prompt_ids), piece.completion_tokens)})
+            yield sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        model = handlers.check_model(body)
+        prompt_ids = ctx.tokenizer.encode(body.prompt_text())
+        if not prompt_ids:
+            raise APIError(400, "prompt is empty: send some text to complete", param="prompt")
+        max_tokens = handlers.answer_budget(len(prompt_ids), body.max_tokens)
+        params = handlers.sampling_params(body, max_tokens, body.stop_strings(), body.seed)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": model}
+
+        def choice(text: str, finish_reason: str | None) -> dict:
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+        if not body.stream:
+            result = await handlers.complete(prompt_ids, params)
+            return {**head, "choices": [choice(result.text, result.finish_reason)],
+                    "usage": usage(len(prompt_ids), result.completion_tokens)}
+
+        async def events() -> AsyncIterator[str]:
+            async for piece in stream_deltas(handlers, prompt_ids, params):
+                if isinstance(piece, str):
+                    yield piece
+                    return
+                if piece.text or piece.finish_reason:
+                    yield sse({**head, "choices": [choice(piece.text, piece.finish_reason)]})
+                if piece.finish_reason and body.stream_options and body.stream_options.include_usage:
+                    yield sse({**head, "choices": [], "usage": usage(len(prompt_ids), piece.completion_tokens)})
+            yield sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+async def stream_deltas(handlers: Handlers, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TextDelta | str]:
+    """The request's deltas; a failure mid-stream becomes an error event followed by [DONE]."""
+    try:
+        async for piece in handlers.text(prompt_ids, params):
+            yield piece
+    except GenerationFailed as exc:
+        yield sse(error_body(500, f"generation failed: {exc}", "server_error")) + sse("[DONE]")

@@ -1,0 +1,84 @@
+"""Every flag and its default, in one place. Each flag can also be set through an environment variable."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+ENV_PREFIX = "XVERSE_"
+DEFAULT_MODEL_PATH = Path("models") / "xverse" / "XVERSE-7B-Chat"
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_path: Path = DEFAULT_MODEL_PATH
+    host: str = "0.0.0.0"
+    port: int = 6006
+    device: str = "auto"
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    served_model_name: str = "XVERSE-7B-Chat"
+    block_size: int = 16
+    kv_cache_tokens: int | None = None
+    gpu_memory_utilization: float = 0.90
+    max_num_seqs: int = 256
+    max_batched_tokens: int = 4096
+    log_level: str = "info"
+
+
+# name -> (converter, help). argparse runs the converter on string defaults too, so values taken
+# from the environment are checked like command-line ones.
+OPTIONS = {
+    "model_path": (Path, "folder holding config.json, tokenizer.json and the weight shards "
+                         "(the one model_download.py fills)"),
+    "host": (str, "address to listen on"),
+    "port": (int, "port to listen on"),
+    "device": (str, "auto (cuda when available, else cpu), cpu, cuda or cuda:N"),
+    "dtype": (str, "auto (bfloat16 where the GPU supports it, else float16; float32 on CPU), "
+                   "bfloat16, float16 or float32"),
+    "max_model_len": (int, "context window in tokens, prompt and answer together "
+                           "(default: max_position_embeddings from config.json, 8192)"),
+    "served_model_name": (str, "model id reported by /v1/models and accepted in requests"),
+    "block_size": (int, "tokens per KV-cache block"),
+    "kv_cache_tokens": (int, "KV-cache capacity in tokens (default: on CUDA, what --gpu-memory-utilization "
+                             "leaves after the weights; on CPU, four full contexts)"),
+    "gpu_memory_utilization": (float, "fraction of the GPU's memory this process may use"),
+    "max_num_seqs": (int, "most sequences in one step"),
+    "max_batched_tokens": (int, "most tokens (prompt chunks and decodes) computed in one step"),
+    "log_level": (str, "log level: debug, info, warning or error"),
+}
+CHOICES = {"dtype": ("auto", "bfloat16", "float16", "float32"), "log_level": ("debug", "info", "warning", "error")}
+POSITIVE = ("port", "max_model_len", "block_size", "kv_cache_tokens", "max_num_seqs", "max_batched_tokens")
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
+    environ = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(
+        prog="python api.py",
+        description="Serve XVERSE-7B-Chat: the seed's POST / API and an OpenAI-compatible API beside it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    defaults = Settings()
+    for field in fields(Settings):
+        converter, help_text = OPTIONS[field.name]
+        parser.add_argument(
+            "--" + field.name.replace("_", "-"), type=converter, choices=CHOICES.get(field.name),
+            default=environ.get(env_name(field.name), getattr(defaults, field.name)),
+            help=f"{help_text} [env {env_name(field.name)}]",
+        )
+    settings = Settings(**vars(parser.parse_args(argv)))
+    for name in POSITIVE:
+        value = getattr(settings, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if not 0 < settings.gpu_memory_utilization <= 1:
+        parser.error(f"--gpu-memory-utilization must be in (0, 1], got {settings.gpu_memory_utilization}")
+    if settings.device != "auto" and settings.device != "cpu" and not settings.device.startswith("cuda"):
+        parser.error(f"--device must be auto, cpu, cuda or cuda:N, got {settings.device!r}")
+    return settings
