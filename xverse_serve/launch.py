@@ -11,7 +11,7 @@ from .chat import Tokenizer
 from .checkpoint import CheckpointError, GenerationDefaults, ModelConfig, load_config, load_generation_defaults, weight_files
 from .engine import AsyncEngine, Engine
 from .kv_cache import BlockAllocator, KVCache
-from .model import load_model
+from .model import XverseForCausalLM, load_model
 from .runner import ModelRunner
 from .scheduler import Scheduler
 from .settings import Settings
@@ -96,13 +96,21 @@ def build_engine(settings: Settings) -> ServingContext:
             f"the KV cache holds {num_blocks * block_size} tokens, less than one {max_model_len}-token context: "
             "lower --max-model-len, or give the cache more memory (--gpu-memory-utilization, --kv-cache-tokens)"
         )
-    kv_cache = KVCache(config, num_blocks, block_size, dtype, device)
     capacity = num_blocks * block_size
     log.info("KV cache: %d blocks of %d tokens = %d tokens, %.1f full %d-token contexts, %.2f GiB",
              num_blocks, block_size, capacity, capacity / max_model_len, max_model_len,
              capacity * KVCache.bytes_per_token(config, dtype) / 2**30)
-    scheduler = Scheduler(BlockAllocator(num_blocks), block_size, settings.max_num_seqs,
-                          max(settings.max_batched_tokens, settings.max_num_seqs))
-    engine = Engine(ModelRunner(model, kv_cache), scheduler, config.eos_token_id, max_model_len)
+    engine = assemble_engine(model, num_blocks, block_size, settings.max_num_seqs, settings.max_batched_tokens,
+                             max_model_len)
     return ServingContext(AsyncEngine(engine), tokenizer, config, load_generation_defaults(model_dir),
                           settings, max_model_len)
+
+
+def assemble_engine(model: XverseForCausalLM, num_blocks: int, block_size: int, max_num_seqs: int,
+                    max_batched_tokens: int, max_model_len: int) -> Engine:
+    """The engine around a loaded model: KV pool, scheduler, runner."""
+    weight = model.lm_head.weight
+    kv_cache = KVCache(model.config, num_blocks, block_size, weight.dtype, weight.device)
+    # Every running sequence must be able to decode in every step, whatever the token budget.
+    scheduler = Scheduler(BlockAllocator(num_blocks), block_size, max_num_seqs, max(max_batched_tokens, max_num_seqs))
+    return Engine(ModelRunner(model, kv_cache), scheduler, model.config.eos_token_id, max_model_len)

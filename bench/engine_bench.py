@@ -1,0 +1,199 @@
+"""Offline engine benchmark on random weights of the exact XVERSE-7B shape, beside transformers' generate.
+
+One command on any CUDA machine, no download:
+    python bench/engine_bench.py --out bench/results/engine.json
+Measures, in one run: device copy bandwidth (-> the weight-streaming roofline for one request),
+one request (time to first token for a 512-token prompt, decode tokens/s), offline throughput for
+several numbers of concurrent requests (512-token prompts, 256 output tokens, end-of-text ignored),
+and transformers' LlamaForCausalLM.generate on the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from xverse_serve.checkpoint import ModelConfig  # noqa: E402
+from xverse_serve.kv_cache import KVCache  # noqa: E402
+from xverse_serve.launch import assemble_engine  # noqa: E402
+from xverse_serve.model import XverseForCausalLM  # noqa: E402
+from xverse_serve.sampling import SamplingParams  # noqa: E402
+
+XVERSE_7B = ModelConfig(
+    vocab_size=100534, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+    max_position_embeddings=8192, max_tokenizer_truncation=6144, rms_norm_eps=1e-6, rope_theta=10000.0,
+    tie_word_embeddings=False, pad_token_id=1, bos_token_id=2, eos_token_id=3,
+)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes read plus written per second by a large device-to-device copy."""
+    src = torch.randn(1 << 30, device=device, dtype=torch.float16)  # 2 GiB
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    repeats = 10
+    for _ in range(repeats):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / repeats
+    del src, dst
+    return 2 * (1 << 30) * 2 / seconds
+
+
+def random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> XverseForCausalLM:
+    with torch.device("meta"):
+        model = XverseForCausalLM(config)
+    model = model.to_empty(device=device).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=gen)
+    model.init_rope(config.max_position_embeddings)
+    return model.eval().requires_grad_(False)
+
+
+def hf_model_sharing(model: XverseForCausalLM, config: ModelConfig):
+    """transformers' LlamaForCausalLM over the very same weight tensors (no copy)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_config = LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+        max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
+        pad_token_id=config.pad_token_id, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+        torch_dtype=model.lm_head.weight.dtype, attn_implementation="sdpa",
+    )
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(hf_config)
+    ours = dict(model.named_parameters())
+    for name, _ in list(hf.named_parameters()):
+        module_name, _, attr = name.rpartition(".")
+        setattr(hf.get_submodule(module_name), attr, ours[name])
+    with model.lm_head.weight.device:
+        hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_config)
+    return hf.eval()
+
+
+def prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(10, vocab, (count, length), generator=gen).tolist()
+
+
+def run_engine(engine, batch: list[list[int]], max_tokens: int) -> dict:
+    """All requests submitted at once; returns wall time, first-token times and output tokens."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i, prompt in enumerate(batch):
+        engine.add_request(str(i), prompt, params)
+    first_token: dict[str, float] = {}
+    last_token: dict[str, float] = {}
+    produced = 0
+    while engine.has_work():
+        outputs = engine.step()
+        now = time.perf_counter() - start
+        for out in outputs:
+            produced += len(out.new_token_ids)
+            first_token.setdefault(out.request_id, now)
+            last_token[out.request_id] = now
+    return {"seconds": time.perf_counter() - start, "tokens": produced,
+            "ttft": sorted(first_token.values()), "last": sorted(last_token.values())}
+
+
+@torch.inference_mode()
+def run_hf(hf, batch: list[list[int]], max_tokens: int) -> dict:
+    input_ids = torch.tensor(batch, device=hf.lm_head.weight.device)
+    kwargs = dict(max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=1)
+    hf.generate(input_ids[:, :16], max_new_tokens=4, do_sample=False, pad_token_id=1)  # warm-up
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = hf.generate(input_ids, **kwargs)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "tokens": (out.shape[1] - input_ids.shape[1]) * out.shape[0]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64, 256])
+    parser.add_argument("--hf-concurrency", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--kv-cache-gib", type=float, default=None, help="KV pool size (default: most of what is free)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    device = torch.device("cuda")
+    dtype = torch.bfloat16
+    config = XVERSE_7B
+    results: dict = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__}
+    bandwidth = copy_bandwidth(device)
+    weight_bytes = 7_299_846_144 * 2
+    results["copy_bandwidth_GBps"] = bandwidth / 1e9
+    results["roofline_tok_s_batch1"] = bandwidth / weight_bytes
+    print(f"{results['device']}: copy {bandwidth / 1e12:.2f} TB/s -> batch-1 roofline "
+          f"{results['roofline_tok_s_batch1']:.0f} tok/s", flush=True)
+
+    model = random_model(config, device, dtype)
+    free, _ = torch.cuda.mem_get_info(device)
+    kv_bytes = int(args.kv_cache_gib * 2**30) if args.kv_cache_gib else int(free * 0.75)
+    block_size = 16
+    num_blocks = kv_bytes // (KVCache.bytes_per_token(config, dtype) * block_size)
+    engine = assemble_engine(model, num_blocks, block_size, max_num_seqs=256, max_batched_tokens=4096,
+                             max_model_len=config.max_position_embeddings)
+    results["kv_cache_tokens"] = num_blocks * block_size
+    print(f"KV pool: {num_blocks * block_size} tokens", flush=True)
+
+    run_engine(engine, prompts(2, 64, config.vocab_size, 99), 8)  # warm-up
+    single = run_engine(engine, prompts(1, args.prompt_len, config.vocab_size, 1), args.output_len)
+    decode_seconds = single["last"][0] - single["ttft"][0]
+    results["single"] = {"ttft_ms": single["ttft"][0] * 1e3,
+                         "decode_tok_s": (args.output_len - 1) / decode_seconds}
+    print(f"one request: TTFT {results['single']['ttft_ms']:.1f} ms, decode "
+          f"{results['single']['decode_tok_s']:.1f} tok/s", flush=True)
+
+    results["throughput"] = {}
+    for n in args.concurrency:
+        run = run_engine(engine, prompts(n, args.prompt_len, config.vocab_size, n), args.output_len)
+        results["throughput"][n] = {"tok_s": run["tokens"] / run["seconds"], "seconds": run["seconds"],
+                                    "preemptions": engine.scheduler.num_preemptions}
+        print(f"ours, {n} requests: {run['tokens'] / run['seconds']:.1f} output tok/s ({run['seconds']:.1f} s)",
+              flush=True)
+    del engine
+    torch.cuda.empty_cache()
+
+    hf = hf_model_sharing(model, config)
+    results["hf_generate"] = {}
+    for n in args.hf_concurrency:
+        run = run_hf(hf, prompts(n, args.prompt_len, config.vocab_size, n), args.output_len)
+        results["hf_generate"][n] = {"tok_s": run["tokens"] / run["seconds"], "seconds": run["seconds"]}
+        print(f"transformers generate, batch {n}: {run['tokens'] / run['seconds']:.1f} tok/s", flush=True)
+
+    print("\n| requests | ours tok/s | transformers tok/s | ratio |")
+    print("|---|---|---|---|")
+    for n, ours in results["throughput"].items():
+        theirs = results["hf_generate"].get(n, {}).get("tok_s")
+        ratio = f"{ours['tok_s'] / theirs:.2f}x" if theirs else "-"
+        print(f"| {n} | {ours['tok_s']:.1f} | {theirs or float('nan'):.1f} | {ratio} |")
+    print(f"one-request decode: {results['single']['decode_tok_s']:.1f} tok/s = "
+          f"{results['single']['decode_tok_s'] / results['roofline_tok_s_batch1']:.0%} of the roofline")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny checkpoints in XVERSE's layout, and a real `python api.py` server over HTTP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from tiny_checkpoint import write_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete tiny XVERSE checkpoint: config, generation config, tokenizer.json, two bf16 .bin shards."""
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "XVERSE-tiny")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_server(model_dir: Path, log_path: Path, *extra: str, env: dict[str, str] | None = None,
+                 timeout: float = 120) -> RunningServer:
+    port = free_port()
+    command = [sys.executable, str(REPO / "api.py"), "--model-path", str(model_dir), "--device", "cpu",
+               "--host", "127.0.0.1", "--port", str(port), *extra]
+    log_file = log_path.open("w")
+    process = subprocess.Popen(command, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT,
+                               env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})
+    server = RunningServer(f"http://127.0.0.1:{port}", process, log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
+        try:
+            if requests.get(server.url + "/health", timeout=1).status_code == 200:
+                return server
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"server did not become healthy in {timeout} s:\n{server.log()}")
+
+
+def stop_server(server: RunningServer) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """`python api.py` on the tiny checkpoint, on a free loopback port, shared by the HTTP tests."""
+    running = start_server(tiny_model_dir, tmp_path_factory.mktemp("server") / "server.log")
+    yield running
+    stop_server(running)
