@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Tag, field_validator
 
 from .chat import Message
 
@@ -16,14 +16,28 @@ class StrictBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+def _valid_unicode(text: str) -> str:
+    # JSON escapes can carry lone UTF-16 surrogates ("\ud800"): not text, and the tokenizer refuses them.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"holds a lone surrogate (\\u{ord(text[exc.start]):04x}) at position {exc.start}, "
+                         "which is not valid Unicode text") from None
+    return text
+
+
+# Text the tokenizer will read; the tag keeps union error messages reading "prompt.str: ...".
+Text = Annotated[str, AfterValidator(_valid_unicode), Tag("str")]
+
+
 class TextPart(StrictBody):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(StrictBody):
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
     name: str | None = None
 
     def to_message(self) -> Message:
@@ -43,7 +57,7 @@ class SamplingFields(StrictBody):
 class SeedRequest(SamplingFields):
     """POST / — the seed recipe's body, with optional history and sampling overrides."""
 
-    prompt: str
+    prompt: Text
     history: list[ChatMessage] = []
     max_new_tokens: Annotated[int, Field(ge=1)] | None = None
 
@@ -102,7 +116,7 @@ class ChatCompletionRequest(OpenAIFields):
 
 
 class CompletionRequest(OpenAIFields):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1), Tag("list[str]")]
     echo: Literal[False] = False
     best_of: Literal[1] | None = None
     logprobs: None = None

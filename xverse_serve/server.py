@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from .chat import PromptError, encode_chat, max_input_tokens
 from .generation import GenerationFailed, TextDelta, generate_text
@@ -143,6 +144,16 @@ def create_app(ctx: ServingContext) -> FastAPI:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
         return JSONResponse(error_body(exc.status, exc.message, exc.error_type, exc.param), status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        # FastAPI's own refusals (unknown path, wrong method, a body that is not UTF-8) in the same shape.
+        error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = str(exc.detail)
+        if isinstance(exc.__cause__, UnicodeDecodeError):
+            message = f"the body is not valid UTF-8 ({exc.__cause__.reason} at byte {exc.__cause__.start})"
+        return JSONResponse(error_body(exc.status_code, message, error_type), status_code=exc.status_code,
+                            headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

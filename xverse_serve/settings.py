@@ -38,12 +38,12 @@ OPTIONS = {
     "device": (str, "auto (cuda when available, else cpu), cpu, cuda or cuda:N"),
     "dtype": (str, "auto (bfloat16 where the GPU supports it, else float16; float32 on CPU), "
                    "bfloat16, float16 or float32"),
-    "max_model_len": (int, "context window in tokens, prompt and answer together "
-                           "(default: max_position_embeddings from config.json, 8192)"),
+    "max_model_len": (int, "context window in tokens, prompt and answer together; "
+                           "unset: max_position_embeddings from config.json (8192)"),
     "served_model_name": (str, "model id reported by /v1/models and accepted in requests"),
     "block_size": (int, "tokens per KV-cache block"),
-    "kv_cache_tokens": (int, "KV-cache capacity in tokens (default: on CUDA, what --gpu-memory-utilization "
-                             "leaves after the weights; on CPU, four full contexts)"),
+    "kv_cache_tokens": (int, "KV-cache capacity in tokens; unset: on CUDA, what "
+                             "--gpu-memory-utilization leaves after the weights; on CPU, four full contexts"),
     "gpu_memory_utilization": (float, "fraction of the GPU's memory this process may use"),
     "max_num_seqs": (int, "most sequences in one step"),
     "max_batched_tokens": (int, "most tokens (prompt chunks and decodes) computed in one step"),

@@ -1,0 +1,174 @@
+"""Our decoder over the paged cache computes what transformers' LlamaForCausalLM computes on the same weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from xverse_serve.chat import Tokenizer
+from xverse_serve.checkpoint import ModelConfig, is_skipped_tensor, iter_shard_tensors, load_config
+from xverse_serve.kv_cache import KVCache, blocks_needed
+from xverse_serve.launch import assemble_engine
+from xverse_serve.model import XverseForCausalLM, load_model
+from xverse_serve.runner import ModelRunner
+from xverse_serve.sampling import SamplingParams
+from xverse_serve.scheduler import ScheduledSequence, Sequence
+
+CPU = torch.device("cpu")
+MAX_POSITIONS = 256
+BLOCK_SIZE = 4
+NUM_BLOCKS = 64
+PROMPTS = [
+    "Human: Tell me a story about the sea and the sky.\n\nAssistant: ",
+    "Human: 今天天气很好，我们去公园散步吧。请写一首关于大海的诗。\n\nAssistant: ",
+    "Human: 鑫淼 is a rare name; what is 1234 + 5678?\n\nAssistant: ",
+    "Human: def add(a, b):\n    return a + b\n\nAssistant: ",
+]
+
+
+@pytest.fixture(scope="module")
+def config(tiny_model_dir: Path) -> ModelConfig:
+    return load_config(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir: Path, config: ModelConfig) -> Tokenizer:
+    return Tokenizer(tiny_model_dir / "tokenizer.json", config)
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_model_dir: Path, config: ModelConfig) -> LlamaForCausalLM:
+    """transformers' Llama in float32 on the checkpoint's weights (inv_freq buffers dropped)."""
+    hf_config = LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_heads, max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps, hidden_act="silu", tie_word_embeddings=False,
+        pad_token_id=config.pad_token_id, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+    )
+    model = LlamaForCausalLM(hf_config)
+    weights = {name: t for name, t in iter_shard_tensors(tiny_model_dir) if not is_skipped_tensor(name)}
+    model.load_state_dict(weights, strict=True)
+    return model.float().eval()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir: Path, config: ModelConfig) -> XverseForCausalLM:
+    return load_model(tiny_model_dir, config, CPU, torch.float32, MAX_POSITIONS)
+
+
+def hf_logits(hf_model: LlamaForCausalLM, token_ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return hf_model(torch.tensor([token_ids])).logits[0].float()
+
+
+def shuffled_block_table(num_tokens: int, seed: int) -> list[int]:
+    order = torch.randperm(NUM_BLOCKS, generator=torch.Generator().manual_seed(seed)).tolist()
+    return order[:blocks_needed(num_tokens, BLOCK_SIZE)]
+
+
+def paged_logits(model: XverseForCausalLM, token_ids: list[int], chunks: list[int], seed: int = 0) -> torch.Tensor:
+    """Logits at every position of `token_ids`, computed step by step in chunks of the given sizes
+    (a chunk of 1 goes through the decode path) over a paged cache with a shuffled block table."""
+    assert sum(chunks) == len(token_ids)
+    kv_cache = KVCache(model.config, NUM_BLOCKS, BLOCK_SIZE, model.lm_head.weight.dtype, CPU)
+    runner = ModelRunner(model, kv_cache)
+    seq = Sequence("seq", list(token_ids), SamplingParams(max_tokens=1))
+    seq.block_table = shuffled_block_table(len(token_ids), seed)
+    logits = []
+    for count in chunks:
+        input_ids, positions, batch = runner.prepare([ScheduledSequence(seq, count)])
+        assert batch.num_decodes == (1 if count == 1 else 0)
+        with torch.inference_mode():
+            logits.append(model.compute_logits(model(input_ids, positions, kv_cache.layers, batch)))
+        seq.num_computed += count
+    return torch.cat(logits)
+
+
+def assert_logits_close(ours: torch.Tensor, reference: torch.Tensor, relative: float) -> None:
+    """Close relative to the logits' own scale, at every position."""
+    torch.testing.assert_close(ours, reference, rtol=relative, atol=relative * reference.abs().max().item())
+
+
+def random_ids(count: int, vocab_size: int, seed: int) -> list[int]:
+    return torch.randint(4, vocab_size, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_prefill_logits_equal_transformers(model: XverseForCausalLM, hf_model: LlamaForCausalLM,
+                                           tokenizer: Tokenizer) -> None:
+    for prompt in PROMPTS:
+        ids = tokenizer.encode(prompt)
+        assert_logits_close(paged_logits(model, ids, [len(ids)]), hf_logits(hf_model, ids), relative=1e-4)
+
+
+def test_long_prefill_logits_equal_transformers(model: XverseForCausalLM, hf_model: LlamaForCausalLM,
+                                                config: ModelConfig) -> None:
+    ids = random_ids(200, config.vocab_size, seed=0)  # 50 blocks, positions far into the RoPE table
+    assert_logits_close(paged_logits(model, ids, [len(ids)], seed=1), hf_logits(hf_model, ids), relative=1e-4)
+
+
+def test_chunked_prefill_then_decodes_equals_one_full_prefill(model: XverseForCausalLM, hf_model: LlamaForCausalLM,
+                                                              config: ModelConfig) -> None:
+    ids = random_ids(47, config.vocab_size, seed=2)
+    full = paged_logits(model, ids, [47], seed=3)
+    chunked = paged_logits(model, ids, [7, 1, 12, 9, 5] + [1] * 13, seed=4)
+    assert_logits_close(chunked, full, relative=1e-5)
+    assert_logits_close(chunked, hf_logits(hf_model, ids), relative=1e-4)
+
+
+def test_one_step_with_a_decode_and_a_prefill_equals_each_alone(model: XverseForCausalLM, config: ModelConfig) -> None:
+    first, second = random_ids(10, config.vocab_size, seed=5), random_ids(9, config.vocab_size, seed=6)
+    kv_cache = KVCache(config, NUM_BLOCKS, BLOCK_SIZE, torch.float32, CPU)
+    runner = ModelRunner(model, kv_cache)
+    decoding = Sequence("decoding", first, SamplingParams(max_tokens=1))
+    decoding.block_table = [9, 2, 30]
+    prefilling = Sequence("prefilling", second, SamplingParams(max_tokens=1))
+    prefilling.block_table = [17, 0, 5]
+    input_ids, positions, batch = runner.prepare([ScheduledSequence(decoding, 9)])
+    with torch.inference_mode():
+        model(input_ids, positions, kv_cache.layers, batch)
+    decoding.num_computed = 9
+    input_ids, positions, batch = runner.prepare([ScheduledSequence(decoding, 1), ScheduledSequence(prefilling, 9)])
+    assert batch.num_decodes == 1
+    with torch.inference_mode():
+        logits = model.compute_logits(model(input_ids, positions, kv_cache.layers, batch))
+    assert_logits_close(logits[:1], paged_logits(model, first, [10])[-1:], relative=1e-5)
+    assert_logits_close(logits[1:], paged_logits(model, second, [9]), relative=1e-5)
+
+
+def test_greedy_tokens_equal_transformers_generate(model: XverseForCausalLM, hf_model: LlamaForCausalLM,
+                                                   tokenizer: Tokenizer) -> None:
+    max_new = 24
+    engine = assemble_engine(model, num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, max_num_seqs=8,
+                             max_batched_tokens=512, max_model_len=MAX_POSITIONS)
+    prompts = [tokenizer.encode(prompt) for prompt in PROMPTS]
+    for i, ids in enumerate(prompts):
+        engine.add_request(str(i), ids, SamplingParams(max_tokens=max_new, temperature=0.0))
+    ours: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    while engine.has_work():
+        for output in engine.step():
+            ours[output.request_id] += output.new_token_ids
+    for i, ids in enumerate(prompts):
+        with torch.no_grad():
+            generated = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                          max_new_tokens=max_new, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                          pad_token_id=tokenizer.pad_token_id)
+        expected = generated[0, len(ids):].tolist()
+        assert len(set(expected)) > 3, "the tiny model should not be degenerate"
+        assert ours[str(i)] == expected, PROMPTS[i]
+
+
+def test_bfloat16_logits_agree_loosely(tiny_model_dir: Path, config: ModelConfig, hf_model: LlamaForCausalLM,
+                                       tokenizer: Tokenizer) -> None:
+    bf16_model = load_model(tiny_model_dir, config, CPU, torch.bfloat16, MAX_POSITIONS)
+    ids = tokenizer.encode("".join(PROMPTS))
+    ours = paged_logits(bf16_model, ids, [len(ids) - 8] + [1] * 8)
+    reference = hf_logits(hf_model, ids)
+    assert ours.dtype == torch.float32
+    assert_logits_close(ours, reference, relative=5e-2)
+    # Rounding may flip a near-tie, but the top token agrees almost everywhere.
+    agreement = (ours.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    assert agreement >= 0.9

@@ -1,0 +1,196 @@
+"""The sampler filters and penalizes as transformers' logits processors do, row by row, and draws fairly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from xverse_serve.sampling import SamplingParams, SamplingRow, apply_repetition_penalty, filter_top_k_top_p, sample
+
+VOCAB = 1000
+
+
+def random_logits(rows: int, seed: int, vocab: int = VOCAB) -> torch.Tensor:
+    return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def row(seen: list[int] | None = None, generator: torch.Generator | None = None, **params) -> SamplingRow:
+    return SamplingRow(SamplingParams(max_tokens=16, **params), seen or [], generator)
+
+
+def hf_warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """transformers' warpers in generate()'s order, each used only where generate() would add it."""
+    warpers = []
+    if params.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(params.temperature))
+    if params.top_k > 0:
+        warpers.append(TopKLogitsWarper(params.top_k))
+    if params.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(params.top_p))
+    scores = logits[None].clone()
+    for warper in warpers:
+        scores = warper(None, scores)
+    return scores[0]
+
+
+def our_warp(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """What sample() does before drawing: temperature, then top-k and top-p per row."""
+    temperature = torch.tensor([r.params.temperature for r in rows])
+    top_k = torch.tensor([r.params.top_k for r in rows])
+    top_p = torch.tensor([r.params.top_p for r in rows])
+    return filter_top_k_top_p(logits / temperature[:, None], top_k, top_p)
+
+
+def assert_same_survivors(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    kept = torch.isfinite(theirs)
+    assert torch.equal(torch.isfinite(ours), kept), "a different set of tokens survives"
+    torch.testing.assert_close(ours[kept], theirs[kept])
+
+
+FILTER_CASES = [
+    dict(temperature=1.0, top_k=0, top_p=1.0),
+    dict(temperature=0.5, top_k=0, top_p=1.0),
+    dict(temperature=1.0, top_k=1, top_p=1.0),
+    dict(temperature=1.0, top_k=30, top_p=1.0),
+    dict(temperature=1.0, top_k=0, top_p=0.85),
+    dict(temperature=1.0, top_k=0, top_p=0.1),
+    dict(temperature=0.5, top_k=30, top_p=0.85),  # XVERSE-7B-Chat's defaults
+    dict(temperature=1.7, top_k=200, top_p=0.95),
+    dict(temperature=0.3, top_k=5, top_p=0.999),
+]
+
+
+@pytest.mark.parametrize("params", FILTER_CASES, ids=lambda p: "T{temperature}-k{top_k}-p{top_p}".format(**p))
+def test_temperature_top_k_top_p_keep_the_tokens_transformers_keeps(params: dict) -> None:
+    logits = random_logits(8, seed=0)
+    rows = [row(**params)] * len(logits)
+    ours = our_warp(logits, rows)
+    for i in range(len(logits)):
+        assert_same_survivors(ours[i], hf_warp(logits[i], rows[i].params))
+
+
+def test_each_row_of_one_batch_uses_its_own_params() -> None:
+    logits = random_logits(len(FILTER_CASES), seed=1)
+    rows = [row(**params) for params in FILTER_CASES]
+    ours = our_warp(logits, rows)
+    for i, r in enumerate(rows):
+        assert_same_survivors(ours[i], hf_warp(logits[i], r.params))
+
+
+def test_top_p_one_and_top_k_zero_keep_all_of_xverse_vocabulary() -> None:
+    logits = random_logits(4, seed=8, vocab=100534)
+    filtered = filter_top_k_top_p(logits, torch.zeros(4, dtype=torch.long), torch.ones(4))
+    assert torch.equal(filtered, logits)
+
+
+def test_top_p_always_keeps_the_most_likely_token() -> None:
+    logits = torch.tensor([[5.0, 0.0, 0.0, 0.0]])
+    kept = torch.isfinite(filter_top_k_top_p(logits, torch.tensor([0]), torch.tensor([0.01])))
+    assert kept.tolist() == [[True, False, False, False]]
+
+
+@pytest.mark.parametrize("penalty", [1.1, 1.5, 0.8])
+def test_repetition_penalty_equals_transformers(penalty: float) -> None:
+    logits = random_logits(3, seed=2)
+    seen = [[5, 17, 17, 400, 999, 5], [0], list(range(0, VOCAB, 7))]
+    ours = logits.clone()
+    apply_repetition_penalty(ours, [row(seen=s, repetition_penalty=penalty) for s in seen])
+    processor = RepetitionPenaltyLogitsProcessor(penalty)
+    for i, s in enumerate(seen):
+        theirs = processor(torch.tensor([s]), logits[i:i + 1].clone())[0]
+        torch.testing.assert_close(ours[i], theirs, rtol=0, atol=0)
+    assert not torch.equal(ours, logits)
+
+
+def test_repetition_penalty_is_per_row_and_skips_rows_without_it() -> None:
+    logits = random_logits(3, seed=3)
+    ours = logits.clone()
+    apply_repetition_penalty(ours, [row(seen=[1, 2], repetition_penalty=1.0),
+                                    row(seen=[], repetition_penalty=1.3),
+                                    row(seen=[1, 2], repetition_penalty=1.3)])
+    assert torch.equal(ours[:2], logits[:2])
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([[1, 2]]), logits[2:].clone())
+    assert torch.equal(ours[2:], expected)
+
+
+def test_sample_does_not_modify_the_callers_logits() -> None:
+    logits = random_logits(2, seed=4)
+    before = logits.clone()
+    sample(logits, [row(seen=[1, 2, 3], repetition_penalty=1.3, temperature=0.7),
+                    row(seen=[1, 2, 3], repetition_penalty=1.3, temperature=0.0)])
+    assert torch.equal(logits, before)
+
+
+def test_greedy_rows_take_the_argmax_after_the_repetition_penalty() -> None:
+    logits = random_logits(4, seed=5)
+    top = logits.argmax(-1).tolist()
+    rows = [row(temperature=0.0), row(temperature=0.0, seen=[top[1]], repetition_penalty=100.0),
+            row(temperature=1.0, top_k=50), row(temperature=0.0)]
+    tokens = sample(logits, rows)
+    penalized = RepetitionPenaltyLogitsProcessor(100.0)(torch.tensor([[top[1]]]), logits[1:2].clone())
+    assert tokens[0] == top[0] and tokens[3] == top[3]
+    assert tokens[1] == penalized.argmax().item() != top[1]
+
+
+def test_top_k_one_is_the_argmax_whatever_the_temperature() -> None:
+    logits = random_logits(64, seed=6)
+    tokens = sample(logits, [row(temperature=5.0, top_k=1)] * 64)
+    assert tokens == logits.argmax(-1).tolist()
+
+
+def test_samples_never_leave_the_allowed_set() -> None:
+    torch.manual_seed(0)
+    logits = random_logits(len(FILTER_CASES), seed=7)
+    draws = 300
+    rows = [row(**params) for params in FILTER_CASES for _ in range(draws)]
+    tokens = torch.tensor(sample(logits.repeat_interleave(draws, dim=0), rows)).view(len(FILTER_CASES), draws)
+    for i, params in enumerate(FILTER_CASES):
+        allowed = torch.isfinite(hf_warp(logits[i], SamplingParams(max_tokens=1, **params)))
+        assert allowed[tokens[i]].all(), params
+        if allowed.sum() > 20:
+            assert len(tokens[i].unique()) > 1, "a wide nucleus should give varied samples"
+
+
+def test_sampled_frequencies_follow_the_filtered_distribution() -> None:
+    torch.manual_seed(1)
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0]])
+    params = dict(temperature=0.8, top_k=4, top_p=0.9)
+    expected = hf_warp(logits[0], SamplingParams(max_tokens=1, **params)).softmax(-1)
+    draws = 40_000
+    tokens = torch.tensor(sample(logits.expand(draws, -1), [row(**params)] * draws))
+    frequencies = torch.bincount(tokens, minlength=logits.shape[1]).float() / draws
+    assert (frequencies[expected == 0] == 0).all()
+    torch.testing.assert_close(frequencies, expected, rtol=0, atol=0.01)
+
+
+def test_seeded_rows_are_reproducible_and_independent_of_the_batch() -> None:
+    logits = torch.zeros(1, VOCAB)  # uniform: every draw is up to the generator
+    params = dict(temperature=1.0)
+    alone = [sample(logits, [row(generator=torch.Generator().manual_seed(seed), **params)])[0] for seed in range(8)]
+    again = [sample(logits, [row(generator=torch.Generator().manual_seed(seed), **params)])[0] for seed in range(8)]
+    assert alone == again
+    assert len(set(alone)) > 1, "different seeds should draw differently"
+    for seed in range(8):
+        batch = [row(**params), row(temperature=0.0), row(generator=torch.Generator().manual_seed(seed), **params),
+                 row(generator=torch.Generator().manual_seed(seed + 100), top_k=3)]
+        assert sample(logits.expand(4, -1), batch)[2] == alone[seed]
+
+
+def test_a_seeded_generator_advances_so_consecutive_draws_differ() -> None:
+    logits = torch.zeros(1, VOCAB)
+    generator = torch.Generator().manual_seed(0)
+    draws = [sample(logits, [row(generator=generator)])[0] for _ in range(10)]
+    assert len(set(draws)) > 1
+    generator = torch.Generator().manual_seed(0)
+    assert [sample(logits, [row(generator=generator)])[0] for _ in range(10)] == draws
+
+
+def test_temperature_zero_means_greedy() -> None:
+    assert SamplingParams(max_tokens=1, temperature=0.0).greedy
+    assert not SamplingParams(max_tokens=1, temperature=0.5).greedy
