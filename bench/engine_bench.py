@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from xverse_serve.checkpoint import ModelConfig  # noqa: E402
-from xverse_serve.kv_cache import KVCache  # noqa: E402
 from xverse_serve.launch import assemble_engine  # noqa: E402
+from xverse_serve.memory_plan import kv_cache_tokens_for_card, measure_step_peaks  # noqa: E402
 from xverse_serve.model import XverseForCausalLM  # noqa: E402
 from xverse_serve.sampling import SamplingParams  # noqa: E402
 
@@ -132,7 +132,8 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64, 256])
     parser.add_argument("--hf-concurrency", type=int, nargs="+", default=[1, 8, 64])
-    parser.add_argument("--kv-cache-gib", type=float, default=None, help="KV pool size (default: most of what is free)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -148,14 +149,16 @@ def main() -> None:
           f"{results['roofline_tok_s_batch1']:.0f} tok/s", flush=True)
 
     model = random_model(config, device, dtype)
-    free, _ = torch.cuda.mem_get_info(device)
-    kv_bytes = int(args.kv_cache_gib * 2**30) if args.kv_cache_gib else int(free * 0.75)
-    block_size = 16
-    num_blocks = kv_bytes // (KVCache.bytes_per_token(config, dtype) * block_size)
-    engine = assemble_engine(model, num_blocks, block_size, max_num_seqs=256, max_batched_tokens=4096,
-                             max_model_len=config.max_position_embeddings)
-    results["kv_cache_tokens"] = num_blocks * block_size
-    print(f"KV pool: {num_blocks * block_size} tokens", flush=True)
+    block_size, max_num_seqs, max_batched_tokens = 16, 256, 4096
+    started = time.perf_counter()
+    peaks = measure_step_peaks(model, max_num_seqs, max_batched_tokens, config.max_position_embeddings, block_size)
+    kv_tokens = kv_cache_tokens_for_card(model, args.gpu_memory_utilization, peaks, not args.eager)
+    engine = assemble_engine(model, kv_tokens // block_size, block_size, max_num_seqs, max_batched_tokens,
+                             config.max_position_embeddings, cuda_graphs=not args.eager)
+    results["startup_s"] = time.perf_counter() - started
+    results["kv_cache_tokens"] = kv_tokens
+    results["activation_peak_GiB"] = {"prefill": peaks.prefill / 2**30, "decode": peaks.decode / 2**30}
+    print(f"KV pool: {kv_tokens} tokens; memory plan and graph capture {results['startup_s']:.1f} s", flush=True)
 
     run_engine(engine, prompts(2, 64, config.vocab_size, 99), 8)  # warm-up
     single = run_engine(engine, prompts(1, args.prompt_len, config.vocab_size, 1), args.output_len)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,22 @@ def test_deltas_in_chunks_join_to_the_full_decode(tokenizer: Tokenizer, chunk: i
     deltas = stream(tokenizer, ids, chunk)
     assert "".join(deltas) == tokenizer.decode(ids)
     assert all("\ufffd" not in delta for delta in deltas)
+
+
+def test_random_token_streams_join_to_the_full_decode(tokenizer: Tokenizer) -> None:
+    """Any mix of learned tokens, special tokens and whole byte-encoded characters (invalid byte runs
+    aside, which a full decode turns into one replacement character per byte)."""
+    rng = random.Random(0)
+    learned = [token for token in range(tokenizer._tokenizer.get_vocab_size()) if token >= 4 + 256]
+    characters = [tokenizer.encode(c)[-3:] for c in (RARE, "淼")] + [tokenizer.encode("😀")[-4:]]
+    for _ in range(300):
+        ids: list[int] = []
+        while len(ids) < 25:
+            choice = rng.random()
+            ids += rng.choice(characters) if choice < 0.3 else [rng.choice(learned + [1, 2, 3])]
+        deltas = stream(tokenizer, ids)
+        assert "".join(deltas) == tokenizer.decode(ids)
+        assert all("\ufffd" not in delta for delta in deltas)
 
 
 def test_a_multi_byte_character_is_released_once_its_last_byte_arrives(tokenizer: Tokenizer) -> None:

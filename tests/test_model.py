@@ -139,26 +139,38 @@ def test_one_step_with_a_decode_and_a_prefill_equals_each_alone(model: XverseFor
     assert_logits_close(logits[1:], paged_logits(model, second, [9]), relative=1e-5)
 
 
-def test_greedy_tokens_equal_transformers_generate(model: XverseForCausalLM, hf_model: LlamaForCausalLM,
-                                                   tokenizer: Tokenizer) -> None:
-    max_new = 24
+def generate_with_engine(model: XverseForCausalLM, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    """All prompts at once through the engine (batched, paged), the tokens of each."""
     engine = assemble_engine(model, num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, max_num_seqs=8,
                              max_batched_tokens=512, max_model_len=MAX_POSITIONS)
-    prompts = [tokenizer.encode(prompt) for prompt in PROMPTS]
     for i, ids in enumerate(prompts):
-        engine.add_request(str(i), ids, SamplingParams(max_tokens=max_new, temperature=0.0))
-    ours: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+        engine.add_request(str(i), ids, params)
+    tokens: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
     while engine.has_work():
         for output in engine.step():
-            ours[output.request_id] += output.new_token_ids
-    for i, ids in enumerate(prompts):
-        with torch.no_grad():
-            generated = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                          max_new_tokens=max_new, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                                          pad_token_id=tokenizer.pad_token_id)
-        expected = generated[0, len(ids):].tolist()
+            tokens[output.request_id] += output.new_token_ids
+    return [tokens[str(i)] for i in range(len(prompts))]
+
+
+def hf_generate(hf_model: LlamaForCausalLM, ids: list[int], max_new: int, **options) -> list[int]:
+    with torch.no_grad():
+        generated = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                      max_new_tokens=max_new, do_sample=False, eos_token_id=3, pad_token_id=1,
+                                      **options)
+    return generated[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("repetition_penalty", [1.0, 1.1])
+def test_greedy_tokens_equal_transformers_generate(model: XverseForCausalLM, hf_model: LlamaForCausalLM,
+                                                   tokenizer: Tokenizer, repetition_penalty: float) -> None:
+    max_new = 24
+    prompts = [tokenizer.encode(prompt) for prompt in PROMPTS]
+    params = SamplingParams(max_tokens=max_new, temperature=0.0, repetition_penalty=repetition_penalty)
+    ours = generate_with_engine(model, prompts, params)
+    for text, ids, tokens in zip(PROMPTS, prompts, ours):
+        expected = hf_generate(hf_model, ids, max_new, repetition_penalty=repetition_penalty)
         assert len(set(expected)) > 3, "the tiny model should not be degenerate"
-        assert ours[str(i)] == expected, PROMPTS[i]
+        assert tokens == expected, text
 
 
 def test_bfloat16_logits_agree_loosely(tiny_model_dir: Path, config: ModelConfig, hf_model: LlamaForCausalLM,

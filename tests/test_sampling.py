@@ -11,7 +11,17 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from xverse_serve.sampling import SamplingParams, SamplingRow, apply_repetition_penalty, filter_top_k_top_p, sample
+from dataclasses import dataclass, field
+
+from xverse_serve.sampling import (
+    SamplingParams,
+    SamplingRow,
+    SeenTokens,
+    apply_repetition_penalty,
+    filter_top_k_top_p,
+    sample,
+    seen_token_mask,
+)
 
 VOCAB = 1000
 
@@ -20,8 +30,22 @@ def random_logits(rows: int, seed: int, vocab: int = VOCAB) -> torch.Tensor:
     return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 3
 
 
-def row(seen: list[int] | None = None, generator: torch.Generator | None = None, **params) -> SamplingRow:
-    return SamplingRow(SamplingParams(max_tokens=16, **params), seen or [], generator)
+@dataclass
+class Row(SamplingRow):
+    seen: list[int] = field(default_factory=list)  # the ids this row's sequence has seen
+
+
+def row(seen: list[int] | None = None, generator: torch.Generator | None = None, **params) -> Row:
+    return Row(SamplingParams(max_tokens=16, **params), generator, seen or [])
+
+
+def penalize(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+    penalties = torch.tensor([r.params.repetition_penalty for r in rows])
+    return apply_repetition_penalty(logits, penalties, seen_token_mask([r.seen for r in rows], logits.shape[1], logits.device))
+
+
+def draw(logits: torch.Tensor, rows: list[Row]) -> list[int]:
+    return sample(logits, rows, seen_token_mask([r.seen for r in rows], logits.shape[1], logits.device))
 
 
 def hf_warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -99,8 +123,7 @@ def test_top_p_always_keeps_the_most_likely_token() -> None:
 def test_repetition_penalty_equals_transformers(penalty: float) -> None:
     logits = random_logits(3, seed=2)
     seen = [[5, 17, 17, 400, 999, 5], [0], list(range(0, VOCAB, 7))]
-    ours = logits.clone()
-    apply_repetition_penalty(ours, [row(seen=s, repetition_penalty=penalty) for s in seen])
+    ours = penalize(logits, [row(seen=s, repetition_penalty=penalty) for s in seen])
     processor = RepetitionPenaltyLogitsProcessor(penalty)
     for i, s in enumerate(seen):
         theirs = processor(torch.tensor([s]), logits[i:i + 1].clone())[0]
@@ -110,8 +133,7 @@ def test_repetition_penalty_equals_transformers(penalty: float) -> None:
 
 def test_repetition_penalty_is_per_row_and_skips_rows_without_it() -> None:
     logits = random_logits(3, seed=3)
-    ours = logits.clone()
-    apply_repetition_penalty(ours, [row(seen=[1, 2], repetition_penalty=1.0),
+    ours = penalize(logits, [row(seen=[1, 2], repetition_penalty=1.0),
                                     row(seen=[], repetition_penalty=1.3),
                                     row(seen=[1, 2], repetition_penalty=1.3)])
     assert torch.equal(ours[:2], logits[:2])
@@ -122,7 +144,7 @@ def test_repetition_penalty_is_per_row_and_skips_rows_without_it() -> None:
 def test_sample_does_not_modify_the_callers_logits() -> None:
     logits = random_logits(2, seed=4)
     before = logits.clone()
-    sample(logits, [row(seen=[1, 2, 3], repetition_penalty=1.3, temperature=0.7),
+    draw(logits, [row(seen=[1, 2, 3], repetition_penalty=1.3, temperature=0.7),
                     row(seen=[1, 2, 3], repetition_penalty=1.3, temperature=0.0)])
     assert torch.equal(logits, before)
 
@@ -132,7 +154,7 @@ def test_greedy_rows_take_the_argmax_after_the_repetition_penalty() -> None:
     top = logits.argmax(-1).tolist()
     rows = [row(temperature=0.0), row(temperature=0.0, seen=[top[1]], repetition_penalty=100.0),
             row(temperature=1.0, top_k=50), row(temperature=0.0)]
-    tokens = sample(logits, rows)
+    tokens = draw(logits, rows)
     penalized = RepetitionPenaltyLogitsProcessor(100.0)(torch.tensor([[top[1]]]), logits[1:2].clone())
     assert tokens[0] == top[0] and tokens[3] == top[3]
     assert tokens[1] == penalized.argmax().item() != top[1]
@@ -140,7 +162,7 @@ def test_greedy_rows_take_the_argmax_after_the_repetition_penalty() -> None:
 
 def test_top_k_one_is_the_argmax_whatever_the_temperature() -> None:
     logits = random_logits(64, seed=6)
-    tokens = sample(logits, [row(temperature=5.0, top_k=1)] * 64)
+    tokens = draw(logits, [row(temperature=5.0, top_k=1)] * 64)
     assert tokens == logits.argmax(-1).tolist()
 
 
@@ -149,7 +171,7 @@ def test_samples_never_leave_the_allowed_set() -> None:
     logits = random_logits(len(FILTER_CASES), seed=7)
     draws = 300
     rows = [row(**params) for params in FILTER_CASES for _ in range(draws)]
-    tokens = torch.tensor(sample(logits.repeat_interleave(draws, dim=0), rows)).view(len(FILTER_CASES), draws)
+    tokens = torch.tensor(draw(logits.repeat_interleave(draws, dim=0), rows)).view(len(FILTER_CASES), draws)
     for i, params in enumerate(FILTER_CASES):
         allowed = torch.isfinite(hf_warp(logits[i], SamplingParams(max_tokens=1, **params)))
         assert allowed[tokens[i]].all(), params
@@ -163,7 +185,7 @@ def test_sampled_frequencies_follow_the_filtered_distribution() -> None:
     params = dict(temperature=0.8, top_k=4, top_p=0.9)
     expected = hf_warp(logits[0], SamplingParams(max_tokens=1, **params)).softmax(-1)
     draws = 40_000
-    tokens = torch.tensor(sample(logits.expand(draws, -1), [row(**params)] * draws))
+    tokens = torch.tensor(draw(logits.expand(draws, -1), [row(**params)] * draws))
     frequencies = torch.bincount(tokens, minlength=logits.shape[1]).float() / draws
     assert (frequencies[expected == 0] == 0).all()
     torch.testing.assert_close(frequencies, expected, rtol=0, atol=0.01)
@@ -172,25 +194,54 @@ def test_sampled_frequencies_follow_the_filtered_distribution() -> None:
 def test_seeded_rows_are_reproducible_and_independent_of_the_batch() -> None:
     logits = torch.zeros(1, VOCAB)  # uniform: every draw is up to the generator
     params = dict(temperature=1.0)
-    alone = [sample(logits, [row(generator=torch.Generator().manual_seed(seed), **params)])[0] for seed in range(8)]
-    again = [sample(logits, [row(generator=torch.Generator().manual_seed(seed), **params)])[0] for seed in range(8)]
+    alone = [draw(logits, [row(generator=torch.Generator().manual_seed(seed), **params)])[0] for seed in range(8)]
+    again = [draw(logits, [row(generator=torch.Generator().manual_seed(seed), **params)])[0] for seed in range(8)]
     assert alone == again
     assert len(set(alone)) > 1, "different seeds should draw differently"
     for seed in range(8):
         batch = [row(**params), row(temperature=0.0), row(generator=torch.Generator().manual_seed(seed), **params),
                  row(generator=torch.Generator().manual_seed(seed + 100), top_k=3)]
-        assert sample(logits.expand(4, -1), batch)[2] == alone[seed]
+        assert draw(logits.expand(4, -1), batch)[2] == alone[seed]
 
 
 def test_a_seeded_generator_advances_so_consecutive_draws_differ() -> None:
     logits = torch.zeros(1, VOCAB)
     generator = torch.Generator().manual_seed(0)
-    draws = [sample(logits, [row(generator=generator)])[0] for _ in range(10)]
+    draws = [draw(logits, [row(generator=generator)])[0] for _ in range(10)]
     assert len(set(draws)) > 1
     generator = torch.Generator().manual_seed(0)
-    assert [sample(logits, [row(generator=generator)])[0] for _ in range(10)] == draws
+    assert [draw(logits, [row(generator=generator)])[0] for _ in range(10)] == draws
 
 
 def test_temperature_zero_means_greedy() -> None:
     assert SamplingParams(max_tokens=1, temperature=0.0).greedy
     assert not SamplingParams(max_tokens=1, temperature=0.5).greedy
+
+
+@pytest.mark.parametrize("temperature", [1e-6, 1e-30, 1e-40, 5e-324])
+def test_vanishing_temperatures_are_greedy_not_nan(temperature: float) -> None:
+    logits = random_logits(4, seed=9)
+    rows = [row(temperature=temperature), row(temperature=temperature, generator=torch.Generator().manual_seed(1)),
+            row(temperature=temperature, top_p=0.5), row(temperature=1.0, top_k=1)]
+    assert draw(logits, rows) == logits.argmax(-1).tolist()
+
+
+def test_sorting_only_the_largest_top_k_keeps_the_same_survivors() -> None:
+    logits = random_logits(3, seed=10)
+    top_k, top_p = torch.tensor([5, 30, 12]), torch.tensor([0.9, 1.0, 0.5])
+    full = filter_top_k_top_p(logits, top_k, top_p)
+    assert torch.equal(filter_top_k_top_p(logits, top_k, top_p, candidates=30), full)
+
+
+def test_seen_tokens_follow_each_history_as_it_grows_and_rows_are_reused() -> None:
+    seen = SeenTokens(VOCAB, torch.device("cpu"), rows=2)  # room for one penalized sequence: it must grow
+    prompt_a, output_a, prompt_b = [5, 6], [], [7]
+    rows = seen.rows([("a", prompt_a, output_a), None, ("b", prompt_b, [])])
+    assert rows.shape == (3, VOCAB)
+    assert torch.equal(rows, seen_token_mask([[5, 6], [], [7]], VOCAB, torch.device("cpu")))
+    output_a += [9, 5]
+    rows = seen.rows([("a", prompt_a, output_a), ("b", prompt_b, [8])])
+    assert torch.equal(rows, seen_token_mask([[5, 6, 9], [7, 8]], VOCAB, torch.device("cpu")))
+    seen.release("a")
+    rows = seen.rows([("c", [1], [])])  # takes a's old row, which must start empty
+    assert rows[0].nonzero().flatten().tolist() == [1]

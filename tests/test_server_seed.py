@@ -33,7 +33,7 @@ def ask(server, **body) -> dict:
 
 def test_the_seed_curl_command_gets_response_status_and_time(server):
     result = subprocess.run(
-        [CURL, "-s", "-X", "POST", server.url, "-H", "Content-Type: application/json",
+        [CURL, "-X", "POST", server.url, "-H", "Content-Type: application/json",
          "-d", '{"prompt": "Hello, who are you?"}'],
         capture_output=True, text=True, timeout=120,
     )

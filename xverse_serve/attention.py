@@ -66,22 +66,34 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal attention of the last q.shape[0] positions of one sequence over all of its keys."""
     num_queries, num_keys = q.shape[0], keys.shape[0]
-    query_positions = torch.arange(num_keys - num_queries, num_keys, device=q.device)
-    allowed = torch.arange(num_keys, device=q.device)[None, :] <= query_positions[:, None]
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1).float(), keys.transpose(0, 1).float(), values.transpose(0, 1).float(),
-        attn_mask=allowed, scale=scale,
-    )
+    # On the GPU, SDPA's fused kernels work in the cache's dtype; the CPU reference computes in float32.
+    dtype = q.dtype if q.is_cuda else torch.float32
+    q_t, k_t, v_t = (t.transpose(0, 1).to(dtype) for t in (q, keys, values))
+    if num_queries == num_keys:
+        out = F.scaled_dot_product_attention(q_t, k_t, v_t, is_causal=True, scale=scale)
+    else:  # a later chunk: its queries sit at the end of the context
+        query_positions = torch.arange(num_keys - num_queries, num_keys, device=q.device)
+        allowed = torch.arange(num_keys, device=q.device)[None, :] <= query_positions[:, None]
+        out = F.scaled_dot_product_attention(q_t, k_t, v_t, attn_mask=allowed, scale=scale)
     return out.transpose(0, 1).to(q.dtype)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     batch: AttentionBatch, scale: float) -> torch.Tensor:
-    """q [tokens, heads, head_dim] -> [tokens, heads, head_dim]; the step's K/V are already cached."""
+    """q [tokens, heads, head_dim] -> [tokens, heads, head_dim]; the step's K/V are already cached.
+    On CUDA the decodes go through the Triton kernel (no host sync, so the step can be a CUDA graph)."""
     out = torch.empty_like(q)
     n = batch.num_decodes
     if n:
-        out[:n] = decode_attention(q[:n], k_cache, v_cache, batch.block_tables[:n], batch.context_lens[:n], scale)
+        if q.is_cuda:
+            from .triton_attention import paged_decode_attention
+
+            paged_decode_attention(q[:n], k_cache, v_cache, batch.block_tables[:n], batch.context_lens[:n], scale,
+                                   out=out[:n])
+        else:
+            out[:n] = decode_attention(q[:n], k_cache, v_cache, batch.block_tables[:n], batch.context_lens[:n], scale)
+    if n == len(batch.query_lens):
+        return out
     context_lens = batch.context_lens_host
     start = n
     for seq in range(n, len(batch.query_lens)):

@@ -59,6 +59,7 @@ class Engine:
         seq = self.sequences.pop(request_id, None)
         if seq is not None:
             self.scheduler.remove(seq)
+            self.runner.release(request_id)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()

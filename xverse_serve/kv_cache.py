@@ -30,13 +30,15 @@ class BlockAllocator:
 
 
 class KVCache:
-    """Per layer, a key and a value tensor of shape [num_blocks, block_size, heads, head_dim]."""
+    """Per layer, a key and a value tensor of shape [num_blocks + 1, block_size, heads, head_dim].
+    The extra last block belongs to no sequence: padded rows of a CUDA-graph batch write there."""
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
-        shape = (num_blocks, block_size, config.num_heads, config.head_dim)
+        self.null_slot = num_blocks * block_size
+        shape = (num_blocks + 1, block_size, config.num_heads, config.head_dim)
         # Zeros, not empty: padded block-table entries are read (and masked), and NaN * 0 is still NaN.
         self.layers = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +12,8 @@ from .chat import Tokenizer
 from .checkpoint import CheckpointError, GenerationDefaults, ModelConfig, load_config, load_generation_defaults, weight_files
 from .engine import AsyncEngine, Engine
 from .kv_cache import BlockAllocator, KVCache
+from .cuda_graphs import DecodeGraphs
+from .memory_plan import kv_cache_tokens_for_card, measure_step_peaks
 from .model import XverseForCausalLM, load_model
 from .runner import ModelRunner
 from .scheduler import Scheduler
@@ -19,8 +22,6 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 DOWNLOAD_HINT = "python model_download.py"
-# Room left for activations and sampling when sizing the KV cache from the card (per batched token).
-ACTIVATION_BYTES_PER_TOKEN = 256 * 1024
 
 
 @dataclass
@@ -60,19 +61,10 @@ def check_model_dir(settings: Settings) -> None:
     if missing:
         raise CheckpointError(f"model folder {model_dir} is incomplete ({', '.join(missing)} missing): "
                               f"run `{DOWNLOAD_HINT}` again")
-    weight_files(model_dir)
-
-
-def kv_cache_tokens(settings: Settings, config: ModelConfig, device: torch.device, dtype: torch.dtype,
-                    max_model_len: int) -> int:
-    if settings.kv_cache_tokens is not None:
-        return settings.kv_cache_tokens
-    if device.type != "cuda":
-        return 4 * max_model_len
-    free, total = torch.cuda.mem_get_info(device)
-    budget = total * settings.gpu_memory_utilization - (total - free)
-    budget -= settings.max_batched_tokens * ACTIVATION_BYTES_PER_TOKEN
-    return max(0, int(budget)) // KVCache.bytes_per_token(config, dtype)
+    try:
+        weight_files(model_dir)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}: run `{DOWNLOAD_HINT}` again") from exc
 
 
 def build_engine(settings: Settings) -> ServingContext:
@@ -90,7 +82,15 @@ def build_engine(settings: Settings) -> ServingContext:
     model = load_model(model_dir, config, device, dtype, max_model_len)
 
     block_size = settings.block_size
-    num_blocks = kv_cache_tokens(settings, config, device, dtype, max_model_len) // block_size
+    cuda_graphs = device.type == "cuda" and not settings.enforce_eager
+    if settings.kv_cache_tokens is not None:
+        kv_tokens = settings.kv_cache_tokens
+    elif device.type == "cuda":
+        peaks = measure_step_peaks(model, settings.max_num_seqs, settings.max_batched_tokens, max_model_len, block_size)
+        kv_tokens = kv_cache_tokens_for_card(model, settings.gpu_memory_utilization, peaks, cuda_graphs)
+    else:
+        kv_tokens = 4 * max_model_len
+    num_blocks = kv_tokens // block_size
     if num_blocks * block_size < max_model_len:
         raise CheckpointError(
             f"the KV cache holds {num_blocks * block_size} tokens, less than one {max_model_len}-token context: "
@@ -101,16 +101,22 @@ def build_engine(settings: Settings) -> ServingContext:
              num_blocks, block_size, capacity, capacity / max_model_len, max_model_len,
              capacity * KVCache.bytes_per_token(config, dtype) / 2**30)
     engine = assemble_engine(model, num_blocks, block_size, settings.max_num_seqs, settings.max_batched_tokens,
-                             max_model_len)
+                             max_model_len, cuda_graphs)
     return ServingContext(AsyncEngine(engine), tokenizer, config, load_generation_defaults(model_dir),
                           settings, max_model_len)
 
 
 def assemble_engine(model: XverseForCausalLM, num_blocks: int, block_size: int, max_num_seqs: int,
-                    max_batched_tokens: int, max_model_len: int) -> Engine:
-    """The engine around a loaded model: KV pool, scheduler, runner."""
+                    max_batched_tokens: int, max_model_len: int, cuda_graphs: bool = False) -> Engine:
+    """The engine around a loaded model: KV pool, decode graphs, scheduler, runner."""
     weight = model.lm_head.weight
     kv_cache = KVCache(model.config, num_blocks, block_size, weight.dtype, weight.device)
+    graphs = None
+    if cuda_graphs:
+        started = time.perf_counter()
+        graphs = DecodeGraphs(model, kv_cache, max_num_seqs, max_model_len)
+        log.info("captured %d decode CUDA graphs (batch sizes up to %d) in %.1f s",
+                 len(graphs.buckets), max_num_seqs, time.perf_counter() - started)
     # Every running sequence must be able to decode in every step, whatever the token budget.
     scheduler = Scheduler(BlockAllocator(num_blocks), block_size, max_num_seqs, max(max_batched_tokens, max_num_seqs))
-    return Engine(ModelRunner(model, kv_cache), scheduler, model.config.eos_token_id, max_model_len)
+    return Engine(ModelRunner(model, kv_cache, graphs), scheduler, model.config.eos_token_id, max_model_len)

@@ -2,66 +2,113 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .attention import AttentionBatch
+from .cuda_graphs import DecodeGraphs
 from .kv_cache import KVCache
 from .model import XverseForCausalLM
-from .sampling import SamplingRow, sample
+from .sampling import SamplingRow, SeenTokens, sample
 from .scheduler import ScheduledSequence
 
 
+@dataclass
+class StepInputs:
+    """One step's inputs, built on the host."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    context_lens: list[int]
+    query_lens: list[int]
+
+    @property
+    def decode_only(self) -> bool:
+        return len(self.query_lens) == self.input_ids.shape[0]
+
+
+def build_inputs(scheduled: list[ScheduledSequence], block_size: int) -> StepInputs:
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    context_lens: list[int] = []
+    for entry in scheduled:
+        seq, start = entry.seq, entry.seq.num_computed
+        end = start + entry.num_new_tokens
+        input_ids.extend(seq.token_ids(start, end))
+        positions.extend(range(start, end))
+        table = seq.block_table
+        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
+        context_lens.append(end)
+    width = max(len(entry.seq.block_table) for entry in scheduled)
+    tables = [entry.seq.block_table + [0] * (width - len(entry.seq.block_table)) for entry in scheduled]
+    return StepInputs(
+        input_ids=torch.tensor(input_ids, dtype=torch.long),
+        positions=torch.tensor(positions, dtype=torch.long),
+        slot_mapping=torch.tensor(slots, dtype=torch.long),
+        block_tables=torch.tensor(tables, dtype=torch.int32),
+        context_lens=context_lens,
+        query_lens=[entry.num_new_tokens for entry in scheduled],
+    )
+
+
 class ModelRunner:
-    def __init__(self, model: XverseForCausalLM, kv_cache: KVCache) -> None:
+    def __init__(self, model: XverseForCausalLM, kv_cache: KVCache, graphs: DecodeGraphs | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
+        self.graphs = graphs
         self.device = model.lm_head.weight.device
+        self.seen = SeenTokens(model.config.vocab_size, self.device)
 
-    def prepare(self, scheduled: list[ScheduledSequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch]:
-        block_size = self.kv_cache.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        context_lens: list[int] = []
-        for entry in scheduled:
-            seq, start = entry.seq, entry.seq.num_computed
-            end = start + entry.num_new_tokens
-            input_ids.extend(seq.token_ids(start, end))
-            positions.extend(range(start, end))
-            slots.extend(seq.block_table[p // block_size] * block_size + p % block_size for p in range(start, end))
-            context_lens.append(end)
-        max_blocks = max(len(entry.seq.block_table) for entry in scheduled)
-        tables = [entry.seq.block_table + [0] * (max_blocks - len(entry.seq.block_table)) for entry in scheduled]
-        query_lens = [entry.num_new_tokens for entry in scheduled]
-
-        def on_device(values: list) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
-
-        batch = AttentionBatch(
-            slot_mapping=on_device(slots),
-            block_tables=on_device(tables),
-            context_lens=on_device(context_lens),
-            query_lens=query_lens,
-            context_lens_host=context_lens,
-            num_decodes=sum(1 for n in query_lens if n == 1),
-        )
-        return on_device(input_ids), on_device(positions), batch
+    def release(self, request_id: str) -> None:
+        """Forgets a finished or aborted sequence's sampling state."""
+        self.seen.release(request_id)
 
     @torch.inference_mode()
     def run(self, scheduled: list[ScheduledSequence]) -> list[int]:
         """Runs one step; returns the sampled token of each entry whose chunk ends its sequence, in order."""
-        input_ids, positions, batch = self.prepare(scheduled)
-        hidden = self.model(input_ids, positions, self.kv_cache.layers, batch)
-        last_index, rows = [], []
-        offset = 0
-        for entry in scheduled:
-            offset += entry.num_new_tokens
-            if entry.samples:
-                last_index.append(offset - 1)
-                seq = entry.seq
-                seen = seq.prompt_ids + seq.output_ids if seq.params.repetition_penalty != 1.0 else []
-                rows.append(SamplingRow(seq.params, seen, seq.generator))
-        if not rows:
+        inputs = build_inputs(scheduled, self.kv_cache.block_size)
+        if self.graphs is not None and inputs.decode_only and len(scheduled) <= self.graphs.max_batch:
+            logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.block_tables,
+                                     torch.tensor(inputs.context_lens, dtype=torch.int32))
+        else:
+            logits = self.run_eager(inputs)
+        sampling = [entry.seq for entry in scheduled if entry.samples]
+        if not sampling:
             return []
-        logits = self.model.compute_logits(hidden[torch.tensor(last_index, device=self.device)])
-        return sample(logits, rows)
+        if len(sampling) < len(scheduled):
+            logits = logits[[i for i, entry in enumerate(scheduled) if entry.samples]]
+        rows = [SamplingRow(seq.params, seq.generator) for seq in sampling]
+        seen = None
+        if any(seq.params.repetition_penalty != 1.0 for seq in sampling):
+            seen = self.seen.rows([(seq.request_id, seq.prompt_ids, seq.output_ids)
+                                   if seq.params.repetition_penalty != 1.0 else None for seq in sampling])
+        return sample(logits, rows, seen)
+
+    def prepare(self, scheduled: list[ScheduledSequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch]:
+        """Token ids, positions and attention batch of a step, on the device."""
+        return self.device_inputs(build_inputs(scheduled, self.kv_cache.block_size))
+
+    def device_inputs(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch]:
+        def to_device(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.to(self.device, non_blocking=True)
+
+        batch = AttentionBatch(
+            slot_mapping=to_device(inputs.slot_mapping),
+            block_tables=to_device(inputs.block_tables),
+            context_lens=to_device(torch.tensor(inputs.context_lens, dtype=torch.int32)),
+            query_lens=inputs.query_lens,
+            context_lens_host=inputs.context_lens,
+            num_decodes=sum(1 for n in inputs.query_lens if n == 1),
+        )
+        return to_device(inputs.input_ids), to_device(inputs.positions), batch
+
+    def run_eager(self, inputs: StepInputs) -> torch.Tensor:
+        """Logits [sequences, vocab] at each sequence's last position this step."""
+        input_ids, positions, batch = self.device_inputs(inputs)
+        hidden = self.model(input_ids, positions, self.kv_cache.layers, batch)
+        last = torch.tensor(inputs.query_lens).cumsum(0) - 1
+        return self.model.compute_logits(hidden[last.to(self.device)])

@@ -6,11 +6,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+# Temperatures below this are greedy: dividing the logits by a far smaller one overflows them to inf.
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 means greedy (as does anything below MIN_TEMPERATURE)
     top_p: float = 1.0
     top_k: int = 0  # 0 means no top-k cut
     repetition_penalty: float = 1.0
@@ -21,34 +24,41 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
 
 
 @dataclass
 class SamplingRow:
-    """What the sampler needs of one sequence this step."""
+    """What the sampler needs of one sequence this step, beside its row of the seen-token mask."""
 
     params: SamplingParams
-    seen_token_ids: list[int]  # prompt and output so far, for the repetition penalty
-    generator: torch.Generator | None
+    generator: torch.Generator | None = None
 
 
-def apply_repetition_penalty(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+def seen_token_mask(token_lists: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[rows, vocab] bool: which ids each row has seen (prompt and output), the repetition penalty's input."""
+    mask = torch.zeros(len(token_lists), vocab_size, dtype=torch.bool, device=device)
+    for i, ids in enumerate(token_lists):
+        mask[i, torch.tensor(ids, dtype=torch.long, device=device)] = True
+    return mask
+
+
+def apply_repetition_penalty(logits: torch.Tensor, penalties: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
     """As transformers does: a seen token's logit is divided by the penalty if positive, multiplied if not."""
-    for i, row in enumerate(rows):
-        penalty = row.params.repetition_penalty
-        if penalty == 1.0 or not row.seen_token_ids:
-            continue
-        ids = torch.tensor(row.seen_token_ids, device=logits.device).unique()
-        scores = logits[i, ids]
-        logits[i, ids] = torch.where(scores < 0, scores * penalty, scores / penalty)
+    penalties = penalties[:, None]
+    penalized = torch.where(logits < 0, logits * penalties, logits / penalties)
+    return torch.where(seen, penalized, logits)
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Sets logits outside each row's top-k and top-p nucleus to -inf (top-k first, as transformers)."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
-    k = torch.where(top_k > 0, top_k, logits.shape[-1])
+def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                       candidates: int | None = None) -> torch.Tensor:
+    """Sets logits outside each row's top-k and top-p nucleus to -inf (top-k first, as transformers).
+    `candidates`, the batch's largest top-k if every row has one, limits the sort to that many:
+    XVERSE's default top_k of 30 spares a full-vocabulary sort."""
+    vocab = logits.shape[-1]
+    k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+    sorted_logits, order = logits.topk(min(candidates or vocab, vocab), dim=-1)
+    ranks = torch.arange(sorted_logits.shape[-1], device=logits.device)[None, :]
     sorted_logits = sorted_logits.masked_fill(ranks >= k[:, None], float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
@@ -59,23 +69,74 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     return torch.full_like(logits, float("-inf")).scatter_(-1, order, sorted_logits)
 
 
-def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
-    """logits [rows, vocab] in float32 -> one token id per row, with a single device-to-host copy."""
-    logits = logits.clone()
-    apply_repetition_penalty(logits, rows)
-    greedy_ids = logits.argmax(dim=-1)
-    if all(row.params.greedy for row in rows):
-        return greedy_ids.tolist()
+def sample(logits: torch.Tensor, rows: list[SamplingRow], seen: torch.Tensor | None = None) -> list[int]:
+    """logits [rows, vocab] in float32 -> one token id per row, with a single device-to-host copy.
+    `seen` [rows, vocab] bool is needed when any row has a repetition penalty."""
     device = logits.device
-    temperature = torch.tensor([row.params.temperature or 1.0 for row in rows], device=device)
-    top_k = torch.tensor([row.params.top_k for row in rows], device=device)
-    top_p = torch.tensor([row.params.top_p for row in rows], device=device)
-    probs = filter_top_k_top_p(logits / temperature[:, None], top_k, top_p).softmax(dim=-1)
+    table = torch.tensor([[1.0 if r.params.greedy else r.params.temperature, r.params.top_k, r.params.top_p,
+                           r.params.repetition_penalty, r.params.greedy] for r in rows], device=device)
+    temperature, top_k, top_p, penalty, greedy_rows = table.unbind(dim=1)
+    if any(r.params.repetition_penalty != 1.0 for r in rows):
+        logits = apply_repetition_penalty(logits, penalty, seen)
+    greedy_ids = logits.argmax(dim=-1)
+    if all(r.params.greedy for r in rows):
+        return greedy_ids.tolist()
+    candidates = max(r.params.top_k or logits.shape[-1] for r in rows if not r.params.greedy)
+    probs = filter_top_k_top_p(logits / temperature[:, None], top_k.long(), top_p, candidates).softmax(dim=-1)
     # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p; seeded rows use their own generator.
     noise = torch.empty_like(probs).exponential_()
     for i, row in enumerate(rows):
         if row.generator is not None:
             noise[i].exponential_(generator=row.generator)
     sampled_ids = (probs / noise).argmax(dim=-1)
-    greedy_rows = torch.tensor([row.params.greedy for row in rows], device=device)
-    return torch.where(greedy_rows, greedy_ids, sampled_ids).tolist()
+    return torch.where(greedy_rows.bool(), greedy_ids, sampled_ids).tolist()
+
+
+class SeenTokens:
+    """Which ids each live sequence has seen, kept on the device as rows of one bool mask, so the
+    repetition penalty costs a gather per step instead of rebuilding every history from host lists.
+    Row 0 stays all False: sequences without a penalty share it."""
+
+    def __init__(self, vocab_size: int, device: torch.device, rows: int = 64) -> None:
+        self.mask = torch.zeros(rows, vocab_size, dtype=torch.bool, device=device)
+        self._free = list(range(rows - 1, 0, -1))
+        self._row: dict[str, int] = {}
+        self._recorded: dict[str, int] = {}  # tokens of each sequence already in its row
+
+    def rows(self, histories: list[tuple[str, list[int], list[int]] | None]) -> torch.Tensor:
+        """Mask rows [len(histories), vocab] for this step, after recording the tokens new since the last one.
+        A history is (request id, prompt ids, output ids), or None for a sequence without a penalty."""
+        indices, new_rows, new_ids = [], [], []
+        for history in histories:
+            if history is None:
+                indices.append(0)
+                continue
+            request_id, prompt, output = history
+            row = self._row.get(request_id)
+            if row is None:
+                row = self._row[request_id] = self._take_row()
+                self.mask[row] = False
+                self._recorded[request_id] = 0
+            start = self._recorded[request_id]
+            new = prompt[start:] + output if start < len(prompt) else output[start - len(prompt):]
+            new_rows.extend([row] * len(new))
+            new_ids.extend(new)
+            self._recorded[request_id] = len(prompt) + len(output)
+            indices.append(row)
+        device = self.mask.device
+        if new_ids:
+            self.mask[torch.tensor(new_rows, device=device), torch.tensor(new_ids, device=device)] = True
+        return self.mask[torch.tensor(indices, device=device)]
+
+    def release(self, request_id: str) -> None:
+        row = self._row.pop(request_id, None)
+        if row is not None:
+            self._recorded.pop(request_id)
+            self._free.append(row)
+
+    def _take_row(self) -> int:
+        if not self._free:  # grow: more sequences with a penalty are alive than rows so far
+            old = self.mask.shape[0]
+            self.mask = torch.cat([self.mask, torch.zeros_like(self.mask)])
+            self._free = list(range(2 * old - 1, old - 1, -1))
+        return self._free.pop()

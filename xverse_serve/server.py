@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import logging
@@ -80,7 +81,7 @@ class Handlers:
             stop=stop,
         )
 
-    def answer_budget(self, prompt_len: int, requested: int | None) -> int:
+    def answer_budget(self, prompt_len: int, requested: int | None, field: str = "max_tokens") -> int:
         """max_tokens for a prompt: the request's, which must fit the context, or the default, cut to fit."""
         remaining = self.ctx.max_model_len - prompt_len
         if remaining <= 0:
@@ -89,19 +90,20 @@ class Handlers:
         if requested is None:
             return min(self.ctx.generation_defaults.max_new_tokens, remaining)
         if requested > remaining:
-            raise APIError(400, f"max_tokens is {requested}, but the prompt uses {prompt_len} of the "
+            raise APIError(400, f"{field} is {requested}, but the prompt uses {prompt_len} of the "
                                 f"{self.ctx.max_model_len}-token context: at most {remaining} are left",
-                           param="max_tokens")
+                           param=field)
         return requested
 
-    def chat_prompt(self, messages: list, requested_tokens: int | None) -> tuple[list[int], int]:
+    def chat_prompt(self, messages: list, requested_tokens: int | None,
+                    field: str = "max_tokens") -> tuple[list[int], int]:
         budget = requested_tokens or self.ctx.generation_defaults.max_new_tokens
         limit = max_input_tokens(self.ctx.config, self.ctx.max_model_len, budget)
         try:
             prompt_ids = encode_chat(self.ctx.tokenizer, [m.to_message() for m in messages], limit)
         except PromptError as exc:
             raise APIError(400, str(exc), param="messages") from exc
-        return prompt_ids, self.answer_budget(len(prompt_ids), requested_tokens)
+        return prompt_ids, self.answer_budget(len(prompt_ids), requested_tokens, field)
 
     def check_model(self, body: OpenAIFields) -> str:
         served = self.ctx.settings.served_model_name
@@ -113,8 +115,21 @@ class Handlers:
     def text(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TextDelta]:
         return generate_text(self.ctx.engine, self.ctx.tokenizer, uuid.uuid4().hex, prompt_ids, params)
 
-    async def complete(self, prompt_ids: list[int], params: SamplingParams) -> TextDelta:
-        """The whole answer as one TextDelta (text, tokens, finish_reason)."""
+    async def complete(self, request: Request, prompt_ids: list[int], params: SamplingParams) -> TextDelta:
+        """The whole answer as one TextDelta (text, tokens, finish_reason). A client that hangs up first
+        cancels it: nothing else would stop its tokens being generated for nobody."""
+        answer = asyncio.ensure_future(self.collect(prompt_ids, params))
+        hang_up = asyncio.ensure_future(wait_for_disconnect(request))
+        try:
+            done, _ = await asyncio.wait((answer, hang_up), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hang_up.cancel()
+            answer.cancel()  # no-op once done; otherwise aborts the request in the engine
+        if answer not in done:
+            raise APIError(499, "the client closed the connection before the answer was ready", "client_closed")
+        return answer.result()
+
+    async def collect(self, prompt_ids: list[int], params: SamplingParams) -> TextDelta:
         pieces, last = [], TextDelta("", 0)
         try:
             async for last in self.text(prompt_ids, params):
@@ -122,6 +137,12 @@ class Handlers:
         except GenerationFailed as exc:
             raise APIError(500, f"generation failed: {exc}", "server_error") from exc
         return TextDelta("".join(pieces), last.completion_tokens, last.finish_reason)
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Returns when the client hangs up: the body has been read, so the next message is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -166,11 +187,11 @@ def create_app(ctx: ServingContext) -> FastAPI:
         return JSONResponse({"status": "engine stopped"}, status_code=503)
 
     @app.post("/")
-    async def seed_chat(body: SeedRequest) -> dict:
+    async def seed_chat(body: SeedRequest, request: Request) -> dict:
         """The seed's API: {"prompt": ...} -> {"response", "status", "time"}."""
         messages = [*body.history, ChatMessage(role="user", content=body.prompt)]
-        prompt_ids, max_tokens = handlers.chat_prompt(messages, body.max_new_tokens)
-        result = await handlers.complete(prompt_ids, handlers.sampling_params(body, max_tokens))
+        prompt_ids, max_tokens = handlers.chat_prompt(messages, body.max_new_tokens, "max_new_tokens")
+        result = await handlers.complete(request, prompt_ids, handlers.sampling_params(body, max_tokens))
         time_text = now_text()
         print(f'[{time_text}] ", prompt:"{body.prompt}", response:"{result.text!r}"', flush=True)
         return {"response": result.text, "status": 200, "time": time_text}
@@ -183,15 +204,16 @@ def create_app(ctx: ServingContext) -> FastAPI:
         }]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         model = handlers.check_model(body)
         requested = body.max_completion_tokens or body.max_tokens
-        prompt_ids, max_tokens = handlers.chat_prompt(body.messages, requested)
+        field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        prompt_ids, max_tokens = handlers.chat_prompt(body.messages, requested, field)
         params = handlers.sampling_params(body, max_tokens, body.stop_strings(), body.seed)
         response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": response_id, "created": created, "model": model}
         if not body.stream:
-            result = await handlers.complete(prompt_ids, params)
+            result = await handlers.complete(request, prompt_ids, params)
             return {**head, "object": "chat.completion", "choices": [{
                 "index": 0, "message": {"role": "assistant", "content": result.text},
                 "logprobs": None, "finish_reason": result.finish_reason,
@@ -219,7 +241,7 @@ def create_app(ctx: ServingContext) -> FastAPI:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         model = handlers.check_model(body)
         prompt_ids = ctx.tokenizer.encode(body.prompt_text())
         if not prompt_ids:
@@ -233,7 +255,7 @@ def create_app(ctx: ServingContext) -> FastAPI:
             return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
 
         if not body.stream:
-            result = await handlers.complete(prompt_ids, params)
+            result = await handlers.complete(request, prompt_ids, params)
             return {**head, "choices": [choice(result.text, result.finish_reason)],
                     "usage": usage(len(prompt_ids), result.completion_tokens)}
 

@@ -25,6 +25,7 @@ class Settings:
     gpu_memory_utilization: float = 0.90
     max_num_seqs: int = 256
     max_batched_tokens: int = 4096
+    enforce_eager: bool = False
     log_level: str = "info"
 
 
@@ -47,9 +48,11 @@ OPTIONS = {
     "gpu_memory_utilization": (float, "fraction of the GPU's memory this process may use"),
     "max_num_seqs": (int, "most sequences in one step"),
     "max_batched_tokens": (int, "most tokens (prompt chunks and decodes) computed in one step"),
+    "enforce_eager": (bool, "run every step eagerly: no CUDA graphs for decode steps"),
     "log_level": (str, "log level: debug, info, warning or error"),
 }
 CHOICES = {"dtype": ("auto", "bfloat16", "float16", "float32"), "log_level": ("debug", "info", "warning", "error")}
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes"), ("0", "false", "no")
 POSITIVE = ("port", "max_model_len", "block_size", "kv_cache_tokens", "max_num_seqs", "max_batched_tokens")
 
 
@@ -67,11 +70,18 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
     defaults = Settings()
     for field in fields(Settings):
         converter, help_text = OPTIONS[field.name]
-        parser.add_argument(
-            "--" + field.name.replace("_", "-"), type=converter, choices=CHOICES.get(field.name),
-            default=environ.get(env_name(field.name), getattr(defaults, field.name)),
-            help=f"{help_text} [env {env_name(field.name)}]",
-        )
+        flag, env = "--" + field.name.replace("_", "-"), env_name(field.name)
+        default = environ.get(env, getattr(defaults, field.name))
+        if converter is bool:  # --flag / --no-flag; from the environment 1/true/yes or 0/false/no
+            if isinstance(default, str):
+                if default.lower() not in TRUE_WORDS + FALSE_WORDS:
+                    parser.error(f"{env} must be one of {', '.join(TRUE_WORDS + FALSE_WORDS)}, got {default!r}")
+                default = default.lower() in TRUE_WORDS
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=f"{help_text} [env {env}]")
+            continue
+        parser.add_argument(flag, type=converter, choices=CHOICES.get(field.name), default=default,
+                            help=f"{help_text} [env {env}]")
     settings = Settings(**vars(parser.parse_args(argv)))
     for name in POSITIVE:
         value = getattr(settings, name)

@@ -1,0 +1,261 @@
+"""Decode attention on the paged cache: the Triton kernel against the PyTorch reference, on CUDA, bf16.
+
+One command on any CUDA machine:
+    python bench/attention_bench.py --out bench/results/attention.json
+XVERSE-7B's attention shape (32 heads of 128, block_size 16); batch sizes 1, 8, 64, 256 and context
+lengths 512, 2048, 8192, skipping what does not fit. For each shape: every kernel configuration is
+checked against a float32 reference (relative error ||out - ref|| / ||ref||, output poisoned with NaN
+first) and timed with triton.testing.do_bench (median; it clears L2 before every run), beside
+attention.decode_attention in bf16. Achieved bandwidth = bytes of K and V read / time, next to the
+device's copy bandwidth (bytes read + written by a large device-to-device copy). The "auto"
+configuration (the defaults) is also captured in a CUDA graph, replayed on fresh inputs, checked and timed.
+Also checks each batch size once with random context lengths in [1, max].
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from xverse_serve.attention import decode_attention  # noqa: E402
+from xverse_serve.triton_attention import default_partition_size, paged_decode_attention  # noqa: E402
+
+HEADS, HEAD_DIM, BLOCK_SIZE = 32, 128, 16
+DTYPE = torch.bfloat16
+BATCHES = [1, 8, 64, 256]
+CONTEXTS = [512, 2048, 8192]
+# name -> keyword arguments of paged_decode_attention; "auto" is the defaults.
+# p: partition_size, g: heads_per_program, n: block_n, L: lanes=True
+CONFIGS = {
+    "auto": {},
+    "p256-g1-n64": dict(partition_size=256, heads_per_program=1, block_n=64),
+    "p512-g1-n64": dict(partition_size=512, heads_per_program=1, block_n=64),
+    "p1024-g1-n64": dict(partition_size=1024, heads_per_program=1, block_n=64),
+    "p512-g1-n32": dict(partition_size=512, heads_per_program=1, block_n=32),
+    "p512-g1-n128": dict(partition_size=512, heads_per_program=1, block_n=128),
+    "p512-g2-n32": dict(partition_size=512, heads_per_program=2, block_n=32),
+    "p512-g4-n16": dict(partition_size=512, heads_per_program=4, block_n=16),
+    "p256-g1-n32-L": dict(partition_size=256, heads_per_program=1, block_n=32, lanes=True),
+    "p512-g1-n32-L": dict(partition_size=512, heads_per_program=1, block_n=32, lanes=True),
+    "p512-g1-n64-L": dict(partition_size=512, heads_per_program=1, block_n=64, lanes=True),
+}
+MAX_REL_ERROR = 1e-2  # bf16 output rounding alone gives ~2e-3
+
+
+def copy_bandwidth() -> float:
+    """Bytes read plus written per second by a 1 GiB device-to-device copy (median)."""
+    src = torch.randn(1 << 29, device="cuda", dtype=torch.float16)
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * (1 << 30) / (ms * 1e-3)
+
+
+class Shape:
+    """A pool with exactly the blocks the batch needs (plus a padding block 0), handed out in random order."""
+
+    def __init__(self, batch: int, context: int, seed: int) -> None:
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        self.batch, self.context = batch, context
+        max_blocks = context // BLOCK_SIZE
+        num_blocks = batch * max_blocks + 1
+        shape = (num_blocks, BLOCK_SIZE, HEADS, HEAD_DIM)
+        self.k_cache = torch.randn(shape, device="cuda", dtype=DTYPE, generator=gen)
+        self.v_cache = torch.randn(shape, device="cuda", dtype=DTYPE, generator=gen)
+        perm = torch.randperm(num_blocks - 1, device="cuda", generator=gen) + 1
+        self.block_tables = perm.view(batch, max_blocks).to(torch.int32)
+        self.context_lens = torch.full((batch,), context, device="cuda", dtype=torch.int32)
+        self.q = torch.randn(batch, HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, generator=gen)
+        self.scale = HEAD_DIM ** -0.5
+
+    def kv_bytes(self, context_lens: torch.Tensor | None = None) -> int:
+        lens = self.context_lens if context_lens is None else context_lens
+        return int(lens.sum().item()) * HEADS * HEAD_DIM * 2 * self.k_cache.element_size()
+
+    def reference(self, q: torch.Tensor | None = None, context_lens: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 result from the bf16 cache (decode_attention upcasts keys and values)."""
+        q = self.q if q is None else q
+        lens = self.context_lens if context_lens is None else context_lens
+        return decode_attention(q.float(), self.k_cache, self.v_cache, self.block_tables, lens, self.scale)
+
+    def kernel(self, out: torch.Tensor, context_lens: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        lens = self.context_lens if context_lens is None else context_lens
+        return paged_decode_attention(self.q, self.k_cache, self.v_cache, self.block_tables, lens, self.scale,
+                                      out, **kwargs)
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(out).all():
+        return float("nan")
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def fits(batch: int, context: int) -> tuple[bool, str]:
+    cache = 2 * batch * context * HEADS * HEAD_DIM * 2
+    working = 3 << 30  # reference gathers (~1 GiB), float32 reference, scratch, do_bench's L2 flush buffer
+    free, _ = torch.cuda.mem_get_info()
+    need = cache + working
+    return need < 0.9 * free, f"needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
+
+
+def bench_shape(batch: int, context: int, configs: dict, copy_bw: float, args, log) -> dict:
+    shape = Shape(batch, context, seed=batch * 100003 + context)
+    kv_bytes = shape.kv_bytes()
+    ref = shape.reference()
+    result = {"batch": batch, "context": context, "kv_bytes": kv_bytes,
+              "auto_partition_size": default_partition_size(
+                  batch, HEADS, context, torch.cuda.get_device_properties(0).multi_processor_count),
+              "configs": {}}
+
+    if not args.skip_reference:
+        ref_bf16 = decode_attention(shape.q, shape.k_cache, shape.v_cache, shape.block_tables,
+                                    shape.context_lens, shape.scale)
+        ms = do_bench(lambda: decode_attention(shape.q, shape.k_cache, shape.v_cache, shape.block_tables,
+                                               shape.context_lens, shape.scale),
+                      warmup=args.warmup, rep=args.rep, return_mode="median")
+        result["reference"] = {"ms": ms, "rel_error": rel_error(ref_bf16, ref), "gbps": kv_bytes / ms / 1e6}
+        del ref_bf16
+
+    out = torch.empty_like(shape.q)
+    for name, kwargs in configs.items():
+        out.fill_(float("nan"))
+        shape.kernel(out, **kwargs)
+        error = rel_error(out, ref)
+        ms = do_bench(lambda: shape.kernel(out, **kwargs), warmup=args.warmup, rep=args.rep, return_mode="median")
+        gbps = kv_bytes / ms / 1e6
+        result["configs"][name] = {"ms": ms, "rel_error": error, "ok": error < MAX_REL_ERROR, "gbps": gbps,
+                                   "frac_copy_bw": gbps * 1e9 / copy_bw}
+        log(f"  {name:14s} {ms * 1e3:9.1f} us  {gbps:7.0f} GB/s  {gbps * 1e9 / copy_bw:5.1%} of copy  "
+            f"rel err {error:.2e}")
+
+    # The defaults in a CUDA graph: replay on fresh q / lengths written into the captured tensors.
+    try:
+        out.fill_(float("nan"))
+        shape.kernel(out)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            shape.kernel(out)
+        shape.q.copy_(torch.randn_like(shape.q))
+        out.fill_(float("nan"))
+        graph.replay()
+        error = rel_error(out, shape.reference())
+        ms = do_bench(graph.replay, warmup=args.warmup, rep=args.rep, return_mode="median")
+        result["graph"] = {"ms": ms, "rel_error": error, "ok": error < MAX_REL_ERROR, "gbps": kv_bytes / ms / 1e6}
+        log(f"  {'auto (graph)':14s} {ms * 1e3:9.1f} us  {kv_bytes / ms / 1e6:7.0f} GB/s  rel err {error:.2e}")
+        del graph
+    except Exception as exc:  # noqa: BLE001 - record and go on
+        result["graph"] = {"error": repr(exc)}
+        log(f"  graph capture FAILED: {exc!r}")
+
+    # Random context lengths in [1, context]: only correctness (and time, for the record).
+    gen = torch.Generator(device="cuda").manual_seed(batch + context)
+    lens = torch.randint(1, context + 1, (batch,), device="cuda", generator=gen, dtype=torch.int32)
+    lens[0] = 1
+    if batch > 1:
+        lens[1] = context
+    out.fill_(float("nan"))
+    shape.kernel(out, context_lens=lens)
+    error = rel_error(out, shape.reference(context_lens=lens))
+    ms = do_bench(lambda: shape.kernel(out, context_lens=lens), warmup=args.warmup, rep=args.rep,
+                  return_mode="median")
+    mixed_bytes = shape.kv_bytes(lens)
+    result["mixed_lengths"] = {"ms": ms, "rel_error": error, "ok": error < MAX_REL_ERROR, "kv_bytes": mixed_bytes,
+                               "gbps": mixed_bytes / ms / 1e6}
+    log(f"  {'auto (mixed)':14s} {ms * 1e3:9.1f} us  {mixed_bytes / ms / 1e6:7.0f} GB/s  rel err {error:.2e}")
+    del shape, ref, out
+    torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="where to write the JSON results")
+    parser.add_argument("--batches", type=int, nargs="+", default=BATCHES)
+    parser.add_argument("--contexts", type=int, nargs="+", default=CONTEXTS)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
+    parser.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
+    parser.add_argument("--skip-reference", action="store_true", help="do not time decode_attention")
+    parser.add_argument("--budget-s", type=float, default=90.0,
+                        help="after this long, time only the default configuration on the remaining shapes")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("needs CUDA")
+
+    start = time.perf_counter()
+    lines: list[str] = []
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    props = torch.cuda.get_device_properties(0)
+    copy_bw = copy_bandwidth()
+    report = {
+        "device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
+        "triton": triton.__version__, "python": platform.python_version(),
+        "heads": HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK_SIZE, "dtype": str(DTYPE),
+        "copy_bandwidth_gbps": copy_bw / 1e9, "max_rel_error": MAX_REL_ERROR, "shapes": [], "skipped": [],
+    }
+    log(f"{props.name}, {props.multi_processor_count} SMs; copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write)")
+    configs = {name: CONFIGS[name] for name in args.configs}
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    for context in sorted(args.contexts):
+        for batch in sorted(args.batches):
+            elapsed = time.perf_counter() - start
+            ok, why = fits(batch, context)
+            if not ok:
+                report["skipped"].append({"batch": batch, "context": context, "reason": why})
+                log(f"batch {batch:3d} context {context:5d}: skipped, {why}")
+                continue
+            kv_mib = 2 * batch * context * HEADS * HEAD_DIM * 2 / 2**20
+            over = elapsed > args.budget_s  # past the budget: only the defaults, so every shape still gets a number
+            log(f"batch {batch:3d} context {context:5d}: {kv_mib:.0f} MiB of K+V"
+                + (f" (over the {args.budget_s:.0f} s budget: auto only)" if over else ""))
+            shape_configs = {name: configs[name] for name in configs if name == "auto"} if over else configs
+            report["shapes"].append(bench_shape(batch, context, shape_configs or configs, copy_bw, args, log))
+            report["shapes"][-1]["over_budget"] = over
+            report["elapsed_s"] = time.perf_counter() - start
+            out_path.write_text(json.dumps(report, indent=2))
+
+    # The table last, so it ends the output.
+    log("")
+    log(f"{'batch':>5} {'ctx':>5} {'ref us':>9} {'auto us':>9} {'GB/s':>6} {'%copy':>6} {'graph us':>9} "
+        f"{'best':>14} {'best us':>8} {'%copy':>6} {'max err':>8} all ok")
+    all_ok = True
+    for r in report["shapes"]:
+        cfgs = r["configs"]
+        best = min(cfgs, key=lambda n: cfgs[n]["ms"])
+        auto = cfgs.get("auto", cfgs[best])
+        ok = all(c["ok"] for c in cfgs.values()) and r["mixed_lengths"]["ok"] and r["graph"].get("ok", False)
+        all_ok &= ok
+        worst = max((c["rel_error"] for c in cfgs.values()), key=lambda e: math.inf if math.isnan(e) else e)
+        ref_us = r["reference"]["ms"] * 1e3 if "reference" in r else float("nan")
+        graph_us = r["graph"].get("ms", float("nan")) * 1e3
+        log(f"{r['batch']:5d} {r['context']:5d} {ref_us:9.1f} {auto['ms'] * 1e3:9.1f} {auto['gbps']:6.0f} "
+            f"{auto['frac_copy_bw']:6.1%} {graph_us:9.1f} {best:>14} {cfgs[best]['ms'] * 1e3:8.1f} "
+            f"{cfgs[best]['frac_copy_bw']:6.1%} {worst:8.1e} {'yes' if ok else 'NO'}")
+    report["all_ok"] = all_ok
+    report["elapsed_s"] = time.perf_counter() - start
+    report["log"] = lines
+    out_path.write_text(json.dumps(report, indent=2))
+    log(f"all checks {'passed' if all_ok else 'FAILED'}; {report['elapsed_s']:.0f} s; wrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""The command lines: `python api.py` (flags, environment, start-up errors) and `python model_download.py`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+import model_download
+from conftest import REPO, free_port, start_server, stop_server
+from tiny_checkpoint import write_checkpoint
+from xverse_serve.settings import DEFAULT_MODEL_PATH, Settings, env_name, parse_settings
+
+DOWNLOAD_HINT = "python model_download.py"
+
+
+def run(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None,
+        timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def offline_env(folder: Path) -> dict[str, str]:
+    """modelscope pointed at a closed local port, so no test can ever start a real 14 GB download."""
+    return {"MODELSCOPE_ENDPOINT": f"http://127.0.0.1:{free_port()}", "MODELSCOPE_CACHE": str(folder / "modelscope")}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline_download(tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen]:
+    """`python model_download.py` with the hub out of reach. modelscope retries for several seconds before
+    it gives up, so this starts with the module's first test and is checked by its last."""
+    folder = tmp_path_factory.mktemp("offline")
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "model_download.py"), "--cache-dir", str(folder / "models")], cwd=folder,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **offline_env(folder)},
+    )
+    yield process
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def help_text() -> str:
+    result = run(str(REPO / "api.py"), "--help")
+    assert result.returncode == 0, result.stderr
+    return " ".join(result.stdout.split())  # argparse wraps lines
+
+
+# --- python api.py --help and settings ---------------------------------------------------------------------
+
+def test_help_documents_every_flag_and_its_environment_variable(help_text):
+    for field in dataclasses.fields(Settings):
+        assert "--" + field.name.replace("_", "-") in help_text, field.name
+        assert env_name(field.name) in help_text, field.name
+
+
+def test_help_shows_the_seeds_defaults(help_text):
+    assert "6006" in help_text
+    assert str(DEFAULT_MODEL_PATH) in help_text
+
+
+def test_defaults_are_the_seeds_port_and_the_folder_model_download_fills():
+    settings = parse_settings([], environ={})
+    assert settings.port == 6006
+    assert settings.host == "0.0.0.0"
+    assert settings.model_path == Path("models") / model_download.MODEL_ID
+
+
+def test_environment_variables_set_flags():
+    environ = {"XVERSE_PORT": "7007", "XVERSE_MODEL_PATH": "/data/xverse", "XVERSE_MAX_MODEL_LEN": "4096",
+               "XVERSE_GPU_MEMORY_UTILIZATION": "0.5", "XVERSE_SERVED_MODEL_NAME": "xverse"}
+    settings = parse_settings([], environ=environ)
+    assert settings.port == 7007
+    assert settings.model_path == Path("/data/xverse")
+    assert settings.max_model_len == 4096
+    assert settings.gpu_memory_utilization == 0.5
+    assert settings.served_model_name == "xverse"
+
+
+def test_command_line_flags_override_environment_variables():
+    settings = parse_settings(["--port", "8008"], environ={"XVERSE_PORT": "7007"})
+    assert settings.port == 8008
+
+
+@pytest.mark.parametrize("argv, environ, named", [
+    ([], {"XVERSE_PORT": "http"}, "--port"),
+    (["--port", "0"], {}, "--port"),
+    (["--max-model-len", "-5"], {}, "--max-model-len"),
+    (["--gpu-memory-utilization", "1.5"], {}, "--gpu-memory-utilization"),
+    (["--dtype", "int3"], {}, "--dtype"),
+    (["--device", "tpu"], {}, "--device"),
+])
+def test_bad_values_exit_with_a_usage_error_naming_the_flag(argv, environ, named, capsys):
+    with pytest.raises(SystemExit) as exited:
+        parse_settings(argv, environ=environ)
+    assert exited.value.code == 2
+    assert named in capsys.readouterr().err
+
+
+def test_environment_variables_reach_the_running_server(tiny_model_dir, tmp_path):
+    server = start_server(tiny_model_dir, tmp_path / "server.log",
+                          env={"XVERSE_SERVED_MODEL_NAME": "tiny-xverse", "XVERSE_MAX_MODEL_LEN": "128"})
+    try:
+        [model] = requests.get(server.url + "/v1/models", timeout=10).json()["data"]
+        assert model["id"] == "tiny-xverse"
+        assert model["max_model_len"] == 128
+    finally:
+        stop_server(server)
+
+
+# --- python api.py without a usable model folder -----------------------------------------------------------------
+
+def assert_refused_naming(result: subprocess.CompletedProcess, folder: Path) -> None:
+    assert result.returncode != 0
+    assert str(folder) in result.stderr, result.stderr
+    assert DOWNLOAD_HINT in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_missing_model_folder_is_named_with_the_download_command(tmp_path):
+    folder = tmp_path / "models" / "xverse" / "XVERSE-7B-Chat"
+    result = run(str(REPO / "api.py"), "--model-path", str(folder), "--device", "cpu", timeout=60)
+    assert_refused_naming(result, folder)
+
+
+def test_the_default_model_folder_missing_is_named_with_the_download_command(tmp_path):
+    """Run from an empty folder, `python api.py` looks for models/xverse/XVERSE-7B-Chat there."""
+    result = run(str(REPO / "api.py"), "--device", "cpu", cwd=tmp_path, timeout=60)
+    assert_refused_naming(result, DEFAULT_MODEL_PATH)
+
+
+def test_a_folder_missing_its_tokenizer_is_named_with_the_download_command(tiny_model_dir, tmp_path):
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "XVERSE-7B-Chat")
+    (folder / "tokenizer.json").unlink()
+    result = run(str(REPO / "api.py"), "--model-path", str(folder), "--device", "cpu", timeout=60)
+    assert_refused_naming(result, folder)
+    assert "tokenizer.json" in result.stderr
+
+
+def test_a_folder_missing_a_weight_shard_is_named_with_the_download_command(tiny_model_dir, tmp_path):
+    """An interrupted download: config.json and the index are there, a shard the index names is not."""
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "XVERSE-7B-Chat")
+    (folder / "pytorch_model-00002-of-00002.bin").unlink()
+    result = run(str(REPO / "api.py"), "--model-path", str(folder), "--device", "cpu", timeout=60)
+    assert_refused_naming(result, folder)
+    assert "pytorch_model-00002-of-00002.bin" in result.stderr
+
+
+# --- python model_download.py ---------------------------------------------------------------------------------
+
+def test_download_with_the_model_already_there_prints_the_folder_without_network(tiny_model_dir, tmp_path):
+    folder = tmp_path / "models" / model_download.MODEL_ID
+    shutil.copytree(tiny_model_dir, folder)
+    result = run(str(REPO / "model_download.py"), "--cache-dir", str(tmp_path / "models"), cwd=tmp_path,
+                 env=offline_env(tmp_path), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(folder)
+
+
+def test_an_incomplete_folder_is_downloaded_again(tiny_model_dir, tmp_path, monkeypatch):
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "models" / model_download.MODEL_ID)
+    (folder / "pytorch_model-00001-of-00002.bin").unlink()
+    assert not model_download.is_complete(folder)
+    calls = []
+    monkeypatch.setattr("modelscope.snapshot_download", fake_modelscope_download(calls))
+    assert model_download.main(["--cache-dir", str(tmp_path / "models")]) == 0
+    assert len(calls) == 1
+
+
+def fake_modelscope_download(calls: list):
+    """Stands in for modelscope.snapshot_download as modelscope 1.40 behaves: it writes into `local_dir`
+    when given, else into its own cache layout `{cache_dir}/models/{owner}--{name}/snapshots/{revision}`,
+    and returns the folder it filled."""
+
+    def snapshot_download(model_id: str, revision: str | None = None, cache_dir: str | None = None,
+                          local_dir: str | None = None, **kwargs) -> str:
+        calls.append(model_id)
+        target = Path(local_dir) if local_dir else (
+            Path(cache_dir) / "models" / model_id.replace("/", "--") / "snapshots" / (revision or "master"))
+        write_checkpoint(target)
+        return str(target)
+
+    return snapshot_download
+
+
+def test_the_downloaded_folder_is_the_one_api_py_reads_by_default(tmp_path, monkeypatch, capsys):
+    """`python model_download.py` then `python api.py`, both from the same folder, with no flags: the
+    download must land in models/xverse/XVERSE-7B-Chat, where api.py looks."""
+    calls = []
+    monkeypatch.setattr("modelscope.snapshot_download", fake_modelscope_download(calls))
+    monkeypatch.chdir(tmp_path)
+    assert model_download.main([]) == 0
+    assert calls == [model_download.MODEL_ID]
+    assert model_download.is_complete(tmp_path / DEFAULT_MODEL_PATH), sorted(
+        str(p.relative_to(tmp_path)) for p in tmp_path.rglob("config.json"))
+    assert Path(capsys.readouterr().out.strip()).resolve() == (tmp_path / DEFAULT_MODEL_PATH).resolve()
+
+
+def test_download_without_network_fails_with_one_clear_line(offline_download):
+    """No network: the download fails, in one line on stderr that says what failed."""
+    stdout, stderr = offline_download.communicate(timeout=300)
+    assert offline_download.returncode != 0
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert model_download.MODEL_ID in lines[0]
+    assert "Traceback" not in stderr
+    assert stdout == ""

@@ -1,0 +1,534 @@
+"""The engine: continuous batching over the paged cache gives every request the tokens it would get alone."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from xverse_serve.checkpoint import load_config
+from xverse_serve.engine import AsyncEngine, Engine, EngineDead, StepOutput
+from xverse_serve.kv_cache import BlockAllocator, KVCache
+from xverse_serve.launch import assemble_engine, build_engine
+from xverse_serve.model import XverseForCausalLM, load_model
+from xverse_serve.runner import ModelRunner
+from xverse_serve.sampling import SamplingParams
+from xverse_serve.scheduler import ScheduledSequence, Scheduler
+from xverse_serve.settings import parse_settings
+
+MAX_MODEL_LEN = 256
+BLOCK_SIZE = 4
+GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir: Path) -> XverseForCausalLM:
+    config = load_config(tiny_model_dir)
+    return load_model(tiny_model_dir, config, torch.device("cpu"), torch.float32, MAX_MODEL_LEN)
+
+
+def make_engine(model: XverseForCausalLM, num_blocks: int = 128, max_num_seqs: int = 16,
+                max_batched_tokens: int = 512, max_model_len: int = MAX_MODEL_LEN) -> Engine:
+    return assemble_engine(model, num_blocks, BLOCK_SIZE, max_num_seqs, max_batched_tokens, max_model_len)
+
+
+def prompt(length: int, seed: int) -> list[int]:
+    return torch.randint(4, 500, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+PROMPTS = {f"r{i}": prompt(length, seed=i) for i, length in enumerate([3, 17, 40, 9, 25, 1])}
+
+
+@dataclass
+class Result:
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
+class StepLog:
+    """What each step scheduled: (request id, tokens already cached, new tokens) per entry."""
+
+    steps: list[list[tuple[str, int, int]]] = field(default_factory=list)
+    running: list[int] = field(default_factory=list)
+
+    def watch(self, engine: Engine) -> None:
+        run = engine.runner.run
+
+        def logged_run(scheduled: list[ScheduledSequence]) -> list[int]:
+            self.steps.append([(e.seq.request_id, e.seq.num_computed, e.num_new_tokens) for e in scheduled])
+            self.running.append(len(engine.scheduler.running))
+            return run(scheduled)
+
+        engine.runner.run = logged_run
+
+
+def collect(engine: Engine, results: dict[str, Result], max_steps: int = 5000) -> None:
+    """Steps until no work is left; each request's outputs end with exactly one finish."""
+    for _ in range(max_steps):
+        if not engine.has_work():
+            return
+        for output in engine.step():
+            result = results.setdefault(output.request_id, Result())
+            assert output.error is None, output.error
+            assert result.finish_reason is None, f"{output.request_id} got output after finishing"
+            result.tokens += output.new_token_ids
+            result.finish_reason = output.finish_reason
+    raise AssertionError(f"the engine still has work after {max_steps} steps")
+
+
+def run_all(engine: Engine, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, Result]:
+    for request_id, (prompt_ids, params) in requests.items():
+        engine.add_request(request_id, prompt_ids, params)
+    results: dict[str, Result] = {}
+    collect(engine, results)
+    assert set(results) == set(requests)
+    return results
+
+
+def alone(model: XverseForCausalLM, prompt_ids: list[int], params: SamplingParams, **engine_args) -> Result:
+    return run_all(make_engine(model, **engine_args), {"alone": (prompt_ids, params)})["alone"]
+
+
+def assert_all_blocks_free(engine: Engine) -> None:
+    allocator = engine.scheduler.allocator
+    assert allocator.num_free == allocator.num_blocks
+    assert sorted(allocator._free) == list(range(allocator.num_blocks)), "a block was freed twice or lost"
+    assert not engine.sequences and not engine.has_work()
+
+
+# --- batching --------------------------------------------------------------------------------------------
+
+
+def test_batched_paged_decoding_equals_one_at_a_time(model: XverseForCausalLM) -> None:
+    expected = {rid: alone(model, ids, GREEDY) for rid, ids in PROMPTS.items()}
+    engine = make_engine(model)
+    log = StepLog()
+    log.watch(engine)
+    results = run_all(engine, {rid: (ids, GREEDY) for rid, ids in PROMPTS.items()})
+    assert results == expected
+    assert all(len(r.tokens) == GREEDY.max_tokens and r.finish_reason == "length" for r in results.values())
+    assert max(len(step) for step in log.steps) == len(PROMPTS), "all requests should share steps"
+    assert_all_blocks_free(engine)
+
+
+def test_requests_joining_mid_generation_equal_one_at_a_time(model: XverseForCausalLM) -> None:
+    expected = {rid: alone(model, ids, GREEDY) for rid, ids in PROMPTS.items()}
+    engine = make_engine(model)
+    results: dict[str, Result] = {}
+    arrivals = list(PROMPTS.items())
+    while arrivals or engine.has_work():
+        if arrivals:
+            request_id, ids = arrivals.pop(0)
+            engine.add_request(request_id, ids, GREEDY)
+        for _ in range(3):
+            for output in engine.step():
+                result = results.setdefault(output.request_id, Result())
+                result.tokens += output.new_token_ids
+                result.finish_reason = output.finish_reason
+    assert results == expected
+    assert_all_blocks_free(engine)
+
+
+def test_chunked_prefill_equals_unchunked(model: XverseForCausalLM) -> None:
+    requests = {rid: (ids, GREEDY) for rid, ids in PROMPTS.items()}
+    unchunked = run_all(make_engine(model), requests)
+    engine = make_engine(model, max_num_seqs=4, max_batched_tokens=8)
+    log = StepLog()
+    log.watch(engine)
+    chunked = run_all(engine, requests)
+    assert chunked == unchunked
+    assert all(sum(n for _, _, n in step) <= 8 for step in log.steps)
+    later_chunks = [(rid, done) for step in log.steps for rid, done, n in step
+                    if 0 < done < len(PROMPTS[rid]) and n > 1]
+    assert later_chunks, "some prompt should have been computed in several chunks"
+    assert_all_blocks_free(engine)
+
+
+def test_preemption_recomputes_and_gives_the_same_tokens(model: XverseForCausalLM) -> None:
+    # Each sequence grows to 12 + 24 = 36 tokens (9 blocks); the pool holds 12 blocks, one full context.
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=24, temperature=1.0, seed=7, ignore_eos=True)
+    requests = {f"p{i}": (prompt(12, seed=100 + i), seeded if i == 2 else params) for i in range(4)}
+    expected = {rid: alone(model, ids, p) for rid, (ids, p) in requests.items()}
+    engine = make_engine(model, num_blocks=12, max_model_len=12 * BLOCK_SIZE)
+    results = run_all(engine, requests)
+    assert engine.scheduler.num_preemptions > 0
+    assert results == expected
+    assert all(r.finish_reason == "length" and len(r.tokens) == 24 for r in results.values())
+    assert_all_blocks_free(engine)
+
+
+def test_random_workloads_equal_one_at_a_time(model: XverseForCausalLM) -> None:
+    """Mixed greedy and seeded requests under random pool sizes (down to one context), token budgets
+    and sequence limits: chunking, preemption and admission order never change a request's tokens."""
+    rng = random.Random(0)
+    for _ in range(8):
+        max_model_len = rng.choice([32, 48])
+        blocks_per_context = max_model_len // BLOCK_SIZE
+        engine = make_engine(model, num_blocks=rng.randint(blocks_per_context, 2 * blocks_per_context),
+                             max_num_seqs=rng.randint(1, 5), max_batched_tokens=rng.choice([1, 4, 8, 64]),
+                             max_model_len=max_model_len)
+        requests = {
+            f"q{i}": (prompt(rng.randint(1, max_model_len - 1), seed=rng.randrange(10**6)),
+                      SamplingParams(max_tokens=rng.randint(1, 20), temperature=rng.choice([0.0, 1.0]),
+                                     seed=rng.randrange(100), ignore_eos=True))
+            for i in range(rng.randint(2, 6))
+        }
+        results = run_all(engine, requests)
+        for request_id, (prompt_ids, params) in requests.items():
+            assert results[request_id] == alone(model, prompt_ids, params, max_model_len=max_model_len)
+        assert_all_blocks_free(engine)
+
+
+def test_max_num_seqs_bounds_every_step(model: XverseForCausalLM) -> None:
+    engine = make_engine(model, max_num_seqs=2)
+    log = StepLog()
+    log.watch(engine)
+    results = run_all(engine, {rid: (ids, GREEDY) for rid, ids in PROMPTS.items()})
+    assert max(log.running) == 2
+    assert max(len(step) for step in log.steps) == 2
+    assert results == {rid: alone(model, ids, GREEDY) for rid, ids in PROMPTS.items()}
+    assert_all_blocks_free(engine)
+
+
+def test_seeded_sample_is_the_same_alone_and_in_a_batch(model: XverseForCausalLM) -> None:
+    seeded = SamplingParams(max_tokens=20, temperature=1.5, seed=1234, ignore_eos=True)
+    ids = PROMPTS["r2"]
+    reference = alone(model, ids, seeded)
+    assert reference.tokens != alone(model, ids, SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)).tokens
+    assert reference.tokens != alone(model, ids, SamplingParams(max_tokens=20, temperature=1.5, seed=99,
+                                                                ignore_eos=True)).tokens
+    crowd = {
+        "greedy": (PROMPTS["r1"], GREEDY),
+        "unseeded": (PROMPTS["r3"], SamplingParams(max_tokens=30, temperature=1.0, top_k=20, ignore_eos=True)),
+        "seeded": (ids, seeded),
+        "other-seed": (PROMPTS["r4"], SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=5)),
+    }
+    assert run_all(make_engine(model), crowd)["seeded"] == reference
+
+
+# --- finishing -----------------------------------------------------------------------------------------
+
+
+def test_max_tokens_finishes_with_length(model: XverseForCausalLM) -> None:
+    result = alone(model, PROMPTS["r1"], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
+    assert len(result.tokens) == 5 and result.finish_reason == "length"
+
+
+@pytest.mark.parametrize("ignore_eos", [False, True])
+def test_stop_token_id_finishes_with_stop_and_is_included(model: XverseForCausalLM, ignore_eos: bool) -> None:
+    reference = alone(model, PROMPTS["r1"], GREEDY).tokens
+    position = next(i for i in range(3, len(reference)) if reference[i] not in reference[:i])
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=ignore_eos, stop_token_ids=(reference[position],))
+    result = alone(model, PROMPTS["r1"], params)
+    assert result == Result(reference[:position + 1], "stop")
+
+
+def engine_with_eos(model: XverseForCausalLM, eos_token_id: int) -> Engine:
+    """Built by hand from the pieces, with an end-of-text id the tiny model actually produces."""
+    kv_cache = KVCache(model.config, 64, BLOCK_SIZE, torch.float32, torch.device("cpu"))
+    scheduler = Scheduler(BlockAllocator(64), BLOCK_SIZE, max_num_seqs=8, max_batched_tokens=256)
+    return Engine(ModelRunner(model, kv_cache), scheduler, eos_token_id, MAX_MODEL_LEN)
+
+
+def test_end_of_text_finishes_with_stop_unless_ignored(model: XverseForCausalLM) -> None:
+    reference = alone(model, PROMPTS["r4"], GREEDY).tokens
+    position = next(i for i in range(2, len(reference)) if reference[i] not in reference[:i])
+    eos = reference[position]
+    params = SamplingParams(max_tokens=16, temperature=0.0)
+    assert run_all(engine_with_eos(model, eos), {"a": (PROMPTS["r4"], params)})["a"] == Result(reference[:position + 1], "stop")
+    ignoring = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    assert run_all(engine_with_eos(model, eos), {"a": (PROMPTS["r4"], ignoring)})["a"] == Result(reference, "length")
+
+
+def test_end_of_context_finishes_with_length(model: XverseForCausalLM) -> None:
+    params = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
+    result = alone(model, prompt(28, seed=9), params, max_model_len=32)
+    assert len(result.tokens) == 4 and result.finish_reason == "length"
+    result = alone(model, prompt(31, seed=9), params, max_model_len=32)
+    assert len(result.tokens) == 1 and result.finish_reason == "length"
+
+
+def test_prompts_that_leave_no_room_or_are_empty_are_refused(model: XverseForCausalLM) -> None:
+    engine = make_engine(model, max_model_len=32)
+    with pytest.raises(ValueError, match="32"):
+        engine.add_request("full", prompt(32, seed=0), GREEDY)
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request("empty", [], GREEDY)
+    engine.add_request("ok", prompt(5, seed=0), GREEDY)
+    with pytest.raises(ValueError, match="already"):
+        engine.add_request("ok", prompt(5, seed=0), GREEDY)
+    assert set(engine.sequences) == {"ok"}
+
+
+# --- aborting ------------------------------------------------------------------------------------------
+
+
+def test_abort_frees_blocks_of_running_and_waiting_requests(model: XverseForCausalLM) -> None:
+    engine = make_engine(model, max_num_seqs=2)
+    allocator = engine.scheduler.allocator
+    for rid in ("r1", "r2", "r4"):
+        engine.add_request(rid, PROMPTS[rid], GREEDY)
+    for _ in range(3):
+        engine.step()
+    running = {seq.request_id: len(seq.block_table) for seq in engine.scheduler.running}
+    assert set(running) == {"r1", "r2"} and [s.request_id for s in engine.scheduler.waiting] == ["r4"]
+    free_before = allocator.num_free
+    engine.abort("r2")
+    assert allocator.num_free == free_before + running["r2"]
+    engine.abort("r4")  # still waiting: holds no blocks
+    assert allocator.num_free == free_before + running["r2"]
+    engine.abort("never-added")
+    results: dict[str, Result] = {}
+    collect(engine, results)
+    assert set(results) == {"r1"}, "aborted requests produce no more output"
+    assert_all_blocks_free(engine)
+
+
+def test_abort_everything_midway_leaves_the_pool_whole(model: XverseForCausalLM) -> None:
+    engine = make_engine(model, max_num_seqs=4, max_batched_tokens=8)
+    for rid, ids in PROMPTS.items():
+        engine.add_request(rid, ids, GREEDY)
+    for _ in range(4):
+        engine.step()
+    for rid in PROMPTS:
+        engine.abort(rid)
+    assert engine.step() == []
+    assert_all_blocks_free(engine)
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(model: XverseForCausalLM) -> None:
+    engine = make_engine(model)
+    run = engine.runner.run
+    calls = []
+
+    def failing_second_step(scheduled: list[ScheduledSequence]) -> list[int]:
+        calls.append(len(scheduled))
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return run(scheduled)
+
+    engine.runner.run = failing_second_step
+    engine.add_request("a", PROMPTS["r1"], GREEDY)
+    engine.add_request("b", PROMPTS["r2"], GREEDY)
+    engine.step()
+    failed = engine.step()
+    assert sorted(o.request_id for o in failed) == ["a", "b"]
+    assert all(o.error == "RuntimeError: boom" and o.finished and not o.new_token_ids for o in failed)
+    assert_all_blocks_free(engine)
+    assert run_all(engine, {"c": (PROMPTS["r1"], GREEDY)})["c"] == alone(model, PROMPTS["r1"], GREEDY)
+
+
+# --- start-up ------------------------------------------------------------------------------------------
+
+
+def test_build_engine_from_flags_on_cpu(tiny_model_dir: Path, model: XverseForCausalLM) -> None:
+    settings = parse_settings(["--model-path", str(tiny_model_dir), "--device", "cpu", "--block-size", "8",
+                               "--kv-cache-tokens", "512", "--max-num-seqs", "3"], environ={})
+    context = build_engine(settings)
+    engine = context.engine.engine
+    assert context.max_model_len == MAX_MODEL_LEN
+    assert engine.runner.model.lm_head.weight.dtype == torch.float32
+    assert engine.scheduler.allocator.num_blocks == 512 // 8
+    assert engine.scheduler.max_num_seqs == 3
+    results = run_all(engine, {rid: (PROMPTS[rid], GREEDY) for rid in ("r0", "r2")})
+    assert results == {rid: alone(model, PROMPTS[rid], GREEDY) for rid in ("r0", "r2")}
+    assert_all_blocks_free(engine)
+
+
+# --- AsyncEngine ---------------------------------------------------------------------------------------
+
+
+class Gate:
+    """Makes the engine thread wait for permission before each step, so a test decides how far it gets."""
+
+    def __init__(self, engine: Engine, permits: int) -> None:
+        self.permits = threading.Semaphore(permits)
+        run = engine.runner.run
+
+        def gated_run(scheduled: list[ScheduledSequence]) -> list[int]:
+            self.permits.acquire()
+            return run(scheduled)
+
+        engine.runner.run = gated_run
+
+    def open(self) -> None:
+        self.permits.release(1_000_000)
+
+
+async def consume(engine: AsyncEngine, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Result:
+    result = Result()
+    async for output in engine.generate(request_id, prompt_ids, params):
+        assert output.error is None, output.error
+        result.tokens += output.new_token_ids
+        result.finish_reason = output.finish_reason
+    return result
+
+
+async def wait_until_idle(engine: AsyncEngine) -> None:
+    """Until the engine thread has applied every command and finished every step (fails after 60 s)."""
+    for _ in range(6000):
+        with engine._lock:
+            inbox_empty = not engine._inbox
+        if inbox_empty and not engine.engine.has_work():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the engine did not become idle")
+
+
+def run_async(engine: Engine, scenario, gate: Gate | None = None) -> object:
+    """Runs `scenario(async_engine)` on a fresh event loop with the engine thread started, then stops it
+    (opening the gate first, should the scenario have failed with the thread waiting at it)."""
+    async def main() -> object:
+        async_engine = AsyncEngine(engine)
+        async_engine.start()
+        try:
+            return await asyncio.wait_for(scenario(async_engine), timeout=120)
+        finally:
+            if gate is not None:
+                gate.open()
+            async_engine.stop()
+    return asyncio.run(main())
+
+
+def test_concurrent_generate_calls_each_get_their_own_tokens(model: XverseForCausalLM) -> None:
+    params = {rid: SamplingParams(max_tokens=8 + i, temperature=0.0, ignore_eos=True) for i, rid in enumerate(PROMPTS)}
+    expected = {rid: alone(model, ids, params[rid]) for rid, ids in PROMPTS.items()}
+    engine = make_engine(model)
+
+    async def scenario(async_engine: AsyncEngine) -> dict[str, Result]:
+        results = await asyncio.gather(*(consume(async_engine, rid, ids, params[rid]) for rid, ids in PROMPTS.items()))
+        await wait_until_idle(async_engine)
+        return dict(zip(PROMPTS, results))
+
+    assert run_async(engine, scenario) == expected
+    assert_all_blocks_free(engine)
+
+
+def test_leaving_the_iterator_early_aborts_the_request(model: XverseForCausalLM) -> None:
+    engine = make_engine(model)
+    gate = Gate(engine, permits=3)
+    long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    other = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+    async def scenario(async_engine: AsyncEngine) -> tuple[int, Result]:
+        outputs = async_engine.generate("long", PROMPTS["r2"], long)
+        first: StepOutput = await outputs.__anext__()
+        sequence = engine.sequences["long"]
+        await outputs.aclose()  # what `break` in `async for` leads to, done at once
+        survivor = asyncio.ensure_future(consume(async_engine, "other", PROMPTS["r1"], other))
+        gate.open()
+        result = await survivor
+        await wait_until_idle(async_engine)
+        assert first.new_token_ids and not first.finished
+        return len(sequence.output_ids), result
+
+    generated, survivor = run_async(engine, scenario, gate)
+    assert generated < long.max_tokens
+    assert survivor == alone(model, PROMPTS["r1"], other)
+    assert_all_blocks_free(engine)
+
+
+def test_breaking_out_of_async_for_aborts_the_request(model: XverseForCausalLM) -> None:
+    engine = make_engine(model)
+    gate = Gate(engine, permits=3)
+    long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+
+    async def scenario(async_engine: AsyncEngine) -> int:
+        sequence = None
+        async for _ in async_engine.generate("long", PROMPTS["r2"], long):
+            sequence = engine.sequences["long"]
+            break
+        # The event loop closes the abandoned generator in a task of its own; closing sends the abort.
+        for _ in range(1000):
+            if "long" not in async_engine._queues:
+                break
+            await asyncio.sleep(0.01)
+        gate.open()
+        await wait_until_idle(async_engine)
+        return len(sequence.output_ids)
+
+    assert run_async(engine, scenario, gate) < long.max_tokens
+    assert_all_blocks_free(engine)
+
+
+def test_cancelling_the_consumer_aborts_the_request(model: XverseForCausalLM) -> None:
+    engine = make_engine(model)
+    gate = Gate(engine, permits=2)
+    long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+
+    async def scenario(async_engine: AsyncEngine) -> int:
+        started = asyncio.Event()
+
+        async def consumer() -> None:
+            async for _ in async_engine.generate("long", PROMPTS["r2"], long):
+                started.set()
+
+        task = asyncio.ensure_future(consumer())
+        await started.wait()
+        sequence = engine.sequences["long"]
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        gate.open()
+        await wait_until_idle(async_engine)
+        return len(sequence.output_ids)
+
+    assert run_async(engine, scenario, gate) < long.max_tokens
+    assert_all_blocks_free(engine)
+
+
+def test_a_refused_request_gets_an_error_and_the_engine_goes_on(model: XverseForCausalLM) -> None:
+    engine = make_engine(model, max_model_len=32)
+
+    async def scenario(async_engine: AsyncEngine) -> tuple[list[StepOutput], Result]:
+        refused = [output async for output in async_engine.generate("too-long", prompt(40, seed=0), GREEDY)]
+        served = await consume(async_engine, "fine", PROMPTS["r1"], GREEDY)
+        return refused, served
+
+    refused, served = run_async(engine, scenario)
+    assert len(refused) == 1 and refused[0].error and "32" in refused[0].error
+    assert served == alone(model, PROMPTS["r1"], GREEDY, max_model_len=32)
+
+
+def test_generate_before_start_raises_engine_dead(model: XverseForCausalLM) -> None:
+    async def scenario() -> None:
+        with pytest.raises(EngineDead):
+            async for _ in AsyncEngine(make_engine(model)).generate("a", PROMPTS["r1"], GREEDY):
+                pass
+
+    asyncio.run(scenario())
+
+
+def test_engine_thread_death_fails_waiting_requests_and_refuses_new_ones(model: XverseForCausalLM) -> None:
+    engine = make_engine(model)
+    schedule = engine.scheduler.schedule
+    calls = []
+
+    def broken_schedule() -> list[ScheduledSequence]:
+        calls.append(None)
+        if len(calls) == 3:
+            raise RuntimeError("scheduler bug")
+        return schedule()
+
+    engine.scheduler.schedule = broken_schedule
+
+    async def scenario(async_engine: AsyncEngine) -> list[StepOutput]:
+        outputs = [output async for output in async_engine.generate("a", PROMPTS["r1"], GREEDY)]
+        async_engine._thread.join(timeout=60)
+        assert not async_engine.alive
+        assert isinstance(async_engine.error, RuntimeError)
+        with pytest.raises(EngineDead):
+            async for _ in async_engine.generate("b", PROMPTS["r1"], GREEDY):
+                pass
+        return outputs
+
+    outputs = run_async(engine, scenario)
+    assert [len(o.new_token_ids) for o in outputs] == [1, 1, 0]
+    assert "scheduler bug" in outputs[-1].error

@@ -1,0 +1,78 @@
+"""Sizing the KV pool from the card: what is left of --gpu-memory-utilization after the weights, the
+measured activation peak of the largest steps, and the CUDA graphs' memory pool."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .kv_cache import KVCache, blocks_needed
+from .model import XverseForCausalLM
+from .runner import ModelRunner
+from .sampling import SamplingParams
+from .scheduler import ScheduledSequence, Sequence
+
+log = logging.getLogger(__name__)
+
+# Penalty and top-k on: the sampler's largest temporaries are part of the peak.
+DUMMY_PARAMS = SamplingParams(max_tokens=1, temperature=1.0, top_k=30, top_p=0.85, repetition_penalty=1.1)
+
+
+@dataclass
+class StepPeaks:
+    prefill: int  # bytes above the weights at the peak of a full --max-batched-tokens prefill step
+    decode: int  # likewise for a step decoding --max-num-seqs sequences (what a decode graph's pool holds)
+
+
+def dummy_step(model: XverseForCausalLM, lengths: list[int], block_size: int) -> None:
+    """Runs one step over fresh sequences of the given lengths (a prefill each) on a scratch KV cache."""
+    kv_cache = KVCache(model.config, sum(blocks_needed(n, block_size) for n in lengths), block_size,
+                       model.lm_head.weight.dtype, model.lm_head.weight.device)
+    runner = ModelRunner(model, kv_cache)
+    scheduled, next_block = [], 0
+    for i, length in enumerate(lengths):
+        seq = Sequence(f"dummy-{i}", [5] * length, DUMMY_PARAMS)
+        count = blocks_needed(length, block_size)
+        seq.block_table = list(range(next_block, next_block + count))
+        next_block += count
+        scheduled.append(ScheduledSequence(seq, length))
+    runner.run(scheduled)
+
+
+def measure_peak(model: XverseForCausalLM, lengths: list[int], block_size: int) -> int:
+    device = model.lm_head.weight.device
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    dummy_step(model, lengths, block_size)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    torch.cuda.empty_cache()
+    return peak
+
+
+def measure_step_peaks(model: XverseForCausalLM, max_num_seqs: int, max_batched_tokens: int,
+                       max_model_len: int, block_size: int) -> StepPeaks:
+    full, rest = divmod(max_batched_tokens, max_model_len)
+    prefill_lengths = [max_model_len] * full + ([rest] if rest else [])
+    return StepPeaks(
+        prefill=measure_peak(model, prefill_lengths, block_size),
+        decode=measure_peak(model, [1] * max_num_seqs, block_size),
+    )
+
+
+def kv_cache_tokens_for_card(model: XverseForCausalLM, utilization: float, peaks: StepPeaks,
+                             with_graphs: bool) -> int:
+    """Tokens of KV cache that fit in `utilization` of the card beside everything already there."""
+    device = model.lm_head.weight.device
+    free, total = torch.cuda.mem_get_info(device)
+    in_use = total - free  # weights, CUDA context, other processes
+    reserve = peaks.prefill + (peaks.decode if with_graphs else 0)
+    budget = total * utilization - in_use - reserve
+    log.info("memory plan: %.2f GiB card x %.2f; %.2f GiB in use (weights, context); activation peak %.2f GiB; "
+             "decode graphs %.2f GiB; %.2f GiB left for the KV cache", total / 2**30, utilization, in_use / 2**30,
+             peaks.prefill / 2**30, (peaks.decode if with_graphs else 0) / 2**30, max(budget, 0) / 2**30)
+    return max(0, int(budget)) // KVCache.bytes_per_token(model.config, model.lm_head.weight.dtype)

@@ -1,0 +1,276 @@
+"""Decode attention over the paged KV cache in Triton, flash-decoding style (split-K over the context).
+
+One query token per sequence. The context of every sequence is cut into fixed-size partitions; the
+first kernel runs one program per (partition, group of heads, sequence) and writes, per head, the
+partition's running max (in log2 units), sum of exponentials and unnormalised output to scratch; the
+second kernel combines the partitions of each (sequence, head). When the shapes allow only one
+partition, the first kernel normalises and writes the output itself and the second is not launched.
+
+CUDA-graph capturable: the grid and the scratch shapes depend only on tensor shapes
+(seqs, heads, max_blocks * block_size), never on context_lens; programs whose partition starts
+past the context return at once, and the reduce reads only the partitions that were written.
+Nothing here synchronises with the device.
+
+The reference this is tested against is `xverse_serve.attention.decode_attention`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+REDUCE_CHUNK = 16  # partitions combined per iteration of the reduce kernel
+
+
+@triton.jit
+def _load_tile(first, end, table, stride_btb, k_cache_ptr, v_cache_ptr, stride_kb, stride_kt, stride_vb, stride_vt,
+               k_head, v_head, head_ok, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys and values of tokens [first, first + BLOCK_N) for the program's heads, [BLOCK_N, HEADS, HEAD_DIM];
+    tokens at or past `end` are masked (never read) and come back as 0."""
+    tokens = first + tl.arange(0, BLOCK_N)
+    token_ok = tokens < end
+    blocks = tl.load(table + (tokens // BLOCK_SIZE) * stride_btb, mask=token_ok, other=0).to(tl.int64)
+    offsets = (tokens % BLOCK_SIZE).to(tl.int64)
+    k_rows = blocks * stride_kb + offsets * stride_kt  # [BLOCK_N]
+    v_rows = blocks * stride_vb + offsets * stride_vt
+    load_ok = token_ok[:, None, None] & head_ok[None, :, None]
+    k = tl.load(k_cache_ptr + (k_rows[:, None, None] + k_head), mask=load_ok, other=0.0)
+    v = tl.load(v_cache_ptr + (v_rows[:, None, None] + v_head), mask=load_ok, other=0.0)
+    return k, v, token_ok
+
+
+# Sizes that vary with the batch's shapes are not specialised on (value 1, divisibility by 16), so each
+# configuration compiles once per SINGLE value instead of once per partition count.
+@triton.jit(do_not_specialize=["num_heads", "num_parts", "stride_bts"])
+def _partition_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+    out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
+    qk_scale,  # softmax scale * log2(e): scores are kept in log2 units so exp2 can be used
+    num_heads, num_parts,
+    stride_qs, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_bts, stride_btb,
+    stride_os, stride_oh,
+    BLOCK_SIZE: tl.constexpr,  # tokens per cache block (power of two)
+    HEAD_DIM: tl.constexpr,
+    HEADS: tl.constexpr,  # heads per program
+    PARTITION: tl.constexpr,  # tokens per partition, a multiple of BLOCK_N
+    BLOCK_N: tl.constexpr,  # tokens per loop iteration
+    LANES: tl.constexpr,  # softmax state per token lane, combined once after the loop (no reductions in it)
+    SINGLE: tl.constexpr,  # only one partition: write the normalised output directly
+):
+    part = tl.program_id(0)
+    head_group = tl.program_id(1)
+    seq = tl.program_id(2)
+
+    context_len = tl.load(context_lens_ptr + seq).to(tl.int32)
+    start = part * PARTITION
+    if start >= context_len:
+        return
+    end = tl.minimum(start + PARTITION, context_len)
+
+    heads = head_group * HEADS + tl.arange(0, HEADS)
+    head_ok = heads < num_heads
+    dims = tl.arange(0, HEAD_DIM)
+
+    q = tl.load(q_ptr + seq.to(tl.int64) * stride_qs + heads[:, None] * stride_qh + dims[None, :],
+                mask=head_ok[:, None], other=0.0)
+    q = q.to(tl.float32) * qk_scale  # [HEADS, HEAD_DIM]
+
+    k_head = (heads * stride_kh)[None, :, None] + dims[None, None, :]  # [1, HEADS, HEAD_DIM]
+    v_head = (heads * stride_vh)[None, :, None] + dims[None, None, :]
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bts
+
+    if LANES:
+        # Lane n sees tokens start + n, start + n + BLOCK_N, ...: an online softmax per lane, all elementwise,
+        # so the loop has no cross-warp reductions or barriers; the lanes are merged once at the end.
+        m_lane = tl.full([BLOCK_N, HEADS], float("-inf"), tl.float32)
+        l_lane = tl.zeros([BLOCK_N, HEADS], tl.float32)
+        acc_lane = tl.zeros([BLOCK_N, HEADS, HEAD_DIM], tl.float32)
+        for first in range(start, end, BLOCK_N):
+            k, v, token_ok = _load_tile(first, end, table, stride_btb, k_cache_ptr, v_cache_ptr, stride_kb,
+                                        stride_kt, stride_vb, stride_vt, k_head, v_head, head_ok,
+                                        BLOCK_SIZE, BLOCK_N)
+            scores = tl.sum(k.to(tl.float32) * q[None, :, :], axis=2)  # [BLOCK_N, HEADS]
+            scores = tl.where(token_ok[:, None], scores, float("-inf"))
+            m_new = tl.maximum(m_lane, scores)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane with no token yet: no -inf - -inf
+            alpha = tl.exp2(m_lane - m_safe)
+            p = tl.exp2(scores - m_safe)
+            l_lane = l_lane * alpha + p
+            acc_lane = acc_lane * alpha[:, :, None] + p[:, :, None] * v.to(tl.float32)
+            m_lane = m_new
+        m_i = tl.max(m_lane, axis=0)  # finite: lane 0 saw token `start`
+        weight = tl.exp2(m_lane - m_i[None, :])  # 0 for lanes that saw no token
+        l_i = tl.sum(l_lane * weight, axis=0)
+        acc = tl.sum(acc_lane * weight[:, :, None], axis=0)
+    else:
+        # Classic online softmax: one running max per head, rescaled every iteration.
+        m_i = tl.full([HEADS], float("-inf"), tl.float32)
+        l_i = tl.zeros([HEADS], tl.float32)
+        acc = tl.zeros([HEADS, HEAD_DIM], tl.float32)
+        # Every iteration holds at least one valid token (start < end), so m_i is finite after the first.
+        for first in range(start, end, BLOCK_N):
+            k, v, token_ok = _load_tile(first, end, table, stride_btb, k_cache_ptr, v_cache_ptr, stride_kb,
+                                        stride_kt, stride_vb, stride_vt, k_head, v_head, head_ok,
+                                        BLOCK_SIZE, BLOCK_N)
+            scores = tl.sum(k.to(tl.float32) * q[None, :, :], axis=2)  # [BLOCK_N, HEADS]
+            scores = tl.where(token_ok[:, None], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(scores - m_new[None, :])
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32), axis=0)
+            m_i = m_new
+
+    if SINGLE:
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + seq.to(tl.int64) * stride_os + heads[:, None] * stride_oh + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+    else:
+        slot = (seq.to(tl.int64) * num_heads + heads) * num_parts + part  # [HEADS]
+        tl.store(part_max_ptr + slot, m_i, mask=head_ok)
+        tl.store(part_sum_ptr + slot, l_i, mask=head_ok)
+        tl.store(part_out_ptr + slot[:, None] * HEAD_DIM + dims[None, :], acc, mask=head_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["num_heads", "num_parts"])
+def _reduce_kernel(
+    out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr, context_lens_ptr,
+    num_heads, num_parts,
+    stride_os, stride_oh,
+    HEAD_DIM: tl.constexpr,
+    PARTITION: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    head = tl.program_id(0)
+    seq = tl.program_id(1)
+    context_len = tl.load(context_lens_ptr + seq).to(tl.int32)
+    used = tl.minimum(tl.cdiv(context_len, PARTITION), num_parts)  # partitions the first kernel wrote
+    base = (seq.to(tl.int64) * num_heads + head) * num_parts
+    dims = tl.arange(0, HEAD_DIM)
+
+    # Two passes over the partitions' maxima (small), so no scalar state is carried through a loop.
+    m_lanes = tl.full([CHUNK], float("-inf"), tl.float32)
+    for first in range(0, used, CHUNK):
+        idx = first + tl.arange(0, CHUNK)
+        m_lanes = tl.maximum(m_lanes, tl.load(part_max_ptr + base + idx, mask=idx < used, other=float("-inf")))
+    m_max = tl.max(m_lanes, axis=0)  # finite: used >= 1 and every used partition saw a valid token
+
+    total = tl.zeros([CHUNK], tl.float32)
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    for first in range(0, used, CHUNK):
+        idx = first + tl.arange(0, CHUNK)
+        ok = idx < used
+        weight = tl.exp2(tl.load(part_max_ptr + base + idx, mask=ok, other=float("-inf")) - m_max)  # 0 off the end
+        total += weight * tl.load(part_sum_ptr + base + idx, mask=ok, other=0.0)
+        o_part = tl.load(part_out_ptr + (base + idx)[:, None] * HEAD_DIM + dims[None, :], mask=ok[:, None], other=0.0)
+        acc += tl.sum(weight[:, None] * o_part, axis=0)
+    out = acc / tl.sum(total, axis=0)
+    tl.store(out_ptr + seq.to(tl.int64) * stride_os + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def default_partition_size(seqs: int, heads: int, max_context: int, num_sms: int, heads_per_program: int = 1) -> int:
+    """The largest of 512 / 256 / 128 tokens that still gives at least two programs per SM."""
+    groups = seqs * -(-heads // heads_per_program)
+    for size in (512, 256):
+        if groups * -(-max_context // size) >= 2 * num_sms:
+            return size
+    return 128
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                           out: torch.Tensor | None = None, *, partition_size: int | None = None,
+                           heads_per_program: int = 1, block_n: int | None = None,
+                           lanes: bool = False, num_warps: int = 4) -> torch.Tensor:
+    """Attention of one query token per sequence over its paged context.
+
+    q [seqs, heads, head_dim]; k_cache, v_cache [num_blocks, block_size, heads, head_dim];
+    block_tables [seqs, max_blocks] (int32 or int64, padded entries are never read);
+    context_lens [seqs] (each >= 1 and <= max_blocks * block_size). Returns [seqs, heads, head_dim]
+    in q's dtype (written into `out` when given). Scores, softmax and accumulation are float32.
+
+    Tuning knobs (the defaults depend only on shapes and the device, so a CUDA graph captures one grid):
+    partition_size: tokens per split (power of two); heads_per_program: heads sharing one program
+    (power of two; a partial last group is masked); block_n: tokens per loop iteration (power of two,
+    independent of block_size); lanes: keep the online-softmax state per token lane and merge it after
+    the loop, instead of reducing across warps every iteration; num_warps of the partition kernel.
+    """
+    seqs, num_heads, head_dim = q.shape
+    num_blocks, block_size, cache_heads, cache_dim = k_cache.shape
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    if (cache_heads, cache_dim) != (num_heads, head_dim):
+        raise ValueError(f"q has {num_heads} heads of {head_dim}, the cache {cache_heads} of {cache_dim}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != seqs or context_lens.shape != (seqs,):
+        raise ValueError("block_tables must be [seqs, max_blocks] and context_lens [seqs]")
+    if block_tables.dtype not in (torch.int32, torch.int64) or context_lens.dtype not in (torch.int32, torch.int64):
+        raise TypeError("block_tables and context_lens must be int32 or int64")
+    for name, size in (("head_dim", head_dim), ("block_size", block_size), ("heads_per_program", heads_per_program)):
+        if size & (size - 1):
+            raise ValueError(f"{name} must be a power of two, got {size}")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous along head_dim")
+    if out is None:
+        out = torch.empty((seqs, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.stride(-1) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)}, contiguous along head_dim")
+    if seqs == 0:
+        return out
+
+    max_context = block_tables.shape[1] * block_size
+    if partition_size is None:
+        partition_size = default_partition_size(seqs, num_heads, max_context, _num_sms(q.device), heads_per_program)
+    if block_n is None:  # 128 tokens of a 128-wide head per iteration (measured best on H200); 32 with lanes
+        block_n = max(16, min(128, (4096 if lanes else 16384) // (heads_per_program * head_dim)))
+    block_n = min(block_n, partition_size)
+    if partition_size & (partition_size - 1) or block_n & (block_n - 1):
+        raise ValueError(f"partition_size ({partition_size}) and block_n ({block_n}) must be powers of two")
+    num_parts = max(1, -(-max_context // partition_size))
+    head_groups = -(-num_heads // heads_per_program)
+    single = num_parts == 1
+
+    if single:  # the kernel writes `out` directly and never touches these
+        part_out = part_max = part_sum = out
+    else:
+        part_out = torch.empty((seqs, num_heads, num_parts, head_dim), dtype=torch.float32, device=q.device)
+        part_max = torch.empty((seqs, num_heads, num_parts), dtype=torch.float32, device=q.device)
+        part_sum = torch.empty((seqs, num_heads, num_parts), dtype=torch.float32, device=q.device)
+
+    _partition_kernel[(num_parts, head_groups, seqs)](
+        q, k_cache, v_cache, block_tables, context_lens,
+        out, part_out, part_max, part_sum,
+        float(scale) * LOG2E,
+        num_heads, num_parts,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0), block_tables.stride(1),
+        out.stride(0), out.stride(1),
+        BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEADS=heads_per_program,
+        PARTITION=partition_size, BLOCK_N=block_n, LANES=lanes, SINGLE=single,
+        num_warps=num_warps,
+    )
+    if not single:
+        _reduce_kernel[(num_heads, seqs)](
+            out, part_out, part_max, part_sum, context_lens,
+            num_heads, num_parts,
+            out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, PARTITION=partition_size, CHUNK=REDUCE_CHUNK,
+            num_warps=4,
+        )
+    return out
