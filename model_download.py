@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("modelscope", "modelscope_hub"):  # their retry chatter would bury the one line we print
         logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
-        model_dir = snapshot_download(args.model_id, cache_dir=args.cache_dir, revision=args.revision)
+        # local_dir: straight into the folder api.py reads, not modelscope's own cache layout beneath cache_dir.
+        model_dir = snapshot_download(args.model_id, revision=args.revision, local_dir=str(model_dir))
     except Exception as exc:  # modelscope raises many kinds (network, HTTP, file); all end the same way
         print(f"error: could not download {args.model_id} ({args.revision}) into {args.cache_dir}: "
               f"{type(exc).__name__}: {exc}", file=sys.stderr)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from xverse_serve.checkpoint import ModelConfig  # noqa: E402
 from xverse_serve.launch import assemble_engine  # noqa: E402
 from xverse_serve.memory_plan import kv_cache_tokens_for_card, measure_step_peaks  # noqa: E402
-from xverse_serve.model import XverseForCausalLM  # noqa: E402
+from xverse_serve.model import XverseForCausalLM, checkpoint_tensors  # noqa: E402
 from xverse_serve.sampling import SamplingParams  # noqa: E402
 
 XVERSE_7B = ModelConfig(
@@ -78,10 +78,10 @@ def hf_model_sharing(model: XverseForCausalLM, config: ModelConfig):
     )
     with torch.device("meta"):
         hf = LlamaForCausalLM(hf_config)
-    ours = dict(model.named_parameters())
+    ours = checkpoint_tensors(model)
     for name, _ in list(hf.named_parameters()):
         module_name, _, attr = name.rpartition(".")
-        setattr(hf.get_submodule(module_name), attr, ours[name])
+        setattr(hf.get_submodule(module_name), attr, torch.nn.Parameter(ours[name], requires_grad=False))
     with model.lm_head.weight.device:
         hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_config)
     return hf.eval()

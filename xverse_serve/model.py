@@ -46,17 +46,15 @@ class Attention(nn.Module):
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
         self.scale = self.head_dim ** -0.5
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        # q, k and v in one matrix: one pass over the input instead of three (checkpoints keep them apart).
+        self.qkv_proj = nn.Linear(config.hidden_size, 3 * self.num_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch) -> torch.Tensor:
         tokens = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(tokens, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(tokens, self.num_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(tokens, self.num_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x).view(tokens, 3, self.num_heads, self.head_dim).unbind(dim=1)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_cache, v_cache = kv
         write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
         out = paged_attention(q, k_cache, v_cache, batch, self.scale)
@@ -66,12 +64,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -125,30 +123,54 @@ class XverseForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
 
+# Checkpoint tensors that live inside a packed parameter: name suffix -> (parameter suffix, part, parts).
+PACKED_TENSORS = {
+    "self_attn.q_proj.weight": ("self_attn.qkv_proj.weight", 0, 3),
+    "self_attn.k_proj.weight": ("self_attn.qkv_proj.weight", 1, 3),
+    "self_attn.v_proj.weight": ("self_attn.qkv_proj.weight", 2, 3),
+    "mlp.gate_proj.weight": ("mlp.gate_up_proj.weight", 0, 2),
+    "mlp.up_proj.weight": ("mlp.gate_up_proj.weight", 1, 2),
+}
+
+
+def checkpoint_tensors(model: XverseForCausalLM) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint layout, by its checkpoint name, as a view into the model's parameters."""
+    views = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        packed_into_this = False
+        for suffix, (packed, part, count) in PACKED_TENSORS.items():
+            if name.endswith(packed):  # e.g. "model.layers.3." + "self_attn.q_proj.weight"
+                views[name[:-len(packed)] + suffix] = param.chunk(count)[part]
+                packed_into_this = True
+        if not packed_into_this:
+            views[name] = param
+    return views
+
+
 def load_model(model_dir: Path, config: ModelConfig, device: torch.device, dtype: torch.dtype,
                max_positions: int) -> XverseForCausalLM:
     """Builds the model on `device` and fills it shard by shard: no second full copy in host memory."""
     with torch.device("meta"):
         model = XverseForCausalLM(config)
     model = model.to_empty(device=device).to(dtype)
-    params = dict(model.named_parameters())
+    targets = checkpoint_tensors(model)
     if config.tie_word_embeddings:
-        params.pop("lm_head.weight")
+        targets.pop("lm_head.weight")
     loaded: set[str] = set()
     for name, tensor in iter_shard_tensors(model_dir):
         if is_skipped_tensor(name):
             continue
-        param = params.get(name)
-        if param is None:
+        target = targets.get(name)
+        if target is None:
             raise CheckpointError(f"unexpected tensor {name!r} in the checkpoint (not part of the model)")
-        if tuple(tensor.shape) != tuple(param.shape):
+        if tuple(tensor.shape) != tuple(target.shape):
             raise CheckpointError(
-                f"tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {tuple(param.shape)}"
+                f"tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {tuple(target.shape)}"
             )
         with torch.no_grad():
-            param.copy_(tensor)
+            target.copy_(tensor)
         loaded.add(name)
-    missing = sorted(set(params) - loaded)
+    missing = sorted(set(targets) - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"the checkpoint lacks {shown}")
