@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .attention import AttentionBatch
@@ -35,21 +36,28 @@ def build_inputs(scheduled: list[ScheduledSequence], block_size: int) -> StepInp
     positions: list[int] = []
     slots: list[int] = []
     context_lens: list[int] = []
-    for entry in scheduled:
+    width = max(len(entry.seq.block_table) for entry in scheduled)
+    tables = np.zeros((len(scheduled), width), dtype=np.int32)
+    for row, entry in enumerate(scheduled):
         seq, start = entry.seq, entry.seq.num_computed
         end = start + entry.num_new_tokens
+        table = seq.block_table
+        tables[row, :len(table)] = table
+        context_lens.append(end)
+        if end - start == 1:  # a decode: the common case, kept cheap
+            input_ids.append(seq.output_ids[-1] if seq.output_ids and start == seq.num_tokens - 1
+                             else seq.token_ids(start, end)[0])
+            positions.append(start)
+            slots.append(table[start // block_size] * block_size + start % block_size)
+            continue
         input_ids.extend(seq.token_ids(start, end))
         positions.extend(range(start, end))
-        table = seq.block_table
         slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
-        context_lens.append(end)
-    width = max(len(entry.seq.block_table) for entry in scheduled)
-    tables = [entry.seq.block_table + [0] * (width - len(entry.seq.block_table)) for entry in scheduled]
     return StepInputs(
         input_ids=torch.tensor(input_ids, dtype=torch.long),
         positions=torch.tensor(positions, dtype=torch.long),
         slot_mapping=torch.tensor(slots, dtype=torch.long),
-        block_tables=torch.tensor(tables, dtype=torch.int32),
+        block_tables=torch.from_numpy(tables),
         context_lens=context_lens,
         query_lens=[entry.num_new_tokens for entry in scheduled],
     )

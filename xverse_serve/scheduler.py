@@ -78,19 +78,19 @@ class Scheduler:
     def schedule(self) -> list[ScheduledSequence]:
         budget = self.max_batched_tokens
         scheduled: list[ScheduledSequence] = []
-        preempted = False
-        for seq in list(self.running):
-            if budget == 0:
-                break
-            if seq not in self.running:  # preempted earlier in this loop
-                continue
+        preemptions_before = self.num_preemptions
+        index = 0
+        # Victims come off the end of `running`, so everything before `index` stays scheduled.
+        while index < len(self.running) and budget > 0:
+            seq = self.running[index]
             count = min(seq.num_tokens - seq.num_computed, budget)
             if not self._reserve(seq, count):
-                preempted = True
-                continue
+                break  # seq itself was the last one left to preempt
             scheduled.append(ScheduledSequence(seq, count))
             budget -= count
+            index += 1
         # Admitting new work in a step that had to preempt would only preempt again.
+        preempted = self.num_preemptions > preemptions_before
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             count = min(seq.num_tokens, budget)
