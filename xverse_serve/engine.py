@@ -80,6 +80,7 @@ class Engine:
             seq = entry.seq
             samples = entry.samples
             seq.num_computed += entry.num_new_tokens
+            self.scheduler.register_full_blocks(seq)
             if not samples:
                 continue
             token = next(sampled)

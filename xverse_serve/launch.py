@@ -101,13 +101,14 @@ def build_engine(settings: Settings) -> ServingContext:
              num_blocks, block_size, capacity, capacity / max_model_len, max_model_len,
              capacity * KVCache.bytes_per_token(config, dtype) / 2**30)
     engine = assemble_engine(model, num_blocks, block_size, settings.max_num_seqs, settings.max_batched_tokens,
-                             max_model_len, cuda_graphs)
+                             max_model_len, cuda_graphs, settings.prefix_caching)
     return ServingContext(AsyncEngine(engine), tokenizer, config, load_generation_defaults(model_dir),
                           settings, max_model_len)
 
 
 def assemble_engine(model: XverseForCausalLM, num_blocks: int, block_size: int, max_num_seqs: int,
-                    max_batched_tokens: int, max_model_len: int, cuda_graphs: bool = False) -> Engine:
+                    max_batched_tokens: int, max_model_len: int, cuda_graphs: bool = False,
+                    prefix_caching: bool = True) -> Engine:
     """The engine around a loaded model: KV pool, decode graphs, scheduler, runner."""
     weight = model.lm_head.weight
     kv_cache = KVCache(model.config, num_blocks, block_size, weight.dtype, weight.device)
@@ -118,5 +119,6 @@ def assemble_engine(model: XverseForCausalLM, num_blocks: int, block_size: int, 
         log.info("captured %d decode CUDA graphs (batch sizes up to %d) in %.1f s",
                  len(graphs.buckets), max_num_seqs, time.perf_counter() - started)
     # Every running sequence must be able to decode in every step, whatever the token budget.
-    scheduler = Scheduler(BlockAllocator(num_blocks), block_size, max_num_seqs, max(max_batched_tokens, max_num_seqs))
+    scheduler = Scheduler(BlockAllocator(num_blocks), block_size, max_num_seqs, max(max_batched_tokens, max_num_seqs),
+                          prefix_caching)
     return Engine(ModelRunner(model, kv_cache, graphs), scheduler, model.config.eos_token_id, max_model_len)

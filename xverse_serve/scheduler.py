@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .kv_cache import BlockAllocator, blocks_needed
+from .kv_cache import BlockAllocator, block_hash, blocks_needed
 from .sampling import SamplingParams
 
 
@@ -22,6 +22,8 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose keys and values are in the cache
     arrival_time: float = field(default_factory=time.monotonic)
+    block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks hashed so far
+    num_registered: int = 0  # leading blocks of block_table already findable in the prefix cache
 
     @property
     def num_tokens(self) -> int:
@@ -32,6 +34,14 @@ class Sequence:
         if start >= prompt_len:
             return self.output_ids[start - prompt_len:end - prompt_len]
         return (self.prompt_ids + self.output_ids)[start:end]
+
+    def full_block_hashes(self, block_size: int, num_blocks: int) -> list[bytes]:
+        """Hashes of the first `num_blocks` full blocks of tokens, computed once each."""
+        while len(self.block_hashes) < num_blocks:
+            index = len(self.block_hashes)
+            tokens = self.token_ids(index * block_size, (index + 1) * block_size)
+            self.block_hashes.append(block_hash(self.block_hashes[-1] if index else None, tokens))
+        return self.block_hashes[:num_blocks]
 
 
 @dataclass
@@ -49,16 +59,26 @@ class Scheduler:
     """First come, first served. Running sequences go first (decodes and unfinished prefill chunks);
     waiting ones are admitted while blocks, the token budget and the sequence limit allow.
     When a running sequence needs a block and none is free, the latest arrival is preempted:
-    its blocks are freed and it waits at the front of the queue to be recomputed."""
+    its blocks are freed and it waits at the front of the queue to be recomputed.
+    With prefix caching, an admitted sequence starts after the longest run of its leading full blocks
+    that is already cached (an earlier turn of the conversation, a shared system prompt)."""
 
-    def __init__(self, allocator: BlockAllocator, block_size: int, max_num_seqs: int, max_batched_tokens: int) -> None:
+    def __init__(self, allocator: BlockAllocator, block_size: int, max_num_seqs: int, max_batched_tokens: int,
+                 prefix_caching: bool = True) -> None:
         self.allocator = allocator
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_batched_tokens = max_batched_tokens
+        self.prefix_caching = prefix_caching
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.prefix_queried_tokens = 0  # tokens of admitted sequences
+        self.prefix_hit_tokens = 0  # of those, found in the prefix cache
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hit_tokens / self.prefix_queried_tokens if self.prefix_queried_tokens else 0.0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -93,18 +113,45 @@ class Scheduler:
         preempted = self.num_preemptions > preemptions_before
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            count = min(seq.num_tokens, budget)
-            needed = blocks_needed(count, self.block_size)
+            cached = self._cached_prefix(seq)
+            computed = len(cached) * self.block_size
+            count = min(seq.num_tokens - computed, budget)
+            needed = blocks_needed(computed + count, self.block_size) - len(cached)
             if needed > self.allocator.num_free:
+                self.allocator.release(cached)
                 break
             self.waiting.popleft()
-            seq.block_table = self.allocator.allocate(needed)
+            seq.block_table = cached + self.allocator.allocate(needed)
+            seq.num_computed = computed
+            seq.num_registered = len(cached)
+            self.prefix_queried_tokens += seq.num_tokens
+            self.prefix_hit_tokens += computed
             self.running.append(seq)
             scheduled.append(ScheduledSequence(seq, count))
             budget -= count
         # Single-token entries first: the attention runs them as one batched decode.
         scheduled.sort(key=lambda entry: entry.num_new_tokens != 1)
         return scheduled
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks for the sequence's leading full blocks, held for it; at least one token is left
+        to compute, since the last position's logits are needed."""
+        if not self.prefix_caching:
+            return []
+        cached = self.allocator.cached_prefix(seq.full_block_hashes(self.block_size, seq.num_tokens // self.block_size))
+        if cached and len(cached) * self.block_size == seq.num_tokens:
+            self.allocator.release([cached.pop()])
+        return cached
+
+    def register_full_blocks(self, seq: Sequence) -> None:
+        """Makes the sequence's newly computed full blocks findable by later requests."""
+        if not self.prefix_caching:
+            return
+        full = seq.num_computed // self.block_size
+        for index, block_hash_ in enumerate(seq.full_block_hashes(self.block_size, full)[seq.num_registered:],
+                                            start=seq.num_registered):
+            self.allocator.register(seq.block_table[index], block_hash_)
+        seq.num_registered = max(seq.num_registered, full)
 
     def _reserve(self, seq: Sequence, count: int) -> bool:
         """Gives `seq` the blocks for `count` more tokens, preempting later arrivals if needed.
@@ -122,5 +169,6 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.remove(seq)
         seq.num_computed = 0
+        seq.num_registered = 0
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

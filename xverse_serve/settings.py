@@ -26,6 +26,7 @@ class Settings:
     max_num_seqs: int = 256
     max_batched_tokens: int = 4096
     enforce_eager: bool = False
+    prefix_caching: bool = True
     log_level: str = "info"
 
 
@@ -49,6 +50,7 @@ OPTIONS = {
     "max_num_seqs": (int, "most sequences in one step"),
     "max_batched_tokens": (int, "most tokens (prompt chunks and decodes) computed in one step"),
     "enforce_eager": (bool, "run every step eagerly: no CUDA graphs for decode steps"),
+    "prefix_caching": (bool, "reuse the KV blocks of prompt prefixes seen before (earlier turns, shared system prompts)"),
     "log_level": (str, "log level: debug, info, warning or error"),
 }
 CHOICES = {"dtype": ("auto", "bfloat16", "float16", "float32"), "log_level": ("debug", "info", "warning", "error")}
