@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from .runner import ModelRunner
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
+STATS_INTERVAL_S = 10.0  # how often a busy engine logs its state
 
 
 @dataclass
@@ -63,6 +65,14 @@ class Engine:
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
+
+    def stats_line(self) -> str:
+        scheduler = self.scheduler
+        allocator = scheduler.allocator
+        used = allocator.num_blocks - allocator.num_free
+        return (f"running {len(scheduler.running)}, waiting {len(scheduler.waiting)}, "
+                f"KV blocks {used}/{allocator.num_blocks} in use ({used / allocator.num_blocks:.0%}), "
+                f"prefix cache hit rate {scheduler.prefix_hit_rate:.0%}, preemptions {scheduler.num_preemptions}")
 
     def step(self) -> list[StepOutput]:
         scheduled = self.scheduler.schedule()
@@ -175,11 +185,16 @@ class AsyncEngine:
         return rejected
 
     def _run(self) -> None:
+        last_log, busy = time.monotonic(), False
         try:
             while not self._stopping:
                 outputs = self._apply_inbox()
                 if self.engine.has_work():
                     outputs += self.engine.step()
+                    busy = True
+                if busy and time.monotonic() - last_log > STATS_INTERVAL_S:
+                    log.info("engine: %s", self.engine.stats_line())
+                    last_log, busy = time.monotonic(), False
                 if outputs:
                     self._loop.call_soon_threadsafe(self._deliver, outputs)
                 if not self.engine.has_work():
