@@ -1,8 +1,18 @@
-"""The XVERSE decoder (the Llama architecture) over a flat batch of tokens and a paged KV cache."""
+"""The XVERSE decoder (the Llama architecture) over a flat batch of tokens and a paged KV cache.
+
+On CUDA the elementwise stages (residual add + RMSNorm, RoPE + KV-cache write, SiLU * up) run as fused
+Triton kernels (triton_ops); on CPU the pure-PyTorch code here runs instead, and it is the reference the
+kernels and the transformers-equality tests compare against. XVERSE_FUSED_KERNELS=0 keeps CUDA on the
+PyTorch code too (to compare or bisect).
+"""
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +22,25 @@ from .attention import AttentionBatch, paged_attention, write_kv
 from .checkpoint import CheckpointError, ModelConfig, is_skipped_tensor, iter_shard_tensors
 
 
+FUSED_KERNELS = os.environ.get("XVERSE_FUSED_KERNELS", "1") != "0"
+
+
+def fused_ops(t: torch.Tensor) -> ModuleType | None:
+    """triton_ops for a CUDA tensor (unless turned off), else None: CPU keeps the PyTorch code."""
+    if not (t.is_cuda and FUSED_KERNELS):
+        return None
+    from . import triton_ops  # imported here, so a CPU-only install needs no Triton
+
+    return triton_ops
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # The variance is taken in float32, as the model was trained.
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -19,10 +48,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The variance is taken in float32, as the model was trained.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        if (ops := fused_ops(x)) is not None:
+            return ops.rms_norm(x, self.weight, self.eps)
+        return rms_norm_reference(x, self.weight, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x): on CUDA the residual add is fused into the norm's kernel."""
+        if (ops := fused_ops(x)) is not None:
+            return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+        residual = residual + x
+        return rms_norm_reference(residual, self.weight, self.eps), residual
 
 
 def rope_tables(head_dim: int, max_positions: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,6 +75,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
+@dataclass
+class Rotary:
+    """One step's rotary embedding: the model's tables and each token's position. The fused kernel reads
+    the tables at the positions itself; the PyTorch path gathers per-token rows, once per step."""
+
+    cos_table: torch.Tensor  # [max_positions, head_dim] in the model dtype
+    sin_table: torch.Tensor
+    positions: torch.Tensor  # [tokens]
+
+    @cached_property
+    def cos(self) -> torch.Tensor:
+        return self.cos_table[self.positions]
+
+    @cached_property
+    def sin(self) -> torch.Tensor:
+        return self.sin_table[self.positions]
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -50,15 +103,23 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, 3 * self.num_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch) -> torch.Tensor:
-        tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).view(tokens, 3, self.num_heads, self.head_dim).unbind(dim=1)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    def forward(self, x: torch.Tensor, rotary: Rotary, kv: tuple[torch.Tensor, torch.Tensor],
+                batch: AttentionBatch) -> torch.Tensor:
+        q = self.rope_and_cache(self.qkv_proj(x), rotary, kv, batch.slot_mapping)
+        out = paged_attention(q, kv[0], kv[1], batch, self.scale)
+        return self.o_proj(out.reshape(x.shape[0], -1))
+
+    def rope_and_cache(self, qkv: torch.Tensor, rotary: Rotary, kv: tuple[torch.Tensor, torch.Tensor],
+                       slot_mapping: torch.Tensor) -> torch.Tensor:
+        """Rotates q and k, stores k and v at the tokens' cache slots; returns q [tokens, heads, head_dim]."""
         k_cache, v_cache = kv
-        write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
-        out = paged_attention(q, k_cache, v_cache, batch, self.scale)
-        return self.o_proj(out.reshape(tokens, -1))
+        if (ops := fused_ops(qkv)) is not None:
+            return ops.rope_and_write_kv(qkv, rotary.cos_table, rotary.sin_table, rotary.positions,
+                                         k_cache, v_cache, slot_mapping)
+        q, k, v = qkv.view(qkv.shape[0], 3, self.num_heads, self.head_dim).unbind(dim=1)
+        q, k = apply_rope(q, rotary.cos, rotary.sin), apply_rope(k, rotary.cos, rotary.sin)
+        write_kv(k_cache, v_cache, k, v, slot_mapping)
+        return q
 
 
 class MLP(nn.Module):
@@ -68,7 +129,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if (ops := fused_ops(gate_up)) is not None:
+            return self.down_proj(ops.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -80,10 +144,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rotary: Rotary,
+                kv: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MLP output (the embeddings, with residual None, in the first layer);
+        residual: the running sum before it. Returns this layer's MLP output and the running sum before it.
+        The residual stream travels apart so that each add happens inside the next norm (one kernel on CUDA)."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.add_and_norm(x, residual)
+        h = self.self_attn(h, rotary, kv, batch)
+        h, residual = self.post_attention_layernorm.add_and_norm(h, residual)
+        return self.mlp(h), residual
 
 
 class DecoderStack(nn.Module):
@@ -113,11 +185,12 @@ class XverseForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], batch: AttentionBatch) -> torch.Tensor:
         """Hidden states after the final norm, [tokens, hidden]."""
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        x = self.model.embed_tokens(input_ids)
+        rotary = Rotary(self.rope_cos, self.rope_sin, positions)
+        x, residual = self.model.embed_tokens(input_ids), None
         for layer, kv in zip(self.model.layers, kv_caches):
-            x = layer(x, cos, sin, kv, batch)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, rotary, kv, batch)
+        hidden, _ = self.model.norm.add_and_norm(x, residual)
+        return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -1,0 +1,290 @@
+"""The decoder's elementwise stages as fused Triton kernels: residual add + RMSNorm, RoPE + KV-cache write,
+SiLU * up.
+
+In PyTorch each of these is a handful of tiny kernels (RMSNorm alone is ~7), and at batch 1 a decode step
+is dominated by them rather than by streaming the weights. Each kernel here reads its inputs once and
+writes its outputs once.
+
+Numerics follow the PyTorch reference in model.py operation by operation: values are loaded, computed in
+float32, and rounded to the model dtype exactly where PyTorch's eager code rounds (a bf16 or fp16 product
+of two bf16/fp16 numbers is exact in float32, so "multiply in float32, round" equals PyTorch's own
+bf16 multiply). What still differs from PyTorch:
+- RMSNorm's sum of squares is reduced in another order (float32, so ~1e-7 relative in the variance; it
+  shows only as a rare one-ulp flip of a bf16 output);
+- SiLU's exp is the GPU's fast exp2-based one (~2 float32 ulp), again a rare one-ulp flip in bf16;
+- everything else is bit-exact: the residual add, the RoPE (float32 too, since FMA contraction is
+  turned off for that kernel) and the cache write.
+
+All wrappers are CUDA-graph capturable: grids and block shapes depend only on tensor shapes, nothing is
+read back to the host, and the caller's tensors (positions, slot_mapping) are only read on the device.
+
+The references these are tested against are model.rms_norm_reference / apply_rope / F.silu and
+attention.write_kv (tests/test_triton_ops.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_NORM_BLOCK = 65536  # RMSNorm keeps one row in registers; XVERSE's is 4096 wide
+SILU_BLOCK = 1024  # columns per program of silu_and_mul: 8 bf16 (16 bytes) per thread at 4 warps
+
+
+@triton.jit
+def _round(x, DTYPE: tl.constexpr):
+    """x (float32) rounded to DTYPE and back: where PyTorch would store an intermediate in the model dtype."""
+    return x.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
+    hidden, eps,
+    stride_x, stride_r, stride_o, stride_ro,
+    BLOCK: tl.constexpr,  # next power of two >= hidden: the whole row in one block
+    HAS_RESIDUAL: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    dtype = x_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        x = _round(x + r, dtype)  # the sum is the next residual, kept in the model dtype as PyTorch does
+        tl.store(residual_out_ptr + row * stride_ro + cols, x.to(dtype), mask=mask)
+    variance = tl.math.div_rn(tl.sum(x * x, axis=0), tl.cast(hidden, tl.float32))  # the mean, as torch divides
+    # 1 / sqrt rounded twice, as torch.rsqrt on CPU (the reference) computes it; the GPU's rsqrt is approximate.
+    inv_rms = tl.math.div_rn(1.0, tl.sqrt_rn(variance + eps))
+    normed = _round(x * inv_rms, dtype)
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (weight * normed).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _norm_num_warps(block: int) -> int:
+    """16 bytes per thread for bf16 (8 values), up to 16 warps: 4096 values -> 16 warps."""
+    return max(1, min(16, block // 256))
+
+
+def _launch_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    hidden = x.shape[-1]
+    if weight.shape != (hidden,):
+        raise ValueError(f"weight has shape {tuple(weight.shape)}, expected ({hidden},)")
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"residual {tuple(residual.shape)} and x {tuple(x.shape)} differ")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"residual is {residual.dtype}, x is {x.dtype}")
+    block = triton.next_power_of_2(hidden)
+    if block > MAX_NORM_BLOCK:
+        raise ValueError(f"hidden size {hidden} is over {MAX_NORM_BLOCK}, the widest row kept in one block")
+    x2 = x.reshape(-1, hidden)
+    r2 = residual.reshape(-1, hidden) if residual is not None else x2
+    if x2.stride(-1) != 1 or r2.stride(-1) != 1 or weight.stride(0) != 1:
+        x2, r2, weight = x2.contiguous(), r2.contiguous(), weight.contiguous()
+    # weight * normed promotes as in PyTorch (a float32 weight on bf16 activations gives float32).
+    out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    residual_out = torch.empty_like(x2) if residual is not None else out
+    rows = x2.shape[0]
+    if rows:
+        _rms_norm_kernel[(rows,)](
+            x2, r2, weight, out, residual_out,
+            hidden, float(eps),
+            x2.stride(0), r2.stride(0), out.stride(0), residual_out.stride(0),
+            BLOCK=block, HAS_RESIDUAL=residual is not None, num_warps=_norm_num_warps(block),
+        )
+    out = out.view(*x.shape[:-1], hidden)
+    return out, (residual_out.view(x.shape) if residual is not None else None)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * RMSNorm(x) over the last dimension, as model.RMSNorm computes it (variance in float32,
+    the normalised value rounded to x's dtype before the weight). x [..., hidden]; weight [hidden]."""
+    out, _ = _launch_rms_norm(x, None, weight, eps)
+    return out
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual) in one pass; the sum is rounded to x's dtype as PyTorch's add
+    rounds it, and the norm is taken of that rounded sum. With residual None: (rms_norm(x), x).
+    Returns new tensors; the inputs are not modified."""
+    if residual is None:
+        return rms_norm(x, weight, eps), x
+    out, new_residual = _launch_rms_norm(x, residual, weight, eps)
+    return out, new_residual
+
+
+@triton.jit
+def _rope_halves(x1, x2, cos1, cos2, sin1, sin2, DTYPE: tl.constexpr):
+    """Both halves of x * cos + rotate_half(x) * sin, with rotate_half(x) = cat(-x2, x1): each product and
+    the sum rounded to DTYPE, as model.apply_rope computes it in the model dtype. Returns float32."""
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
+    out1 = _round(x1 * cos1, DTYPE) + _round(-x2 * sin1, DTYPE)
+    out2 = _round(x2 * cos2, DTYPE) + _round(x1 * sin2, DTYPE)
+    return out1, out2
+
+
+@triton.jit
+def _rope_kv_kernel(
+    qkv_ptr, cos_ptr, sin_ptr, positions_ptr, slots_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
+    num_heads, block_size,
+    stride_qkv, stride_cos, stride_sin,
+    stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    HALF: tl.constexpr,  # head_dim // 2
+    BLOCK_HALF: tl.constexpr,  # next power of two >= HALF
+    HEADS: tl.constexpr,  # heads per program
+):
+    token = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
+    dims = tl.arange(0, BLOCK_HALF)
+    dim_ok = dims < HALF
+    mask = (heads < num_heads)[:, None] & dim_ok[None, :]
+    dtype = qkv_ptr.dtype.element_ty
+
+    position = tl.load(positions_ptr + token).to(tl.int64)
+    cos_row = cos_ptr + position * stride_cos
+    sin_row = sin_ptr + position * stride_sin
+    cos1 = tl.load(cos_row + dims, mask=dim_ok, other=0.0).to(tl.float32)[None, :]
+    cos2 = tl.load(cos_row + HALF + dims, mask=dim_ok, other=0.0).to(tl.float32)[None, :]
+    sin1 = tl.load(sin_row + dims, mask=dim_ok, other=0.0).to(tl.float32)[None, :]
+    sin2 = tl.load(sin_row + HALF + dims, mask=dim_ok, other=0.0).to(tl.float32)[None, :]
+
+    # qkv row: [q heads | k heads | v heads], each head HALF * 2 wide and contiguous.
+    width = num_heads * (2 * HALF)
+    first = qkv_ptr + token * stride_qkv + heads[:, None] * (2 * HALF) + dims[None, :]  # [HEADS, BLOCK_HALF]
+    q1 = tl.load(first, mask=mask, other=0.0)
+    q2 = tl.load(first + HALF, mask=mask, other=0.0)
+    k1 = tl.load(first + width, mask=mask, other=0.0)
+    k2 = tl.load(first + width + HALF, mask=mask, other=0.0)
+    v1 = tl.load(first + 2 * width, mask=mask, other=0.0)
+    v2 = tl.load(first + 2 * width + HALF, mask=mask, other=0.0)
+
+    q1, q2 = _rope_halves(q1, q2, cos1, cos2, sin1, sin2, dtype)
+    k1, k2 = _rope_halves(k1, k2, cos1, cos2, sin1, sin2, dtype)
+
+    q_dst = q_out_ptr + token * stride_qt + heads[:, None] * stride_qh + dims[None, :]
+    tl.store(q_dst, q1.to(q_out_ptr.dtype.element_ty), mask=mask)
+    tl.store(q_dst + HALF, q2.to(q_out_ptr.dtype.element_ty), mask=mask)
+
+    slot = tl.load(slots_ptr + token).to(tl.int64)
+    block = slot // block_size
+    offset = slot % block_size
+    k_dst = k_cache_ptr + block * stride_kb + offset * stride_kt + heads[:, None] * stride_kh + dims[None, :]
+    v_dst = v_cache_ptr + block * stride_vb + offset * stride_vt + heads[:, None] * stride_vh + dims[None, :]
+    tl.store(k_dst, k1.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(k_dst + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_dst, v1.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_dst + HALF, v2.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def default_rope_heads_per_program(tokens: int, num_heads: int) -> int:
+    """One head per program while that still leaves few programs; at prefill sizes, groups of heads so
+    that a program moves more than one 256-byte row per tensor."""
+    return 1 if tokens * num_heads <= 8192 else min(4, triton.next_power_of_2(num_heads))
+
+
+def rope_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                      out: torch.Tensor | None = None, *, heads_per_program: int | None = None,
+                      num_warps: int | None = None) -> torch.Tensor:
+    """Rotary embedding of q and k and the cache write of k and v, in one kernel.
+
+    qkv [tokens, 3 * heads * head_dim] (the fused projection's output: q, k, v heads in that order, each
+    row contiguous); cos, sin [max_positions, head_dim], the full tables in qkv's dtype (rotate-half
+    layout, model.rope_tables); positions [tokens] and slot_mapping [tokens] (int32 or int64) on the
+    device; k_cache, v_cache [num_blocks, block_size, heads, head_dim]. Writes the rotated k and the v of
+    token t at slot slot_mapping[t] (as attention.write_kv), touches no other slot, and returns the
+    rotated q, [tokens, heads, head_dim] (into `out` when given).
+
+    The result equals model.apply_rope in qkv's dtype bit for bit (each product and the sum rounded to
+    the dtype, no FMA contraction). Positions are not range-checked (that would need a host sync).
+    """
+    num_blocks, block_size, num_heads, head_dim = k_cache.shape
+    tokens = qkv.shape[0]
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    if qkv.dim() != 2 or qkv.shape[1] != 3 * num_heads * head_dim:
+        raise ValueError(f"qkv must be [tokens, {3 * num_heads * head_dim}] for the cache's {num_heads} heads "
+                         f"of {head_dim}, got {tuple(qkv.shape)}")
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even, got {head_dim}")
+    if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[1] != head_dim:
+        raise ValueError(f"cos and sin must both be [max_positions, {head_dim}]")
+    if cos.dtype != qkv.dtype or sin.dtype != qkv.dtype:
+        raise TypeError(f"cos/sin are {cos.dtype}/{sin.dtype}; the reference rounds in qkv's dtype {qkv.dtype}")
+    if positions.shape != (tokens,) or slot_mapping.shape != (tokens,):
+        raise ValueError(f"positions {tuple(positions.shape)} and slot_mapping {tuple(slot_mapping.shape)} "
+                         f"must be [{tokens}]")
+    for name, t in (("positions", positions), ("slot_mapping", slot_mapping)):
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+    for name, t in (("qkv", qkv), ("cos", cos), ("sin", sin), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous along its last dimension")
+    if out is None:
+        out = torch.empty((tokens, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    elif out.shape != (tokens, num_heads, head_dim) or out.stride(-1) != 1:
+        raise ValueError(f"out must be [{tokens}, {num_heads}, {head_dim}], contiguous along head_dim")
+    if tokens == 0:
+        return out
+    if heads_per_program is None:
+        heads_per_program = default_rope_heads_per_program(tokens, num_heads)
+    if heads_per_program & (heads_per_program - 1):
+        raise ValueError(f"heads_per_program must be a power of two, got {heads_per_program}")
+    half = head_dim // 2
+    block_half = triton.next_power_of_2(half)
+    if num_warps is None:  # about 8 values per thread and load
+        num_warps = max(1, min(8, heads_per_program * block_half // 256))
+    grid = (tokens, triton.cdiv(num_heads, heads_per_program))
+    _rope_kv_kernel[grid](
+        qkv, cos, sin, positions, slot_mapping, out, k_cache, v_cache,
+        num_heads, block_size,
+        qkv.stride(0), cos.stride(0), sin.stride(0),
+        out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        HALF=half, BLOCK_HALF=block_half, HEADS=heads_per_program,
+        num_warps=num_warps,
+        enable_fp_fusion=False,  # no FMA: in float32 too, each product is rounded as in PyTorch
+    )
+    return out
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_o, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < inter
+    dtype = x_ptr.dtype.element_ty
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
+    silu = _round(tl.math.div_rn(gate, 1.0 + tl.exp(-gate)), dtype)  # F.silu's result, in the model dtype
+    tl.store(out_ptr + row * stride_o + cols, (silu * up).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_and_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """F.silu(gate) * up with gate, up = gate_up.chunk(2, -1): [..., 2 * inter] -> [..., inter]."""
+    width = gate_up.shape[-1]
+    if width % 2:
+        raise ValueError(f"the last dimension must be even (gate then up), got {width}")
+    inter = width // 2
+    x2 = gate_up.reshape(-1, width)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    rows = x2.shape[0]
+    if out is None:
+        out = torch.empty((*gate_up.shape[:-1], inter), dtype=gate_up.dtype, device=gate_up.device)
+    elif out.shape != (*gate_up.shape[:-1], inter) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {(*gate_up.shape[:-1], inter)}")
+    if rows:
+        _silu_and_mul_kernel[(rows, triton.cdiv(inter, SILU_BLOCK))](
+            x2, out, inter, x2.stride(0), inter, BLOCK=SILU_BLOCK, num_warps=4,
+        )
+    return out
