@@ -6,8 +6,9 @@ end (the whole model's forward against the CPU reference, CUDA-graph replay) run
 
 Tolerances: the residual add, RoPE and the cache write are bit-exact (each product and sum is rounded to
 the model dtype where PyTorch rounds it). RMSNorm sums its squares in another order, and SiLU's exp is
-another implementation, so those may differ from PyTorch by one unit in the last place of the output's
-dtype, on a small fraction of the elements.
+another implementation (on the GPU, exp2.approx of x * log2(e): a relative error up to ~|x| * 4e-8), so
+their intermediate (the normalised value, silu(gate)) can round the other way on a near-tie: one ulp
+there, up to two ulps of the final product, on a small fraction of the elements in bf16/fp16.
 """
 
 from __future__ import annotations
@@ -36,11 +37,12 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 def _round_to_bfloat16(input, input_dtype, output_dtype, rounding_mode, _original):
     """float32 -> bfloat16 rounded to nearest even, as the GPU's cvt.rn.bf16.f32 does. Triton 3.6's interpreter
-    truncates there (a plain cast passes no rounding mode), which would make every bf16 result one ulp off."""
+    truncates there (a plain cast passes no rounding mode): bf16 results would be off by up to one ulp."""
     import triton.language as tl
+    from triton._C.libtriton import ir
 
-    if not (input_dtype == tl.float32 and output_dtype == tl.bfloat16):
-        return _original(input, input_dtype, output_dtype, rounding_mode)
+    if not (input_dtype == tl.float32 and output_dtype == tl.bfloat16) or rounding_mode == ir.ROUNDING_MODE.RTZ:
+        return _original(input, input_dtype, output_dtype, rounding_mode)  # truncation is right for RTZ
     bits = np.ascontiguousarray(input, dtype=np.float32).view(np.uint32).astype(np.uint64)
     rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
     nan = np.isnan(np.asarray(input, dtype=np.float32))
@@ -86,11 +88,19 @@ def randn(*shape: int, dtype: torch.dtype, seed: int, scale: float = 1.0) -> tor
 
 
 def assert_norm_close(out: torch.Tensor, ref: torch.Tensor) -> None:
-    """float32: a few ulps (the variance's summation order); bf16/fp16: one ulp, on few elements."""
+    """float32: a few ulps (the variance's summation order); bf16/fp16: a near-tie of the normalised value
+    rounded the other way, at most two ulps after the weight, on few elements."""
     if out.dtype == torch.float32:
-        assert_ulps(out, ref, max_ulps=8)
+        assert_ulps(out, ref, max_ulps=16)
     else:
-        assert_ulps(out, ref, max_ulps=1, max_fraction_off=0.02)
+        assert_ulps(out, ref, max_ulps=2, max_fraction_off=0.02)
+
+
+def assert_silu_close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    if out.dtype == torch.float32:  # the GPU's fast exp: ~|gate| * 4e-8 relative
+        torch.testing.assert_close(out, ref, rtol=2e-5, atol=1e-30)
+    else:
+        assert_ulps(out, ref, max_ulps=2, max_fraction_off=0.02)
 
 
 # ---------------------------------------------------------------- RMSNorm
@@ -138,7 +148,6 @@ def test_rms_norm_strided_rows_leading_dims_and_promotion() -> None:
     normed, new_residual = fused_add_rms_norm(x, residual, weight, 1e-6)
     assert normed.dtype == torch.float32
     assert torch.equal(new_residual, residual + x)
-    assert_ulps(normed, rms_norm_reference(residual + x, weight, 1e-6), max_ulps=1 << 16)  # 1 bf16 ulp in fp32
     torch.testing.assert_close(normed, rms_norm_reference(residual + x, weight, 1e-6), rtol=8e-3, atol=0)
     x3 = randn(2, 3, hidden, dtype=torch.float32, seed=10)
     assert_norm_close(rms_norm(x3, weight, 1e-6), rms_norm_reference(x3, weight, 1e-6))
@@ -261,11 +270,7 @@ def test_silu_and_mul_matches_reference(dtype: torch.dtype, tokens: int, inter: 
     gate_up = randn(tokens, 2 * inter, dtype=dtype, seed=tokens + inter, scale=4.0)
     gate, up = gate_up.chunk(2, dim=-1)
     ref = F.silu(gate) * up
-    out = silu_and_mul(gate_up)
-    if dtype == torch.float32:
-        assert_ulps(out, ref, max_ulps=4)
-    else:
-        assert_ulps(out, ref, max_ulps=1, max_fraction_off=0.02)
+    assert_silu_close(silu_and_mul(gate_up), ref)
 
 
 def test_silu_and_mul_leading_dims_and_extremes() -> None:
@@ -274,7 +279,7 @@ def test_silu_and_mul_leading_dims_and_extremes() -> None:
     gate, up = gate_up.chunk(2, dim=-1)
     out = silu_and_mul(gate_up)
     assert out.shape == (2, 3, 32)
-    torch.testing.assert_close(out, F.silu(gate) * up, rtol=1e-6, atol=0)
+    assert_silu_close(out, F.silu(gate) * up)
     assert silu_and_mul(gate_up[:0]).shape == (0, 3, 32)
 
 
@@ -383,4 +388,4 @@ def test_fused_ops_replay_in_a_cuda_graph() -> None:
     assert torch.equal(new_residual, residual + x)
     assert_norm_close(normed, rms_norm_reference(residual + x, weight, 1e-6))
     gate, up = gate_up.chunk(2, dim=-1)
-    assert_ulps(act, F.silu(gate) * up, max_ulps=1, max_fraction_off=0.02)
+    assert_silu_close(act, F.silu(gate) * up)

@@ -26,10 +26,12 @@ class StepPeaks:
     decode: int  # likewise for a step decoding --max-num-seqs sequences (what a decode graph's pool holds)
 
 
-def dummy_step(model: XverseForCausalLM, lengths: list[int], block_size: int) -> None:
-    """Runs one step over fresh sequences of the given lengths (a prefill each) on a scratch KV cache."""
+def measure_peak(model: XverseForCausalLM, lengths: list[int], block_size: int) -> int:
+    """Bytes allocated above the model (and above a scratch KV cache for them) at the peak of one step
+    over fresh sequences of the given lengths, each prefilled whole."""
+    device = model.lm_head.weight.device
     kv_cache = KVCache(model.config, sum(blocks_needed(n, block_size) for n in lengths), block_size,
-                       model.lm_head.weight.dtype, model.lm_head.weight.device)
+                       model.lm_head.weight.dtype, device)
     runner = ModelRunner(model, kv_cache)
     scheduled, next_block = [], 0
     for i, length in enumerate(lengths):
@@ -38,18 +40,13 @@ def dummy_step(model: XverseForCausalLM, lengths: list[int], block_size: int) ->
         seq.block_table = list(range(next_block, next_block + count))
         next_block += count
         scheduled.append(ScheduledSequence(seq, length))
-    runner.run(scheduled)
-
-
-def measure_peak(model: XverseForCausalLM, lengths: list[int], block_size: int) -> int:
-    device = model.lm_head.weight.device
     torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    dummy_step(model, lengths, block_size)
+    runner.run(scheduled)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - before
+    del runner, kv_cache
     torch.cuda.empty_cache()
     return peak
 
