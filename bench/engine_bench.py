@@ -11,6 +11,7 @@ and transformers' LlamaForCausalLM.generate on the same weights.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -176,7 +177,9 @@ def main() -> None:
         print(f"ours, {n} requests: {run['tokens'] / run['seconds']:.1f} output tok/s ({run['seconds']:.1f} s)",
               flush=True)
     del engine
+    gc.collect()  # the engine's graphs and cache sit in reference cycles; transformers needs that memory
     torch.cuda.empty_cache()
+    save(results, args.out)
 
     hf = hf_model_sharing(model, config)
     results["hf_generate"] = {}
@@ -184,6 +187,7 @@ def main() -> None:
         run = run_hf(hf, prompts(n, args.prompt_len, config.vocab_size, n), args.output_len)
         results["hf_generate"][n] = {"tok_s": run["tokens"] / run["seconds"], "seconds": run["seconds"]}
         print(f"transformers generate, batch {n}: {run['tokens'] / run['seconds']:.1f} tok/s", flush=True)
+        save(results, args.out)
 
     print("\n| requests | ours tok/s | transformers tok/s | ratio |")
     print("|---|---|---|---|")
@@ -193,9 +197,14 @@ def main() -> None:
         print(f"| {n} | {ours['tok_s']:.1f} | {theirs or float('nan'):.1f} | {ratio} |")
     print(f"one-request decode: {results['single']['decode_tok_s']:.1f} tok/s = "
           f"{results['single']['decode_tok_s'] / results['roofline_tok_s_batch1']:.0%} of the roofline")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
+    save(results, args.out)
+
+
+def save(results: dict, path: Path | None) -> None:
+    """Written after each part, so a run cut short keeps what it measured."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
