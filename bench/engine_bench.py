@@ -53,8 +53,8 @@ def copy_bandwidth(device: torch.device) -> float:
 
 def random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> XverseForCausalLM:
     with torch.device("meta"):
-        model = XverseForCausalLM(config)
-    model = model.to_empty(device=device).to(dtype)
+        model = XverseForCausalLM(config).to(dtype)
+    model = model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -184,7 +184,13 @@ def main() -> None:
     hf = hf_model_sharing(model, config)
     results["hf_generate"] = {}
     for n in args.hf_concurrency:
-        run = run_hf(hf, prompts(n, args.prompt_len, config.vocab_size, n), args.output_len)
+        try:
+            run = run_hf(hf, prompts(n, args.prompt_len, config.vocab_size, n), args.output_len)
+        except torch.OutOfMemoryError:
+            results["hf_generate"][n] = "out of memory"
+            print(f"transformers generate, batch {n}: out of GPU memory", flush=True)
+            torch.cuda.empty_cache()
+            continue
         results["hf_generate"][n] = {"tok_s": run["tokens"] / run["seconds"], "seconds": run["seconds"]}
         print(f"transformers generate, batch {n}: {run['tokens'] / run['seconds']:.1f} tok/s", flush=True)
         save(results, args.out)
@@ -192,9 +198,11 @@ def main() -> None:
     print("\n| requests | ours tok/s | transformers tok/s | ratio |")
     print("|---|---|---|---|")
     for n, ours in results["throughput"].items():
-        theirs = results["hf_generate"].get(n, {}).get("tok_s")
-        ratio = f"{ours['tok_s'] / theirs:.2f}x" if theirs else "-"
-        print(f"| {n} | {ours['tok_s']:.1f} | {theirs or float('nan'):.1f} | {ratio} |")
+        theirs = results["hf_generate"].get(n)
+        if isinstance(theirs, dict):
+            print(f"| {n} | {ours['tok_s']:.1f} | {theirs['tok_s']:.1f} | {ours['tok_s'] / theirs['tok_s']:.2f}x |")
+        else:
+            print(f"| {n} | {ours['tok_s']:.1f} | {theirs or 'not run'} | - |")
     print(f"one-request decode: {results['single']['decode_tok_s']:.1f} tok/s = "
           f"{results['single']['decode_tok_s'] / results['roofline_tok_s_batch1']:.0%} of the roofline")
     save(results, args.out)

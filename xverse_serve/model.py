@@ -224,8 +224,9 @@ def load_model(model_dir: Path, config: ModelConfig, device: torch.device, dtype
                max_positions: int) -> XverseForCausalLM:
     """Builds the model on `device` and fills it shard by shard: no second full copy in host memory."""
     with torch.device("meta"):
-        model = XverseForCausalLM(config)
-    model = model.to_empty(device=device).to(dtype)
+        # The dtype is set while still on meta: a float32 copy would not fit where the bf16 model just does.
+        model = XverseForCausalLM(config).to(dtype)
+    model = model.to_empty(device=device)
     targets = checkpoint_tensors(model)
     if config.tie_word_embeddings:
         targets.pop("lm_head.weight")
