@@ -38,8 +38,11 @@ def main() -> None:
     peaks = measure_step_peaks(model, args.max_num_seqs, 4096, max_len, block_size)
     # mem_get_info sees the whole card; the planner gets the cap as its utilization of it.
     kv_tokens = kv_cache_tokens_for_card(model, fraction * 0.98, peaks, with_graphs=True)
+    if kv_tokens < max_len:
+        raise SystemExit(f"only {kv_tokens} tokens of KV cache fit in {args.budget_gib} GiB: less than one context")
     engine = assemble_engine(model, kv_tokens // block_size, block_size, args.max_num_seqs, 4096, max_len,
                              cuda_graphs=True)
+    print(f"KV cache in {args.budget_gib} GiB: {kv_tokens} tokens", flush=True)
     params = SamplingParams(max_tokens=max_len - args.prompt_len, temperature=0.0, ignore_eos=True)
     engine.add_request("conversation", prompts(1, args.prompt_len, config.vocab_size, 0)[0], params)
     torch.cuda.synchronize()

@@ -532,3 +532,12 @@ def test_engine_thread_death_fails_waiting_requests_and_refuses_new_ones(model: 
     outputs = run_async(engine, scenario)
     assert [len(o.new_token_ids) for o in outputs] == [1, 1, 0]
     assert "scheduler bug" in outputs[-1].error
+
+
+def test_a_request_larger_than_the_whole_kv_pool_is_refused_not_left_waiting(model: XverseForCausalLM) -> None:
+    engine = make_engine(model, num_blocks=8)  # 32 tokens of cache
+    with pytest.raises(ValueError, match="holds 32"):
+        engine.add_request("big", prompt(20, seed=1), SamplingParams(max_tokens=13, temperature=0.0))
+    fits = run_all(engine, {"fits": (prompt(20, seed=1), SamplingParams(max_tokens=12, temperature=0.0,
+                                                                          ignore_eos=True))})
+    assert len(fits["fits"].tokens) == 12

@@ -68,14 +68,16 @@ def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     num_queries, num_keys = q.shape[0], keys.shape[0]
     # On the GPU, SDPA's fused kernels work in the cache's dtype; the CPU reference computes in float32.
     dtype = q.dtype if q.is_cuda else torch.float32
-    q_t, k_t, v_t = (t.transpose(0, 1).to(dtype) for t in (q, keys, values))
+    # [1, heads, tokens, head_dim]: SDPA's flash and memory-efficient kernels take 4-D inputs only
+    # (3-D falls back to the math kernel, which materialises every score).
+    q_t, k_t, v_t = (t.transpose(0, 1).unsqueeze(0).to(dtype) for t in (q, keys, values))
     if num_queries == num_keys:
         out = F.scaled_dot_product_attention(q_t, k_t, v_t, is_causal=True, scale=scale)
     else:  # a later chunk: its queries sit at the end of the context
         query_positions = torch.arange(num_keys - num_queries, num_keys, device=q.device)
         allowed = torch.arange(num_keys, device=q.device)[None, :] <= query_positions[:, None]
         out = F.scaled_dot_product_attention(q_t, k_t, v_t, attn_mask=allowed, scale=scale)
-    return out.transpose(0, 1).to(q.dtype)
+    return out[0].transpose(0, 1).to(q.dtype)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

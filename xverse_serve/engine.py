@@ -48,6 +48,10 @@ class Engine:
             raise ValueError("the prompt is empty")
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_model_len}")
+        longest = min(len(prompt_ids) + params.max_tokens, self.max_model_len)
+        pool = self.scheduler.allocator.num_blocks * self.scheduler.block_size
+        if longest > pool:  # it could never be scheduled, and would wait forever
+            raise ValueError(f"the prompt and max_tokens need {longest} tokens of KV cache; it holds {pool}")
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already running")
         generator = None
