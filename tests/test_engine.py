@@ -541,3 +541,17 @@ def test_a_request_larger_than_the_whole_kv_pool_is_refused_not_left_waiting(mod
     fits = run_all(engine, {"fits": (prompt(20, seed=1), SamplingParams(max_tokens=12, temperature=0.0,
                                                                           ignore_eos=True))})
     assert len(fits["fits"].tokens) == 12
+
+
+def test_warm_up_leaves_the_engine_idle_with_every_block_free_and_counters_at_zero(model: XverseForCausalLM) -> None:
+    engine = make_engine(model, max_batched_tokens=64)
+    calls = []
+    run = engine.runner.run
+    engine.runner.run = lambda scheduled: calls.append([e.num_new_tokens for e in scheduled]) or run(scheduled)
+    engine.warm_up()
+    assert any(len(step) > 1 and 1 in step and max(step) > 1 for step in calls), "a mixed prefill/decode step"
+    assert sum(1 for step in calls if max(step) > 1) >= 2, "the long prompt is prefilled in chunks"
+    assert any(sum(step) == 64 for step in calls), "a step that fills the token budget"
+    assert not engine.has_work() and not engine.sequences
+    assert_all_blocks_free(engine)
+    assert engine.scheduler.prefix_queried_tokens == 0 and engine.scheduler.num_preemptions == 0

@@ -70,6 +70,20 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def warm_up(self) -> None:
+        """Runs a few short requests through every kind of step — whole and chunked prefills of odd
+        lengths, mixed prefill and decode, sampling with every filter — so that the GPU kernels are
+        compiled before the first user waits on them. The counters start from zero afterwards."""
+        params = SamplingParams(max_tokens=3, temperature=1.0, top_k=30, top_p=0.9, repetition_penalty=1.1,
+                                seed=0, ignore_eos=True)
+        chunked = min(self.scheduler.max_batched_tokens + 5, self.max_model_len - params.max_tokens)
+        for index, length in enumerate((1, 5, 37, chunked)):
+            self.add_request(f"warm-up-{index}", [self.eos_token_id + 1 + i % 7 for i in range(length)], params)
+        while self.has_work():
+            self.step()
+        self.scheduler.num_preemptions = 0
+        self.scheduler.prefix_queried_tokens = self.scheduler.prefix_hit_tokens = 0
+
     def stats_line(self) -> str:
         scheduler = self.scheduler
         allocator = scheduler.allocator

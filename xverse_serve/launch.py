@@ -102,6 +102,10 @@ def build_engine(settings: Settings) -> ServingContext:
              capacity * KVCache.bytes_per_token(config, dtype) / 2**30)
     engine = assemble_engine(model, num_blocks, block_size, settings.max_num_seqs, settings.max_batched_tokens,
                              max_model_len, cuda_graphs, settings.prefix_caching)
+    if device.type == "cuda":
+        started = time.perf_counter()
+        engine.warm_up()
+        log.info("warmed up the kernels in %.1f s", time.perf_counter() - started)
     return ServingContext(AsyncEngine(engine), tokenizer, config, load_generation_defaults(model_dir),
                           settings, max_model_len)
 
