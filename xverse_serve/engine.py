@@ -165,7 +165,9 @@ class AsyncEngine:
             self._thread.join()
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StepOutput]:
-        """Yields the request's outputs until it finishes; leaving early (or being cancelled) aborts it."""
+        """Yields the request's outputs until it finishes; leaving early (or being cancelled) aborts it.
+        Outputs that piled up while the consumer was busy come merged into one, so a loaded server
+        spends its time generating rather than writing one event per token."""
         if not self.alive:
             raise EngineDead("the engine is not running")
         queue: asyncio.Queue[StepOutput] = asyncio.Queue()
@@ -175,6 +177,10 @@ class AsyncEngine:
         try:
             while not finished:
                 output = await queue.get()
+                while not output.finished and not queue.empty():
+                    later = queue.get_nowait()
+                    output = StepOutput(request_id, output.new_token_ids + later.new_token_ids,
+                                        later.finish_reason, later.error)
                 finished = output.finished
                 yield output
         finally:

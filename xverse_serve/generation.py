@@ -92,13 +92,15 @@ async def generate_text(engine: AsyncEngine, tokenizer: Tokenizer, request_id: s
     outputs = engine.generate(request_id, prompt_ids, params)
     try:
         async for output in outputs:
-            if output.error is not None:
-                raise GenerationFailed(output.error)
             completion_tokens += len(output.new_token_ids)
             text = detokenizer.add(output.new_token_ids)
             if output.finished:
                 text += detokenizer.flush()
             text, stopped = matcher.feed(text)
+            if output.error is not None:  # the text before the failure is still delivered
+                if text:
+                    yield TextDelta(text, completion_tokens)
+                raise GenerationFailed(output.error)
             if stopped:
                 yield TextDelta(text, completion_tokens, "stop")
                 return
