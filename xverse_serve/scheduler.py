@@ -145,9 +145,9 @@ class Scheduler:
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """Makes the sequence's newly computed full blocks findable by later requests."""
-        if not self.prefix_caching:
-            return
         full = seq.num_computed // self.block_size
+        if not self.prefix_caching or full <= seq.num_registered:  # most steps fill no block
+            return
         for index, block_hash_ in enumerate(seq.full_block_hashes(self.block_size, full)[seq.num_registered:],
                                             start=seq.num_registered):
             self.allocator.register(seq.block_table[index], block_hash_)
