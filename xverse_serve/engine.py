@@ -77,7 +77,8 @@ class Engine:
         params = SamplingParams(max_tokens=3, temperature=1.0, top_k=30, top_p=0.9, repetition_penalty=1.1,
                                 seed=0, ignore_eos=True)
         chunked = min(self.scheduler.max_batched_tokens + 5, self.max_model_len - params.max_tokens)
-        for index, length in enumerate((1, 5, 37, chunked)):
+        lengths = [length for length in (1, 5, 37, 512, 1000) if length < chunked] + [chunked]
+        for index, length in enumerate(lengths):
             self.add_request(f"warm-up-{index}", [self.eos_token_id + 1 + i % 7 for i in range(length)], params)
         while self.has_work():
             self.step()

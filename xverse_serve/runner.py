@@ -31,12 +31,13 @@ class StepInputs:
         return len(self.query_lens) == self.input_ids.shape[0]
 
 
-def build_inputs(scheduled: list[ScheduledSequence], block_size: int) -> StepInputs:
+def build_inputs(scheduled: list[ScheduledSequence], block_size: int, table_width: int | None = None) -> StepInputs:
+    """`table_width` pads every block table to that many columns (default: the longest table)."""
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
     context_lens: list[int] = []
-    width = max(len(entry.seq.block_table) for entry in scheduled)
+    width = table_width or max(len(entry.seq.block_table) for entry in scheduled)
     tables = np.zeros((len(scheduled), width), dtype=np.int32)
     for row, entry in enumerate(scheduled):
         seq, start = entry.seq, entry.seq.num_computed
@@ -68,6 +69,9 @@ class ModelRunner:
         self.model = model
         self.kv_cache = kv_cache
         self.graphs = graphs
+        # With graphs, eager steps pad block tables to the graphs' width too: the decode kernel's variant
+        # depends on the width, and every variant for that width was compiled when the graphs were captured.
+        self.table_width = graphs.block_tables.shape[1] if graphs is not None else None
         self.device = model.lm_head.weight.device
         self.seen = SeenTokens(model.config.vocab_size, self.device)
 
@@ -78,7 +82,7 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, scheduled: list[ScheduledSequence]) -> list[int]:
         """Runs one step; returns the sampled token of each entry whose chunk ends its sequence, in order."""
-        inputs = build_inputs(scheduled, self.kv_cache.block_size)
+        inputs = build_inputs(scheduled, self.kv_cache.block_size, self.table_width)
         if self.graphs is not None and inputs.decode_only and len(scheduled) <= self.graphs.max_batch:
             logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.block_tables,
                                      torch.tensor(inputs.context_lens, dtype=torch.int32))
@@ -98,7 +102,7 @@ class ModelRunner:
 
     def prepare(self, scheduled: list[ScheduledSequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch]:
         """Token ids, positions and attention batch of a step, on the device."""
-        return self.device_inputs(build_inputs(scheduled, self.kv_cache.block_size))
+        return self.device_inputs(build_inputs(scheduled, self.kv_cache.block_size, self.table_width))
 
     def device_inputs(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch]:
         def to_device(tensor: torch.Tensor) -> torch.Tensor:
