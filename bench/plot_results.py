@@ -1,0 +1,53 @@
+"""Draws the README's figure from bench/results: offline throughput beside transformers' generate, and
+HTTP serving beside `transformers serve`. Needs matplotlib (`pip install matplotlib`), not the server.
+
+    python bench/plot_results.py --card h200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--card", default="h200")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "images" / "throughput.png")
+    args = parser.parse_args()
+    engine = json.loads((RESULTS / f"engine_{args.card}.json").read_text())
+    ours_http = json.loads((RESULTS / f"serve_ours_{args.card}.json").read_text())["levels"]
+    theirs_http = json.loads((RESULTS / f"serve_transformers_{args.card}.json").read_text())["levels"]
+
+    figure, (offline, online) = plt.subplots(1, 2, figsize=(11, 4.2))
+    counts = sorted(engine["throughput"], key=int)
+    offline.plot([int(n) for n in counts], [engine["throughput"][n]["tok_s"] for n in counts], "o-",
+                 label="xverse-serve")
+    hf = {n: v for n, v in engine["hf_generate"].items() if isinstance(v, dict)}
+    offline.plot([int(n) for n in sorted(hf, key=int)], [hf[n]["tok_s"] for n in sorted(hf, key=int)], "s--",
+                 label="transformers generate")
+    offline.set(xscale="log", yscale="log", xlabel="concurrent requests", ylabel="output tokens/s",
+                title="Offline: 512-token prompts, 256 new tokens")
+    offline.legend()
+    for levels, label, style in ((ours_http, "xverse-serve", "o-"), (theirs_http, "transformers serve", "s--")):
+        online.plot([lv["concurrency"] for lv in levels], [lv["output_tok_s"] for lv in levels], style, label=label)
+    online.set(xscale="log", yscale="log", xlabel="concurrent streaming clients", ylabel="output tokens/s",
+               title="HTTP: 516-token prompts, 128 new tokens")
+    online.legend()
+    figure.suptitle(f"XVERSE-7B shape, random bf16 weights, {engine['device']}")
+    figure.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(args.out, dpi=110)
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()
