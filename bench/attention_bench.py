@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from xverse_serve.attention import decode_attention  # noqa: E402
 from xverse_serve.triton_attention import default_partition_size, paged_decode_attention  # noqa: E402
+from engine_bench import copy_bandwidth  # noqa: E402
 
 HEADS, HEAD_DIM, BLOCK_SIZE = 32, 128, 16
 DTYPE = torch.bfloat16
@@ -51,16 +52,6 @@ CONFIGS = {
     "p512-g1-n64-L": dict(partition_size=512, heads_per_program=1, block_n=64, lanes=True),
 }
 MAX_REL_ERROR = 1e-2  # bf16 output rounding alone gives ~2e-3
-
-
-def copy_bandwidth() -> float:
-    """Bytes read plus written per second by a 1 GiB device-to-device copy (median)."""
-    src = torch.randn(1 << 29, device="cuda", dtype=torch.float16)
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * (1 << 30) / (ms * 1e-3)
 
 
 class Shape:
@@ -203,7 +194,7 @@ def main() -> None:
         lines.append(line)
 
     props = torch.cuda.get_device_properties(0)
-    copy_bw = copy_bandwidth()
+    copy_bw = copy_bandwidth(torch.device("cuda"))
     report = {
         "device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
         "triton": triton.__version__, "python": platform.python_version(),

@@ -19,6 +19,8 @@ if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CP
     os.environ["TRITON_INTERPRET"] = "1"
 
 from tiny_checkpoint import write_checkpoint  # noqa: E402
+from xverse_serve.chat import Tokenizer  # noqa: E402
+from xverse_serve.checkpoint import ModelConfig, load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,6 +29,17 @@ REPO = Path(__file__).resolve().parent.parent
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A complete tiny XVERSE checkpoint: config, generation config, tokenizer.json, two bf16 .bin shards."""
     return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "XVERSE-tiny")
+
+
+@pytest.fixture(scope="session")
+def config(tiny_model_dir: Path) -> ModelConfig:
+    return load_config(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir: Path, config: ModelConfig) -> Tokenizer:
+    """The tiny checkpoint's tokenizer, as the server loads it."""
+    return Tokenizer(tiny_model_dir / "tokenizer.json", config)
 
 
 def free_port() -> int:

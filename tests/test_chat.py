@@ -3,25 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 
 from xverse_serve.chat import Message, PromptError, Tokenizer, encode_chat, max_input_tokens, validate_messages
-from xverse_serve.checkpoint import ModelConfig, load_config
+from xverse_serve.checkpoint import ModelConfig
 
 EOS = 3
 NO_LIMIT = 10_000
-
-
-@pytest.fixture(scope="module")
-def config(tiny_model_dir: Path) -> ModelConfig:
-    return load_config(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir: Path, config: ModelConfig) -> Tokenizer:
-    return Tokenizer(tiny_model_dir / "tokenizer.json", config)
 
 
 def user(text: str) -> Message:

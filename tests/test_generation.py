@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 
 from xverse_serve.chat import Tokenizer
-from xverse_serve.checkpoint import load_config
 from xverse_serve.generation import IncrementalDetokenizer, StopStringMatcher
 
 RARE = "鑫"  # not in the tiny vocabulary: three byte tokens <0xE9> <0x91> <0xAB>
@@ -20,11 +18,6 @@ TEXTS = [
     "def add(a, b):\n    return a + b\n",
     f"  leading spaces, a rare {RARE} and a trailing space ",
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir: Path) -> Tokenizer:
-    return Tokenizer(tiny_model_dir / "tokenizer.json", load_config(tiny_model_dir))
 
 
 def stream(tokenizer: Tokenizer, ids: list[int], chunk: int = 1) -> list[str]:

@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from xverse_serve.chat import Tokenizer
-from xverse_serve.checkpoint import ModelConfig, is_skipped_tensor, iter_shard_tensors, load_config
+from xverse_serve.checkpoint import ModelConfig, is_skipped_tensor, iter_shard_tensors
 from xverse_serve.kv_cache import KVCache, blocks_needed
 from xverse_serve.launch import assemble_engine
 from xverse_serve.model import XverseForCausalLM, load_model
@@ -27,16 +27,6 @@ PROMPTS = [
     "Human: 鑫淼 is a rare name; what is 1234 + 5678?\n\nAssistant: ",
     "Human: def add(a, b):\n    return a + b\n\nAssistant: ",
 ]
-
-
-@pytest.fixture(scope="module")
-def config(tiny_model_dir: Path) -> ModelConfig:
-    return load_config(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir: Path, config: ModelConfig) -> Tokenizer:
-    return Tokenizer(tiny_model_dir / "tokenizer.json", config)
 
 
 @pytest.fixture(scope="module")
