@@ -42,6 +42,8 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CheckpointError(f"--device {name} asked for, but this machine has no usable CUDA GPU")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise CheckpointError(f"--device {name} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
     return device
 
 
@@ -73,6 +75,9 @@ def build_engine(settings: Settings) -> ServingContext:
     config = load_config(model_dir)
     tokenizer = Tokenizer(model_dir / "tokenizer.json", config)
     device = resolve_device(settings.device)
+    if device.type == "cuda":
+        # Triton launches and graph captures go to the current device: make it the one asked for (cuda:N).
+        torch.cuda.set_device(device)
     dtype = resolve_dtype(settings.dtype, device)
     max_model_len = settings.max_model_len or config.max_position_embeddings
     if max_model_len > config.max_position_embeddings:
