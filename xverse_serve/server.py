@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -22,7 +21,6 @@ from .launch import ServingContext
 from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, OpenAIFields, SamplingFields, SeedRequest
 from .sampling import SamplingParams
 
-log = logging.getLogger("xverse_serve.requests")
 
 
 class APIError(Exception):
