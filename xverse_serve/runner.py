@@ -88,16 +88,20 @@ class ModelRunner:
                                      torch.tensor(inputs.context_lens, dtype=torch.int32))
         else:
             logits = self.run_eager(inputs)
-        sampling = [entry.seq for entry in scheduled if entry.samples]
-        if not sampling:
+        indices, rows, histories = [], [], []
+        for index, entry in enumerate(scheduled):
+            if not entry.samples:
+                continue
+            seq = entry.seq
+            indices.append(index)
+            rows.append(SamplingRow(seq.params, seq.generator))
+            penalized = seq.params.repetition_penalty != 1.0
+            histories.append((seq.request_id, seq.prompt_ids, seq.output_ids) if penalized else None)
+        if not rows:
             return []
-        if len(sampling) < len(scheduled):
-            logits = logits[[i for i, entry in enumerate(scheduled) if entry.samples]]
-        rows = [SamplingRow(seq.params, seq.generator) for seq in sampling]
-        seen = None
-        if any(seq.params.repetition_penalty != 1.0 for seq in sampling):
-            seen = self.seen.rows([(seq.request_id, seq.prompt_ids, seq.output_ids)
-                                   if seq.params.repetition_penalty != 1.0 else None for seq in sampling])
+        if len(rows) < len(scheduled):
+            logits = logits[indices]
+        seen = self.seen.rows(histories) if any(histories) else None
         return sample(logits, rows, seen)
 
     def prepare(self, scheduled: list[ScheduledSequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch]:

@@ -21,10 +21,15 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = field(default=())
+    greedy: bool = field(init=False)
+    # The sampler's per-row table entry (temperature, top_k, top_p, penalty, greedy), built once per request.
+    table_row: tuple[float, int, float, float, bool] = field(init=False, repr=False, compare=False)
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < MIN_TEMPERATURE
+    def __post_init__(self) -> None:
+        greedy = self.temperature < MIN_TEMPERATURE
+        object.__setattr__(self, "greedy", greedy)
+        object.__setattr__(self, "table_row", (1.0 if greedy else self.temperature, self.top_k, self.top_p,
+                                               self.repetition_penalty, greedy))
 
 
 @dataclass
@@ -73,8 +78,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], seen: torch.Tensor | N
     """logits [rows, vocab] in float32 -> one token id per row, with a single device-to-host copy.
     `seen` [rows, vocab] bool is needed when any row has a repetition penalty."""
     device = logits.device
-    table = torch.tensor([[1.0 if r.params.greedy else r.params.temperature, r.params.top_k, r.params.top_p,
-                           r.params.repetition_penalty, r.params.greedy] for r in rows], device=device)
+    table = torch.tensor([r.params.table_row for r in rows], device=device)
     temperature, top_k, top_p, penalty, greedy_rows = table.unbind(dim=1)
     if any(r.params.repetition_penalty != 1.0 for r in rows):
         logits = apply_repetition_penalty(logits, penalty, seen)
