@@ -75,7 +75,7 @@ def build_engine(settings: Settings) -> ServingContext:
     config = load_config(model_dir)
     tokenizer = Tokenizer(model_dir / "tokenizer.json", config)
     device = resolve_device(settings.device)
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:
         # Triton launches and graph captures go to the current device: make it the one asked for (cuda:N).
         torch.cuda.set_device(device)
     dtype = resolve_dtype(settings.dtype, device)
