@@ -26,6 +26,7 @@ from xverse_serve.launch import assemble_engine  # noqa: E402
 from xverse_serve.memory_plan import kv_cache_tokens_for_card, measure_step_peaks  # noqa: E402
 from xverse_serve.model import XverseForCausalLM, checkpoint_tensors  # noqa: E402
 from xverse_serve.sampling import SamplingParams  # noqa: E402
+from xverse_serve.settings import Settings  # noqa: E402
 
 XVERSE_7B = ModelConfig(
     vocab_size=100534, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
@@ -145,7 +146,8 @@ def main() -> None:
           f"{results['roofline_tok_s_batch1']:.0f} tok/s", flush=True)
 
     model = random_model(config, device, dtype)
-    block_size, max_num_seqs, max_batched_tokens = 16, 256, 4096
+    defaults = Settings()  # the server's own defaults
+    block_size, max_num_seqs, max_batched_tokens = defaults.block_size, defaults.max_num_seqs, defaults.max_batched_tokens
     started = time.perf_counter()
     peaks = measure_step_peaks(model, max_num_seqs, max_batched_tokens, config.max_position_embeddings, block_size)
     kv_tokens = kv_cache_tokens_for_card(model, args.gpu_memory_utilization, peaks, not args.eager)

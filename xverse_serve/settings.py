@@ -24,7 +24,7 @@ class Settings:
     kv_cache_tokens: int | None = None
     gpu_memory_utilization: float = 0.90
     max_num_seqs: int = 256
-    max_batched_tokens: int = 4096
+    max_batched_tokens: int = 8192
     enforce_eager: bool = False
     prefix_caching: bool = True
     log_level: str = "info"
