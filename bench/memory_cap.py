@@ -19,13 +19,15 @@ from engine_bench import XVERSE_7B, prompts, random_model
 from xverse_serve.launch import assemble_engine
 from xverse_serve.memory_plan import kv_cache_tokens_for_card, measure_step_peaks
 from xverse_serve.sampling import SamplingParams
+from xverse_serve.settings import Settings
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget-gib", type=float, default=24.0)
     parser.add_argument("--prompt-len", type=int, default=6144)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-seqs", type=int, default=Settings().max_num_seqs)
+    parser.add_argument("--max-batched-tokens", type=int, default=Settings().max_batched_tokens)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device("cuda", torch.cuda.current_device())
@@ -35,12 +37,12 @@ def main() -> None:
     config = XVERSE_7B
     model = random_model(config, device, torch.bfloat16)
     max_len, block_size = config.max_position_embeddings, 16
-    peaks = measure_step_peaks(model, args.max_num_seqs, 4096, max_len, block_size)
+    peaks = measure_step_peaks(model, args.max_num_seqs, args.max_batched_tokens, max_len, block_size)
     # mem_get_info sees the whole card; the planner gets the cap as its utilization of it.
     kv_tokens = kv_cache_tokens_for_card(model, fraction * 0.98, peaks, with_graphs=True)
     if kv_tokens < max_len:
         raise SystemExit(f"only {kv_tokens} tokens of KV cache fit in {args.budget_gib} GiB: less than one context")
-    engine = assemble_engine(model, kv_tokens // block_size, block_size, args.max_num_seqs, 4096, max_len,
+    engine = assemble_engine(model, kv_tokens // block_size, block_size, args.max_num_seqs, args.max_batched_tokens, max_len,
                              cuda_graphs=True)
     print(f"KV cache in {args.budget_gib} GiB: {kv_tokens} tokens", flush=True)
     params = SamplingParams(max_tokens=max_len - args.prompt_len, temperature=0.0, ignore_eos=True)
