@@ -151,6 +151,11 @@ class AsyncEngine:
         self.error: BaseException | None = None
 
     @property
+    def num_waiting(self) -> int:
+        """Requests submitted but not yet running (read from the event loop's thread; approximate)."""
+        return len(self._inbox) + len(self.engine.scheduler.waiting)
+
+    @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 

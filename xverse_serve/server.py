@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
@@ -25,9 +27,10 @@ from .sampling import SamplingParams
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, error_type: str = "invalid_request_error",
-                 param: str | None = None) -> None:
+                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.error_type, self.param = status, message, error_type, param
+        self.headers = headers
 
 
 def error_body(status: int, message: str, error_type: str, param: str | None = None) -> dict:
@@ -46,6 +49,11 @@ def describe_validation_errors(exc: RequestValidationError) -> str:
         field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in location).lstrip(".") or "body"
         parts.append(f"{field}: {error['msg']}")
     return "; ".join(parts)
+
+
+def split_list(value: str) -> list[str]:
+    """Comma-separated flag values (API keys, CORS origins)."""
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def now_text() -> str:
@@ -103,6 +111,13 @@ class Handlers:
             raise APIError(400, str(exc), param="messages") from exc
         return prompt_ids, self.answer_budget(len(prompt_ids), requested_tokens, field)
 
+    def check_capacity(self) -> None:
+        """Refuses new work while --max-waiting requests already wait for a place in the batch."""
+        waiting = self.ctx.engine.num_waiting
+        if waiting >= self.ctx.settings.max_waiting:
+            raise APIError(503, f"the server is at capacity ({waiting} requests are waiting): retry shortly",
+                           "server_overloaded", headers={"Retry-After": "1"})
+
     def check_model(self, body: OpenAIFields) -> str:
         served = self.ctx.settings.served_model_name
         if body.model is not None and body.model.lower() != served.lower():
@@ -143,6 +158,23 @@ async def wait_for_disconnect(request: Request) -> None:
         pass
 
 
+def api_key_checker(keys: tuple[str, ...]) -> Callable[[Request], None]:
+    """A dependency that lets a request through only with `Authorization: Bearer <one of keys>`."""
+    expected = [key.encode() for key in keys]
+
+    def require_api_key(request: Request) -> None:
+        if not expected:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # Compared against every key in constant time, so the time taken reveals nothing about any key.
+        matches = [hmac.compare_digest(token.strip().encode(), key) for key in expected]
+        if scheme.lower() != "bearer" or not any(matches):
+            raise APIError(401, "a valid API key is needed: send the header `Authorization: Bearer <key>`",
+                           "authentication_error", headers={"WWW-Authenticate": "Bearer"})
+
+    return require_api_key
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
@@ -159,10 +191,15 @@ def create_app(ctx: ServingContext) -> FastAPI:
 
     app = FastAPI(title="xverse-serve", summary="XVERSE-7B-Chat behind the seed's API and an OpenAI-compatible one",
                   lifespan=lifespan)
+    if ctx.settings.cors_origin:
+        app.add_middleware(CORSMiddleware, allow_origins=split_list(ctx.settings.cors_origin),
+                           allow_methods=["GET", "POST"], allow_headers=["*"])
+    authorized = [Depends(api_key_checker(tuple(split_list(ctx.settings.api_key or ""))))]
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(error_body(exc.status, exc.message, exc.error_type, exc.param), status_code=exc.status)
+        return JSONResponse(error_body(exc.status, exc.message, exc.error_type, exc.param), status_code=exc.status,
+                            headers=exc.headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -184,9 +221,10 @@ def create_app(ctx: ServingContext) -> FastAPI:
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "engine stopped"}, status_code=503)
 
-    @app.post("/")
+    @app.post("/", dependencies=authorized)
     async def seed_chat(body: SeedRequest, request: Request) -> dict:
         """The seed's API: {"prompt": ...} -> {"response", "status", "time"}."""
+        handlers.check_capacity()
         messages = [*body.history, ChatMessage(role="user", content=body.prompt)]
         prompt_ids, max_tokens = handlers.chat_prompt(messages, body.max_new_tokens, "max_new_tokens")
         result = await handlers.complete(request, prompt_ids, handlers.sampling_params(body, max_tokens))
@@ -194,16 +232,17 @@ def create_app(ctx: ServingContext) -> FastAPI:
         print(f'[{time_text}] ", prompt:"{body.prompt}", response:"{result.text!r}"', flush=True)
         return {"response": result.text, "status": 200, "time": time_text}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=authorized)
     async def list_models() -> dict:
         return {"object": "list", "data": [{
             "id": ctx.settings.served_model_name, "object": "model", "created": int(time.time()),
             "owned_by": "xverse", "max_model_len": ctx.max_model_len,
         }]}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=authorized)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         model = handlers.check_model(body)
+        handlers.check_capacity()
         requested = body.max_completion_tokens or body.max_tokens
         field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         prompt_ids, max_tokens = handlers.chat_prompt(body.messages, requested, field)
@@ -238,9 +277,10 @@ def create_app(ctx: ServingContext) -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=authorized)
     async def completions(body: CompletionRequest, request: Request):
         model = handlers.check_model(body)
+        handlers.check_capacity()
         prompt_ids = ctx.tokenizer.encode(body.prompt_text())
         if not prompt_ids:
             raise APIError(400, "prompt is empty: send some text to complete", param="prompt")

@@ -27,6 +27,9 @@ class Settings:
     max_batched_tokens: int = 8192
     enforce_eager: bool = False
     prefix_caching: bool = True
+    max_waiting: int = 1024
+    api_key: str | None = None
+    cors_origin: str | None = None
     log_level: str = "info"
 
 
@@ -51,11 +54,26 @@ OPTIONS = {
     "max_batched_tokens": (int, "most tokens (prompt chunks and decodes) computed in one step"),
     "enforce_eager": (bool, "run every step eagerly: no CUDA graphs for decode steps"),
     "prefix_caching": (bool, "reuse the KV blocks of prompt prefixes seen before (earlier turns, shared system prompts)"),
+    "max_waiting": (int, "most requests waiting for a place in the batch; beyond it new ones get 503 with Retry-After"),
+    "api_key": (str, "API key(s), comma-separated: every route but /health then needs `Authorization: Bearer KEY`"),
+    "cors_origin": (str, "origin(s), comma-separated, allowed to call the API from a browser (CORS); off when unset"),
     "log_level": (str, "log level: debug, info, warning or error"),
 }
 CHOICES = {"dtype": ("auto", "bfloat16", "float16", "float32"), "log_level": ("debug", "info", "warning", "error")}
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes"), ("0", "false", "no")
-POSITIVE = ("port", "max_model_len", "block_size", "kv_cache_tokens", "max_num_seqs", "max_batched_tokens")
+POSITIVE = ("port", "max_waiting", "max_model_len", "block_size", "kv_cache_tokens", "max_num_seqs", "max_batched_tokens")
+
+
+SECRETS = ("api_key",)
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default, except secrets: --help must not print a key taken from the environment."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.dest in SECRETS:
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def env_name(field_name: str) -> str:
@@ -67,7 +85,7 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
     parser = argparse.ArgumentParser(
         prog="python api.py",
         description="Serve XVERSE-7B-Chat: the seed's POST / API and an OpenAI-compatible API beside it.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     defaults = Settings()
     for field in fields(Settings):

@@ -1,0 +1,101 @@
+"""Who may call, from where, and how much: API keys, CORS, and the bounded waiting queue."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+
+from conftest import RunningServer, start_server, stop_server
+from test_server_concurrency import SLOW_CONTEXT, never_ends, open_stream
+from tiny_checkpoint import write_checkpoint
+
+KEYS = ("key-one", "key-two")
+ORIGIN = "http://chat.example.test"
+
+
+@pytest.fixture(scope="module")
+def locked_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> RunningServer:
+    server = start_server(tiny_model_dir, tmp_path_factory.mktemp("locked") / "server.log",
+                          "--api-key", ",".join(KEYS), "--cors-origin", ORIGIN)
+    yield server
+    stop_server(server)
+
+
+def chat(server: RunningServer, headers: dict[str, str] | None = None) -> requests.Response:
+    return requests.post(server.url + "/v1/chat/completions", headers=headers, timeout=30,
+                         json={"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4})
+
+
+@pytest.mark.parametrize("headers", [None, {"Authorization": "Bearer wrong"}, {"Authorization": "key-one"},
+                                     {"Authorization": "Basic key-one"}, {"Authorization": "Bearer "}])
+def test_without_a_valid_key_every_route_but_health_answers_401(locked_server, headers) -> None:
+    for response in (chat(locked_server, headers),
+                     requests.post(locked_server.url, json={"prompt": "Hi"}, headers=headers, timeout=30),
+                     requests.get(locked_server.url + "/v1/models", headers=headers, timeout=30)):
+        assert response.status_code == 401
+        error = response.json()["error"]
+        assert error["type"] == "authentication_error" and "Authorization: Bearer" in error["message"]
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+    assert requests.get(locked_server.url + "/health", timeout=30).status_code == 200
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_each_configured_key_is_accepted(locked_server, key) -> None:
+    response = chat(locked_server, {"Authorization": f"Bearer {key}"})
+    assert response.status_code == 200, response.text
+    client = openai.OpenAI(base_url=locked_server.url + "/v1", api_key=key, max_retries=0)
+    assert client.models.list().data[0].id == "XVERSE-7B-Chat"
+
+
+def test_the_openai_client_with_a_wrong_key_gets_an_authentication_error(locked_server) -> None:
+    client = openai.OpenAI(base_url=locked_server.url + "/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        client.chat.completions.create(model="XVERSE-7B-Chat", messages=[{"role": "user", "content": "Hi"}])
+
+
+def test_cors_allows_only_the_configured_origin(locked_server) -> None:
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+    allowed = requests.options(locked_server.url + "/v1/chat/completions", timeout=30,
+                               headers={"Origin": ORIGIN, **preflight})
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == ORIGIN
+    other = requests.options(locked_server.url + "/v1/chat/completions", timeout=30,
+                             headers={"Origin": "http://elsewhere.test", **preflight})
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_without_cors_origin_no_cross_origin_headers_are_sent(server) -> None:
+    response = requests.get(server.url + "/v1/models", headers={"Origin": ORIGIN}, timeout=30)
+    assert response.status_code == 200
+    assert "access-control-allow-origin" not in response.headers
+
+
+def test_beyond_max_waiting_requests_get_503_with_retry_after(tmp_path: Path) -> None:
+    """One sequence runs at a time and one may wait: with A running and B waiting, C is turned away."""
+    folder = write_checkpoint(tmp_path / "XVERSE-slow", hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
+                              num_attention_heads=8, max_position_embeddings=SLOW_CONTEXT)
+    never_ends(folder)
+    server = start_server(folder, tmp_path / "server.log", "--max-num-seqs", "1", "--max-waiting", "1")
+    try:
+        running, _ = open_stream(server.url, "Tell me a long story", SLOW_CONTEXT - 16)  # A: several seconds
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(requests.post, server.url + "/v1/completions", timeout=120,
+                                  json={"prompt": "The quick brown fox", "max_tokens": 4, "temperature": 0})
+            time.sleep(0.5)  # B is queued behind A by now
+            refused = requests.post(server.url + "/v1/completions", timeout=30,
+                                    json={"prompt": "Jumps over", "max_tokens": 4})
+            assert refused.status_code == 503
+            assert refused.headers["Retry-After"] == "1"
+            assert refused.json()["error"]["type"] == "server_overloaded"
+            assert not waiting.done()
+            running.close()  # A's client leaves: A is aborted and B runs
+            assert waiting.result().status_code == 200
+        assert requests.post(server.url + "/v1/completions", timeout=60,
+                             json={"prompt": "Again", "max_tokens": 4}).status_code == 200
+    finally:
+        stop_server(server)
