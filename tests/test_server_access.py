@@ -99,3 +99,33 @@ def test_beyond_max_waiting_requests_get_503_with_retry_after(tmp_path: Path) ->
                              json={"prompt": "Again", "max_tokens": 4}).status_code == 200
     finally:
         stop_server(server)
+
+
+BIG = 5 * 1024 * 1024  # over the default --max-body-bytes of 4 MiB
+
+
+@pytest.mark.parametrize("route", ["/", "/v1/chat/completions", "/v1/completions"])
+def test_a_body_over_the_size_limit_gets_413(server, route) -> None:
+    body = b'{"prompt": "' + b"a" * BIG + b'"}'
+    response = requests.post(server.url + route, data=body, headers={"Content-Type": "application/json"}, timeout=60)
+    assert response.status_code == 413
+    assert "--max-body-bytes" in response.json()["error"]["message"]
+
+
+def test_a_chunked_body_over_the_size_limit_gets_413_too(server) -> None:
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(BIG // 65536 + 1):
+            yield b"a" * 65536
+        yield b'"}'
+
+    response = requests.post(server.url, data=chunks(), headers={"Content-Type": "application/json"}, timeout=60)
+    assert response.status_code == 413
+    assert requests.post(server.url, json={"prompt": "still serving", "max_new_tokens": 2}, timeout=30).ok
+
+
+def test_too_many_messages_are_refused_with_400(server) -> None:
+    messages = [{"role": "user", "content": "hi"}] * 2049
+    response = requests.post(server.url + "/v1/chat/completions", json={"messages": messages}, timeout=60)
+    assert response.status_code == 400
+    assert "messages" in response.json()["error"]["message"]

@@ -9,6 +9,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Tag, field_va
 from .chat import Message
 
 MAX_STOP_STRINGS = 16
+MAX_MESSAGES = 2048  # far more turns than an 8K-token context holds; beyond it a request is refused, not parsed
 
 
 class StrictBody(BaseModel):
@@ -58,7 +59,7 @@ class SeedRequest(SamplingFields):
     """POST / — the seed recipe's body, with optional history and sampling overrides."""
 
     prompt: Text
-    history: list[ChatMessage] = []
+    history: Annotated[list[ChatMessage], Field(max_length=MAX_MESSAGES - 1)] = []
     max_new_tokens: Annotated[int, Field(ge=1)] | None = None
 
 
@@ -99,7 +100,7 @@ class OpenAIFields(SamplingFields):
 
 
 class ChatCompletionRequest(OpenAIFields):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: Literal[False] = False
     top_logprobs: Literal[0] | None = None

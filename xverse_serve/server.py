@@ -51,6 +51,41 @@ def describe_validation_errors(exc: RequestValidationError) -> str:
     return "; ".join(parts)
 
 
+class BodySizeLimit:
+    """ASGI middleware: a request body over `limit` bytes gets a 413 before anything parses it, whether
+    it announces its length or arrives in chunks."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self.refuse(send)
+        received = 0
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise HTTPException(413, self.message())
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+    def message(self) -> str:
+        return f"the request body is larger than {self.limit} bytes (--max-body-bytes)"
+
+    async def refuse(self, send) -> None:
+        body = json.dumps(error_body(413, self.message(), "invalid_request_error")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
 def split_list(value: str) -> list[str]:
     """Comma-separated flag values (API keys, CORS origins)."""
     return [item.strip() for item in value.split(",") if item.strip()]
@@ -191,6 +226,7 @@ def create_app(ctx: ServingContext) -> FastAPI:
 
     app = FastAPI(title="xverse-serve", summary="XVERSE-7B-Chat behind the seed's API and an OpenAI-compatible one",
                   lifespan=lifespan)
+    app.add_middleware(BodySizeLimit, limit=ctx.settings.max_body_bytes)
     if ctx.settings.cors_origin:
         app.add_middleware(CORSMiddleware, allow_origins=split_list(ctx.settings.cors_origin),
                            allow_methods=["GET", "POST"], allow_headers=["*"])
