@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -129,3 +130,27 @@ def test_too_many_messages_are_refused_with_400(server) -> None:
     response = requests.post(server.url + "/v1/chat/completions", json={"messages": messages}, timeout=60)
     assert response.status_code == 400
     assert "messages" in response.json()["error"]["message"]
+
+
+def test_a_request_past_request_timeout_ends_with_a_clear_error_and_others_go_on(tmp_path: Path) -> None:
+    folder = write_checkpoint(tmp_path / "XVERSE-slow", hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
+                              num_attention_heads=8, max_position_embeddings=SLOW_CONTEXT)
+    never_ends(folder)
+    server = start_server(folder, tmp_path / "server.log", "--request-timeout", "0.4")
+    long_body = {"messages": [{"role": "user", "content": "Tell me everything"}], "max_tokens": SLOW_CONTEXT - 16,
+                 "temperature": 0}
+    try:
+        response = requests.post(server.url + "/v1/chat/completions", json=long_body, timeout=60)
+        assert response.status_code == 504
+        assert "--request-timeout" in response.json()["error"]["message"]
+
+        streamed = requests.post(server.url + "/v1/chat/completions", json={**long_body, "stream": True}, timeout=60)
+        events = [line[len("data: "):] for line in streamed.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["error"]["code"] == 504
+        assert any(json.loads(e).get("choices", [{}])[0].get("delta", {}).get("content") for e in events[:-2])
+
+        short = requests.post(server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+        assert short.status_code == 200, short.text
+    finally:
+        stop_server(server)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from .chat import Tokenizer
-from .engine import AsyncEngine
+from .engine import AsyncEngine, StepOutput
 from .sampling import SamplingParams
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -83,15 +84,38 @@ class GenerationFailed(RuntimeError):
     """The engine failed this request (the message says why); other requests go on."""
 
 
-async def generate_text(engine: AsyncEngine, tokenizer: Tokenizer, request_id: str,
-                        prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TextDelta]:
+class RequestTimedOut(GenerationFailed):
+    """The request ran past --request-timeout; it was aborted, others go on."""
+
+
+async def with_deadline(outputs: AsyncIterator[StepOutput], timeout: float | None) -> AsyncIterator[StepOutput]:
+    """The outputs, ending with RequestTimedOut once `timeout` seconds have passed since the first wait."""
+    if timeout is None:
+        async for output in outputs:
+            yield output
+        return
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        remaining = deadline - asyncio.get_running_loop().time()
+        try:
+            # On timeout the wait is cancelled inside the engine's generator, which aborts the request.
+            output = await asyncio.wait_for(anext(outputs), max(remaining, 0))
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise RequestTimedOut(f"the request took longer than {timeout:g} s (--request-timeout)") from None
+        yield output
+
+
+async def generate_text(engine: AsyncEngine, tokenizer: Tokenizer, request_id: str, prompt_ids: list[int],
+                        params: SamplingParams, timeout: float | None = None) -> AsyncIterator[TextDelta]:
     """Text deltas of one request; the last carries finish_reason. Joined, they are the whole answer."""
     detokenizer = IncrementalDetokenizer(tokenizer)
     matcher = StopStringMatcher(params.stop)
     completion_tokens = 0
     outputs = engine.generate(request_id, prompt_ids, params)
     try:
-        async for output in outputs:
+        async for output in with_deadline(outputs, timeout):
             completion_tokens += len(output.new_token_ids)
             text = detokenizer.add(output.new_token_ids)
             if output.finished:

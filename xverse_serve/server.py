@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from .chat import PromptError, encode_chat, max_input_tokens
-from .generation import GenerationFailed, TextDelta, generate_text
+from .generation import GenerationFailed, RequestTimedOut, TextDelta, generate_text
 from .launch import ServingContext
 from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, OpenAIFields, SamplingFields, SeedRequest
 from .sampling import SamplingParams
@@ -161,7 +161,8 @@ class Handlers:
         return served
 
     def text(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TextDelta]:
-        return generate_text(self.ctx.engine, self.ctx.tokenizer, uuid.uuid4().hex, prompt_ids, params)
+        return generate_text(self.ctx.engine, self.ctx.tokenizer, uuid.uuid4().hex, prompt_ids, params,
+                             self.ctx.settings.request_timeout)
 
     async def complete(self, request: Request, prompt_ids: list[int], params: SamplingParams) -> TextDelta:
         """The whole answer as one TextDelta (text, tokens, finish_reason). A client that hangs up first
@@ -182,6 +183,8 @@ class Handlers:
         try:
             async for last in self.text(prompt_ids, params):
                 pieces.append(last.text)
+        except RequestTimedOut as exc:
+            raise APIError(504, str(exc), "timeout") from exc
         except GenerationFailed as exc:
             raise APIError(500, f"generation failed: {exc}", "server_error") from exc
         return TextDelta("".join(pieces), last.completion_tokens, last.finish_reason)
@@ -354,5 +357,7 @@ async def stream_deltas(handlers: Handlers, prompt_ids: list[int], params: Sampl
     try:
         async for piece in handlers.text(prompt_ids, params):
             yield piece
+    except RequestTimedOut as exc:
+        yield sse(error_body(504, str(exc), "timeout")) + sse("[DONE]")
     except GenerationFailed as exc:
         yield sse(error_body(500, f"generation failed: {exc}", "server_error")) + sse("[DONE]")

@@ -29,6 +29,7 @@ class Settings:
     prefix_caching: bool = True
     max_waiting: int = 1024
     max_body_bytes: int = 4 * 1024 * 1024
+    request_timeout: float | None = None
     api_key: str | None = None
     cors_origin: str | None = None
     log_level: str = "info"
@@ -57,13 +58,14 @@ OPTIONS = {
     "prefix_caching": (bool, "reuse the KV blocks of prompt prefixes seen before (earlier turns, shared system prompts)"),
     "max_waiting": (int, "most requests waiting for a place in the batch; beyond it new ones get 503 with Retry-After"),
     "max_body_bytes": (int, "largest request body accepted, in bytes; larger ones get 413"),
+    "request_timeout": (float, "seconds a request may take from submission to its last token; unset: no limit"),
     "api_key": (str, "API key(s), comma-separated: every route but /health then needs `Authorization: Bearer KEY`"),
     "cors_origin": (str, "origin(s), comma-separated, allowed to call the API from a browser (CORS); off when unset"),
     "log_level": (str, "log level: debug, info, warning or error"),
 }
 CHOICES = {"dtype": ("auto", "bfloat16", "float16", "float32"), "log_level": ("debug", "info", "warning", "error")}
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes"), ("0", "false", "no")
-POSITIVE = ("port", "max_waiting", "max_body_bytes", "max_model_len", "block_size", "kv_cache_tokens", "max_num_seqs", "max_batched_tokens")
+POSITIVE = ("port", "max_waiting", "max_body_bytes", "request_timeout", "max_model_len", "block_size", "kv_cache_tokens", "max_num_seqs", "max_batched_tokens")
 
 
 SECRETS = ("api_key",)
