@@ -88,12 +88,8 @@ class RequestTimedOut(GenerationFailed):
     """The request ran past --request-timeout; it was aborted, others go on."""
 
 
-async def with_deadline(outputs: AsyncIterator[StepOutput], timeout: float | None) -> AsyncIterator[StepOutput]:
+async def with_deadline(outputs: AsyncIterator[StepOutput], timeout: float) -> AsyncIterator[StepOutput]:
     """The outputs, ending with RequestTimedOut once `timeout` seconds have passed since the first wait."""
-    if timeout is None:
-        async for output in outputs:
-            yield output
-        return
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         remaining = deadline - asyncio.get_running_loop().time()
@@ -115,7 +111,7 @@ async def generate_text(engine: AsyncEngine, tokenizer: Tokenizer, request_id: s
     completion_tokens = 0
     outputs = engine.generate(request_id, prompt_ids, params)
     try:
-        async for output in with_deadline(outputs, timeout):
+        async for output in outputs if timeout is None else with_deadline(outputs, timeout):
             completion_tokens += len(output.new_token_ids)
             text = detokenizer.add(output.new_token_ids)
             if output.finished:
