@@ -46,8 +46,7 @@ def build_inputs(scheduled: list[ScheduledSequence], block_size: int, table_widt
         tables[row, :len(table)] = table
         context_lens.append(end)
         if end - start == 1:  # a decode: the common case, kept cheap
-            input_ids.append(seq.output_ids[-1] if seq.output_ids and start == seq.num_tokens - 1
-                             else seq.token_ids(start, end)[0])
+            input_ids.extend(seq.token_ids(start, end))
             positions.append(start)
             slots.append(table[start // block_size] * block_size + start % block_size)
             continue

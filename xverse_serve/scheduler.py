@@ -33,7 +33,9 @@ class Sequence:
         prompt_len = len(self.prompt_ids)
         if start >= prompt_len:
             return self.output_ids[start - prompt_len:end - prompt_len]
-        return (self.prompt_ids + self.output_ids)[start:end]
+        if end <= prompt_len:
+            return self.prompt_ids[start:end]
+        return self.prompt_ids[start:] + self.output_ids[:end - prompt_len]
 
     def full_block_hashes(self, block_size: int, num_blocks: int) -> list[bytes]:
         """Hashes of the first `num_blocks` full blocks of tokens, computed once each."""
