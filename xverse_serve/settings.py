@@ -32,7 +32,11 @@ class Settings:
     request_timeout: float | None = None
     api_key: str | None = None
     cors_origin: str | None = None
+    shutdown_grace: float = 30.0
+    log_prompts: bool = False
     log_level: str = "info"
+    quantize: str = "none"
+    kv_cache_dtype: str = "auto"
 
 
 # name -> (converter, help). argparse runs the converter on string defaults too, so values taken
@@ -61,9 +65,17 @@ OPTIONS = {
     "request_timeout": (float, "seconds a request may take from submission to its last token; unset: no limit"),
     "api_key": (str, "API key(s), comma-separated: every route but /health then needs `Authorization: Bearer KEY`"),
     "cors_origin": (str, "origin(s), comma-separated, allowed to call the API from a browser (CORS); off when unset"),
+    "shutdown_grace": (float, "seconds in-flight requests may take to finish after SIGTERM/SIGINT; "
+                              "new requests get 503 meanwhile"),
+    "log_prompts": (bool, "put prompt and answer text in the per-request log lines (off: only ids, tokens, timings)"),
     "log_level": (str, "log level: debug, info, warning or error"),
+    "quantize": (str, "weight-only quantization applied at load: none (the checkpoint's dtype), int8 "
+                      "(per channel) or int4 (groups of 128)"),
+    "kv_cache_dtype": (str, "KV-cache element type: auto (the model's dtype), int8 (with scales) or fp8 "
+                            "(cards with fp8: Hopper, Ada)"),
 }
-CHOICES = {"dtype": ("auto", "bfloat16", "float16", "float32"), "log_level": ("debug", "info", "warning", "error")}
+CHOICES = {"dtype": ("auto", "bfloat16", "float16", "float32"), "log_level": ("debug", "info", "warning", "error"),
+           "quantize": ("none", "int8", "int4"), "kv_cache_dtype": ("auto", "int8", "fp8")}
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes"), ("0", "false", "no")
 POSITIVE = ("port", "max_waiting", "max_body_bytes", "request_timeout", "max_model_len", "block_size", "kv_cache_tokens", "max_num_seqs", "max_batched_tokens")
 
@@ -111,6 +123,8 @@ def parse_settings(argv: list[str] | None = None, environ: dict[str, str] | None
         value = getattr(settings, name)
         if value is not None and value <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if settings.shutdown_grace < 0:
+        parser.error(f"--shutdown-grace must be 0 or more, got {settings.shutdown_grace}")
     if not 0 < settings.gpu_memory_utilization <= 1:
         parser.error(f"--gpu-memory-utilization must be in (0, 1], got {settings.gpu_memory_utilization}")
     if settings.device != "auto" and settings.device != "cpu" and not settings.device.startswith("cuda"):
