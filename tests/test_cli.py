@@ -1,4 +1,4 @@
-"""The command lines: `python api.py` (flags, environment, start-up errors) and `python model_download.py`."""
+"""The command line `python api.py`: flags, environment, start-up errors."""
 
 from __future__ import annotations
 
@@ -7,15 +7,13 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
 import model_download
-from conftest import REPO, free_port, start_server, stop_server
-from tiny_checkpoint import write_checkpoint
+from conftest import REPO, start_server, stop_server
 from xverse_serve.settings import DEFAULT_MODEL_PATH, Settings, env_name, parse_settings
 
 DOWNLOAD_HINT = "python model_download.py"
@@ -25,26 +23,6 @@ def run(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None,
         timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
-
-
-def offline_env(folder: Path) -> dict[str, str]:
-    """modelscope pointed at a closed local port, so no test can ever start a real 14 GB download."""
-    return {"MODELSCOPE_ENDPOINT": f"http://127.0.0.1:{free_port()}", "MODELSCOPE_CACHE": str(folder / "modelscope")}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def offline_download(tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen]:
-    """`python model_download.py` with the hub out of reach. modelscope retries for several seconds before
-    it gives up, so this starts with the module's first test and is checked by its last."""
-    folder = tmp_path_factory.mktemp("offline")
-    process = subprocess.Popen(
-        [sys.executable, str(REPO / "model_download.py"), "--cache-dir", str(folder / "models")], cwd=folder,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **offline_env(folder)},
-    )
-    yield process
-    if process.poll() is None:
-        process.kill()
-        process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -152,64 +130,3 @@ def test_a_folder_missing_a_weight_shard_is_named_with_the_download_command(tiny
     result = run(str(REPO / "api.py"), "--model-path", str(folder), "--device", "cpu", timeout=60)
     assert_refused_naming(result, folder)
     assert "pytorch_model-00002-of-00002.bin" in result.stderr
-
-
-# --- python model_download.py ---------------------------------------------------------------------------------
-
-def test_download_with_the_model_already_there_prints_the_folder_without_network(tiny_model_dir, tmp_path):
-    folder = tmp_path / "models" / model_download.MODEL_ID
-    shutil.copytree(tiny_model_dir, folder)
-    result = run(str(REPO / "model_download.py"), "--cache-dir", str(tmp_path / "models"), cwd=tmp_path,
-                 env=offline_env(tmp_path), timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == str(folder)
-
-
-def test_an_incomplete_folder_is_downloaded_again(tiny_model_dir, tmp_path, monkeypatch):
-    folder = shutil.copytree(tiny_model_dir, tmp_path / "models" / model_download.MODEL_ID)
-    (folder / "pytorch_model-00001-of-00002.bin").unlink()
-    assert not model_download.is_complete(folder)
-    calls = []
-    monkeypatch.setattr("modelscope.snapshot_download", fake_modelscope_download(calls))
-    assert model_download.main(["--cache-dir", str(tmp_path / "models")]) == 0
-    assert len(calls) == 1
-
-
-def fake_modelscope_download(calls: list):
-    """Stands in for modelscope.snapshot_download as modelscope 1.40 behaves: it writes into `local_dir`
-    when given, else into its own cache layout `{cache_dir}/models/{owner}--{name}/snapshots/{revision}`,
-    and returns the folder it filled."""
-
-    def snapshot_download(model_id: str, revision: str | None = None, cache_dir: str | None = None,
-                          local_dir: str | None = None, **kwargs) -> str:
-        calls.append(model_id)
-        target = Path(local_dir) if local_dir else (
-            Path(cache_dir) / "models" / model_id.replace("/", "--") / "snapshots" / (revision or "master"))
-        write_checkpoint(target)
-        return str(target)
-
-    return snapshot_download
-
-
-def test_the_downloaded_folder_is_the_one_api_py_reads_by_default(tmp_path, monkeypatch, capsys):
-    """`python model_download.py` then `python api.py`, both from the same folder, with no flags: the
-    download must land in models/xverse/XVERSE-7B-Chat, where api.py looks."""
-    calls = []
-    monkeypatch.setattr("modelscope.snapshot_download", fake_modelscope_download(calls))
-    monkeypatch.chdir(tmp_path)
-    assert model_download.main([]) == 0
-    assert calls == [model_download.MODEL_ID]
-    assert model_download.is_complete(tmp_path / DEFAULT_MODEL_PATH), sorted(
-        str(p.relative_to(tmp_path)) for p in tmp_path.rglob("config.json"))
-    assert Path(capsys.readouterr().out.strip()).resolve() == (tmp_path / DEFAULT_MODEL_PATH).resolve()
-
-
-def test_download_without_network_fails_with_one_clear_line(offline_download):
-    """No network: the download fails, in one line on stderr that says what failed."""
-    stdout, stderr = offline_download.communicate(timeout=300)
-    assert offline_download.returncode != 0
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, stderr
-    assert model_download.MODEL_ID in lines[0]
-    assert "Traceback" not in stderr
-    assert stdout == ""
