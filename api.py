@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 import sys
 
-import uvicorn
-
 from xverse_serve.checkpoint import CheckpointError
 from xverse_serve.launch import build_engine
+from xverse_serve.lifecycle import serve
 from xverse_serve.server import create_app
 from xverse_serve.settings import parse_settings
 
@@ -21,8 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    uvicorn.run(create_app(ctx), host=settings.host, port=settings.port, workers=1, log_level=settings.log_level)
-    return 0
+    # 0 after a shutdown; 1 if the engine died, so that a supervisor restarts the server.
+    return serve(create_app(ctx), settings.host, settings.port, settings.log_level)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,10 +27,24 @@ class StepOutput:
     new_token_ids: list[int]
     finish_reason: str | None = None  # "stop" (end of text or stop token) or "length"
     error: str | None = None
+    error_status: int = 500  # the HTTP status the error maps to: 500 (failed), 503 (shutting down)
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None or self.error is not None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load, for logs and /metrics."""
+
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    prefix_queried_tokens: int
+    prefix_hit_tokens: int
+    preemptions: int
 
 
 class Engine:
@@ -85,13 +99,17 @@ class Engine:
         self.scheduler.num_preemptions = 0
         self.scheduler.prefix_queried_tokens = self.scheduler.prefix_hit_tokens = 0
 
+    def stats(self) -> EngineStats:
+        scheduler, allocator = self.scheduler, self.scheduler.allocator
+        return EngineStats(len(scheduler.running), len(scheduler.waiting), allocator.num_blocks - allocator.num_free,
+                           allocator.num_blocks, scheduler.prefix_queried_tokens, scheduler.prefix_hit_tokens,
+                           scheduler.num_preemptions)
+
     def stats_line(self) -> str:
-        scheduler = self.scheduler
-        allocator = scheduler.allocator
-        used = allocator.num_blocks - allocator.num_free
-        return (f"running {len(scheduler.running)}, waiting {len(scheduler.waiting)}, "
-                f"KV blocks {used}/{allocator.num_blocks} in use ({used / allocator.num_blocks:.0%}), "
-                f"prefix cache hit rate {scheduler.prefix_hit_rate:.0%}, preemptions {scheduler.num_preemptions}")
+        stats = self.stats()
+        return (f"running {stats.running}, waiting {stats.waiting}, KV blocks {stats.kv_blocks_used}/"
+                f"{stats.kv_blocks_total} in use ({stats.kv_blocks_used / stats.kv_blocks_total:.0%}), "
+                f"prefix cache hit rate {self.scheduler.prefix_hit_rate:.0%}, preemptions {stats.preemptions}")
 
     def step(self) -> list[StepOutput]:
         scheduled = self.scheduler.schedule()
@@ -141,6 +159,7 @@ class AsyncEngine:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.on_death: Callable[[], None] | None = None  # called on the event loop if the thread dies
         self._inbox: list[tuple[str, str, list[int] | None, SamplingParams | None]] = []
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
@@ -154,6 +173,11 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         """Requests submitted but not yet running (read from the event loop's thread; approximate)."""
         return len(self._inbox) + len(self.engine.scheduler.waiting)
+
+    def stats(self) -> EngineStats:
+        """The engine's load (read from the event loop's thread while the engine runs; approximate)."""
+        stats = self.engine.stats()
+        return EngineStats(**{**stats.__dict__, "waiting": len(self._inbox) + stats.waiting})
 
     @property
     def alive(self) -> bool:
@@ -234,6 +258,8 @@ class AsyncEngine:
             log.exception("the engine thread died")
             self.error = exc
             self._loop.call_soon_threadsafe(self._fail_all, f"the engine stopped: {exc}")
+            if self.on_death is not None:
+                self._loop.call_soon_threadsafe(self.on_death)
 
     def _deliver(self, outputs: list[StepOutput]) -> None:
         for output in outputs:
@@ -241,6 +267,12 @@ class AsyncEngine:
             if queue is not None:
                 queue.put_nowait(output)
 
-    def _fail_all(self, message: str) -> None:
+    def end_all(self, message: str) -> None:
+        """Ends every request with an error (status 503) and aborts it: for shutdown once the grace is over."""
+        for request_id in list(self._queues):
+            self._send("abort", request_id)
+        self._fail_all(message, 503)
+
+    def _fail_all(self, message: str, status: int = 500) -> None:
         for request_id, queue in self._queues.items():
-            queue.put_nowait(StepOutput(request_id, [], error=message))
+            queue.put_nowait(StepOutput(request_id, [], error=message, error_status=status))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from .chat import Tokenizer
@@ -81,11 +81,19 @@ class TextDelta:
 
 
 class GenerationFailed(RuntimeError):
-    """The engine failed this request (the message says why); other requests go on."""
+    """The engine failed this request (the message says why); other requests go on. `status`: 500, or 503
+    when the server ended it while shutting down."""
+
+    def __init__(self, message: str, status: int = 500) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class RequestTimedOut(GenerationFailed):
     """The request ran past --request-timeout; it was aborted, others go on."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 504)
 
 
 async def with_deadline(outputs: AsyncIterator[StepOutput], timeout: float) -> AsyncIterator[StepOutput]:
@@ -104,8 +112,10 @@ async def with_deadline(outputs: AsyncIterator[StepOutput], timeout: float) -> A
 
 
 async def generate_text(engine: AsyncEngine, tokenizer: Tokenizer, request_id: str, prompt_ids: list[int],
-                        params: SamplingParams, timeout: float | None = None) -> AsyncIterator[TextDelta]:
-    """Text deltas of one request; the last carries finish_reason. Joined, they are the whole answer."""
+                        params: SamplingParams, timeout: float | None = None,
+                        on_tokens: Callable[[int], None] | None = None) -> AsyncIterator[TextDelta]:
+    """Text deltas of one request; the last carries finish_reason. Joined, they are the whole answer.
+    `on_tokens(n)` is called as each batch of n new tokens arrives, before detokenizing (for latency metrics)."""
     detokenizer = IncrementalDetokenizer(tokenizer)
     matcher = StopStringMatcher(params.stop)
     completion_tokens = 0
@@ -113,6 +123,8 @@ async def generate_text(engine: AsyncEngine, tokenizer: Tokenizer, request_id: s
     try:
         async for output in outputs if timeout is None else with_deadline(outputs, timeout):
             completion_tokens += len(output.new_token_ids)
+            if on_tokens is not None and output.new_token_ids:
+                on_tokens(len(output.new_token_ids))
             text = detokenizer.add(output.new_token_ids)
             if output.finished:
                 text += detokenizer.flush()
@@ -120,7 +132,7 @@ async def generate_text(engine: AsyncEngine, tokenizer: Tokenizer, request_id: s
             if output.error is not None:  # the text before the failure is still delivered
                 if text:
                     yield TextDelta(text, completion_tokens)
-                raise GenerationFailed(output.error)
+                raise GenerationFailed(output.error, output.error_status)
             if stopped:
                 yield TextDelta(text, completion_tokens, "stop")
                 return

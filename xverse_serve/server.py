@@ -7,35 +7,24 @@ import datetime
 import hmac
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from .errors import APIError, error_body, send_error
 from .chat import PromptError, encode_chat, max_input_tokens
-from .generation import GenerationFailed, RequestTimedOut, TextDelta, generate_text
+from .generation import GenerationFailed, TextDelta, generate_text
 from .launch import ServingContext
+from .lifecycle import Lifecycle, RequestTracker
+from .metrics import Metrics, RequestRecord
 from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, OpenAIFields, SamplingFields, SeedRequest
 from .sampling import SamplingParams
 
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, error_type: str = "invalid_request_error",
-                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.error_type, self.param = status, message, error_type, param
-        self.headers = headers
-
-
-def error_body(status: int, message: str, error_type: str, param: str | None = None) -> dict:
-    """OpenAI's error shape; `status` is kept beside it as the seed's clients read it."""
-    return {"error": {"message": message, "type": error_type, "param": param, "code": status}, "status": status}
 
 
 def describe_validation_errors(exc: RequestValidationError) -> str:
@@ -63,7 +52,7 @@ class BodySizeLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self.refuse(send)
+            return await send_error(send, 413, self.message(), "invalid_request_error")
         received = 0
 
         async def counting_receive():
@@ -79,11 +68,6 @@ class BodySizeLimit:
     def message(self) -> str:
         return f"the request body is larger than {self.limit} bytes (--max-body-bytes)"
 
-    async def refuse(self, send) -> None:
-        body = json.dumps(error_body(413, self.message(), "invalid_request_error")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
 
 
 def split_list(value: str) -> list[str]:
@@ -103,8 +87,17 @@ def sse(payload: dict | str) -> str:
 class Handlers:
     """Request handling around one ServingContext: prompts, sampling parameters, responses."""
 
-    def __init__(self, ctx: ServingContext) -> None:
-        self.ctx = ctx
+    def __init__(self, ctx: ServingContext, metrics: Metrics) -> None:
+        self.ctx, self.metrics = ctx, metrics
+        self.log_prompts = ctx.settings.log_prompts
+
+    def start(self, request: Request, prompt_ids: list[int], prompt: object) -> RequestRecord:
+        """The request's record, now that its prompt is known (the text is kept only with --log-prompts)."""
+        record: RequestRecord = request.state.record
+        record.prompt_tokens = len(prompt_ids)
+        if self.log_prompts:
+            record.prompt = prompt
+        return record
 
     def sampling_params(self, fields: SamplingFields, max_tokens: int, stop: tuple[str, ...] = (),
                         seed: int | None = None) -> SamplingParams:
@@ -160,14 +153,15 @@ class Handlers:
                            "not_found_error", "model")
         return served
 
-    def text(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TextDelta]:
-        return generate_text(self.ctx.engine, self.ctx.tokenizer, uuid.uuid4().hex, prompt_ids, params,
-                             self.ctx.settings.request_timeout)
+    def text(self, record: RequestRecord, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TextDelta]:
+        return generate_text(self.ctx.engine, self.ctx.tokenizer, record.request_id, prompt_ids, params,
+                             self.ctx.settings.request_timeout, self.metrics.token_observer(record))
 
     async def complete(self, request: Request, prompt_ids: list[int], params: SamplingParams) -> TextDelta:
         """The whole answer as one TextDelta (text, tokens, finish_reason). A client that hangs up first
         cancels it: nothing else would stop its tokens being generated for nobody."""
-        answer = asyncio.ensure_future(self.collect(prompt_ids, params))
+        record: RequestRecord = request.state.record
+        answer = asyncio.ensure_future(self.collect(record, prompt_ids, params))
         hang_up = asyncio.ensure_future(wait_for_disconnect(request))
         try:
             done, _ = await asyncio.wait((answer, hang_up), return_when=asyncio.FIRST_COMPLETED)
@@ -175,19 +169,33 @@ class Handlers:
             hang_up.cancel()
             answer.cancel()  # no-op once done; otherwise aborts the request in the engine
         if answer not in done:
+            record.error = "the client closed the connection"
             raise APIError(499, "the client closed the connection before the answer was ready", "client_closed")
         return answer.result()
 
-    async def collect(self, prompt_ids: list[int], params: SamplingParams) -> TextDelta:
+    async def collect(self, record: RequestRecord, prompt_ids: list[int], params: SamplingParams) -> TextDelta:
         pieces, last = [], TextDelta("", 0)
         try:
-            async for last in self.text(prompt_ids, params):
+            async for last in self.text(record, prompt_ids, params):
                 pieces.append(last.text)
-        except RequestTimedOut as exc:
-            raise APIError(504, str(exc), "timeout") from exc
         except GenerationFailed as exc:
-            raise APIError(500, f"generation failed: {exc}", "server_error") from exc
-        return TextDelta("".join(pieces), last.completion_tokens, last.finish_reason)
+            record.error = str(exc)
+            raise APIError(exc.status, failure_message(exc), FAILURE_TYPES[exc.status]) from exc
+        result = TextDelta("".join(pieces), last.completion_tokens, last.finish_reason)
+        self.finished(record, result.text, result.finish_reason)
+        return result
+
+    def finished(self, record: RequestRecord, text: str, finish_reason: str | None) -> None:
+        record.finish_reason = finish_reason
+        if self.log_prompts:
+            record.response = text
+
+
+FAILURE_TYPES = {500: "server_error", 503: "service_unavailable", 504: "timeout"}
+
+
+def failure_message(exc: GenerationFailed) -> str:
+    return f"generation failed: {exc}" if exc.status == 500 else str(exc)
 
 
 async def wait_for_disconnect(request: Request) -> None:
@@ -219,7 +227,9 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def create_app(ctx: ServingContext) -> FastAPI:
-    handlers = Handlers(ctx)
+    metrics = Metrics(ctx.engine.stats)
+    lifecycle = Lifecycle(ctx.engine, ctx.settings.shutdown_grace)
+    handlers = Handlers(ctx, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -229,16 +239,23 @@ def create_app(ctx: ServingContext) -> FastAPI:
 
     app = FastAPI(title="xverse-serve", summary="XVERSE-7B-Chat behind the seed's API and an OpenAI-compatible one",
                   lifespan=lifespan)
+    app.state.lifecycle = lifecycle
     app.add_middleware(BodySizeLimit, limit=ctx.settings.max_body_bytes)
     if ctx.settings.cors_origin:
         app.add_middleware(CORSMiddleware, allow_origins=split_list(ctx.settings.cors_origin),
                            allow_methods=["GET", "POST"], allow_headers=["*"])
     authorized = [Depends(api_key_checker(tuple(split_list(ctx.settings.api_key or ""))))]
 
+    def refusal(request: Request, status: int, message: str, error_type: str, param: str | None = None,
+                headers: dict[str, str] | None = None) -> JSONResponse:
+        record: RequestRecord | None = getattr(request.state, "record", None)
+        if record is not None and record.error is None:
+            record.error = message
+        return JSONResponse(error_body(status, message, error_type, param), status_code=status, headers=headers)
+
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(error_body(exc.status, exc.message, exc.error_type, exc.param), status_code=exc.status,
-                            headers=exc.headers)
+        return refusal(request, exc.status, exc.message, exc.error_type, exc.param, exc.headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -247,18 +264,26 @@ def create_app(ctx: ServingContext) -> FastAPI:
         message = str(exc.detail)
         if isinstance(exc.__cause__, UnicodeDecodeError):
             message = f"the body is not valid UTF-8 ({exc.__cause__.reason} at byte {exc.__cause__.start})"
-        return JSONResponse(error_body(exc.status_code, message, error_type), status_code=exc.status_code,
-                            headers=exc.headers)
+        return refusal(request, exc.status_code, message, error_type, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(error_body(400, describe_validation_errors(exc), "invalid_request_error"), status_code=400)
+        return refusal(request, 400, describe_validation_errors(exc), "invalid_request_error")
+
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if ctx.engine.alive:
-            return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": "engine stopped"}, status_code=503)
+        """200 while the engine runs and the server takes requests; 503 once it drains or the engine died."""
+        if not ctx.engine.alive:
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        if lifecycle.draining:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics", dependencies=authorized)
+    async def prometheus_metrics() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.post("/", dependencies=authorized)
     async def seed_chat(body: SeedRequest, request: Request) -> dict:
@@ -266,9 +291,11 @@ def create_app(ctx: ServingContext) -> FastAPI:
         handlers.check_capacity()
         messages = [*body.history, ChatMessage(role="user", content=body.prompt)]
         prompt_ids, max_tokens = handlers.chat_prompt(messages, body.max_new_tokens, "max_new_tokens")
+        handlers.start(request, prompt_ids, body.prompt)
         result = await handlers.complete(request, prompt_ids, handlers.sampling_params(body, max_tokens))
         time_text = now_text()
-        print(f'[{time_text}] ", prompt:"{body.prompt}", response:"{result.text!r}"', flush=True)
+        if handlers.log_prompts:  # the seed's own log line, which holds the text
+            print(f'[{time_text}] ", prompt:"{body.prompt}", response:"{result.text!r}"', flush=True)
         return {"response": result.text, "status": 200, "time": time_text}
 
     @app.get("/v1/models", dependencies=authorized)
@@ -286,7 +313,8 @@ def create_app(ctx: ServingContext) -> FastAPI:
         field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         prompt_ids, max_tokens = handlers.chat_prompt(body.messages, requested, field)
         params = handlers.sampling_params(body, max_tokens, body.stop_strings(), body.seed)
-        response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        record = handlers.start(request, prompt_ids, [m.model_dump(exclude_none=True) for m in body.messages])
+        response_id, created = f"chatcmpl-{record.request_id}", int(time.time())
         head = {"id": response_id, "created": created, "model": model}
         if not body.stream:
             result = await handlers.complete(request, prompt_ids, params)
@@ -301,7 +329,7 @@ def create_app(ctx: ServingContext) -> FastAPI:
 
         async def events() -> AsyncIterator[str]:
             yield sse(chunk({"role": "assistant", "content": ""}, None))
-            async for piece in stream_deltas(handlers, prompt_ids, params):
+            async for piece in stream_deltas(handlers, record, prompt_ids, params):
                 if isinstance(piece, str):
                     yield piece
                     return
@@ -325,7 +353,8 @@ def create_app(ctx: ServingContext) -> FastAPI:
             raise APIError(400, "prompt is empty: send some text to complete", param="prompt")
         max_tokens = handlers.answer_budget(len(prompt_ids), body.max_tokens)
         params = handlers.sampling_params(body, max_tokens, body.stop_strings(), body.seed)
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+        record = handlers.start(request, prompt_ids, body.prompt)
+        head = {"id": f"cmpl-{record.request_id}", "object": "text_completion", "created": int(time.time()),
                 "model": model}
 
         def choice(text: str, finish_reason: str | None) -> dict:
@@ -337,7 +366,7 @@ def create_app(ctx: ServingContext) -> FastAPI:
                     "usage": usage(len(prompt_ids), result.completion_tokens)}
 
         async def events() -> AsyncIterator[str]:
-            async for piece in stream_deltas(handlers, prompt_ids, params):
+            async for piece in stream_deltas(handlers, record, prompt_ids, params):
                 if isinstance(piece, str):
                     yield piece
                     return
@@ -349,15 +378,26 @@ def create_app(ctx: ServingContext) -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    # Outermost, so that it sees every request and every status, refusals by the other middleware included.
+    app.add_middleware(RequestTracker, lifecycle=lifecycle, metrics=metrics, log_prompts=ctx.settings.log_prompts,
+                       routes={route.path for route in app.routes})
     return app
 
 
-async def stream_deltas(handlers: Handlers, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TextDelta | str]:
+async def stream_deltas(handlers: Handlers, record: RequestRecord, prompt_ids: list[int],
+                        params: SamplingParams) -> AsyncIterator[TextDelta | str]:
     """The request's deltas; a failure mid-stream becomes an error event followed by [DONE]."""
+    pieces = []
     try:
-        async for piece in handlers.text(prompt_ids, params):
+        async for piece in handlers.text(record, prompt_ids, params):
+            if handlers.log_prompts:
+                pieces.append(piece.text)
+            if piece.finish_reason:
+                handlers.finished(record, "".join(pieces), piece.finish_reason)
             yield piece
-    except RequestTimedOut as exc:
-        yield sse(error_body(504, str(exc), "timeout")) + sse("[DONE]")
     except GenerationFailed as exc:
-        yield sse(error_body(500, f"generation failed: {exc}", "server_error")) + sse("[DONE]")
+        record.error = str(exc)
+        yield sse(error_body(exc.status, failure_message(exc), FAILURE_TYPES[exc.status])) + sse("[DONE]")
+    finally:
+        if record.finish_reason is None and record.error is None:
+            record.error = "the client closed the connection"
