@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
 
 from xverse_serve.chat import Tokenizer
-from xverse_serve.generation import IncrementalDetokenizer, StopStringMatcher
+from xverse_serve.engine import StepOutput
+from xverse_serve.generation import IncrementalDetokenizer, StopStringMatcher, generate_text
+from xverse_serve.sampling import SamplingParams
 
 RARE = "鑫"  # not in the tiny vocabulary: three byte tokens <0xE9> <0x91> <0xAB>
 TEXTS = [
@@ -171,3 +174,36 @@ def test_stop_strings_in_chinese() -> None:
     matcher = StopStringMatcher(("。",))
     released, stopped = feed_all(matcher, ["我是", "元象", "。", "还有"])
     assert stopped and "".join(released) == "我是元象"
+
+
+class ScriptedEngine:
+    """Stands in for AsyncEngine: yields the given token chunks as one request's outputs."""
+
+    def __init__(self, chunks: list[list[int]]) -> None:
+        self.chunks = chunks
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
+        for index, chunk in enumerate(self.chunks):
+            yield StepOutput(request_id, chunk, "length" if index == len(self.chunks) - 1 else None)
+
+
+def answer_text(tokenizer: Tokenizer, chunks: list[list[int]]) -> str:
+    async def collect() -> str:
+        deltas = generate_text(ScriptedEngine(chunks), tokenizer, "r", [1], SamplingParams(max_tokens=100))
+        return "".join([delta.text async for delta in deltas])
+
+    return asyncio.run(collect())
+
+
+def test_tokens_that_arrive_merged_give_the_text_they_give_one_by_one(tokenizer: Tokenizer) -> None:
+    """A busy consumer gets several tokens in one output; even invalid byte runs (which a random model
+    produces) must then read as they do token by token, or an answer would depend on timing."""
+    rng = random.Random(2)
+    learned = [token for token in range(tokenizer._tokenizer.get_vocab_size()) if token >= 4 + 256]
+    single_bytes = [token for character in (RARE, "淼", "😀") for token in tokenizer.encode(character)[-3:]]
+    for _ in range(60):
+        ids = [rng.choice(single_bytes) if rng.random() < 0.4 else rng.choice(learned) for _ in range(20)]
+        one_by_one = answer_text(tokenizer, [[token] for token in ids])
+        cuts = sorted(rng.sample(range(1, len(ids)), 5))
+        merged = [ids[start:end] for start, end in zip([0, *cuts], [*cuts, len(ids)])]
+        assert answer_text(tokenizer, merged) == one_by_one

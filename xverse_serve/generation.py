@@ -125,7 +125,9 @@ async def generate_text(engine: AsyncEngine, tokenizer: Tokenizer, request_id: s
             completion_tokens += len(output.new_token_ids)
             if on_tokens is not None and output.new_token_ids:
                 on_tokens(len(output.new_token_ids))
-            text = detokenizer.add(output.new_token_ids)
+            # One token at a time: where bytes do not form valid UTF-8, the text depends on the window, so
+            # tokens that arrive merged (a busy consumer) must still be seen as they would be alone.
+            text = "".join(detokenizer.add([token]) for token in output.new_token_ids)
             if output.finished:
                 text += detokenizer.flush()
             text, stopped = matcher.feed(text)
