@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException
 
 from .errors import APIError, error_body, send_error
 from .chat import PromptError, encode_chat, max_input_tokens
+from . import chat_page
 from .generation import GenerationFailed, TextDelta, generate_text
 from .launch import ServingContext
 from .lifecycle import Lifecycle, RequestTracker
@@ -270,6 +271,7 @@ def create_app(ctx: ServingContext) -> FastAPI:
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         return refusal(request, 400, describe_validation_errors(exc), "invalid_request_error")
 
+    app.include_router(chat_page.router)
 
     @app.get("/health")
     async def health() -> JSONResponse:
