@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 
 MAX_GATHERED_ELEMENTS = 1 << 26
+# The largest magnitude of each 8-bit cache type: a vector's scale maps its largest element there.
+KV_QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
+KV_MIN_AMAX = 1e-8  # an all-zero vector gets this instead of a zero scale
 
 
 @dataclass
@@ -26,11 +29,38 @@ class AttentionBatch:
     num_decodes: int  # the first num_decodes sequences contribute exactly one token each
 
 
+def quantize_kv(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [tokens, heads, head_dim] -> (x / scale in `dtype`, scale [tokens, heads] float32), with one scale per
+    token and head: its largest |element| / KV_QMAX[dtype]. int8 rounds half up (floor(y + 0.5)); fp8 to nearest.
+    The fused kernel (triton_ops.rope_and_write_kv) does the same operations, so it stores the same bytes."""
+    qmax = KV_QMAX[dtype]
+    x32 = x.float()
+    scale = x32.abs().amax(dim=-1).clamp_min(KV_MIN_AMAX) / qmax
+    y = x32 / scale[..., None]
+    if dtype == torch.int8:
+        return torch.floor(y + 0.5).clamp_(-qmax, qmax).to(torch.int8), scale
+    return y.clamp_(-qmax, qmax).to(dtype), scale
+
+
+def dequantize_kv(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cached 8-bit vectors [..., head_dim] and their scales [...] -> the keys or values in `dtype`."""
+    return (values.float() * scales[..., None]).to(dtype)
+
+
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Stores this step's keys and values ([tokens, heads, head_dim]) at their slots."""
-    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+             slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+             v_scale: torch.Tensor | None = None) -> None:
+    """Stores this step's keys and values ([tokens, heads, head_dim]) at their slots; into an 8-bit cache
+    quantized (quantize_kv), with their scales."""
+    if k_scale is None:
+        k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
+        v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+        return
+    for cache, scales, x in ((k_cache, k_scale, k), (v_cache, v_scale, v)):
+        values, scale = quantize_kv(x, cache.dtype)
+        # As bytes: index_copy_ has no float8 kernel on the CPU.
+        cache.view(torch.uint8).view(-1, *x.shape[1:]).index_copy_(0, slot_mapping, values.view(torch.uint8))
+        scales.view(-1, x.shape[1]).index_copy_(0, slot_mapping, scale)
 
 
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -40,27 +70,37 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) 
     return cache[block_table[:num_blocks]].flatten(0, 1)[:length]
 
 
+def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    """[seqs, max_blocks * block_size, heads, head_dim] float32: every table's blocks, dequantized."""
+    values = cache[block_tables].flatten(1, 2).float()
+    if scales is not None:
+        values = values * scales[block_tables].flatten(1, 2)[..., None]
+    return values
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                     block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per sequence: q [seqs, heads, head_dim]. Sequences go in groups so that the
-    gathered keys and values stay under MAX_GATHERED_ELEMENTS."""
+    gathered keys and values stay under MAX_GATHERED_ELEMENTS. An 8-bit cache comes with its scales."""
     seqs, max_blocks = block_tables.shape
     per_seq = max_blocks * k_cache[0].numel()
     group = max(1, MAX_GATHERED_ELEMENTS // per_seq)
     if seqs > group:
         return torch.cat([
-            decode_attention(q[i:i + group], k_cache, v_cache, block_tables[i:i + group], context_lens[i:i + group], scale)
+            decode_attention(q[i:i + group], k_cache, v_cache, block_tables[i:i + group], context_lens[i:i + group],
+                             scale, k_scale, v_scale)
             for i in range(0, seqs, group)
         ])
     block_size = k_cache.shape[1]
-    keys = k_cache[block_tables].flatten(1, 2)  # [seqs, max_blocks * block_size, heads, head_dim]
-    values = v_cache[block_tables].flatten(1, 2)
-    scores = torch.einsum("shd,skhd->shk", q.float(), keys.float()) * scale
+    keys = gather_blocks(k_cache, block_tables, k_scale)
+    values = gather_blocks(v_cache, block_tables, v_scale)
+    scores = torch.einsum("shd,skhd->shk", q.float(), keys) * scale
     positions = torch.arange(max_blocks * block_size, device=q.device)
     padding = positions[None, :] >= context_lens[:, None]
     scores.masked_fill_(padding[:, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    return torch.einsum("shk,skhd->shd", probs, values.float()).to(q.dtype)
+    return torch.einsum("shk,skhd->shd", probs, values).to(q.dtype)
 
 
 def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
@@ -81,9 +121,11 @@ def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    batch: AttentionBatch, scale: float) -> torch.Tensor:
+                    batch: AttentionBatch, scale: float, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q [tokens, heads, head_dim] -> [tokens, heads, head_dim]; the step's K/V are already cached.
-    On CUDA the decodes go through the Triton kernel (no host sync, so the step can be a CUDA graph)."""
+    On CUDA the decodes go through the Triton kernel (no host sync, so the step can be a CUDA graph).
+    An 8-bit cache comes with its scales; prefills read it dequantized to q's dtype."""
     out = torch.empty_like(q)
     n = batch.num_decodes
     if n:
@@ -91,17 +133,22 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             from .triton_attention import paged_decode_attention
 
             paged_decode_attention(q[:n], k_cache, v_cache, batch.block_tables[:n], batch.context_lens[:n], scale,
-                                   out=out[:n])
+                                   out=out[:n], k_scale=k_scale, v_scale=v_scale)
         else:
-            out[:n] = decode_attention(q[:n], k_cache, v_cache, batch.block_tables[:n], batch.context_lens[:n], scale)
+            out[:n] = decode_attention(q[:n], k_cache, v_cache, batch.block_tables[:n], batch.context_lens[:n], scale,
+                                       k_scale, v_scale)
     if n == len(batch.query_lens):
         return out
     context_lens = batch.context_lens_host
     start = n
     for seq in range(n, len(batch.query_lens)):
         end = start + batch.query_lens[seq]
-        keys = gather_context(k_cache, batch.block_tables[seq], context_lens[seq])
-        values = gather_context(v_cache, batch.block_tables[seq], context_lens[seq])
+        table, length = batch.block_tables[seq], context_lens[seq]
+        keys = gather_context(k_cache, table, length)
+        values = gather_context(v_cache, table, length)
+        if k_scale is not None:
+            keys = dequantize_kv(keys, gather_context(k_scale, table, length), q.dtype)
+            values = dequantize_kv(values, gather_context(v_scale, table, length), q.dtype)
         out[start:end] = prefill_attention(q[start:end], keys, values, scale)
         start = end
     return out

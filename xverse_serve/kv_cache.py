@@ -5,10 +5,16 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
+from typing import NamedTuple
 
 import torch
 
 from .checkpoint import ModelConfig
+
+# 8-bit element types of the cache (--kv-cache-dtype int8 / fp8): each cached vector of one token and head is
+# stored divided by its own scale (a float32 beside the cache), so that its largest element is the type's largest.
+QUANTIZED_KV_DTYPES = (torch.int8, torch.float8_e4m3fn)
+KV_SCALE_DTYPE = torch.float32
 
 
 class BlockAllocator:
@@ -78,25 +84,48 @@ def block_hash(previous: bytes | None, tokens: list[int]) -> bytes:
     return digest.digest()
 
 
+class LayerCache(NamedTuple):
+    """One layer's cache. k, v: [num_blocks + 1, block_size, heads, head_dim]; for an 8-bit cache, k_scale and
+    v_scale [num_blocks + 1, block_size, heads] float32 (a cached vector times its scale is the key or value)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
+
+
 class KVCache:
-    """Per layer, a key and a value tensor of shape [num_blocks + 1, block_size, heads, head_dim].
+    """Per layer, a key and a value tensor of shape [num_blocks + 1, block_size, heads, head_dim] (LayerCache),
+    with per-token-and-head scales when `dtype` is one of QUANTIZED_KV_DTYPES.
     The extra last block belongs to no sequence: padded rows of a CUDA-graph batch write there."""
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.dtype = dtype
         self.null_slot = num_blocks * block_size
         shape = (num_blocks + 1, block_size, config.num_heads, config.head_dim)
-        # Zeros, not empty: padded block-table entries are read (and masked), and NaN * 0 is still NaN.
-        self.layers = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(config.num_layers)
-        ]
+
+        def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            # Zeros, not empty: padded block-table entries are read (and masked), and NaN * 0 is still NaN.
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        self.layers = []
+        for _ in range(config.num_layers):
+            if dtype in QUANTIZED_KV_DTYPES:
+                self.layers.append(LayerCache(zeros(shape, dtype), zeros(shape, dtype),
+                                              zeros(shape[:3], KV_SCALE_DTYPE), zeros(shape[:3], KV_SCALE_DTYPE)))
+            else:
+                self.layers.append(LayerCache(zeros(shape, dtype), zeros(shape, dtype)))
 
     @staticmethod
     def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
-        return 2 * config.num_layers * config.hidden_size * torch.tensor([], dtype=dtype).element_size()
+        element = torch.tensor([], dtype=dtype).element_size()
+        per_token = 2 * config.num_layers * config.hidden_size * element
+        if dtype in QUANTIZED_KV_DTYPES:
+            per_token += 2 * config.num_layers * config.num_heads * torch.tensor([], dtype=KV_SCALE_DTYPE).element_size()
+        return per_token
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:

@@ -15,6 +15,7 @@ from .kv_cache import BlockAllocator, KVCache
 from .cuda_graphs import DecodeGraphs
 from .memory_plan import kv_cache_tokens_for_card, measure_step_peaks
 from .model import XverseForCausalLM, load_model
+from .quantization import INT4_GROUP, quantized_bytes
 from .runner import ModelRunner
 from .scheduler import Scheduler
 from .settings import Settings
@@ -55,6 +56,33 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def resolve_kv_cache_dtype(name: str, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """--kv-cache-dtype: auto is the model's dtype; int8 and fp8 (e4m3) are stored with per-token scales."""
+    if name == "auto":
+        return dtype
+    if name == "int8":
+        return torch.int8
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 9):
+            raise CheckpointError(
+                f"--kv-cache-dtype fp8 needs a GPU with fp8 support (compute capability 8.9 or newer: Ada, Hopper); "
+                f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}: use --kv-cache-dtype int8"
+            )
+    return torch.float8_e4m3fn
+
+
+def check_quantize(scheme: str, config: ModelConfig) -> None:
+    """int4 quantizes groups of INT4_GROUP input features: every projection's input must divide into them."""
+    if scheme != "int4":
+        return
+    for name in ("hidden_size", "intermediate_size"):
+        size = getattr(config, name)
+        if size % INT4_GROUP:
+            raise CheckpointError(f"--quantize int4 needs {name} to be a multiple of {INT4_GROUP} (its group size); "
+                                  f"this model's is {size}: use --quantize int8")
+
+
 def check_model_dir(settings: Settings) -> None:
     model_dir = settings.model_path
     if not model_dir.is_dir():
@@ -83,16 +111,21 @@ def build_engine(settings: Settings) -> ServingContext:
     if max_model_len > config.max_position_embeddings:
         raise CheckpointError(f"--max-model-len {max_model_len} exceeds the model's "
                               f"max_position_embeddings ({config.max_position_embeddings})")
-    log.info("loading %s on %s as %s", model_dir, device, dtype)
-    model = load_model(model_dir, config, device, dtype, max_model_len)
+    kv_dtype = resolve_kv_cache_dtype(settings.kv_cache_dtype, device, dtype)
+    check_quantize(settings.quantize, config)
+    log.info("loading %s on %s as %s%s", model_dir, device, dtype,
+             "" if settings.quantize == "none" else f", weights quantized to {settings.quantize}")
+    model = load_model(model_dir, config, device, dtype, max_model_len, settings.quantize)
+    log.info("weights: %.2f GiB", quantized_bytes(model) / 2**30)
 
     block_size = settings.block_size
     cuda_graphs = device.type == "cuda" and not settings.enforce_eager
     if settings.kv_cache_tokens is not None:
         kv_tokens = settings.kv_cache_tokens
     elif device.type == "cuda":
-        peaks = measure_step_peaks(model, settings.max_num_seqs, settings.max_batched_tokens, max_model_len, block_size)
-        kv_tokens = kv_cache_tokens_for_card(model, settings.gpu_memory_utilization, peaks, cuda_graphs)
+        peaks = measure_step_peaks(model, settings.max_num_seqs, settings.max_batched_tokens, max_model_len, block_size,
+                                   kv_dtype)
+        kv_tokens = kv_cache_tokens_for_card(model, settings.gpu_memory_utilization, peaks, cuda_graphs, kv_dtype)
     else:
         kv_tokens = 4 * max_model_len
     num_blocks = kv_tokens // block_size
@@ -102,11 +135,11 @@ def build_engine(settings: Settings) -> ServingContext:
             "lower --max-model-len, or give the cache more memory (--gpu-memory-utilization, --kv-cache-tokens)"
         )
     capacity = num_blocks * block_size
-    log.info("KV cache: %d blocks of %d tokens = %d tokens, %.1f full %d-token contexts, %.2f GiB",
-             num_blocks, block_size, capacity, capacity / max_model_len, max_model_len,
-             capacity * KVCache.bytes_per_token(config, dtype) / 2**30)
+    log.info("KV cache (%s): %d blocks of %d tokens = %d tokens, %.1f full %d-token contexts, %.2f GiB",
+             str(kv_dtype).removeprefix("torch."), num_blocks, block_size, capacity, capacity / max_model_len,
+             max_model_len, capacity * KVCache.bytes_per_token(config, kv_dtype) / 2**30)
     engine = assemble_engine(model, num_blocks, block_size, settings.max_num_seqs, settings.max_batched_tokens,
-                             max_model_len, cuda_graphs, settings.prefix_caching)
+                             max_model_len, cuda_graphs, settings.prefix_caching, kv_dtype)
     if device.type == "cuda":
         started = time.perf_counter()
         engine.warm_up()
@@ -117,10 +150,10 @@ def build_engine(settings: Settings) -> ServingContext:
 
 def assemble_engine(model: XverseForCausalLM, num_blocks: int, block_size: int, max_num_seqs: int,
                     max_batched_tokens: int, max_model_len: int, cuda_graphs: bool = False,
-                    prefix_caching: bool = True) -> Engine:
-    """The engine around a loaded model: KV pool, decode graphs, scheduler, runner."""
-    weight = model.lm_head.weight
-    kv_cache = KVCache(model.config, num_blocks, block_size, weight.dtype, weight.device)
+                    prefix_caching: bool = True, kv_cache_dtype: torch.dtype | None = None) -> Engine:
+    """The engine around a loaded model: KV pool (of kv_cache_dtype, default the model's), decode graphs,
+    scheduler, runner."""
+    kv_cache = KVCache(model.config, num_blocks, block_size, kv_cache_dtype or model.dtype, model.device)
     graphs = None
     if cuda_graphs:
         started = time.perf_counter()

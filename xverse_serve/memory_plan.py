@@ -1,5 +1,6 @@
-"""Sizing the KV pool from the card: what is left of --gpu-memory-utilization after the weights, the
-measured activation peak of the largest steps, and the CUDA graphs' memory pool."""
+"""Sizing the KV pool from the card: what is left of --gpu-memory-utilization after the weights (as loaded:
+quantized ones take what they take), the measured activation peak of the largest steps, and the CUDA graphs'
+memory pool, divided by the bytes a token takes in the cache's dtype (8-bit caches: with their scales)."""
 
 from __future__ import annotations
 
@@ -26,12 +27,13 @@ class StepPeaks:
     decode: int  # likewise for a step decoding --max-num-seqs sequences (what a decode graph's pool holds)
 
 
-def measure_peak(model: XverseForCausalLM, lengths: list[int], block_size: int) -> int:
+def measure_peak(model: XverseForCausalLM, lengths: list[int], block_size: int,
+                 kv_dtype: torch.dtype | None = None) -> int:
     """Bytes allocated above the model (and above a scratch KV cache for them) at the peak of one step
-    over fresh sequences of the given lengths, each prefilled whole."""
-    device = model.lm_head.weight.device
+    over fresh sequences of the given lengths, each prefilled whole. kv_dtype: the cache's (default the model's)."""
+    device = model.device
     kv_cache = KVCache(model.config, sum(blocks_needed(n, block_size) for n in lengths), block_size,
-                       model.lm_head.weight.dtype, device)
+                       kv_dtype or model.dtype, device)
     runner = ModelRunner(model, kv_cache)
     scheduled, next_block = [], 0
     for i, length in enumerate(lengths):
@@ -52,19 +54,20 @@ def measure_peak(model: XverseForCausalLM, lengths: list[int], block_size: int) 
 
 
 def measure_step_peaks(model: XverseForCausalLM, max_num_seqs: int, max_batched_tokens: int,
-                       max_model_len: int, block_size: int) -> StepPeaks:
+                       max_model_len: int, block_size: int, kv_dtype: torch.dtype | None = None) -> StepPeaks:
     full, rest = divmod(max_batched_tokens, max_model_len)
     prefill_lengths = [max_model_len] * full + ([rest] if rest else [])
     return StepPeaks(
-        prefill=measure_peak(model, prefill_lengths, block_size),
-        decode=measure_peak(model, [1] * max_num_seqs, block_size),
+        prefill=measure_peak(model, prefill_lengths, block_size, kv_dtype),
+        decode=measure_peak(model, [1] * max_num_seqs, block_size, kv_dtype),
     )
 
 
 def kv_cache_tokens_for_card(model: XverseForCausalLM, utilization: float, peaks: StepPeaks,
-                             with_graphs: bool) -> int:
-    """Tokens of KV cache that fit in `utilization` of the card beside everything already there."""
-    device = model.lm_head.weight.device
+                             with_graphs: bool, kv_dtype: torch.dtype | None = None) -> int:
+    """Tokens of KV cache (of kv_dtype, default the model's dtype) that fit in `utilization` of the card
+    beside everything already there."""
+    device = model.device
     free, total = torch.cuda.mem_get_info(device)
     in_use = total - free  # weights, CUDA context, other processes
     reserve = peaks.prefill + (peaks.decode if with_graphs else 0)
@@ -72,4 +75,4 @@ def kv_cache_tokens_for_card(model: XverseForCausalLM, utilization: float, peaks
     log.info("memory plan: %.2f GiB card x %.2f; %.2f GiB in use (weights, context); activation peak %.2f GiB; "
              "decode graphs %.2f GiB; %.2f GiB left for the KV cache", total / 2**30, utilization, in_use / 2**30,
              peaks.prefill / 2**30, (peaks.decode if with_graphs else 0) / 2**30, max(budget, 0) / 2**30)
-    return max(0, int(budget)) // KVCache.bytes_per_token(model.config, model.lm_head.weight.dtype)
+    return max(0, int(budget)) // KVCache.bytes_per_token(model.config, kv_dtype or model.dtype)

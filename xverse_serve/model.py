@@ -4,13 +4,17 @@ On CUDA the elementwise stages (residual add + RMSNorm, RoPE + KV-cache write, S
 Triton kernels (triton_ops); on CPU the pure-PyTorch code here runs instead, and it is the reference the
 kernels and the transformers-equality tests compare against. XVERSE_FUSED_KERNELS=0 keeps CUDA on the
 PyTorch code too (to compare or bisect).
+
+With --quantize, the projections of every layer become quantization.QuantizedLinear (int8 or int4), and the
+lm_head int8; the embeddings and norms keep the model dtype. load_model quantizes each tensor as it arrives.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from types import ModuleType
 
@@ -20,6 +24,8 @@ from torch import nn
 
 from .attention import AttentionBatch, paged_attention, write_kv
 from .checkpoint import CheckpointError, ModelConfig, is_skipped_tensor, iter_shard_tensors
+from .kv_cache import LayerCache
+from .quantization import QuantizedLinear, replace_linear, tune
 
 
 FUSED_KERNELS = os.environ.get("XVERSE_FUSED_KERNELS", "1") != "0"
@@ -103,22 +109,22 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, 3 * self.num_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, rotary: Rotary, kv: tuple[torch.Tensor, torch.Tensor],
+    def forward(self, x: torch.Tensor, rotary: Rotary, kv: LayerCache | tuple[torch.Tensor, torch.Tensor],
                 batch: AttentionBatch) -> torch.Tensor:
+        kv = LayerCache(*kv)  # a plain (k, v) pair is a cache without scales
         q = self.rope_and_cache(self.qkv_proj(x), rotary, kv, batch.slot_mapping)
-        out = paged_attention(q, kv[0], kv[1], batch, self.scale)
+        out = paged_attention(q, kv.k, kv.v, batch, self.scale, kv.k_scale, kv.v_scale)
         return self.o_proj(out.reshape(x.shape[0], -1))
 
-    def rope_and_cache(self, qkv: torch.Tensor, rotary: Rotary, kv: tuple[torch.Tensor, torch.Tensor],
+    def rope_and_cache(self, qkv: torch.Tensor, rotary: Rotary, kv: LayerCache,
                        slot_mapping: torch.Tensor) -> torch.Tensor:
         """Rotates q and k, stores k and v at the tokens' cache slots; returns q [tokens, heads, head_dim]."""
-        k_cache, v_cache = kv
         if (ops := fused_ops(qkv)) is not None:
             return ops.rope_and_write_kv(qkv, rotary.cos_table, rotary.sin_table, rotary.positions,
-                                         k_cache, v_cache, slot_mapping)
+                                         kv.k, kv.v, slot_mapping, k_scale=kv.k_scale, v_scale=kv.v_scale)
         q, k, v = qkv.view(qkv.shape[0], 3, self.num_heads, self.head_dim).unbind(dim=1)
         q, k = apply_rope(q, rotary.cos, rotary.sin), apply_rope(k, rotary.cos, rotary.sin)
-        write_kv(k_cache, v_cache, k, v, slot_mapping)
+        write_kv(kv.k, kv.v, k, v, slot_mapping, kv.k_scale, kv.v_scale)
         return q
 
 
@@ -145,7 +151,7 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rotary: Rotary,
-                kv: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:
+                kv: LayerCache, batch: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the previous layer's MLP output (the embeddings, with residual None, in the first layer);
         residual: the running sum before it. Returns this layer's MLP output and the running sum before it.
         The residual stream travels apart so that each add happens inside the next norm (one kernel on CUDA)."""
@@ -177,13 +183,21 @@ class XverseForCausalLM(nn.Module):
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (a quantized model's projections hold integers)."""
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
     def init_rope(self, max_positions: int) -> None:
-        weight = self.lm_head.weight
-        cos, sin = rope_tables(self.config.head_dim, max_positions, self.config.rope_theta, weight.device)
-        self.rope_cos, self.rope_sin = cos.to(weight.dtype), sin.to(weight.dtype)
+        cos, sin = rope_tables(self.config.head_dim, max_positions, self.config.rope_theta, self.device)
+        self.rope_cos, self.rope_sin = cos.to(self.dtype), sin.to(self.dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], batch: AttentionBatch) -> torch.Tensor:
+                kv_caches: list[LayerCache], batch: AttentionBatch) -> torch.Tensor:
         """Hidden states after the final norm, [tokens, hidden]."""
         rotary = Rotary(self.rope_cos, self.rope_sin, positions)
         x, residual = self.model.embed_tokens(input_ids), None
@@ -220,14 +234,54 @@ def checkpoint_tensors(model: XverseForCausalLM) -> dict[str, torch.Tensor]:
     return views
 
 
+def quantize_projections(model: XverseForCausalLM, scheme: str) -> None:
+    """Every layer's projections become QuantizedLinear of `scheme`, and an untied lm_head int8 (its logits are
+    what sampling sees, and per-channel int8 barely moves them); embeddings and norms keep their dtype."""
+    for layer in model.model.layers:
+        for parent, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
+                             (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
+            replace_linear(parent, name, scheme)
+    if not model.config.tie_word_embeddings:
+        replace_linear(model, "lm_head", "int8")
+
+
+@dataclass(frozen=True)
+class LoadTarget:
+    """Where one checkpoint tensor goes: its expected shape and what stores it."""
+
+    shape: tuple[int, ...]
+    store: Callable[[torch.Tensor], None]
+
+
+def load_targets(model: XverseForCausalLM) -> dict[str, LoadTarget]:
+    """Every tensor of the checkpoint layout, by its checkpoint name: dense ones copied into their parameter
+    (a view, checkpoint_tensors), quantized ones into their rows of a QuantizedLinear."""
+    targets = {name: LoadTarget(tuple(view.shape), view.copy_) for name, view in checkpoint_tensors(model).items()}
+    for module_name, module in model.named_modules():
+        if not isinstance(module, QuantizedLinear):
+            continue
+        name = module_name + ".weight"
+        packed = [(name[:-len(suffix)] + part_name, part, count)
+                  for part_name, (suffix, part, count) in PACKED_TENSORS.items() if name.endswith(suffix)]
+        for part_name, part, count in packed or [(name, 0, 1)]:
+            rows = module.out_features // count
+            targets[part_name] = LoadTarget((rows, module.in_features), partial(module.load_rows, part * rows))
+    return targets
+
+
 def load_model(model_dir: Path, config: ModelConfig, device: torch.device, dtype: torch.dtype,
-               max_positions: int) -> XverseForCausalLM:
-    """Builds the model on `device` and fills it shard by shard: no second full copy in host memory."""
+               max_positions: int, quantize: str = "none") -> XverseForCausalLM:
+    """Builds the model on `device` and fills it shard by shard: no second full copy in host memory. With
+    quantize int8/int4, each projection tensor is quantized on `device` as it arrives (a slice of rows at a
+    time), so the device never holds the model in full precision; on CUDA the quantized matmul kernels are
+    then chosen by timing (quantization.tune)."""
     with torch.device("meta"):
         # The dtype is set while still on meta: a float32 copy would not fit where the bf16 model just does.
         model = XverseForCausalLM(config).to(dtype)
+        if quantize != "none":
+            quantize_projections(model, quantize)
     model = model.to_empty(device=device)
-    targets = checkpoint_tensors(model)
+    targets = load_targets(model)
     if config.tie_word_embeddings:
         targets.pop("lm_head.weight")
     loaded: set[str] = set()
@@ -237,12 +291,12 @@ def load_model(model_dir: Path, config: ModelConfig, device: torch.device, dtype
         target = targets.get(name)
         if target is None:
             raise CheckpointError(f"unexpected tensor {name!r} in the checkpoint (not part of the model)")
-        if tuple(tensor.shape) != tuple(target.shape):
+        if tuple(tensor.shape) != target.shape:
             raise CheckpointError(
-                f"tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {tuple(target.shape)}"
+                f"tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {target.shape}"
             )
         with torch.no_grad():
-            target.copy_(tensor)
+            target.store(tensor)
         loaded.add(name)
     missing = sorted(set(targets) - loaded)
     if missing:
@@ -251,4 +305,7 @@ def load_model(model_dir: Path, config: ModelConfig, device: torch.device, dtype
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.init_rope(max_positions)
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    if quantize != "none" and device.type == "cuda":
+        tune(model, dtype)
+    return model

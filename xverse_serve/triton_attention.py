@@ -11,6 +11,9 @@ CUDA-graph capturable: the grid and the scratch shapes depend only on tensor sha
 past the context return at once, and the reduce reads only the partitions that were written.
 Nothing here synchronises with the device.
 
+An 8-bit cache (int8 or fp8, kv_cache.QUANTIZED_KV_DTYPES) is read directly: each key's dot product with q is
+multiplied by the key's scale, and each value's softmax weight by the value's scale.
+
 The reference this is tested against is `xverse_serve.attention.decode_attention`.
 """
 
@@ -30,7 +33,8 @@ REDUCE_CHUNK = 16  # partitions combined per iteration of the reduce kernel
 def _load_tile(first, end, table, stride_btb, k_cache_ptr, v_cache_ptr, stride_kb, stride_kt, stride_vb, stride_vt,
                k_head, v_head, head_ok, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keys and values of tokens [first, first + BLOCK_N) for the program's heads, [BLOCK_N, HEADS, HEAD_DIM];
-    tokens at or past `end` are masked (never read) and come back as 0."""
+    tokens at or past `end` are masked (never read) and come back as 0. Also each token's cache block and
+    offset in it, [BLOCK_N] int64."""
     tokens = first + tl.arange(0, BLOCK_N)
     token_ok = tokens < end
     blocks = tl.load(table + (tokens // BLOCK_SIZE) * stride_btb, mask=token_ok, other=0).to(tl.int64)
@@ -38,9 +42,18 @@ def _load_tile(first, end, table, stride_btb, k_cache_ptr, v_cache_ptr, stride_k
     k_rows = blocks * stride_kb + offsets * stride_kt  # [BLOCK_N]
     v_rows = blocks * stride_vb + offsets * stride_vt
     load_ok = token_ok[:, None, None] & head_ok[None, :, None]
-    k = tl.load(k_cache_ptr + (k_rows[:, None, None] + k_head), mask=load_ok, other=0.0)
-    v = tl.load(v_cache_ptr + (v_rows[:, None, None] + v_head), mask=load_ok, other=0.0)
-    return k, v, token_ok
+    k = tl.load(k_cache_ptr + (k_rows[:, None, None] + k_head), mask=load_ok, other=0)
+    v = tl.load(v_cache_ptr + (v_rows[:, None, None] + v_head), mask=load_ok, other=0)
+    return k, v, token_ok, blocks, offsets
+
+
+@triton.jit
+def _load_scales(k_scale_ptr, v_scale_ptr, blocks, offsets, heads, token_ok, head_ok, stride_sb, stride_st):
+    """The scales of the tile's keys and values, [BLOCK_N, HEADS] float32 (0 where masked)."""
+    index = (blocks * stride_sb + offsets * stride_st)[:, None] + heads[None, :]
+    ok = token_ok[:, None] & head_ok[None, :]
+    return (tl.load(k_scale_ptr + index, mask=ok, other=0.0).to(tl.float32),
+            tl.load(v_scale_ptr + index, mask=ok, other=0.0).to(tl.float32))
 
 
 # Sizes that vary with the batch's shapes are not specialised on (value 1, divisibility by 16), so each
@@ -49,6 +62,7 @@ def _load_tile(first, end, table, stride_btb, k_cache_ptr, v_cache_ptr, stride_k
 def _partition_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
+    k_scale_ptr, v_scale_ptr,  # [blocks, block_size, heads] scales of an 8-bit cache (unused otherwise)
     qk_scale,  # softmax scale * log2(e): scores are kept in log2 units so exp2 can be used
     num_heads, num_parts,
     stride_qs, stride_qh,
@@ -56,6 +70,7 @@ def _partition_kernel(
     stride_vb, stride_vt, stride_vh,
     stride_bts, stride_btb,
     stride_os, stride_oh,
+    stride_sb, stride_st,
     BLOCK_SIZE: tl.constexpr,  # tokens per cache block (power of two)
     HEAD_DIM: tl.constexpr,
     HEADS: tl.constexpr,  # heads per program
@@ -63,6 +78,7 @@ def _partition_kernel(
     BLOCK_N: tl.constexpr,  # tokens per loop iteration
     LANES: tl.constexpr,  # softmax state per token lane, combined once after the loop (no reductions in it)
     SINGLE: tl.constexpr,  # only one partition: write the normalised output directly
+    SCALED: tl.constexpr,  # an 8-bit cache: keys and values come with per-token-and-head scales
 ):
     part = tl.program_id(0)
     head_group = tl.program_id(1)
@@ -93,17 +109,24 @@ def _partition_kernel(
         l_lane = tl.zeros([BLOCK_N, HEADS], tl.float32)
         acc_lane = tl.zeros([BLOCK_N, HEADS, HEAD_DIM], tl.float32)
         for first in range(start, end, BLOCK_N):
-            k, v, token_ok = _load_tile(first, end, table, stride_btb, k_cache_ptr, v_cache_ptr, stride_kb,
-                                        stride_kt, stride_vb, stride_vt, k_head, v_head, head_ok,
-                                        BLOCK_SIZE, BLOCK_N)
+            k, v, token_ok, blocks, offsets = _load_tile(first, end, table, stride_btb, k_cache_ptr, v_cache_ptr,
+                                                         stride_kb, stride_kt, stride_vb, stride_vt, k_head, v_head,
+                                                         head_ok, BLOCK_SIZE, BLOCK_N)
             scores = tl.sum(k.to(tl.float32) * q[None, :, :], axis=2)  # [BLOCK_N, HEADS]
+            if SCALED:
+                k_scale, v_scale = _load_scales(k_scale_ptr, v_scale_ptr, blocks, offsets, heads, token_ok,
+                                                head_ok, stride_sb, stride_st)
+                scores = scores * k_scale
             scores = tl.where(token_ok[:, None], scores, float("-inf"))
             m_new = tl.maximum(m_lane, scores)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane with no token yet: no -inf - -inf
             alpha = tl.exp2(m_lane - m_safe)
             p = tl.exp2(scores - m_safe)
             l_lane = l_lane * alpha + p
-            acc_lane = acc_lane * alpha[:, :, None] + p[:, :, None] * v.to(tl.float32)
+            weight = p
+            if SCALED:
+                weight = p * v_scale
+            acc_lane = acc_lane * alpha[:, :, None] + weight[:, :, None] * v.to(tl.float32)
             m_lane = m_new
         m_i = tl.max(m_lane, axis=0)  # finite: lane 0 saw token `start`
         weight = tl.exp2(m_lane - m_i[None, :])  # 0 for lanes that saw no token
@@ -116,16 +139,23 @@ def _partition_kernel(
         acc = tl.zeros([HEADS, HEAD_DIM], tl.float32)
         # Every iteration holds at least one valid token (start < end), so m_i is finite after the first.
         for first in range(start, end, BLOCK_N):
-            k, v, token_ok = _load_tile(first, end, table, stride_btb, k_cache_ptr, v_cache_ptr, stride_kb,
-                                        stride_kt, stride_vb, stride_vt, k_head, v_head, head_ok,
-                                        BLOCK_SIZE, BLOCK_N)
+            k, v, token_ok, blocks, offsets = _load_tile(first, end, table, stride_btb, k_cache_ptr, v_cache_ptr,
+                                                         stride_kb, stride_kt, stride_vb, stride_vt, k_head, v_head,
+                                                         head_ok, BLOCK_SIZE, BLOCK_N)
             scores = tl.sum(k.to(tl.float32) * q[None, :, :], axis=2)  # [BLOCK_N, HEADS]
+            if SCALED:
+                k_scale, v_scale = _load_scales(k_scale_ptr, v_scale_ptr, blocks, offsets, heads, token_ok,
+                                                head_ok, stride_sb, stride_st)
+                scores = scores * k_scale
             scores = tl.where(token_ok[:, None], scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=0))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(scores - m_new[None, :])
             l_i = l_i * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32), axis=0)
+            weight = p
+            if SCALED:
+                weight = p * v_scale
+            acc = acc * alpha[:, None] + tl.sum(weight[:, :, None] * v.to(tl.float32), axis=0)
             m_i = m_new
 
     if SINGLE:
@@ -193,7 +223,8 @@ def default_partition_size(seqs: int, heads: int, max_context: int, num_sms: int
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                           out: torch.Tensor | None = None, *, partition_size: int | None = None,
+                           out: torch.Tensor | None = None, *, k_scale: torch.Tensor | None = None,
+                           v_scale: torch.Tensor | None = None, partition_size: int | None = None,
                            heads_per_program: int = 1, block_n: int | None = None,
                            lanes: bool = False, num_warps: int = 4) -> torch.Tensor:
     """Attention of one query token per sequence over its paged context.
@@ -202,6 +233,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     block_tables [seqs, max_blocks] (int32 or int64, padded entries are never read);
     context_lens [seqs] (each >= 1 and <= max_blocks * block_size). Returns [seqs, heads, head_dim]
     in q's dtype (written into `out` when given). Scores, softmax and accumulation are float32.
+    An 8-bit cache (int8 or float8_e4m3fn) needs k_scale and v_scale, [num_blocks, block_size, heads] float32:
+    a cached vector times its scale is the key or value.
 
     Tuning knobs (the defaults depend only on shapes and the device, so a CUDA graph captures one grid):
     partition_size: tokens per split (power of two); heads_per_program: heads sharing one program
@@ -225,6 +258,16 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous along head_dim")
+    scaled = k_cache.dtype in (torch.int8, torch.float8_e4m3fn)
+    if scaled:
+        for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if t is None or t.shape != k_cache.shape[:3] or t.dtype != torch.float32 or t.stride(-1) != 1:
+                raise ValueError(f"an 8-bit cache needs {name} [{', '.join(map(str, k_cache.shape[:3]))}] float32, "
+                                 f"contiguous along heads")
+        if k_scale.stride() != v_scale.stride():
+            raise ValueError("k_scale and v_scale must have the same strides")
+    elif k_scale is not None or v_scale is not None:
+        raise ValueError(f"scales are for an 8-bit cache; this one is {k_cache.dtype}")
     if out is None:
         out = torch.empty((seqs, num_heads, head_dim), dtype=q.dtype, device=q.device)
     elif out.shape != q.shape or out.stride(-1) != 1:
@@ -251,9 +294,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part_max = torch.empty((seqs, num_heads, num_parts), dtype=torch.float32, device=q.device)
         part_sum = torch.empty((seqs, num_heads, num_parts), dtype=torch.float32, device=q.device)
 
+    if not scaled:  # never read
+        k_scale = v_scale = part_max
     _partition_kernel[(num_parts, head_groups, seqs)](
         q, k_cache, v_cache, block_tables, context_lens,
         out, part_out, part_max, part_sum,
+        k_scale, v_scale,
         float(scale) * LOG2E,
         num_heads, num_parts,
         q.stride(0), q.stride(1),
@@ -261,8 +307,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), block_tables.stride(1),
         out.stride(0), out.stride(1),
+        k_scale.stride(0) if scaled else 0, k_scale.stride(1) if scaled else 0,
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEADS=heads_per_program,
-        PARTITION=partition_size, BLOCK_N=block_n, LANES=lanes, SINGLE=single,
+        PARTITION=partition_size, BLOCK_N=block_n, LANES=lanes, SINGLE=single, SCALED=scaled,
         num_warps=num_warps,
     )
     if not single:

@@ -14,7 +14,8 @@ bf16 multiply). What still differs from PyTorch:
   in bf16/fp16 either shows only where the normalised value or silu(gate) sits on a rounding near-tie:
   it rounds the other way, one ulp, up to two ulps of the product after it, on well under 1% of elements;
 - everything else is bit-exact: the residual add, the RoPE (float32 too, since FMA contraction is
-  turned off for that kernel) and the cache write.
+  turned off for that kernel) and the cache write, into an 8-bit cache too (attention.quantize_kv's
+  operations: the same scale, division and rounding).
 
 All wrappers are CUDA-graph capturable: grids and block shapes depend only on tensor shapes, nothing is
 read back to the host, and the caller's tensors (positions, slot_mapping) are only read on the device.
@@ -28,6 +29,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .attention import KV_MIN_AMAX, KV_QMAX
 
 MAX_NORM_BLOCK = 65536  # RMSNorm keeps one row in registers; XVERSE's is 4096 wide
 SILU_BLOCK = 1024  # columns per program of silu_and_mul: 8 bf16 (16 bytes) per thread at 4 warps
@@ -131,16 +134,37 @@ def _rope_halves(x1, x2, cos1, cos2, sin1, sin2, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _kv_scale(x1, x2, QMAX: tl.constexpr, MIN_AMAX: tl.constexpr):
+    """Per head (row), the largest |element| of both halves over QMAX: attention.quantize_kv's scale."""
+    amax = tl.maximum(tl.max(tl.abs(x1), axis=1), tl.max(tl.abs(x2), axis=1))
+    return tl.math.div_rn(tl.maximum(amax, MIN_AMAX), QMAX)
+
+
+@triton.jit
+def _kv_quantize(x, scale, QMAX: tl.constexpr, INT8: tl.constexpr):
+    """x / scale as attention.quantize_kv computes it (float32; int8: rounded half up, then stored exactly)."""
+    y = tl.math.div_rn(x, scale[:, None])
+    if INT8:
+        y = tl.floor(y + 0.5)
+    return tl.minimum(tl.maximum(y, -QMAX), QMAX)
+
+
+@triton.jit
 def _rope_kv_kernel(
     qkv_ptr, cos_ptr, sin_ptr, positions_ptr, slots_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
+    k_scale_ptr, v_scale_ptr,  # [blocks, block_size, heads] float32 for an 8-bit cache (unused otherwise)
     num_heads, block_size,
     stride_qkv, stride_cos, stride_sin,
     stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
+    stride_sb, stride_st,
     HALF: tl.constexpr,  # head_dim // 2
     BLOCK_HALF: tl.constexpr,  # next power of two >= HALF
     HEADS: tl.constexpr,  # heads per program
+    QMAX: tl.constexpr,  # 0: the cache holds the model dtype; 127 (int8) or 448 (fp8): an 8-bit cache
+    INT8: tl.constexpr,  # the 8-bit cache is int8 (values rounded to integers), not fp8
+    MIN_AMAX: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
@@ -179,6 +203,18 @@ def _rope_kv_kernel(
     offset = slot % block_size
     k_dst = k_cache_ptr + block * stride_kb + offset * stride_kt + heads[:, None] * stride_kh + dims[None, :]
     v_dst = v_cache_ptr + block * stride_vb + offset * stride_vt + heads[:, None] * stride_vh + dims[None, :]
+    if QMAX > 0:
+        # The reference quantizes k as rounded to the model dtype by apply_rope, and v as it is in qkv.
+        k1, k2 = _round(k1, dtype), _round(k2, dtype)
+        v1, v2 = v1.to(tl.float32), v2.to(tl.float32)
+        k_scale = _kv_scale(k1, k2, QMAX, MIN_AMAX)
+        v_scale = _kv_scale(v1, v2, QMAX, MIN_AMAX)
+        k1, k2 = _kv_quantize(k1, k_scale, QMAX, INT8), _kv_quantize(k2, k_scale, QMAX, INT8)
+        v1, v2 = _kv_quantize(v1, v_scale, QMAX, INT8), _kv_quantize(v2, v_scale, QMAX, INT8)
+        scale_at = block * stride_sb + offset * stride_st + heads
+        head_ok = heads < num_heads
+        tl.store(k_scale_ptr + scale_at, k_scale, mask=head_ok)
+        tl.store(v_scale_ptr + scale_at, v_scale, mask=head_ok)
     tl.store(k_dst, k1.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(k_dst + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_dst, v1.to(v_cache_ptr.dtype.element_ty), mask=mask)
@@ -193,7 +229,8 @@ def default_rope_heads_per_program(tokens: int, num_heads: int) -> int:
 
 def rope_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                       k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                      out: torch.Tensor | None = None, *, heads_per_program: int | None = None,
+                      out: torch.Tensor | None = None, *, k_scale: torch.Tensor | None = None,
+                      v_scale: torch.Tensor | None = None, heads_per_program: int | None = None,
                       num_warps: int | None = None) -> torch.Tensor:
     """Rotary embedding of q and k and the cache write of k and v, in one kernel.
 
@@ -206,6 +243,8 @@ def rope_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, p
 
     The result equals model.apply_rope in qkv's dtype bit for bit (each product and the sum rounded to
     the dtype, no FMA contraction). Positions are not range-checked (that would need a host sync).
+    An 8-bit cache (int8 or float8_e4m3fn) needs k_scale and v_scale [num_blocks, block_size, heads] float32:
+    k and v are stored as attention.quantize_kv stores them, bit for bit, with their scales.
     """
     _, block_size, num_heads, head_dim = k_cache.shape
     tokens = qkv.shape[0]
@@ -229,6 +268,16 @@ def rope_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, p
     for name, t in (("qkv", qkv), ("cos", cos), ("sin", sin), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous along its last dimension")
+    qmax = KV_QMAX.get(k_cache.dtype, 0.0)
+    if qmax:
+        for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if t is None or t.shape != k_cache.shape[:3] or t.dtype != torch.float32 or t.stride(-1) != 1:
+                raise ValueError(f"an 8-bit cache needs {name} [{', '.join(map(str, k_cache.shape[:3]))}] float32, "
+                                 "contiguous along heads")
+        if k_scale.stride() != v_scale.stride():
+            raise ValueError("k_scale and v_scale must have the same strides")
+    elif k_scale is not None or v_scale is not None:
+        raise ValueError(f"scales are for an 8-bit cache; this one is {k_cache.dtype}")
     if out is None:
         out = torch.empty((tokens, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     elif out.shape != (tokens, num_heads, head_dim) or out.stride(-1) != 1:
@@ -244,14 +293,18 @@ def rope_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, p
     if num_warps is None:  # about 8 values per thread and load
         num_warps = max(1, min(8, heads_per_program * block_half // 256))
     grid = (tokens, triton.cdiv(num_heads, heads_per_program))
+    scale_args = (k_scale, v_scale, k_scale.stride(0), k_scale.stride(1)) if qmax else (out, out, 0, 0)
     _rope_kv_kernel[grid](
         qkv, cos, sin, positions, slot_mapping, out, k_cache, v_cache,
+        scale_args[0], scale_args[1],
         num_heads, block_size,
         qkv.stride(0), cos.stride(0), sin.stride(0),
         out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        HALF=half, BLOCK_HALF=block_half, HEADS=heads_per_program,
+        scale_args[2], scale_args[3],
+        HALF=half, BLOCK_HALF=block_half, HEADS=heads_per_program, QMAX=qmax,
+        INT8=k_cache.dtype == torch.int8, MIN_AMAX=KV_MIN_AMAX,
         num_warps=num_warps,
         enable_fp_fusion=False,  # no FMA: in float32 too, each product is rounded as in PyTorch
     )

@@ -1,0 +1,265 @@
+"""Weight-only quantized matmuls in Triton: y = x @ W^T with W stored as int8 or int4 (quantization.py).
+
+Layouts (quantization.quantize_int8 / quantize_int4 make them):
+- int8: weight [N, K] int8, scale [N] float32; W[n, k] = weight[n, k] * scale[n].
+- int4: weight [N, K // 2] uint8, byte j of a row holding k = 2j in its low nibble and k = 2j + 1 in its
+  high one; scale and offset [N, K // group] (float16); W[n, k] = q * scale[n, g] + offset[n, g], g = k // group.
+
+Three kernels, each right for another batch size M (quantization.py picks one per M, by timing them at start-up):
+- gemv: one program per (row of x, block of output channels); it streams the block's weights once, multiplies
+  and adds elementwise in float32 and reduces once after the loop. For decode at small batch, where the step is
+  bound by reading the weights.
+- gemm: tiles of x times dequantized tiles of W on the tensor cores (tl.dot), optionally split along K into
+  float32 partial sums (few output tiles would leave SMs idle). The integer values go into the dot exactly
+  (int8 and 0..15 are exact in bf16/fp16); the scales are applied to the dot's float32 result.
+- dequantize: W in the activation dtype, for a dense matmul when M is large (prefill is compute-bound).
+
+Every wrapper is CUDA-graph capturable (nothing is read back to the host) and runs in Triton's interpreter on
+CPU tensors (the tests). The references are quantization.dequantize_* followed by a float matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:  # float32 activations: no tf32 rounding of the inputs
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _int8_gemv_kernel(
+    x_ptr, w_ptr, scale_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_wn, stride_om,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    m = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        x = tl.load(x_ptr + m * stride_xm + ks, mask=k_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0)
+        acc += w.to(tl.float32) * x[None, :]
+    y = tl.sum(acc, axis=1) * tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
+    tl.store(out_ptr + m * stride_om + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _int4_gemv_kernel(
+    x_ptr, w_ptr, scale_ptr, offset_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_wn, stride_sn, stride_om,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,  # groups per loop iteration
+):
+    HALF: tl.constexpr = GROUP // 2  # bytes of one group in a row
+    m = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    groups_in_row = K // GROUP
+    gi = tl.arange(0, GROUPS)
+    jj = tl.arange(0, HALF)
+    w_rows = w_ptr + rows.to(tl.int64)[:, None, None] * stride_wn
+    s_rows = rows.to(tl.int64)[:, None] * stride_sn
+    x_row = x_ptr + m * stride_xm
+    # sum_k x_k W_nk = sum_g scale_ng * sum_{k in g} x_k q_nk + offset_ng * sum_{k in g} x_k
+    acc = tl.zeros([BLOCK_N, GROUPS, HALF], tl.float32)
+    acc_offset = tl.zeros([BLOCK_N, GROUPS], tl.float32)
+    for g0 in range(0, groups_in_row, GROUPS):
+        groups = g0 + gi
+        group_ok = groups < groups_in_row
+        pairs = groups[:, None] * HALF + jj[None, :]  # [GROUPS, HALF] byte index along the row
+        x_even = tl.load(x_row + 2 * pairs, mask=group_ok[:, None], other=0.0).to(tl.float32)
+        x_odd = tl.load(x_row + 2 * pairs + 1, mask=group_ok[:, None], other=0.0).to(tl.float32)
+        ok = row_ok[:, None] & group_ok[None, :]
+        packed = tl.load(w_rows + pairs[None, :, :], mask=ok[:, :, None], other=0)
+        low = (packed & 0xF).to(tl.float32)
+        high = (packed >> 4).to(tl.float32)
+        scale = tl.load(scale_ptr + s_rows + groups[None, :], mask=ok, other=0.0).to(tl.float32)
+        offset = tl.load(offset_ptr + s_rows + groups[None, :], mask=ok, other=0.0).to(tl.float32)
+        acc += (low * x_even[None, :, :] + high * x_odd[None, :, :]) * scale[:, :, None]
+        acc_offset += offset * tl.sum(x_even + x_odd, axis=1)[None, :]
+    y = tl.sum(tl.sum(acc, axis=2) + acc_offset, axis=1)
+    tl.store(out_ptr + m * stride_om + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gemm_kernel(
+    x_ptr, w_ptr, scale_ptr, offset_ptr, out_ptr,
+    M, N, K, k_per_split,
+    stride_xm, stride_wn, stride_sn, stride_om, stride_osplit,
+    BITS: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # int4: BLOCK_K == GROUP
+    IEEE: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(2)
+    row_ok = rows < M
+    col_ok = cols < N
+    dtype = x_ptr.dtype.element_ty
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+    w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wn
+    k_begin = split * k_per_split
+    k_end = tl.minimum(K, k_begin + k_per_split)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if BITS == 8:
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < k_end
+            x = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_cols + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0)  # [BLOCK_K, BLOCK_N]
+            acc = _dot(x, w.to(dtype), acc, IEEE)
+        acc = acc * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    else:
+        HALF: tl.constexpr = BLOCK_K // 2
+        s_cols = cols.to(tl.int64) * stride_sn
+        for k0 in range(k_begin, k_end, BLOCK_K):  # whole groups: K and k_per_split are multiples of GROUP
+            pairs = k0 // 2 + tl.arange(0, HALF)
+            packed = tl.load(w_cols + pairs[:, None], mask=col_ok[None, :], other=0)  # [HALF, BLOCK_N]
+            low = (packed & 0xF).to(dtype)
+            high = (packed >> 4).to(dtype)
+            x_even = tl.load(x_rows + 2 * pairs[None, :], mask=row_ok[:, None], other=0.0)
+            x_odd = tl.load(x_rows + 2 * pairs[None, :] + 1, mask=row_ok[:, None], other=0.0)
+            part = _dot(x_even, low, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
+            part = _dot(x_odd, high, part, IEEE)
+            group = k0 // GROUP
+            scale = tl.load(scale_ptr + s_cols + group, mask=col_ok, other=0.0).to(tl.float32)
+            offset = tl.load(offset_ptr + s_cols + group, mask=col_ok, other=0.0).to(tl.float32)
+            x_sum = tl.sum(x_even.to(tl.float32), axis=1) + tl.sum(x_odd.to(tl.float32), axis=1)
+            acc += part * scale[None, :] + x_sum[:, None] * offset[None, :]
+    out = out_ptr + split.to(tl.int64) * stride_osplit + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _dequantize_kernel(
+    w_ptr, scale_ptr, offset_ptr, out_ptr,
+    N, K,
+    stride_wn, stride_sn, stride_on,
+    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    if BITS == 8:
+        ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        ok = row_ok[:, None] & (ks < K)[None, :]
+        q = tl.load(w_ptr + rows64[:, None] * stride_wn + ks[None, :], mask=ok, other=0).to(tl.float32)
+        w = q * tl.load(scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        tl.store(out_ptr + rows64[:, None] * stride_on + ks[None, :], w.to(out_ptr.dtype.element_ty), mask=ok)
+    else:
+        pairs = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+        ok = row_ok[:, None] & (pairs < K // 2)[None, :]
+        packed = tl.load(w_ptr + rows64[:, None] * stride_wn + pairs[None, :], mask=ok, other=0)
+        groups = (2 * pairs) // GROUP
+        scale = tl.load(scale_ptr + rows64[:, None] * stride_sn + groups[None, :], mask=ok, other=0.0).to(tl.float32)
+        offset = tl.load(offset_ptr + rows64[:, None] * stride_sn + groups[None, :], mask=ok, other=0.0).to(tl.float32)
+        low = (packed & 0xF).to(tl.float32) * scale + offset
+        high = (packed >> 4).to(tl.float32) * scale + offset
+        dtype = out_ptr.dtype.element_ty
+        w = tl.interleave(low.to(dtype), high.to(dtype))  # [BLOCK_N, BLOCK_K]: k = 2j, 2j + 1
+        ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        store_ok = row_ok[:, None] & (ks < K)[None, :]
+        tl.store(out_ptr + rows64[:, None] * stride_on + ks[None, :], w, mask=store_ok)
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, bits: int) -> tuple[int, int, int]:
+    if x.dim() != 2 or x.stride(-1) != 1:
+        raise ValueError(f"x must be [M, K], contiguous along K; got {tuple(x.shape)}")
+    m, k = x.shape
+    n = weight.shape[0]
+    packed_k = k // 2 if bits == 4 else k
+    if weight.shape != (n, packed_k) or weight.stride(-1) != 1:
+        raise ValueError(f"weight {tuple(weight.shape)} does not fit x {tuple(x.shape)} for int{bits}")
+    return m, n, k
+
+
+def _output(x: torch.Tensor, n: int, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+    if out.shape != (x.shape[0], n) or out.stride(-1) != 1:
+        raise ValueError(f"out must be [{x.shape[0]}, {n}], contiguous along its last dimension")
+    return out
+
+
+def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None, *,
+              block_n: int = 8, block_k: int = 512, num_warps: int = 4) -> torch.Tensor:
+    """x [M, K] @ (weight * scale[:, None])^T -> [M, N] in x's dtype; for small M."""
+    m, n, k = _check(x, weight, 8)
+    out = _output(x, n, out)
+    if m:
+        _int8_gemv_kernel[(m, triton.cdiv(n, block_n))](
+            x, weight, scale, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        )
+    return out
+
+
+def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int,
+              out: torch.Tensor | None = None, *, block_n: int = 16, groups_per_iter: int = 4,
+              num_warps: int = 4) -> torch.Tensor:
+    """x [M, K] @ dequantized(weight)^T -> [M, N] in x's dtype; for small M."""
+    m, n, k = _check(x, weight, 4)
+    out = _output(x, n, out)
+    if m:
+        _int4_gemv_kernel[(m, triton.cdiv(n, block_n))](
+            x, weight, scale, offset, out, m, n, k,
+            x.stride(0), weight.stride(0), scale.stride(0), out.stride(0),
+            GROUP=group, BLOCK_N=block_n, GROUPS=groups_per_iter, num_warps=num_warps,
+        )
+    return out
+
+
+def gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int,
+         group: int, out: torch.Tensor | None = None, *, block_m: int = 16, block_n: int = 64, block_k: int = 128,
+         split_k: int = 1, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+    """x [M, K] @ dequantized(weight)^T -> [M, N] in x's dtype, on the tensor cores. With split_k > 1 the
+    K range is cut into that many parts whose float32 partial products are summed afterwards."""
+    m, n, k = _check(x, weight, bits)
+    out = _output(x, n, out)
+    if bits == 4:
+        block_k = group  # one group per iteration: its scale and offset are a vector over the tile's columns
+    steps = triton.cdiv(k, block_k)
+    split_k = max(1, min(split_k, steps))
+    k_per_split = triton.cdiv(steps, split_k) * block_k
+    split_k = triton.cdiv(k, k_per_split)
+    if m == 0:
+        return out
+    target = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+    offset_arg = offset if offset is not None else scale
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
+    _gemm_kernel[grid](
+        x, weight, scale, offset_arg, target, m, n, k, k_per_split,
+        x.stride(0), weight.stride(0), offset_arg.stride(0) if bits == 4 else 0,
+        target.stride(-2), target.stride(0) if split_k > 1 else 0,
+        BITS=bits, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        IEEE=x.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
+    )
+    if split_k > 1:
+        out.copy_(target.sum(dim=0))
+    return out
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int, group: int,
+               dtype: torch.dtype, *, block_n: int = 16, block_k: int = 256) -> torch.Tensor:
+    """The weight as a dense [N, K] tensor of `dtype`."""
+    n = weight.shape[0]
+    k = weight.shape[1] * (2 if bits == 4 else 1)
+    out = torch.empty((n, k), dtype=dtype, device=weight.device)
+    offset_arg = offset if offset is not None else scale
+    _dequantize_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+        weight, scale, offset_arg, out, n, k,
+        weight.stride(0), offset_arg.stride(0) if bits == 4 else 0, out.stride(0),
+        BITS=bits, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k,
+    )
+    return out
