@@ -32,7 +32,7 @@ class AttentionBatch:
 def quantize_kv(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """x [tokens, heads, head_dim] -> (x / scale in `dtype`, scale [tokens, heads] float32), with one scale per
     token and head: its largest |element| / KV_QMAX[dtype]. int8 rounds half up (floor(y + 0.5)); fp8 to nearest.
-    The fused kernel (triton_ops.rope_and_write_kv) does the same operations, so it stores the same bytes."""
+    The fused kernel (triton_ops.rope_and_write_kv) does the same operations, so it stores the same values."""
     qmax = KV_QMAX[dtype]
     x32 = x.float()
     scale = x32.abs().amax(dim=-1).clamp_min(KV_MIN_AMAX) / qmax

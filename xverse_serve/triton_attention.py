@@ -42,8 +42,8 @@ def _load_tile(first, end, table, stride_btb, k_cache_ptr, v_cache_ptr, stride_k
     k_rows = blocks * stride_kb + offsets * stride_kt  # [BLOCK_N]
     v_rows = blocks * stride_vb + offsets * stride_vt
     load_ok = token_ok[:, None, None] & head_ok[None, :, None]
-    k = tl.load(k_cache_ptr + (k_rows[:, None, None] + k_head), mask=load_ok, other=0)
-    v = tl.load(v_cache_ptr + (v_rows[:, None, None] + v_head), mask=load_ok, other=0)
+    k = tl.load(k_cache_ptr + (k_rows[:, None, None] + k_head), mask=load_ok, other=0.0)
+    v = tl.load(v_cache_ptr + (v_rows[:, None, None] + v_head), mask=load_ok, other=0.0)
     return k, v, token_ok, blocks, offsets
 
 

@@ -145,8 +145,8 @@ def _kv_quantize(x, scale, QMAX: tl.constexpr, INT8: tl.constexpr):
     """x / scale as attention.quantize_kv computes it (float32; int8: rounded half up, then stored exactly)."""
     y = tl.math.div_rn(x, scale[:, None])
     if INT8:
-        y = tl.floor(y + 0.5)
-    return tl.minimum(tl.maximum(y, -QMAX), QMAX)
+        return tl.minimum(tl.maximum(tl.floor(y + 0.5), -QMAX), QMAX).to(tl.int8)
+    return tl.minimum(tl.maximum(y, -QMAX), QMAX).to(tl.float8e4nv, fp_downcast_rounding="rtne")  # as torch rounds
 
 
 @triton.jit
