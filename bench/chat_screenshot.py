@@ -7,7 +7,8 @@ Start a server first, then point this at it:
 
 It fills in a system prompt and sampling settings, asks a question holding a code block, lets the answer
 stream to its end, asks a follow-up in Chinese and saves the page. Needs Debian's chromium and
-chromium-driver, and the `selenium` package (requirements-test.txt)."""
+chromium-driver (and fonts-noto-cjk, or Chinese shows as boxes), and the `selenium` package
+(requirements-test.txt)."""
 
 from __future__ import annotations
 
