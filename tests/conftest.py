@@ -25,6 +25,17 @@ from xverse_serve.checkpoint import ModelConfig, load_config  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 
 
+def require_system_tool(present: bool, what: str, packages: str) -> None:
+    """Tests that drive a Debian program (chromium, nginx) skip on a machine without it, and fail where
+    XVERSE_REQUIRE_SYSTEM_TOOLS=1 says it must be there (.ci/run installs them and sets it)."""
+    if present:
+        return
+    message = f"{what} is not installed: apt-get install {packages}"
+    if os.environ.get("XVERSE_REQUIRE_SYSTEM_TOOLS") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A complete tiny XVERSE checkpoint: config, generation config, tokenizer.json, two bf16 .bin shards."""

@@ -21,7 +21,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
 
-from conftest import RunningServer, start_server, stop_server
+from conftest import RunningServer, require_system_tool, start_server, stop_server
 from tiny_checkpoint import write_checkpoint
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -51,8 +51,7 @@ def chat_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSer
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
-    assert CHROMIUM.exists() and CHROMEDRIVER.exists(), \
-        "the chat page tests need Debian's chromium and chromium-driver: apt-get install chromium chromium-driver"
+    require_system_tool(CHROMIUM.exists() and CHROMEDRIVER.exists(), "Chromium", "chromium chromium-driver")
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     # No network here: without these Chromium waits on connections to its own services.

@@ -26,7 +26,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import REPO, RunningServer, free_port, start_server, stop_server
+from conftest import REPO, RunningServer, free_port, require_system_tool, start_server, stop_server
 
 DEPLOY = REPO / "deploy"
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()),
@@ -92,6 +92,11 @@ def address(server: RunningServer) -> str:
 
 
 @pytest.fixture
+def nginx_installed() -> None:
+    require_system_tool(NGINX is not None, "nginx", "nginx")
+
+
+@pytest.fixture
 def two_replicas(tiny_model_dir: Path, tmp_path: Path) -> Iterator[list[RunningServer]]:
     with ThreadPoolExecutor(2) as pool:
         replicas = list(pool.map(lambda i: start_server(tiny_model_dir, tmp_path / f"replica{i}.log"), range(2)))
@@ -103,9 +108,8 @@ def two_replicas(tiny_model_dir: Path, tmp_path: Path) -> Iterator[list[RunningS
             replica.process.wait()
 
 
-@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (CI installs it: .ci/run)")
 def test_nginx_spreads_requests_over_both_replicas_and_retries_a_dead_ones_requests_on_the_other(
-        two_replicas, tmp_path):
+        nginx_installed, two_replicas, tmp_path):
     folder = tmp_path / "nginx"
     folder.mkdir()
     port = free_port()
@@ -171,8 +175,7 @@ class ShuttingDownReplica(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (CI installs it: .ci/run)")
-def test_nginx_sends_a_post_refused_with_503_to_another_replica(server, tmp_path):
+def test_nginx_sends_a_post_refused_with_503_to_another_replica(nginx_installed, server, tmp_path):
     """A replica that is shutting down (or whose queue is full) answers 503: the POST goes to another one."""
     draining = ThreadingHTTPServer(("127.0.0.1", 0), ShuttingDownReplica)
     threading.Thread(target=draining.serve_forever, daemon=True).start()
