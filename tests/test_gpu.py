@@ -43,3 +43,99 @@ def test_gpu_greedy_tokens_equal_the_cpu_reference(tiny_model_dir: Path) -> None
     assert greedy_tokens(tiny_model_dir, "cuda") == reference  # batched, chunked prefill, CUDA graphs
     assert greedy_tokens(tiny_model_dir, "cuda", together=False) == reference
     assert greedy_tokens(tiny_model_dir, "cuda", "--enforce-eager") == reference
+
+
+# ---------------------------------------------------------------- --quantize and --kv-cache-dtype on the GPU
+
+
+@pytest.fixture(scope="module")
+def tiny_int4_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny checkpoint whose projections take whole int4 groups of 128 (hidden 128, intermediate 256)."""
+    from tiny_checkpoint import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt4") / "XVERSE-tiny-128", hidden_size=128,
+                            intermediate_size=256)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_gpu_quantized_greedy_tokens_equal_the_cpu_reference(tiny_model_dir: Path, tiny_int4_dir: Path,
+                                                             scheme: str) -> None:
+    """The same quantized weights (quantization is deterministic), multiplied by the tuned Triton kernels on
+    the GPU and by torch's int8 op / the dequantized matmul on the CPU, in float32."""
+    model_dir = tiny_int4_dir if scheme == "int4" else tiny_model_dir
+    reference = greedy_tokens(model_dir, "cpu", "--quantize", scheme, together=False)
+    assert greedy_tokens(model_dir, "cuda", "--quantize", scheme) == reference  # CUDA graphs over quantized layers
+    assert greedy_tokens(model_dir, "cuda", "--quantize", scheme, "--enforce-eager", together=False) == reference
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8"])
+def test_gpu_8bit_kv_cache_greedy_tokens_equal_the_cpu_reference(tiny_model_dir: Path, kv_cache_dtype: str) -> None:
+    if kv_cache_dtype == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability 8.9")
+    reference = greedy_tokens(tiny_model_dir, "cpu", "--kv-cache-dtype", kv_cache_dtype, together=False)
+    assert greedy_tokens(tiny_model_dir, "cuda", "--kv-cache-dtype", kv_cache_dtype) == reference
+    assert greedy_tokens(tiny_model_dir, "cuda", "--kv-cache-dtype", kv_cache_dtype, "--enforce-eager") == reference
+
+
+def test_gpu_bf16_int8_weights_and_int8_cache_stay_near_the_float32_cpu_model(tiny_int4_dir: Path) -> None:
+    """The serving configuration (bf16 activations, int8 or int4 weights, int8 cache) against the CPU float32
+    model with the same quantized weights: only bf16 rounding apart."""
+    from test_quantization import paged_logits as cpu_paged_logits
+
+    from xverse_serve.checkpoint import load_config
+    from xverse_serve.model import load_model
+    from xverse_serve.quantization import QuantizedLinear, relative_error
+
+    config = load_config(tiny_int4_dir)
+    ids = torch.randint(4, config.vocab_size, (60,), generator=torch.Generator().manual_seed(0)).tolist()
+    chunks = [40, 7, 5] + [1] * 8
+    for scheme in ("int8", "int4"):
+        cpu = load_model(tiny_int4_dir, config, torch.device("cpu"), torch.float32, 256, scheme)
+        cuda = load_model(tiny_int4_dir, config, torch.device("cuda"), torch.bfloat16, 256, scheme)
+        assert all(m.plan is not None for m in cuda.modules() if isinstance(m, QuantizedLinear))  # tuned
+        expected = cpu_paged_logits(cpu, ids, chunks)
+        ours = gpu_paged_logits(cuda, ids, chunks, torch.int8)
+        assert relative_error(ours, expected) < 3e-2, scheme
+
+
+def gpu_paged_logits(model, token_ids: list[int], chunks: list[int], kv_dtype: torch.dtype) -> torch.Tensor:
+    from xverse_serve.kv_cache import KVCache
+    from xverse_serve.runner import ModelRunner
+    from xverse_serve.scheduler import ScheduledSequence, Sequence
+
+    kv_cache = KVCache(model.config, 64, 4, kv_dtype, model.device)
+    runner = ModelRunner(model, kv_cache)
+    seq = Sequence("seq", list(token_ids), SamplingParams(max_tokens=1))
+    seq.block_table = torch.randperm(64, generator=torch.Generator().manual_seed(0))[:-(-len(token_ids) // 4)].tolist()
+    logits = []
+    for count in chunks:
+        input_ids, positions, batch = runner.prepare([ScheduledSequence(seq, count)])
+        with torch.inference_mode():
+            logits.append(model.compute_logits(model(input_ids, positions, kv_cache.layers, batch)).cpu())
+        seq.num_computed += count
+    return torch.cat(logits)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_gpu_every_quantized_matmul_kernel_on_7b_shapes_equals_the_reference(scheme: str) -> None:
+    """Each candidate the tuner may pick, at XVERSE-7B's shapes, in bf16, against the float32 reference."""
+    from xverse_serve.quantization import QuantizedLinear, candidates, reference_matmul, relative_error
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for out_features, in_features in ((4096, 4096), (22016, 4096), (4096, 11008)):
+        layer = QuantizedLinear(in_features, out_features, scheme).cuda()
+        layer.load_rows(0, torch.randn(out_features, in_features, device="cuda", generator=gen) * 0.02)
+        for m in (1, 3, 16, 64, 300):
+            x = torch.randn(m, in_features, device="cuda", generator=gen).to(torch.bfloat16)
+            reference = reference_matmul(x, layer)
+            for kernel in candidates(layer, m):
+                if kernel.backend == "torch" and not hasattr(torch, "_weight_int8pack_mm"):
+                    continue
+                try:
+                    out = kernel(x, layer)
+                except RuntimeError as exc:  # torch's int8 op may lack a CUDA kernel in this build
+                    if kernel.backend == "torch":
+                        continue
+                    raise AssertionError(f"{kernel} failed at M={m}: {exc}") from exc
+                assert out.shape == (m, out_features) and out.dtype == torch.bfloat16
+                assert relative_error(out, reference) < 1e-2, (str(kernel), m, out_features, in_features)

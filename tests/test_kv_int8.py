@@ -217,7 +217,7 @@ def test_fused_rope_and_write_stores_what_write_kv_stores(dtype: torch.dtype, mo
     positions = torch.randint(0, 300, (tokens,), generator=gen).to(DEVICE)
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens].to(DEVICE)
     shape = (num_blocks + 1, block_size, heads, head_dim)
-    caches = [torch.zeros(shape, dtype=dtype, device=DEVICE) for _ in range(2)]
+    caches = [torch.zeros(shape, dtype=torch.uint8, device=DEVICE).view(dtype) for _ in range(2)]
     scales = [torch.zeros(shape[:3], device=DEVICE) for _ in range(2)]
     expected = ([c.clone() for c in caches], [s.clone() for s in scales])
     q, k, v = qkv.view(tokens, 3, heads, head_dim).unbind(dim=1)

@@ -63,16 +63,23 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
         scales.view(-1, x.shape[1]).index_copy_(0, slot_mapping, scale)
 
 
+def gather(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """cache[index]; a float8 cache is indexed as bytes (not every device has an fp8 indexing kernel)."""
+    if cache.dtype == torch.float8_e4m3fn:
+        return cache.view(torch.uint8)[index].view(cache.dtype)
+    return cache[index]
+
+
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
     """The first `length` cached vectors of one sequence, [length, heads, head_dim]."""
     block_size = cache.shape[1]
     num_blocks = -(-length // block_size)
-    return cache[block_table[:num_blocks]].flatten(0, 1)[:length]
+    return gather(cache, block_table[:num_blocks]).flatten(0, 1)[:length]
 
 
 def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
     """[seqs, max_blocks * block_size, heads, head_dim] float32: every table's blocks, dequantized."""
-    values = cache[block_tables].flatten(1, 2).float()
+    values = gather(cache, block_tables).flatten(1, 2).float()
     if scales is not None:
         values = values * scales[block_tables].flatten(1, 2)[..., None]
     return values

@@ -109,6 +109,8 @@ class KVCache:
 
         def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
             # Zeros, not empty: padded block-table entries are read (and masked), and NaN * 0 is still NaN.
+            if dtype in QUANTIZED_KV_DTYPES:  # as bytes: not every device fills float8
+                return torch.zeros(shape, dtype=torch.uint8, device=device).view(dtype)
             return torch.zeros(shape, dtype=dtype, device=device)
 
         self.layers = []

@@ -260,7 +260,7 @@ def time_kernel(kernel: MatmulKernel, x: torch.Tensor, layer: QuantizedLinear) -
     """Median milliseconds of one call (after a first call that compiles)."""
     from triton.testing import do_bench
 
-    return do_bench(lambda: kernel(x, layer), warmup=5, rep=20, return_mode="median")
+    return do_bench(lambda: kernel(x, layer), warmup=2, rep=10, return_mode="median")
 
 
 # Plans already measured in this process, by (scheme, N, K, group, dtype, device name).

@@ -61,23 +61,22 @@ def _int4_gemv_kernel(
     stride_xm, stride_wn, stride_sn, stride_om,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,  # groups per loop iteration
 ):
-    HALF: tl.constexpr = GROUP // 2  # bytes of one group in a row
     m = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     groups_in_row = K // GROUP
     gi = tl.arange(0, GROUPS)
-    jj = tl.arange(0, HALF)
+    jj = tl.arange(0, GROUP // 2)  # the bytes of one group in a row
     w_rows = w_ptr + rows.to(tl.int64)[:, None, None] * stride_wn
     s_rows = rows.to(tl.int64)[:, None] * stride_sn
     x_row = x_ptr + m * stride_xm
     # sum_k x_k W_nk = sum_g scale_ng * sum_{k in g} x_k q_nk + offset_ng * sum_{k in g} x_k
-    acc = tl.zeros([BLOCK_N, GROUPS, HALF], tl.float32)
+    acc = tl.zeros([BLOCK_N, GROUPS, GROUP // 2], tl.float32)
     acc_offset = tl.zeros([BLOCK_N, GROUPS], tl.float32)
     for g0 in range(0, groups_in_row, GROUPS):
         groups = g0 + gi
         group_ok = groups < groups_in_row
-        pairs = groups[:, None] * HALF + jj[None, :]  # [GROUPS, HALF] byte index along the row
+        pairs = groups[:, None] * (GROUP // 2) + jj[None, :]  # [GROUPS, GROUP // 2] byte index along the row
         x_even = tl.load(x_row + 2 * pairs, mask=group_ok[:, None], other=0.0).to(tl.float32)
         x_odd = tl.load(x_row + 2 * pairs + 1, mask=group_ok[:, None], other=0.0).to(tl.float32)
         ok = row_ok[:, None] & group_ok[None, :]
@@ -121,11 +120,10 @@ def _gemm_kernel(
             acc = _dot(x, w.to(dtype), acc, IEEE)
         acc = acc * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
     else:
-        HALF: tl.constexpr = BLOCK_K // 2
         s_cols = cols.to(tl.int64) * stride_sn
         for k0 in range(k_begin, k_end, BLOCK_K):  # whole groups: K and k_per_split are multiples of GROUP
-            pairs = k0 // 2 + tl.arange(0, HALF)
-            packed = tl.load(w_cols + pairs[:, None], mask=col_ok[None, :], other=0)  # [HALF, BLOCK_N]
+            pairs = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            packed = tl.load(w_cols + pairs[:, None], mask=col_ok[None, :], other=0)  # [BLOCK_K // 2, BLOCK_N]
             low = (packed & 0xF).to(dtype)
             high = (packed >> 4).to(dtype)
             x_even = tl.load(x_rows + 2 * pairs[None, :], mask=row_ok[:, None], other=0.0)

@@ -1,0 +1,423 @@
+"""Quantized weights (--quantize int8 / int4) and 8-bit KV caches (--kv-cache-dtype int8 / fp8) on random
+weights of the exact XVERSE-7B shape: memory, speed and error, in one run.
+
+    python bench/quant_bench.py --out bench/results/quant_h100.json            # about 6 minutes on an H100
+    python bench/quant_bench.py --quick --out /tmp/quant.json                  # shorter runs, fewer kernels
+
+No download: the random bf16 checkpoint (bench/random_checkpoint.py's, 14.6 GB of safetensors) is written to
+--checkpoint-dir once (or pass --model-path), and every configuration loads it as `python api.py` does, shard
+by shard, quantizing each tensor as it arrives. For each configuration:
+- weights: GiB on the device after load, and the peak while loading (never the bf16 model for int8/int4);
+- KV pool: tokens it holds when planned as the server plans it (--gpu-memory-utilization 0.9), memory with it;
+- speed: one request's decode tokens/s (512-token prompt), and the output tokens/s of 64 requests at once;
+- error: relative error of the logits (float32, last 64 positions of a 512-token prompt) against bf16 weights
+  with a bf16 cache, and how often the top token agrees.
+Then the capped runs: the process limited to 10 GiB (int8 weights) and 6 GiB (int4) with
+torch.cuda.set_per_process_memory_fraction, loading, planning and serving inside the cap with an int8 cache,
+--max-batched-tokens 2048, --max-num-seqs 64 and --max-model-len 2048 (the settings a small card wants; the
+cap covers the CUDA context too, as on a real card), and how many concurrent 2K-token conversations fit;
+that many are served at once, each 1,536 prompt + 512 new tokens.
+And the kernels: each quantized matmul candidate (Triton gemv / gemm, dequantize + cuBLAS, torch's int8 op,
+torch's int4 tinygemm op on a converted copy) against bf16 cuBLAS at M = 1, 64, 512, for each layer shape,
+and the per-M choices the start-up tuning made.
+
+Every configuration runs in its own try/except: a failure is recorded in the JSON and the next one runs.
+`--device cpu --tiny` runs the same code on a tiny checkpoint on the CPU (a smoke test of the script itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from engine_bench import copy_bandwidth, prompts, run_engine
+from random_checkpoint import write_checkpoint as write_random_checkpoint
+from xverse_serve import quantization
+from xverse_serve.checkpoint import load_config
+from xverse_serve.kv_cache import KVCache, blocks_needed
+from xverse_serve.launch import assemble_engine
+from xverse_serve.memory_plan import kv_cache_tokens_for_card, measure_step_peaks
+from xverse_serve.model import XverseForCausalLM, load_model
+from xverse_serve.quantization import MatmulKernel, QuantizedLinear, candidates, reference_matmul, relative_error
+from xverse_serve.runner import ModelRunner
+from xverse_serve.sampling import SamplingParams
+from xverse_serve.scheduler import ScheduledSequence, Sequence
+from xverse_serve.settings import Settings
+
+GiB = 2**30
+KV_DTYPES = {"auto": None, "int8": torch.int8, "fp8": torch.float8_e4m3fn}
+# (name, --quantize, --kv-cache-dtype); the first is the reference for the logit error.
+CONFIGS = [("bf16", "none", "auto"), ("bf16 + int8 KV", "none", "int8"), ("bf16 + fp8 KV", "none", "fp8"),
+           ("int8", "int8", "auto"), ("int4", "int4", "auto"), ("int8 + int8 KV", "int8", "int8"),
+           ("int4 + int8 KV", "int4", "int8")]
+CAPPED = [("int8, 10 GiB", "int8", 10.0), ("int4, 6 GiB", "int4", 6.0)]
+ERROR_PROMPT_LEN, ERROR_POSITIONS = 512, 64
+
+
+def cuda(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def sync(device: torch.device) -> None:
+    if cuda(device):
+        torch.cuda.synchronize(device)
+
+
+def allocated(device: torch.device) -> float:
+    return torch.cuda.memory_allocated(device) / GiB if cuda(device) else 0.0
+
+
+def peak(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / GiB if cuda(device) else 0.0
+
+
+def reset_peak(device: torch.device) -> None:
+    if cuda(device):
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()  # engines and graphs sit in reference cycles
+    if cuda(device):
+        torch.cuda.empty_cache()
+
+
+@torch.inference_mode()
+def prompt_logits(model: XverseForCausalLM, ids: list[int], kv_dtype: torch.dtype | None) -> torch.Tensor:
+    """float32 logits at the last ERROR_POSITIONS positions of one prefill of `ids`, on the CPU."""
+    block_size = 16
+    kv_cache = KVCache(model.config, blocks_needed(len(ids), block_size), block_size, kv_dtype or model.dtype,
+                       model.device)
+    runner = ModelRunner(model, kv_cache)
+    seq = Sequence("error", list(ids), SamplingParams(max_tokens=1))
+    seq.block_table = list(range(blocks_needed(len(ids), block_size)))
+    input_ids, positions, batch = runner.prepare([ScheduledSequence(seq, len(ids))])
+    hidden = model(input_ids, positions, kv_cache.layers, batch)
+    return model.compute_logits(hidden[-ERROR_POSITIONS:]).float().cpu()
+
+
+def load(model_dir: Path, device: torch.device, dtype: torch.dtype, quantize: str) -> tuple[XverseForCausalLM, dict]:
+    free_memory(device)
+    reset_peak(device)
+    before = allocated(device)
+    started = time.perf_counter()
+    model = load_model(model_dir, load_config(model_dir), device, dtype, 8192, quantize)
+    sync(device)
+    facts = {"load_s": time.perf_counter() - started, "weights_GiB": quantization.quantized_bytes(model) / GiB,
+             "allocated_after_load_GiB": allocated(device) - before, "peak_while_loading_GiB": peak(device) - before}
+    return model, facts
+
+
+def serve(model: XverseForCausalLM, kv_dtype: torch.dtype | None, utilization: float, max_num_seqs: int,
+          max_batched_tokens: int, max_len: int) -> tuple[object, dict]:
+    """Plans the KV pool as build_engine does (on CUDA), assembles the engine with decode graphs, warms it up."""
+    device = model.device
+    free_memory(device)
+    block_size = 16
+    started = time.perf_counter()
+    if cuda(device):
+        peaks = measure_step_peaks(model, max_num_seqs, max_batched_tokens, max_len, block_size, kv_dtype)
+        kv_tokens = kv_cache_tokens_for_card(model, utilization, peaks, True, kv_dtype)
+        facts = {"activation_peak_GiB": peaks.prefill / GiB, "decode_graph_pool_GiB": peaks.decode / GiB}
+    else:
+        kv_tokens, facts = 4 * max_len, {}
+    engine = assemble_engine(model, kv_tokens // block_size, block_size, max_num_seqs, max_batched_tokens, max_len,
+                             cuda_graphs=cuda(device), kv_cache_dtype=kv_dtype)
+    engine.warm_up()
+    sync(device)
+    bytes_per_token = KVCache.bytes_per_token(model.config, kv_dtype or model.dtype)
+    facts.update({"startup_s": time.perf_counter() - started, "kv_cache_tokens": kv_tokens,
+                  "kv_bytes_per_token": bytes_per_token, "kv_cache_GiB": kv_tokens * bytes_per_token / GiB,
+                  "full_8k_contexts": kv_tokens / max_len, "concurrent_2k_conversations": kv_tokens // 2048,
+                  "allocated_with_kv_pool_GiB": allocated(device)})
+    return engine, facts
+
+
+def measure_speed(engine, vocab: int, args: argparse.Namespace) -> dict:
+    device = engine.runner.device
+    reset_peak(device)
+    single = run_engine_on(engine, prompts(1, args.prompt_len, vocab, 1), args.output_len)
+    decode_seconds = single["last"][0] - single["ttft"][0]
+    many = run_engine_on(engine, prompts(args.requests, args.prompt_len, vocab, args.requests), args.output_len)
+    return {"ttft_ms": single["ttft"][0] * 1e3, "decode_tok_s": (args.output_len - 1) / decode_seconds,
+            f"throughput_{args.requests}_tok_s": many["tokens"] / many["seconds"],
+            "preemptions": engine.scheduler.num_preemptions, "peak_serving_GiB": peak(device)}
+
+
+def run_engine_on(engine, batch: list[list[int]], max_tokens: int) -> dict:
+    if cuda(engine.runner.device):
+        return run_engine(engine, batch, max_tokens)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)  # run_engine syncs CUDA
+    start = time.perf_counter()
+    for i, prompt in enumerate(batch):
+        engine.add_request(str(i), prompt, params)
+    first, last, produced = {}, {}, 0
+    while engine.has_work():
+        outputs = engine.step()
+        now = time.perf_counter() - start
+        for out in outputs:
+            produced += len(out.new_token_ids)
+            first.setdefault(out.request_id, now)
+            last[out.request_id] = now
+    return {"seconds": time.perf_counter() - start, "tokens": produced, "ttft": sorted(first.values()),
+            "last": sorted(last.values())}
+
+
+def run_configs(model_dir: Path, device: torch.device, args: argparse.Namespace, results: dict) -> None:
+    vocab = load_config(model_dir).vocab_size
+    error_ids = prompts(1, ERROR_PROMPT_LEN, vocab, 7)[0]
+    reference: torch.Tensor | None = None
+    for quantize in ("none", "int8", "int4"):
+        configs = [c for c in CONFIGS if c[1] == quantize and (not args.quick or c[0] not in ("int8 + int8 KV",))]
+        try:
+            model, load_facts = load(model_dir, device, torch.bfloat16 if cuda(device) else torch.float32, quantize)
+        except Exception as exc:
+            for name, _, _ in configs:
+                results["configs"][name] = {"error": f"loading: {type(exc).__name__}: {exc}"}
+            save(results, args.out)
+            continue
+        for name, _, kv_name in configs:
+            print(f"--- {name}", flush=True)
+            entry: dict = {"quantize": quantize, "kv_cache_dtype": kv_name, **load_facts}
+            results["configs"][name] = entry
+            engine = None
+            try:
+                kv_dtype = KV_DTYPES[kv_name]
+                logits = prompt_logits(model, error_ids, kv_dtype)
+                if reference is None:
+                    reference = logits
+                entry["logit_relative_error"] = relative_error(logits, reference)
+                entry["top1_agreement"] = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+                engine, facts = serve(model, kv_dtype, args.gpu_memory_utilization, args.max_num_seqs,
+                                      Settings().max_batched_tokens, model.config.max_position_embeddings)
+                entry.update(facts)
+                entry.update(measure_speed(engine, vocab, args))
+            except Exception as exc:
+                entry["error"] = f"{type(exc).__name__}: {exc}"
+                traceback.print_exc()
+            del engine
+            free_memory(device)
+            print(json.dumps(entry), flush=True)
+            save(results, args.out)
+        if quantize != "none" and cuda(device):
+            results["matmul_tuning"].update(tuning_table(model))
+        del model
+        free_memory(device)
+        save(results, args.out)
+
+
+def tuning_table(model: XverseForCausalLM) -> dict:
+    """The start-up tuning's choices and timings for this model's layer shapes."""
+    table = {}
+    for key, plan in quantization._PLANS.items():
+        scheme, n, k = key[0], key[1], key[2]
+        if not any(isinstance(m, QuantizedLinear) and (m.scheme, m.out_features, m.in_features) == (scheme, n, k)
+                   for m in model.modules()):
+            continue
+        table[f"{scheme} {n}x{k} {key[4]}"] = {
+            "plan": [[m, str(kernel)] for m, kernel in plan],
+            "timings_ms": {str(m): t for m, t in quantization.TIMINGS[key].items()},
+        }
+    return table
+
+
+def run_capped(model_dir: Path, device: torch.device, args: argparse.Namespace, results: dict) -> None:
+    total = torch.cuda.get_device_properties(device).total_memory
+    vocab = load_config(model_dir).vocab_size
+    for name, quantize, budget in CAPPED:
+        print(f"--- capped: {name}", flush=True)
+        entry: dict = {"quantize": quantize, "kv_cache_dtype": "int8", "budget_GiB": budget,
+                       "max_batched_tokens": args.capped_max_batched_tokens, "max_num_seqs": args.capped_max_num_seqs,
+                       "max_model_len": args.capped_max_model_len}
+        results["capped"][name] = entry
+        model = engine = None
+        fraction = budget * GiB / total
+        try:
+            free_memory(device)
+            torch.cuda.set_per_process_memory_fraction(fraction, device)
+            model, load_facts = load(model_dir, device, torch.bfloat16, quantize)
+            entry.update(load_facts)
+            # mem_get_info sees the whole card; the planner gets the cap as its utilization of it (as memory_cap.py).
+            peaks = measure_step_peaks(model, args.capped_max_num_seqs, args.capped_max_batched_tokens,
+                                       args.capped_max_model_len, 16, torch.int8)
+            entry["kv_cache_tokens_if_bf16_kv"] = kv_cache_tokens_for_card(model, fraction * 0.98, peaks, True,
+                                                                           torch.bfloat16)
+            engine, facts = serve(model, torch.int8, fraction * 0.98, args.capped_max_num_seqs,
+                                  args.capped_max_batched_tokens, args.capped_max_model_len)
+            entry.update(facts)
+            entry["concurrent_2k_conversations_if_bf16_kv"] = entry["kv_cache_tokens_if_bf16_kv"] // 2048
+            conversations = min(entry["concurrent_2k_conversations"], args.capped_max_num_seqs)
+            if conversations:
+                reset_peak(device)
+                run = run_engine(engine, prompts(conversations, 1536, vocab, 11), 512)
+                entry["served"] = {"conversations": conversations, "prompt_tokens": 1536, "new_tokens": 512,
+                                   "tok_s": run["tokens"] / run["seconds"], "seconds": run["seconds"],
+                                   "preemptions": engine.scheduler.num_preemptions,
+                                   "peak_allocated_GiB": peak(device),
+                                   "peak_reserved_GiB": torch.cuda.max_memory_reserved(device) / GiB}
+        except Exception as exc:
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+        del engine, model
+        free_memory(device)
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        print(json.dumps(entry), flush=True)
+        save(results, args.out)
+
+
+def tinygemm(layer: QuantizedLinear):
+    """torch's int4 op (tinygemm) on a converted copy of an int4 layer, or None where this build lacks it."""
+    q = quantization.unpack_int4(layer.weight)
+    scale = layer.weight_scale.to(torch.bfloat16).t().contiguous()
+    zero = (layer.weight_offset.float() + 8 * layer.weight_scale.float()).to(torch.bfloat16).t().contiguous()
+    scales_and_zeros = torch.stack((scale, zero), dim=-1)  # [K / group, N, 2]: w = (q - 8) * scale + zero
+    packed = torch._convert_weight_to_int4pack((q[:, 0::2] << 4) | q[:, 1::2], 8)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm(x, packed, layer.group_size, scales_and_zeros)
+
+    return run
+
+
+def bench_kernels(device: torch.device, args: argparse.Namespace, results: dict) -> None:
+    """Each matmul candidate at M = 1, 64, 512 for each layer shape, with bf16 cuBLAS beside it."""
+    from triton.testing import do_bench
+
+    shapes = {"qkv_proj": (12288, 4096), "o_proj": (4096, 4096), "gate_up_proj": (22016, 4096),
+              "down_proj": (4096, 11008), "lm_head": (100534, 4096)}
+    if args.quick:
+        shapes = {name: shapes[name] for name in ("o_proj", "gate_up_proj")}
+    gen = torch.Generator(device=device).manual_seed(0)
+    for scheme in ("int8", "int4"):
+        for name, (n, k) in shapes.items():
+            if name == "lm_head" and scheme == "int4":
+                continue  # the lm_head is int8 in both modes
+            entry = results["kernels"].setdefault(f"{scheme} {name} {n}x{k}", {})
+            try:
+                dense = (torch.randn(n, k, device=device, generator=gen) * 0.02).to(torch.bfloat16)
+                layer = QuantizedLinear(k, n, scheme).to(device)
+                layer.load_rows(0, dense)
+                extra = {"tinygemm": tinygemm(layer)} if scheme == "int4" else {}
+            except Exception as exc:
+                entry["error"] = f"{type(exc).__name__}: {exc}"
+                continue
+            for m in (1, 64, 512):
+                row = entry.setdefault(str(m), {})
+                x = torch.randn(m, k, device=device, generator=gen).to(torch.bfloat16)
+                reference = reference_matmul(x, layer)
+                row["bf16 cuBLAS"] = do_bench(lambda: torch.nn.functional.linear(x, dense), warmup=5, rep=25,
+                                              return_mode="median")
+                kernels = {str(kernel): (lambda kernel=kernel: kernel(x, layer)) for kernel in
+                           candidates(layer, m) + [MatmulKernel("dequantize")] * (m == 1)}
+                kernels.update({label: (lambda fn=fn: fn(x)) for label, fn in extra.items()})
+                for label, fn in kernels.items():
+                    try:
+                        error = relative_error(fn(), reference)
+                        if error > 2e-2:
+                            row[label] = f"wrong: relative error {error:.3g}"
+                            continue
+                        row[label] = do_bench(fn, warmup=5, rep=25, return_mode="median")
+                    except Exception as exc:
+                        row[label] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                weight_bytes = quantization.quantized_bytes(layer)
+                timed = {label: ms for label, ms in row.items() if isinstance(ms, float) and label != "bf16 cuBLAS"}
+                if timed:
+                    best = min(timed, key=timed.get)
+                    row["best"] = best
+                    row["best_weight_GBps"] = weight_bytes / (timed[best] * 1e-3) / 1e9
+                row["bf16_weight_GBps"] = 2 * n * k / (row["bf16 cuBLAS"] * 1e-3) / 1e9
+            save(results, args.out)
+
+
+def print_tables(results: dict) -> None:
+    requests = results["args"]["requests"]
+    requests_key = f"throughput_{requests}_tok_s"
+    print("\n| configuration | weights GiB | peak while loading GiB | KV pool tokens (GiB) | with the KV pool GiB "
+          f"| decode tok/s, 1 request | output tok/s, {requests} requests | logit rel. error vs bf16 | top-1 agreement |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, e in results["configs"].items():
+        if "error" in e and "decode_tok_s" not in e:
+            print(f"| {name} | {e.get('error')} |")
+            continue
+        print(f"| {name} | {e['weights_GiB']:.2f} | {e['peak_while_loading_GiB']:.2f} | {e['kv_cache_tokens']:,} "
+              f"({e['kv_cache_GiB']:.1f}) | {e['allocated_with_kv_pool_GiB']:.2f} | {e['decode_tok_s']:.1f} | "
+              f"{e[requests_key]:.0f} | {e['logit_relative_error']:.4f} | {e['top1_agreement']:.3f} |")
+    for name, e in results["capped"].items():
+        if "error" in e:
+            print(f"capped {name}: {e['error']}")
+            continue
+        served = e.get("served", {})
+        print(f"capped {name}: weights {e['weights_GiB']:.2f} GiB, KV {e['kv_cache_tokens']:,} tokens (int8) = "
+              f"{e['concurrent_2k_conversations']} concurrent 2K conversations "
+              f"({e['concurrent_2k_conversations_if_bf16_kv']} with a bf16 cache); served {served.get('conversations')}"
+              f" at {served.get('tok_s', 0):.0f} tok/s, {served.get('preemptions')} preemptions, "
+              f"peak {served.get('peak_allocated_GiB', 0):.2f} GiB")
+
+
+def save(results: dict, path: Path | None) -> None:
+    """Written after each part, so a run cut short keeps what it measured."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2, default=str))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-path", type=Path, default=None, help="an XVERSE-7B-shaped checkpoint folder")
+    parser.add_argument("--checkpoint-dir", type=Path, default=Path("/tmp/xverse-random-7b"),
+                        help="where the random checkpoint is written (kept for later runs)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random checkpoint (smoke test, e.g. on CPU)")
+    parser.add_argument("--quick", action="store_true", help="64 new tokens, fewer configurations and kernels")
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--capped-max-batched-tokens", type=int, default=2048)
+    parser.add_argument("--capped-max-num-seqs", type=int, default=64)
+    parser.add_argument("--capped-max-model-len", type=int, default=2048, help="the conversations are 2K tokens")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["configs", "capped", "kernels"])
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.quick:
+        args.output_len = 64
+    device = torch.device(args.device)
+    results: dict = {"device": torch.cuda.get_device_name(device) if cuda(device) else "cpu",
+                     "torch": torch.__version__, "args": vars(args), "configs": {}, "capped": {}, "kernels": {},
+                     "matmul_tuning": {}}
+    if cuda(device):
+        results["copy_bandwidth_GBps"] = copy_bandwidth(device) / 1e9
+        results["capability"] = list(torch.cuda.get_device_capability(device))
+
+    model_dir = args.model_path
+    if model_dir is None:
+        model_dir = args.checkpoint_dir.with_name(args.checkpoint_dir.name + "-tiny") if args.tiny else args.checkpoint_dir
+        if not (model_dir / "model.safetensors.index.json").is_file():
+            print(f"writing the random checkpoint to {model_dir}", flush=True)
+            started = time.perf_counter()
+            write_random_checkpoint(model_dir, args.tiny, device, int((0.03 if args.tiny else 3.0) * 1e9), 0)
+            results["checkpoint_write_s"] = time.perf_counter() - started
+    results["model_path"] = str(model_dir)
+
+    started = time.perf_counter()
+    if "configs" not in args.skip:
+        run_configs(model_dir, device, args, results)
+    if "capped" not in args.skip and cuda(device):
+        run_capped(model_dir, device, args, results)
+    if "kernels" not in args.skip and cuda(device):
+        bench_kernels(device, args, results)
+    results["bench_s"] = time.perf_counter() - started
+    save(results, args.out)
+    print_tables(results)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
