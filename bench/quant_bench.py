@@ -2,7 +2,7 @@
 weights of the exact XVERSE-7B shape: memory, speed and error, in one run.
 
     python bench/quant_bench.py --out bench/results/quant_h100.json            # about 6 minutes on an H100
-    python bench/quant_bench.py --quick --out /tmp/quant.json                  # shorter runs, fewer kernels
+    python bench/quant_bench.py --quick --out /tmp/quant.json                  # shorter runs, fewer kernel shapes
 
 No download: the random bf16 checkpoint (bench/random_checkpoint.py's, 14.6 GB of safetensors) is written to
 --checkpoint-dir once (or pass --model-path), and every configuration loads it as `python api.py` does, shard
@@ -36,9 +36,9 @@ import traceback
 from pathlib import Path
 
 import torch
-
 from engine_bench import copy_bandwidth, prompts, run_engine
 from random_checkpoint import write_checkpoint as write_random_checkpoint
+
 from xverse_serve import quantization
 from xverse_serve.checkpoint import load_config
 from xverse_serve.kv_cache import KVCache, blocks_needed
@@ -55,8 +55,7 @@ GiB = 2**30
 KV_DTYPES = {"auto": None, "int8": torch.int8, "fp8": torch.float8_e4m3fn}
 # (name, --quantize, --kv-cache-dtype); the first is the reference for the logit error.
 CONFIGS = [("bf16", "none", "auto"), ("bf16 + int8 KV", "none", "int8"), ("bf16 + fp8 KV", "none", "fp8"),
-           ("int8", "int8", "auto"), ("int4", "int4", "auto"), ("int8 + int8 KV", "int8", "int8"),
-           ("int4 + int8 KV", "int4", "int8")]
+           ("int8", "int8", "auto"), ("int4", "int4", "auto")]
 CAPPED = [("int8, 10 GiB", "int8", 10.0), ("int4, 6 GiB", "int4", 6.0)]
 ERROR_PROMPT_LEN, ERROR_POSITIONS = 512, 64
 
@@ -175,7 +174,7 @@ def run_configs(model_dir: Path, device: torch.device, args: argparse.Namespace,
     error_ids = prompts(1, ERROR_PROMPT_LEN, vocab, 7)[0]
     reference: torch.Tensor | None = None
     for quantize in ("none", "int8", "int4"):
-        configs = [c for c in CONFIGS if c[1] == quantize and (not args.quick or c[0] not in ("int8 + int8 KV",))]
+        configs = [c for c in CONFIGS if c[1] == quantize]
         try:
             model, load_facts = load(model_dir, device, torch.bfloat16 if cuda(device) else torch.float32, quantize)
         except Exception as exc:
@@ -253,6 +252,8 @@ def run_capped(model_dir: Path, device: torch.device, args: argparse.Namespace, 
                                   args.capped_max_batched_tokens, args.capped_max_model_len)
             entry.update(facts)
             entry["concurrent_2k_conversations_if_bf16_kv"] = entry["kv_cache_tokens_if_bf16_kv"] // 2048
+            single = run_engine(engine, prompts(1, args.prompt_len, vocab, 1), args.output_len)
+            entry["decode_tok_s"] = (args.output_len - 1) / (single["last"][0] - single["ttft"][0])
             conversations = min(entry["concurrent_2k_conversations"], args.capped_max_num_seqs)
             if conversations:
                 reset_peak(device)
@@ -354,7 +355,8 @@ def print_tables(results: dict) -> None:
             print(f"capped {name}: {e['error']}")
             continue
         served = e.get("served", {})
-        print(f"capped {name}: weights {e['weights_GiB']:.2f} GiB, KV {e['kv_cache_tokens']:,} tokens (int8) = "
+        print(f"capped {name}: weights {e['weights_GiB']:.2f} GiB, decode {e.get('decode_tok_s', 0):.0f} tok/s, "
+              f"KV {e['kv_cache_tokens']:,} tokens (int8) = "
               f"{e['concurrent_2k_conversations']} concurrent 2K conversations "
               f"({e['concurrent_2k_conversations_if_bf16_kv']} with a bf16 cache); served {served.get('conversations')}"
               f" at {served.get('tok_s', 0):.0f} tok/s, {served.get('preemptions')} preemptions, "
@@ -375,7 +377,7 @@ def main() -> None:
                         help="where the random checkpoint is written (kept for later runs)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a tiny random checkpoint (smoke test, e.g. on CPU)")
-    parser.add_argument("--quick", action="store_true", help="64 new tokens, fewer configurations and kernels")
+    parser.add_argument("--quick", action="store_true", help="64 new tokens, fewer kernel shapes")
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--requests", type=int, default=64)

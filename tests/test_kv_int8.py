@@ -29,8 +29,9 @@ triton = pytest.importorskip("triton")
 from test_quantization import greedy, paged_logits, random_ids  # noqa: E402
 from test_triton_attention import PagedBatch, _fix_interpreter_index  # noqa: E402
 from test_triton_ops import interpreter_rounds_bfloat16  # noqa: E402,F401  (autouse: bf16 rounding as on GPUs)
+
 from xverse_serve.attention import (  # noqa: E402
-    AttentionBatch, KV_QMAX, decode_attention, dequantize_kv, paged_attention, quantize_kv, write_kv,
+    KV_QMAX, AttentionBatch, decode_attention, dequantize_kv, paged_attention, quantize_kv, write_kv,
 )
 from xverse_serve.checkpoint import ModelConfig, load_config  # noqa: E402
 from xverse_serve.kv_cache import KVCache  # noqa: E402

@@ -31,6 +31,7 @@ DEVICE = torch.device("cpu" if INTERPRET else "cuda")
 
 from conftest import REPO, start_server, stop_server  # noqa: E402
 from tiny_checkpoint import write_checkpoint  # noqa: E402
+
 from xverse_serve.checkpoint import CheckpointError, ModelConfig, load_config  # noqa: E402
 from xverse_serve.kv_cache import KVCache  # noqa: E402
 from xverse_serve.launch import assemble_engine, build_engine, resolve_kv_cache_dtype  # noqa: E402

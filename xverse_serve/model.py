@@ -295,8 +295,11 @@ def load_model(model_dir: Path, config: ModelConfig, device: torch.device, dtype
             raise CheckpointError(
                 f"tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {target.shape}"
             )
-        with torch.no_grad():
-            target.store(tensor)
+        try:
+            with torch.no_grad():
+                target.store(tensor)
+        except ValueError as exc:  # a tensor that cannot be quantized
+            raise CheckpointError(f"tensor {name!r}: {exc}") from exc
         loaded.add(name)
     missing = sorted(set(targets) - loaded)
     if missing:

@@ -84,7 +84,8 @@ class MatmulKernel:
     """One way to multiply by a quantized weight on CUDA: a backend and its options.
 
     gemv, gemm, dequantize: the Triton kernels of triton_quant (dequantize: the dense weight, then F.linear);
-    torch: torch._weight_int8pack_mm (int8 only)."""
+    torch: torch._weight_int8pack_mm (int8 only); reference: the weight dequantized by PyTorch, then F.linear
+    (slow and memory-hungry: only where no other kernel works)."""
 
     backend: str
     options: tuple[tuple[str, int], ...] = ()
@@ -106,6 +107,8 @@ class MatmulKernel:
                                                        layer.bits, layer.group_size, x.dtype))
         if self.backend == "torch":
             return torch._weight_int8pack_mm(x, layer.weight, layer.weight_scale.to(x.dtype))
+        if self.backend == "reference":
+            return F.linear(x, layer.dequantized(x.dtype))
         raise ValueError(f"unknown matmul backend {self.backend!r}")
 
     def __str__(self) -> str:
@@ -218,17 +221,19 @@ def _gemm(layer: QuantizedLinear, m: int, block_m: int, block_n: int, block_k: i
                                  ("split_k", split), ("num_warps", num_warps), ("num_stages", num_stages)))
 
 
-def _gemv(layer: QuantizedLinear) -> MatmulKernel:
+def _gemv(layer: QuantizedLinear, rows: int) -> MatmulKernel:
+    """A gemv configuration moving 4 KB of weights per iteration: `rows` output channels per program."""
     if layer.bits == 8:
-        return MatmulKernel("gemv", (("block_n", 8), ("block_k", 512), ("num_warps", 4)))
-    return MatmulKernel("gemv", (("block_n", 16), ("groups_per_iter", 4), ("num_warps", 4)))
+        return MatmulKernel("gemv", (("block_n", rows), ("block_k", 4096 // rows), ("num_warps", 4)))
+    return MatmulKernel("gemv", (("block_n", rows), ("groups_per_iter", 4096 // rows // (layer.group_size // 2)),
+                                 ("num_warps", 4)))
 
 
 def candidates(layer: QuantizedLinear, m: int) -> list[MatmulKernel]:
     """The kernels worth timing for M rows."""
     kernels = []
     if m <= 16:
-        kernels.append(_gemv(layer))
+        kernels += [_gemv(layer, 8), _gemv(layer, 16)]
     if m <= 64:
         kernels.append(_gemm(layer, m, 16 if m <= 16 else 32, 64, 128, 4, 4))
     if m >= 32:
@@ -244,7 +249,8 @@ def candidates(layer: QuantizedLinear, m: int) -> list[MatmulKernel]:
 
 def default_plan(layer: QuantizedLinear) -> MatmulPlan:
     """Before (or without) tuning: gemv for decode-sized batches, gemm beyond."""
-    return ((4, _gemv(layer)), (64, _gemm(layer, 64, 32, 64, 128, 4, 4)), (1 << 30, _gemm(layer, 4096, 64, 128, 64, 4, 3)))
+    return ((4, _gemv(layer, 8)), (64, _gemm(layer, 64, 32, 64, 128, 4, 4)),
+            (1 << 30, _gemm(layer, 4096, 64, 128, 64, 4, 3)))
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -302,7 +308,9 @@ def measure_plan(layer: QuantizedLinear, dtype: torch.dtype) -> tuple[MatmulPlan
                 best = (ms, kernel)
         del x, reference
         if best is None:
-            raise RuntimeError(f"no quantized matmul kernel works for {layer.extra_repr()} at M={m}: {timings[m]}")
+            log.warning("no quantized matmul kernel works for %s at M=%d (%s): using the PyTorch reference",
+                        layer.extra_repr(), m, timings[m])
+            best = (float("inf"), MatmulKernel("reference"))
         if plan and plan[-1][1] == best[1]:
             plan[-1] = (m, best[1])
         else:

@@ -123,10 +123,10 @@ def _partition_kernel(
             alpha = tl.exp2(m_lane - m_safe)
             p = tl.exp2(scores - m_safe)
             l_lane = l_lane * alpha + p
-            weight = p
+            p_v = p  # each value's weight; an 8-bit value's includes its scale
             if SCALED:
-                weight = p * v_scale
-            acc_lane = acc_lane * alpha[:, :, None] + weight[:, :, None] * v.to(tl.float32)
+                p_v = p * v_scale
+            acc_lane = acc_lane * alpha[:, :, None] + p_v[:, :, None] * v.to(tl.float32)
             m_lane = m_new
         m_i = tl.max(m_lane, axis=0)  # finite: lane 0 saw token `start`
         weight = tl.exp2(m_lane - m_i[None, :])  # 0 for lanes that saw no token
@@ -152,10 +152,10 @@ def _partition_kernel(
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(scores - m_new[None, :])
             l_i = l_i * alpha + tl.sum(p, axis=0)
-            weight = p
+            p_v = p
             if SCALED:
-                weight = p * v_scale
-            acc = acc * alpha[:, None] + tl.sum(weight[:, :, None] * v.to(tl.float32), axis=0)
+                p_v = p * v_scale
+            acc = acc * alpha[:, None] + tl.sum(p_v[:, :, None] * v.to(tl.float32), axis=0)
             m_i = m_new
 
     if SINGLE:
