@@ -207,11 +207,22 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
-def _gemm(layer: QuantizedLinear, m: int, block_m: int, block_n: int, block_k: int, num_warps: int,
-          num_stages: int) -> MatmulKernel:
-    """A gemm configuration, split along K when its output tiles alone would leave SMs idle."""
-    if layer.bits == 4:
-        block_k = layer.group_size
+# gemm configurations, (block_m, block_n, block_k, num_warps, num_stages), by the batch sizes they suit; int4
+# always takes one group (128) per step. Chosen to compile without register spills on sm_90 (ptxas -v).
+GEMM_CONFIGS = {
+    8: {"small": (16, 64, 128, 4, 3), "medium": (32, 64, 64, 4, 3), "large": (64, 128, 64, 8, 3),
+        "huge": (128, 128, 64, 8, 3)},
+    4: {"small": (16, 64, 128, 4, 3), "medium": (32, 64, 128, 4, 3), "large": (64, 64, 128, 4, 3),
+        "huge": (128, 64, 128, 8, 3)},
+}
+# gemv configurations, (output channels per program, K per step or groups per step, num_warps): 2-4 KB of
+# weights per step.
+GEMV_CONFIGS = {8: ((8, 512, 4), (16, 256, 8)), 4: ((8, 4, 4), (16, 4, 8))}
+
+
+def _gemm(layer: QuantizedLinear, m: int, size: str) -> MatmulKernel:
+    """A gemm configuration for M rows, split along K when its output tiles alone would leave SMs idle."""
+    block_m, block_n, block_k, num_warps, num_stages = GEMM_CONFIGS[layer.bits][size]
     tiles = -(-m // block_m) * -(-layer.out_features // block_n)
     steps = -(-layer.in_features // block_k)
     split = 1
@@ -221,25 +232,24 @@ def _gemm(layer: QuantizedLinear, m: int, block_m: int, block_n: int, block_k: i
                                  ("split_k", split), ("num_warps", num_warps), ("num_stages", num_stages)))
 
 
-def _gemv(layer: QuantizedLinear, rows: int) -> MatmulKernel:
-    """A gemv configuration moving 4 KB of weights per iteration: `rows` output channels per program."""
-    if layer.bits == 8:
-        return MatmulKernel("gemv", (("block_n", rows), ("block_k", 4096 // rows), ("num_warps", 4)))
-    return MatmulKernel("gemv", (("block_n", rows), ("groups_per_iter", 4096 // rows // (layer.group_size // 2)),
-                                 ("num_warps", 4)))
+def _gemv(layer: QuantizedLinear, config: tuple[int, int, int]) -> MatmulKernel:
+    rows, step, num_warps = config
+    name = "block_k" if layer.bits == 8 else "groups_per_iter"
+    return MatmulKernel("gemv", (("block_n", rows), (name, step), ("num_warps", num_warps)))
 
 
 def candidates(layer: QuantizedLinear, m: int) -> list[MatmulKernel]:
     """The kernels worth timing for M rows."""
     kernels = []
     if m <= 16:
-        kernels += [_gemv(layer, 8), _gemv(layer, 16)]
-    if m <= 64:
-        kernels.append(_gemm(layer, m, 16 if m <= 16 else 32, 64, 128, 4, 4))
+        kernels += [_gemv(layer, config) for config in GEMV_CONFIGS[layer.bits]]
+        kernels.append(_gemm(layer, m, "small"))
+    if 16 < m <= 64:
+        kernels.append(_gemm(layer, m, "medium"))
     if m >= 32:
-        kernels.append(_gemm(layer, m, 64, 128, 64, 4, 3))
+        kernels.append(_gemm(layer, m, "large"))
     if m >= 256:
-        kernels.append(_gemm(layer, m, 128, 128, 64, 8, 3))
+        kernels.append(_gemm(layer, m, "huge"))
     if m >= 64 and layer.out_features * layer.in_features <= DEQUANTIZE_MAX_ELEMENTS:
         kernels.append(MatmulKernel("dequantize"))
     if layer.bits == 8:
@@ -249,8 +259,8 @@ def candidates(layer: QuantizedLinear, m: int) -> list[MatmulKernel]:
 
 def default_plan(layer: QuantizedLinear) -> MatmulPlan:
     """Before (or without) tuning: gemv for decode-sized batches, gemm beyond."""
-    return ((4, _gemv(layer, 8)), (64, _gemm(layer, 64, 32, 64, 128, 4, 4)),
-            (1 << 30, _gemm(layer, 4096, 64, 128, 64, 4, 3)))
+    return ((4, _gemv(layer, GEMV_CONFIGS[layer.bits][0])), (64, _gemm(layer, 64, "medium")),
+            (1 << 30, _gemm(layer, 4096, "large")))
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -142,11 +142,16 @@ def _kv_scale(x1, x2, QMAX: tl.constexpr, MIN_AMAX: tl.constexpr):
 
 @triton.jit
 def _kv_quantize(x, scale, QMAX: tl.constexpr, INT8: tl.constexpr):
-    """x / scale as attention.quantize_kv computes it (float32; int8: rounded half up, then stored exactly)."""
+    """x / scale as attention.quantize_kv computes it, in float32 (int8: already rounded, half up)."""
     y = tl.math.div_rn(x, scale[:, None])
     if INT8:
-        return tl.minimum(tl.maximum(tl.floor(y + 0.5), -QMAX), QMAX).to(tl.int8)
-    return tl.minimum(tl.maximum(y, -QMAX), QMAX).to(tl.float8e4nv, fp_downcast_rounding="rtne")  # as torch rounds
+        y = tl.floor(y + 0.5)
+    return tl.minimum(tl.maximum(y, -QMAX), QMAX)
+
+
+@triton.jit
+def _to_fp8(x):
+    return x.to(tl.float8e4nv, fp_downcast_rounding="rtne")  # to nearest, ties to even, as torch converts
 
 
 @triton.jit
@@ -211,6 +216,8 @@ def _rope_kv_kernel(
         v_scale = _kv_scale(v1, v2, QMAX, MIN_AMAX)
         k1, k2 = _kv_quantize(k1, k_scale, QMAX, INT8), _kv_quantize(k2, k_scale, QMAX, INT8)
         v1, v2 = _kv_quantize(v1, v_scale, QMAX, INT8), _kv_quantize(v2, v_scale, QMAX, INT8)
+        if not INT8:  # int8: the stores below convert the (integral) values exactly
+            k1, k2, v1, v2 = _to_fp8(k1), _to_fp8(k2), _to_fp8(v1), _to_fp8(v2)
         scale_at = block * stride_sb + offset * stride_st + heads
         head_ok = heads < num_heads
         tl.store(k_scale_ptr + scale_at, k_scale, mask=head_ok)

@@ -9,13 +9,16 @@ Three kernels, each right for another batch size M (quantization.py picks one pe
 - gemv: one program per (row of x, block of output channels); it streams the block's weights once, multiplies
   and adds elementwise in float32 and reduces once after the loop. For decode at small batch, where the step is
   bound by reading the weights.
-- gemm: tiles of x times dequantized tiles of W on the tensor cores (tl.dot), optionally split along K into
-  float32 partial sums (few output tiles would leave SMs idle). The integer values go into the dot exactly
-  (int8 and 0..15 are exact in bf16/fp16); the scales are applied to the dot's float32 result.
+- gemm: tiles of x times tiles of W on the tensor cores (tl.dot), optionally split along K into float32
+  partial sums (few output tiles would leave SMs idle). int8 goes into the dot as its integer values (exact in
+  bf16/fp16) and the channel scales multiply the float32 result; int4 is dequantized in registers, a group at
+  a time, to x's dtype (as the dequantize kernel rounds it).
 - dequantize: W in the activation dtype, for a dense matmul when M is large (prefill is compute-bound).
 
 Every wrapper is CUDA-graph capturable (nothing is read back to the host) and runs in Triton's interpreter on
-CPU tensors (the tests). The references are quantization.dequantize_* followed by a float matmul.
+CPU tensors (the tests). The references are quantization.dequantize_* followed by a float matmul. Offsets are
+32-bit (each tensor must have fewer than 2^31 elements: XVERSE's largest, the lm_head, has 412M); with the
+pointers advanced each step rather than recomputed, the kernels compile without register spills on sm_90.
 """
 
 from __future__ import annotations
@@ -39,17 +42,22 @@ def _int8_gemv_kernel(
     stride_xm, stride_wn, stride_om,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    m = tl.program_id(0).to(tl.int64)
+    m = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
+    ks = tl.arange(0, BLOCK_K)
+    # int32 offsets (the wrappers check every tensor has fewer than 2^31 elements): fewer registers than
+    # 64-bit pointers per element, and pointers advanced each step instead of recomputed.
+    x_ptrs = x_ptr + m * stride_xm + ks
+    w_ptrs = w_ptr + rows[:, None] * stride_wn + ks[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        x = tl.load(x_ptr + m * stride_xm + ks, mask=k_ok, other=0.0).to(tl.float32)
-        w = tl.load(w_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0)
+        k_ok = k0 + ks < K
+        x = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0)
         acc += w.to(tl.float32) * x[None, :]
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
     y = tl.sum(acc, axis=1) * tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
     tl.store(out_ptr + m * stride_om + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
@@ -61,32 +69,33 @@ def _int4_gemv_kernel(
     stride_xm, stride_wn, stride_sn, stride_om,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,  # groups per loop iteration
 ):
-    m = tl.program_id(0).to(tl.int64)
+    m = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     groups_in_row = K // GROUP
     gi = tl.arange(0, GROUPS)
-    jj = tl.arange(0, GROUP // 2)  # the bytes of one group in a row
-    w_rows = w_ptr + rows.to(tl.int64)[:, None, None] * stride_wn
-    s_rows = rows.to(tl.int64)[:, None] * stride_sn
-    x_row = x_ptr + m * stride_xm
+    pairs = gi[:, None] * (GROUP // 2) + tl.arange(0, GROUP // 2)[None, :]  # [GROUPS, GROUP // 2] bytes of a row
+    x_ptrs = x_ptr + m * stride_xm + 2 * pairs
+    w_ptrs = w_ptr + rows[:, None, None] * stride_wn + pairs[None, :, :]
+    s_offsets = rows[:, None] * stride_sn + gi[None, :]
     # sum_k x_k W_nk = sum_g scale_ng * sum_{k in g} x_k q_nk + offset_ng * sum_{k in g} x_k
     acc = tl.zeros([BLOCK_N, GROUPS, GROUP // 2], tl.float32)
     acc_offset = tl.zeros([BLOCK_N, GROUPS], tl.float32)
     for g0 in range(0, groups_in_row, GROUPS):
-        groups = g0 + gi
-        group_ok = groups < groups_in_row
-        pairs = groups[:, None] * (GROUP // 2) + jj[None, :]  # [GROUPS, GROUP // 2] byte index along the row
-        x_even = tl.load(x_row + 2 * pairs, mask=group_ok[:, None], other=0.0).to(tl.float32)
-        x_odd = tl.load(x_row + 2 * pairs + 1, mask=group_ok[:, None], other=0.0).to(tl.float32)
+        group_ok = g0 + gi < groups_in_row
+        x_even = tl.load(x_ptrs, mask=group_ok[:, None], other=0.0).to(tl.float32)
+        x_odd = tl.load(x_ptrs + 1, mask=group_ok[:, None], other=0.0).to(tl.float32)
         ok = row_ok[:, None] & group_ok[None, :]
-        packed = tl.load(w_rows + pairs[None, :, :], mask=ok[:, :, None], other=0)
+        packed = tl.load(w_ptrs, mask=ok[:, :, None], other=0)
         low = (packed & 0xF).to(tl.float32)
         high = (packed >> 4).to(tl.float32)
-        scale = tl.load(scale_ptr + s_rows + groups[None, :], mask=ok, other=0.0).to(tl.float32)
-        offset = tl.load(offset_ptr + s_rows + groups[None, :], mask=ok, other=0.0).to(tl.float32)
+        scale = tl.load(scale_ptr + s_offsets, mask=ok, other=0.0).to(tl.float32)
+        offset = tl.load(offset_ptr + s_offsets, mask=ok, other=0.0).to(tl.float32)
         acc += (low * x_even[None, :, :] + high * x_odd[None, :, :]) * scale[:, :, None]
         acc_offset += offset * tl.sum(x_even + x_odd, axis=1)[None, :]
+        x_ptrs += GROUPS * GROUP
+        w_ptrs += GROUPS * (GROUP // 2)
+        s_offsets += GROUPS
     y = tl.sum(tl.sum(acc, axis=2) + acc_offset, axis=1)
     tl.store(out_ptr + m * stride_om + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
@@ -106,36 +115,43 @@ def _gemm_kernel(
     row_ok = rows < M
     col_ok = cols < N
     dtype = x_ptr.dtype.element_ty
-    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
-    w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wn
     k_begin = split * k_per_split
     k_end = tl.minimum(K, k_begin + k_per_split)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     if BITS == 8:
+        ks = tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + rows[:, None] * stride_xm + (k_begin + ks)[None, :]
+        w_ptrs = w_ptr + cols[None, :] * stride_wn + (k_begin + ks)[:, None]  # [BLOCK_K, BLOCK_N]
         for k0 in range(k_begin, k_end, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < k_end
-            x = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_cols + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0)  # [BLOCK_K, BLOCK_N]
+            k_ok = k0 + ks < k_end
+            x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0)
             acc = _dot(x, w.to(dtype), acc, IEEE)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
         acc = acc * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
     else:
-        s_cols = cols.to(tl.int64) * stride_sn
-        for k0 in range(k_begin, k_end, BLOCK_K):  # whole groups: K and k_per_split are multiples of GROUP
-            pairs = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            packed = tl.load(w_cols + pairs[:, None], mask=col_ok[None, :], other=0)  # [BLOCK_K // 2, BLOCK_N]
-            low = (packed & 0xF).to(dtype)
-            high = (packed >> 4).to(dtype)
-            x_even = tl.load(x_rows + 2 * pairs[None, :], mask=row_ok[:, None], other=0.0)
-            x_odd = tl.load(x_rows + 2 * pairs[None, :] + 1, mask=row_ok[:, None], other=0.0)
-            part = _dot(x_even, low, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE)
-            part = _dot(x_odd, high, part, IEEE)
-            group = k0 // GROUP
-            scale = tl.load(scale_ptr + s_cols + group, mask=col_ok, other=0.0).to(tl.float32)
-            offset = tl.load(offset_ptr + s_cols + group, mask=col_ok, other=0.0).to(tl.float32)
-            x_sum = tl.sum(x_even.to(tl.float32), axis=1) + tl.sum(x_odd.to(tl.float32), axis=1)
-            acc += part * scale[None, :] + x_sum[:, None] * offset[None, :]
-    out = out_ptr + split.to(tl.int64) * stride_osplit + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
+        # Whole groups per iteration (K and k_per_split are multiples of GROUP): the group's scale and offset
+        # are vectors over the tile's columns. The nibbles are dequantized in registers (to x's dtype, as the
+        # dequantize kernel rounds them) and multiplied with x's even and odd columns.
+        pairs = tl.arange(0, BLOCK_K // 2)
+        x_ptrs = x_ptr + rows[:, None] * stride_xm + (k_begin + tl.arange(0, BLOCK_K))[None, :]
+        w_ptrs = w_ptr + cols[None, :] * stride_wn + (k_begin // 2 + pairs)[:, None]  # [BLOCK_K // 2, BLOCK_N]
+        s_ptrs = cols * stride_sn + k_begin // GROUP
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            packed = tl.load(w_ptrs, mask=col_ok[None, :], other=0)
+            scale = tl.load(scale_ptr + s_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            offset = tl.load(offset_ptr + s_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            low = ((packed & 0xF).to(tl.float32) * scale + offset).to(dtype)
+            high = ((packed >> 4).to(tl.float32) * scale + offset).to(dtype)
+            x = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)  # contiguous, then split into even and odd k
+            x_even, x_odd = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_K // 2, 2]))
+            acc = _dot(x_even, low, acc, IEEE)
+            acc = _dot(x_odd, high, acc, IEEE)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K // 2
+            s_ptrs += 1
+    out = out_ptr + split * stride_osplit + rows[:, None] * stride_om + cols[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -148,27 +164,23 @@ def _dequantize_kernel(
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    rows64 = rows.to(tl.int64)
+    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    store_ok = row_ok[:, None] & (ks < K)[None, :]
     if BITS == 8:
-        ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-        ok = row_ok[:, None] & (ks < K)[None, :]
-        q = tl.load(w_ptr + rows64[:, None] * stride_wn + ks[None, :], mask=ok, other=0).to(tl.float32)
-        w = q * tl.load(scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
-        tl.store(out_ptr + rows64[:, None] * stride_on + ks[None, :], w.to(out_ptr.dtype.element_ty), mask=ok)
+        q = tl.load(w_ptr + rows[:, None] * stride_wn + ks[None, :], mask=store_ok, other=0).to(tl.float32)
+        w = (q * tl.load(scale_ptr + rows, mask=row_ok, other=0.0)[:, None]).to(out_ptr.dtype.element_ty)
     else:
         pairs = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
         ok = row_ok[:, None] & (pairs < K // 2)[None, :]
-        packed = tl.load(w_ptr + rows64[:, None] * stride_wn + pairs[None, :], mask=ok, other=0)
-        groups = (2 * pairs) // GROUP
-        scale = tl.load(scale_ptr + rows64[:, None] * stride_sn + groups[None, :], mask=ok, other=0.0).to(tl.float32)
-        offset = tl.load(offset_ptr + rows64[:, None] * stride_sn + groups[None, :], mask=ok, other=0.0).to(tl.float32)
-        low = (packed & 0xF).to(tl.float32) * scale + offset
-        high = (packed >> 4).to(tl.float32) * scale + offset
+        packed = tl.load(w_ptr + rows[:, None] * stride_wn + pairs[None, :], mask=ok, other=0)
+        s_offsets = rows[:, None] * stride_sn + ((2 * pairs) // GROUP)[None, :]
+        scale = tl.load(scale_ptr + s_offsets, mask=ok, other=0.0).to(tl.float32)
+        offset = tl.load(offset_ptr + s_offsets, mask=ok, other=0.0).to(tl.float32)
         dtype = out_ptr.dtype.element_ty
-        w = tl.interleave(low.to(dtype), high.to(dtype))  # [BLOCK_N, BLOCK_K]: k = 2j, 2j + 1
-        ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-        store_ok = row_ok[:, None] & (ks < K)[None, :]
-        tl.store(out_ptr + rows64[:, None] * stride_on + ks[None, :], w, mask=store_ok)
+        low = ((packed & 0xF).to(tl.float32) * scale + offset).to(dtype)
+        high = ((packed >> 4).to(tl.float32) * scale + offset).to(dtype)
+        w = tl.interleave(low, high)  # [BLOCK_N, BLOCK_K]: k = 2j, 2j + 1
+    tl.store(out_ptr + rows[:, None] * stride_on + ks[None, :], w, mask=store_ok)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bits: int) -> tuple[int, int, int]:
@@ -179,6 +191,8 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bits: int) -> tuple[int, int, 
     packed_k = k // 2 if bits == 4 else k
     if weight.shape != (n, packed_k) or weight.stride(-1) != 1:
         raise ValueError(f"weight {tuple(weight.shape)} does not fit x {tuple(x.shape)} for int{bits}")
+    if max(x.stride(0) * m, weight.stride(0) * n, m * n) >= 2**31:
+        raise ValueError("the kernels index with 32-bit offsets: split a matmul this large")
     return m, n, k
 
 
@@ -204,7 +218,7 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out: t
 
 
 def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int,
-              out: torch.Tensor | None = None, *, block_n: int = 16, groups_per_iter: int = 4,
+              out: torch.Tensor | None = None, *, block_n: int = 8, groups_per_iter: int = 4,
               num_warps: int = 4) -> torch.Tensor:
     """x [M, K] @ dequantized(weight)^T -> [M, N] in x's dtype; for small M."""
     m, n, k = _check(x, weight, 4)
