@@ -265,3 +265,12 @@ def test_engine_with_an_int8_cache_gives_the_unquantized_greedy_tokens(tiny_mode
     tokens = greedy(model, prompts, kv_dtype=torch.int8)
     assert all(len(set(t)) > 3 for t in tokens)
     assert tokens == greedy(model, prompts)
+
+
+
+def test_8bit_cache_kernels_compile_for_hopper_without_register_spills() -> None:
+    from test_quantization import compile_for_hopper
+
+    reports = compile_for_hopper("kv")
+    assert len(reports) == 6  # decode attention (two loop forms) and the cache write, for int8 and fp8
+    assert [r for r in reports if r["spilled_bytes"]] == []

@@ -10,11 +10,14 @@ What is specified here:
   logit error is ~1.2% for int8 and ~16% for int4 (4-bit steps on random Gaussian weights); tolerances 2.5% and
   25%. (Greedy tokens of a random tiny model sit on near-ties, so they are compared with the dequantized
   reference, not with the original.) The 7B-shaped figures come from bench/quant_bench.py;
-- `python api.py --quantize int8 --kv-cache-dtype int8` serves; unsupported combinations stop it with one line.
+- `python api.py --quantize int8 --kv-cache-dtype int8` serves; unsupported combinations stop it with one line;
+- every kernel configuration the tuner may pick compiles for sm_90 (Hopper) without register spills, checked
+  without a GPU through the ptxas Triton brings (tests/hopper_compile.py).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -338,3 +341,25 @@ def test_api_py_serves_with_int8_weights_and_an_int8_kv_cache(tiny_model_dir: Pa
         assert "weights quantized to int8" in log and "KV cache (int8)" in log
     finally:
         stop_server(server)
+
+
+
+# ---------------------------------------------------------------- the kernels compile for the GPU
+
+
+def compile_for_hopper(family: str) -> list[dict]:
+    """tests/hopper_compile.py's report for a family of kernels (compiled for sm_90 in a process of its own)."""
+    triton = pytest.importorskip("triton")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").is_file():
+        pytest.skip("this Triton wheel brings no ptxas")
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "hopper_compile.py"), family],
+                            capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_every_quantized_matmul_kernel_compiles_for_hopper_without_register_spills() -> None:
+    reports = compile_for_hopper("quant")
+    assert {r["kernel"].split("(")[0] for r in reports} >= {"int8 gemv", "int8 gemm", "int8 dequantize", "int4 gemv",
+                                                            "int4 gemm", "int4 dequantize"}
+    assert [r for r in reports if r["spilled_bytes"]] == []

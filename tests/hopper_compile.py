@@ -1,0 +1,125 @@
+"""Compiles the quantized-matmul and 8-bit-cache kernels for sm_90 (Hopper) without a GPU, with the ptxas that
+Triton's wheel brings, and prints one JSON line per kernel: its name, registers and bytes spilled.
+
+    python tests/hopper_compile.py quant|kv
+
+Run as its own process: where TRITON_INTERPRET is set (the CPU tests), kernels can only be interpreted.
+Pointers and strides are marked 16-divisible, as Triton's launcher marks them at run time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+
+
+def compile_for_hopper(fn, signature: dict[str, str], constexprs: dict, num_warps: int = 4, num_stages: int = 3,
+                       **options) -> dict:
+    index = fn.arg_names.index
+    attrs = {(index(name),): [["tt.divisibility", 16]] for name, kind in signature.items()
+             if kind.startswith("*") or name.startswith("stride") or name in ("N", "K", "k_per_split")}
+    source = ASTSource(fn=fn, signature={**signature, **{name: "constexpr" for name in constexprs}},
+                       constexprs={(index(name),): value for name, value in constexprs.items()}, attrs=attrs)
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages, **options})
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+        ptx.write(kernel.asm["ptx"])
+        ptx.flush()
+        report = subprocess.run([str(PTXAS), "-v", "--gpu-name", "sm_90a", ptx.name, "-o", os.devnull],
+                                capture_output=True, text=True, check=True).stderr
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    registers = re.search(r"Used (\d+) registers", report)
+    return {"spilled_bytes": int(spills[1]) + int(spills[2]), "registers": int(registers[1])}
+
+
+def quantized_matmul_kernels() -> Iterator[tuple]:
+    """Every gemv and gemm configuration the tuner may choose (bf16 activations), and the dequantize kernel."""
+    from xverse_serve import triton_quant
+    from xverse_serve.quantization import INT4_GROUP, QuantizedLinear, candidates
+
+    for scheme in ("int8", "int4"):
+        layer = QuantizedLinear(4096, 4096, scheme)
+        weight = "*i8" if scheme == "int8" else "*u8"
+        scales = "*fp32" if scheme == "int8" else "*fp16"
+        seen = set()
+        for kernel in (k for m in (1, 16, 64, 512) for k in candidates(layer, m) if k.backend in ("gemv", "gemm")):
+            options = {name: value for name, value in kernel.options if name != "split_k"}
+            if (kernel.backend, tuple(options.items())) in seen:
+                continue
+            seen.add((kernel.backend, tuple(options.items())))
+            launch = {"num_warps": options.pop("num_warps"), "num_stages": options.pop("num_stages", 3)}
+            name = f"{scheme} {kernel}"
+            if kernel.backend == "gemm":
+                yield name, triton_quant._gemm_kernel, {
+                    "x_ptr": "*bf16", "w_ptr": weight, "scale_ptr": scales, "offset_ptr": scales, "out_ptr": "*bf16",
+                    "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32", "stride_xm": "i32", "stride_wn": "i32",
+                    "stride_sn": "i32", "stride_om": "i32", "stride_osplit": "i32"}, {
+                    "BITS": layer.bits, "GROUP": layer.group_size, "BLOCK_M": options["block_m"],
+                    "BLOCK_N": options["block_n"], "BLOCK_K": options["block_k"], "IEEE": False}, launch
+            elif scheme == "int8":
+                yield name, triton_quant._int8_gemv_kernel, {
+                    "x_ptr": "*bf16", "w_ptr": weight, "scale_ptr": scales, "out_ptr": "*bf16", "M": "i32",
+                    "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_om": "i32"}, {
+                    "BLOCK_N": options["block_n"], "BLOCK_K": options["block_k"]}, launch
+            else:
+                yield name, triton_quant._int4_gemv_kernel, {
+                    "x_ptr": "*bf16", "w_ptr": weight, "scale_ptr": scales, "offset_ptr": scales, "out_ptr": "*bf16",
+                    "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_sn": "i32",
+                    "stride_om": "i32"}, {
+                    "GROUP": INT4_GROUP, "BLOCK_N": options["block_n"], "GROUPS": options["groups_per_iter"]}, launch
+        yield f"{scheme} dequantize", triton_quant._dequantize_kernel, {
+            "w_ptr": weight, "scale_ptr": scales, "offset_ptr": scales, "out_ptr": "*bf16", "N": "i32", "K": "i32",
+            "stride_wn": "i32", "stride_sn": "i32", "stride_on": "i32"}, {
+            "BITS": layer.bits, "GROUP": INT4_GROUP, "BLOCK_N": 16, "BLOCK_K": 256}, {}
+
+
+def eight_bit_cache_kernels() -> Iterator[tuple]:
+    """The decode-attention kernel reading, and the RoPE kernel writing, an int8 or fp8 cache."""
+    from xverse_serve import triton_attention, triton_ops
+
+    for cache, qmax in (("i8", 127.0), ("fp8e4nv", 448.0)):
+        for lanes in (False, True):
+            yield f"decode attention, {cache} cache, lanes={lanes}", triton_attention._partition_kernel, {
+                "q_ptr": "*bf16", "k_cache_ptr": f"*{cache}", "v_cache_ptr": f"*{cache}", "block_tables_ptr": "*i32",
+                "context_lens_ptr": "*i32", "out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_max_ptr": "*fp32",
+                "part_sum_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "qk_scale": "fp32",
+                "num_heads": "i32", "num_parts": "i32", "stride_qs": "i32", "stride_qh": "i32", "stride_kb": "i32",
+                "stride_kt": "i32", "stride_kh": "i32", "stride_vb": "i32", "stride_vt": "i32", "stride_vh": "i32",
+                "stride_bts": "i32", "stride_btb": "i32", "stride_os": "i32", "stride_oh": "i32", "stride_sb": "i32",
+                "stride_st": "i32"}, {
+                "BLOCK_SIZE": 16, "HEAD_DIM": 128, "HEADS": 1, "PARTITION": 512, "BLOCK_N": 32 if lanes else 128,
+                "LANES": lanes, "SINGLE": False, "SCALED": True}, {}
+        yield f"rope + cache write, {cache} cache", triton_ops._rope_kv_kernel, {
+            "qkv_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "positions_ptr": "*i64", "slots_ptr": "*i64",
+            "q_out_ptr": "*bf16", "k_cache_ptr": f"*{cache}", "v_cache_ptr": f"*{cache}", "k_scale_ptr": "*fp32",
+            "v_scale_ptr": "*fp32", "num_heads": "i32", "block_size": "i32", "stride_qkv": "i32", "stride_cos": "i32",
+            "stride_sin": "i32", "stride_qt": "i32", "stride_qh": "i32", "stride_kb": "i32", "stride_kt": "i32",
+            "stride_kh": "i32", "stride_vb": "i32", "stride_vt": "i32", "stride_vh": "i32", "stride_sb": "i32",
+            "stride_st": "i32"}, {
+            "HALF": 64, "BLOCK_HALF": 64, "HEADS": 1, "QMAX": qmax, "INT8": cache == "i8", "MIN_AMAX": 1e-8}, {
+            "num_warps": 1, "enable_fp_fusion": False}
+
+
+def main() -> None:
+    kernels = {"quant": quantized_matmul_kernels, "kv": eight_bit_cache_kernels}[sys.argv[1]]
+    for name, fn, signature, constexprs, launch in kernels():
+        print(json.dumps({"kernel": name, **compile_for_hopper(fn, signature, constexprs, **launch)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
