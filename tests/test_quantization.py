@@ -188,6 +188,10 @@ def test_candidates_cover_every_batch_size_and_the_torch_op_only_for_int8() -> N
             assert ("torch" in backends) == (scheme == "int8")
     lm_head = QuantizedLinear(4096, 100534, "int8")
     assert "dequantize" not in {kernel.backend for kernel in candidates(lm_head, 512)}  # 823 MB would be too big
+    # float32 activations: gemv or cuBLAS after dequantizing; the tensor-core gemm only where nothing else fits
+    assert {k.backend for k in candidates(QuantizedLinear(4096, 4096, "int4"), 512, torch.float32)} == {"dequantize"}
+    assert {k.backend for k in candidates(lm_head, 512, torch.float32)} == {"gemm", "torch"}
+    assert "gemm" not in {k.backend for k in candidates(lm_head, 1, torch.float32)}
 
 
 # ---------------------------------------------------------------- the model

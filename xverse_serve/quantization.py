@@ -238,8 +238,15 @@ def _gemv(layer: QuantizedLinear, config: tuple[int, int, int]) -> MatmulKernel:
     return MatmulKernel("gemv", (("block_n", rows), (name, step), ("num_warps", num_warps)))
 
 
-def candidates(layer: QuantizedLinear, m: int) -> list[MatmulKernel]:
-    """The kernels worth timing for M rows."""
+def candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype = torch.bfloat16) -> list[MatmulKernel]:
+    """The kernels worth timing for M rows of `dtype` activations."""
+    dequantize_fits = layer.out_features * layer.in_features <= DEQUANTIZE_MAX_ELEMENTS
+    if dtype == torch.float32:
+        # Float32 (the CPU's dtype, used on GPUs for exact comparisons): a tensor-core dot would round to tf32, an
+        # exact one is slow to compile and run; cuBLAS's float32 matmul after dequantizing is the sound choice.
+        kernels = [_gemv(layer, config) for config in GEMV_CONFIGS[layer.bits]] if m <= 16 else []
+        kernels += [MatmulKernel("dequantize")] if dequantize_fits else [_gemm(layer, m, "large")] * (m > 16)
+        return kernels + [MatmulKernel("torch")] * (layer.bits == 8)
     kernels = []
     if m <= 16:
         kernels += [_gemv(layer, config) for config in GEMV_CONFIGS[layer.bits]]
@@ -250,7 +257,7 @@ def candidates(layer: QuantizedLinear, m: int) -> list[MatmulKernel]:
         kernels.append(_gemm(layer, m, "large"))
     if m >= 256:
         kernels.append(_gemm(layer, m, "huge"))
-    if m >= 64 and layer.out_features * layer.in_features <= DEQUANTIZE_MAX_ELEMENTS:
+    if m >= 64 and dequantize_fits:
         kernels.append(MatmulKernel("dequantize"))
     if layer.bits == 8:
         kernels.append(MatmulKernel("torch"))
@@ -302,7 +309,7 @@ def measure_plan(layer: QuantizedLinear, dtype: torch.dtype) -> tuple[MatmulPlan
         reference = reference_matmul(x, layer)
         timings[m] = {}
         best: tuple[float, MatmulKernel] | None = None
-        for kernel in candidates(layer, m):
+        for kernel in candidates(layer, m, dtype):
             try:
                 error = relative_error(kernel(x, layer), reference)
                 if error > tolerance(dtype):
