@@ -45,7 +45,8 @@ from xverse_serve.kv_cache import KVCache, blocks_needed
 from xverse_serve.launch import assemble_engine
 from xverse_serve.memory_plan import kv_cache_tokens_for_card, measure_step_peaks
 from xverse_serve.model import XverseForCausalLM, load_model
-from xverse_serve.quantization import MatmulKernel, QuantizedLinear, candidates, reference_matmul, relative_error
+from xverse_serve.quantization import (MatmulKernel, QuantizedLinear, candidates, reference_matmul, relative_error,
+                                       time_call)
 from xverse_serve.runner import ModelRunner
 from xverse_serve.sampling import SamplingParams
 from xverse_serve.scheduler import ScheduledSequence, Sequence
@@ -289,8 +290,7 @@ def tinygemm(layer: QuantizedLinear):
 
 def bench_kernels(device: torch.device, args: argparse.Namespace, results: dict) -> None:
     """Each matmul candidate at M = 1, 64, 512 for each layer shape, with bf16 cuBLAS beside it."""
-    from triton.testing import do_bench
-
+    flush = torch.empty(quantization.L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
     shapes = {"qkv_proj": (12288, 4096), "o_proj": (4096, 4096), "gate_up_proj": (22016, 4096),
               "down_proj": (4096, 11008), "lm_head": (100534, 4096)}
     if args.quick:
@@ -318,8 +318,7 @@ def bench_kernels(device: torch.device, args: argparse.Namespace, results: dict)
                 row = entry.setdefault(str(m), {})
                 x = torch.randn(m, k, device=device, generator=gen).to(torch.bfloat16)
                 reference = reference_matmul(x, layer)
-                row["bf16 cuBLAS"] = do_bench(lambda: torch.nn.functional.linear(x, dense), warmup=5, rep=25,
-                                              return_mode="median")
+                row["bf16 cuBLAS"] = time_call(lambda: torch.nn.functional.linear(x, dense), flush, 30)
                 kernels = {str(kernel): (lambda kernel=kernel: kernel(x, layer)) for kernel in
                            candidates(layer, m) + [MatmulKernel("dequantize")] * (m == 1)}
                 kernels.update({label: (lambda fn=fn: fn(x)) for label, fn in extra.items()})
@@ -329,7 +328,7 @@ def bench_kernels(device: torch.device, args: argparse.Namespace, results: dict)
                         if error > 2e-2:
                             row[label] = f"wrong: relative error {error:.3g}"
                             continue
-                        row[label] = do_bench(fn, warmup=5, rep=25, return_mode="median")
+                        row[label] = time_call(fn, flush, 30)
                     except Exception as exc:
                         row[label] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
                 weight_bytes = quantization.quantized_bytes(layer)

@@ -279,11 +279,21 @@ def tolerance(dtype: torch.dtype) -> float:
     return 1e-4 if dtype == torch.float32 else 1e-2
 
 
-def time_kernel(kernel: MatmulKernel, x: torch.Tensor, layer: QuantizedLinear) -> float:
-    """Median milliseconds of one call (after a first call that compiles)."""
-    from triton.testing import do_bench
+L2_FLUSH_BYTES = 256 << 20  # more than any GPU's L2 cache
 
-    return do_bench(lambda: kernel(x, layer), warmup=2, rep=10, return_mode="median")
+
+def time_call(fn, flush: torch.Tensor, repeats: int = 15) -> float:
+    """Median milliseconds of fn() on the current CUDA stream, the L2 cache emptied before each call (as a decode
+    step meets each layer's weights: they were read a whole step ago). Calls fn once first (compiling it)."""
+    fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    for start, end in events:
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return sorted(start.elapsed_time(end) for start, end in events)[repeats // 2]
 
 
 # Plans already measured in this process, by (scheme, N, K, group, dtype, device name).
@@ -304,6 +314,7 @@ def measure_plan(layer: QuantizedLinear, dtype: torch.dtype) -> tuple[MatmulPlan
     sizes = [m for m in TUNE_SIZES if m == 1 or m * width * 4 <= TUNE_MAX_BYTES]
     plan: list[tuple[int, MatmulKernel]] = []
     timings: dict[int, dict[str, float | str]] = {}
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=layer.weight.device)
     for m in sizes:
         x = torch.randn(m, layer.in_features, generator=gen, device=layer.weight.device).to(dtype)
         reference = reference_matmul(x, layer)
@@ -315,7 +326,7 @@ def measure_plan(layer: QuantizedLinear, dtype: torch.dtype) -> tuple[MatmulPlan
                 if error > tolerance(dtype):
                     timings[m][str(kernel)] = f"rejected: relative error {error:.2e}"
                     continue
-                ms = time_kernel(kernel, x, layer)
+                ms = time_call(lambda kernel=kernel: kernel(x, layer), flush)
             except Exception as exc:  # a backend this build or card lacks, or out of memory: not a candidate
                 timings[m][str(kernel)] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                 torch.cuda.empty_cache()
