@@ -115,8 +115,11 @@ def build_engine(settings: Settings) -> ServingContext:
     check_quantize(settings.quantize, config)
     log.info("loading %s on %s as %s%s", model_dir, device, dtype,
              "" if settings.quantize == "none" else f", weights quantized to {settings.quantize}")
+    started = time.perf_counter()
     model = load_model(model_dir, config, device, dtype, max_model_len, settings.quantize)
-    log.info("weights: %.2f GiB", quantized_bytes(model) / 2**30)
+    tuned = settings.quantize != "none" and device.type == "cuda"
+    log.info("weights: %.2f GiB, loaded%s in %.1f s", quantized_bytes(model) / 2**30,
+             " and the quantized matmul kernels chosen" if tuned else "", time.perf_counter() - started)
 
     block_size = settings.block_size
     cuda_graphs = device.type == "cuda" and not settings.enforce_eager
