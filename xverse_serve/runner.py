@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,7 +12,7 @@ from .attention import AttentionBatch
 from .cuda_graphs import DecodeGraphs
 from .kv_cache import KVCache
 from .model import XverseForCausalLM
-from .sampling import SamplingRow, SeenTokens, sample
+from .sampling import SamplingRow, SeenTokens, sample, to_device
 from .scheduler import ScheduledSequence
 
 
@@ -124,6 +125,7 @@ class ModelRunner:
     def run_eager(self, inputs: StepInputs) -> torch.Tensor:
         """Logits [sequences, vocab] at each sequence's last position this step."""
         input_ids, positions, batch = self.device_inputs(inputs)
+        # Each sequence's last position, on the device before the forward pass so nothing waits on it.
+        last = to_device(list(itertools.accumulate(inputs.query_lens, initial=-1))[1:], torch.long, self.device)
         hidden = self.model(input_ids, positions, self.kv_cache.layers, batch)
-        last = torch.tensor(inputs.query_lens).cumsum(0) - 1
-        return self.model.compute_logits(hidden[last.to(self.device)])
+        return self.model.compute_logits(hidden[last])

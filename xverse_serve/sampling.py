@@ -40,6 +40,15 @@ class SamplingRow:
     generator: torch.Generator | None = None
 
 
+def to_device(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a tensor on `device`, without waiting for the GPU: a copy from pageable memory first
+    waits for all queued work (the step's whole forward pass), one from pinned memory is queued behind it."""
+    tensor = torch.tensor(data, dtype=dtype)
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def seen_token_mask(token_lists: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
     """[rows, vocab] bool: which ids each row has seen (prompt and output), the repetition penalty's input."""
     mask = torch.zeros(len(token_lists), vocab_size, dtype=torch.bool, device=device)
@@ -78,13 +87,14 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], seen: torch.Tensor | N
     """logits [rows, vocab] in float32 -> one token id per row, with a single device-to-host copy.
     `seen` [rows, vocab] bool is needed when any row has a repetition penalty."""
     device = logits.device
-    table = torch.tensor([r.params.table_row for r in rows], device=device)
-    temperature, top_k, top_p, penalty, greedy_rows = table.unbind(dim=1)
     if any(r.params.repetition_penalty != 1.0 for r in rows):
+        penalty = to_device([r.params.repetition_penalty for r in rows], torch.float32, device)
         logits = apply_repetition_penalty(logits, penalty, seen)
     greedy_ids = logits.argmax(dim=-1)
     if all(r.params.greedy for r in rows):
         return greedy_ids.tolist()
+    table = to_device([r.params.table_row for r in rows], torch.float32, device)
+    temperature, top_k, top_p, _, greedy_rows = table.unbind(dim=1)
     candidates = max(r.params.top_k or logits.shape[-1] for r in rows if not r.params.greedy)
     probs = filter_top_k_top_p(logits / temperature[:, None], top_k.long(), top_p, candidates).softmax(dim=-1)
     # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p; seeded rows use their own generator.
@@ -129,8 +139,8 @@ class SeenTokens:
             indices.append(row)
         device = self.mask.device
         if new_ids:
-            self.mask[torch.tensor(new_rows, device=device), torch.tensor(new_ids, device=device)] = True
-        return self.mask[torch.tensor(indices, device=device)]
+            self.mask[to_device(new_rows, torch.long, device), to_device(new_ids, torch.long, device)] = True
+        return self.mask[to_device(indices, torch.long, device)]
 
     def release(self, request_id: str) -> None:
         row = self._row.pop(request_id, None)
