@@ -227,9 +227,18 @@ def test_fused_rope_and_write_stores_what_write_kv_stores(dtype: torch.dtype, mo
     out = rope_and_write_kv(qkv, cos, sin, positions, *caches, slots, k_scale=scales[0], v_scale=scales[1],
                             heads_per_program=heads_per_program)
     assert torch.equal(out, q_ref)
+    # In float32 the GPU may contract RoPE's multiply and add into one FMA (one rounding fewer than PyTorch's):
+    # a key's largest element, and so its scale, can then differ in the last bit, and a code by one step.
+    exact = not (DEVICE.type == "cuda" and model_dtype == torch.float32)
     for name, ours, ref in zip(("k", "v", "k_scale", "v_scale"), caches + scales, expected[0] + expected[1]):
         ours, ref = ours.float(), ref.float()  # exact values (an fp8 zero's sign may differ: -0 == +0)
-        assert torch.equal(ours, ref), f"{name}: {(ours != ref).sum().item()} of {ours.numel()} differ"
+        if exact:
+            assert torch.equal(ours, ref), f"{name}: {(ours != ref).sum().item()} of {ours.numel()} differ"
+        elif name.endswith("scale"):
+            torch.testing.assert_close(ours, ref, rtol=1e-6, atol=0)
+        else:
+            step = 1.0 if dtype == torch.int8 else 0.125 * ref.abs().clamp_min(2.0**-6)  # one int8 / e4m3 step
+            assert ((ours - ref).abs() <= step).all(), f"{name}: codes differ by more than one step"
     assert (scales[0].view(-1, heads)[slots[0], 0] > 0).item()  # the zero vector got a positive scale
 
 
