@@ -239,9 +239,10 @@ def run_capped(model_dir: Path, device: torch.device, args: argparse.Namespace, 
         results["capped"][name] = entry
         model = engine = None
         fraction = budget * GiB / total
+        index = device.index if device.index is not None else torch.cuda.current_device()  # the cap wants an index
         try:
             free_memory(device)
-            torch.cuda.set_per_process_memory_fraction(fraction, device)
+            torch.cuda.set_per_process_memory_fraction(fraction, index)
             model, load_facts = load(model_dir, device, torch.bfloat16, quantize)
             entry.update(load_facts)
             # mem_get_info sees the whole card; the planner gets the cap as its utilization of it (as memory_cap.py).
@@ -269,7 +270,7 @@ def run_capped(model_dir: Path, device: torch.device, args: argparse.Namespace, 
             traceback.print_exc()
         del engine, model
         free_memory(device)
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.set_per_process_memory_fraction(1.0, index)
         print(json.dumps(entry), flush=True)
         save(results, args.out)
 

@@ -35,7 +35,9 @@ def quantize_kv(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torc
     The fused kernel (triton_ops.rope_and_write_kv) does the same operations, so it stores the same values."""
     qmax = KV_QMAX[dtype]
     x32 = x.float()
-    scale = x32.abs().amax(dim=-1).clamp_min(KV_MIN_AMAX) / qmax
+    # Times the reciprocal, not divided: PyTorch on CUDA divides by a scalar that way, so every device (and
+    # the fused kernel) computes the same bits.
+    scale = x32.abs().amax(dim=-1).clamp_min(KV_MIN_AMAX) * (1.0 / qmax)
     y = x32 / scale[..., None]
     if dtype == torch.int8:
         return torch.floor(y + 0.5).clamp_(-qmax, qmax).to(torch.int8), scale

@@ -137,7 +137,7 @@ def _rope_halves(x1, x2, cos1, cos2, sin1, sin2, DTYPE: tl.constexpr):
 def _kv_scale(x1, x2, QMAX: tl.constexpr, MIN_AMAX: tl.constexpr):
     """Per head (row), the largest |element| of both halves over QMAX: attention.quantize_kv's scale."""
     amax = tl.maximum(tl.max(tl.abs(x1), axis=1), tl.max(tl.abs(x2), axis=1))
-    return tl.math.div_rn(tl.maximum(amax, MIN_AMAX), QMAX)
+    return tl.maximum(amax, MIN_AMAX) * (1.0 / QMAX)
 
 
 @triton.jit
