@@ -40,7 +40,7 @@ from xverse_serve.kv_cache import KVCache  # noqa: E402
 from xverse_serve.launch import assemble_engine, build_engine, resolve_kv_cache_dtype  # noqa: E402
 from xverse_serve.model import XverseForCausalLM, load_model  # noqa: E402
 from xverse_serve.quantization import (  # noqa: E402
-    INT4_GROUP, MatmulKernel, QuantizedLinear, candidates, dequantize_int4, dequantize_int8, quantize_int4,
+    INT4_GROUP, MatmulKernel, QuantizedEmbedding, QuantizedLinear, candidates, dequantize_int4, dequantize_int8, quantize_int4,
     quantize_int8, quantized_bytes, reference_matmul, relative_error, unpack_int4,
 )
 from xverse_serve.runner import ModelRunner  # noqa: E402
@@ -213,7 +213,7 @@ def dequantized_twin(model: XverseForCausalLM, model_dir: Path) -> XverseForCaus
     twin = load_model(model_dir, model.config, CPU, model.dtype, MAX_POSITIONS)
     with torch.no_grad():
         for name, module in model.named_modules():
-            if isinstance(module, QuantizedLinear):
+            if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
                 twin.get_submodule(name).weight.copy_(module.dequantized(model.dtype))
     return twin
 
@@ -252,13 +252,22 @@ def random_ids(count: int, config: ModelConfig, seed: int) -> list[int]:
     return torch.randint(4, config.vocab_size, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def test_a_quantized_model_quantizes_the_projections_and_the_lm_head_only(tiny_int4_dir: Path) -> None:
+def test_a_quantized_model_quantizes_the_projections_lm_head_and_embeddings_only(tiny_int4_dir: Path) -> None:
     config = load_config(tiny_int4_dir)
     dense = load_model(tiny_int4_dir, config, CPU, torch.bfloat16, MAX_POSITIONS)
     for scheme in ("int8", "int4"):
         model = load_model(tiny_int4_dir, config, CPU, torch.bfloat16, MAX_POSITIONS, scheme)
-        assert model.dtype == torch.bfloat16 and model.model.embed_tokens.weight.dtype == torch.bfloat16
+        assert model.dtype == torch.bfloat16 and model.model.norm.weight.dtype == torch.bfloat16
         assert model.lm_head.scheme == "int8"
+        embed = model.model.embed_tokens
+        assert isinstance(embed, QuantizedEmbedding) and embed.weight.dtype == torch.int8
+        ids = torch.tensor(random_ids(9, config, seed=3))
+        looked_up = embed(ids)
+        assert looked_up.dtype == torch.bfloat16
+        assert torch.equal(looked_up, embed.dequantized(torch.bfloat16)[ids])
+        # per-row int8: within half a step of each row's largest value / 127
+        error = (embed.dequantized() - dense.model.embed_tokens.weight.float()).abs()
+        assert (error <= embed.weight_scale[:, None] / 2 + 1e-3 * embed.weight_scale[:, None]).all()
         for layer in model.model.layers:
             for proj in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
                 assert isinstance(proj, QuantizedLinear) and proj.scheme == scheme

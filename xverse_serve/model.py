@@ -6,7 +6,8 @@ kernels and the transformers-equality tests compare against. XVERSE_FUSED_KERNEL
 PyTorch code too (to compare or bisect).
 
 With --quantize, the projections of every layer become quantization.QuantizedLinear (int8 or int4), and the
-lm_head int8; the embeddings and norms keep the model dtype. load_model quantizes each tensor as it arrives.
+lm_head and the embedding table int8; the norms keep the model dtype. load_model quantizes each tensor as it
+arrives.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import nn
 from .attention import AttentionBatch, paged_attention, write_kv
 from .checkpoint import CheckpointError, ModelConfig, is_skipped_tensor, iter_shard_tensors
 from .kv_cache import LayerCache
-from .quantization import QuantizedLinear, replace_linear, tune
+from .quantization import QuantizedEmbedding, QuantizedLinear, replace_linear, tune
 
 
 FUSED_KERNELS = os.environ.get("XVERSE_FUSED_KERNELS", "1") != "0"
@@ -185,12 +186,12 @@ class XverseForCausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The activations' dtype (a quantized model's projections hold integers)."""
-        return self.model.embed_tokens.weight.dtype
+        """The activations' dtype (a quantized model's projections and embeddings hold integers)."""
+        return self.model.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device
 
     def init_rope(self, max_positions: int) -> None:
         cos, sin = rope_tables(self.config.head_dim, max_positions, self.config.rope_theta, self.device)
@@ -236,13 +237,18 @@ def checkpoint_tensors(model: XverseForCausalLM) -> dict[str, torch.Tensor]:
 
 def quantize_projections(model: XverseForCausalLM, scheme: str) -> None:
     """Every layer's projections become QuantizedLinear of `scheme`, and an untied lm_head int8 (its logits are
-    what sampling sees, and per-channel int8 barely moves them); embeddings and norms keep their dtype."""
+    what sampling sees, and per-channel int8 barely moves them), as is then the embedding table; the norms keep
+    their dtype."""
     for layer in model.model.layers:
         for parent, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
                              (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
             replace_linear(parent, name, scheme)
     if not model.config.tie_word_embeddings:
         replace_linear(model, "lm_head", "int8")
+        # The embedding table (0.8 GB in bf16) as int8 too: a lookup reads a few rows, so it costs no speed.
+        embed = model.model.embed_tokens
+        with embed.weight.device:
+            model.model.embed_tokens = QuantizedEmbedding(embed.num_embeddings, embed.embedding_dim, embed.weight.dtype)
 
 
 @dataclass(frozen=True)
@@ -258,7 +264,7 @@ def load_targets(model: XverseForCausalLM) -> dict[str, LoadTarget]:
     (a view, checkpoint_tensors), quantized ones into their rows of a QuantizedLinear."""
     targets = {name: LoadTarget(tuple(view.shape), view.copy_) for name, view in checkpoint_tensors(model).items()}
     for module_name, module in model.named_modules():
-        if not isinstance(module, QuantizedLinear):
+        if not isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
             continue
         name = module_name + ".weight"
         packed = [(name[:-len(suffix)] + part_name, part, count)

@@ -188,6 +188,36 @@ class QuantizedLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
+class QuantizedEmbedding(nn.Module):
+    """An embedding table held as int8, one scale per token's vector (the int8 layout of QuantizedLinear with
+    the tokens as its rows); a lookup dequantizes only the rows it reads, to `dtype`."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        # in_features/out_features: the names load_targets reads for the rows of any quantized tensor.
+        self.in_features, self.out_features, self.dtype = embedding_dim, num_embeddings, dtype
+        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.empty(num_embeddings, dtype=torch.float32))
+
+    def extra_repr(self) -> str:
+        return f"{self.out_features}, {self.in_features}, int8"
+
+    @torch.no_grad()
+    def load_rows(self, start: int, w: torch.Tensor) -> None:
+        step = max(1, QUANTIZE_ROWS_ELEMENTS // self.in_features)
+        for first in range(0, w.shape[0], step):
+            q, scale = quantize_int8(w[first:first + step].to(self.weight.device))
+            self.weight[start + first:start + first + q.shape[0]] = q
+            self.weight_scale[start + first:start + first + q.shape[0]] = scale
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The whole table, dense (the reference)."""
+        return dequantize_int8(self.weight, self.weight_scale, dtype)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return (self.weight[input_ids].float() * self.weight_scale[input_ids, None]).to(self.dtype)
+
+
 def reference_matmul(x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
     """x @ W^T in float32 with W dequantized exactly, a slice of output channels at a time (the lm_head's
     float32 weight alone would be 1.6 GB)."""
