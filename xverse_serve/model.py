@@ -41,6 +41,18 @@ def fused_ops(t: torch.Tensor) -> ModuleType | None:
     return triton_ops
 
 
+class Linear(nn.Linear):
+    """nn.Linear without bias whose one-row products on CUDA (a one-sequence decode step) run as
+    triton_gemv.gemv, which streams the weights faster than cuBLAS there; everything else is F.linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == self.in_features and x.dtype in (torch.bfloat16, torch.float16) and fused_ops(x) is not None:
+            from . import triton_gemv
+
+            return triton_gemv.gemv(x, self.weight)
+        return F.linear(x, self.weight)
+
+
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # The variance is taken in float32, as the model was trained.
     x32 = x.float()
@@ -107,8 +119,8 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = self.head_dim ** -0.5
         # q, k and v in one matrix: one pass over the input instead of three (checkpoints keep them apart).
-        self.qkv_proj = nn.Linear(config.hidden_size, 3 * self.num_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.qkv_proj = Linear(config.hidden_size, 3 * self.num_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, rotary: Rotary, kv: LayerCache | tuple[torch.Tensor, torch.Tensor],
                 batch: AttentionBatch) -> torch.Tensor:
@@ -132,8 +144,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
@@ -180,7 +192,7 @@ class XverseForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = DecoderStack(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
 

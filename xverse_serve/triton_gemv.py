@@ -1,0 +1,67 @@
+"""y = W x for one row of activations (a one-sequence decode step) as a Triton GEMV.
+
+At one row a projection is pure weight streaming, and cuBLAS's kernels for it read the weights at only
+1.8-3.2 TB/s on an H200 whose copy bandwidth is 4.2 (bench/gemv_bench.py). This kernel gives each program
+a few whole rows of W and walks K in wide steps, so hundreds of programs stream W once, evicting it from
+L2 behind them (it is not read again this step): 2.3-4.1 TB/s on the same shapes.
+
+Each program accumulates the products of its rows in float32 lanes and reduces them at the end, so the
+sum is taken in another order than cuBLAS's: the result differs from F.linear by float32 rounding only.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# (rows, K) of a weight -> (block_n, block_k, num_warps, num_stages), the fastest of a sweep on an H200 for
+# XVERSE-7B's projections (bench/gemv_bench.py); other shapes take DEFAULT_CONFIG.
+CONFIGS = {
+    (12288, 4096): (4, 1024, 8, 3),  # qkv_proj
+    (4096, 4096): (4, 512, 4, 1),  # o_proj
+    (22016, 4096): (16, 512, 4, 1),  # gate_up_proj
+    (4096, 11008): (4, 512, 4, 1),  # down_proj
+    (100534, 4096): (4, 1024, 4, 3),  # lm_head
+}
+DEFAULT_CONFIG = (4, 512, 4, 1)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, stride_wn,
+                 K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    # K is a compile-time constant (a model has two: hidden and intermediate size), so the loop is fixed.
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        cols = start + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None], other=0.0, eviction_policy="evict_first")
+            x = tl.load(x_ptr + cols)
+        else:
+            col_ok = cols < K
+            w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0,
+                        eviction_policy="evict_first")
+            x = tl.load(x_ptr + cols, mask=col_ok, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """x [..., K] holding one row, weight [N, K] (row-major) -> x @ weight.T, shaped [..., N], in x's dtype."""
+    n, k = weight.shape
+    if x.numel() != k:
+        raise ValueError(f"gemv takes one row of {k} values, got a tensor of shape {tuple(x.shape)}")
+    if weight.stride(1) != 1:
+        raise ValueError("gemv needs the weight's rows contiguous")
+    block_n, block_k, num_warps, num_stages = config or CONFIGS.get((n, k), DEFAULT_CONFIG)
+    row = x.reshape(k)
+    if row.stride(0) != 1:
+        row = row.contiguous()
+    out = torch.empty(n, dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](row, weight, out, n, weight.stride(0), K=k, BLOCK_N=block_n,
+                                             BLOCK_K=block_k, EVEN_K=k % block_k == 0, num_warps=num_warps,
+                                             num_stages=num_stages)
+    return out.view(*x.shape[:-1], n)
