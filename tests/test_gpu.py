@@ -80,7 +80,7 @@ def test_gpu_8bit_kv_cache_greedy_tokens_equal_the_cpu_reference(tiny_model_dir:
 def test_gpu_bf16_int8_weights_and_int8_cache_stay_near_the_float32_cpu_model(tiny_int4_dir: Path) -> None:
     """The serving configuration (bf16 activations, int8 or int4 weights, int8 cache) against the CPU float32
     model with the same quantized weights: only bf16 rounding apart."""
-    from test_quantization import paged_logits as cpu_paged_logits
+    from paged import paged_logits as cpu_paged_logits
 
     from xverse_serve.checkpoint import load_config
     from xverse_serve.model import load_model
@@ -99,21 +99,9 @@ def test_gpu_bf16_int8_weights_and_int8_cache_stay_near_the_float32_cpu_model(ti
 
 
 def gpu_paged_logits(model, token_ids: list[int], chunks: list[int], kv_dtype: torch.dtype) -> torch.Tensor:
-    from xverse_serve.kv_cache import KVCache
-    from xverse_serve.runner import ModelRunner
-    from xverse_serve.scheduler import ScheduledSequence, Sequence
+    from paged import paged_logits
 
-    kv_cache = KVCache(model.config, 64, 4, kv_dtype, model.device)
-    runner = ModelRunner(model, kv_cache)
-    seq = Sequence("seq", list(token_ids), SamplingParams(max_tokens=1))
-    seq.block_table = torch.randperm(64, generator=torch.Generator().manual_seed(0))[:-(-len(token_ids) // 4)].tolist()
-    logits = []
-    for count in chunks:
-        input_ids, positions, batch = runner.prepare([ScheduledSequence(seq, count)])
-        with torch.inference_mode():
-            logits.append(model.compute_logits(model(input_ids, positions, kv_cache.layers, batch)).cpu())
-        seq.num_computed += count
-    return torch.cat(logits)
+    return paged_logits(model, token_ids, chunks, kv_dtype).cpu()
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])

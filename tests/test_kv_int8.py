@@ -26,7 +26,8 @@ DEVICE = torch.device("cpu" if INTERPRET else "cuda")
 
 triton = pytest.importorskip("triton")
 
-from test_quantization import greedy, paged_logits, random_ids  # noqa: E402
+from paged import paged_logits  # noqa: E402
+from test_quantization import greedy, random_ids  # noqa: E402
 from test_triton_attention import PagedBatch, _fix_interpreter_index  # noqa: E402
 from test_triton_ops import interpreter_rounds_bfloat16  # noqa: E402,F401  (autouse: bf16 rounding as on GPUs)
 

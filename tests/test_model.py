@@ -8,9 +8,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from paged import engine_tokens
+from paged import paged_logits as shared_paged_logits
 from xverse_serve.chat import Tokenizer
 from xverse_serve.checkpoint import ModelConfig, is_skipped_tensor, iter_shard_tensors
-from xverse_serve.kv_cache import KVCache, blocks_needed
+from xverse_serve.kv_cache import KVCache
 from xverse_serve.launch import assemble_engine
 from xverse_serve.model import XverseForCausalLM, load_model
 from xverse_serve.runner import ModelRunner
@@ -55,28 +57,8 @@ def hf_logits(hf_model: LlamaForCausalLM, token_ids: list[int]) -> torch.Tensor:
         return hf_model(torch.tensor([token_ids])).logits[0].float()
 
 
-def shuffled_block_table(num_tokens: int, seed: int) -> list[int]:
-    order = torch.randperm(NUM_BLOCKS, generator=torch.Generator().manual_seed(seed)).tolist()
-    return order[:blocks_needed(num_tokens, BLOCK_SIZE)]
-
-
 def paged_logits(model: XverseForCausalLM, token_ids: list[int], chunks: list[int], seed: int = 0) -> torch.Tensor:
-    """Logits at every position of `token_ids`, computed step by step in chunks of the given sizes
-    (a chunk of 1 goes through the decode path) over a paged cache with a shuffled block table."""
-    assert sum(chunks) == len(token_ids)
-    kv_cache = KVCache(model.config, NUM_BLOCKS, BLOCK_SIZE, model.lm_head.weight.dtype, CPU)
-    runner = ModelRunner(model, kv_cache)
-    seq = Sequence("seq", list(token_ids), SamplingParams(max_tokens=1))
-    seq.block_table = shuffled_block_table(len(token_ids), seed)
-    logits = []
-    for count in chunks:
-        input_ids, positions, batch = runner.prepare([ScheduledSequence(seq, count)])
-        assert batch.num_decodes == (1 if count == 1 else 0)
-        with torch.inference_mode():
-            logits.append(model.compute_logits(model(input_ids, positions, kv_cache.layers, batch)))
-        seq.num_computed += count
-    return torch.cat(logits)
-
+    return shared_paged_logits(model, token_ids, chunks, seed=seed, num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE)
 
 def assert_logits_close(ours: torch.Tensor, reference: torch.Tensor, relative: float) -> None:
     """Close relative to the logits' own scale, at every position."""
@@ -133,14 +115,7 @@ def generate_with_engine(model: XverseForCausalLM, prompts: list[list[int]], par
     """All prompts at once through the engine (batched, paged), the tokens of each."""
     engine = assemble_engine(model, num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, max_num_seqs=8,
                              max_batched_tokens=512, max_model_len=MAX_POSITIONS)
-    for i, ids in enumerate(prompts):
-        engine.add_request(str(i), ids, params)
-    tokens: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
-    while engine.has_work():
-        for output in engine.step():
-            tokens[output.request_id] += output.new_token_ids
-    return [tokens[str(i)] for i in range(len(prompts))]
-
+    return engine_tokens(engine, prompts, params)
 
 def hf_generate(hf_model: LlamaForCausalLM, ids: list[int], max_new: int, **options) -> list[int]:
     with torch.no_grad():

@@ -33,19 +33,17 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEVICE = torch.device("cpu" if INTERPRET else "cuda")
 
 from conftest import REPO, start_server, stop_server  # noqa: E402
+from paged import engine_tokens, paged_logits  # noqa: E402
 from tiny_checkpoint import write_checkpoint  # noqa: E402
 
 from xverse_serve.checkpoint import CheckpointError, ModelConfig, load_config  # noqa: E402
-from xverse_serve.kv_cache import KVCache  # noqa: E402
 from xverse_serve.launch import assemble_engine, build_engine, resolve_kv_cache_dtype  # noqa: E402
 from xverse_serve.model import XverseForCausalLM, load_model  # noqa: E402
 from xverse_serve.quantization import (  # noqa: E402
     INT4_GROUP, MatmulKernel, QuantizedEmbedding, QuantizedLinear, candidates, dequantize_int4, dequantize_int8, quantize_int4,
     quantize_int8, quantized_bytes, reference_matmul, relative_error, unpack_int4,
 )
-from xverse_serve.runner import ModelRunner  # noqa: E402
 from xverse_serve.sampling import SamplingParams  # noqa: E402
-from xverse_serve.scheduler import ScheduledSequence, Sequence  # noqa: E402
 from xverse_serve.settings import parse_settings  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -218,35 +216,11 @@ def dequantized_twin(model: XverseForCausalLM, model_dir: Path) -> XverseForCaus
     return twin
 
 
-def paged_logits(model: XverseForCausalLM, token_ids: list[int], chunks: list[int],
-                 kv_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Logits at every position, step by step in chunks (a chunk of 1 is a decode) over a paged cache."""
-    kv_cache = KVCache(model.config, 64, 4, kv_dtype or model.dtype, CPU)
-    runner = ModelRunner(model, kv_cache)
-    seq = Sequence("seq", list(token_ids), SamplingParams(max_tokens=1))
-    seq.block_table = torch.randperm(64, generator=torch.Generator().manual_seed(0))[:-(-len(token_ids) // 4)].tolist()
-    logits = []
-    for count in chunks:
-        input_ids, positions, batch = runner.prepare([ScheduledSequence(seq, count)])
-        with torch.inference_mode():
-            logits.append(model.compute_logits(model(input_ids, positions, kv_cache.layers, batch)))
-        seq.num_computed += count
-    return torch.cat(logits)
-
-
 def greedy(model: XverseForCausalLM, prompts: list[list[int]], max_tokens: int = 24,
            kv_dtype: torch.dtype | None = None) -> list[list[int]]:
     """All prompts at once through the engine (batched, chunked prefill), greedy."""
     engine = assemble_engine(model, 64, 4, 8, 32, MAX_POSITIONS, kv_cache_dtype=kv_dtype)
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    for i, ids in enumerate(prompts):
-        engine.add_request(str(i), ids, params)
-    tokens: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
-    while engine.has_work():
-        for output in engine.step():
-            tokens[output.request_id] += output.new_token_ids
-    return [tokens[str(i)] for i in range(len(prompts))]
-
+    return engine_tokens(engine, prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
 
 def random_ids(count: int, config: ModelConfig, seed: int) -> list[int]:
     return torch.randint(4, config.vocab_size, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
