@@ -1,0 +1,73 @@
+"""The sampler on the GPU: time of sampling.sample for a batch of XVERSE-sized logits, greedy and with
+XVERSE's defaults (temperature 0.5, top_k 30, top_p 0.85, repetition penalty 1.1), and the kernels it runs.
+
+    python bench/sampling_bench.py --out bench/results/sampling_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from xverse_serve.sampling import SamplingParams, SamplingRow, SeenTokens, sample  # noqa: E402
+
+VOCAB = 100534
+XVERSE_DEFAULTS = SamplingParams(max_tokens=100, temperature=0.5, top_k=30, top_p=0.85, repetition_penalty=1.1)
+GREEDY = SamplingParams(max_tokens=100, temperature=0.0)
+
+
+def time_ms(fn, repeats: int = 50) -> float:
+    """Wall time per call: the sampler ends with a device-to-host copy, so each call waits for its kernels."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256])
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    results = {"device": torch.cuda.get_device_name(device), "rows": []}
+    print("| batch | greedy ms | XVERSE defaults ms |")
+    print("|---|---|---|")
+    for batch in args.batches:
+        logits = torch.randn(batch, VOCAB, device=device) * 3
+        seen = SeenTokens(VOCAB, device)
+        histories = [(f"r{i}", list(range(i, i + 600)), []) for i in range(batch)]
+        greedy_rows = [SamplingRow(GREEDY) for _ in range(batch)]
+        default_rows = [SamplingRow(XVERSE_DEFAULTS) for _ in range(batch)]
+        greedy_ms = time_ms(lambda: sample(logits, greedy_rows))
+        default_ms = time_ms(lambda: sample(logits, default_rows, seen.rows(histories)))
+        results["rows"].append({"batch": batch, "greedy_ms": greedy_ms, "xverse_defaults_ms": default_ms})
+        print(f"| {batch} | {greedy_ms:.3f} | {default_ms:.3f} |", flush=True)
+    logits = torch.randn(1, VOCAB, device=device) * 3
+    seen = SeenTokens(VOCAB, device)
+    rows, histories = [SamplingRow(XVERSE_DEFAULTS)], [("r", list(range(600)), [])]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        for _ in range(20):
+            sample(logits, rows, seen.rows(histories))
+    table = profiler.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    print(table)
+    results["profile_batch_1"] = table
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
