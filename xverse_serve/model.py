@@ -42,14 +42,18 @@ def fused_ops(t: torch.Tensor) -> ModuleType | None:
 
 
 class Linear(nn.Linear):
-    """nn.Linear without bias whose one-row products on CUDA (a one-sequence decode step) run as
-    triton_gemv.gemv, which streams the weights faster than cuBLAS there; everything else is F.linear."""
+    """nn.Linear without bias whose products with a few rows on CUDA (decode steps of up to 32 sequences) run
+    as triton_gemv's kernels, which stream the weights faster than cuBLAS there; everything else is F.linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == self.in_features and x.dtype in (torch.bfloat16, torch.float16) and fused_ops(x) is not None:
+        rows = x.numel() // self.in_features
+        if rows <= 32 and x.dtype in (torch.bfloat16, torch.float16) and fused_ops(x) is not None:
             from . import triton_gemv
 
-            return triton_gemv.gemv(x, self.weight)
+            if rows == 1:
+                return triton_gemv.gemv(x, self.weight)
+            if rows <= triton_gemv.MAX_SKINNY_ROWS:
+                return triton_gemv.skinny_matmul(x, self.weight)
         return F.linear(x, self.weight)
 
 
