@@ -14,7 +14,6 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
-import torch
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -22,20 +21,11 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
 
 from conftest import RunningServer, require_system_tool, start_server, stop_server
-from tiny_checkpoint import write_checkpoint
+from tiny_checkpoint import never_ends, write_checkpoint
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 API_KEY = "chat-page-test-key"
 CONTEXT = 2304  # an answer left to run fills what the prompt leaves of it, capped at max_new_tokens 2048: ~9 s
-
-
-def never_ends(folder: Path) -> None:
-    """Zeroes the end-of-text row of lm_head, so no answer ends before its token budget runs out."""
-    weight_map = json.loads((folder / "pytorch_model.bin.index.json").read_text())["weight_map"]
-    shard = folder / weight_map["lm_head.weight"]
-    tensors = torch.load(shard, weights_only=True)
-    tensors["lm_head.weight"][json.loads((folder / "config.json").read_text())["eos_token_id"]] = 0
-    torch.save(tensors, shard)
 
 
 @pytest.fixture(scope="module")

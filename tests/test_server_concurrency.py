@@ -10,14 +10,12 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import requests
-import torch
 
 from conftest import RunningServer, start_server, stop_server
-from tiny_checkpoint import write_checkpoint
+from tiny_checkpoint import never_ends, write_checkpoint
 
 SHARED_PREFIX = ("You are XChat, a language model developed by XVERSE. The quick brown fox jumps over the lazy dog. "
                  "Tell me a story about the sea and the sky. ")
@@ -112,17 +110,6 @@ def test_answers_do_not_depend_on_what_ran_before(server):
 # --- a slower model: generations that last long enough to watch ------------------------------------------------
 
 SLOW_CONTEXT = 384
-
-
-def never_ends(folder: Path) -> None:
-    """Zeroes the end-of-text row of lm_head: its logit is always 0, never the largest of ~400 random logits,
-    so greedy answers run to max_tokens."""
-    weight_map = json.loads((folder / "pytorch_model.bin.index.json").read_text())["weight_map"]
-    shard = folder / weight_map["lm_head.weight"]
-    tensors = torch.load(shard, weights_only=True)
-    eos_token_id = json.loads((folder / "config.json").read_text())["eos_token_id"]
-    tensors["lm_head.weight"][eos_token_id] = 0
-    torch.save(tensors, shard)
 
 
 @pytest.fixture(scope="module")

@@ -122,3 +122,14 @@ def write_checkpoint(folder: Path, seed: int = 0, num_shards: int = 2, **config_
              "weight_map": weight_map}
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
     return folder
+
+
+def never_ends(folder: Path) -> None:
+    """Zeroes the end-of-text row of lm_head: its logit is always 0, never the largest of ~400 random logits,
+    so greedy answers run to max_tokens."""
+    weight_map = json.loads((folder / "pytorch_model.bin.index.json").read_text())["weight_map"]
+    shard = folder / weight_map["lm_head.weight"]
+    tensors = torch.load(shard, weights_only=True)
+    eos_token_id = json.loads((folder / "config.json").read_text())["eos_token_id"]
+    tensors["lm_head.weight"][eos_token_id] = 0
+    torch.save(tensors, shard)
