@@ -70,7 +70,8 @@ OPTIONS = {
     "log_prompts": (bool, "put prompt and answer text in the per-request log lines (off: only ids, tokens, timings)"),
     "log_level": (str, "log level: debug, info, warning or error"),
     "quantize": (str, "weight-only quantization applied at load: none (the checkpoint's dtype), int8 "
-                      "(per channel) or int4 (groups of 128)"),
+                      "(per channel) or int4 (groups of 128) for the layers' projections; the lm_head and the "
+                      "embeddings become int8 in both"),
     "kv_cache_dtype": (str, "KV-cache element type: auto (the model's dtype), int8 (with scales) or fp8 "
                             "(cards with fp8: Hopper, Ada)"),
 }
