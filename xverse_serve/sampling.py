@@ -113,6 +113,9 @@ class SeenTokens:
 
     def __init__(self, vocab_size: int, device: torch.device, rows: int = 64) -> None:
         self.mask = torch.zeros(rows, vocab_size, dtype=torch.bool, device=device)
+        # The value marks are written with, already on the device: `mask[rows, ids] = True` would copy a
+        # Python True from pageable memory, which waits for all queued work (the step's forward pass).
+        self._true = torch.ones((), dtype=torch.bool, device=device)
         self._free = list(range(rows - 1, 0, -1))
         self._row: dict[str, int] = {}
         self._recorded: dict[str, int] = {}  # tokens of each sequence already in its row
@@ -139,7 +142,8 @@ class SeenTokens:
             indices.append(row)
         device = self.mask.device
         if new_ids:
-            self.mask[to_device(new_rows, torch.long, device), to_device(new_ids, torch.long, device)] = True
+            self.mask.index_put_((to_device(new_rows, torch.long, device), to_device(new_ids, torch.long, device)),
+                                 self._true)
         return self.mask[to_device(indices, torch.long, device)]
 
     def release(self, request_id: str) -> None:
