@@ -92,7 +92,8 @@ def prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 def run_engine(engine, batch: list[list[int]], max_tokens: int) -> dict:
     """All requests submitted at once; returns wall time, first-token times and output tokens."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    torch.cuda.synchronize()
+    if engine.runner.device.type == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for i, prompt in enumerate(batch):
         engine.add_request(str(i), prompt, params)

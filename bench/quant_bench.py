@@ -143,31 +143,12 @@ def serve(model: XverseForCausalLM, kv_dtype: torch.dtype | None, utilization: f
 def measure_speed(engine, vocab: int, args: argparse.Namespace) -> dict:
     device = engine.runner.device
     reset_peak(device)
-    single = run_engine_on(engine, prompts(1, args.prompt_len, vocab, 1), args.output_len)
+    single = run_engine(engine, prompts(1, args.prompt_len, vocab, 1), args.output_len)
     decode_seconds = single["last"][0] - single["ttft"][0]
-    many = run_engine_on(engine, prompts(args.requests, args.prompt_len, vocab, args.requests), args.output_len)
+    many = run_engine(engine, prompts(args.requests, args.prompt_len, vocab, args.requests), args.output_len)
     return {"ttft_ms": single["ttft"][0] * 1e3, "decode_tok_s": (args.output_len - 1) / decode_seconds,
             f"throughput_{args.requests}_tok_s": many["tokens"] / many["seconds"],
             "preemptions": engine.scheduler.num_preemptions, "peak_serving_GiB": peak(device)}
-
-
-def run_engine_on(engine, batch: list[list[int]], max_tokens: int) -> dict:
-    if cuda(engine.runner.device):
-        return run_engine(engine, batch, max_tokens)
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)  # run_engine syncs CUDA
-    start = time.perf_counter()
-    for i, prompt in enumerate(batch):
-        engine.add_request(str(i), prompt, params)
-    first, last, produced = {}, {}, 0
-    while engine.has_work():
-        outputs = engine.step()
-        now = time.perf_counter() - start
-        for out in outputs:
-            produced += len(out.new_token_ids)
-            first.setdefault(out.request_id, now)
-            last[out.request_id] = now
-    return {"seconds": time.perf_counter() - start, "tokens": produced, "ttft": sorted(first.values()),
-            "last": sorted(last.values())}
 
 
 def run_configs(model_dir: Path, device: torch.device, args: argparse.Namespace, results: dict) -> None:
