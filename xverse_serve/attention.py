@@ -44,6 +44,22 @@ def quantize_kv(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torc
     return y.clamp_(-qmax, qmax).to(dtype), scale
 
 
+def check_kv_scales(cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> bool:
+    """Whether `cache` is 8-bit; raises unless an 8-bit cache comes with float32 scales [blocks, block_size,
+    heads] (contiguous along heads, the same strides for k and v) and any other cache with none."""
+    if cache.dtype not in KV_QMAX:
+        if k_scale is not None or v_scale is not None:
+            raise ValueError(f"scales are for an 8-bit cache; this one is {cache.dtype}")
+        return False
+    for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if t is None or t.shape != cache.shape[:3] or t.dtype != torch.float32 or t.stride(-1) != 1:
+            raise ValueError(f"an 8-bit cache needs {name} [{', '.join(map(str, cache.shape[:3]))}] float32, "
+                             "contiguous along heads")
+    if k_scale.stride() != v_scale.stride():
+        raise ValueError("k_scale and v_scale must have the same strides")
+    return True
+
+
 def dequantize_kv(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Cached 8-bit vectors [..., head_dim] and their scales [...] -> the keys or values in `dtype`."""
     return (values.float() * scales[..., None]).to(dtype)

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention import check_kv_scales
+
 LOG2E = 1.4426950408889634
 REDUCE_CHUNK = 16  # partitions combined per iteration of the reduce kernel
 
@@ -258,16 +260,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous along head_dim")
-    scaled = k_cache.dtype in (torch.int8, torch.float8_e4m3fn)
-    if scaled:
-        for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
-            if t is None or t.shape != k_cache.shape[:3] or t.dtype != torch.float32 or t.stride(-1) != 1:
-                raise ValueError(f"an 8-bit cache needs {name} [{', '.join(map(str, k_cache.shape[:3]))}] float32, "
-                                 f"contiguous along heads")
-        if k_scale.stride() != v_scale.stride():
-            raise ValueError("k_scale and v_scale must have the same strides")
-    elif k_scale is not None or v_scale is not None:
-        raise ValueError(f"scales are for an 8-bit cache; this one is {k_cache.dtype}")
+    scaled = check_kv_scales(k_cache, k_scale, v_scale)
     if out is None:
         out = torch.empty((seqs, num_heads, head_dim), dtype=q.dtype, device=q.device)
     elif out.shape != q.shape or out.stride(-1) != 1:

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import KV_MIN_AMAX, KV_QMAX
+from .attention import KV_MIN_AMAX, KV_QMAX, check_kv_scales
 
 MAX_NORM_BLOCK = 65536  # RMSNorm keeps one row in registers; XVERSE's is 4096 wide
 SILU_BLOCK = 1024  # columns per program of silu_and_mul: 8 bf16 (16 bytes) per thread at 4 warps
@@ -275,16 +275,8 @@ def rope_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, p
     for name, t in (("qkv", qkv), ("cos", cos), ("sin", sin), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous along its last dimension")
+    check_kv_scales(k_cache, k_scale, v_scale)
     qmax = KV_QMAX.get(k_cache.dtype, 0.0)
-    if qmax:
-        for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
-            if t is None or t.shape != k_cache.shape[:3] or t.dtype != torch.float32 or t.stride(-1) != 1:
-                raise ValueError(f"an 8-bit cache needs {name} [{', '.join(map(str, k_cache.shape[:3]))}] float32, "
-                                 "contiguous along heads")
-        if k_scale.stride() != v_scale.stride():
-            raise ValueError("k_scale and v_scale must have the same strides")
-    elif k_scale is not None or v_scale is not None:
-        raise ValueError(f"scales are for an 8-bit cache; this one is {k_cache.dtype}")
     if out is None:
         out = torch.empty((tokens, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     elif out.shape != (tokens, num_heads, head_dim) or out.stride(-1) != 1:
