@@ -26,7 +26,12 @@ class IncrementalDetokenizer:
         self.read_offset = 0  # tokens before this have been released as text
 
     def add(self, token_ids: list[int]) -> str:
-        self.token_ids.extend(token_ids)
+        # One token at a time: where bytes do not form valid UTF-8 the text depends on the window, so tokens
+        # that arrive together (a busy consumer gets them merged) must read as they do one by one.
+        return "".join(self._add_one(token) for token in token_ids)
+
+    def _add_one(self, token_id: int) -> str:
+        self.token_ids.append(token_id)
         prefix_text = self.tokenizer.decode(self.token_ids[self.prefix_offset:self.read_offset])
         full_text = self.tokenizer.decode(self.token_ids[self.prefix_offset:])
         if full_text.endswith(REPLACEMENT_CHAR) or len(full_text) <= len(prefix_text):
@@ -125,9 +130,7 @@ async def generate_text(engine: AsyncEngine, tokenizer: Tokenizer, request_id: s
             completion_tokens += len(output.new_token_ids)
             if on_tokens is not None and output.new_token_ids:
                 on_tokens(len(output.new_token_ids))
-            # One token at a time: where bytes do not form valid UTF-8, the text depends on the window, so
-            # tokens that arrive merged (a busy consumer) must still be seen as they would be alone.
-            text = "".join(detokenizer.add([token]) for token in output.new_token_ids)
+            text = detokenizer.add(output.new_token_ids)
             if output.finished:
                 text += detokenizer.flush()
             text, stopped = matcher.feed(text)
