@@ -92,12 +92,13 @@ class Handlers:
         self.ctx, self.metrics = ctx, metrics
         self.log_prompts = ctx.settings.log_prompts
 
-    def start(self, request: Request, prompt_ids: list[int], prompt: object) -> RequestRecord:
-        """The request's record, now that its prompt is known (the text is kept only with --log-prompts)."""
+    def start(self, request: Request, prompt_ids: list[int], prompt: Callable[[], object]) -> RequestRecord:
+        """The request's record, now that its prompt is known. `prompt()` gives the prompt as the log line
+        shows it; it is called only with --log-prompts, so no request pays for it otherwise."""
         record: RequestRecord = request.state.record
         record.prompt_tokens = len(prompt_ids)
         if self.log_prompts:
-            record.prompt = prompt
+            record.prompt = prompt()
         return record
 
     def sampling_params(self, fields: SamplingFields, max_tokens: int, stop: tuple[str, ...] = (),
@@ -293,7 +294,7 @@ def create_app(ctx: ServingContext) -> FastAPI:
         handlers.check_capacity()
         messages = [*body.history, ChatMessage(role="user", content=body.prompt)]
         prompt_ids, max_tokens = handlers.chat_prompt(messages, body.max_new_tokens, "max_new_tokens")
-        handlers.start(request, prompt_ids, body.prompt)
+        handlers.start(request, prompt_ids, lambda: body.prompt)
         result = await handlers.complete(request, prompt_ids, handlers.sampling_params(body, max_tokens))
         time_text = now_text()
         if handlers.log_prompts:  # the seed's own log line, which holds the text
@@ -315,7 +316,7 @@ def create_app(ctx: ServingContext) -> FastAPI:
         field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         prompt_ids, max_tokens = handlers.chat_prompt(body.messages, requested, field)
         params = handlers.sampling_params(body, max_tokens, body.stop_strings(), body.seed)
-        record = handlers.start(request, prompt_ids, [m.model_dump(exclude_none=True) for m in body.messages])
+        record = handlers.start(request, prompt_ids, lambda: [m.model_dump(exclude_none=True) for m in body.messages])
         response_id, created = f"chatcmpl-{record.request_id}", int(time.time())
         head = {"id": response_id, "created": created, "model": model}
         if not body.stream:
@@ -355,7 +356,7 @@ def create_app(ctx: ServingContext) -> FastAPI:
             raise APIError(400, "prompt is empty: send some text to complete", param="prompt")
         max_tokens = handlers.answer_budget(len(prompt_ids), body.max_tokens)
         params = handlers.sampling_params(body, max_tokens, body.stop_strings(), body.seed)
-        record = handlers.start(request, prompt_ids, body.prompt)
+        record = handlers.start(request, prompt_ids, lambda: body.prompt)
         head = {"id": f"cmpl-{record.request_id}", "object": "text_completion", "created": int(time.time()),
                 "model": model}
 
