@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -176,8 +177,7 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         """The engine's load (read from the event loop's thread while the engine runs; approximate)."""
-        stats = self.engine.stats()
-        return EngineStats(**{**stats.__dict__, "waiting": len(self._inbox) + stats.waiting})
+        return dataclasses.replace(self.engine.stats(), waiting=self.num_waiting)
 
     @property
     def alive(self) -> bool:
