@@ -46,10 +46,10 @@ class Linear(nn.Linear):
     as triton_gemv's kernels, which stream the weights faster than cuBLAS there; everything else is F.linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if rows <= 32 and x.dtype in (torch.bfloat16, torch.float16) and fused_ops(x) is not None:
+        if x.dtype in (torch.bfloat16, torch.float16) and fused_ops(x) is not None:
             from . import triton_gemv
 
+            rows = x.numel() // self.in_features
             if rows == 1:
                 return triton_gemv.gemv(x, self.weight)
             if rows <= triton_gemv.MAX_SKINNY_ROWS:
