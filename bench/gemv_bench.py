@@ -3,6 +3,10 @@ weight shapes, bf16, with a cold L2 cache before every call (as in a decode step
 once). Sweeps the GEMV's block shapes and prints the fastest beside the configuration the module uses.
 
     python bench/gemv_bench.py --out bench/results/gemv_h200.json
+
+With --chain, it also times a whole step's projections back to back in one CUDA graph (32 layers of qkv, o,
+gate_up and down, each fed the previous one's output, then the lm_head): cuBLAS, the GEMV, and the GEMV with
+programmatic dependent launch (each kernel's programs start while the previous one drains).
 """
 
 from __future__ import annotations
@@ -41,9 +45,50 @@ def cold_time_us(fn, flush: torch.Tensor, repeats: int = 30) -> float:
     return times[len(times) // 2]
 
 
+def chain_ms(device: torch.device, layers: int = 32) -> dict[str, float]:
+    """Replay time of one decode step's projections in a CUDA graph, per way of computing them."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    weights = [{name: (torch.randn(n, k, device=device, generator=gen) * 0.02).to(torch.bfloat16)
+                for name, (n, k) in SHAPES.items() if name != "lm_head"} for _ in range(layers)]
+    lm_head = (torch.randn(*SHAPES["lm_head"], device=device, generator=gen) * 0.02).to(torch.bfloat16)
+    x = torch.randn(1, 4096, device=device, generator=gen).to(torch.bfloat16)
+    ways = {"cuBLAS": F.linear, "gemv": lambda a, w: triton_gemv.gemv(a, w, pdl=False),
+            "gemv + PDL": lambda a, w: triton_gemv.gemv(a, w, pdl=True)}
+    results = {}
+    for label, linear in ways.items():
+        def step() -> torch.Tensor:
+            h = x
+            for layer in weights:
+                h = linear(linear(h, layer["qkv_proj"])[:, :4096], layer["o_proj"])
+                h = linear(linear(h, layer["gate_up_proj"])[:, :11008], layer["down_proj"])
+            return linear(h, lm_head)
+
+        expected = step()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.allclose(out.float(), expected.float(), rtol=0.05, atol=0.05), label
+        starts, ends = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        starts.record()
+        for _ in range(20):
+            graph.replay()
+        ends.record()
+        torch.cuda.synchronize()
+        results[label] = starts.elapsed_time(ends) / 20
+    weight_bytes = sum(n * k for n, k in SHAPES.values() if (n, k) != SHAPES["lm_head"]) * 2 * layers
+    weight_bytes += SHAPES["lm_head"][0] * SHAPES["lm_head"][1] * 2
+    for label, ms in results.items():
+        print(f"chain of one step's projections, {label}: {ms:.3f} ms ({weight_bytes / ms / 1e9:.2f} TB/s)")
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--chain", action="store_true", help="also time a whole step's projections in a graph")
+    parser.add_argument("--skip-sweep", action="store_true", help="only the chain")
     args = parser.parse_args()
     device = torch.device("cuda")
     flush = torch.empty(64 * 1024 * 1024, device=device)
@@ -51,7 +96,9 @@ def main() -> None:
     totals = {"cuBLAS": 0.0, "gemv (module's config)": 0.0, "gemv (best of sweep)": 0.0}
     print("| weight | cuBLAS µs (TB/s) | gemv, module's config µs (TB/s) | best of sweep µs | best config |")
     print("|---|---|---|---|---|")
-    for name, (n, k) in SHAPES.items():
+    if args.chain:
+        results["chain_ms"] = chain_ms(device)
+    for name, (n, k) in ({} if args.skip_sweep else SHAPES).items():
         gen = torch.Generator(device=device).manual_seed(n)
         weight = torch.randn(n, k, device=device, generator=gen).to(torch.bfloat16)
         x = torch.randn(1, k, device=device, generator=gen).to(torch.bfloat16)
