@@ -5,8 +5,7 @@ once). Sweeps the GEMV's block shapes and prints the fastest beside the configur
     python bench/gemv_bench.py --out bench/results/gemv_h200.json
 
 With --chain, it also times a whole step's projections back to back in one CUDA graph (32 layers of qkv, o,
-gate_up and down, each fed the previous one's output, then the lm_head): cuBLAS, the GEMV, and the GEMV with
-programmatic dependent launch (each kernel's programs start while the previous one drains).
+gate_up and down, each fed the previous one's output, then the lm_head): cuBLAS against the GEMV.
 """
 
 from __future__ import annotations
@@ -52,8 +51,7 @@ def chain_ms(device: torch.device, layers: int = 32) -> dict[str, float]:
                 for name, (n, k) in SHAPES.items() if name != "lm_head"} for _ in range(layers)]
     lm_head = (torch.randn(*SHAPES["lm_head"], device=device, generator=gen) * 0.02).to(torch.bfloat16)
     x = torch.randn(1, 4096, device=device, generator=gen).to(torch.bfloat16)
-    ways = {"cuBLAS": F.linear, "gemv": lambda a, w: triton_gemv.gemv(a, w, pdl=False),
-            "gemv + PDL": lambda a, w: triton_gemv.gemv(a, w, pdl=True)}
+    ways = {"cuBLAS": F.linear, "gemv": triton_gemv.gemv}
     results = {}
     for label, linear in ways.items():
         def step() -> torch.Tensor:

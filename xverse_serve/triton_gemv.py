@@ -15,9 +15,6 @@ a few percent faster than cuBLAS on the layers' projections and about 27% on the
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -44,61 +41,29 @@ SKINNY_CONFIGS = {
 DEFAULT_SKINNY_CONFIG = (64, 128, 4, 3)
 
 
-@functools.cache
-def pdl_supported(device_index: int) -> bool:
-    """Programmatic dependent launch (a kernel's programs start while the previous kernel drains, and wait for
-    its results with griddepcontrol.wait) needs compute capability 9.0; XVERSE_PDL=0 turns it off."""
-    if os.environ.get("XVERSE_PDL", "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
-
-
-def _launch_options(x: torch.Tensor, pdl: bool | None) -> dict:
-    if pdl is None:
-        pdl = x.is_cuda and pdl_supported(x.device.index if x.device.index is not None else torch.cuda.current_device())
-    return {"USE_PDL": pdl, "launch_pdl": True} if pdl else {"USE_PDL": False}
-
-
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, stride_wn,
-                 K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 USE_PDL: tl.constexpr):
+                 K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     # K is a compile-time constant (a model has two: hidden and intermediate size), so the loop is fixed.
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
-    if USE_PDL:
-        # Let the next kernel's programs start (and read their own weights) while ours drain.
-        tl.extra.cuda.gdc_launch_dependents()
-    # The first weight tile does not depend on the previous kernel: with PDL it is read while that one ends.
-    w = _load_w_tile(w_rows, row_ok, 0, K, BLOCK_K, EVEN_K)
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()  # x is the previous kernel's output
-    acc = w.to(tl.float32) * _load_x_tile(x_ptr, 0, K, BLOCK_K, EVEN_K).to(tl.float32)[None, :]
-    for start in range(BLOCK_K, K, BLOCK_K):
-        w = _load_w_tile(w_rows, row_ok, start, K, BLOCK_K, EVEN_K)
-        acc += w.to(tl.float32) * _load_x_tile(x_ptr, start, K, BLOCK_K, EVEN_K).to(tl.float32)[None, :]
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        cols = start + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None], other=0.0, eviction_policy="evict_first")
+            x = tl.load(x_ptr + cols)
+        else:
+            col_ok = cols < K
+            w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0,
+                        eviction_policy="evict_first")
+            x = tl.load(x_ptr + cols, mask=col_ok, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
-@triton.jit
-def _load_w_tile(w_rows, row_ok, start, K: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    cols = start + tl.arange(0, BLOCK_K)
-    mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & (cols < K)[None, :]
-    # Read once per step: evicted first, so it does not push out what is read again.
-    return tl.load(w_rows + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
-
-
-@triton.jit
-def _load_x_tile(x_ptr, start, K: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    cols = start + tl.arange(0, BLOCK_K)
-    if EVEN_K:
-        return tl.load(x_ptr + cols)
-    return tl.load(x_ptr + cols, mask=cols < K, other=0.0)
-
-
-def gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int] | None = None,
-         pdl: bool | None = None) -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """x [..., K] holding one row, weight [N, K] (row-major) -> x @ weight.T, shaped [..., N], in x's dtype."""
     n, k = weight.shape
     if x.numel() != k:
@@ -112,17 +77,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int
     out = torch.empty(n, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](row, weight, out, n, weight.stride(0), K=k, BLOCK_N=block_n,
                                              BLOCK_K=block_k, EVEN_K=k % block_k == 0, num_warps=num_warps,
-                                             num_stages=num_stages, **_launch_options(x, pdl))
+                                             num_stages=num_stages)
     return out.view(*x.shape[:-1], n)
 
 
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_ym,
                    K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
-    if USE_PDL:  # as in _gemv_kernel
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+                   EVEN_K: tl.constexpr):
     rows = tl.arange(0, BLOCK_M)
     outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, out_ok = rows < M, outs < N
@@ -140,8 +102,8 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_ym,
              mask=row_ok[:, None] & out_ok[None, :])
 
 
-def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int] | None = None,
-                  pdl: bool | None = None) -> torch.Tensor:
+def skinny_matmul(x: torch.Tensor, weight: torch.Tensor,
+                  config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """x [..., K] holding 2..MAX_SKINNY_ROWS rows, weight [N, K] (row-major) -> x @ weight.T, in x's dtype."""
     n, k = weight.shape
     x2 = x.reshape(-1, k)
@@ -157,6 +119,5 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int,
     _skinny_kernel[(triton.cdiv(n, block_n),)](x2, weight, out, rows, n, x2.stride(0), weight.stride(0),
                                                out.stride(0), K=k, BLOCK_M=16 if rows <= 16 else 32,
                                                BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-                                               num_warps=num_warps, num_stages=num_stages,
-                                               **_launch_options(x, pdl))
+                                               num_warps=num_warps, num_stages=num_stages)
     return out.view(*x.shape[:-1], n)
