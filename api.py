@@ -6,7 +6,7 @@ import logging
 import sys
 
 from xverse_serve.checkpoint import CheckpointError
-from xverse_serve.launch import build_engine
+from xverse_serve.launch import build_context
 from xverse_serve.lifecycle import serve
 from xverse_serve.server import create_app
 from xverse_serve.settings import parse_settings
@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        ctx = build_engine(settings)
+        ctx = build_context(settings)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

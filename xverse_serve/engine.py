@@ -153,20 +153,55 @@ class Engine:
         return None
 
 
+Command = tuple[str, str, list[int] | None, SamplingParams | None]  # ("add" | "abort", request id, prompt, params)
+
+
+def apply_commands(engine: Engine, commands: list[Command]) -> list[StepOutput]:
+    """Adds and aborts requests; an add the engine refuses comes back as an error output."""
+    rejected = []
+    for command, request_id, prompt_ids, params in commands:
+        if command == "abort":
+            engine.abort(request_id)
+            continue
+        try:
+            engine.add_request(request_id, prompt_ids, params)
+        except ValueError as exc:
+            rejected.append(StepOutput(request_id, [], error=str(exc)))
+    return rejected
+
+
+def run_steps(engine: Engine, take_commands: Callable[[bool], list[Command] | None],
+              emit: Callable[[list[StepOutput]], None]) -> None:
+    """The engine's loop: apply the pending commands, step while there is work, emit each step's outputs.
+    take_commands(idle) returns the commands sent since the last call, waiting for one when idle is True,
+    or None to stop. emit is called after every pass that applied a command or ran a step."""
+    last_log, busy = time.monotonic(), False
+    while (commands := take_commands(not engine.has_work())) is not None:
+        outputs = apply_commands(engine, commands)
+        if engine.has_work():
+            outputs += engine.step()
+            busy = True
+        if busy and time.monotonic() - last_log > STATS_INTERVAL_S:
+            log.info("engine: %s", engine.stats_line())
+            last_log, busy = time.monotonic(), False
+        emit(outputs)
+
+
 class EngineDead(RuntimeError):
-    """The engine thread has stopped; no request can be served."""
+    """The engine has stopped; no request can be served."""
 
 
 class AsyncEngine:
-    """Runs the Engine in a background thread; each request gets an async iterator of its outputs.
+    """The server's side of the engine: each request gets an async iterator of its outputs.
 
-    Requests and aborts are handed to the thread through a locked inbox, applied between steps,
-    so the engine's state is only ever touched by its own thread."""
+    This class runs the Engine in a background thread of this process: requests and aborts go through a
+    locked inbox, applied between steps, so the engine's state is only ever touched by its own thread.
+    engine_process.EngineProcess runs it in a process of its own behind the same interface."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine | None) -> None:
         self.engine = engine
-        self.on_death: Callable[[], None] | None = None  # called on the event loop if the thread dies
-        self._inbox: list[tuple[str, str, list[int] | None, SamplingParams | None]] = []
+        self.on_death: Callable[[], None] | None = None  # called on the event loop if the engine dies
+        self._inbox: list[Command] = []
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._queues: dict[str, asyncio.Queue[StepOutput]] = {}
@@ -208,7 +243,7 @@ class AsyncEngine:
             raise EngineDead("the engine is not running")
         queue: asyncio.Queue[StepOutput] = asyncio.Queue()
         self._queues[request_id] = queue
-        self._send("add", request_id, prompt_ids, params)
+        self._send(("add", request_id, prompt_ids, params))
         finished = False
         try:
             while not finished:
@@ -222,50 +257,40 @@ class AsyncEngine:
         finally:
             self._queues.pop(request_id, None)
             if not finished:
-                self._send("abort", request_id)
+                self._send(("abort", request_id, None, None))
 
-    def _send(self, command: str, request_id: str, prompt_ids: list[int] | None = None,
-              params: SamplingParams | None = None) -> None:
+    def _send(self, command: Command) -> None:
         with self._lock:
-            self._inbox.append((command, request_id, prompt_ids, params))
+            self._inbox.append(command)
         self._wakeup.set()
 
-    def _apply_inbox(self) -> list[StepOutput]:
+    def _take_commands(self, idle: bool) -> list[Command] | None:
+        if idle:
+            self._wakeup.wait()
+            self._wakeup.clear()
+        if self._stopping:
+            return None
         with self._lock:
             commands, self._inbox = self._inbox, []
-        rejected = []
-        for command, request_id, prompt_ids, params in commands:
-            if command == "abort":
-                self.engine.abort(request_id)
-                continue
-            try:
-                self.engine.add_request(request_id, prompt_ids, params)
-            except ValueError as exc:
-                rejected.append(StepOutput(request_id, [], error=str(exc)))
-        return rejected
+        return commands
+
+    def _emit(self, outputs: list[StepOutput]) -> None:
+        if outputs:
+            self._loop.call_soon_threadsafe(self._deliver, outputs)
 
     def _run(self) -> None:
-        last_log, busy = time.monotonic(), False
         try:
-            while not self._stopping:
-                outputs = self._apply_inbox()
-                if self.engine.has_work():
-                    outputs += self.engine.step()
-                    busy = True
-                if busy and time.monotonic() - last_log > STATS_INTERVAL_S:
-                    log.info("engine: %s", self.engine.stats_line())
-                    last_log, busy = time.monotonic(), False
-                if outputs:
-                    self._loop.call_soon_threadsafe(self._deliver, outputs)
-                if not self.engine.has_work():
-                    self._wakeup.wait()
-                    self._wakeup.clear()
+            run_steps(self.engine, self._take_commands, self._emit)
         except BaseException as exc:
             log.exception("the engine thread died")
-            self.error = exc
-            self._loop.call_soon_threadsafe(self._fail_all, f"the engine stopped: {exc}")
-            if self.on_death is not None:
-                self._loop.call_soon_threadsafe(self.on_death)
+            self._died(exc)
+
+    def _died(self, exc: BaseException) -> None:
+        """From the engine's side (any thread): every request fails and on_death runs on the event loop."""
+        self.error = exc
+        self._loop.call_soon_threadsafe(self._fail_all, f"the engine stopped: {exc}")
+        if self.on_death is not None:
+            self._loop.call_soon_threadsafe(self.on_death)
 
     def _deliver(self, outputs: list[StepOutput]) -> None:
         for output in outputs:
@@ -276,7 +301,7 @@ class AsyncEngine:
     def end_all(self, message: str) -> None:
         """Ends every request with an error (status 503) and aborts it: for shutdown once the grace is over."""
         for request_id in list(self._queues):
-            self._send("abort", request_id)
+            self._send(("abort", request_id, None, None))
         self._fail_all(message, 503)
 
     def _fail_all(self, message: str, status: int = 500) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -97,20 +98,47 @@ def check_model_dir(settings: Settings) -> None:
         raise CheckpointError(f"{exc}: run `{DOWNLOAD_HINT}` again") from exc
 
 
+def model_len(settings: Settings, config: ModelConfig) -> int:
+    max_model_len = settings.max_model_len or config.max_position_embeddings
+    if max_model_len > config.max_position_embeddings:
+        raise CheckpointError(f"--max-model-len {max_model_len} exceeds the model's "
+                              f"max_position_embeddings ({config.max_position_embeddings})")
+    return max_model_len
+
+
+def build_context(settings: Settings) -> ServingContext:
+    """What the server runs on. With --engine-process (the default) the engine is loaded and run in a process of
+    its own (engine_process.EngineProcess), else here, stepped by a thread once the server starts."""
+    check_model_dir(settings)
+    config = load_config(settings.model_path)
+    tokenizer = Tokenizer(settings.model_path / "tokenizer.json", config)
+    max_model_len = model_len(settings, config)
+    if settings.engine_process:
+        from .engine_process import EngineProcess
+
+        engine = EngineProcess(settings)
+    else:
+        engine = AsyncEngine(load_engine(settings))
+    return ServingContext(engine, tokenizer, config, load_generation_defaults(settings.model_path), settings,
+                          max_model_len)
+
+
 def build_engine(settings: Settings) -> ServingContext:
+    """build_context with the engine in this process, where ctx.engine.engine can be driven directly."""
+    return build_context(dataclasses.replace(settings, engine_process=False))
+
+
+def load_engine(settings: Settings) -> Engine:
+    """Loads the weights, sizes the KV cache, captures the decode graphs and warms the kernels up."""
     check_model_dir(settings)
     model_dir = settings.model_path
     config = load_config(model_dir)
-    tokenizer = Tokenizer(model_dir / "tokenizer.json", config)
     device = resolve_device(settings.device)
     if device.type == "cuda" and device.index is not None:
         # Triton launches and graph captures go to the current device: make it the one asked for (cuda:N).
         torch.cuda.set_device(device)
     dtype = resolve_dtype(settings.dtype, device)
-    max_model_len = settings.max_model_len or config.max_position_embeddings
-    if max_model_len > config.max_position_embeddings:
-        raise CheckpointError(f"--max-model-len {max_model_len} exceeds the model's "
-                              f"max_position_embeddings ({config.max_position_embeddings})")
+    max_model_len = model_len(settings, config)
     kv_dtype = resolve_kv_cache_dtype(settings.kv_cache_dtype, device, dtype)
     check_quantize(settings.quantize, config)
     log.info("loading %s on %s as %s%s", model_dir, device, dtype,
@@ -147,8 +175,7 @@ def build_engine(settings: Settings) -> ServingContext:
         started = time.perf_counter()
         engine.warm_up()
         log.info("warmed up the kernels in %.1f s", time.perf_counter() - started)
-    return ServingContext(AsyncEngine(engine), tokenizer, config, load_generation_defaults(model_dir),
-                          settings, max_model_len)
+    return engine
 
 
 def assemble_engine(model: XverseForCausalLM, num_blocks: int, block_size: int, max_num_seqs: int,

@@ -103,13 +103,15 @@ class Metrics:
 
         def tokens_arrived(count: int) -> None:
             now = time.perf_counter()
+            gaps = count
             if record.first_token_at is None:
                 record.first_token_at = now
                 self.ttft.observe(now - record.started)
+                gaps, gap = count - 1, 0.0  # the tokens that came with the first one waited no longer
             else:
                 gap = (now - record.last_token_at) / count  # tokens that arrive together share the wait
-                for _ in range(count):
-                    self.token_gap.observe(gap)
+            for _ in range(gaps):
+                self.token_gap.observe(gap)
             record.last_token_at = now
             record.completion_tokens += count
             self.generation_tokens.inc(count)

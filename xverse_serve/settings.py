@@ -37,6 +37,7 @@ class Settings:
     log_level: str = "info"
     quantize: str = "none"
     kv_cache_dtype: str = "auto"
+    engine_process: bool = True
 
 
 # name -> (converter, help). argparse runs the converter on string defaults too, so values taken
@@ -74,6 +75,8 @@ OPTIONS = {
                       "embeddings become int8 in both"),
     "kv_cache_dtype": (str, "KV-cache element type: auto (the model's dtype), int8 (with scales) or fp8 "
                             "(cards with fp8: Hopper, Ada)"),
+    "engine_process": (bool, "run the engine (model, cache, scheduler) in a process of its own, so that the HTTP "
+                             "server's Python work never holds up a step; off: in a thread of the server process"),
 }
 CHOICES = {"dtype": ("auto", "bfloat16", "float16", "float32"), "log_level": ("debug", "info", "warning", "error"),
            "quantize": ("none", "int8", "int4"), "kv_cache_dtype": ("auto", "int8", "fp8")}
