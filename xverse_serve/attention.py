@@ -6,15 +6,35 @@ A step's flat batch holds the decoding sequences first (one token each), then th
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # torch before 2.10
+    varlen_attn = None
+
 MAX_GATHERED_ELEMENTS = 1 << 26
 # The largest magnitude of each 8-bit cache type: a vector's scale maps its largest element there.
 KV_QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
 KV_MIN_AMAX = 1e-8  # an all-zero vector gets this instead of a zero scale
+VARLEN_DTYPES = (torch.float16, torch.bfloat16)  # the only ones flash attention takes
+
+
+@dataclass
+class VarlenLayout:
+    """A step's prefills packed for one variable-length attention call per layer; built once per step."""
+
+    context_slots: torch.Tensor  # [context tokens] long: the cache slot of every context position, sequence by sequence
+    cu_seq_q: torch.Tensor  # [prefills + 1] int32: where each prefill's queries start among the step's prefill tokens
+    cu_seq_k: torch.Tensor  # [prefills + 1] int32: where each prefill's context starts in context_slots
+    max_q: int
+    max_k: int
 
 
 @dataclass
@@ -27,6 +47,19 @@ class AttentionBatch:
     query_lens: list[int]  # new tokens of each sequence this step
     context_lens_host: list[int]  # context_lens on the host, so no layer waits on the device
     num_decodes: int  # the first num_decodes sequences contribute exactly one token each
+    varlen: VarlenLayout | None = None  # the prefills in one varlen_attn call; without it, one call per sequence
+
+
+@functools.cache
+def takes_window_and_scale(function: Callable) -> bool:
+    """torch 2.11's varlen_attn takes window_size (causal masks) and scale; 2.10's takes neither."""
+    return {"window_size", "scale"} <= inspect.signature(function).parameters.keys()
+
+
+def varlen_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch can run a step's prefills on `device` in `dtype` as one varlen_attn call per layer."""
+    return (device.type == "cuda" and dtype in VARLEN_DTYPES and varlen_attn is not None
+            and takes_window_and_scale(varlen_attn))
 
 
 def quantize_kv(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,11 +178,32 @@ def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return out[0].transpose(0, 1).to(q.dtype)
 
 
+def gather_slots(cache: torch.Tensor, slots: torch.Tensor, scales: torch.Tensor | None,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """The cached vectors at flat slots, [slots, heads, head_dim]; from an 8-bit cache dequantized to `dtype`."""
+    values = gather(cache.view(-1, *cache.shape[2:]), slots)
+    if scales is None:
+        return values
+    return dequantize_kv(values, scales.view(-1, scales.shape[-1])[slots], dtype)
+
+
+def varlen_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: VarlenLayout,
+                             scale: float, k_scale: torch.Tensor | None = None,
+                             v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Every prefill of a step at once: q [prefill tokens, heads, head_dim], sequence after sequence.
+    Flash attention aligns its causal mask bottom-right, so each sequence's queries are its context's last."""
+    keys = gather_slots(k_cache, layout.context_slots, k_scale, q.dtype)
+    values = gather_slots(v_cache, layout.context_slots, v_scale, q.dtype)
+    return varlen_attn(q, keys, values, layout.cu_seq_q, layout.cu_seq_k, layout.max_q, layout.max_k,
+                       scale=scale, window_size=(-1, 0))
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     batch: AttentionBatch, scale: float, k_scale: torch.Tensor | None = None,
                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q [tokens, heads, head_dim] -> [tokens, heads, head_dim]; the step's K/V are already cached.
-    On CUDA the decodes go through the Triton kernel (no host sync, so the step can be a CUDA graph).
+    On CUDA the decodes go through the Triton kernel (no host sync, so the step can be a CUDA graph), and the
+    prefills through one varlen_attn call where the batch has a VarlenLayout.
     An 8-bit cache comes with its scales; prefills read it dequantized to q's dtype."""
     out = torch.empty_like(q)
     n = batch.num_decodes
@@ -163,6 +217,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             out[:n] = decode_attention(q[:n], k_cache, v_cache, batch.block_tables[:n], batch.context_lens[:n], scale,
                                        k_scale, v_scale)
     if n == len(batch.query_lens):
+        return out
+    if batch.varlen is not None:
+        out[n:] = varlen_prefill_attention(q[n:], k_cache, v_cache, batch.varlen, scale, k_scale, v_scale)
         return out
     context_lens = batch.context_lens_host
     start = n

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .attention import AttentionBatch
+from .attention import AttentionBatch, VarlenLayout, varlen_supported
 from .cuda_graphs import DecodeGraphs
 from .kv_cache import KVCache
 from .model import XverseForCausalLM
@@ -64,6 +64,29 @@ def build_inputs(scheduled: list[ScheduledSequence], block_size: int, table_widt
     )
 
 
+def varlen_layout(block_tables: np.ndarray, context_lens: list[int], query_lens: list[int], num_decodes: int,
+                  block_size: int, device: torch.device) -> VarlenLayout:
+    """The step's prefills (its sequences from num_decodes on) packed for varlen_attn, on `device`: the cache
+    slot of every position of their contexts, and where each one's queries and context start."""
+    rows = np.arange(num_decodes, len(query_lens))
+    q_lens = np.asarray(query_lens[num_decodes:])
+    k_lens = np.asarray(context_lens[num_decodes:])
+    cu_seq_q = np.concatenate(([0], np.cumsum(q_lens))).astype(np.int32)
+    cu_seq_k = np.concatenate(([0], np.cumsum(k_lens))).astype(np.int32)
+    # Each context position's row in the block tables and its position within its sequence.
+    seq_rows = np.repeat(rows, k_lens)
+    positions = np.arange(cu_seq_k[-1]) - np.repeat(cu_seq_k[:-1], k_lens)
+    blocks = block_tables[seq_rows, positions // block_size].astype(np.int64)
+    slots = blocks * block_size + positions % block_size
+    return VarlenLayout(
+        context_slots=torch.from_numpy(slots).to(device, non_blocking=True),
+        cu_seq_q=torch.from_numpy(cu_seq_q).to(device, non_blocking=True),
+        cu_seq_k=torch.from_numpy(cu_seq_k).to(device, non_blocking=True),
+        max_q=int(q_lens.max()),
+        max_k=int(k_lens.max()),
+    )
+
+
 class ModelRunner:
     def __init__(self, model: XverseForCausalLM, kv_cache: KVCache, graphs: DecodeGraphs | None = None) -> None:
         self.model = model
@@ -73,6 +96,7 @@ class ModelRunner:
         # depends on the width, and every variant for that width was compiled when the graphs were captured.
         self.table_width = graphs.block_tables.shape[1] if graphs is not None else None
         self.device = model.lm_head.weight.device
+        self.use_varlen = varlen_supported(self.device, model.dtype)
         self.seen = SeenTokens(model.config.vocab_size, self.device)
 
     def release(self, request_id: str) -> None:
@@ -112,13 +136,19 @@ class ModelRunner:
         def to_device(tensor: torch.Tensor) -> torch.Tensor:
             return tensor.to(self.device, non_blocking=True)
 
+        num_decodes = sum(1 for n in inputs.query_lens if n == 1)
+        varlen = None
+        if self.use_varlen and not inputs.decode_only:
+            varlen = varlen_layout(inputs.block_tables.numpy(), inputs.context_lens, inputs.query_lens, num_decodes,
+                                   self.kv_cache.block_size, self.device)
         batch = AttentionBatch(
             slot_mapping=to_device(inputs.slot_mapping),
             block_tables=to_device(inputs.block_tables),
             context_lens=to_device(torch.tensor(inputs.context_lens, dtype=torch.int32)),
             query_lens=inputs.query_lens,
             context_lens_host=inputs.context_lens,
-            num_decodes=sum(1 for n in inputs.query_lens if n == 1),
+            num_decodes=num_decodes,
+            varlen=varlen,
         )
         return to_device(inputs.input_ids), to_device(inputs.positions), batch
 
