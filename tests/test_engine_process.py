@@ -1,0 +1,167 @@
+"""The engine in a process of its own (--engine-process, the default): the same answers as the engine in a
+thread, its load visible to the server, aborts reaching it, start-up errors and its death reported."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import start_server, stop_server
+from xverse_serve.checkpoint import CheckpointError
+from xverse_serve.engine import AsyncEngine, StepOutput
+from xverse_serve.engine_process import EngineProcess
+from xverse_serve.launch import load_engine
+from xverse_serve.sampling import SamplingParams
+from xverse_serve.settings import Settings
+
+PROMPTS = {"a": [5, 9, 14, 3 + 40], "b": list(range(20, 57)), "c": [7] * 3, "d": list(range(60, 160, 3))}
+
+
+def settings_for(model_dir: Path, **changes) -> Settings:
+    return dataclasses.replace(Settings(model_path=model_dir, device="cpu", max_model_len=256, kv_cache_tokens=4096),
+                               **changes)
+
+
+async def collect(engine: AsyncEngine, request_id: str, prompt: list[int], params: SamplingParams) -> list[StepOutput]:
+    return [output async for output in engine.generate(request_id, prompt, params)]
+
+
+def run(engine: AsyncEngine, scenario) -> object:
+    async def main() -> object:
+        engine.start()
+        try:
+            return await asyncio.wait_for(scenario(engine), timeout=120)
+        finally:
+            engine.stop()
+    return asyncio.run(main())
+
+
+async def until(condition, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+def test_the_engine_process_gives_the_answers_of_the_engine_thread(tiny_model_dir: Path) -> None:
+    settings = settings_for(tiny_model_dir)
+    params = {rid: SamplingParams(max_tokens=12 + i, temperature=0.0 if i % 2 else 0.8, seed=i, ignore_eos=True,
+                                  repetition_penalty=1.1)
+              for i, rid in enumerate(PROMPTS)}
+
+    async def scenario(engine: AsyncEngine) -> dict[str, list[int]]:
+        runs = await asyncio.gather(*(collect(engine, rid, prompt, params[rid]) for rid, prompt in PROMPTS.items()))
+        return {rid: [t for output in outputs for t in output.new_token_ids] for rid, outputs in zip(PROMPTS, runs)}
+
+    in_process = run(AsyncEngine(load_engine(settings)), scenario)
+    in_child = run(EngineProcess(settings), scenario)
+    assert in_child == in_process
+    assert [len(tokens) for tokens in in_child.values()] == [12, 13, 14, 15]
+
+
+def test_its_load_is_visible_and_leaving_early_aborts_the_request(tiny_model_dir: Path) -> None:
+    long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+
+    async def scenario(engine: EngineProcess) -> tuple:
+        idle = engine.stats()
+        seen = 0
+        async for output in engine.generate("long", PROMPTS["d"], long):
+            seen += len(output.new_token_ids)
+            if seen >= 3:
+                busy = engine.stats()
+                break
+        await until(lambda: engine.stats().running == 0)  # the abort reached the child
+        return idle, busy, engine.stats()
+
+    idle, busy, after = run(EngineProcess(settings_for(tiny_model_dir)), scenario)
+    assert idle.running == idle.waiting == idle.kv_blocks_used == 0 and idle.kv_blocks_total == 4096 // 16
+    assert busy.running == 1 and busy.kv_blocks_used > 0
+    assert after.running == after.waiting == after.kv_blocks_used == 0
+
+
+def test_a_request_the_engine_refuses_fails_alone(tiny_model_dir: Path) -> None:
+    async def scenario(engine: EngineProcess) -> tuple[list[StepOutput], list[StepOutput]]:
+        too_long = await collect(engine, "x", list(range(5, 305)), SamplingParams(max_tokens=4))
+        fine = await collect(engine, "y", PROMPTS["a"], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        return too_long, fine
+
+    too_long, fine = run(EngineProcess(settings_for(tiny_model_dir)), scenario)
+    assert [output.error for output in too_long] == ["the prompt has 300 tokens; the context holds 256"]
+    assert sum(len(output.new_token_ids) for output in fine) == 4 and fine[-1].finish_reason == "length"
+
+
+def test_a_start_up_error_in_the_child_is_raised_with_its_message(tiny_model_dir: Path) -> None:
+    with pytest.raises(CheckpointError, match="the KV cache holds 128 tokens, less than one 256-token context"):
+        EngineProcess(settings_for(tiny_model_dir, kv_cache_tokens=128))
+
+
+def test_when_the_child_dies_every_request_fails_and_the_server_hears_of_it(tiny_model_dir: Path) -> None:
+    deaths = []
+
+    async def scenario(engine: EngineProcess) -> list[StepOutput]:
+        engine.on_death = lambda: deaths.append(True)
+        outputs = []
+        async for output in engine.generate("long", PROMPTS["b"], SamplingParams(max_tokens=400, ignore_eos=True)):
+            outputs.append(output)
+            if len(outputs) == 2:
+                os.kill(engine._process.pid, signal.SIGKILL)
+        await until(lambda: bool(deaths))
+        return outputs
+
+    engine = EngineProcess(settings_for(tiny_model_dir))
+    outputs = run(engine, scenario)
+    assert outputs[-1].error is not None and "the engine process exited" in outputs[-1].error
+    assert not engine.alive
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def child_pids(pid: int) -> list[int]:
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(entry.name))
+    return children
+
+
+def test_the_server_exits_1_when_its_engine_process_is_killed(tiny_model_dir: Path, tmp_path: Path) -> None:
+    server = start_server(tiny_model_dir, tmp_path / "server.log")
+    try:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        assert requests.post(server.url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+        (child,) = [pid for pid in child_pids(server.process.pid) if "spawn_main" in
+                    Path(f"/proc/{pid}/cmdline").read_text()]
+        os.kill(child, signal.SIGKILL)
+        assert server.process.wait(timeout=30) == 1
+        assert "the engine process exited" in server.log()
+    finally:
+        stop_server(server)
+
+
+def test_sigterm_stops_the_engine_process_with_the_server(tiny_model_dir: Path, tmp_path: Path) -> None:
+    server = start_server(tiny_model_dir, tmp_path / "server.log")
+    children = child_pids(server.process.pid)
+    assert children
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=30) == 0
+    deadline = time.monotonic() + 10
+    while any(running(pid) for pid in children):
+        assert time.monotonic() < deadline, "the engine process outlived the server"
+        time.sleep(0.05)
