@@ -31,7 +31,7 @@ class Lifecycle:
         engine.on_death = self.engine_died
 
     def engine_died(self) -> None:
-        log.critical("the engine thread died: exiting so that a supervisor can restart the server")
+        log.critical("the engine died: exiting so that a supervisor can restart the server")
         self.exit_code, self.exit_requested = 1, True
 
     async def drain(self) -> None:
