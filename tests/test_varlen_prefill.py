@@ -24,7 +24,7 @@ from xverse_serve.checkpoint import ModelConfig
 from xverse_serve.kv_cache import KVCache, blocks_needed
 from xverse_serve.model import XverseForCausalLM, load_model
 from xverse_serve.quantization import relative_error
-from xverse_serve.runner import ModelRunner, build_inputs, varlen_layout
+from xverse_serve.runner import ModelRunner, build_inputs, varlen_layout, varlen_layouts
 from xverse_serve.sampling import SamplingParams
 from xverse_serve.scheduler import ScheduledSequence, Sequence
 
@@ -97,9 +97,9 @@ class Step:
         return paged_attention(self.q, *self.kv[:2], self.batch, SCALE, *self.kv[2:])
 
     def varlen_attention(self) -> torch.Tensor:
-        layout = varlen_layout(self.tables, self.batch.context_lens_host, self.batch.query_lens,
-                               self.batch.num_decodes, BLOCK_SIZE, self.q.device)
-        return paged_attention(self.q, *self.kv[:2], dataclasses.replace(self.batch, varlen=layout), SCALE,
+        layouts = varlen_layouts(self.tables, self.batch.context_lens_host, self.batch.query_lens,
+                                 self.batch.num_decodes, BLOCK_SIZE, self.q.device)
+        return paged_attention(self.q, *self.kv[:2], dataclasses.replace(self.batch, varlen=layouts), SCALE,
                                *self.kv[2:])
 
 
@@ -132,8 +132,9 @@ def make_step(scenario: Scenario, kv_dtype: torch.dtype | None, seed: int = 0) -
 
 def test_layout_lists_the_cache_slot_of_every_prefill_context_position() -> None:
     tables = np.array([[5, 0, 0], [7, 2, 0], [3, 9, 4]], dtype=np.int32)
-    layout = varlen_layout(tables, context_lens=[3, 6, 9], query_lens=[1, 2, 9], num_decodes=1, block_size=4,
+    layout = varlen_layout(tables, context_lens=[3, 6, 9], query_lens=[1, 2, 9], rows=range(1, 3), block_size=4,
                            device=CPU)
+    assert layout.tokens == slice(1, 12)
     assert layout.context_slots.tolist() == [28, 29, 30, 31, 8, 9] + [12, 13, 14, 15, 36, 37, 38, 39, 16]
     assert layout.context_slots.dtype == torch.long
     assert layout.cu_seq_q.tolist() == [0, 2, 11] and layout.cu_seq_k.tolist() == [0, 6, 15]
@@ -167,6 +168,26 @@ def test_varlen_only_where_flash_attention_runs(monkeypatch: pytest.MonkeyPatch)
     assert not varlen_supported(cuda, torch.bfloat16)
 
 
+def test_prefills_whose_contexts_exceed_the_gather_limit_go_in_several_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner_module, "VARLEN_MAX_CONTEXT_TOKENS", 10)
+    tables = np.arange(4 * 5, dtype=np.int32).reshape(4, 5)
+    # A decode, then prefills with contexts of 4, 5, 12 (alone over the limit) and 3 tokens.
+    layouts = varlen_layouts(np.vstack([tables, tables[:1]]), context_lens=[7, 4, 5, 12, 3],
+                             query_lens=[1, 4, 2, 3, 3], num_decodes=1, block_size=4, device=CPU)
+    assert [layout.tokens for layout in layouts] == [slice(1, 7), slice(7, 10), slice(10, 13)]
+    assert [layout.cu_seq_k.tolist() for layout in layouts] == [[0, 4, 9], [0, 12], [0, 3]]
+    assert layouts[1].context_slots.tolist() == list(range(60, 72))  # row 3: blocks 15, 16, 17
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS.values(), ids=SCENARIOS.keys())
+def test_several_calls_compute_what_one_does(monkeypatch: pytest.MonkeyPatch, scenario: Scenario) -> None:
+    monkeypatch.setattr(attention, "varlen_attn", reference_varlen_attn)
+    step = make_step(scenario, torch.int8)
+    whole = step.varlen_attention()
+    monkeypatch.setattr(runner_module, "VARLEN_MAX_CONTEXT_TOKENS", 1)  # every prefill in a call of its own
+    torch.testing.assert_close(step.varlen_attention(), whole)
+
+
 @pytest.fixture
 def forced_varlen(monkeypatch: pytest.MonkeyPatch) -> None:
     """The runner builds layouts on CPU, and varlen_attn is the reference."""
@@ -184,8 +205,9 @@ def test_runner_builds_a_layout_for_steps_with_prefills_only(config: ModelConfig
     prefilling.block_table = [12, 5]
     step = [ScheduledSequence(decoding, 1), ScheduledSequence(prefilling, 7)]
     _, _, batch = runner.device_inputs(build_inputs(step, BLOCK_SIZE))
-    assert batch.varlen.context_slots.tolist() == [48, 49, 50, 51, 20, 21, 22]
-    assert batch.varlen.cu_seq_q.tolist() == [0, 7] and batch.varlen.cu_seq_k.tolist() == [0, 7]
+    (layout,) = batch.varlen
+    assert layout.context_slots.tolist() == [48, 49, 50, 51, 20, 21, 22] and layout.tokens == slice(1, 8)
+    assert layout.cu_seq_q.tolist() == [0, 7] and layout.cu_seq_k.tolist() == [0, 7]
     _, _, batch = runner.device_inputs(build_inputs(step[:1], BLOCK_SIZE))
     assert batch.varlen is None
 

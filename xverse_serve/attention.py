@@ -28,10 +28,11 @@ VARLEN_DTYPES = (torch.float16, torch.bfloat16)  # the only ones flash attention
 
 @dataclass
 class VarlenLayout:
-    """A step's prefills packed for one variable-length attention call per layer; built once per step."""
+    """Prefills of a step packed for one variable-length attention call per layer; built once per step."""
 
+    tokens: slice  # where their queries sit among the step's tokens
     context_slots: torch.Tensor  # [context tokens] long: the cache slot of every context position, sequence by sequence
-    cu_seq_q: torch.Tensor  # [prefills + 1] int32: where each prefill's queries start among the step's prefill tokens
+    cu_seq_q: torch.Tensor  # [prefills + 1] int32: where each prefill's queries start among the layout's tokens
     cu_seq_k: torch.Tensor  # [prefills + 1] int32: where each prefill's context starts in context_slots
     max_q: int
     max_k: int
@@ -47,7 +48,7 @@ class AttentionBatch:
     query_lens: list[int]  # new tokens of each sequence this step
     context_lens_host: list[int]  # context_lens on the host, so no layer waits on the device
     num_decodes: int  # the first num_decodes sequences contribute exactly one token each
-    varlen: VarlenLayout | None = None  # the prefills in one varlen_attn call; without it, one call per sequence
+    varlen: list[VarlenLayout] | None = None  # the prefills in varlen_attn calls; without it, one call per sequence
 
 
 @functools.cache
@@ -190,7 +191,7 @@ def gather_slots(cache: torch.Tensor, slots: torch.Tensor, scales: torch.Tensor 
 def varlen_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: VarlenLayout,
                              scale: float, k_scale: torch.Tensor | None = None,
                              v_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Every prefill of a step at once: q [prefill tokens, heads, head_dim], sequence after sequence.
+    """The prefills of a layout at once: q [their tokens, heads, head_dim], sequence after sequence.
     Flash attention aligns its causal mask bottom-right, so each sequence's queries are its context's last."""
     keys = gather_slots(k_cache, layout.context_slots, k_scale, q.dtype)
     values = gather_slots(v_cache, layout.context_slots, v_scale, q.dtype)
@@ -203,7 +204,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q [tokens, heads, head_dim] -> [tokens, heads, head_dim]; the step's K/V are already cached.
     On CUDA the decodes go through the Triton kernel (no host sync, so the step can be a CUDA graph), and the
-    prefills through one varlen_attn call where the batch has a VarlenLayout.
+    prefills through varlen_attn calls where the batch has VarlenLayouts.
     An 8-bit cache comes with its scales; prefills read it dequantized to q's dtype."""
     out = torch.empty_like(q)
     n = batch.num_decodes
@@ -219,7 +220,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if n == len(batch.query_lens):
         return out
     if batch.varlen is not None:
-        out[n:] = varlen_prefill_attention(q[n:], k_cache, v_cache, batch.varlen, scale, k_scale, v_scale)
+        for layout in batch.varlen:
+            out[layout.tokens] = varlen_prefill_attention(q[layout.tokens], k_cache, v_cache, layout, scale, k_scale,
+                                                          v_scale)
         return out
     context_lens = batch.context_lens_host
     start = n

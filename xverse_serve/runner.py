@@ -64,21 +64,42 @@ def build_inputs(scheduled: list[ScheduledSequence], block_size: int, table_widt
     )
 
 
-def varlen_layout(block_tables: np.ndarray, context_lens: list[int], query_lens: list[int], num_decodes: int,
+# Most context tokens gathered for one varlen_attn call (keys and values of 8,192 tokens of XVERSE-7B: 128 MiB in
+# bf16, what a default step's prefills gather and start-up's memory plan measures). Prefills whose contexts add up
+# to more (long cached prefixes: the new tokens are few, the context is not) go in several calls.
+VARLEN_MAX_CONTEXT_TOKENS = 8192
+
+
+def varlen_layouts(block_tables: np.ndarray, context_lens: list[int], query_lens: list[int], num_decodes: int,
+                   block_size: int, device: torch.device) -> list[VarlenLayout]:
+    """The step's prefills (its sequences from num_decodes on) in groups of at most VARLEN_MAX_CONTEXT_TOKENS
+    context tokens (or a single longer one), one varlen_attn call each."""
+    groups, start, total = [], num_decodes, 0
+    for row in range(num_decodes, len(query_lens)):
+        if row > start and total + context_lens[row] > VARLEN_MAX_CONTEXT_TOKENS:
+            groups.append(range(start, row))
+            start, total = row, 0
+        total += context_lens[row]
+    groups.append(range(start, len(query_lens)))
+    return [varlen_layout(block_tables, context_lens, query_lens, rows, block_size, device) for rows in groups]
+
+
+def varlen_layout(block_tables: np.ndarray, context_lens: list[int], query_lens: list[int], rows: range,
                   block_size: int, device: torch.device) -> VarlenLayout:
-    """The step's prefills (its sequences from num_decodes on) packed for varlen_attn, on `device`: the cache
-    slot of every position of their contexts, and where each one's queries and context start."""
-    rows = np.arange(num_decodes, len(query_lens))
-    q_lens = np.asarray(query_lens[num_decodes:])
-    k_lens = np.asarray(context_lens[num_decodes:])
+    """Prefills `rows` of the step packed for varlen_attn, on `device`: the cache slot of every position of their
+    contexts, where each one's queries and context start, and where their queries sit among the step's tokens."""
+    q_lens = np.asarray(query_lens[rows.start:rows.stop])
+    k_lens = np.asarray(context_lens[rows.start:rows.stop])
     cu_seq_q = np.concatenate(([0], np.cumsum(q_lens))).astype(np.int32)
     cu_seq_k = np.concatenate(([0], np.cumsum(k_lens))).astype(np.int32)
     # Each context position's row in the block tables and its position within its sequence.
-    seq_rows = np.repeat(rows, k_lens)
+    seq_rows = np.repeat(np.arange(rows.start, rows.stop), k_lens)
     positions = np.arange(cu_seq_k[-1]) - np.repeat(cu_seq_k[:-1], k_lens)
     blocks = block_tables[seq_rows, positions // block_size].astype(np.int64)
     slots = blocks * block_size + positions % block_size
+    first_token = sum(query_lens[:rows.start])
     return VarlenLayout(
+        tokens=slice(first_token, first_token + int(cu_seq_q[-1])),
         context_slots=torch.from_numpy(slots).to(device, non_blocking=True),
         cu_seq_q=torch.from_numpy(cu_seq_q).to(device, non_blocking=True),
         cu_seq_k=torch.from_numpy(cu_seq_k).to(device, non_blocking=True),
@@ -139,7 +160,7 @@ class ModelRunner:
         num_decodes = sum(1 for n in inputs.query_lens if n == 1)
         varlen = None
         if self.use_varlen and not inputs.decode_only:
-            varlen = varlen_layout(inputs.block_tables.numpy(), inputs.context_lens, inputs.query_lens, num_decodes,
+            varlen = varlen_layouts(inputs.block_tables.numpy(), inputs.context_lens, inputs.query_lens, num_decodes,
                                    self.kv_cache.block_size, self.device)
         batch = AttentionBatch(
             slot_mapping=to_device(inputs.slot_mapping),
