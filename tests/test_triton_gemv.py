@@ -73,3 +73,14 @@ def test_skinny_matmul_equals_a_float32_product(n: int, k: int, rows: int, dtype
 def test_skinny_matmul_refuses_too_many_rows() -> None:
     with pytest.raises(ValueError, match="rows"):
         triton_gemv.skinny_matmul(torch.randn(33, 64).to(DEVICE), torch.randn(8, 64).to(DEVICE))
+
+
+@pytest.mark.skipif(INTERPRET, reason="counts compiled kernels: on a GPU only")
+def test_skinny_matmul_compiles_one_kernel_per_tile_height_whatever_the_rows() -> None:
+    # Rows change step by step; a kernel compiled while serving stalls every request (about a second).
+    weight = torch.randn(48, 192, device=DEVICE, dtype=torch.bfloat16)  # a K no other test compiles for
+    compiled = triton_gemv._skinny_kernel.device_caches[torch.cuda.current_device()][0]
+    before = len(compiled)
+    for rows in range(2, triton_gemv.MAX_SKINNY_ROWS + 1):
+        triton_gemv.skinny_matmul(torch.randn(rows, 192, device=DEVICE, dtype=torch.bfloat16), weight)
+    assert len(compiled) - before == 2  # 16-row and 32-row tiles
