@@ -65,13 +65,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256])
     parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--max-model-len", type=int, default=XVERSE_7B.max_position_embeddings,
+                        help="the graphs' block-table width (the decode kernel's grid covers it)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device("cuda")
     bandwidth = copy_bandwidth(device)
     model = random_model(XVERSE_7B, device, torch.bfloat16)
     blocks = max(args.batches) * -(-(args.context + 64) // 16)  # the largest batch's contexts, plus its steps
-    engine = assemble_engine(model, blocks, 16, 256, 4096, XVERSE_7B.max_position_embeddings, cuda_graphs=True)
+    engine = assemble_engine(model, blocks, 16, 256, 4096, args.max_model_len, cuda_graphs=True)
     graphs = engine.runner.graphs
     results = {"device": torch.cuda.get_device_name(device), "copy_GBps": bandwidth / 1e9,
                "weights_ms": WEIGHT_BYTES / bandwidth * 1e3, "rows": []}
