@@ -29,7 +29,7 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from xverse_serve.attention import decode_attention  # noqa: E402
-from xverse_serve.triton_attention import default_partition_size, paged_decode_attention  # noqa: E402
+from xverse_serve.triton_attention import default_num_parts, paged_decode_attention  # noqa: E402
 from engine_bench import copy_bandwidth  # noqa: E402
 
 HEADS, HEAD_DIM, BLOCK_SIZE = 32, 128, 16
@@ -106,7 +106,7 @@ def bench_shape(batch: int, context: int, configs: dict, copy_bw: float, args, l
     kv_bytes = shape.kv_bytes()
     ref = shape.reference()
     result = {"batch": batch, "context": context, "kv_bytes": kv_bytes,
-              "auto_partition_size": default_partition_size(
+              "auto_num_parts": default_num_parts(
                   batch, HEADS, context, torch.cuda.get_device_properties(0).multi_processor_count),
               "configs": {}}
 

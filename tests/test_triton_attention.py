@@ -165,6 +165,26 @@ def test_int64_tables_padding_columns_and_default_tuning() -> None:
     assert_close(batch.run(partition_size=64, heads_per_program=2, block_n=16), batch.reference())
 
 
+@pytest.mark.parametrize("lanes", [False, True], ids=["step", "lanes"])
+@pytest.mark.parametrize("num_parts", [2, 3, 5])
+def test_fewer_parts_than_the_width_needs_split_each_context_evenly(num_parts: int, lanes: bool) -> None:
+    """num_parts smaller than the table width needs (a decode graph's wide tables): each context is cut into
+    at most num_parts partitions of a multiple of partition_size tokens, long and short contexts alike."""
+    batch = PagedBatch(LENGTHS, heads=4, head_dim=32, block_size=16, seed=num_parts, extra_table_columns=20,
+                       poison=True)
+    assert_close(batch.run(partition_size=16, num_parts=num_parts, block_n=16, lanes=lanes),
+                 batch.exact_reference())
+
+
+def test_default_parts_come_from_the_batch_shape_not_the_table_width() -> None:
+    from xverse_serve.triton_attention import default_num_parts
+
+    # One sequence on a 132-SM card: 9 parts give two programs per SM, whatever the width beyond 9 x 128 tokens.
+    assert default_num_parts(1, 32, 8192, 132) == default_num_parts(1, 32, 2048, 132) == 9
+    assert default_num_parts(1, 32, 512, 132) == 4  # no partition shorter than 128 tokens
+    assert default_num_parts(64, 32, 8192, 132) == 1  # enough programs: one pass, no reduce kernel
+
+
 def test_never_reads_past_the_context() -> None:
     """NaN in every unowned block and in the tail of each last block: none of it may reach the output."""
     batch = PagedBatch([1, 5, 16, 33, 100], heads=2, head_dim=16, block_size=16, seed=11, poison=True,

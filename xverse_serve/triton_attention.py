@@ -1,14 +1,17 @@
 """Decode attention over the paged KV cache in Triton, flash-decoding style (split-K over the context).
 
-One query token per sequence. The context of every sequence is cut into fixed-size partitions; the
-first kernel runs one program per (partition, group of heads, sequence) and writes, per head, the
-partition's running max (in log2 units), sum of exponentials and unnormalised output to scratch; the
-second kernel combines the partitions of each (sequence, head). When the shapes allow only one
-partition, the first kernel normalises and writes the output itself and the second is not launched.
+One query token per sequence. The context of every sequence is cut into up to `num_parts` partitions of
+equal length (a multiple of PARTITION tokens, at least PARTITION), so a short context and a long one keep the
+same programs busy; the first kernel runs one program per (partition, group of heads, sequence) and writes,
+per head, the partition's running max (in log2 units), sum of exponentials and unnormalised output to scratch;
+the second kernel combines the partitions of each (sequence, head). With one partition, the first kernel
+normalises and writes the output itself and the second is not launched.
 
 CUDA-graph capturable: the grid and the scratch shapes depend only on tensor shapes
-(seqs, heads, max_blocks * block_size), never on context_lens; programs whose partition starts
-past the context return at once, and the reduce reads only the partitions that were written.
+(seqs, heads, max_blocks * block_size), never on context_lens; each sequence's partition length is computed
+in the kernels from its context, programs whose partition starts past it return at once, and the reduce reads
+only the partitions that were written. (A decode graph's block tables are as wide as the longest context; split
+by that width, a 512-token context had one busy program per head.)
 Nothing here synchronises with the device.
 
 An 8-bit cache (int8 or fp8, kv_cache.QUANTIZED_KV_DTYPES) is read directly: each key's dot product with q is
@@ -76,7 +79,7 @@ def _partition_kernel(
     BLOCK_SIZE: tl.constexpr,  # tokens per cache block (power of two)
     HEAD_DIM: tl.constexpr,
     HEADS: tl.constexpr,  # heads per program
-    PARTITION: tl.constexpr,  # tokens per partition, a multiple of BLOCK_N
+    PARTITION: tl.constexpr,  # the shortest partition (a multiple of BLOCK_N); every partition is a multiple of it
     BLOCK_N: tl.constexpr,  # tokens per loop iteration
     LANES: tl.constexpr,  # softmax state per token lane, combined once after the loop (no reductions in it)
     SINGLE: tl.constexpr,  # only one partition: write the normalised output directly
@@ -87,10 +90,11 @@ def _partition_kernel(
     seq = tl.program_id(2)
 
     context_len = tl.load(context_lens_ptr + seq).to(tl.int32)
-    start = part * PARTITION
+    part_len = _partition_length(context_len, num_parts, PARTITION)
+    start = part * part_len
     if start >= context_len:
         return
-    end = tl.minimum(start + PARTITION, context_len)
+    end = tl.minimum(start + part_len, context_len)
 
     heads = head_group * HEADS + tl.arange(0, HEADS)
     head_ok = heads < num_heads
@@ -171,6 +175,12 @@ def _partition_kernel(
         tl.store(part_out_ptr + slot[:, None] * HEAD_DIM + dims[None, :], acc, mask=head_ok[:, None])
 
 
+@triton.jit
+def _partition_length(context_len, num_parts, PARTITION: tl.constexpr):
+    """Tokens per partition of a context: an equal share of num_parts, rounded up to a multiple of PARTITION."""
+    return tl.cdiv(tl.cdiv(context_len, num_parts), PARTITION) * PARTITION
+
+
 @triton.jit(do_not_specialize=["num_heads", "num_parts"])
 def _reduce_kernel(
     out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr, context_lens_ptr,
@@ -183,7 +193,7 @@ def _reduce_kernel(
     head = tl.program_id(0)
     seq = tl.program_id(1)
     context_len = tl.load(context_lens_ptr + seq).to(tl.int32)
-    used = tl.minimum(tl.cdiv(context_len, PARTITION), num_parts)  # partitions the first kernel wrote
+    used = tl.cdiv(context_len, _partition_length(context_len, num_parts, PARTITION))  # partitions written
     base = (seq.to(tl.int64) * num_heads + head) * num_parts
     dims = tl.arange(0, HEAD_DIM)
 
@@ -214,20 +224,22 @@ def _num_sms(device: torch.device) -> int:
     return 132
 
 
-def default_partition_size(seqs: int, heads: int, max_context: int, num_sms: int, heads_per_program: int = 1) -> int:
-    """The largest of 512 / 256 / 128 tokens that still gives at least two programs per SM."""
+DEFAULT_PARTITION = 128  # the shortest partition: 128 tokens of a 128-wide head are one loop iteration
+
+
+def default_num_parts(seqs: int, heads: int, max_context: int, num_sms: int, heads_per_program: int = 1,
+                      partition: int = DEFAULT_PARTITION) -> int:
+    """Partitions per context: enough for two programs per SM (from the batch's shape alone, so that a graph
+    captures it), and no more than partitions of `partition` tokens give at `max_context`."""
     groups = seqs * -(-heads // heads_per_program)
-    for size in (512, 256):
-        if groups * -(-max_context // size) >= 2 * num_sms:
-            return size
-    return 128
+    return max(1, min(-(-2 * num_sms // groups), -(-max_context // partition)))
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            out: torch.Tensor | None = None, *, k_scale: torch.Tensor | None = None,
                            v_scale: torch.Tensor | None = None, partition_size: int | None = None,
-                           heads_per_program: int = 1, block_n: int | None = None,
+                           num_parts: int | None = None, heads_per_program: int = 1, block_n: int | None = None,
                            lanes: bool = False, num_warps: int = 4) -> torch.Tensor:
     """Attention of one query token per sequence over its paged context.
 
@@ -239,7 +251,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     a cached vector times its scale is the key or value.
 
     Tuning knobs (the defaults depend only on shapes and the device, so a CUDA graph captures one grid):
-    partition_size: tokens per split (power of two); heads_per_program: heads sharing one program
+    partition_size: the shortest split, in tokens (power of two; default DEFAULT_PARTITION); num_parts: splits
+    per context (default: default_num_parts; with only partition_size given, as many as partitions of that size
+    need at the tables' width, so each split is exactly partition_size); heads_per_program: heads sharing one program
     (power of two; a partial last group is masked); block_n: tokens per loop iteration (power of two,
     independent of block_size); lanes: keep the online-softmax state per token lane and merge it after
     the loop, instead of reducing across warps every iteration; num_warps of the partition kernel.
@@ -269,14 +283,18 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return out
 
     max_context = block_tables.shape[1] * block_size
-    if partition_size is None:
-        partition_size = default_partition_size(seqs, num_heads, max_context, _num_sms(q.device), heads_per_program)
+    if num_parts is None:
+        if partition_size is None:
+            num_parts = default_num_parts(seqs, num_heads, max_context, _num_sms(q.device), heads_per_program)
+        else:
+            num_parts = -(-max_context // partition_size)
+    partition_size = partition_size or DEFAULT_PARTITION
     if block_n is None:  # 128 tokens of a 128-wide head per iteration (measured best on H200); 32 with lanes
         block_n = max(16, min(128, (4096 if lanes else 16384) // (heads_per_program * head_dim)))
     block_n = min(block_n, partition_size)
     if partition_size & (partition_size - 1) or block_n & (block_n - 1):
         raise ValueError(f"partition_size ({partition_size}) and block_n ({block_n}) must be powers of two")
-    num_parts = max(1, -(-max_context // partition_size))
+    num_parts = max(1, num_parts)
     head_groups = -(-num_heads // heads_per_program)
     single = num_parts == 1
 
