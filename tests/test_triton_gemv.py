@@ -84,3 +84,40 @@ def test_skinny_matmul_compiles_one_kernel_per_tile_height_whatever_the_rows() -
     for rows in range(2, triton_gemv.MAX_SKINNY_ROWS + 1):
         triton_gemv.skinny_matmul(torch.randn(rows, 192, device=DEVICE, dtype=torch.bfloat16), weight)
     assert len(compiled) - before == 2  # 16-row and 32-row tiles
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("config", [(4, 512, 4, 1), (2, 128, 8, 3)], ids=str)
+@pytest.mark.parametrize(("inter", "k"), [(32, 512), (37, 100), (5, 1024)], ids=str)
+def test_gated_gemv_is_the_gemv_then_silu_and_mul(inter: int, k: int, config: tuple, dtype: torch.dtype) -> None:
+    from xverse_serve.triton_ops import silu_and_mul
+
+    gen = torch.Generator().manual_seed(inter * k)
+    weight = torch.randn(2 * inter, k, generator=gen).to(dtype).to(DEVICE)
+    x = torch.randn(1, k, generator=gen).to(dtype).to(DEVICE)
+    fused = triton_gemv.gated_gemv(x, weight, config)
+    unfused = silu_and_mul(triton_gemv.gemv(x, weight, config))
+    assert fused.shape == (1, inter) and fused.dtype == dtype
+    # The same products summed in the same order, rounded where the unfused path stores: equal, up to the
+    # order a compiled reduction may pick.
+    torch.testing.assert_close(fused, unfused, rtol=0 if INTERPRET else 1e-2, atol=0 if INTERPRET else 1e-3)
+    gate, up = (x.float() @ weight.float().T).chunk(2, dim=-1)
+    reference = torch.nn.functional.silu(gate) * up
+    assert ((fused.float() - reference).norm() / reference.norm()).item() < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.skipif(INTERPRET, reason="the model's Linear uses the GEMV on CUDA only")
+def test_the_mlp_runs_one_bf16_row_through_the_gated_gemv() -> None:
+    from xverse_serve.checkpoint import ModelConfig
+    from xverse_serve.model import MLP
+    from xverse_serve.triton_ops import silu_and_mul
+
+    config = ModelConfig(vocab_size=64, hidden_size=256, intermediate_size=512, num_layers=1, num_heads=2,
+                         max_position_embeddings=64, max_tokenizer_truncation=64, rms_norm_eps=1e-6,
+                         rope_theta=10000.0, tie_word_embeddings=False, pad_token_id=1, bos_token_id=2, eos_token_id=3)
+    mlp = MLP(config).to(DEVICE, torch.bfloat16)
+    x = torch.randn(1, 256, device=DEVICE, dtype=torch.bfloat16)
+    expected = mlp.down_proj(triton_gemv.gated_gemv(x, mlp.gate_up_proj.weight))
+    torch.testing.assert_close(mlp(x), expected, rtol=0, atol=0)
+    unfused = mlp.down_proj(silu_and_mul(mlp.gate_up_proj(x)))
+    torch.testing.assert_close(mlp(x), unfused, rtol=2e-2, atol=2e-3)

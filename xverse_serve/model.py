@@ -46,15 +46,28 @@ class Linear(nn.Linear):
     as triton_gemv's kernels, which stream the weights faster than cuBLAS there; everything else is F.linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype in (torch.bfloat16, torch.float16) and fused_ops(x) is not None:
-            from . import triton_gemv
-
+        if (triton_gemv := self._gemv_kernels(x)) is not None:
             rows = x.numel() // self.in_features
             if rows == 1:
                 return triton_gemv.gemv(x, self.weight)
             if rows <= triton_gemv.MAX_SKINNY_ROWS:
                 return triton_gemv.skinny_matmul(x, self.weight)
         return F.linear(x, self.weight)
+
+    def gated(self, x: torch.Tensor) -> torch.Tensor | None:
+        """For a gate_up projection: silu(gate) * up of one row in one kernel (triton_gemv.gated_gemv) where the
+        GEMV runs; None elsewhere, where the caller computes the projection and then the activation."""
+        if (triton_gemv := self._gemv_kernels(x)) is not None and x.numel() == self.in_features:
+            return triton_gemv.gated_gemv(x, self.weight)
+        return None
+
+    @staticmethod
+    def _gemv_kernels(x: torch.Tensor) -> ModuleType | None:
+        if x.dtype in (torch.bfloat16, torch.float16) and fused_ops(x) is not None:
+            from . import triton_gemv
+
+            return triton_gemv
+        return None
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -152,6 +165,9 @@ class MLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # One row on CUDA: the projection and the activation in one kernel (a quantized projection has no such).
+        if isinstance(self.gate_up_proj, Linear) and (hidden := self.gate_up_proj.gated(x)) is not None:
+            return self.down_proj(hidden)
         gate_up = self.gate_up_proj(x)
         if (ops := fused_ops(gate_up)) is not None:
             return self.down_proj(ops.silu_and_mul(gate_up))

@@ -29,6 +29,8 @@ CONFIGS = {
     (100534, 4096): (4, 1024, 8, 1),  # lm_head
 }
 DEFAULT_CONFIG = (4, 512, 4, 1)
+# For gated_gemv, rows of the gate and of the up projection per program: the gate_up_proj's rows per program.
+GATED_CONFIGS = {(22016, 4096): (2, 512, 4, 3)}
 MAX_SKINNY_ROWS = 32
 # (rows, K) -> (block_n, block_k, num_warps, num_stages) for skinny_matmul, from a sweep at 8 and 32 rows.
 SKINNY_CONFIGS = {
@@ -79,6 +81,54 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int
                                              BLOCK_K=block_k, EVEN_K=k % block_k == 0, num_warps=num_warps,
                                              num_stages=num_stages)
     return out.view(*x.shape[:-1], n)
+
+
+@triton.jit
+def _gated_gemv_kernel(x_ptr, w_ptr, y_ptr, INTER, stride_wn,
+                       K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    # Rows j of the gate and of the up projection in one program, so that silu(gate) * up is its epilogue.
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < INTER
+    gate_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
+    up_rows = gate_rows + INTER * stride_wn
+    acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        cols = start + tl.arange(0, BLOCK_K)
+        mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & (cols < K)[None, :]
+        x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+        gate_w = tl.load(gate_rows + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+        up_w = tl.load(up_rows + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+        acc_gate += gate_w.to(tl.float32) * x
+        acc_up += up_w.to(tl.float32) * x
+    # Rounded where the unfused path stores: the projection's output, then silu (triton_ops.silu_and_mul).
+    dtype = y_ptr.dtype.element_ty
+    gate = tl.sum(acc_gate, axis=1).to(dtype).to(tl.float32)
+    up = tl.sum(acc_up, axis=1).to(dtype).to(tl.float32)
+    silu = tl.math.div_rn(gate, 1.0 + tl.exp(-gate)).to(dtype).to(tl.float32)
+    tl.store(y_ptr + rows, (silu * up).to(dtype), mask=row_ok)
+
+
+def gated_gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """silu(gate) * up for one row x [..., K] and weight [2 * inter, K] holding the gate's rows then the up's:
+    gate_up = x @ weight.T and triton_ops.silu_and_mul in one kernel, shaped [..., inter], in x's dtype. One kernel
+    fewer per layer of a one-sequence decode step, and the gate_up output is never written."""
+    n, k = weight.shape
+    if x.numel() != k or n % 2:
+        raise ValueError(f"gated_gemv takes one row of {k} values and an even number of weight rows, got x "
+                         f"{tuple(x.shape)} and weight {tuple(weight.shape)}")
+    if weight.stride(1) != 1:
+        raise ValueError("gated_gemv needs the weight's rows contiguous")
+    inter = n // 2
+    block_n, block_k, num_warps, num_stages = config or GATED_CONFIGS.get((n, k), DEFAULT_CONFIG)
+    row = x.reshape(k)
+    if row.stride(0) != 1:
+        row = row.contiguous()
+    out = torch.empty(inter, dtype=x.dtype, device=x.device)
+    _gated_gemv_kernel[(triton.cdiv(inter, block_n),)](row, weight, out, inter, weight.stride(0), K=k,
+                                                       BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
+                                                       num_warps=num_warps, num_stages=num_stages)
+    return out.view(*x.shape[:-1], inter)
 
 
 # Not specialized on M: rows vary step by step (decode graphs cover 2, 4, 8, 16 and 32; eager mixed steps anything
