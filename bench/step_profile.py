@@ -72,7 +72,8 @@ def main() -> None:
     device = torch.device("cuda")
     bandwidth = copy_bandwidth(device)
     model = random_model(XVERSE_7B, device, torch.bfloat16)
-    blocks = max(args.batches) * -(-(args.context + 64) // 16)  # the largest batch's contexts, plus its steps
+    # The largest batch's contexts plus its steps, and at least one full context (the warm-up's longest request).
+    blocks = max(max(args.batches) * -(-(args.context + 64) // 16), -(-args.max_model_len // 16) + 1)
     engine = assemble_engine(model, blocks, 16, 256, 4096, args.max_model_len, cuda_graphs=True)
     graphs = engine.runner.graphs
     results = {"device": torch.cuda.get_device_name(device), "copy_GBps": bandwidth / 1e9,
