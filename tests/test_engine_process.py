@@ -111,7 +111,7 @@ def test_when_the_child_dies_every_request_fails_and_the_server_hears_of_it(tiny
         async for output in engine.generate("long", PROMPTS["b"], SamplingParams(max_tokens=400, ignore_eos=True)):
             outputs.append(output)
             if len(outputs) == 2:
-                os.kill(engine._process.pid, signal.SIGKILL)
+                os.kill(engine.pid, signal.SIGKILL)
         await until(lambda: bool(deaths))
         return outputs
 

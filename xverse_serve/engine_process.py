@@ -26,6 +26,7 @@ from multiprocessing.connection import Connection
 
 from .checkpoint import CheckpointError
 from .engine import GIL_SWITCH_INTERVAL_S, AsyncEngine, Command, EngineDead, EngineStats, StepOutput, run_steps
+from .launch import load_engine
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,11 @@ class EngineProcess(AsyncEngine):
             self._process.join()
             raise CheckpointError(payload)
         return payload
+
+    @property
+    def pid(self) -> int:
+        """The engine process's id."""
+        return self._process.pid
 
     @property
     def num_waiting(self) -> int:
@@ -139,8 +145,6 @@ def engine_main(settings: Settings, conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .launch import load_engine  # here: the server process never imports the model's modules for this
-
     try:
         engine = load_engine(settings)
     except CheckpointError as exc:
