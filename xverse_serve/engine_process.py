@@ -128,6 +128,7 @@ class EngineProcess(AsyncEngine):
                 kind, payload = self._conn.recv()
             except (EOFError, OSError):
                 if not self._stopping:
+                    self._process.join(1.0)  # reaped, so that its exit code is known
                     log.critical("the engine process exited (exit code %s)", self._process.exitcode)
                     self._died(EngineDead(f"the engine process exited (exit code {self._process.exitcode})"))
                 return
@@ -168,7 +169,8 @@ def engine_main(settings: Settings, conn: Connection) -> None:
         return commands
 
     def emit(outputs: list[StepOutput]) -> None:
-        wire = [(o.request_id, o.new_token_ids, o.finish_reason, o.error, o.error_status) for o in outputs]
+        wire: list[WireOutput] = [(o.request_id, o.new_token_ids, o.finish_reason, o.error, o.error_status)
+                                  for o in outputs]
         conn.send(("outputs", (wire, engine.stats(), adds_applied)))
 
     try:
