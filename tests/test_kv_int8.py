@@ -29,6 +29,7 @@ triton = pytest.importorskip("triton")
 from paged import paged_logits  # noqa: E402
 from test_quantization import greedy, random_ids  # noqa: E402
 from test_triton_attention import PagedBatch, _fix_interpreter_index  # noqa: E402
+from test_triton_ops import interpreter_converts_floats_with  # noqa: E402
 from test_triton_ops import interpreter_rounds_bfloat16  # noqa: E402,F401  (autouse: bf16 rounding as on GPUs)
 
 from xverse_serve.attention import (  # noqa: E402
@@ -59,15 +60,8 @@ def _to_float8(input, input_dtype, output_dtype, rounding_mode, _original):
 
 @pytest.fixture(autouse=True, scope="module")
 def interpreter_rounds_float8(interpreter_rounds_bfloat16):
-    if not INTERPRET:
+    with interpreter_converts_floats_with(_to_float8):
         yield
-        return
-    from triton.runtime import interpreter
-
-    original = interpreter._convert_float
-    interpreter._convert_float = lambda *args: _to_float8(*args, _original=original)
-    yield
-    interpreter._convert_float = original
 
 KV_DTYPES = [torch.int8, torch.float8_e4m3fn]
 XVERSE_7B = ModelConfig(vocab_size=100534, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,

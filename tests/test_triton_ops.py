@@ -13,6 +13,7 @@ there, up to two ulps of the final product, on a small fraction of the elements 
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -50,17 +51,27 @@ def _round_to_bfloat16(input, input_dtype, output_dtype, rounding_mode, _origina
     return rounded.reshape(np.shape(input))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def interpreter_rounds_bfloat16():
+@contextlib.contextmanager
+def interpreter_converts_floats_with(convert):
+    """Meanwhile Triton's interpreter converts floats with `convert(*args, _original=its own)`; compiled
+    kernels need nothing."""
     if not INTERPRET:
         yield
         return
     from triton.runtime import interpreter
 
     original = interpreter._convert_float
-    interpreter._convert_float = lambda *args: _round_to_bfloat16(*args, _original=original)
-    yield
-    interpreter._convert_float = original
+    interpreter._convert_float = lambda *args: convert(*args, _original=original)
+    try:
+        yield
+    finally:
+        interpreter._convert_float = original
+
+
+@pytest.fixture(autouse=True, scope="module")
+def interpreter_rounds_bfloat16():
+    with interpreter_converts_floats_with(_round_to_bfloat16):
+        yield
 
 
 def ordered_bits(t: torch.Tensor) -> torch.Tensor:
