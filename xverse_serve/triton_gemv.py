@@ -45,90 +45,74 @@ DEFAULT_SKINNY_CONFIG = (64, 128, 4, 3)
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, stride_wn,
-                 K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                 K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                 GATED: tl.constexpr):
     # K is a compile-time constant (a model has two: hidden and intermediate size), so the loop is fixed.
+    # GATED: W holds 2N rows, the gate's then the up's; a program takes rows j of both, and stores silu(gate) * up.
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for start in range(0, K, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
         if EVEN_K:
-            w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None], other=0.0, eviction_policy="evict_first")
+            mask = row_ok[:, None]
+            w = tl.load(w_rows + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
             x = tl.load(x_ptr + cols)
         else:
             col_ok = cols < K
-            w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0,
-                        eviction_policy="evict_first")
+            mask = row_ok[:, None] & col_ok[None, :]
+            w = tl.load(w_rows + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
             x = tl.load(x_ptr + cols, mask=col_ok, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-    tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
+        x = x.to(tl.float32)[None, :]
+        acc += w.to(tl.float32) * x
+        if GATED:
+            up_w = tl.load(w_rows + N * stride_wn + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+            acc_up += up_w.to(tl.float32) * x
+    dtype = y_ptr.dtype.element_ty
+    if GATED:
+        # Rounded where the unfused path stores: the projection's output, then silu (triton_ops.silu_and_mul).
+        gate = tl.sum(acc, axis=1).to(dtype).to(tl.float32)
+        up = tl.sum(acc_up, axis=1).to(dtype).to(tl.float32)
+        silu = tl.math.div_rn(gate, 1.0 + tl.exp(-gate)).to(dtype).to(tl.float32)
+        tl.store(y_ptr + rows, (silu * up).to(dtype), mask=row_ok)
+    else:
+        tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(dtype), mask=row_ok)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """x [..., K] holding one row, weight [N, K] (row-major) -> x @ weight.T, shaped [..., N], in x's dtype."""
-    n, k = weight.shape
-    if x.numel() != k:
-        raise ValueError(f"gemv takes one row of {k} values, got a tensor of shape {tuple(x.shape)}")
-    if weight.stride(1) != 1:
-        raise ValueError("gemv needs the weight's rows contiguous")
-    block_n, block_k, num_warps, num_stages = config or CONFIGS.get((n, k), DEFAULT_CONFIG)
-    row = x.reshape(k)
-    if row.stride(0) != 1:
-        row = row.contiguous()
-    out = torch.empty(n, dtype=x.dtype, device=x.device)
-    _gemv_kernel[(triton.cdiv(n, block_n),)](row, weight, out, n, weight.stride(0), K=k, BLOCK_N=block_n,
-                                             BLOCK_K=block_k, EVEN_K=k % block_k == 0, num_warps=num_warps,
-                                             num_stages=num_stages)
-    return out.view(*x.shape[:-1], n)
-
-
-@triton.jit
-def _gated_gemv_kernel(x_ptr, w_ptr, y_ptr, INTER, stride_wn,
-                       K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    # Rows j of the gate and of the up projection in one program, so that silu(gate) * up is its epilogue.
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < INTER
-    gate_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
-    up_rows = gate_rows + INTER * stride_wn
-    acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for start in range(0, K, BLOCK_K):
-        cols = start + tl.arange(0, BLOCK_K)
-        mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & (cols < K)[None, :]
-        x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
-        gate_w = tl.load(gate_rows + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
-        up_w = tl.load(up_rows + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
-        acc_gate += gate_w.to(tl.float32) * x
-        acc_up += up_w.to(tl.float32) * x
-    # Rounded where the unfused path stores: the projection's output, then silu (triton_ops.silu_and_mul).
-    dtype = y_ptr.dtype.element_ty
-    gate = tl.sum(acc_gate, axis=1).to(dtype).to(tl.float32)
-    up = tl.sum(acc_up, axis=1).to(dtype).to(tl.float32)
-    silu = tl.math.div_rn(gate, 1.0 + tl.exp(-gate)).to(dtype).to(tl.float32)
-    tl.store(y_ptr + rows, (silu * up).to(dtype), mask=row_ok)
+    return _one_row(x, weight, weight.shape[0], config or CONFIGS.get(weight.shape, DEFAULT_CONFIG), gated=False)
 
 
 def gated_gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """silu(gate) * up for one row x [..., K] and weight [2 * inter, K] holding the gate's rows then the up's:
     gate_up = x @ weight.T and triton_ops.silu_and_mul in one kernel, shaped [..., inter], in x's dtype. One kernel
     fewer per layer of a one-sequence decode step, and the gate_up output is never written."""
-    n, k = weight.shape
-    if x.numel() != k or n % 2:
-        raise ValueError(f"gated_gemv takes one row of {k} values and an even number of weight rows, got x "
-                         f"{tuple(x.shape)} and weight {tuple(weight.shape)}")
+    if weight.shape[0] % 2:
+        raise ValueError(f"gated_gemv takes an even number of weight rows (gate, then up), got {weight.shape[0]}")
+    return _one_row(x, weight, weight.shape[0] // 2, config or GATED_CONFIGS.get(weight.shape, DEFAULT_CONFIG),
+                    gated=True)
+
+
+def _one_row(x: torch.Tensor, weight: torch.Tensor, n: int, config: tuple[int, int, int, int],
+             gated: bool) -> torch.Tensor:
+    """Launches _gemv_kernel for n outputs; shaped [..., n]."""
+    k = weight.shape[1]
+    if x.numel() != k:
+        raise ValueError(f"the GEMV takes one row of {k} values, got a tensor of shape {tuple(x.shape)}")
     if weight.stride(1) != 1:
-        raise ValueError("gated_gemv needs the weight's rows contiguous")
-    inter = n // 2
-    block_n, block_k, num_warps, num_stages = config or GATED_CONFIGS.get((n, k), DEFAULT_CONFIG)
+        raise ValueError("the GEMV needs the weight's rows contiguous")
+    block_n, block_k, num_warps, num_stages = config
     row = x.reshape(k)
     if row.stride(0) != 1:
         row = row.contiguous()
-    out = torch.empty(inter, dtype=x.dtype, device=x.device)
-    _gated_gemv_kernel[(triton.cdiv(inter, block_n),)](row, weight, out, inter, weight.stride(0), K=k,
-                                                       BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-                                                       num_warps=num_warps, num_stages=num_stages)
-    return out.view(*x.shape[:-1], inter)
+    out = torch.empty(n, dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](row, weight, out, n, weight.stride(0), K=k, BLOCK_N=block_n,
+                                             BLOCK_K=block_k, EVEN_K=k % block_k == 0, GATED=gated,
+                                             num_warps=num_warps, num_stages=num_stages)
+    return out.view(*x.shape[:-1], n)
 
 
 # Not specialized on M: rows vary step by step (decode graphs cover 2, 4, 8, 16 and 32; eager mixed steps anything
