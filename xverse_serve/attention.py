@@ -58,7 +58,7 @@ def takes_window_and_scale(function: Callable) -> bool:
 
 
 def varlen_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether this torch can run a step's prefills on `device` in `dtype` as one varlen_attn call per layer."""
+    """Whether this torch can run a step's prefills on `device` in `dtype` through varlen_attn."""
     return (device.type == "cuda" and dtype in VARLEN_DTYPES and varlen_attn is not None
             and takes_window_and_scale(varlen_attn))
 
