@@ -16,7 +16,7 @@ from xverse_serve.engine import AsyncEngine, Engine, EngineDead, StepOutput
 from xverse_serve.kv_cache import BlockAllocator, KVCache
 from xverse_serve.launch import assemble_engine, build_engine
 from xverse_serve.model import XverseForCausalLM, load_model
-from xverse_serve.runner import ModelRunner
+from xverse_serve.runner import Feed, ModelRunner, SampledTokens
 from xverse_serve.sampling import SamplingParams
 from xverse_serve.scheduler import ScheduledSequence, Scheduler
 from xverse_serve.settings import parse_settings
@@ -33,8 +33,9 @@ def model(tiny_model_dir: Path) -> XverseForCausalLM:
 
 
 def make_engine(model: XverseForCausalLM, num_blocks: int = 128, max_num_seqs: int = 16,
-                max_batched_tokens: int = 512, max_model_len: int = MAX_MODEL_LEN) -> Engine:
-    return assemble_engine(model, num_blocks, BLOCK_SIZE, max_num_seqs, max_batched_tokens, max_model_len)
+                max_batched_tokens: int = 512, max_model_len: int = MAX_MODEL_LEN, overlap: bool = True) -> Engine:
+    return assemble_engine(model, num_blocks, BLOCK_SIZE, max_num_seqs, max_batched_tokens, max_model_len,
+                           overlap=overlap)
 
 
 def prompt(length: int, seed: int) -> list[int]:
@@ -56,14 +57,16 @@ class StepLog:
 
     steps: list[list[tuple[str, int, int]]] = field(default_factory=list)
     running: list[int] = field(default_factory=list)
+    fed: list[bool] = field(default_factory=list)  # whether the step took tokens from the one before on the device
 
     def watch(self, engine: Engine) -> None:
         run = engine.runner.run
 
-        def logged_run(scheduled: list[ScheduledSequence]) -> list[int]:
+        def logged_run(scheduled: list[ScheduledSequence], feed: Feed | None = None) -> SampledTokens | None:
             self.steps.append([(e.seq.request_id, e.seq.num_computed, e.num_new_tokens) for e in scheduled])
             self.running.append(len(engine.scheduler.running))
-            return run(scheduled)
+            self.fed.append(feed is not None)
+            return run(scheduled, feed)
 
         engine.runner.run = logged_run
 
@@ -230,11 +233,11 @@ def test_stop_token_id_finishes_with_stop_and_is_included(model: XverseForCausal
     assert result == Result(reference[:position + 1], "stop")
 
 
-def engine_with_eos(model: XverseForCausalLM, eos_token_id: int) -> Engine:
+def engine_with_eos(model: XverseForCausalLM, eos_token_id: int, num_blocks: int = 64, overlap: bool = True) -> Engine:
     """Built by hand from the pieces, with an end-of-text id the tiny model actually produces."""
-    kv_cache = KVCache(model.config, 64, BLOCK_SIZE, torch.float32, torch.device("cpu"))
-    scheduler = Scheduler(BlockAllocator(64), BLOCK_SIZE, max_num_seqs=8, max_batched_tokens=256)
-    return Engine(ModelRunner(model, kv_cache), scheduler, eos_token_id, MAX_MODEL_LEN)
+    kv_cache = KVCache(model.config, num_blocks, BLOCK_SIZE, torch.float32, torch.device("cpu"))
+    scheduler = Scheduler(BlockAllocator(num_blocks), BLOCK_SIZE, max_num_seqs=8, max_batched_tokens=256)
+    return Engine(ModelRunner(model, kv_cache), scheduler, eos_token_id, MAX_MODEL_LEN, overlap)
 
 
 def test_end_of_text_finishes_with_stop_unless_ignored(model: XverseForCausalLM) -> None:
@@ -265,6 +268,87 @@ def test_prompts_that_leave_no_room_or_are_empty_are_refused(model: XverseForCau
     with pytest.raises(ValueError, match="already"):
         engine.add_request("ok", prompt(5, seed=0), GREEDY)
     assert set(engine.sequences) == {"ok"}
+
+
+# --- overlapped steps ----------------------------------------------------------------------------------
+
+
+def test_overlapped_steps_give_the_tokens_of_steps_run_one_at_a_time(model: XverseForCausalLM) -> None:
+    """Random mixes of greedy, seeded and penalized requests, stop tokens, end of text, small pools (preemption) and
+    token budgets: queuing decode steps before the last one's tokens are read changes no request's tokens, and it
+    does happen."""
+    rng = random.Random(1)
+    eos = alone(model, PROMPTS["r2"], GREEDY).tokens[3]
+    fed_steps = 0
+    for _ in range(6):
+        requests = {
+            f"q{i}": (prompt(rng.randint(1, 40), seed=rng.randrange(10**6)),
+                      SamplingParams(max_tokens=rng.randint(1, 20), temperature=rng.choice([0.0, 0.0, 1.0]),
+                                     seed=rng.randrange(100), ignore_eos=rng.random() < 0.3,
+                                     repetition_penalty=rng.choice([1.0, 1.0, 1.0, 1.3]),
+                                     stop_token_ids=tuple(rng.sample(range(4, 500), 3))))
+            for i in range(rng.randint(2, 6))
+        }
+        num_blocks = rng.choice([16, 64])
+        results = {}
+        for overlap in (True, False):
+            engine = engine_with_eos(model, eos, num_blocks, overlap)
+            log = StepLog()
+            log.watch(engine)
+            results[overlap] = run_all(engine, requests)
+            assert_all_blocks_free(engine)
+            if overlap:
+                fed_steps += sum(log.fed)
+            else:
+                assert not any(log.fed)
+        assert results[True] == results[False]
+    assert fed_steps > 20
+
+
+def test_a_sequence_ended_by_end_of_text_drops_the_token_computed_after_it(model: XverseForCausalLM) -> None:
+    reference = alone(model, PROMPTS["r4"], GREEDY).tokens
+    position = next(i for i in range(2, len(reference)) if reference[i] not in reference[:i])
+    engine = engine_with_eos(model, reference[position])
+    log = StepLog()
+    log.watch(engine)
+    long = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    results = run_all(engine, {"ends": (PROMPTS["r4"], SamplingParams(max_tokens=16, temperature=0.0)),
+                               "goes-on": (PROMPTS["r1"], long)})
+    assert results["ends"] == Result(reference[:position + 1], "stop")
+    assert results["goes-on"] == alone(model, PROMPTS["r1"], long)
+    # The step queued while the end of text was on its way computed one more position of "ends".
+    computed = [cached + new for step in log.steps for rid, cached, new in step if rid == "ends"]
+    assert max(computed) == len(PROMPTS["r4"]) + position + 1
+    assert_all_blocks_free(engine)
+
+
+def test_a_sequence_at_max_tokens_leaves_the_batch_with_its_last_step(model: XverseForCausalLM) -> None:
+    engine = make_engine(model)
+    log = StepLog()
+    log.watch(engine)
+    short, long = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), GREEDY
+    results = run_all(engine, {"short": (PROMPTS["r1"], short), "long": (PROMPTS["r2"], long)})
+    assert len(results["short"].tokens) == 3 and results["short"].finish_reason == "length"
+    # Prefill samples the first token; two decode steps the others; never a third.
+    assert sum(1 for step in log.steps for rid, _, _ in step if rid == "short") == 3
+    assert sum(log.fed) > 0
+    assert_all_blocks_free(engine)
+
+
+def test_aborting_a_request_while_its_step_is_in_flight(model: XverseForCausalLM) -> None:
+    engine = make_engine(model)
+    engine.add_request("stays", PROMPTS["r1"], GREEDY)
+    engine.add_request("leaves", PROMPTS["r2"], GREEDY)
+    results: dict[str, Result] = {}
+    for _ in range(4):
+        for output in engine.step():
+            results.setdefault(output.request_id, Result()).tokens += output.new_token_ids
+    assert engine.in_flight is not None and any(seq.request_id == "leaves" for seq, _ in engine.in_flight.sampled)
+    engine.abort("leaves")
+    collect(engine, results)
+    assert results["stays"].tokens == alone(model, PROMPTS["r1"], GREEDY).tokens
+    assert len(results["leaves"].tokens) < GREEDY.max_tokens
+    assert_all_blocks_free(engine)
 
 
 # --- aborting ------------------------------------------------------------------------------------------
@@ -308,11 +392,11 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(model: XverseF
     run = engine.runner.run
     calls = []
 
-    def failing_second_step(scheduled: list[ScheduledSequence]) -> list[int]:
+    def failing_second_step(scheduled: list[ScheduledSequence], feed: Feed | None = None) -> SampledTokens | None:
         calls.append(len(scheduled))
         if len(calls) == 2:
             raise RuntimeError("boom")
-        return run(scheduled)
+        return run(scheduled, feed)
 
     engine.runner.run = failing_second_step
     engine.add_request("a", PROMPTS["r1"], GREEDY)
@@ -352,9 +436,9 @@ class Gate:
         self.permits = threading.Semaphore(permits)
         run = engine.runner.run
 
-        def gated_run(scheduled: list[ScheduledSequence]) -> list[int]:
+        def gated_run(scheduled: list[ScheduledSequence], feed: Feed | None = None) -> SampledTokens | None:
             self.permits.acquire()
-            return run(scheduled)
+            return run(scheduled, feed)
 
         engine.runner.run = gated_run
 
@@ -530,8 +614,9 @@ def test_engine_thread_death_fails_waiting_requests_and_refuses_new_ones(model: 
         return outputs
 
     outputs = run_async(engine, scenario)
-    # Two steps ran before the third failed; outputs that piled up may arrive merged.
-    assert sum(len(o.new_token_ids) for o in outputs) == 2
+    # Two steps were queued before the third's scheduling failed, and the first one's token read back (the second's
+    # was still in flight: with overlap a step's tokens are read after the next is queued).
+    assert sum(len(o.new_token_ids) for o in outputs) == 1
     assert "scheduler bug" in outputs[-1].error
     assert all(o.error is None for o in outputs[:-1])
 
@@ -549,7 +634,8 @@ def test_warm_up_leaves_the_engine_idle_with_every_block_free_and_counters_at_ze
     engine = make_engine(model, max_batched_tokens=64)
     calls = []
     run = engine.runner.run
-    engine.runner.run = lambda scheduled: calls.append([e.num_new_tokens for e in scheduled]) or run(scheduled)
+    engine.runner.run = lambda scheduled, feed=None: calls.append([e.num_new_tokens for e in scheduled]) or run(
+        scheduled, feed)
     engine.warm_up()
     assert any(len(step) > 1 and 1 in step and max(step) > 1 for step in calls), "a mixed prefill/decode step"
     assert sum(1 for step in calls if max(step) > 1) >= 2, "the long prompt is prefilled in chunks"

@@ -45,7 +45,7 @@ def penalize(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
 
 
 def draw(logits: torch.Tensor, rows: list[Row]) -> list[int]:
-    return sample(logits, rows, seen_token_mask([r.seen for r in rows], logits.shape[1], logits.device))
+    return sample(logits, rows, seen_token_mask([r.seen for r in rows], logits.shape[1], logits.device)).tolist()
 
 
 def hf_warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

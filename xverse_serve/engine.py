@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .scheduler import Scheduler, Sequence
-from .runner import ModelRunner
+from .scheduler import ScheduledSequence, Scheduler, Sequence
+from .runner import Feed, ModelRunner, SampledTokens
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -53,15 +53,46 @@ class EngineStats:
     preemptions: int
 
 
-class Engine:
-    """Synchronous core: add and abort requests, and advance every running sequence by one step."""
+# An output token the device has sampled and the host has not read yet (it is never a model input on the host:
+# the step that feeds it takes the sampled id on the device).
+PLACEHOLDER = -1
 
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler, eos_token_id: int, max_model_len: int) -> None:
+
+@dataclass
+class InFlight:
+    """A launched step whose sampled tokens the host has not read yet."""
+
+    scheduled: list[ScheduledSequence]
+    sampled: list[tuple[Sequence, int]]  # each sequence that samples a token, and that token's index in output_ids
+    tokens: SampledTokens | None
+
+    def feed(self, scheduled: list[ScheduledSequence]) -> Feed | None:
+        """Where the rows of the next step, `scheduled`, find their input tokens among this step's samples."""
+        if self.tokens is None:
+            return None
+        index = {seq: i for i, (seq, _) in enumerate(self.sampled)}
+        return Feed(self.tokens.ids, [index.get(entry.seq, -1) for entry in scheduled])
+
+
+class Engine:
+    """Synchronous core: add and abort requests, and advance every running sequence by one step.
+
+    With overlap (the default), a step of decodes only is scheduled and queued on the device before the tokens
+    of the step still running there are read back: each new row takes its input token from that step's sampled
+    ids on the device, and the host's work (reading tokens, finishing requests, scheduling, building inputs)
+    runs while the GPU computes instead of between its steps. A sequence that the running step finishes with
+    end of text (found one step late) computes one token more, which is dropped; max_tokens and the context's
+    end are known in advance, so such sequences leave the batch on time."""
+
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, eos_token_id: int, max_model_len: int,
+                 overlap: bool = True) -> None:
         self.runner = runner
         self.scheduler = scheduler
         self.eos_token_id = eos_token_id
         self.max_model_len = max_model_len
+        self.overlap = overlap
         self.sequences: dict[str, Sequence] = {}
+        self.in_flight: InFlight | None = None
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
@@ -88,7 +119,7 @@ class Engine:
             self.runner.release(request_id)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.in_flight is not None or self.scheduler.has_work()
 
     def warm_up(self) -> None:
         """Runs a few short requests through every kind of step — whole and chunked prefills of odd
@@ -118,37 +149,95 @@ class Engine:
                 f"prefix cache hit rate {self.scheduler.prefix_hit_rate:.0%}, preemptions {stats.preemptions}")
 
     def step(self) -> list[StepOutput]:
+        """Queues the next step and returns the outputs of the one before it (with overlap), or runs one step and
+        returns its outputs."""
+        outputs: list[StepOutput] = []
+        previous, self.in_flight = self.in_flight, None
+        if previous is not None and not self._can_overlap():
+            outputs += self._complete(previous)
+            previous = None
         scheduled = self.scheduler.schedule()
-        if not scheduled:
-            return []
+        if scheduled:
+            launched = self._launch(scheduled, previous)
+            if isinstance(launched, InFlight):
+                self.in_flight = launched
+            else:
+                outputs += launched
+        if previous is not None:
+            outputs += self._complete(previous)
+        if self.in_flight is not None and not self.overlap:
+            outputs += self._complete(self.in_flight)
+            self.in_flight = None
+        return outputs
+
+    def _can_overlap(self) -> bool:
+        """Whether the next step can go before the running one's tokens are read: it will hold decodes only
+        (nothing waits to be admitted, every running sequence has just its newest token to compute), and no
+        sequence needs its history on the host to sample (the repetition penalty's seen tokens)."""
+        if not self.overlap or self.scheduler.waiting:
+            return False
+        return all(seq.num_tokens - seq.num_computed == 1 and seq.params.repetition_penalty == 1.0
+                   for seq in self.scheduler.running)
+
+    def _launch(self, scheduled: list[ScheduledSequence], previous: InFlight | None) -> InFlight | list[StepOutput]:
+        """Queues a step on the device; its sampled tokens go into output_ids as PLACEHOLDERs until read.
+        A step that fails fails its requests (error outputs), not the server."""
         try:
-            sampled = iter(self.runner.run(scheduled))
-        except Exception as exc:  # one bad step fails the requests in it, not the server
+            tokens = self.runner.run(scheduled, previous.feed(scheduled) if previous is not None else None)
+        except Exception as exc:
             log.exception("engine step failed")
             for entry in scheduled:
                 self.abort(entry.seq.request_id)
             return [StepOutput(e.seq.request_id, [], error=f"{type(exc).__name__}: {exc}") for e in scheduled]
-        outputs = []
+        sampled = []
         for entry in scheduled:
             seq = entry.seq
             samples = entry.samples
             seq.num_computed += entry.num_new_tokens
-            self.scheduler.register_full_blocks(seq)
-            if not samples:
-                continue
-            token = next(sampled)
-            seq.output_ids.append(token)
-            reason = self._finish_reason(seq, token)
+            if samples:
+                sampled.append((seq, len(seq.output_ids)))
+                seq.output_ids.append(PLACEHOLDER)
+                if self._reaches_length(seq, len(seq.output_ids)):
+                    self.scheduler.retire(seq)  # its last token: no step after this one needs it
+        return InFlight(scheduled, sampled, tokens)
+
+    def _complete(self, step: InFlight) -> list[StepOutput]:
+        """Reads a launched step's tokens back: each takes its PLACEHOLDER's place and may finish its sequence."""
+        try:
+            tokens = step.tokens.tolist() if step.tokens is not None else []
+        except Exception as exc:  # the device failed the step
+            log.exception("engine step failed")
+            failed = [seq for seq in dict.fromkeys(e.seq for e in step.scheduled) if self._alive(seq)]
+            for seq in failed:
+                self.abort(seq.request_id)
+            return [StepOutput(seq.request_id, [], error=f"{type(exc).__name__}: {exc}") for seq in failed]
+        sampled = [(seq, index, token) for (seq, index), token in zip(step.sampled, tokens) if self._alive(seq)]
+        for seq, index, token in sampled:  # skipped: aborted, or finished by the step before (end of text, seen late)
+            seq.output_ids[index] = token
+        for entry in step.scheduled:
+            if self._alive(entry.seq):  # full blocks are hashed by their tokens, now known up to what was computed
+                self.scheduler.register_full_blocks(entry.seq)
+        outputs = []
+        for seq, index, token in sampled:
+            reason = self._finish_reason(seq, token, index + 1)
             if reason is not None:
+                del seq.output_ids[index + 1:]  # a token the next step sampled after the end
                 self.abort(seq.request_id)
             outputs.append(StepOutput(seq.request_id, [token], reason))
         return outputs
 
-    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+    def _alive(self, seq: Sequence) -> bool:
+        return self.sequences.get(seq.request_id) is seq
+
+    def _reaches_length(self, seq: Sequence, num_output: int) -> bool:
+        """Whether a sequence is done by length once it has num_output output tokens."""
+        return num_output >= seq.params.max_tokens or len(seq.prompt_ids) + num_output >= self.max_model_len
+
+    def _finish_reason(self, seq: Sequence, token: int, num_output: int) -> str | None:
         params = seq.params
         if (token == self.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids:
             return "stop"
-        if len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        if self._reaches_length(seq, num_output):
             return "length"
         return None
 

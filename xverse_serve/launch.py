@@ -170,7 +170,7 @@ def load_engine(settings: Settings) -> Engine:
              str(kv_dtype).removeprefix("torch."), num_blocks, block_size, capacity, capacity / max_model_len,
              max_model_len, capacity * KVCache.bytes_per_token(config, kv_dtype) / 2**30)
     engine = assemble_engine(model, num_blocks, block_size, settings.max_num_seqs, settings.max_batched_tokens,
-                             max_model_len, cuda_graphs, settings.prefix_caching, kv_dtype)
+                             max_model_len, cuda_graphs, settings.prefix_caching, kv_dtype, settings.overlap_steps)
     if device.type == "cuda":
         started = time.perf_counter()
         engine.warm_up()
@@ -180,9 +180,10 @@ def load_engine(settings: Settings) -> Engine:
 
 def assemble_engine(model: XverseForCausalLM, num_blocks: int, block_size: int, max_num_seqs: int,
                     max_batched_tokens: int, max_model_len: int, cuda_graphs: bool = False,
-                    prefix_caching: bool = True, kv_cache_dtype: torch.dtype | None = None) -> Engine:
+                    prefix_caching: bool = True, kv_cache_dtype: torch.dtype | None = None,
+                    overlap: bool = True) -> Engine:
     """The engine around a loaded model: KV pool (of kv_cache_dtype, default the model's), decode graphs,
-    scheduler, runner."""
+    scheduler, runner; `overlap`: Engine's overlapped decode steps."""
     kv_cache = KVCache(model.config, num_blocks, block_size, kv_cache_dtype or model.dtype, model.device)
     graphs = None
     if cuda_graphs:
@@ -193,4 +194,4 @@ def assemble_engine(model: XverseForCausalLM, num_blocks: int, block_size: int, 
     # Every running sequence must be able to decode in every step, whatever the token budget.
     scheduler = Scheduler(BlockAllocator(num_blocks), block_size, max_num_seqs, max(max_batched_tokens, max_num_seqs),
                           prefix_caching)
-    return Engine(ModelRunner(model, kv_cache, graphs), scheduler, model.config.eos_token_id, max_model_len)
+    return Engine(ModelRunner(model, kv_cache, graphs), scheduler, model.config.eos_token_id, max_model_len, overlap)

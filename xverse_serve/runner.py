@@ -108,6 +108,33 @@ def varlen_layout(block_tables: np.ndarray, context_lens: list[int], query_lens:
     )
 
 
+@dataclass
+class Feed:
+    """Input tokens a step takes from the previous step's sampled ids, still on the device."""
+
+    ids: torch.Tensor  # the previous step's SampledTokens.ids
+    sources: list[int]  # per scheduled row: the index of its input token in ids, or -1 (the host has it)
+
+
+class SampledTokens:
+    """One step's sampled token ids: on the device at once (the next step can take them as inputs), on the host
+    once read. tolist waits for the copy queued right behind the sampler, not for work queued after it."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids
+        self._host, self._copied = ids, None
+        if ids.is_cuda:
+            self._host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+            self._host.copy_(ids, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def tolist(self) -> list[int]:
+        if self._copied is not None:
+            self._copied.synchronize()
+        return self._host.tolist()
+
+
 class ModelRunner:
     def __init__(self, model: XverseForCausalLM, kv_cache: KVCache, graphs: DecodeGraphs | None = None) -> None:
         self.model = model
@@ -125,14 +152,18 @@ class ModelRunner:
         self.seen.release(request_id)
 
     @torch.inference_mode()
-    def run(self, scheduled: list[ScheduledSequence]) -> list[int]:
-        """Runs one step; returns the sampled token of each entry whose chunk ends its sequence, in order."""
+    def run(self, scheduled: list[ScheduledSequence], feed: Feed | None = None) -> SampledTokens | None:
+        """Queues one step on the device: the forward pass and the sampling of a token for each entry whose chunk
+        ends its sequence. Returns those tokens (None if no entry samples) without waiting for the GPU.
+        `feed` gives rows whose input token the previous step sampled and the host has not read yet."""
         inputs = build_inputs(scheduled, self.kv_cache.block_size, self.table_width)
         if self.graphs is not None and inputs.decode_only and len(scheduled) <= self.graphs.max_batch:
-            logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.block_tables,
-                                     torch.tensor(inputs.context_lens, dtype=torch.int32))
+            # Pinned host tensors: their copies into the graph's inputs are queued behind the running step.
+            logits = self.graphs.run(self.input_ids(inputs, feed), inputs.positions.pin_memory(),
+                                     inputs.slot_mapping.pin_memory(), inputs.block_tables.pin_memory(),
+                                     torch.tensor(inputs.context_lens, dtype=torch.int32).pin_memory())
         else:
-            logits = self.run_eager(inputs)
+            logits = self.run_eager(inputs, feed)
         indices, rows, histories = [], [], []
         for index, entry in enumerate(scheduled):
             if not entry.samples:
@@ -143,39 +174,52 @@ class ModelRunner:
             penalized = seq.params.repetition_penalty != 1.0
             histories.append((seq.request_id, seq.prompt_ids, seq.output_ids) if penalized else None)
         if not rows:
-            return []
+            return None
         if len(rows) < len(scheduled):
-            logits = logits[indices]
+            logits = logits[to_device(indices, torch.long, self.device)]
         seen = self.seen.rows(histories) if any(histories) else None
-        return sample(logits, rows, seen)
+        return SampledTokens(sample(logits, rows, seen))
+
+    def input_ids(self, inputs: StepInputs, feed: Feed | None) -> torch.Tensor:
+        """The step's token ids on the device, with the fed ones taken from the previous step's sampled ids."""
+        input_ids = to_device(inputs.input_ids, None, self.device)
+        if feed is None:
+            return input_ids
+        targets, sources = [], []
+        for end, source in zip(itertools.accumulate(inputs.query_lens), feed.sources):
+            if source >= 0:  # the row's last token, the one sampled last step
+                targets.append(end - 1)
+                sources.append(source)
+        if targets:
+            fed = feed.ids[to_device(sources, torch.long, self.device)]
+            input_ids[to_device(targets, torch.long, self.device)] = fed
+        return input_ids
 
     def prepare(self, scheduled: list[ScheduledSequence]) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch]:
         """Token ids, positions and attention batch of a step, on the device."""
         return self.device_inputs(build_inputs(scheduled, self.kv_cache.block_size, self.table_width))
 
-    def device_inputs(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch]:
-        def to_device(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor.to(self.device, non_blocking=True)
-
+    def device_inputs(self, inputs: StepInputs,
+                      feed: Feed | None = None) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch]:
         num_decodes = sum(1 for n in inputs.query_lens if n == 1)
         varlen = None
         if self.use_varlen and not inputs.decode_only:
             varlen = varlen_layouts(inputs.block_tables.numpy(), inputs.context_lens, inputs.query_lens, num_decodes,
                                    self.kv_cache.block_size, self.device)
         batch = AttentionBatch(
-            slot_mapping=to_device(inputs.slot_mapping),
-            block_tables=to_device(inputs.block_tables),
-            context_lens=to_device(torch.tensor(inputs.context_lens, dtype=torch.int32)),
+            slot_mapping=to_device(inputs.slot_mapping, None, self.device),
+            block_tables=to_device(inputs.block_tables, None, self.device),
+            context_lens=to_device(inputs.context_lens, torch.int32, self.device),
             query_lens=inputs.query_lens,
             context_lens_host=inputs.context_lens,
             num_decodes=num_decodes,
             varlen=varlen,
         )
-        return to_device(inputs.input_ids), to_device(inputs.positions), batch
+        return self.input_ids(inputs, feed), to_device(inputs.positions, None, self.device), batch
 
-    def run_eager(self, inputs: StepInputs) -> torch.Tensor:
+    def run_eager(self, inputs: StepInputs, feed: Feed | None = None) -> torch.Tensor:
         """Logits [sequences, vocab] at each sequence's last position this step."""
-        input_ids, positions, batch = self.device_inputs(inputs)
+        input_ids, positions, batch = self.device_inputs(inputs, feed)
         # Each sequence's last position, on the device before the forward pass so nothing waits on it.
         last = to_device(list(itertools.accumulate(inputs.query_lens, initial=-1))[1:], torch.long, self.device)
         hidden = self.model(input_ids, positions, self.kv_cache.layers, batch)

@@ -40,10 +40,11 @@ class SamplingRow:
     generator: torch.Generator | None = None
 
 
-def to_device(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list as a tensor on `device`, without waiting for the GPU: a copy from pageable memory first
-    waits for all queued work (the step's whole forward pass), one from pinned memory is queued behind it."""
-    tensor = torch.tensor(data, dtype=dtype)
+def to_device(data: list | torch.Tensor, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+    """A host list or tensor on `device`, without waiting for the GPU: a copy from pageable memory first
+    waits for all queued work (the step's whole forward pass, or the step still running while the engine
+    prepares the next), one from pinned memory is queued behind it."""
+    tensor = data if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
     if device.type != "cuda":
         return tensor
     return tensor.pin_memory().to(device, non_blocking=True)
@@ -83,16 +84,16 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     return torch.full_like(logits, float("-inf")).scatter_(-1, order, sorted_logits)
 
 
-def sample(logits: torch.Tensor, rows: list[SamplingRow], seen: torch.Tensor | None = None) -> list[int]:
-    """logits [rows, vocab] in float32 -> one token id per row, with a single device-to-host copy.
-    `seen` [rows, vocab] bool is needed when any row has a repetition penalty."""
+def sample(logits: torch.Tensor, rows: list[SamplingRow], seen: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [rows, vocab] in float32 -> one token id per row, [rows] int64 on logits' device; nothing waits
+    for the GPU. `seen` [rows, vocab] bool is needed when any row has a repetition penalty."""
     device = logits.device
     if any(r.params.repetition_penalty != 1.0 for r in rows):
         penalty = to_device([r.params.repetition_penalty for r in rows], torch.float32, device)
         logits = apply_repetition_penalty(logits, penalty, seen)
     greedy_ids = logits.argmax(dim=-1)
     if all(r.params.greedy for r in rows):
-        return greedy_ids.tolist()
+        return greedy_ids
     table = to_device([r.params.table_row for r in rows], torch.float32, device)
     temperature, top_k, top_p, _, greedy_rows = table.unbind(dim=1)
     candidates = max(r.params.top_k or logits.shape[-1] for r in rows if not r.params.greedy)
@@ -103,7 +104,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], seen: torch.Tensor | N
         if row.generator is not None:
             noise[i].exponential_(generator=row.generator)
     sampled_ids = (probs / noise).argmax(dim=-1)
-    return torch.where(greedy_rows.bool(), greedy_ids, sampled_ids).tolist()
+    return torch.where(greedy_rows.bool(), greedy_ids, sampled_ids)
 
 
 class SeenTokens:

@@ -88,8 +88,13 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def retire(self, seq: Sequence) -> None:
+        """Takes a running sequence out of later steps, keeping its blocks until remove(): its last token is
+        being computed, and its blocks are registered in the prefix cache once that token is read."""
+        self.running.remove(seq)
+
     def remove(self, seq: Sequence) -> None:
-        """Takes a sequence out wherever it is and frees its blocks."""
+        """Takes a sequence out wherever it is (running, waiting or retired) and frees its blocks."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:

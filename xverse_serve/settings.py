@@ -38,6 +38,7 @@ class Settings:
     quantize: str = "none"
     kv_cache_dtype: str = "auto"
     engine_process: bool = True
+    overlap_steps: bool = True
 
 
 # name -> (converter, help). argparse runs the converter on string defaults too, so values taken
@@ -77,6 +78,9 @@ OPTIONS = {
                             "(cards with fp8: Hopper, Ada)"),
     "engine_process": (bool, "run the engine (model, cache, scheduler) in a process of its own, so that the HTTP "
                              "server's Python work never holds up a step; off: in a thread of the server process"),
+    "overlap_steps": (bool, "queue each decode step on the GPU before the previous one's tokens are read back, so "
+                            "the host's work per step hides behind the GPU's (a sequence ended by end of text "
+                            "computes one token more, dropped); off: one step at a time"),
 }
 CHOICES = {"dtype": ("auto", "bfloat16", "float16", "float32"), "log_level": ("debug", "info", "warning", "error"),
            "quantize": ("none", "int8", "int4"), "kv_cache_dtype": ("auto", "int8", "fp8")}
