@@ -129,7 +129,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64, 256])
-    parser.add_argument("--hf-concurrency", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--hf-concurrency", type=int, nargs="*", default=[1, 8, 64], help="none: ours only")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--out", type=Path, default=None)
