@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from xverse_serve.model import Linear
+from test_triton_ops import interpreter_rounds_bfloat16  # noqa: E402,F401  (autouse: bf16 rounding as on GPUs)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = torch.device("cpu" if INTERPRET else "cuda")
@@ -121,3 +122,100 @@ def test_the_mlp_runs_one_bf16_row_through_the_gated_gemv() -> None:
     torch.testing.assert_close(mlp(x), expected, rtol=0, atol=0)
     unfused = mlp.down_proj(silu_and_mul(mlp.gate_up_proj(x)))
     torch.testing.assert_close(mlp(x), unfused, rtol=2e-2, atol=2e-3)
+
+
+def slice_squares(stream: torch.Tensor, block_n: int) -> torch.Tensor:
+    """The float32 sum of squares of each block_n-long slice of a row, as add_gemv writes them."""
+    values = stream.float().reshape(-1)
+    padded = torch.nn.functional.pad(values, (0, -len(values) % block_n))
+    return padded.view(-1, block_n).square().sum(dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("config", [(8, 512, 8, 2), (4, 128, 4, 1)], ids=str)
+@pytest.mark.parametrize(("n", "k"), [(64, 512), (37, 100)], ids=str)
+def test_add_gemv_is_the_gemv_then_the_residual_add(n: int, k: int, config: tuple, dtype: torch.dtype) -> None:
+    from xverse_serve.triton_ops import fused_add_rms_norm
+
+    gen = torch.Generator().manual_seed(n + k)
+    weight = torch.randn(n, k, generator=gen).to(dtype).to(DEVICE)
+    x = torch.randn(1, k, generator=gen).to(dtype).to(DEVICE)
+    residual = (torch.randn(1, n, generator=gen) * 4).to(dtype).to(DEVICE)
+    stream, squares = triton_gemv.add_gemv(x, weight, residual, config)
+    # The unfused path: the GEMV's output, then the norm kernel's residual add (each rounded to dtype).
+    _, expected = fused_add_rms_norm(triton_gemv.gemv(x, weight, config), residual, torch.ones(n, dtype=dtype,
+                                     device=DEVICE), 1e-6)
+    assert stream.shape == (1, n) and stream.dtype == dtype
+    torch.testing.assert_close(stream, expected, rtol=0 if INTERPRET else 1e-2, atol=0 if INTERPRET else 1e-2)
+    assert squares.shape == (-(-n // config[0]),) and squares.dtype == torch.float32
+    torch.testing.assert_close(squares, slice_squares(stream, config[0]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("n", "k", "slice_rows"), [(64, 512, 8), (38, 100, 3)], ids=str)
+def test_a_normed_gemv_is_the_rms_norm_then_the_gemv(n: int, k: int, slice_rows: int, dtype: torch.dtype,
+                                                     gated: bool) -> None:
+    from xverse_serve.model import rms_norm_reference
+    from xverse_serve.triton_ops import silu_and_mul
+
+    gen = torch.Generator().manual_seed(n * k + gated)
+    weight = torch.randn(n, k, generator=gen).to(dtype).to(DEVICE)
+    stream = (torch.randn(1, k, generator=gen) * 3).to(dtype).to(DEVICE)
+    norm_weight = (1 + torch.randn(k, generator=gen) / 4).to(dtype).to(DEVICE)
+    norm = triton_gemv.RowNorm(norm_weight, 1e-6, slice_squares(stream, slice_rows))
+    config = (4, 128, 4, 1)
+    normed = rms_norm_reference(stream, norm_weight, 1e-6)
+    if gated:
+        out, unfused = (triton_gemv.gated_gemv(stream, weight, config, norm),
+                        silu_and_mul(triton_gemv.gemv(normed, weight, config)))
+        gate, up = (normed.float() @ weight.float().T).chunk(2, dim=-1)
+        reference = torch.nn.functional.silu(gate) * up
+    else:
+        out, unfused = triton_gemv.gemv(stream, weight, config, norm), triton_gemv.gemv(normed, weight, config)
+        reference = normed.float() @ weight.float().T
+    assert out.shape == unfused.shape and out.dtype == dtype
+    # The variance is summed in another order than the reference's (float32), so a normalised value on a rounding
+    # tie may round the other way: the products agree to about one bf16 rounding of a few of their terms.
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-3
+    assert ((out.float() - unfused.float()).norm() / unfused.float().norm()).item() < tolerance
+    assert ((out.float() - reference).norm() / reference.norm()).item() < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_gemv_refuses_a_norm_or_residual_of_the_wrong_size() -> None:
+    weight = torch.randn(16, 64).to(DEVICE)
+    x = torch.randn(1, 64).to(DEVICE)
+    with pytest.raises(ValueError, match="norm's weight"):
+        triton_gemv.gemv(x, weight, norm=triton_gemv.RowNorm(torch.ones(32).to(DEVICE), 1e-6, torch.ones(4).to(DEVICE)))
+    with pytest.raises(ValueError, match="residual"):
+        triton_gemv.add_gemv(x, weight, torch.randn(1, 64).to(DEVICE))
+
+
+@pytest.mark.skipif(INTERPRET, reason="the one-row path runs on CUDA only")
+def test_one_bf16_row_goes_through_the_decoder_without_norm_kernels(tiny_model_dir, monkeypatch) -> None:
+    from collections import Counter
+
+    from paged import paged_logits
+    from xverse_serve import triton_ops
+    from xverse_serve.checkpoint import load_config
+    from xverse_serve.model import load_model
+
+    config = load_config(tiny_model_dir)
+    model = load_model(tiny_model_dir, config, DEVICE, torch.bfloat16, 256)
+    assert model.dense
+    calls: Counter[str] = Counter()
+    for name in ("rms_norm", "fused_add_rms_norm"):
+        original = getattr(triton_ops, name)
+        monkeypatch.setattr(triton_ops, name, lambda *args, _f=original, _n=name: calls.update([_n]) or _f(*args))
+    token_ids, chunks = list(range(5, 29)), [20, 1, 1, 1, 1]
+    fused = paged_logits(model, token_ids, chunks)
+    layers = config.num_layers
+    # The 20-token prefill: the first norm alone, every other one with its residual add. Each of the 4 one-row
+    # decodes: only the first layer's input norm and the final norm, as kernels of their own.
+    assert calls == {"rms_norm": 1 + 4 * 2, "fused_add_rms_norm": 2 * layers}
+    monkeypatch.setattr(Linear, "runs_one_row", classmethod(lambda cls, x: False))
+    unfused = paged_logits(model, token_ids, chunks)
+    torch.testing.assert_close(fused[:20], unfused[:20], rtol=0, atol=0)
+    # Sums of squares taken in another order: the logits agree to bf16 roundings, the greedy tokens exactly.
+    assert ((fused - unfused).norm() / unfused.norm()).item() < 2e-2
+    assert torch.equal(fused.argmax(dim=-1), unfused.argmax(dim=-1))

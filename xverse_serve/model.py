@@ -61,6 +61,27 @@ class Linear(nn.Linear):
             return triton_gemv.gated_gemv(x, self.weight)
         return None
 
+    # The one-row path of DecoderLayer.forward_one_row, where the GEMV kernels run (Linear.runs_one_row).
+
+    def add_to(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual + self(x), the sums of squares of its slices) in one kernel: triton_gemv.add_gemv."""
+        from . import triton_gemv
+
+        return triton_gemv.add_gemv(x, self.weight, residual)
+
+    def normed(self, stream: torch.Tensor, squares: torch.Tensor, norm: RMSNorm, gated: bool = False) -> torch.Tensor:
+        """self(norm(stream)), or silu(gate) * up of it (gated), with the norm taken inside the GEMV from the
+        sums of squares add_to left beside the stream."""
+        from . import triton_gemv
+
+        row_norm = triton_gemv.RowNorm(norm.weight, norm.eps, squares)
+        return (triton_gemv.gated_gemv if gated else triton_gemv.gemv)(stream, self.weight, norm=row_norm)
+
+    @classmethod
+    def runs_one_row(cls, x: torch.Tensor) -> bool:
+        """Whether x is one row the GEMV kernels take."""
+        return x.shape[0] == 1 and cls._gemv_kernels(x) is not None
+
     @staticmethod
     def _gemv_kernels(x: torch.Tensor) -> ModuleType | None:
         if x.dtype in (torch.bfloat16, torch.float16) and fused_ops(x) is not None:
@@ -141,10 +162,16 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rotary: Rotary, kv: LayerCache | tuple[torch.Tensor, torch.Tensor],
                 batch: AttentionBatch) -> torch.Tensor:
+        return self.o_proj(self.attend(self.qkv_proj(x), rotary, kv, batch))
+
+    def attend(self, qkv: torch.Tensor, rotary: Rotary, kv: LayerCache | tuple[torch.Tensor, torch.Tensor],
+               batch: AttentionBatch) -> torch.Tensor:
+        """The attention of the projected q, k, v [tokens, 3 * heads * head_dim], before o_proj: [tokens, heads *
+        head_dim]. The tokens' k and v go into the cache first."""
         kv = LayerCache(*kv)  # a plain (k, v) pair is a cache without scales
-        q = self.rope_and_cache(self.qkv_proj(x), rotary, kv, batch.slot_mapping)
+        q = self.rope_and_cache(qkv, rotary, kv, batch.slot_mapping)
         out = paged_attention(q, kv.k, kv.v, batch, self.scale, kv.k_scale, kv.v_scale)
-        return self.o_proj(out.reshape(x.shape[0], -1))
+        return out.reshape(qkv.shape[0], -1)
 
     def rope_and_cache(self, qkv: torch.Tensor, rotary: Rotary, kv: LayerCache,
                        slot_mapping: torch.Tensor) -> torch.Tensor:
@@ -196,6 +223,22 @@ class DecoderLayer(nn.Module):
         h, residual = self.post_attention_layernorm.add_and_norm(h, residual)
         return self.mlp(h), residual
 
+    def forward_one_row(self, stream: torch.Tensor, squares: torch.Tensor | None, rotary: Rotary, kv: LayerCache,
+                        batch: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward for one row on CUDA (a one-sequence decode step) with no norm kernels: each residual add runs
+        in the GEMV before it (o_proj, down_proj: Linear.add_to), which also sums the squares of its slices, and
+        each RMSNorm in the GEMV after it (qkv_proj, gate_up_proj: Linear.normed). stream: the residual stream
+        entering the layer, with its slices' squares (None in the first layer: the embeddings, normed by the norm
+        kernel). Returns the stream leaving the layer and its squares."""
+        attn, mlp = self.self_attn, self.mlp
+        if squares is None:
+            qkv = attn.qkv_proj(self.input_layernorm(stream))
+        else:
+            qkv = attn.qkv_proj.normed(stream, squares, self.input_layernorm)
+        stream, squares = attn.o_proj.add_to(attn.attend(qkv, rotary, kv, batch), stream)
+        hidden = mlp.gate_up_proj.normed(stream, squares, self.post_attention_layernorm, gated=True)
+        return mlp.down_proj.add_to(hidden, stream)
+
 
 class DecoderStack(nn.Module):
     """Named `model` inside XverseForCausalLM so that parameter names equal the checkpoint's."""
@@ -234,10 +277,22 @@ class XverseForCausalLM(nn.Module):
         """Hidden states after the final norm, [tokens, hidden]."""
         rotary = Rotary(self.rope_cos, self.rope_sin, positions)
         x, residual = self.model.embed_tokens(input_ids), None
+        if self.dense and Linear.runs_one_row(x):
+            stream, squares = x, None
+            for layer, kv in zip(self.model.layers, kv_caches):
+                stream, squares = layer.forward_one_row(stream, squares, rotary, kv, batch)
+            return self.model.norm(stream)
         for layer, kv in zip(self.model.layers, kv_caches):
             x, residual = layer(x, residual, rotary, kv, batch)
         hidden, _ = self.model.norm.add_and_norm(x, residual)
         return hidden
+
+    @cached_property
+    def dense(self) -> bool:
+        """Whether every projection of every layer is a dense Linear (none quantized): the one-row path's GEMVs."""
+        return all(type(proj) is Linear for layer in self.model.layers
+                   for proj in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                                layer.mlp.down_proj))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
