@@ -82,11 +82,50 @@ def chain_ms(device: torch.device, layers: int = 32) -> dict[str, float]:
     return results
 
 
+def fused_sweep(device: torch.device, flush: torch.Tensor) -> dict:
+    """The one-row path's GEMVs (model.DecoderLayer.forward_one_row): the RMSNorm in the prologue of qkv_proj and
+    gate_up_proj (gated), the residual add in the epilogue of o_proj and down_proj; each against the plain GEMV
+    of the same weight, both at the module's config, and the fastest config of a sweep."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    hidden = torch.randn(1, 4096, device=device, generator=gen).to(torch.bfloat16)
+    squares = torch.rand(1024, device=device, generator=gen) * 4  # as down_proj's add_gemv leaves them
+    norm = triton_gemv.RowNorm(torch.ones(4096, device=device, dtype=torch.bfloat16), 1e-6, squares)
+    cases = {  # name -> (weight shape, fused call, plain call), each taking (x, weight, config)
+        "qkv_proj normed": ((12288, 4096), lambda x, w, c: triton_gemv.gemv(x, w, c, norm), triton_gemv.gemv),
+        "o_proj + residual": ((4096, 4096), lambda x, w, c: triton_gemv.add_gemv(x, w, hidden, c), triton_gemv.gemv),
+        "gate_up_proj normed, gated": ((22016, 4096), lambda x, w, c: triton_gemv.gated_gemv(x, w, c, norm),
+                                       triton_gemv.gated_gemv),
+        "down_proj + residual": ((4096, 11008), lambda x, w, c: triton_gemv.add_gemv(x, w, hidden, c),
+                                 triton_gemv.gemv),
+    }
+    results, total_fused, total_plain = {}, 0.0, 0.0
+    print("| one-row GEMV | plain µs | fused µs | fused, best of sweep µs | best config |")
+    print("|---|---|---|---|---|")
+    for name, ((n, k), fused, plain) in cases.items():
+        weight = torch.randn(n, k, device=device, generator=gen).to(torch.bfloat16)
+        x = torch.randn(1, k, device=device, generator=gen).to(torch.bfloat16)
+        table = triton_gemv.GATED_CONFIGS if "gated" in name else triton_gemv.CONFIGS
+        module_config = table.get((n, k), triton_gemv.DEFAULT_CONFIG)
+        plain_us = cold_time_us(lambda: plain(x, weight, module_config), flush)
+        timings = {str(c): cold_time_us(lambda: fused(x, weight, c), flush) for c in [module_config, *SWEEP]}
+        best = min((t, c) for c, t in timings.items())
+        results[name] = {"plain_us": plain_us, "fused_us": timings[str(module_config)], "best_us": best[0],
+                         "best_config": best[1], "module_config": list(module_config)}
+        total_fused += timings[str(module_config)] * 32
+        total_plain += plain_us * 32
+        print(f"| {name} {n}×{k} | {plain_us:.1f} | {timings[str(module_config)]:.1f} | {best[0]:.1f} | {best[1]} |",
+              flush=True)
+    print(f"per decode step: plain {total_plain / 1000:.3f} ms, fused {total_fused / 1000:.3f} ms (norm kernels not "
+          "counted)")
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--chain", action="store_true", help="also time a whole step's projections in a graph")
-    parser.add_argument("--skip-sweep", action="store_true", help="only the chain")
+    parser.add_argument("--skip-sweep", action="store_true", help="only the chain (and --fused)")
+    parser.add_argument("--fused", action="store_true", help="also sweep the one-row path's fused GEMVs")
     args = parser.parse_args()
     device = torch.device("cuda")
     flush = torch.empty(64 * 1024 * 1024, device=device)
@@ -96,6 +135,8 @@ def main() -> None:
     print("|---|---|---|---|---|")
     if args.chain:
         results["chain_ms"] = chain_ms(device)
+    if args.fused:
+        results["fused"] = fused_sweep(device, flush)
     for name, (n, k) in ({} if args.skip_sweep else SHAPES).items():
         gen = torch.Generator(device=device).manual_seed(n)
         weight = torch.randn(n, k, device=device, generator=gen).to(torch.bfloat16)
