@@ -104,9 +104,11 @@ def fused_sweep(device: torch.device, flush: torch.Tensor) -> dict:
     for name, ((n, k), fused, plain) in cases.items():
         weight = torch.randn(n, k, device=device, generator=gen).to(torch.bfloat16)
         x = torch.randn(1, k, device=device, generator=gen).to(torch.bfloat16)
-        table = triton_gemv.GATED_CONFIGS if "gated" in name else triton_gemv.CONFIGS
+        plain_table = triton_gemv.GATED_CONFIGS if "gated" in name else triton_gemv.CONFIGS
+        table = (triton_gemv.NORMED_GATED_CONFIGS if "gated" in name else
+                 triton_gemv.NORMED_CONFIGS if "normed" in name else triton_gemv.RESIDUAL_CONFIGS)
         module_config = table.get((n, k), triton_gemv.DEFAULT_CONFIG)
-        plain_us = cold_time_us(lambda: plain(x, weight, module_config), flush)
+        plain_us = cold_time_us(lambda: plain(x, weight, plain_table.get((n, k), triton_gemv.DEFAULT_CONFIG)), flush)
         timings = {str(c): cold_time_us(lambda: fused(x, weight, c), flush) for c in [module_config, *SWEEP]}
         best = min((t, c) for c, t in timings.items())
         results[name] = {"plain_us": plain_us, "fused_us": timings[str(module_config)], "best_us": best[0],

@@ -15,6 +15,7 @@ import torch
 
 from engine_bench import XVERSE_7B, copy_bandwidth, prompts, random_model
 from xverse_serve.launch import assemble_engine
+from xverse_serve.model import Linear
 from xverse_serve.sampling import SamplingParams
 
 WEIGHT_BYTES = 7_299_846_144 * 2
@@ -67,8 +68,12 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--max-model-len", type=int, default=XVERSE_7B.max_position_embeddings,
                         help="the graphs' block-table width (the decode kernel's grid covers it)")
+    parser.add_argument("--unfused-one-row", action="store_true",
+                        help="one-sequence steps through the per-op path (norm kernels of their own), to compare")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.unfused_one_row:
+        Linear.runs_one_row = classmethod(lambda cls, x: False)
     device = torch.device("cuda")
     bandwidth = copy_bandwidth(device)
     model = random_model(XVERSE_7B, device, torch.bfloat16)

@@ -33,6 +33,11 @@ CONFIGS = {
 DEFAULT_CONFIG = (4, 512, 4, 1)
 # For gated_gemv, rows of the gate and of the up projection per program: the gate_up_proj's rows per program.
 GATED_CONFIGS = {(22016, 4096): (2, 512, 4, 3)}
+# The one-row path's fused GEMVs (bench/gemv_bench.py --fused, cold L2, H200): with the norm in the prologue, the
+# residual add in the epilogue.
+NORMED_CONFIGS = {(12288, 4096): (16, 256, 4, 3)}
+NORMED_GATED_CONFIGS = {(22016, 4096): (16, 256, 8, 2)}
+RESIDUAL_CONFIGS = {(4096, 4096): (8, 512, 8, 3), (4096, 11008): (8, 512, 8, 1)}
 MAX_SKINNY_ROWS = 32
 # (rows, K) -> (block_n, block_k, num_warps, num_stages) for skinny_matmul, from a sweep at 8 and 32 rows.
 SKINNY_CONFIGS = {
@@ -120,7 +125,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int
          norm: RowNorm | None = None) -> torch.Tensor:
     """x [..., K] holding one row, weight [N, K] (row-major) -> x @ weight.T, shaped [..., N], in x's dtype.
     With `norm`, x is a residual stream from add_gemv and the product is taken with its RMSNorm instead."""
-    out, _ = _one_row(x, weight, weight.shape[0], config or CONFIGS.get(weight.shape, DEFAULT_CONFIG), norm=norm)
+    table = NORMED_CONFIGS if norm is not None else CONFIGS
+    out, _ = _one_row(x, weight, weight.shape[0], config or table.get(weight.shape, DEFAULT_CONFIG), norm=norm)
     return out
 
 
@@ -131,7 +137,8 @@ def gated_gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, in
     fewer per layer of a one-sequence decode step, and the gate_up output is never written. `norm` as in gemv."""
     if weight.shape[0] % 2:
         raise ValueError(f"gated_gemv takes an even number of weight rows (gate, then up), got {weight.shape[0]}")
-    out, _ = _one_row(x, weight, weight.shape[0] // 2, config or GATED_CONFIGS.get(weight.shape, DEFAULT_CONFIG),
+    table = NORMED_GATED_CONFIGS if norm is not None else GATED_CONFIGS
+    out, _ = _one_row(x, weight, weight.shape[0] // 2, config or table.get(weight.shape, DEFAULT_CONFIG),
                       gated=True, norm=norm)
     return out
 
@@ -144,7 +151,8 @@ def add_gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
     if residual.numel() != weight.shape[0] or residual.dtype != x.dtype:
         raise ValueError(f"the residual must be {weight.shape[0]} values of {x.dtype}, got {tuple(residual.shape)} "
                          f"of {residual.dtype}")
-    return _one_row(x, weight, weight.shape[0], config or CONFIGS.get(weight.shape, DEFAULT_CONFIG), residual=residual)
+    return _one_row(x, weight, weight.shape[0], config or RESIDUAL_CONFIGS.get(weight.shape, DEFAULT_CONFIG),
+                    residual=residual)
 
 
 def _one_row(x: torch.Tensor, weight: torch.Tensor, n: int, config: tuple[int, int, int, int], gated: bool = False,
