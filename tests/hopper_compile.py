@@ -97,13 +97,14 @@ def eight_bit_cache_kernels() -> Iterator[tuple]:
             yield f"decode attention, {cache} cache, lanes={lanes}", triton_attention._partition_kernel, {
                 "q_ptr": "*bf16", "k_cache_ptr": f"*{cache}", "v_cache_ptr": f"*{cache}", "block_tables_ptr": "*i32",
                 "context_lens_ptr": "*i32", "out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_max_ptr": "*fp32",
-                "part_sum_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "qk_scale": "fp32",
+                "part_sum_ptr": "*fp32", "arrivals_ptr": "*i32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32",
+                "qk_scale": "fp32",
                 "num_heads": "i32", "num_parts": "i32", "stride_qs": "i32", "stride_qh": "i32", "stride_kb": "i32",
                 "stride_kt": "i32", "stride_kh": "i32", "stride_vb": "i32", "stride_vt": "i32", "stride_vh": "i32",
                 "stride_bts": "i32", "stride_btb": "i32", "stride_os": "i32", "stride_oh": "i32", "stride_sb": "i32",
                 "stride_st": "i32"}, {
                 "BLOCK_SIZE": 16, "HEAD_DIM": 128, "HEADS": 1, "PARTITION": 512, "BLOCK_N": 32 if lanes else 128,
-                "LANES": lanes, "SINGLE": False, "SCALED": True}, {}
+                "LANES": lanes, "SINGLE": False, "SCALED": True, "REDUCE_CHUNK": 16}, {}
         yield f"rope + cache write, {cache} cache", triton_ops._rope_kv_kernel, {
             "qkv_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "positions_ptr": "*i64", "slots_ptr": "*i64",
             "q_out_ptr": "*bf16", "k_cache_ptr": f"*{cache}", "v_cache_ptr": f"*{cache}", "k_scale_ptr": "*fp32",

@@ -400,3 +400,22 @@ def test_fused_ops_replay_in_a_cuda_graph() -> None:
     assert_norm_close(normed, rms_norm_reference(residual + x, weight, 1e-6))
     gate, up = gate_up.chunk(2, dim=-1)
     assert_silu_close(act, F.silu(gate) * up)
+
+
+@pytest.mark.parametrize(("rows", "vocab"), [(1, 100534), (3, 5000), (5, 2048), (2, 7)], ids=str)
+def test_argmax_rows_is_torchs_argmax_first_maximum_included(rows: int, vocab: int) -> None:
+    from xverse_serve.triton_ops import ARGMAX_BLOCK, argmax_rows
+
+    gen = torch.Generator().manual_seed(rows * vocab)
+    logits = torch.randn(rows, vocab, generator=gen)
+    top = logits.max() + 1
+    logits[0, vocab - 1] = top  # the last column
+    if rows > 1:  # the same maximum in two chunks and twice in one: the first index wins
+        logits[1, [vocab - 1, vocab // 2, min(vocab - 2, ARGMAX_BLOCK + 3), min(vocab - 3, ARGMAX_BLOCK + 1)]] = top
+    if rows > 2:
+        logits[2] = float("-inf")  # nothing finite: index 0, as torch
+    if rows > 3:
+        logits[3, vocab // 3] = float("nan")
+    out = argmax_rows(logits.to(DEVICE))
+    assert out.dtype == torch.int64
+    assert out.cpu().tolist() == logits.argmax(dim=-1).tolist()

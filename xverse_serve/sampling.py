@@ -84,6 +84,15 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     return torch.full_like(logits, float("-inf")).scatter_(-1, order, sorted_logits)
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's first maximum: on CUDA through triton_ops.argmax_rows (torch's kernel takes one block per row)."""
+    if logits.is_cuda and logits.dim() == 2:
+        from . import triton_ops  # imported here, so a CPU-only install needs no Triton
+
+        return triton_ops.argmax_rows(logits)
+    return logits.argmax(dim=-1)
+
+
 def sample(logits: torch.Tensor, rows: list[SamplingRow], seen: torch.Tensor | None = None) -> torch.Tensor:
     """logits [rows, vocab] in float32 -> one token id per row, [rows] int64 on logits' device; nothing waits
     for the GPU. `seen` [rows, vocab] bool is needed when any row has a repetition penalty."""
@@ -91,7 +100,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], seen: torch.Tensor | N
     if any(r.params.repetition_penalty != 1.0 for r in rows):
         penalty = to_device([r.params.repetition_penalty for r in rows], torch.float32, device)
         logits = apply_repetition_penalty(logits, penalty, seen)
-    greedy_ids = logits.argmax(dim=-1)
+    greedy_ids = argmax(logits)
     if all(r.params.greedy for r in rows):
         return greedy_ids
     table = to_device([r.params.table_row for r in rows], torch.float32, device)

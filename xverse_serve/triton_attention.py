@@ -2,16 +2,19 @@
 
 One query token per sequence. The context of every sequence is cut into up to `num_parts` partitions of
 equal length (a multiple of PARTITION tokens, at least PARTITION), so a short context and a long one keep the
-same programs busy; the first kernel runs one program per (partition, group of heads, sequence) and writes,
-per head, the partition's running max (in log2 units), sum of exponentials and unnormalised output to scratch;
-the second kernel combines the partitions of each (sequence, head). With one partition, the first kernel
-normalises and writes the output itself and the second is not launched.
+same programs busy. One kernel runs one program per (partition, group of heads, sequence); each writes, per head,
+the partition's running max (in log2 units), sum of exponentials and unnormalised output to scratch, then counts
+itself in on an arrival counter of its (sequence, group of heads): the last to arrive combines the partitions
+(in partition order, so the result does not depend on which one is last) and resets the counter. No second
+kernel: at one sequence its launch and wait were a third of the attention's time. With one partition, the
+program normalises and writes the output directly.
 
 CUDA-graph capturable: the grid and the scratch shapes depend only on tensor shapes
 (seqs, heads, max_blocks * block_size), never on context_lens; each sequence's partition length is computed
-in the kernels from its context, programs whose partition starts past it return at once, and the reduce reads
-only the partitions that were written. (A decode graph's block tables are as wide as the longest context; split
-by that width, a 512-token context had one busy program per head.)
+in the kernel from its context, programs whose partition starts past it return at once (and are not counted),
+and the combine reads only the partitions that were written. (A decode graph's block tables are as wide as the
+longest context; split by that width, a 512-token context had one busy program per head.) The counters live in
+one zeroed buffer per device, left at zero by every launch.
 Nothing here synchronises with the device.
 
 An 8-bit cache (int8 or fp8, kv_cache.QUANTIZED_KV_DTYPES) is read directly: each key's dot product with q is
@@ -31,7 +34,7 @@ import triton.language as tl
 from .attention import check_kv_scales
 
 LOG2E = 1.4426950408889634
-REDUCE_CHUNK = 16  # partitions combined per iteration of the reduce kernel
+REDUCE_CHUNK = 16  # partitions combined per iteration by the last program to arrive
 
 
 @triton.jit
@@ -66,7 +69,7 @@ def _load_scales(k_scale_ptr, v_scale_ptr, blocks, offsets, heads, token_ok, hea
 @triton.jit(do_not_specialize=["num_heads", "num_parts", "stride_bts"])
 def _partition_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-    out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
+    out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr, arrivals_ptr,
     k_scale_ptr, v_scale_ptr,  # [blocks, block_size, heads] scales of an 8-bit cache (unused otherwise)
     qk_scale,  # softmax scale * log2(e): scores are kept in log2 units so exp2 can be used
     num_heads, num_parts,
@@ -84,6 +87,7 @@ def _partition_kernel(
     LANES: tl.constexpr,  # softmax state per token lane, combined once after the loop (no reductions in it)
     SINGLE: tl.constexpr,  # only one partition: write the normalised output directly
     SCALED: tl.constexpr,  # an 8-bit cache: keys and values come with per-token-and-head scales
+    REDUCE_CHUNK: tl.constexpr,  # partitions combined per iteration by the last program
 ):
     part = tl.program_id(0)
     head_group = tl.program_id(1)
@@ -164,57 +168,61 @@ def _partition_kernel(
             acc = acc * alpha[:, None] + tl.sum(p_v[:, :, None] * v.to(tl.float32), axis=0)
             m_i = m_new
 
+    out_at = out_ptr + seq.to(tl.int64) * stride_os + heads[:, None] * stride_oh + dims[None, :]
     if SINGLE:
-        out = acc / l_i[:, None]
-        tl.store(out_ptr + seq.to(tl.int64) * stride_os + heads[:, None] * stride_oh + dims[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+        tl.store(out_at, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
     else:
-        slot = (seq.to(tl.int64) * num_heads + heads) * num_parts + part  # [HEADS]
-        tl.store(part_max_ptr + slot, m_i, mask=head_ok)
-        tl.store(part_sum_ptr + slot, l_i, mask=head_ok)
-        tl.store(part_out_ptr + slot[:, None] * HEAD_DIM + dims[None, :], acc, mask=head_ok[:, None])
+        base = (seq.to(tl.int64) * num_heads + heads) * num_parts  # [HEADS]: each head's first partition slot
+        tl.store(part_max_ptr + base + part, m_i, mask=head_ok)
+        tl.store(part_sum_ptr + base + part, l_i, mask=head_ok)
+        tl.store(part_out_ptr + (base + part)[:, None] * HEAD_DIM + dims[None, :], acc, mask=head_ok[:, None])
+        # Every thread's stores come before the arrival (the barrier), which releases them at GPU scope; the last
+        # program's arrival acquires the others' (the combine's loads also skip L1).
+        tl.debug_barrier()
+        counter = arrivals_ptr + seq * tl.cdiv(num_heads, HEADS) + head_group
+        used = tl.cdiv(context_len, part_len)  # partitions with tokens: the programs that arrive
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == used - 1:
+            tl.store(counter, 0)  # ready for the next launch
+            out = _combine_partitions(part_out_ptr, part_max_ptr, part_sum_ptr, base, used, head_ok, HEADS,
+                                      HEAD_DIM, REDUCE_CHUNK)
+            tl.store(out_at, out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+
+
+@triton.jit
+def _combine_partitions(part_out_ptr, part_max_ptr, part_sum_ptr, base, used, head_ok,
+                        HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr):
+    """The normalised output of each head, [HEADS, HEAD_DIM], from its first `used` partitions' maxima, sums and
+    unnormalised outputs, taken in partition order. Two passes over the maxima (small), so no scalar state is
+    carried through a loop."""
+    dims = tl.arange(0, HEAD_DIM)
+    m_lanes = tl.full([HEADS, CHUNK], float("-inf"), tl.float32)
+    for first in range(0, used, CHUNK):
+        idx = first + tl.arange(0, CHUNK)
+        ok = head_ok[:, None] & (idx < used)[None, :]
+        m_lanes = tl.maximum(m_lanes, tl.load(part_max_ptr + base[:, None] + idx[None, :], mask=ok,
+                                              other=float("-inf"), cache_modifier=".cg"))
+    m_max = tl.max(m_lanes, axis=1)  # finite for real heads: used >= 1 and every used partition saw a token
+    m_max = tl.where(head_ok, m_max, 0.0)
+    total = tl.zeros([HEADS, CHUNK], tl.float32)
+    acc = tl.zeros([HEADS, HEAD_DIM], tl.float32)
+    for first in range(0, used, CHUNK):
+        idx = first + tl.arange(0, CHUNK)
+        ok = head_ok[:, None] & (idx < used)[None, :]
+        slots = base[:, None] + idx[None, :]  # [HEADS, CHUNK]
+        weight = tl.exp2(tl.load(part_max_ptr + slots, mask=ok, other=float("-inf"), cache_modifier=".cg")
+                         - m_max[:, None])  # 0 off the end
+        total += weight * tl.load(part_sum_ptr + slots, mask=ok, other=0.0, cache_modifier=".cg")
+        o_part = tl.load(part_out_ptr + slots[:, :, None] * HEAD_DIM + dims[None, None, :], mask=ok[:, :, None],
+                         other=0.0, cache_modifier=".cg")
+        acc += tl.sum(weight[:, :, None] * o_part, axis=1)
+    total = tl.sum(total, axis=1)
+    return acc / tl.where(head_ok, total, 1.0)[:, None]
 
 
 @triton.jit
 def _partition_length(context_len, num_parts, PARTITION: tl.constexpr):
     """Tokens per partition of a context: an equal share of num_parts, rounded up to a multiple of PARTITION."""
     return tl.cdiv(tl.cdiv(context_len, num_parts), PARTITION) * PARTITION
-
-
-@triton.jit(do_not_specialize=["num_heads", "num_parts"])
-def _reduce_kernel(
-    out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr, context_lens_ptr,
-    num_heads, num_parts,
-    stride_os, stride_oh,
-    HEAD_DIM: tl.constexpr,
-    PARTITION: tl.constexpr,
-    CHUNK: tl.constexpr,
-):
-    head = tl.program_id(0)
-    seq = tl.program_id(1)
-    context_len = tl.load(context_lens_ptr + seq).to(tl.int32)
-    used = tl.cdiv(context_len, _partition_length(context_len, num_parts, PARTITION))  # partitions written
-    base = (seq.to(tl.int64) * num_heads + head) * num_parts
-    dims = tl.arange(0, HEAD_DIM)
-
-    # Two passes over the partitions' maxima (small), so no scalar state is carried through a loop.
-    m_lanes = tl.full([CHUNK], float("-inf"), tl.float32)
-    for first in range(0, used, CHUNK):
-        idx = first + tl.arange(0, CHUNK)
-        m_lanes = tl.maximum(m_lanes, tl.load(part_max_ptr + base + idx, mask=idx < used, other=float("-inf")))
-    m_max = tl.max(m_lanes, axis=0)  # finite: used >= 1 and every used partition saw a valid token
-
-    total = tl.zeros([CHUNK], tl.float32)
-    acc = tl.zeros([HEAD_DIM], tl.float32)
-    for first in range(0, used, CHUNK):
-        idx = first + tl.arange(0, CHUNK)
-        ok = idx < used
-        weight = tl.exp2(tl.load(part_max_ptr + base + idx, mask=ok, other=float("-inf")) - m_max)  # 0 off the end
-        total += weight * tl.load(part_sum_ptr + base + idx, mask=ok, other=0.0)
-        o_part = tl.load(part_out_ptr + (base + idx)[:, None] * HEAD_DIM + dims[None, :], mask=ok[:, None], other=0.0)
-        acc += tl.sum(weight[:, None] * o_part, axis=0)
-    out = acc / tl.sum(total, axis=0)
-    tl.store(out_ptr + seq.to(tl.int64) * stride_os + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
 
 
 @functools.lru_cache(maxsize=None)
@@ -307,9 +315,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
     if not scaled:  # never read
         k_scale = v_scale = part_max
+    arrivals = out if single else _arrival_counters(q.device, seqs * head_groups)
     _partition_kernel[(num_parts, head_groups, seqs)](
         q, k_cache, v_cache, block_tables, context_lens,
-        out, part_out, part_max, part_sum,
+        out, part_out, part_max, part_sum, arrivals,
         k_scale, v_scale,
         float(scale) * LOG2E,
         num_heads, num_parts,
@@ -321,14 +330,20 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         k_scale.stride(0) if scaled else 0, k_scale.stride(1) if scaled else 0,
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEADS=heads_per_program,
         PARTITION=partition_size, BLOCK_N=block_n, LANES=lanes, SINGLE=single, SCALED=scaled,
-        num_warps=num_warps,
+        REDUCE_CHUNK=REDUCE_CHUNK, num_warps=num_warps,
     )
-    if not single:
-        _reduce_kernel[(num_heads, seqs)](
-            out, part_out, part_max, part_sum, context_lens,
-            num_heads, num_parts,
-            out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, PARTITION=partition_size, CHUNK=REDUCE_CHUNK,
-            num_warps=4,
-        )
     return out
+
+
+_ARRIVALS: dict[torch.device, torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device, count: int) -> torch.Tensor:
+    """The device's arrival counters, zero between launches (each launch leaves them so), at least `count`."""
+    counters = _ARRIVALS.get(device)
+    if counters is None or counters.numel() < count:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # A buffer made during a capture would be the graph's; the warm-up run before any capture makes it.
+            raise RuntimeError(f"decode attention needs {count} arrival counters; run it once before capturing")
+        counters = _ARRIVALS[device] = torch.zeros(max(count, 8192), dtype=torch.int32, device=device)
+    return counters

@@ -37,7 +37,7 @@ GATED_CONFIGS = {(22016, 4096): (2, 512, 4, 3)}
 # residual add in the epilogue.
 NORMED_CONFIGS = {(12288, 4096): (16, 256, 4, 3)}
 NORMED_GATED_CONFIGS = {(22016, 4096): (16, 256, 8, 2)}
-RESIDUAL_CONFIGS = {(4096, 4096): (8, 512, 8, 3), (4096, 11008): (8, 512, 8, 1)}
+RESIDUAL_CONFIGS = {(4096, 4096): (8, 512, 8, 3), (4096, 11008): (4, 1024, 8, 1)}
 MAX_SKINNY_ROWS = 32
 # (rows, K) -> (block_n, block_k, num_warps, num_stages) for skinny_matmul, from a sweep at 8 and 32 rows.
 SKINNY_CONFIGS = {

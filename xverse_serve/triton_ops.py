@@ -341,3 +341,49 @@ def silu_and_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torc
             x2, out, inter, x2.stride(0), inter, BLOCK=SILU_BLOCK, num_warps=4,
         )
     return out
+
+
+ARGMAX_BLOCK = 2048  # logits per program of the first pass: ~50 programs per row of XVERSE's 100,534
+
+
+@triton.jit
+def _argmax_chunks_kernel(x_ptr, values_ptr, indices_ptr, n, stride_x, chunks, BLOCK: tl.constexpr):
+    chunk = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=cols < n, other=float("-inf")).to(tl.float32)
+    x = tl.where(x != x, float("inf"), x)  # a NaN counts as the largest value, as in torch.argmax
+    best = tl.max(x, axis=0)
+    tl.store(values_ptr + row * chunks + chunk, best)
+    tl.store(indices_ptr + row * chunks + chunk, tl.min(tl.where(x == best, cols, n), axis=0))
+
+
+@triton.jit
+def _argmax_rows_kernel(values_ptr, indices_ptr, out_ptr, chunks, CHUNKS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    parts = tl.arange(0, CHUNKS)
+    ok = parts < chunks
+    values = tl.load(values_ptr + row * chunks + parts, mask=ok, other=float("-inf"))
+    indices = tl.load(indices_ptr + row * chunks + parts, mask=ok, other=2**31 - 1)
+    best = tl.max(values, axis=0)
+    # Chunks are in index order, each holding its first best: the smallest index is the row's first maximum.
+    tl.store(out_ptr + row, tl.min(tl.where(values == best, indices, 2**31 - 1), axis=0).to(tl.int64))
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(dim=-1) for [rows, vocab] (the first index of each row's maximum; a NaN counts as +inf), in
+    two passes: chunks of ARGMAX_BLOCK across all SMs, then one small program per row. torch's kernel reads a
+    single row with one block: 23 µs for XVERSE's vocabulary on an H200, every greedy decode step."""
+    rows, n = logits.shape
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    chunks = triton.cdiv(n, ARGMAX_BLOCK)
+    values = torch.empty((rows, chunks), dtype=torch.float32, device=logits.device)
+    indices = torch.empty((rows, chunks), dtype=torch.int32, device=logits.device)
+    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    if rows and n:
+        _argmax_chunks_kernel[(chunks, rows)](logits, values, indices, n, logits.stride(0), chunks,
+                                              BLOCK=ARGMAX_BLOCK, num_warps=4)
+        _argmax_rows_kernel[(rows,)](values, indices, out, chunks, CHUNKS=triton.next_power_of_2(chunks),
+                                     num_warps=1)
+    return out
