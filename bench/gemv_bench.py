@@ -105,8 +105,7 @@ def fused_sweep(device: torch.device, flush: torch.Tensor) -> dict:
         weight = torch.randn(n, k, device=device, generator=gen).to(torch.bfloat16)
         x = torch.randn(1, k, device=device, generator=gen).to(torch.bfloat16)
         plain_table = triton_gemv.GATED_CONFIGS if "gated" in name else triton_gemv.CONFIGS
-        table = (triton_gemv.NORMED_GATED_CONFIGS if "gated" in name else
-                 triton_gemv.NORMED_CONFIGS if "normed" in name else triton_gemv.RESIDUAL_CONFIGS)
+        table = triton_gemv.NORMED_CONFIGS if "normed" in name else triton_gemv.RESIDUAL_CONFIGS
         module_config = table.get((n, k), triton_gemv.DEFAULT_CONFIG)
         plain_us = cold_time_us(lambda: plain(x, weight, plain_table.get((n, k), triton_gemv.DEFAULT_CONFIG)), flush)
         timings = {str(c): cold_time_us(lambda: fused(x, weight, c), flush) for c in [module_config, *SWEEP]}

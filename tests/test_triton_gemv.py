@@ -211,8 +211,9 @@ def test_one_bf16_row_goes_through_the_decoder_without_norm_kernels(tiny_model_d
     fused = paged_logits(model, token_ids, chunks)
     layers = config.num_layers
     # The 20-token prefill: the first norm alone, every other one with its residual add. Each of the 4 one-row
-    # decodes: only the first layer's input norm and the final norm, as kernels of their own.
-    assert calls == {"rms_norm": 1 + 4 * 2, "fused_add_rms_norm": 2 * layers}
+    # decodes: the first layer's input norm, every post-attention norm and the final norm as kernels of their own,
+    # none with a residual add.
+    assert calls == {"rms_norm": 1 + 4 * (layers + 2), "fused_add_rms_norm": 2 * layers}
     monkeypatch.setattr(Linear, "runs_one_row", classmethod(lambda cls, x: False))
     unfused = paged_logits(model, token_ids, chunks)
     torch.testing.assert_close(fused[:20], unfused[:20], rtol=0, atol=0)

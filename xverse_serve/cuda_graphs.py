@@ -30,11 +30,13 @@ class DecodeGraphs:
         self.max_batch = max_batch
         device = model.lm_head.weight.device
         max_blocks = blocks_needed(max_model_len, kv_cache.block_size)
-        self.input_ids = torch.zeros(max_batch, dtype=torch.long, device=device)
-        self.positions = torch.zeros(max_batch, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((max_batch,), kv_cache.null_slot, dtype=torch.long, device=device)
-        self.block_tables = torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device)
-        self.context_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
+        # Every input of a step in one int32 buffer, so that a step's inputs reach the device in one copy:
+        # token ids, positions, cache slots and context lengths (max_batch each), then the block tables.
+        self.inputs = torch.zeros(4 * max_batch + max_batch * max_blocks, dtype=torch.int32, device=device)
+        self.input_ids, self.positions, self.slot_mapping, self.context_lens = self.inputs[:4 * max_batch].view(4, -1)
+        self.block_tables = self.inputs[4 * max_batch:].view(max_batch, max_blocks)
+        self.slot_mapping.fill_(kv_cache.null_slot)
+        self.context_lens.fill_(1)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self._capture_all()
@@ -61,17 +63,22 @@ class DecodeGraphs:
         torch.cuda.synchronize()
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-            block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
-        """Host tensors of one decode step (n rows) -> logits [n, vocab], float32, on the device."""
+            block_tables: torch.Tensor, context_lens: list[int], fed_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Host tensors of one decode step (n rows) -> logits [n, vocab], float32, on the device. fed_ids: the
+        step's token ids already on the device (taken from the previous step's samples), instead of input_ids."""
         n = input_ids.shape[0]
         size = next(bucket for bucket in self.buckets if bucket >= n)
-        self.input_ids[:n].copy_(input_ids, non_blocking=True)
-        self.positions[:n].copy_(positions, non_blocking=True)
-        self.slot_mapping[:n].copy_(slot_mapping, non_blocking=True)
-        self.block_tables[:n, :block_tables.shape[1]].copy_(block_tables, non_blocking=True)
-        self.context_lens[:n].copy_(context_lens, non_blocking=True)
-        # Rows n..size keep the null slot and a context of one token: harmless, and their logits are dropped.
-        self.slot_mapping[n:size].fill_(self.kv_cache.null_slot)
-        self.context_lens[n:size].fill_(1)
+        max_batch, width = self.max_batch, self.block_tables.shape[1]
+        # Staged in page-locked memory: the copy is queued behind the step still running, not waited for.
+        staged = torch.zeros(4 * max_batch + size * width, dtype=torch.int32, pin_memory=True)
+        heads = staged[:4 * max_batch].view(4, max_batch)
+        heads[0, :n], heads[1, :n], heads[2, :n] = input_ids, positions, slot_mapping
+        heads[3, :n] = torch.tensor(context_lens, dtype=torch.int32)
+        # Rows n..size: the null slot and a context of one token: harmless, and their logits are dropped.
+        heads[2, n:size], heads[3, n:size] = self.kv_cache.null_slot, 1
+        staged[4 * max_batch:].view(size, width)[:n, :block_tables.shape[1]] = block_tables
+        self.inputs[:staged.numel()].copy_(staged, non_blocking=True)
+        if fed_ids is not None:
+            self.input_ids[:n].copy_(fed_ids, non_blocking=True)
         self.graphs[size].replay()
         return self.logits[size][:n]

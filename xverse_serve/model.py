@@ -69,13 +69,12 @@ class Linear(nn.Linear):
 
         return triton_gemv.add_gemv(x, self.weight, residual)
 
-    def normed(self, stream: torch.Tensor, squares: torch.Tensor, norm: RMSNorm, gated: bool = False) -> torch.Tensor:
-        """self(norm(stream)), or silu(gate) * up of it (gated), with the norm taken inside the GEMV from the
-        sums of squares add_to left beside the stream."""
+    def normed(self, stream: torch.Tensor, squares: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        """self(norm(stream)) with the norm taken inside the GEMV, from the sums of squares add_to left beside the
+        stream."""
         from . import triton_gemv
 
-        row_norm = triton_gemv.RowNorm(norm.weight, norm.eps, squares)
-        return (triton_gemv.gated_gemv if gated else triton_gemv.gemv)(stream, self.weight, norm=row_norm)
+        return triton_gemv.gemv(stream, self.weight, norm=triton_gemv.RowNorm(norm.weight, norm.eps, squares))
 
     @classmethod
     def runs_one_row(cls, x: torch.Tensor) -> bool:
@@ -225,18 +224,20 @@ class DecoderLayer(nn.Module):
 
     def forward_one_row(self, stream: torch.Tensor, squares: torch.Tensor | None, rotary: Rotary, kv: LayerCache,
                         batch: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """forward for one row on CUDA (a one-sequence decode step) with no norm kernels: each residual add runs
-        in the GEMV before it (o_proj, down_proj: Linear.add_to), which also sums the squares of its slices, and
-        each RMSNorm in the GEMV after it (qkv_proj, gate_up_proj: Linear.normed). stream: the residual stream
-        entering the layer, with its slices' squares (None in the first layer: the embeddings, normed by the norm
-        kernel). Returns the stream leaving the layer and its squares."""
+        """forward for one row on CUDA (a one-sequence decode step) with one norm kernel instead of two: each
+        residual add runs in the GEMV before it (o_proj, down_proj: Linear.add_to), which also sums the squares
+        of its slices, and the input norm in qkv_proj's GEMV (Linear.normed). The post-attention norm keeps its
+        kernel: taken in the gated gate_up GEMV, the 5,504 programs each normalising the whole row cost more
+        than the kernel (bench/gemv_bench.py --fused). stream: the residual stream entering the layer, with its
+        slices' squares (None in the first layer: the embeddings, normed by the norm kernel). Returns the stream
+        leaving the layer and its squares."""
         attn, mlp = self.self_attn, self.mlp
         if squares is None:
             qkv = attn.qkv_proj(self.input_layernorm(stream))
         else:
             qkv = attn.qkv_proj.normed(stream, squares, self.input_layernorm)
-        stream, squares = attn.o_proj.add_to(attn.attend(qkv, rotary, kv, batch), stream)
-        hidden = mlp.gate_up_proj.normed(stream, squares, self.post_attention_layernorm, gated=True)
+        stream, _ = attn.o_proj.add_to(attn.attend(qkv, rotary, kv, batch), stream)
+        hidden = mlp.gate_up_proj.gated(self.post_attention_layernorm(stream))
         return mlp.down_proj.add_to(hidden, stream)
 
 

@@ -158,10 +158,8 @@ class ModelRunner:
         `feed` gives rows whose input token the previous step sampled and the host has not read yet."""
         inputs = build_inputs(scheduled, self.kv_cache.block_size, self.table_width)
         if self.graphs is not None and inputs.decode_only and len(scheduled) <= self.graphs.max_batch:
-            # Pinned host tensors: their copies into the graph's inputs are queued behind the running step.
-            logits = self.graphs.run(self.input_ids(inputs, feed), inputs.positions.pin_memory(),
-                                     inputs.slot_mapping.pin_memory(), inputs.block_tables.pin_memory(),
-                                     torch.tensor(inputs.context_lens, dtype=torch.int32).pin_memory())
+            logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.block_tables,
+                                     inputs.context_lens, self.input_ids(inputs, feed) if feed is not None else None)
         else:
             logits = self.run_eager(inputs, feed)
         indices, rows, histories = [], [], []
@@ -182,6 +180,8 @@ class ModelRunner:
 
     def input_ids(self, inputs: StepInputs, feed: Feed | None) -> torch.Tensor:
         """The step's token ids on the device, with the fed ones taken from the previous step's sampled ids."""
+        if feed is not None and feed.sources == list(range(feed.ids.numel())):
+            return feed.ids  # the same decodes as last step, in the same order: its samples are the inputs
         input_ids = to_device(inputs.input_ids, None, self.device)
         if feed is None:
             return input_ids

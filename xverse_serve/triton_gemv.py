@@ -35,8 +35,7 @@ DEFAULT_CONFIG = (4, 512, 4, 1)
 GATED_CONFIGS = {(22016, 4096): (2, 512, 4, 3)}
 # The one-row path's fused GEMVs (bench/gemv_bench.py --fused, cold L2, H200): with the norm in the prologue, the
 # residual add in the epilogue.
-NORMED_CONFIGS = {(12288, 4096): (16, 256, 4, 3)}
-NORMED_GATED_CONFIGS = {(22016, 4096): (16, 256, 8, 2)}
+NORMED_CONFIGS = {(12288, 4096): (16, 256, 4, 3), (22016, 4096): (16, 256, 8, 2)}
 RESIDUAL_CONFIGS = {(4096, 4096): (8, 512, 8, 3), (4096, 11008): (4, 1024, 8, 1)}
 MAX_SKINNY_ROWS = 32
 # (rows, K) -> (block_n, block_k, num_warps, num_stages) for skinny_matmul, from a sweep at 8 and 32 rows.
@@ -137,7 +136,7 @@ def gated_gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, in
     fewer per layer of a one-sequence decode step, and the gate_up output is never written. `norm` as in gemv."""
     if weight.shape[0] % 2:
         raise ValueError(f"gated_gemv takes an even number of weight rows (gate, then up), got {weight.shape[0]}")
-    table = NORMED_GATED_CONFIGS if norm is not None else GATED_CONFIGS
+    table = NORMED_CONFIGS if norm is not None else GATED_CONFIGS
     out, _ = _one_row(x, weight, weight.shape[0] // 2, config or table.get(weight.shape, DEFAULT_CONFIG),
                       gated=True, norm=norm)
     return out
