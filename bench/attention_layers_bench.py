@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from xverse_serve.attention import decode_attention  # noqa: E402
 from xverse_serve.triton_attention import paged_decode_attention  # noqa: E402
 from engine_bench import copy_bandwidth  # noqa: E402
+from step_profile import replay_ms  # noqa: E402
 
 HEADS, HEAD_DIM, BLOCK_SIZE, LAYERS, TABLE_TOKENS = 32, 128, 16, 32, 8192
 
@@ -51,14 +52,7 @@ def layer_us(batch: int, context: int, kwargs: dict, caches: list, q: torch.Tens
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 20 / LAYERS * 1000
+    return replay_ms(graph, repeats=20) / LAYERS * 1000
 
 
 def main() -> None:
