@@ -112,7 +112,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], seen: torch.Tensor | N
     for i, row in enumerate(rows):
         if row.generator is not None:
             noise[i].exponential_(generator=row.generator)
-    sampled_ids = (probs / noise).argmax(dim=-1)
+    sampled_ids = argmax(probs / noise)
     return torch.where(greedy_rows.bool(), greedy_ids, sampled_ids)
 
 
