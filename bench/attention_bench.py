@@ -37,7 +37,7 @@ DTYPE = torch.bfloat16
 BATCHES = [1, 8, 64, 256]
 CONTEXTS = [512, 2048, 8192]
 # name -> keyword arguments of paged_decode_attention; "auto" is the defaults.
-# p: partition_size, g: heads_per_program, n: block_n, L: lanes=True
+# p: partition_size, g: heads_per_program, n: block_n, L: lanes=True, w: num_warps
 CONFIGS = {
     "auto": {},
     "p256-g1-n64": dict(partition_size=256, heads_per_program=1, block_n=64),
@@ -50,6 +50,11 @@ CONFIGS = {
     "p256-g1-n32-L": dict(partition_size=256, heads_per_program=1, block_n=32, lanes=True),
     "p512-g1-n32-L": dict(partition_size=512, heads_per_program=1, block_n=32, lanes=True),
     "p512-g1-n64-L": dict(partition_size=512, heads_per_program=1, block_n=64, lanes=True),
+    "p128-g1-n128": dict(partition_size=128, heads_per_program=1, block_n=128),
+    "p256-g1-n128": dict(partition_size=256, heads_per_program=1, block_n=128),
+    "p512-g1-n128-w8": dict(partition_size=512, heads_per_program=1, block_n=128, num_warps=8),
+    "p256-g1-n128-w8": dict(partition_size=256, heads_per_program=1, block_n=128, num_warps=8),
+    "p512-g1-n64-w2": dict(partition_size=512, heads_per_program=1, block_n=64, num_warps=2),
 }
 MAX_REL_ERROR = 1e-2  # bf16 output rounding alone gives ~2e-3
 

@@ -46,14 +46,18 @@ def timed_steps(engine, steps: int) -> float:
     return (time.perf_counter() - start) / steps * 1e3
 
 
-def decode_profile(engine, context: int, steps: int = 20) -> dict:
-    engine.add_request("decode", prompts(1, context, XVERSE_7B.vocab_size, 0)[0], GREEDY)
-    timed_steps(engine, 3)  # the prefill, and decodes that compile this context's attention variant
+def decode_profile(engine, context: int, batch: int = 1, steps: int = 20) -> dict:
+    for i, prompt in enumerate(prompts(batch, context, XVERSE_7B.vocab_size, 0)):
+        engine.add_request(f"decode-{i}", prompt, GREEDY)
+    while any(seq.num_computed < seq.num_tokens - 1 for seq in engine.sequences.values()):
+        engine.step()  # the prefills
+    timed_steps(engine, 3)  # decodes that compile this context's attention variant
     step_ms = timed_steps(engine, steps)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         timed_steps(engine, steps)
-    engine.abort("decode")
-    return {"step_ms": step_ms, "kernels": kernel_table(prof, steps)}
+    for request_id in list(engine.sequences):
+        engine.abort(request_id)
+    return {"batch": batch, "step_ms": step_ms, "kernels": kernel_table(prof, steps)}
 
 
 def prefill_profile(engine, count: int, length: int, repeats: int = 3) -> dict:
@@ -86,15 +90,18 @@ def print_table(title: str, result: dict, limit: int = 14) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--decode-batches", type=int, nargs="+", default=[1],
+                        help="sequences in the profiled decode steps, one profile each")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device("cuda")
     model = random_model(XVERSE_7B, device, torch.bfloat16)
-    engine = assemble_engine(model, 16 * 40, 16, 256, 8192, XVERSE_7B.max_position_embeddings, cuda_graphs=False,
+    blocks = max(16, *args.decode_batches) * (args.context // 16 + 24)
+    engine = assemble_engine(model, blocks, 16, 256, 8192, XVERSE_7B.max_position_embeddings, cuda_graphs=False,
                              prefix_caching=False)
     engine.warm_up()
     results = {"device": torch.cuda.get_device_name(device),
-               "decode_1": decode_profile(engine, args.context),
+               **{f"decode_{batch}": decode_profile(engine, args.context, batch) for batch in args.decode_batches},
                "prefill_16x512": prefill_profile(engine, 16, 512)}
     graphed = assemble_engine(model, 16 * 40, 16, 8, 8192, XVERSE_7B.max_position_embeddings, cuda_graphs=True,
                               prefix_caching=False)
@@ -103,7 +110,8 @@ def main() -> None:
     timed_steps(graphed, 5)
     results["decode_1_graphed_step_ms"] = timed_steps(graphed, 50)
     print(results["device"])
-    print_table("one-sequence decode, eager", results["decode_1"])
+    for batch in args.decode_batches:
+        print_table(f"decode of {batch} sequence(s), eager", results[f"decode_{batch}"])
     print(f"the same step with the decode graph: {results['decode_1_graphed_step_ms']:.2f} ms")
     print_table("prefill of 16 x 512 tokens", results["prefill_16x512"])
     print(f"prefill matmuls: {results['prefill_16x512']['matmul_tflops_per_s']:.0f} TFLOP/s")

@@ -47,20 +47,30 @@ def main() -> None:
     print("|---|---|---|")
     for batch in args.batches:
         logits = torch.randn(batch, VOCAB, device=device) * 3
-        seen = SeenTokens(VOCAB, device)
-        histories = [(f"r{i}", list(range(i, i + 600)), []) for i in range(batch)]
+        seen, request_ids = SeenTokens(VOCAB, device), [f"r{i}" for i in range(batch)]
+        for i, request_id in enumerate(request_ids):
+            seen.start(request_id, list(range(i, i + 600)))
+        step_ids = torch.arange(batch, device=device)
+        spans = [(request_id, i, i + 1) for i, request_id in enumerate(request_ids)]  # a decode step's marks
         greedy_rows = [SamplingRow(GREEDY) for _ in range(batch)]
         default_rows = [SamplingRow(XVERSE_DEFAULTS) for _ in range(batch)]
         greedy_ms = time_ms(lambda: sample(logits, greedy_rows).tolist())
-        default_ms = time_ms(lambda: sample(logits, default_rows, seen.rows(histories)).tolist())
+
+        def with_defaults() -> list[int]:
+            seen.record(step_ids, spans)
+            return sample(logits, default_rows, seen.rows(request_ids)).tolist()
+
+        default_ms = time_ms(with_defaults)
         results["rows"].append({"batch": batch, "greedy_ms": greedy_ms, "xverse_defaults_ms": default_ms})
         print(f"| {batch} | {greedy_ms:.3f} | {default_ms:.3f} |", flush=True)
     logits = torch.randn(1, VOCAB, device=device) * 3
     seen = SeenTokens(VOCAB, device)
-    rows, histories = [SamplingRow(XVERSE_DEFAULTS)], [("r", list(range(600)), [])]
+    seen.start("r", list(range(600)))
+    rows, step_ids = [SamplingRow(XVERSE_DEFAULTS)], torch.zeros(1, dtype=torch.long, device=device)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
         for _ in range(20):
-            sample(logits, rows, seen.rows(histories))
+            seen.record(step_ids, [("r", 0, 1)])
+            sample(logits, rows, seen.rows(["r"]))
     table = profiler.key_averages().table(sort_by="cuda_time_total", row_limit=25)
     print(table)
     results["profile_batch_1"] = table

@@ -174,6 +174,27 @@ async def run_load(spec: LoadSpec, concurrency: int, requests_per_client: int, t
         return results, time.perf_counter() - started
 
 
+def process_group_cpu(pgid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of each live process in a process group, keyed "pid name" (Linux /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    usage = {}
+    for stat_path in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat_path.read_text()
+        except OSError:
+            continue  # exited meanwhile
+        name = text[text.index("(") + 1:text.rindex(")")]
+        fields = text[text.rindex(")") + 2:].split()  # fields[0] is the state, the 3rd of stat(5)
+        if int(fields[2]) == pgid:
+            usage[f"{stat_path.parent.name} {name}"] = (int(fields[11]) + int(fields[12])) / ticks
+    return usage
+
+
+def cpu_share(before: dict[str, float], after: dict[str, float], wall_seconds: float) -> dict[str, float]:
+    """Each process's CPU time over a run as a share of one core."""
+    return {key: round((after[key] - before.get(key, 0.0)) / wall_seconds, 3) for key in after}
+
+
 def percentile(values: list[float], q: float) -> float | None:
     """Linear-interpolated percentile (q in 0..100); None when there are no values."""
     if not values:
@@ -310,17 +331,26 @@ async def warm_up(spec: LoadSpec, count: int, rng: random.Random) -> None:
         raise RuntimeError(f"warm-up request failed: {failed[0]}")
 
 
-async def benchmark(args: argparse.Namespace, spec: LoadSpec) -> list[dict]:
+async def benchmark(args: argparse.Namespace, spec: LoadSpec, server_pgid: int | None = None) -> list[dict]:
+    """Runs each concurrency level; records how busy the client (and a launched server's processes) kept
+    their cores, since a CPU-bound side caps the figures."""
     rng = random.Random(args.seed)
     await warm_up(spec, args.warmup, rng)
     levels = []
     for concurrency in args.concurrency:
+        client_cpu = time.process_time()
+        server_cpu = process_group_cpu(server_pgid) if server_pgid else {}
         results, wall = await run_load(spec, concurrency, args.requests_per_client, args.num_requests, rng)
         level = summarize(results, wall, concurrency)
+        level["client_cpu_share"] = round((time.process_time() - client_cpu) / wall, 3)
+        if server_pgid:
+            level["server_cpu_share"] = cpu_share(server_cpu, process_group_cpu(server_pgid), wall)
         levels.append(level)
         print(f"{concurrency:>4} clients: {level['requests']} requests, {level['errors']} errors, "
               f"{fmt(level['output_tok_s'])} output tok/s, TTFT p50 {fmt(level['ttft_ms_p50'])} ms, "
-              f"ITL p50 {fmt(level['itl_ms_p50'])} ms, E2E p50 {fmt(level['e2e_ms_p50'])} ms", flush=True)
+              f"ITL p50 {fmt(level['itl_ms_p50'])} ms, E2E p50 {fmt(level['e2e_ms_p50'])} ms; "
+              f"CPU (share of a core): client {level['client_cpu_share']}, server {level.get('server_cpu_share')}",
+              flush=True)
         for error in level["error_samples"]:
             print(f"      error: {error}", flush=True)
     return levels
@@ -391,7 +421,7 @@ async def main_async(args: argparse.Namespace) -> dict:
         report["server_command"] = shlex.join(command)
         report["startup_s"] = round(await server.wait_ready(url, args.startup_timeout), 1)
         print(f"ready after {report['startup_s']} s", flush=True)
-        report["levels"] = await benchmark(args, spec)
+        report["levels"] = await benchmark(args, spec, server.process.pid)
     finally:
         server.stop()
     return report

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import threading
 from dataclasses import dataclass, field
@@ -164,6 +165,25 @@ def test_preemption_recomputes_and_gives_the_same_tokens(model: XverseForCausalL
     assert engine.scheduler.num_preemptions > 0
     assert results == expected
     assert all(r.finish_reason == "length" and len(r.tokens) == 24 for r in results.values())
+    assert_all_blocks_free(engine)
+
+
+def test_penalized_requests_with_prefix_hits_and_preemption_equal_one_at_a_time(model: XverseForCausalLM) -> None:
+    """The repetition penalty's seen tokens are marked from what each step feeds, on the device: a cached prefix
+    (never fed), a preempted sequence computed again and overlapped steps must still count every token."""
+    penalized = SamplingParams(max_tokens=24, temperature=0.0, repetition_penalty=1.5, ignore_eos=True)
+    shared = prompt(16, seed=300)  # four full blocks: cached once the first request has run
+    requests = {f"p{i}": (shared + prompt(3 + i, seed=310 + i), penalized) for i in range(4)}
+    expected = {rid: alone(model, ids, params) for rid, (ids, params) in requests.items()}
+    unpenalized = dataclasses.replace(penalized, repetition_penalty=1.0)
+    assert any(alone(model, ids, unpenalized) != expected[rid] for rid, (ids, _) in requests.items())
+    engine = make_engine(model, num_blocks=14, max_model_len=14 * BLOCK_SIZE)
+    log = StepLog()
+    log.watch(engine)
+    results = run_all(engine, {"p0": requests["p0"]})
+    results |= run_all(engine, {rid: request for rid, request in requests.items() if rid != "p0"})
+    assert results == expected
+    assert engine.scheduler.prefix_hit_tokens > 0 and engine.scheduler.num_preemptions > 0 and any(log.fed)
     assert_all_blocks_free(engine)
 
 

@@ -233,15 +233,21 @@ def test_sorting_only_the_largest_top_k_keeps_the_same_survivors() -> None:
     assert torch.equal(filter_top_k_top_p(logits, top_k, top_p, candidates=30), full)
 
 
-def test_seen_tokens_follow_each_history_as_it_grows_and_rows_are_reused() -> None:
-    seen = SeenTokens(VOCAB, torch.device("cpu"), rows=2)  # room for one penalized sequence: it must grow
-    prompt_a, output_a, prompt_b = [5, 6], [], [7]
-    rows = seen.rows([("a", prompt_a, output_a), None, ("b", prompt_b, [])])
+def test_seen_tokens_mark_what_each_step_feeds_and_rows_are_reused() -> None:
+    cpu = torch.device("cpu")
+    seen = SeenTokens(VOCAB, cpu, rows=2)  # room for one penalized sequence: it must grow
+    seen.start("a", [])
+    seen.start("b", [4])  # a cached prefix: never fed, marked at the start
+    # A step feeding a's prompt [5, 6], one token of something unpenalized, then b's [7].
+    seen.record(torch.tensor([5, 6, 3, 7]), [("a", 0, 2), ("b", 3, 4)])
+    rows = seen.rows(["a", None, "b"])
     assert rows.shape == (3, VOCAB)
-    assert torch.equal(rows, seen_token_mask([[5, 6], [], [7]], VOCAB, torch.device("cpu")))
-    output_a += [9, 5]
-    rows = seen.rows([("a", prompt_a, output_a), ("b", prompt_b, [8])])
-    assert torch.equal(rows, seen_token_mask([[5, 6, 9], [7, 8]], VOCAB, torch.device("cpu")))
+    assert torch.equal(rows, seen_token_mask([[5, 6], [], [4, 7]], VOCAB, cpu))
+    seen.record(torch.tensor([9, 8]), [("a", 0, 1), ("b", 1, 2)])  # decodes: each feeds its newest token
+    seen.record(torch.tensor([5]), [("a", 0, 1)])  # a repeat changes nothing
+    assert torch.equal(seen.rows(["a", "b"]), seen_token_mask([[5, 6, 9], [4, 7, 8]], VOCAB, cpu))
+    assert seen.tracks("a") and not seen.tracks("c")
     seen.release("a")
-    rows = seen.rows([("c", [1], [])])  # takes a's old row, which must start empty
-    assert rows[0].nonzero().flatten().tolist() == [1]
+    assert not seen.tracks("a")
+    seen.start("c", [1])  # takes a's old row, which must start empty
+    assert seen.rows(["c"])[0].nonzero().flatten().tolist() == [1]

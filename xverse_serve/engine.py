@@ -172,12 +172,11 @@ class Engine:
 
     def _can_overlap(self) -> bool:
         """Whether the next step can go before the running one's tokens are read: it will hold decodes only
-        (nothing waits to be admitted, every running sequence has just its newest token to compute), and no
-        sequence needs its history on the host to sample (the repetition penalty's seen tokens)."""
+        (nothing waits to be admitted, every running sequence has just its newest token to compute). The
+        repetition penalty needs no host: its seen tokens are marked from the step's input ids on the device."""
         if not self.overlap or self.scheduler.waiting:
             return False
-        return all(seq.num_tokens - seq.num_computed == 1 and seq.params.repetition_penalty == 1.0
-                   for seq in self.scheduler.running)
+        return all(seq.num_tokens - seq.num_computed == 1 for seq in self.scheduler.running)
 
     def _launch(self, scheduled: list[ScheduledSequence], previous: InFlight | None) -> InFlight | list[StepOutput]:
         """Queues a step on the device; its sampled tokens go into output_ids as PLACEHOLDERs until read.

@@ -160,23 +160,38 @@ class ModelRunner:
         if self.graphs is not None and inputs.decode_only and len(scheduled) <= self.graphs.max_batch:
             logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.block_tables,
                                      inputs.context_lens, self.input_ids(inputs, feed) if feed is not None else None)
+            step_ids = self.graphs.input_ids[:len(scheduled)]
         else:
-            logits = self.run_eager(inputs, feed)
-        indices, rows, histories = [], [], []
+            logits, step_ids = self.run_eager(inputs, feed)
+        self._record_seen(scheduled, step_ids)
+        indices, rows, penalized = [], [], []
         for index, entry in enumerate(scheduled):
             if not entry.samples:
                 continue
             seq = entry.seq
             indices.append(index)
             rows.append(SamplingRow(seq.params, seq.generator))
-            penalized = seq.params.repetition_penalty != 1.0
-            histories.append((seq.request_id, seq.prompt_ids, seq.output_ids) if penalized else None)
+            penalized.append(seq.request_id if seq.params.repetition_penalty != 1.0 else None)
         if not rows:
             return None
         if len(rows) < len(scheduled):
             logits = logits[to_device(indices, torch.long, self.device)]
-        seen = self.seen.rows(histories) if any(histories) else None
+        seen = self.seen.rows(penalized) if any(penalized) else None
         return SampledTokens(sample(logits, rows, seen))
+
+    def _record_seen(self, scheduled: list[ScheduledSequence], step_ids: torch.Tensor) -> None:
+        """Marks the ids each sequence with a repetition penalty feeds this step (read on the device: a fed id
+        the previous step sampled may not have reached the host yet)."""
+        spans, first = [], 0
+        for entry in scheduled:
+            seq, end = entry.seq, first + entry.num_new_tokens
+            if seq.params.repetition_penalty != 1.0:
+                if not self.seen.tracks(seq.request_id):
+                    self.seen.start(seq.request_id, seq.token_ids(0, seq.num_computed))
+                spans.append((seq.request_id, first, end))
+            first = end
+        if spans:
+            self.seen.record(step_ids, spans)
 
     def input_ids(self, inputs: StepInputs, feed: Feed | None) -> torch.Tensor:
         """The step's token ids on the device, with the fed ones taken from the previous step's sampled ids."""
@@ -217,10 +232,10 @@ class ModelRunner:
         )
         return self.input_ids(inputs, feed), to_device(inputs.positions, None, self.device), batch
 
-    def run_eager(self, inputs: StepInputs, feed: Feed | None = None) -> torch.Tensor:
-        """Logits [sequences, vocab] at each sequence's last position this step."""
+    def run_eager(self, inputs: StepInputs, feed: Feed | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [sequences, vocab] at each sequence's last position this step, and the step's input ids."""
         input_ids, positions, batch = self.device_inputs(inputs, feed)
         # Each sequence's last position, on the device before the forward pass so nothing waits on it.
         last = to_device(list(itertools.accumulate(inputs.query_lens, initial=-1))[1:], torch.long, self.device)
         hidden = self.model(input_ids, positions, self.kv_cache.layers, batch)
-        return self.model.compute_logits(hidden[last])
+        return self.model.compute_logits(hidden[last]), input_ids

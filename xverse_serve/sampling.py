@@ -117,9 +117,9 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], seen: torch.Tensor | N
 
 
 class SeenTokens:
-    """Which ids each live sequence has seen, kept on the device as rows of one bool mask, so the
-    repetition penalty costs a gather per step instead of rebuilding every history from host lists.
-    Row 0 stays all False: sequences without a penalty share it."""
+    """Which ids each live sequence has seen, kept on the device as rows of one bool mask. A step marks the
+    tokens it feeds from its input ids on the device, so the ids sampled by a step still running count
+    without the host reading them. Row 0 stays all False: sequences without a penalty share it."""
 
     def __init__(self, vocab_size: int, device: torch.device, rows: int = 64) -> None:
         self.mask = torch.zeros(rows, vocab_size, dtype=torch.bool, device=device)
@@ -128,39 +128,41 @@ class SeenTokens:
         self._true = torch.ones((), dtype=torch.bool, device=device)
         self._free = list(range(rows - 1, 0, -1))
         self._row: dict[str, int] = {}
-        self._recorded: dict[str, int] = {}  # tokens of each sequence already in its row
 
-    def rows(self, histories: list[tuple[str, list[int], list[int]] | None]) -> torch.Tensor:
-        """Mask rows [len(histories), vocab] for this step, after recording the tokens new since the last one.
-        A history is (request id, prompt ids, output ids), or None for a sequence without a penalty."""
-        indices, new_rows, new_ids = [], [], []
-        for history in histories:
-            if history is None:
-                indices.append(0)
-                continue
-            request_id, prompt, output = history
-            row = self._row.get(request_id)
-            if row is None:
-                row = self._row[request_id] = self._take_row()
-                self.mask[row] = False
-                self._recorded[request_id] = 0
-            start = self._recorded[request_id]
-            new = prompt[start:] + output if start < len(prompt) else output[start - len(prompt):]
-            new_rows.extend([row] * len(new))
-            new_ids.extend(new)
-            self._recorded[request_id] = len(prompt) + len(output)
-            indices.append(row)
-        device = self.mask.device
-        if new_ids:
-            self.mask.index_put_((to_device(new_rows, torch.long, device), to_device(new_ids, torch.long, device)),
-                                 self._true)
-        return self.mask[to_device(indices, torch.long, device)]
+    def tracks(self, request_id: str) -> bool:
+        return request_id in self._row
+
+    def start(self, request_id: str, earlier_ids: list[int]) -> None:
+        """Gives a sequence an empty row, marked with the ids it will never feed (a cached prefix)."""
+        row = self._row[request_id] = self._take_row()
+        self.mask[row] = False
+        if earlier_ids:
+            self._mark([row] * len(earlier_ids), to_device(earlier_ids, torch.long, self.mask.device))
+
+    def record(self, step_ids: torch.Tensor, spans: list[tuple[str, int, int]]) -> None:
+        """Marks the ids a step feeds: span (request id, first, end) is that sequence's part of step_ids, the
+        step's input ids on the device. Marks are a set: a recomputed (preempted) sequence marks ids again."""
+        rows, positions = [], []
+        for request_id, first, end in spans:
+            rows.extend([self._row[request_id]] * (end - first))
+            positions.extend(range(first, end))
+        if positions:
+            if positions != list(range(step_ids.numel())):
+                step_ids = step_ids[to_device(positions, torch.long, self.mask.device)]
+            self._mark(rows, step_ids)
+
+    def rows(self, request_ids: list[str | None]) -> torch.Tensor:
+        """Mask rows [len(request_ids), vocab] for the sampler; None: a sequence without a penalty."""
+        indices = [0 if request_id is None else self._row[request_id] for request_id in request_ids]
+        return self.mask[to_device(indices, torch.long, self.mask.device)]
 
     def release(self, request_id: str) -> None:
         row = self._row.pop(request_id, None)
         if row is not None:
-            self._recorded.pop(request_id)
             self._free.append(row)
+
+    def _mark(self, rows: list[int], ids: torch.Tensor) -> None:
+        self.mask.index_put_((to_device(rows, torch.long, self.mask.device), ids.long()), self._true)
 
     def _take_row(self) -> int:
         if not self._free:  # grow: more sequences with a penalty are alive than rows so far
