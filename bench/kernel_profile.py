@@ -1,6 +1,6 @@
 """Which GPU kernels a step spends its time in, on random weights of the exact XVERSE-7B shape:
 a one-sequence decode step (run eagerly, so each kernel is seen) and a prefill step of 16 prompts of
-512 tokens (8,192 tokens, the default step budget), from torch.profiler, beside each step's wall time
+512 tokens (8,192 tokens, a step of `--max-batched-tokens 8192`), from torch.profiler, beside each step's wall time
 and the decode graph's replay time (so the gaps between kernels show).
 
     python bench/kernel_profile.py --out bench/results/kernel_profile.json

@@ -146,12 +146,15 @@ def test_block_sizes_and_head_dims(block_size: int, head_dim: int, block_n: int)
 
 
 def test_xverse_head_dim_and_default_tuning() -> None:
-    """head_dim 128, block_size 16, the default partition size and tokens per iteration, random lengths."""
+    """head_dim 128, block_size 16, the default partition size and tokens per iteration (a batch's and one
+    sequence's), random lengths."""
     gen = torch.Generator().manual_seed(2)
     lengths = [1, 16, 511, 512, 513] + torch.randint(1, 1100, (3,), generator=gen).tolist()
     batch = PagedBatch(lengths, heads=2, head_dim=128, block_size=16, seed=2)
     ref = batch.reference()
     assert_close(batch.run(), ref)
+    single = PagedBatch([777], heads=2, head_dim=128, block_size=16, seed=3)
+    assert_close(single.run(), single.reference())
     assert_close(batch.run(partition_size=512), ref)
     assert_close(batch.run(lanes=True), ref)
 

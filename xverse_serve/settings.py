@@ -24,7 +24,10 @@ class Settings:
     kv_cache_tokens: int | None = None
     gpu_memory_utilization: float = 0.90
     max_num_seqs: int = 256
-    max_batched_tokens: int = 8192
+    # 2048: prompts arriving together are prefilled four or so per step, so their first tokens come in turn and
+    # running streams stall at most one such step (H200, 64 clients: TTFT p50 220 ms against 511 ms with 8192,
+    # output tok/s within 1%; a 6,144-token prompt at idle took 3% longer).
+    max_batched_tokens: int = 2048
     enforce_eager: bool = False
     prefix_caching: bool = True
     max_waiting: int = 1024

@@ -248,7 +248,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            out: torch.Tensor | None = None, *, k_scale: torch.Tensor | None = None,
                            v_scale: torch.Tensor | None = None, partition_size: int | None = None,
                            num_parts: int | None = None, heads_per_program: int = 1, block_n: int | None = None,
-                           lanes: bool = False, num_warps: int = 4) -> torch.Tensor:
+                           lanes: bool = False, num_warps: int | None = None) -> torch.Tensor:
     """Attention of one query token per sequence over its paged context.
 
     q [seqs, heads, head_dim]; k_cache, v_cache [num_blocks, block_size, heads, head_dim];
@@ -264,7 +264,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     need at the tables' width, so each split is exactly partition_size); heads_per_program: heads sharing one program
     (power of two; a partial last group is masked); block_n: tokens per loop iteration (power of two,
     independent of block_size); lanes: keep the online-softmax state per token lane and merge it after
-    the loop, instead of reducing across warps every iteration; num_warps of the partition kernel.
+    the loop, instead of reducing across warps every iteration; num_warps of the partition kernel (default: see
+    below).
     """
     seqs, num_heads, head_dim = q.shape
     num_blocks, block_size, cache_heads, cache_dim = k_cache.shape
@@ -297,8 +298,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         else:
             num_parts = -(-max_context // partition_size)
     partition_size = partition_size or DEFAULT_PARTITION
-    if block_n is None:  # 128 tokens of a 128-wide head per iteration (measured best on H200); 32 with lanes
-        block_n = max(16, min(128, (4096 if lanes else 16384) // (heads_per_program * head_dim)))
+    # Batches of a 16-bit cache: 64 tokens per iteration in 2 warps (bench/attention_bench.py, H100: 4-12% faster
+    # than 128 in 4 at 8 and 64 sequences, even at 256); one sequence: 128 tokens of a 128-wide head in 4 warps
+    # (best on H200); 32 with lanes.
+    batched = seqs > 1 and not scaled and not lanes and heads_per_program * head_dim == 128
+    if block_n is None:
+        block_n = 64 if batched else max(16, min(128, (4096 if lanes else 16384) // (heads_per_program * head_dim)))
+    if num_warps is None:
+        num_warps = 2 if batched else 4
     block_n = min(block_n, partition_size)
     if partition_size & (partition_size - 1) or block_n & (block_n - 1):
         raise ValueError(f"partition_size ({partition_size}) and block_n ({block_n}) must be powers of two")
