@@ -1,7 +1,7 @@
 """Draws the README's figure from bench/results: offline throughput beside transformers' generate, and
 HTTP serving beside `transformers serve`. Needs matplotlib (`pip install matplotlib`), not the server.
 
-    python bench/plot_results.py --card h200
+    python bench/plot_results.py --card h100
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--card", default="h200")
+    parser.add_argument("--card", default="h100")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "images" / "throughput.png")
     args = parser.parse_args()
     engine = json.loads((RESULTS / f"engine_{args.card}.json").read_text())
