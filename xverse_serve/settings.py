@@ -26,7 +26,7 @@ class Settings:
     max_num_seqs: int = 256
     # 2048: prompts arriving together are prefilled four or so per step, so their first tokens come in turn and
     # running streams stall at most one such step (H200, 64 clients: TTFT p50 220 ms against 511 ms with 8192,
-    # output tok/s within 1%; a 6,144-token prompt at idle took 3% longer).
+    # output tok/s within 1%; H100: a 6,144-token prompt at idle took 3% longer).
     max_batched_tokens: int = 2048
     enforce_eager: bool = False
     prefix_caching: bool = True

@@ -299,8 +299,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             num_parts = -(-max_context // partition_size)
     partition_size = partition_size or DEFAULT_PARTITION
     # Batches of a 16-bit cache: 64 tokens per iteration in 2 warps (bench/attention_bench.py, H100: 4-12% faster
-    # than 128 in 4 at 8 and 64 sequences, even at 256); one sequence: 128 tokens of a 128-wide head in 4 warps
-    # (best on H200); 32 with lanes.
+    # than 128 in 4 at 8 and 64 sequences, within 1% at 256); one sequence: 128 tokens of a 128-wide head in 4
+    # warps (best on H200, 10% faster than 64 in 2 on H100); 32 with lanes.
     batched = seqs > 1 and not scaled and not lanes and heads_per_program * head_dim == 128
     if block_n is None:
         block_n = 64 if batched else max(16, min(128, (4096 if lanes else 16384) // (heads_per_program * head_dim)))
