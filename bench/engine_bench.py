@@ -2,10 +2,11 @@
 
 One command on any CUDA machine, no download:
     python bench/engine_bench.py --out bench/results/engine.json
-Measures, in one run: device copy bandwidth (-> the weight-streaming roofline for one request),
-one request (time to first token for a 512-token prompt, decode tokens/s), offline throughput for
-several numbers of concurrent requests (512-token prompts, 256 output tokens, end-of-text ignored),
-and transformers' LlamaForCausalLM.generate on the same weights.
+Measures, in one run: device copy bandwidth (-> the weight-streaming roofline for one request) and matmul
+rate (-> card_bound.py's bound for each batch), one request (time to first token for a 512-token prompt,
+decode tokens/s), offline throughput for several numbers of concurrent requests (512-token prompts, 256 output tokens, end-of-text ignored),
+and transformers' LlamaForCausalLM.generate on the same weights. --kv-cache-dtype auto int8 measures ours
+with each cache in turn.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from card_bound import ModelShape, bound_tok_s  # noqa: E402
 from xverse_serve.checkpoint import ModelConfig  # noqa: E402
-from xverse_serve.launch import assemble_engine  # noqa: E402
+from xverse_serve.kv_cache import KVCache  # noqa: E402
+from xverse_serve.launch import assemble_engine, resolve_kv_cache_dtype  # noqa: E402
 from xverse_serve.memory_plan import kv_cache_tokens_for_card, measure_step_peaks  # noqa: E402
 from xverse_serve.model import XverseForCausalLM, checkpoint_tensors  # noqa: E402
 from xverse_serve.sampling import SamplingParams  # noqa: E402
@@ -124,6 +127,67 @@ def run_hf(hf, batch: list[list[int]], max_tokens: int) -> dict:
     return {"seconds": seconds, "tokens": (out.shape[1] - input_ids.shape[1]) * out.shape[0]}
 
 
+def matmul_rate(device: torch.device, dtype: torch.dtype, rows: int, config: ModelConfig) -> float:
+    """FLOP/s of a prefill step's largest matmul (gate and up projections of `rows` tokens), median of many."""
+    from triton.testing import do_bench
+
+    a = torch.randn(rows, config.hidden_size, device=device, dtype=dtype)
+    b = torch.randn(config.hidden_size, 2 * config.intermediate_size, device=device, dtype=dtype)
+    ms = do_bench(lambda: a @ b, warmup=25, rep=200, return_mode="median")
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] / (ms * 1e-3)
+
+
+def model_shape(model: XverseForCausalLM, config: ModelConfig, kv_dtype: torch.dtype) -> ModelShape:
+    streamed = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "embed" not in name)
+    return ModelShape(config.num_layers, config.hidden_size, config.intermediate_size, config.vocab_size,
+                      streamed, KVCache.bytes_per_token(config, kv_dtype))
+
+
+def bench_ours(model: XverseForCausalLM, kv_dtype: torch.dtype, args: argparse.Namespace) -> dict:
+    """Our engine with a KV pool of kv_dtype sized as the server sizes it: one request, then each concurrency."""
+    config = model.config
+    defaults = Settings()  # the server's own defaults
+    block_size, max_num_seqs, max_batched_tokens = defaults.block_size, defaults.max_num_seqs, args.max_batched_tokens
+    started = time.perf_counter()
+    peaks = measure_step_peaks(model, max_num_seqs, max_batched_tokens, config.max_position_embeddings, block_size,
+                               kv_dtype)
+    kv_tokens = kv_cache_tokens_for_card(model, args.gpu_memory_utilization, peaks, not args.eager, kv_dtype)
+    engine = assemble_engine(model, kv_tokens // block_size, block_size, max_num_seqs, max_batched_tokens,
+                             config.max_position_embeddings, cuda_graphs=not args.eager, kv_cache_dtype=kv_dtype)
+    engine.warm_up()  # as python api.py does before serving
+    results: dict = {"kv_cache_dtype": str(kv_dtype).removeprefix("torch."),
+                     "startup_s": time.perf_counter() - started, "kv_cache_tokens": kv_tokens,
+                     "activation_peak_GiB": {"prefill": peaks.prefill / 2**30, "decode": peaks.decode / 2**30}}
+    label = f"[{results['kv_cache_dtype']} cache]"
+    print(f"{label} KV pool: {kv_tokens} tokens; memory plan and graph capture {results['startup_s']:.1f} s",
+          flush=True)
+
+    single = run_engine(engine, prompts(1, args.prompt_len, config.vocab_size, 1), args.output_len)
+    decode_seconds = single["last"][0] - single["ttft"][0]
+    results["single"] = {"ttft_ms": single["ttft"][0] * 1e3,
+                         "decode_tok_s": (args.output_len - 1) / decode_seconds}
+    print(f"{label} one request: TTFT {results['single']['ttft_ms']:.1f} ms, decode "
+          f"{results['single']['decode_tok_s']:.1f} tok/s", flush=True)
+    long_ttft = min(run_engine(engine, prompts(1, args.long_prompt_len, config.vocab_size, seed), 2)["ttft"][0]
+                    for seed in (2, 3))  # the first run meets new matrix shapes
+    results["single_long"] = {"prompt_len": args.long_prompt_len, "ttft_ms": long_ttft * 1e3}
+    print(f"{label} one request of {args.long_prompt_len} prompt tokens: TTFT "
+          f"{results['single_long']['ttft_ms']:.1f} ms", flush=True)
+
+    results["throughput"] = {}
+    for n in args.concurrency:
+        preempted_before = engine.scheduler.num_preemptions
+        run = run_engine(engine, prompts(n, args.prompt_len, config.vocab_size, n), args.output_len)
+        results["throughput"][n] = {"tok_s": run["tokens"] / run["seconds"], "seconds": run["seconds"],
+                                    "preemptions": engine.scheduler.num_preemptions - preempted_before}
+        print(f"{label} {n} requests: {run['tokens'] / run['seconds']:.1f} output tok/s ({run['seconds']:.1f} s, "
+              f"{results['throughput'][n]['preemptions']} preemptions)", flush=True)
+    del engine
+    gc.collect()  # the engine's graphs and cache sit in reference cycles; the next user needs that memory
+    torch.cuda.empty_cache()
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt-len", type=int, default=512)
@@ -135,6 +199,8 @@ def main() -> None:
     parser.add_argument("--max-batched-tokens", type=int, default=Settings().max_batched_tokens,
                         help="the step's token budget (default: the server's)")
     parser.add_argument("--long-prompt-len", type=int, default=6144, help="also: TTFT at idle for a prompt this long")
+    parser.add_argument("--kv-cache-dtype", nargs="+", default=["auto"], choices=["auto", "int8", "fp8"],
+                        help="ours with each of these KV caches in turn (the first fills the top-level results)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -146,47 +212,24 @@ def main() -> None:
     weight_bytes = 7_299_846_144 * 2
     results["copy_bandwidth_GBps"] = bandwidth / 1e9
     results["roofline_tok_s_batch1"] = bandwidth / weight_bytes
+    flops = matmul_rate(device, dtype, args.max_batched_tokens, config)
+    results["matmul_TFLOPs"] = flops / 1e12
     print(f"{results['device']}: copy {bandwidth / 1e12:.2f} TB/s -> batch-1 roofline "
-          f"{results['roofline_tok_s_batch1']:.0f} tok/s", flush=True)
+          f"{results['roofline_tok_s_batch1']:.0f} tok/s; matmul {flops / 1e12:.0f} TFLOP/s", flush=True)
+    results["max_batched_tokens"] = args.max_batched_tokens
 
     model = random_model(config, device, dtype)
-    defaults = Settings()  # the server's own defaults
-    block_size, max_num_seqs, max_batched_tokens = defaults.block_size, defaults.max_num_seqs, args.max_batched_tokens
-    results["max_batched_tokens"] = max_batched_tokens
-    started = time.perf_counter()
-    peaks = measure_step_peaks(model, max_num_seqs, max_batched_tokens, config.max_position_embeddings, block_size)
-    kv_tokens = kv_cache_tokens_for_card(model, args.gpu_memory_utilization, peaks, not args.eager)
-    engine = assemble_engine(model, kv_tokens // block_size, block_size, max_num_seqs, max_batched_tokens,
-                             config.max_position_embeddings, cuda_graphs=not args.eager)
-    engine.warm_up()  # as python api.py does before serving
-    results["startup_s"] = time.perf_counter() - started
-    results["kv_cache_tokens"] = kv_tokens
-    results["activation_peak_GiB"] = {"prefill": peaks.prefill / 2**30, "decode": peaks.decode / 2**30}
-    print(f"KV pool: {kv_tokens} tokens; memory plan and graph capture {results['startup_s']:.1f} s", flush=True)
-
-    single = run_engine(engine, prompts(1, args.prompt_len, config.vocab_size, 1), args.output_len)
-    decode_seconds = single["last"][0] - single["ttft"][0]
-    results["single"] = {"ttft_ms": single["ttft"][0] * 1e3,
-                         "decode_tok_s": (args.output_len - 1) / decode_seconds}
-    print(f"one request: TTFT {results['single']['ttft_ms']:.1f} ms, decode "
-          f"{results['single']['decode_tok_s']:.1f} tok/s", flush=True)
-    long_ttft = min(run_engine(engine, prompts(1, args.long_prompt_len, config.vocab_size, seed), 2)["ttft"][0]
-                    for seed in (2, 3))  # the first run meets new matrix shapes
-    results["single_long"] = {"prompt_len": args.long_prompt_len, "ttft_ms": long_ttft * 1e3}
-    print(f"one request of {args.long_prompt_len} prompt tokens: TTFT {results['single_long']['ttft_ms']:.1f} ms",
-          flush=True)
-
-    results["throughput"] = {}
-    for n in args.concurrency:
-        run = run_engine(engine, prompts(n, args.prompt_len, config.vocab_size, n), args.output_len)
-        results["throughput"][n] = {"tok_s": run["tokens"] / run["seconds"], "seconds": run["seconds"],
-                                    "preemptions": engine.scheduler.num_preemptions}
-        print(f"ours, {n} requests: {run['tokens'] / run['seconds']:.1f} output tok/s ({run['seconds']:.1f} s)",
-              flush=True)
-    del engine
-    gc.collect()  # the engine's graphs and cache sit in reference cycles; transformers needs that memory
-    torch.cuda.empty_cache()
-    save(results, args.out)
+    results["by_kv_cache_dtype"] = {}
+    for name in args.kv_cache_dtype:
+        kv_dtype = resolve_kv_cache_dtype(name, device, dtype)
+        ours = bench_ours(model, kv_dtype, args)
+        shape = model_shape(model, config, kv_dtype)
+        for n, row in ours["throughput"].items():
+            row["card_bound_tok_s"] = bound_tok_s(shape, n, args.prompt_len, args.output_len, bandwidth, flops)
+        results["by_kv_cache_dtype"][ours["kv_cache_dtype"]] = ours
+        if name == args.kv_cache_dtype[0]:
+            results.update(ours)
+        save(results, args.out)
 
     hf = hf_model_sharing(model, config)
     results["hf_generate"] = {}
@@ -201,18 +244,27 @@ def main() -> None:
         results["hf_generate"][n] = {"tok_s": run["tokens"] / run["seconds"], "seconds": run["seconds"]}
         print(f"transformers generate, batch {n}: {run['tokens'] / run['seconds']:.1f} tok/s", flush=True)
         save(results, args.out)
-
-    print("\n| requests | ours tok/s | transformers tok/s | ratio |")
-    print("|---|---|---|---|")
-    for n, ours in results["throughput"].items():
-        theirs = results["hf_generate"].get(n)
-        if isinstance(theirs, dict):
-            print(f"| {n} | {ours['tok_s']:.1f} | {theirs['tok_s']:.1f} | {ours['tok_s'] / theirs['tok_s']:.2f}x |")
-        else:
-            print(f"| {n} | {ours['tok_s']:.1f} | {theirs or 'not run'} | - |")
-    print(f"one-request decode: {results['single']['decode_tok_s']:.1f} tok/s = "
-          f"{results['single']['decode_tok_s'] / results['roofline_tok_s_batch1']:.0%} of the roofline")
+    print_summary(results)
     save(results, args.out)
+
+
+def print_summary(results: dict) -> None:
+    measured = [v["tok_s"] for v in results["hf_generate"].values() if isinstance(v, dict)]
+    best = max(measured, default=None)
+    for name, ours in results["by_kv_cache_dtype"].items():
+        print(f"\n{name} KV cache ({ours['kv_cache_tokens']} tokens)")
+        print("| requests | ours tok/s | card bound tok/s | of the bound | generate tok/s | ratio | "
+              "ratio to generate's best |")
+        print("|---|---|---|---|---|---|---|")
+        for n, row in ours["throughput"].items():
+            theirs = results["hf_generate"].get(n)
+            same = (f"{theirs['tok_s']:.1f} | {row['tok_s'] / theirs['tok_s']:.2f}x" if isinstance(theirs, dict)
+                    else f"{theirs or 'not run'} | -")
+            to_best = f"{row['tok_s'] / best:.2f}x" if best else "-"
+            print(f"| {n} | {row['tok_s']:.1f} | {row['card_bound_tok_s']:.0f} | "
+                  f"{row['tok_s'] / row['card_bound_tok_s']:.0%} | {same} | {to_best} |")
+        print(f"one-request decode: {ours['single']['decode_tok_s']:.1f} tok/s = "
+              f"{ours['single']['decode_tok_s'] / results['roofline_tok_s_batch1']:.0%} of the roofline")
 
 
 def save(results: dict, path: Path | None) -> None:

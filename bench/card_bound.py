@@ -1,0 +1,55 @@
+"""The most output tokens per second a card could give an offline batch: what the batch must move and compute,
+at the card's measured copy bandwidth and matmul rate, with every sequence in memory at once.
+
+For n requests of p prompt tokens and m new tokens each:
+- the prefill computes n * p tokens through every layer (2 FLOPs per weight, plus causal attention), and
+  each sequence's last position through the LM head, at the measured matmul rate;
+- each of the m - 1 decode steps reads every weight the step uses (all but the embedding table, of which
+  it gathers n rows) and each sequence's whole cached context, at the copy bandwidth; if its matmuls
+  would take longer at the matmul rate, the step takes that long instead.
+Nothing else is counted (no elementwise work, no launches, no preemption, no host time), so a real run
+stays below it; its ratio to this bound says how much of the card a run uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+    weight_bytes_per_step: int  # what one decode step reads of the weights
+    kv_bytes_per_token: int  # one cached token across all layers, scales included
+
+    @property
+    def layer_params(self) -> int:
+        h, i = self.hidden_size, self.intermediate_size
+        return self.num_layers * (4 * h * h + 3 * h * i)
+
+    def attention_flops(self, context: int) -> int:
+        """Scores and weighted values of one query over `context` cached tokens, all layers."""
+        return 4 * self.num_layers * self.hidden_size * context
+
+
+def bound_seconds(shape: ModelShape, requests: int, prompt_len: int, output_len: int,
+                  bandwidth: float, matmul_flops: float) -> float:
+    """The least time, in seconds, for the batch; bandwidth in bytes/s, matmul_flops in FLOP/s."""
+    head_flops = 2 * shape.vocab_size * shape.hidden_size
+    prefill = requests * (prompt_len * 2 * shape.layer_params
+                          + sum(shape.attention_flops(j + 1) for j in range(prompt_len)) + head_flops)
+    seconds = prefill / matmul_flops
+    for step in range(1, output_len):
+        context = prompt_len + step  # the token this step feeds is cached first, then read with the rest
+        moved = shape.weight_bytes_per_step + requests * context * shape.kv_bytes_per_token
+        computed = requests * (2 * shape.layer_params + shape.attention_flops(context) + head_flops)
+        seconds += max(moved / bandwidth, computed / matmul_flops)
+    return seconds
+
+
+def bound_tok_s(shape: ModelShape, requests: int, prompt_len: int, output_len: int,
+                bandwidth: float, matmul_flops: float) -> float:
+    return requests * output_len / bound_seconds(shape, requests, prompt_len, output_len, bandwidth, matmul_flops)
