@@ -39,6 +39,7 @@ def time_ms(fn, repeats: int = 50) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256])
+    parser.add_argument("--profile-batch", type=int, default=64, help="the batch whose kernels are listed")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -63,17 +64,20 @@ def main() -> None:
         default_ms = time_ms(with_defaults)
         results["rows"].append({"batch": batch, "greedy_ms": greedy_ms, "xverse_defaults_ms": default_ms})
         print(f"| {batch} | {greedy_ms:.3f} | {default_ms:.3f} |", flush=True)
-    logits = torch.randn(1, VOCAB, device=device) * 3
-    seen = SeenTokens(VOCAB, device)
-    seen.start("r", list(range(600)))
-    rows, step_ids = [SamplingRow(XVERSE_DEFAULTS)], torch.zeros(1, dtype=torch.long, device=device)
+    batch = args.profile_batch
+    logits = torch.randn(batch, VOCAB, device=device) * 3
+    seen, request_ids = SeenTokens(VOCAB, device), [f"r{i}" for i in range(batch)]
+    for i, request_id in enumerate(request_ids):
+        seen.start(request_id, list(range(i, i + 600)))
+    rows, step_ids = [SamplingRow(XVERSE_DEFAULTS)] * batch, torch.arange(batch, device=device)
+    spans = [(request_id, i, i + 1) for i, request_id in enumerate(request_ids)]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
         for _ in range(20):
-            seen.record(step_ids, [("r", 0, 1)])
-            sample(logits, rows, seen.rows(["r"]))
+            seen.record(step_ids, spans)
+            sample(logits, rows, seen.rows(request_ids))
     table = profiler.key_averages().table(sort_by="cuda_time_total", row_limit=25)
     print(table)
-    results["profile_batch_1"] = table
+    results[f"profile_batch_{batch}"] = table
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))

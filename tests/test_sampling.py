@@ -204,6 +204,23 @@ def test_seeded_rows_are_reproducible_and_independent_of_the_batch() -> None:
         assert draw(logits.expand(4, -1), batch)[2] == alone[seed]
 
 
+def test_a_seeded_row_with_top_k_draws_the_same_among_any_number_of_candidates() -> None:
+    # Alone, only its 20 candidates are drawn among; beside a row without top-k, the whole vocabulary.
+    # Either way it must win the race of its own seed's noise over the whole vocabulary.
+    logits = random_logits(1, seed=12) / 3
+    params = dict(temperature=1.0, top_k=20, top_p=0.95)
+    for seed in range(6):
+        noise = torch.empty(VOCAB).exponential_(generator=torch.Generator().manual_seed(seed))
+        probs = our_warp(logits, [row(**params)]).softmax(-1)[0]
+        expected = (probs / noise).argmax().item()
+        alone = draw(logits, [row(generator=torch.Generator().manual_seed(seed), **params)])
+        others = [row(temperature=0.7, top_k=100), row(temperature=1.0)]
+        for other in others:
+            batch = [other, row(generator=torch.Generator().manual_seed(seed), **params)]
+            assert draw(logits.expand(2, -1), batch)[1] == expected
+        assert alone == [expected]
+
+
 def test_a_seeded_generator_advances_so_consecutive_draws_differ() -> None:
     logits = torch.zeros(1, VOCAB)
     generator = torch.Generator().manual_seed(0)

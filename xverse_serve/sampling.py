@@ -70,18 +70,22 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     """Sets logits outside each row's top-k and top-p nucleus to -inf (top-k first, as transformers).
     `candidates`, the batch's largest top-k if every row has one, limits the sort to that many:
     XVERSE's default top_k of 30 spares a full-vocabulary sort."""
-    vocab = logits.shape[-1]
+    sorted_logits, order = logits.topk(min(candidates or logits.shape[-1], logits.shape[-1]), dim=-1)
+    kept = keep_nucleus(sorted_logits, top_k, top_p, logits.shape[-1])
+    return torch.full_like(logits, float("-inf")).scatter_(-1, order, kept)
+
+
+def keep_nucleus(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Rows of logits sorted in descending order, with those past each row's top-k or top-p nucleus at -inf."""
     k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
-    sorted_logits, order = logits.topk(min(candidates or vocab, vocab), dim=-1)
-    ranks = torch.arange(sorted_logits.shape[-1], device=logits.device)[None, :]
+    ranks = torch.arange(sorted_logits.shape[-1], device=sorted_logits.device)[None, :]
     sorted_logits = sorted_logits.masked_fill(ranks >= k[:, None], float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
     # Keep a token while the mass ranked above it is below top_p; the top token always stays.
     # top_p 1 cuts nothing: rounding can carry the cumulative sum to 1 before the tail's last tokens.
     cut = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1)
-    sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter_(-1, order, sorted_logits)
+    return sorted_logits.masked_fill(cut, float("-inf"))
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -100,20 +104,27 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], seen: torch.Tensor | N
     if any(r.params.repetition_penalty != 1.0 for r in rows):
         penalty = to_device([r.params.repetition_penalty for r in rows], torch.float32, device)
         logits = apply_repetition_penalty(logits, penalty, seen)
-    greedy_ids = argmax(logits)
     if all(r.params.greedy for r in rows):
-        return greedy_ids
+        return argmax(logits)
     table = to_device([r.params.table_row for r in rows], torch.float32, device)
     temperature, top_k, top_p, _, greedy_rows = table.unbind(dim=1)
-    candidates = max(r.params.top_k or logits.shape[-1] for r in rows if not r.params.greedy)
-    probs = filter_top_k_top_p(logits / temperature[:, None], top_k.long(), top_p, candidates).softmax(dim=-1)
-    # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p; seeded rows use their own generator.
+    vocab = logits.shape[-1]
+    candidates = min(max(r.params.top_k or vocab for r in rows if not r.params.greedy), vocab)
+    # Only the batch's largest top-k can be drawn (all of the vocabulary if a sampled row has no top-k):
+    # filtering, softmax and the draw run over those candidates alone.
+    sorted_logits, order = logits.topk(candidates, dim=-1)
+    probs = keep_nucleus(sorted_logits / temperature[:, None], top_k.long(), top_p, vocab).softmax(dim=-1)
+    # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p. A seeded row draws its E for the whole
+    # vocabulary, in vocabulary order, whatever the batch: its samples do not depend on the other rows.
     noise = torch.empty_like(probs).exponential_()
     for i, row in enumerate(rows):
         if row.generator is not None:
-            noise[i].exponential_(generator=row.generator)
-    sampled_ids = argmax(probs / noise)
-    return torch.where(greedy_rows.bool(), greedy_ids, sampled_ids)
+            full = torch.empty(vocab, device=device).exponential_(generator=row.generator)
+            noise[i] = full[order[i]]
+    sampled_ids = order.gather(-1, argmax(probs / noise)[:, None]).squeeze(-1)
+    if not any(r.params.greedy for r in rows):
+        return sampled_ids
+    return torch.where(greedy_rows.bool(), argmax(logits), sampled_ids)
 
 
 class SeenTokens:
