@@ -1,4 +1,5 @@
-"""Decode attention on the paged cache: the Triton kernel against the PyTorch reference, on CUDA, bf16.
+"""Decode attention on the paged cache: the Triton kernel against the PyTorch reference, on CUDA, bf16
+(or, with --kv-cache-dtype int8 / fp8, an 8-bit cache with its scales).
 
 One command on any CUDA machine:
     python bench/attention_bench.py --out bench/results/attention.json
@@ -28,7 +29,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from xverse_serve.attention import decode_attention  # noqa: E402
+from xverse_serve.attention import decode_attention, quantize_kv  # noqa: E402
 from xverse_serve.triton_attention import default_num_parts, paged_decode_attention  # noqa: E402
 from engine_bench import copy_bandwidth  # noqa: E402
 
@@ -53,6 +54,10 @@ CONFIGS = {
     "auto-n64-w2": dict(block_n=64, num_warps=2),
     "auto-n32-w2": dict(block_n=32, num_warps=2),
     "auto-n64-w4": dict(block_n=64, num_warps=4),
+    "auto-n128-w2": dict(block_n=128, num_warps=2),
+    "auto-n128-w8": dict(block_n=128, num_warps=8),
+    "auto-n256-w4": dict(block_n=256, num_warps=4),
+    "auto-n256-w8": dict(block_n=256, num_warps=8),
     "p128-g1-n128": dict(partition_size=128, heads_per_program=1, block_n=128),
     "p256-g1-n128": dict(partition_size=256, heads_per_program=1, block_n=128),
     "p512-g1-n128-w8": dict(partition_size=512, heads_per_program=1, block_n=128, num_warps=8),
@@ -62,17 +67,35 @@ CONFIGS = {
 MAX_REL_ERROR = 1e-2  # bf16 output rounding alone gives ~2e-3
 
 
+KV_DTYPES = {"bf16": DTYPE, "int8": torch.int8, "fp8": torch.float8_e4m3fn}
+
+
+def random_cache(shape: tuple[int, ...], kv_dtype: torch.dtype, gen: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A cache of random keys or values and, for an 8-bit one, its scales (quantized a slice at a time)."""
+    if kv_dtype == DTYPE:
+        return torch.randn(shape, device="cuda", dtype=DTYPE, generator=gen), None
+    cache = torch.empty(shape, device="cuda", dtype=kv_dtype)
+    scales = torch.empty(shape[:-1], device="cuda", dtype=torch.float32)
+    for first in range(0, shape[0], 1024):
+        x = torch.randn((min(1024, shape[0] - first), *shape[1:]), device="cuda", dtype=DTYPE, generator=gen)
+        values, scale = quantize_kv(x.flatten(0, 1), kv_dtype)
+        cache[first:first + x.shape[0]] = values.view(x.shape)
+        scales[first:first + x.shape[0]] = scale.view(x.shape[:-1])
+    return cache, scales
+
+
 class Shape:
     """A pool with exactly the blocks the batch needs (plus a padding block 0), handed out in random order."""
 
-    def __init__(self, batch: int, context: int, seed: int) -> None:
+    def __init__(self, batch: int, context: int, seed: int, kv_dtype: torch.dtype = DTYPE) -> None:
         gen = torch.Generator(device="cuda").manual_seed(seed)
         self.batch, self.context = batch, context
         max_blocks = context // BLOCK_SIZE
         num_blocks = batch * max_blocks + 1
         shape = (num_blocks, BLOCK_SIZE, HEADS, HEAD_DIM)
-        self.k_cache = torch.randn(shape, device="cuda", dtype=DTYPE, generator=gen)
-        self.v_cache = torch.randn(shape, device="cuda", dtype=DTYPE, generator=gen)
+        self.k_cache, self.k_scale = random_cache(shape, kv_dtype, gen)
+        self.v_cache, self.v_scale = random_cache(shape, kv_dtype, gen)
         perm = torch.randperm(num_blocks - 1, device="cuda", generator=gen) + 1
         self.block_tables = perm.view(batch, max_blocks).to(torch.int32)
         self.context_lens = torch.full((batch,), context, device="cuda", dtype=torch.int32)
@@ -81,18 +104,20 @@ class Shape:
 
     def kv_bytes(self, context_lens: torch.Tensor | None = None) -> int:
         lens = self.context_lens if context_lens is None else context_lens
-        return int(lens.sum().item()) * HEADS * HEAD_DIM * 2 * self.k_cache.element_size()
+        per_head = HEAD_DIM * self.k_cache.element_size() + (0 if self.k_scale is None else 4)
+        return int(lens.sum().item()) * HEADS * per_head * 2
 
     def reference(self, q: torch.Tensor | None = None, context_lens: torch.Tensor | None = None) -> torch.Tensor:
         """Float32 result from the bf16 cache (decode_attention upcasts keys and values)."""
         q = self.q if q is None else q
         lens = self.context_lens if context_lens is None else context_lens
-        return decode_attention(q.float(), self.k_cache, self.v_cache, self.block_tables, lens, self.scale)
+        return decode_attention(q.float(), self.k_cache, self.v_cache, self.block_tables, lens, self.scale,
+                                self.k_scale, self.v_scale)
 
     def kernel(self, out: torch.Tensor, context_lens: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         lens = self.context_lens if context_lens is None else context_lens
         return paged_decode_attention(self.q, self.k_cache, self.v_cache, self.block_tables, lens, self.scale,
-                                      out, **kwargs)
+                                      out, k_scale=self.k_scale, v_scale=self.v_scale, **kwargs)
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -101,8 +126,8 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref).norm() / ref.norm()).item()
 
 
-def fits(batch: int, context: int) -> tuple[bool, str]:
-    cache = 2 * batch * context * HEADS * HEAD_DIM * 2
+def fits(batch: int, context: int, element_size: int = 2) -> tuple[bool, str]:
+    cache = 2 * batch * context * HEADS * HEAD_DIM * element_size
     working = 3 << 30  # reference gathers (~1 GiB), float32 reference, scratch, do_bench's L2 flush buffer
     free, _ = torch.cuda.mem_get_info()
     need = cache + working
@@ -110,7 +135,7 @@ def fits(batch: int, context: int) -> tuple[bool, str]:
 
 
 def bench_shape(batch: int, context: int, configs: dict, copy_bw: float, args, log) -> dict:
-    shape = Shape(batch, context, seed=batch * 100003 + context)
+    shape = Shape(batch, context, seed=batch * 100003 + context, kv_dtype=KV_DTYPES[args.kv_cache_dtype])
     kv_bytes = shape.kv_bytes()
     ref = shape.reference()
     result = {"batch": batch, "context": context, "kv_bytes": kv_bytes,
@@ -120,9 +145,9 @@ def bench_shape(batch: int, context: int, configs: dict, copy_bw: float, args, l
 
     if not args.skip_reference:
         ref_bf16 = decode_attention(shape.q, shape.k_cache, shape.v_cache, shape.block_tables,
-                                    shape.context_lens, shape.scale)
+                                    shape.context_lens, shape.scale, shape.k_scale, shape.v_scale)
         ms = do_bench(lambda: decode_attention(shape.q, shape.k_cache, shape.v_cache, shape.block_tables,
-                                               shape.context_lens, shape.scale),
+                                               shape.context_lens, shape.scale, shape.k_scale, shape.v_scale),
                       warmup=args.warmup, rep=args.rep, return_mode="median")
         result["reference"] = {"ms": ms, "rel_error": rel_error(ref_bf16, ref), "gbps": kv_bytes / ms / 1e6}
         del ref_bf16
@@ -188,6 +213,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     parser.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
     parser.add_argument("--skip-reference", action="store_true", help="do not time decode_attention")
+    parser.add_argument("--kv-cache-dtype", default="bf16", choices=list(KV_DTYPES),
+                        help="the cache's element type; 8-bit caches come with a float32 scale per token and head")
     parser.add_argument("--budget-s", type=float, default=90.0,
                         help="after this long, time only the default configuration on the remaining shapes")
     args = parser.parse_args()
@@ -207,6 +234,7 @@ def main() -> None:
         "device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
         "triton": triton.__version__, "python": platform.python_version(),
         "heads": HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK_SIZE, "dtype": str(DTYPE),
+        "kv_cache_dtype": str(KV_DTYPES[args.kv_cache_dtype]),
         "copy_bandwidth_gbps": copy_bw / 1e9, "max_rel_error": MAX_REL_ERROR, "shapes": [], "skipped": [],
     }
     log(f"{props.name}, {props.multi_processor_count} SMs; copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write)")
@@ -217,7 +245,7 @@ def main() -> None:
     for context in sorted(args.contexts):
         for batch in sorted(args.batches):
             elapsed = time.perf_counter() - start
-            ok, why = fits(batch, context)
+            ok, why = fits(batch, context, KV_DTYPES[args.kv_cache_dtype].itemsize)
             if not ok:
                 report["skipped"].append({"batch": batch, "context": context, "reason": why})
                 log(f"batch {batch:3d} context {context:5d}: skipped, {why}")

@@ -18,7 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from engine_bench import XVERSE_7B, prompts, random_model
-from xverse_serve.launch import assemble_engine
+from xverse_serve.launch import assemble_engine, resolve_kv_cache_dtype
 from xverse_serve.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
@@ -92,19 +92,21 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[1],
                         help="sequences in the profiled decode steps, one profile each")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device("cuda")
     model = random_model(XVERSE_7B, device, torch.bfloat16)
+    kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, device, torch.bfloat16)
     blocks = max(16, *args.decode_batches) * (args.context // 16 + 24)
     engine = assemble_engine(model, blocks, 16, 256, 8192, XVERSE_7B.max_position_embeddings, cuda_graphs=False,
-                             prefix_caching=False)
+                             prefix_caching=False, kv_cache_dtype=kv_dtype)
     engine.warm_up()
-    results = {"device": torch.cuda.get_device_name(device),
+    results = {"device": torch.cuda.get_device_name(device), "kv_cache_dtype": str(kv_dtype),
                **{f"decode_{batch}": decode_profile(engine, args.context, batch) for batch in args.decode_batches},
                "prefill_16x512": prefill_profile(engine, 16, 512)}
     graphed = assemble_engine(model, 16 * 40, 16, 8, 8192, XVERSE_7B.max_position_embeddings, cuda_graphs=True,
-                              prefix_caching=False)
+                              prefix_caching=False, kv_cache_dtype=kv_dtype)
     graphed.add_request("decode", prompts(1, args.context, XVERSE_7B.vocab_size, 0)[0], GREEDY)
     graphed.step()
     timed_steps(graphed, 5)
