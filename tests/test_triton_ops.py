@@ -272,6 +272,29 @@ def test_rope_rejects_bad_inputs() -> None:
         case.run(heads_per_program=3)
 
 
+# ---------------------------------------------------------------- An 8-bit cache read back for prefills
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float8_e4m3fn], ids=str)
+@pytest.mark.parametrize(("heads", "head_dim"), [(4, 128), (3, 32), (64, 64)])  # 3: a masked head; 64: two programs
+def test_gather_dequantize_is_dequantize_kv_of_the_gathered_slots(dtype: torch.dtype, cache_dtype: torch.dtype,
+                                                                  heads: int, head_dim: int) -> None:
+    from xverse_serve.attention import dequantize_kv, gather, quantize_kv
+    from xverse_serve.triton_ops import gather_dequantize
+
+    blocks, block_size = 6, 4
+    x = randn(blocks * block_size, heads, head_dim, dtype=torch.float32, seed=heads, scale=3.0)
+    values, scales = quantize_kv(x, cache_dtype)
+    cache = values.view(blocks, block_size, heads, head_dim)
+    scales = scales.view(blocks, block_size, heads)
+    slots = torch.randperm(blocks * block_size, generator=torch.Generator().manual_seed(1))[:17].to(DEVICE)
+    expected = dequantize_kv(gather(values, slots), scales.view(-1, heads)[slots], dtype)
+    out = gather_dequantize(cache, scales, slots, dtype)
+    assert out.dtype == dtype and torch.equal(out, expected)
+    assert gather_dequantize(cache, scales, slots[:0], dtype).shape == (0, heads, head_dim)
+
+
 # ---------------------------------------------------------------- SiLU * up
 
 

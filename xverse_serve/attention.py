@@ -182,6 +182,10 @@ def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 def gather_slots(cache: torch.Tensor, slots: torch.Tensor, scales: torch.Tensor | None,
                  dtype: torch.dtype) -> torch.Tensor:
     """The cached vectors at flat slots, [slots, heads, head_dim]; from an 8-bit cache dequantized to `dtype`."""
+    if scales is not None and cache.is_cuda:
+        from .triton_ops import gather_dequantize
+
+        return gather_dequantize(cache, scales, slots, dtype)
     values = gather(cache.view(-1, *cache.shape[2:]), slots)
     if scales is None:
         return values

@@ -1,5 +1,5 @@
 """The decoder's elementwise stages as fused Triton kernels: residual add + RMSNorm, RoPE + KV-cache write,
-SiLU * up.
+SiLU * up, and an 8-bit cache's gather and dequantization for prefills.
 
 In PyTorch each of these is a handful of tiny kernels (RMSNorm alone is ~7), and at batch 1 a decode step
 is dominated by them rather than by streaming the weights. Each kernel here reads its inputs once and
@@ -15,7 +15,7 @@ bf16 multiply). What still differs from PyTorch:
   it rounds the other way, one ulp, up to two ulps of the product after it, on well under 1% of elements;
 - everything else is bit-exact: the residual add, the RoPE (float32 too, since FMA contraction is
   turned off for that kernel) and the cache write, into an 8-bit cache too (attention.quantize_kv's
-  operations: the same scale, division and rounding).
+  operations: the same scale, division and rounding), and reading an 8-bit cache back (dequantize_kv's).
 
 All wrappers are CUDA-graph capturable: grids and block shapes depend only on tensor shapes, nothing is
 read back to the host, and the caller's tensors (positions, slot_mapping) are only read on the device.
@@ -307,6 +307,45 @@ def rope_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, p
         num_warps=num_warps,
         enable_fp_fusion=False,  # no FMA: in float32 too, each product is rounded as in PyTorch
     )
+    return out
+
+
+@triton.jit
+def _gather_dequantize_kernel(cache_ptr, scale_ptr, slots_ptr, out_ptr, num_heads,
+                              stride_cs, stride_ch, stride_ss, stride_os, stride_oh,
+                              HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    row = tl.program_id(0)
+    heads = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
+    head_ok = heads < num_heads
+    dims = tl.arange(0, HEAD_DIM)
+    slot = tl.load(slots_ptr + row).to(tl.int64)
+    x = tl.load(cache_ptr + slot * stride_cs + heads[:, None] * stride_ch + dims[None, :], mask=head_ok[:, None])
+    scale = tl.load(scale_ptr + slot * stride_ss + heads, mask=head_ok, other=0.0)
+    y = x.to(tl.float32) * scale[:, None]
+    tl.store(out_ptr + row.to(tl.int64) * stride_os + heads[:, None] * stride_oh + dims[None, :],
+             y.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+
+
+def gather_dequantize(cache: torch.Tensor, scales: torch.Tensor, slots: torch.Tensor,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """attention.dequantize_kv(cache[slots], scales[slots], dtype) in one pass: an 8-bit cache [blocks,
+    block_size, heads, head_dim] and its scales [blocks, block_size, heads] -> [slots, heads, head_dim] in dtype.
+    (In PyTorch that is a gather, a widening, a product and a narrowing, each over the whole context.)"""
+    check_kv_scales(cache, scales, scales)
+    _, _, num_heads, head_dim = cache.shape
+    if head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two, got {head_dim}")
+    flat, flat_scales = cache.view(-1, num_heads, head_dim), scales.view(-1, num_heads)
+    if flat.stride(-1) != 1:
+        raise ValueError("the cache must be contiguous along head_dim")
+    out = torch.empty((slots.shape[0], num_heads, head_dim), dtype=dtype, device=cache.device)
+    heads = min(triton.next_power_of_2(num_heads), max(1, 4096 // head_dim))  # ~4K elements per program
+    if slots.shape[0]:
+        _gather_dequantize_kernel[(slots.shape[0], triton.cdiv(num_heads, heads))](
+            flat, flat_scales, slots, out, num_heads,
+            flat.stride(0), flat.stride(1), flat_scales.stride(0), out.stride(0), out.stride(1),
+            HEADS=heads, HEAD_DIM=head_dim, num_warps=4,
+        )
     return out
 
 
