@@ -146,7 +146,9 @@ def test_decode_attention_reads_the_cache_dequantized(dtype: torch.dtype) -> Non
     {"partition_size": 32},  # many partitions, then the reduce kernel
     {"partition_size": 256},  # one partition: the single-pass path
     {"partition_size": 64, "heads_per_program": 2, "lanes": True},
-], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+    {},  # the defaults: a batch of an 8-bit cache takes lanes
+    {"lanes": False},
+], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults")
 def test_triton_decode_kernel_reads_an_8bit_cache_as_the_reference(dtype: torch.dtype, options: dict) -> None:
     batch = PagedBatch([1, 16, 17, 50, 65, 129], heads=4, head_dim=32, block_size=16, seed=2)
     k, v, k_scale, v_scale = quantized(batch, dtype)

@@ -248,7 +248,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            out: torch.Tensor | None = None, *, k_scale: torch.Tensor | None = None,
                            v_scale: torch.Tensor | None = None, partition_size: int | None = None,
                            num_parts: int | None = None, heads_per_program: int = 1, block_n: int | None = None,
-                           lanes: bool = False, num_warps: int | None = None) -> torch.Tensor:
+                           lanes: bool | None = None, num_warps: int | None = None) -> torch.Tensor:
     """Attention of one query token per sequence over its paged context.
 
     q [seqs, heads, head_dim]; k_cache, v_cache [num_blocks, block_size, heads, head_dim];
@@ -264,7 +264,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     need at the tables' width, so each split is exactly partition_size); heads_per_program: heads sharing one program
     (power of two; a partial last group is masked); block_n: tokens per loop iteration (power of two,
     independent of block_size); lanes: keep the online-softmax state per token lane and merge it after
-    the loop, instead of reducing across warps every iteration; num_warps of the partition kernel (default: see
+    the loop, instead of reducing across warps every iteration (default: for batches of an 8-bit cache); num_warps of the partition kernel (default: see
     below).
     """
     seqs, num_heads, head_dim = q.shape
@@ -298,9 +298,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         else:
             num_parts = -(-max_context // partition_size)
     partition_size = partition_size or DEFAULT_PARTITION
-    # Batches of a 16-bit cache: 64 tokens per iteration in 2 warps (bench/attention_bench.py, H100: 4-12% faster
-    # than 128 in 4 at 8 and 64 sequences, within 1% at 256); one sequence: 128 tokens of a 128-wide head in 4
-    # warps (best on H200, 10% faster than 64 in 2 on H100); 32 with lanes.
+    # Batches of an 8-bit cache: lanes (bench/attention_bench.py --kv-cache-dtype, H100, 8-256 sequences of 512
+    # and 2048 tokens: int8 from 66% to 72% of copy bandwidth on average, 82% to 91% at 256 x 2048; fp8 from 57%
+    # to 74%). Batches of a 16-bit cache: 64 tokens per iteration in 2 warps (H100: 4-12% faster than 128 in 4 at
+    # 8 and 64 sequences, within 1% at 256). One sequence: 128 tokens of a 128-wide head in 4 warps (best on H200,
+    # 10% faster than 64 in 2 on H100); 32 with lanes.
+    if lanes is None:
+        lanes = scaled and seqs > 1
     batched = seqs > 1 and not scaled and not lanes and heads_per_program * head_dim == 128
     if block_n is None:
         block_n = 64 if batched else max(16, min(128, (4096 if lanes else 16384) // (heads_per_program * head_dim)))
