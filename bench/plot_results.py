@@ -28,16 +28,22 @@ def main() -> None:
     theirs_http = json.loads((RESULTS / f"serve_transformers_{args.card}.json").read_text())["levels"]
 
     figure, (offline, online) = plt.subplots(1, 2, figsize=(11, 4.2))
-    counts = sorted(engine["throughput"], key=int)
-    offline.plot([int(n) for n in counts], [engine["throughput"][n]["tok_s"] for n in counts], "o-",
-                 label="xverse-serve")
+    for name, ours in engine.get("by_kv_cache_dtype", {"bfloat16": engine}).items():
+        counts = sorted(ours["throughput"], key=int)
+        offline.plot([int(n) for n in counts], [ours["throughput"][n]["tok_s"] for n in counts], "o-",
+                     label=f"xverse-serve, {short(name)} KV cache")
     hf = {n: v for n, v in engine["hf_generate"].items() if isinstance(v, dict)}
     offline.plot([int(n) for n in sorted(hf, key=int)], [hf[n]["tok_s"] for n in sorted(hf, key=int)], "s--",
                  label="transformers generate")
     offline.set(xscale="log", yscale="log", xlabel="concurrent requests", ylabel="output tokens/s",
                 title="Offline: 512-token prompts, 256 new tokens")
     offline.legend()
-    for levels, label, style in ((ours_http, "xverse-serve", "o-"), (theirs_http, "transformers serve", "s--")):
+    runs = [(ours_http, "xverse-serve, bf16 KV cache", "o-")]
+    for kv in ("int8", "fp8"):
+        path = RESULTS / f"serve_ours_{args.card}_kv_{kv}.json"
+        if path.exists():
+            runs.append((json.loads(path.read_text())["levels"], f"xverse-serve, {kv} KV cache", "o-"))
+    for levels, label, style in [*runs, (theirs_http, "transformers serve", "s--")]:
         online.plot([lv["concurrency"] for lv in levels], [lv["output_tok_s"] for lv in levels], style, label=label)
     online.set(xscale="log", yscale="log", xlabel="concurrent streaming clients", ylabel="output tokens/s",
                title="HTTP: 516-token prompts, 128 new tokens")
@@ -47,6 +53,10 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(args.out, dpi=110)
     print(args.out)
+
+
+def short(kv_dtype: str) -> str:
+    return {"bfloat16": "bf16", "float8_e4m3fn": "fp8"}.get(kv_dtype, kv_dtype)
 
 
 if __name__ == "__main__":
