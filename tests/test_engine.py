@@ -665,6 +665,20 @@ def test_warm_up_leaves_the_engine_idle_with_every_block_free_and_counters_at_ze
     assert engine.scheduler.prefix_queried_tokens == 0 and engine.scheduler.num_preemptions == 0
 
 
+def test_warm_up_samples_greedy_and_filtered_rows_together_and_apart(model: XverseForCausalLM,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sampler's kernels differ by batch make-up (the greedy argmax runs over the whole vocabulary, the
+    filtered draw over the top-k candidates only): warm-up must meet each, or a first user pays a compile."""
+    from xverse_serve import runner
+
+    batches = []
+    sample = runner.sample
+    monkeypatch.setattr(runner, "sample", lambda logits, rows, seen=None: batches.append(
+        tuple(sorted({r.params.greedy for r in rows}))) or sample(logits, rows, seen))
+    make_engine(model, max_batched_tokens=64).warm_up()
+    assert {(True,), (False,), (False, True)} <= set(batches), batches
+
+
 def test_outputs_that_pile_up_reach_the_consumer_merged_and_complete(model: XverseForCausalLM) -> None:
     async def main() -> list[list[int]]:
         engine = AsyncEngine(make_engine(model))

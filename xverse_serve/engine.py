@@ -123,16 +123,23 @@ class Engine:
 
     def warm_up(self) -> None:
         """Runs a few short requests through every kind of step — whole and chunked prefills of odd
-        lengths, mixed prefill and decode, sampling with every filter — so that the GPU kernels are
-        compiled before the first user waits on them. The counters start from zero afterwards."""
-        params = SamplingParams(max_tokens=3, temperature=1.0, top_k=30, top_p=0.9, repetition_penalty=1.1,
-                                seed=0, ignore_eos=True)
-        chunked = min(self.scheduler.max_batched_tokens + 5, self.max_model_len - params.max_tokens)
+        lengths, mixed prefill and decode, sampling with every filter, greedy rows beside sampled ones and
+        alone — so that the GPU kernels are compiled before the first user waits on them. The counters start
+        from zero afterwards."""
+        sampled = SamplingParams(max_tokens=3, temperature=1.0, top_k=30, top_p=0.9, repetition_penalty=1.1,
+                                 seed=0, ignore_eos=True)
+        greedy = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+        chunked = min(self.scheduler.max_batched_tokens + 5, self.max_model_len - sampled.max_tokens)
         lengths = [length for length in (1, 5, 37, 512, 1000) if length < chunked] + [chunked]
         for index, length in enumerate(lengths):
-            self.add_request(f"warm-up-{index}", [self.eos_token_id + 1 + i % 7 for i in range(length)], params)
+            self.add_request(f"warm-up-{index}", [self.eos_token_id + 1 + i % 7 for i in range(length)],
+                             greedy if index % 2 else sampled)
         while self.has_work():
             self.step()
+        for name, params in (("greedy", greedy), ("sampled", sampled)):
+            self.add_request(f"warm-up-{name}", [self.eos_token_id + 1], params)
+            while self.has_work():
+                self.step()
         self.scheduler.num_preemptions = 0
         self.scheduler.prefix_queried_tokens = self.scheduler.prefix_hit_tokens = 0
 

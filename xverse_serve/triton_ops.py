@@ -385,7 +385,9 @@ def silu_and_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torc
 ARGMAX_BLOCK = 2048  # logits per program of the first pass: ~50 programs per row of XVERSE's 100,534
 
 
-@triton.jit
+# Not specialised on sizes (value 1, divisibility by 16): the sampler takes the argmax of rows as wide as the
+# batch's largest top-k, and a user's top_k of 1 or 32 must not compile a new kernel while others wait.
+@triton.jit(do_not_specialize=["n", "stride_x", "chunks"])
 def _argmax_chunks_kernel(x_ptr, values_ptr, indices_ptr, n, stride_x, chunks, BLOCK: tl.constexpr):
     chunk = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
@@ -397,7 +399,7 @@ def _argmax_chunks_kernel(x_ptr, values_ptr, indices_ptr, n, stride_x, chunks, B
     tl.store(indices_ptr + row * chunks + chunk, tl.min(tl.where(x == best, cols, n), axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["chunks"])
 def _argmax_rows_kernel(values_ptr, indices_ptr, out_ptr, chunks, CHUNKS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     parts = tl.arange(0, CHUNKS)
