@@ -59,6 +59,7 @@ CONFIGS = {
     "auto-n256-w4": dict(block_n=256, num_warps=4),
     "auto-n256-w8": dict(block_n=256, num_warps=8),
     "auto-L": dict(lanes=True),
+    "auto-no-L": dict(lanes=False),
     "auto-L-w2": dict(lanes=True, num_warps=2),
     "auto-L-w8": dict(lanes=True, num_warps=8),
     "auto-n16-L": dict(block_n=16, lanes=True),
