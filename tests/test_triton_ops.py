@@ -425,7 +425,7 @@ def test_fused_ops_replay_in_a_cuda_graph() -> None:
     assert_silu_close(act, F.silu(gate) * up)
 
 
-@pytest.mark.parametrize(("rows", "vocab"), [(1, 100534), (3, 5000), (5, 2048), (2, 7)], ids=str)
+@pytest.mark.parametrize(("rows", "vocab"), [(1, 100534), (3, 5000), (5, 2048), (2, 7), (2, 140000)], ids=str)
 def test_argmax_rows_is_torchs_argmax_first_maximum_included(rows: int, vocab: int) -> None:
     from xverse_serve.triton_ops import ARGMAX_BLOCK, argmax_rows
 

@@ -275,8 +275,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     need at the tables' width, so each split is exactly partition_size); heads_per_program: heads sharing one program
     (power of two; a partial last group is masked); block_n: tokens per loop iteration (power of two,
     independent of block_size); lanes: keep the online-softmax state per token lane and merge it after
-    the loop, instead of reducing across warps every iteration (default: for batches of an 8-bit cache); num_warps of the partition kernel (default: see
-    below).
+    the loop, instead of reducing across warps every iteration (default: for batches of an 8-bit cache);
+    num_warps of the partition kernel (default: see below).
     """
     seqs, num_heads, head_dim = q.shape
     num_blocks, block_size, cache_heads, cache_dim = k_cache.shape

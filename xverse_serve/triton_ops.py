@@ -383,6 +383,9 @@ def silu_and_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torc
 
 
 ARGMAX_BLOCK = 2048  # logits per program of the first pass: ~50 programs per row of XVERSE's 100,534
+# The second pass reads at least this many chunks (masked): one compiled kernel for every row width up to
+# 131,072, whatever the batch's top-k.
+ARGMAX_MIN_CHUNKS = 64
 
 
 # Not specialised on sizes (value 1, divisibility by 16): the sampler takes the argmax of rows as wide as the
@@ -425,6 +428,6 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     if rows and n:
         _argmax_chunks_kernel[(chunks, rows)](logits, values, indices, n, logits.stride(0), chunks,
                                               BLOCK=ARGMAX_BLOCK, num_warps=4)
-        _argmax_rows_kernel[(rows,)](values, indices, out, chunks, CHUNKS=triton.next_power_of_2(chunks),
-                                     num_warps=1)
+        _argmax_rows_kernel[(rows,)](values, indices, out, chunks,
+                                     CHUNKS=max(ARGMAX_MIN_CHUNKS, triton.next_power_of_2(chunks)), num_warps=1)
     return out
