@@ -9,11 +9,22 @@ For n requests of p prompt tokens and m new tokens each:
   would take longer at the matmul rate, the step takes that long instead.
 Nothing else is counted (no elementwise work, no launches, no preemption, no host time), so a real run
 stays below it; its ratio to this bound says how much of the card a run uses.
+
+engine_bench.py prints it beside each offline figure. For another load, from a run's measured card:
+    python bench/card_bound.py bench/results/engine_h100.json --requests 64 --prompt-len 516 --output-len 128
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 from dataclasses import dataclass
+from pathlib import Path
+
+# XVERSE-7B: what a decode step reads of the weights (all but the 100,534 x 4096 embedding table), in bf16,
+# and a cached token in a bf16 cache and in an 8-bit one (with a float32 scale per layer, k/v and head).
+XVERSE_7B_STREAMED_BYTES = (7_299_846_144 - 100_534 * 4096) * 2
+KV_BYTES = {"bf16": 2 * 32 * 4096 * 2, "8-bit": 2 * 32 * 4096 + 2 * 32 * 32 * 4}
 
 
 @dataclass(frozen=True)
@@ -53,3 +64,25 @@ def bound_seconds(shape: ModelShape, requests: int, prompt_len: int, output_len:
 def bound_tok_s(shape: ModelShape, requests: int, prompt_len: int, output_len: int,
                 bandwidth: float, matmul_flops: float) -> float:
     return requests * output_len / bound_seconds(shape, requests, prompt_len, output_len, bandwidth, matmul_flops)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("engine_json", type=Path, help="an engine_bench.py result: the card's measured copy "
+                                                       "bandwidth and matmul rate")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=516)
+    parser.add_argument("--output-len", type=int, default=128)
+    args = parser.parse_args()
+    card = json.loads(args.engine_json.read_text())
+    bandwidth, flops = card["copy_bandwidth_GBps"] * 1e9, card["matmul_TFLOPs"] * 1e12
+    print(f"{card['device']}: copy {bandwidth / 1e12:.2f} TB/s, matmul {flops / 1e12:.0f} TFLOP/s; "
+          f"{args.requests} requests of {args.prompt_len} prompt and {args.output_len} new tokens")
+    for cache, kv_bytes in KV_BYTES.items():
+        shape = ModelShape(32, 4096, 11008, 100534, XVERSE_7B_STREAMED_BYTES, kv_bytes)
+        bound = bound_tok_s(shape, args.requests, args.prompt_len, args.output_len, bandwidth, flops)
+        print(f"{cache} cache: at most {bound:,.0f} output tok/s")
+
+
+if __name__ == "__main__":
+    main()
