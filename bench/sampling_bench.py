@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,6 +37,24 @@ def time_ms(fn, repeats: int = 50) -> float:
     return start.elapsed_time(end) / repeats
 
 
+def defaults_step(logits: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """A decode step's sampling with XVERSE's defaults for logits' rows, each sequence with 600 seen tokens: marks
+    the ids the step feeds, then samples."""
+    batch, device = logits.shape[0], logits.device
+    seen, request_ids = SeenTokens(VOCAB, device), [f"r{i}" for i in range(batch)]
+    for i, request_id in enumerate(request_ids):
+        seen.start(request_id, list(range(i, i + 600)))
+    step_ids = torch.arange(batch, device=device)
+    spans = [(request_id, i, i + 1) for i, request_id in enumerate(request_ids)]  # a decode step's marks
+    rows = [SamplingRow(XVERSE_DEFAULTS) for _ in range(batch)]
+
+    def step() -> torch.Tensor:
+        seen.record(step_ids, spans)
+        return sample(logits, rows, seen.rows(request_ids))
+
+    return step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256])
@@ -48,36 +67,19 @@ def main() -> None:
     print("|---|---|---|")
     for batch in args.batches:
         logits = torch.randn(batch, VOCAB, device=device) * 3
-        seen, request_ids = SeenTokens(VOCAB, device), [f"r{i}" for i in range(batch)]
-        for i, request_id in enumerate(request_ids):
-            seen.start(request_id, list(range(i, i + 600)))
-        step_ids = torch.arange(batch, device=device)
-        spans = [(request_id, i, i + 1) for i, request_id in enumerate(request_ids)]  # a decode step's marks
         greedy_rows = [SamplingRow(GREEDY) for _ in range(batch)]
-        default_rows = [SamplingRow(XVERSE_DEFAULTS) for _ in range(batch)]
         greedy_ms = time_ms(lambda: sample(logits, greedy_rows).tolist())
-
-        def with_defaults() -> list[int]:
-            seen.record(step_ids, spans)
-            return sample(logits, default_rows, seen.rows(request_ids)).tolist()
-
-        default_ms = time_ms(with_defaults)
+        with_defaults = defaults_step(logits)
+        default_ms = time_ms(lambda: with_defaults().tolist())
         results["rows"].append({"batch": batch, "greedy_ms": greedy_ms, "xverse_defaults_ms": default_ms})
         print(f"| {batch} | {greedy_ms:.3f} | {default_ms:.3f} |", flush=True)
-    batch = args.profile_batch
-    logits = torch.randn(batch, VOCAB, device=device) * 3
-    seen, request_ids = SeenTokens(VOCAB, device), [f"r{i}" for i in range(batch)]
-    for i, request_id in enumerate(request_ids):
-        seen.start(request_id, list(range(i, i + 600)))
-    rows, step_ids = [SamplingRow(XVERSE_DEFAULTS)] * batch, torch.arange(batch, device=device)
-    spans = [(request_id, i, i + 1) for i, request_id in enumerate(request_ids)]
+    with_defaults = defaults_step(torch.randn(args.profile_batch, VOCAB, device=device) * 3)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
         for _ in range(20):
-            seen.record(step_ids, spans)
-            sample(logits, rows, seen.rows(request_ids))
+            with_defaults()
     table = profiler.key_averages().table(sort_by="cuda_time_total", row_limit=25)
     print(table)
-    results[f"profile_batch_{batch}"] = table
+    results[f"profile_batch_{args.profile_batch}"] = table
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))
