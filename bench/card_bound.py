@@ -21,11 +21,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-# XVERSE-7B: what a decode step reads of the weights (all but the 100,534 x 4096 embedding table), in bf16,
-# and a cached token in a bf16 cache and in an 8-bit one (with a float32 scale per layer, k/v and head).
-XVERSE_7B_STREAMED_BYTES = (7_299_846_144 - 100_534 * 4096) * 2
-KV_BYTES = {"bf16": 2 * 32 * 4096 * 2, "8-bit": 2 * 32 * 4096 + 2 * 32 * 32 * 4}
-
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -74,15 +69,21 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=516)
     parser.add_argument("--output-len", type=int, default=128)
     args = parser.parse_args()
+    import torch
+    from engine_bench import XVERSE_7B, model_shape  # imported here: engine_bench imports this module
+
+    from xverse_serve.model import XverseForCausalLM
+
     card = json.loads(args.engine_json.read_text())
     bandwidth, flops = card["copy_bandwidth_GBps"] * 1e9, card["matmul_TFLOPs"] * 1e12
     print(f"{card['device']}: copy {bandwidth / 1e12:.2f} TB/s, matmul {flops / 1e12:.0f} TFLOP/s; "
           f"{args.requests} requests of {args.prompt_len} prompt and {args.output_len} new tokens")
-    for cache, kv_bytes in KV_BYTES.items():
-        shape = ModelShape(32, 4096, 11008, 100534, XVERSE_7B_STREAMED_BYTES, kv_bytes)
+    with torch.device("meta"):  # the shapes alone, as engine_bench counts them
+        model = XverseForCausalLM(XVERSE_7B).to(torch.bfloat16)
+    for cache, kv_dtype in (("bf16", torch.bfloat16), ("8-bit", torch.int8)):
+        shape = model_shape(model, XVERSE_7B, kv_dtype)
         bound = bound_tok_s(shape, args.requests, args.prompt_len, args.output_len, bandwidth, flops)
         print(f"{cache} cache: at most {bound:,.0f} output tok/s")
-
 
 if __name__ == "__main__":
     main()
