@@ -18,7 +18,7 @@ from xverse_serve.sampling import (
     SamplingRow,
     SeenTokens,
     apply_repetition_penalty,
-    filter_top_k_top_p,
+    keep_nucleus,
     sample,
     seen_token_mask,
 )
@@ -61,6 +61,15 @@ def hf_warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     for warper in warpers:
         scores = warper(None, scores)
     return scores[0]
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                       candidates: int | None = None) -> torch.Tensor:
+    """The sampler's filter seen over the whole vocabulary: logits outside each row's top-k and top-p nucleus at
+    -inf. `candidates` sorts only that many first, as sample() sorts only the batch's largest top-k."""
+    sorted_logits, order = logits.topk(min(candidates or logits.shape[-1], logits.shape[-1]), dim=-1)
+    kept = keep_nucleus(sorted_logits, top_k, top_p, logits.shape[-1])
+    return torch.full_like(logits, float("-inf")).scatter_(-1, order, kept)
 
 
 def our_warp(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

@@ -65,18 +65,9 @@ def apply_repetition_penalty(logits: torch.Tensor, penalties: torch.Tensor, seen
     return torch.where(seen, penalized, logits)
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                       candidates: int | None = None) -> torch.Tensor:
-    """Sets logits outside each row's top-k and top-p nucleus to -inf (top-k first, as transformers).
-    `candidates`, the batch's largest top-k if every row has one, limits the sort to that many:
-    XVERSE's default top_k of 30 spares a full-vocabulary sort."""
-    sorted_logits, order = logits.topk(min(candidates or logits.shape[-1], logits.shape[-1]), dim=-1)
-    kept = keep_nucleus(sorted_logits, top_k, top_p, logits.shape[-1])
-    return torch.full_like(logits, float("-inf")).scatter_(-1, order, kept)
-
-
 def keep_nucleus(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Rows of logits sorted in descending order, with those past each row's top-k or top-p nucleus at -inf."""
+    """Rows of logits sorted in descending order, with those past each row's top-k or top-p nucleus at -inf
+    (top-k first, as transformers)."""
     k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
     ranks = torch.arange(sorted_logits.shape[-1], device=sorted_logits.device)[None, :]
     sorted_logits = sorted_logits.masked_fill(ranks >= k[:, None], float("-inf"))
