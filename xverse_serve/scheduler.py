@@ -66,11 +66,14 @@ class Scheduler:
     that is already cached (an earlier turn of the conversation, a shared system prompt)."""
 
     def __init__(self, allocator: BlockAllocator, block_size: int, max_num_seqs: int, max_batched_tokens: int,
-                 prefix_caching: bool = True) -> None:
+                 prefix_caching: bool = True, max_prefill_with_decodes: int | None = None) -> None:
         self.allocator = allocator
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_batched_tokens = max_batched_tokens
+        # Most prompt tokens in a step that also decodes (None: the step's whole budget). Small chunks spread
+        # the prompts over many decode steps, where they ride on the weight reads the decodes pay for anyway.
+        self.max_prefill_with_decodes = max_prefill_with_decodes
         self.prefix_caching = prefix_caching
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -104,13 +107,23 @@ class Scheduler:
 
     def schedule(self) -> list[ScheduledSequence]:
         budget = self.max_batched_tokens
+        prefill_budget = budget
+        if self.max_prefill_with_decodes is not None and any(
+                seq.num_tokens - seq.num_computed == 1 for seq in self.running):
+            prefill_budget = self.max_prefill_with_decodes
         scheduled: list[ScheduledSequence] = []
         preemptions_before = self.num_preemptions
         index = 0
         # Victims come off the end of `running`, so everything before `index` stays scheduled.
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
-            count = min(seq.num_tokens - seq.num_computed, budget)
+            remaining = seq.num_tokens - seq.num_computed
+            count = min(remaining, budget) if remaining == 1 else min(remaining, budget, prefill_budget)
+            if count == 0:  # a prompt's next chunk, with the prompt tokens of this step spent
+                index += 1
+                continue
+            if remaining > 1:
+                prefill_budget -= count
             if not self._reserve(seq, count):
                 break  # seq itself was the last one left to preempt
             scheduled.append(ScheduledSequence(seq, count))
@@ -118,11 +131,12 @@ class Scheduler:
             index += 1
         # Admitting new work in a step that had to preempt would only preempt again.
         preempted = self.num_preemptions > preemptions_before
-        while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
+        while (self.waiting and min(budget, prefill_budget) > 0 and not preempted
+               and len(self.running) < self.max_num_seqs):
             seq = self.waiting[0]
             cached = self._cached_prefix(seq)
             computed = len(cached) * self.block_size
-            count = min(seq.num_tokens - computed, budget)
+            count = min(seq.num_tokens - computed, budget, prefill_budget)
             needed = blocks_needed(computed + count, self.block_size) - len(cached)
             if needed > self.allocator.num_free:
                 self.allocator.release(cached)
@@ -136,6 +150,7 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append(ScheduledSequence(seq, count))
             budget -= count
+            prefill_budget -= count
         # Single-token entries first: the attention runs them as one batched decode.
         scheduled.sort(key=lambda entry: entry.num_new_tokens != 1)
         return scheduled
