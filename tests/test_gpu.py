@@ -17,10 +17,16 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 PROMPTS = [[5 + i for i in range(n)] for n in (3, 17, 40, 64, 100)]
 
 
-def greedy_tokens(model_dir: Path, device: str, *flags: str, together: bool = True) -> list[list[int]]:
+def greedy_tokens(model_dir: Path, device: str, *flags: str, together: bool = True,
+                  pieces_used: list[int] | None = None) -> list[list[int]]:
+    """pieces_used: gets the number of steps that ran through the piecewise graphs."""
     ctx = build_engine(parse_settings(["--model-path", str(model_dir), "--device", device, "--dtype", "float32",
                                        "--max-num-seqs", "8", "--max-batched-tokens", "64", *flags]))
     engine = ctx.engine.engine
+    if pieces_used is not None:
+        pieces = engine.runner.pieces
+        forward = pieces.forward
+        pieces.forward = lambda *args: pieces_used.append(1) or forward(*args)
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, repetition_penalty=1.1)
     results: dict[str, list[int]] = {}
 
@@ -40,7 +46,10 @@ def greedy_tokens(model_dir: Path, device: str, *flags: str, together: bool = Tr
 
 def test_gpu_greedy_tokens_equal_the_cpu_reference(tiny_model_dir: Path) -> None:
     reference = greedy_tokens(tiny_model_dir, "cpu", together=False)
-    assert greedy_tokens(tiny_model_dir, "cuda") == reference  # batched, chunked prefill, CUDA graphs
+    pieces_used: list[int] = []
+    # batched, chunked prefill, CUDA graphs: whole ones for decode steps, piecewise for steps with prompts
+    assert greedy_tokens(tiny_model_dir, "cuda", pieces_used=pieces_used) == reference
+    assert len(pieces_used) >= 4
     assert greedy_tokens(tiny_model_dir, "cuda", together=False) == reference
     assert greedy_tokens(tiny_model_dir, "cuda", "--enforce-eager") == reference
 

@@ -205,12 +205,13 @@ def varlen_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     batch: AttentionBatch, scale: float, k_scale: torch.Tensor | None = None,
-                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """q [tokens, heads, head_dim] -> [tokens, heads, head_dim]; the step's K/V are already cached.
+                    v_scale: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """q [tokens, heads, head_dim] -> [tokens, heads, head_dim] (into `out` if given); the step's K/V are already
+    cached.
     On CUDA the decodes go through the Triton kernel (no host sync, so the step can be a CUDA graph), and the
     prefills through varlen_attn calls where the batch has VarlenLayouts.
     An 8-bit cache comes with its scales; prefills read it dequantized to q's dtype."""
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     n = batch.num_decodes
     if n:
         if q.is_cuda:

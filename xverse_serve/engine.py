@@ -178,12 +178,12 @@ class Engine:
         return outputs
 
     def _can_overlap(self) -> bool:
-        """Whether the next step can go before the running one's tokens are read: it will hold decodes only
-        (nothing waits to be admitted, every running sequence has just its newest token to compute). The
-        repetition penalty needs no host: its seen tokens are marked from the step's input ids on the device."""
-        if not self.overlap or self.scheduler.waiting:
-            return False
-        return all(seq.num_tokens - seq.num_computed == 1 for seq in self.scheduler.running)
+        """Whether the next step can go before the running one's tokens are read. Its rows whose input token
+        that step samples take it on the device (Feed); prompt chunks and admissions need nothing from it.
+        The repetition penalty needs no host either: its seen tokens are marked from the step's input ids on the
+        device. What the host learns late: an end of text (one token more is computed, and dropped) and the
+        full blocks to cache (a prompt admitted meanwhile may miss them)."""
+        return self.overlap
 
     def _launch(self, scheduled: list[ScheduledSequence], previous: InFlight | None) -> InFlight | list[StepOutput]:
         """Queues a step on the device; its sampled tokens go into output_ids as PLACEHOLDERs until read.

@@ -16,6 +16,7 @@ from .kv_cache import BlockAllocator, KVCache
 from .cuda_graphs import DecodeGraphs
 from .memory_plan import kv_cache_tokens_for_card, measure_step_peaks
 from .model import XverseForCausalLM, load_model
+from .piecewise_graphs import MAX_PIECEWISE_TOKENS, PiecewiseGraphs
 from .quantization import INT4_GROUP, quantized_bytes
 from .runner import ModelRunner
 from .scheduler import Scheduler
@@ -185,13 +186,17 @@ def assemble_engine(model: XverseForCausalLM, num_blocks: int, block_size: int, 
     """The engine around a loaded model: KV pool (of kv_cache_dtype, default the model's), decode graphs,
     scheduler, runner; `overlap`: Engine's overlapped decode steps."""
     kv_cache = KVCache(model.config, num_blocks, block_size, kv_cache_dtype or model.dtype, model.device)
-    graphs = None
+    graphs = pieces = None
     if cuda_graphs:
         started = time.perf_counter()
         graphs = DecodeGraphs(model, kv_cache, max_num_seqs, max_model_len)
         log.info("captured %d decode CUDA graphs (batch sizes up to %d) in %.1f s",
                  len(graphs.buckets), max_num_seqs, time.perf_counter() - started)
+        started = time.perf_counter()
+        pieces = PiecewiseGraphs(model, kv_cache, min(MAX_PIECEWISE_TOKENS, max_batched_tokens))
+        log.info("captured the layers between attentions as CUDA graphs for %d step sizes (up to %d tokens) in "
+                 "%.1f s", len(pieces.buckets), pieces.max_tokens, time.perf_counter() - started)
     # Every running sequence must be able to decode in every step, whatever the token budget.
     scheduler = Scheduler(BlockAllocator(num_blocks), block_size, max_num_seqs, max(max_batched_tokens, max_num_seqs),
                           prefix_caching)
-    return Engine(ModelRunner(model, kv_cache, graphs), scheduler, model.config.eos_token_id, max_model_len, overlap)
+    return Engine(ModelRunner(model, kv_cache, graphs, pieces), scheduler, model.config.eos_token_id, max_model_len, overlap)

@@ -11,6 +11,7 @@ import torch
 
 from .kv_cache import KVCache, blocks_needed
 from .model import XverseForCausalLM
+from .piecewise_graphs import MAX_PIECEWISE_TOKENS
 from .runner import ModelRunner
 from .sampling import SamplingParams
 from .scheduler import ScheduledSequence, Sequence
@@ -25,6 +26,7 @@ DUMMY_PARAMS = SamplingParams(max_tokens=1, temperature=1.0, top_k=30, top_p=0.8
 class StepPeaks:
     prefill: int  # bytes above the weights at the peak of a full --max-batched-tokens prefill step
     decode: int  # likewise for a step decoding --max-num-seqs sequences (what a decode graph's pool holds)
+    pieces: int = 0  # likewise for a step of the piecewise graphs' most tokens (more than their pool holds)
 
 
 def measure_peak(model: XverseForCausalLM, lengths: list[int], block_size: int,
@@ -60,6 +62,8 @@ def measure_step_peaks(model: XverseForCausalLM, max_num_seqs: int, max_batched_
     return StepPeaks(
         prefill=measure_peak(model, prefill_lengths, block_size, kv_dtype),
         decode=measure_peak(model, [1] * max_num_seqs, block_size, kv_dtype),
+        pieces=measure_peak(model, [min(MAX_PIECEWISE_TOKENS, max_batched_tokens, max_model_len)], block_size,
+                            kv_dtype),
     )
 
 
@@ -70,9 +74,9 @@ def kv_cache_tokens_for_card(model: XverseForCausalLM, utilization: float, peaks
     device = model.device
     free, total = torch.cuda.mem_get_info(device)
     in_use = total - free  # weights, CUDA context, other processes
-    reserve = peaks.prefill + (peaks.decode if with_graphs else 0)
-    budget = total * utilization - in_use - reserve
+    graphs = peaks.decode + peaks.pieces if with_graphs else 0
+    budget = total * utilization - in_use - peaks.prefill - graphs
     log.info("memory plan: %.2f GiB card x %.2f; %.2f GiB in use (weights, context); activation peak %.2f GiB; "
-             "decode graphs %.2f GiB; %.2f GiB left for the KV cache", total / 2**30, utilization, in_use / 2**30,
-             peaks.prefill / 2**30, (peaks.decode if with_graphs else 0) / 2**30, max(budget, 0) / 2**30)
+             "CUDA graphs %.2f GiB; %.2f GiB left for the KV cache", total / 2**30, utilization, in_use / 2**30,
+             peaks.prefill / 2**30, graphs / 2**30, max(budget, 0) / 2**30)
     return max(0, int(budget)) // KVCache.bytes_per_token(model.config, kv_dtype or model.dtype)

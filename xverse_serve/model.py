@@ -159,10 +159,6 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(config.hidden_size, 3 * self.num_heads * self.head_dim, bias=False)
         self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, rotary: Rotary, kv: LayerCache | tuple[torch.Tensor, torch.Tensor],
-                batch: AttentionBatch) -> torch.Tensor:
-        return self.o_proj(self.attend(self.qkv_proj(x), rotary, kv, batch))
-
     def attend(self, qkv: torch.Tensor, rotary: Rotary, kv: LayerCache | tuple[torch.Tensor, torch.Tensor],
                batch: AttentionBatch) -> torch.Tensor:
         """The attention of the projected q, k, v [tokens, 3 * heads * head_dim], before o_proj: [tokens, heads *
@@ -214,11 +210,26 @@ class DecoderLayer(nn.Module):
         """x: the previous layer's MLP output (the embeddings, with residual None, in the first layer);
         residual: the running sum before it. Returns this layer's MLP output and the running sum before it.
         The residual stream travels apart so that each add happens inside the next norm (one kernel on CUDA)."""
+        kv = LayerCache(*kv)
+        q, residual = self.attention_input(x, residual, rotary, kv, batch.slot_mapping)
+        attn = paged_attention(q, kv.k, kv.v, batch, self.self_attn.scale, kv.k_scale, kv.v_scale)
+        return self.attention_output(attn, residual)
+
+    # forward's two halves around the attention, which piecewise_graphs runs between CUDA graphs of the rest.
+
+    def attention_input(self, x: torch.Tensor, residual: torch.Tensor | None, rotary: Rotary, kv: LayerCache,
+                        slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The norm and the q, k, v projection; k and v go into the cache. Returns q and the running sum."""
         if residual is None:
             h, residual = self.input_layernorm(x), x
         else:
             h, residual = self.input_layernorm.add_and_norm(x, residual)
-        h = self.self_attn(h, rotary, kv, batch)
+        attn = self.self_attn
+        return attn.rope_and_cache(attn.qkv_proj(h), rotary, kv, slot_mapping), residual
+
+    def attention_output(self, attn: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output projection of the attention [tokens, heads, head_dim], its residual add and the MLP."""
+        h = self.self_attn.o_proj(attn.reshape(attn.shape[0], -1))
         h, residual = self.post_attention_layernorm.add_and_norm(h, residual)
         return self.mlp(h), residual
 

@@ -12,6 +12,7 @@ from .attention import AttentionBatch, VarlenLayout, varlen_supported
 from .cuda_graphs import DecodeGraphs
 from .kv_cache import KVCache
 from .model import XverseForCausalLM
+from .piecewise_graphs import PiecewiseGraphs
 from .sampling import SamplingRow, SeenTokens, sample, to_device
 from .scheduler import ScheduledSequence
 
@@ -136,10 +137,12 @@ class SampledTokens:
 
 
 class ModelRunner:
-    def __init__(self, model: XverseForCausalLM, kv_cache: KVCache, graphs: DecodeGraphs | None = None) -> None:
+    def __init__(self, model: XverseForCausalLM, kv_cache: KVCache, graphs: DecodeGraphs | None = None,
+                 pieces: PiecewiseGraphs | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
-        self.graphs = graphs
+        self.graphs = graphs  # decode steps
+        self.pieces = pieces  # other steps of up to pieces.max_tokens tokens
         # With graphs, eager steps pad block tables to the graphs' width too: the decode kernel's variant
         # depends on the width, and every variant for that width was compiled when the graphs were captured.
         self.table_width = graphs.block_tables.shape[1] if graphs is not None else None
@@ -162,7 +165,7 @@ class ModelRunner:
                                      inputs.context_lens, self.input_ids(inputs, feed) if feed is not None else None)
             step_ids = self.graphs.input_ids[:len(scheduled)]
         else:
-            logits, step_ids = self.run_eager(inputs, feed)
+            logits, step_ids = self.run_forward(inputs, feed)
         self._record_seen(scheduled, step_ids)
         indices, rows, penalized = [], [], []
         for index, entry in enumerate(scheduled):
@@ -232,10 +235,14 @@ class ModelRunner:
         )
         return self.input_ids(inputs, feed), to_device(inputs.positions, None, self.device), batch
 
-    def run_eager(self, inputs: StepInputs, feed: Feed | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits [sequences, vocab] at each sequence's last position this step, and the step's input ids."""
+    def run_forward(self, inputs: StepInputs, feed: Feed | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [sequences, vocab] at each sequence's last position this step, and the step's input ids:
+        through the piecewise graphs where the step fits them, else eagerly."""
         input_ids, positions, batch = self.device_inputs(inputs, feed)
         # Each sequence's last position, on the device before the forward pass so nothing waits on it.
         last = to_device(list(itertools.accumulate(inputs.query_lens, initial=-1))[1:], torch.long, self.device)
-        hidden = self.model(input_ids, positions, self.kv_cache.layers, batch)
+        if self.pieces is not None and input_ids.shape[0] <= self.pieces.max_tokens:
+            hidden = self.pieces.forward(input_ids, positions, batch)
+        else:
+            hidden = self.model(input_ids, positions, self.kv_cache.layers, batch)
         return self.model.compute_logits(hidden[last]), input_ids
