@@ -30,12 +30,12 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def step_cost_ms(engine, decodes: int, context: int, prompt_tokens: int, repeats: int = 5) -> float:
+def step_cost_ms(engine, decodes: int, context: int, prompt_tokens: int, seed: int, repeats: int = 5) -> float:
     """Median wall time of an engine step, from an idle GPU to its tokens on the host, that holds `decodes` decodes
     of about `context` tokens and one chunk of `prompt_tokens` of a new prompt (0: a decode step)."""
     params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
     engine.overlap = False  # each step() runs one step to its end
-    for i, prompt in enumerate(prompts(decodes, context, XVERSE_7B.vocab_size, decodes)):
+    for i, prompt in enumerate(prompts(decodes, context, XVERSE_7B.vocab_size, seed - 1)):
         engine.add_request(f"d{i}", prompt, params)
     while any(seq.num_computed < len(seq.prompt_ids) for seq in engine.sequences.values()):
         engine.step()
@@ -43,7 +43,7 @@ def step_cost_ms(engine, decodes: int, context: int, prompt_tokens: int, repeats
     for repeat in range(repeats + 1):  # the first meets new shapes
         request_id = f"p{repeat}"
         if prompt_tokens:
-            engine.add_request(request_id, prompts(1, prompt_tokens, XVERSE_7B.vocab_size, 1000 + repeat)[0], params)
+            engine.add_request(request_id, prompts(1, prompt_tokens, XVERSE_7B.vocab_size, seed + repeat)[0], params)
         torch.cuda.synchronize()
         started = time.perf_counter()
         engine.step()
@@ -56,10 +56,10 @@ def step_cost_ms(engine, decodes: int, context: int, prompt_tokens: int, repeats
     return statistics.median(times[1:])
 
 
-def closed_loop(engine, clients: int, requests_per_client: int, prompt_len: int, output_len: int) -> dict:
+def closed_loop(engine, clients: int, requests_per_client: int, prompt_len: int, output_len: int, seed: int) -> dict:
     """Each client sends its next request in the step after its last one ended."""
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    batch = prompts(clients * requests_per_client, prompt_len, XVERSE_7B.vocab_size, 7)
+    batch = prompts(clients * requests_per_client, prompt_len, XVERSE_7B.vocab_size, seed)
     sent: dict[str, float] = {}
     first: dict[str, float] = {}
     last: dict[str, float] = {}
@@ -110,6 +110,8 @@ def main() -> None:
     parser.add_argument("--max-prefill-with-decodes", nargs="+", default=["none", "1024", "512", "256"])
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"])
     parser.add_argument("--step-costs", action="store_true", help="also part 1, the cost of a step")
+    parser.add_argument("--without-pieces", action="store_true",
+                        help="steps with prompt tokens eagerly, as before the piecewise CUDA graphs")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -124,7 +126,11 @@ def main() -> None:
                              args.max_batched_tokens, XVERSE_7B.max_position_embeddings, cuda_graphs=True,
                              kv_cache_dtype=kv_dtype)
     engine.warm_up()
+    engine.scheduler.prefix_caching = False  # every prompt is new anyway; no run may find an earlier one's blocks
+    if args.without_pieces:
+        engine.runner.pieces = None
     results: dict = {"device": torch.cuda.get_device_name(), "kv_cache_dtype": args.kv_cache_dtype,
+                     "piecewise_graphs": engine.runner.pieces is not None,
                      "kv_cache_tokens": kv_tokens, "max_batched_tokens": args.max_batched_tokens,
                      "clients": args.clients, "prompt_len": args.prompt_len, "output_len": args.output_len}
     print(results, flush=True)
@@ -134,13 +140,15 @@ def main() -> None:
             for prompt_tokens in (0, 64, 128, 256, 512, 1024, 2048):
                 if decodes == 0 and prompt_tokens == 0:
                     continue
-                ms = step_cost_ms(engine, decodes, args.prompt_len, prompt_tokens)
+                ms = step_cost_ms(engine, decodes, args.prompt_len, prompt_tokens,
+                                  seed=len(results["step_ms"]) * 100 + 1)
                 results["step_ms"].append({"decodes": decodes, "prompt_tokens": prompt_tokens, "ms": ms})
                 print(f"step of {decodes} decodes and {prompt_tokens} prompt tokens: {ms:.2f} ms", flush=True)
     results["closed_loop"] = []
-    for setting in args.max_prefill_with_decodes:
+    for index, setting in enumerate(args.max_prefill_with_decodes):
         engine.scheduler.max_prefill_with_decodes = None if setting == "none" else int(setting)
-        run = closed_loop(engine, args.clients, args.requests_per_client, args.prompt_len, args.output_len)
+        run = closed_loop(engine, args.clients, args.requests_per_client, args.prompt_len, args.output_len,
+                          seed=10_000 + index)
         run["max_prefill_with_decodes"] = setting
         results["closed_loop"].append(run)
         print(f"max_prefill_with_decodes {setting}: {run['output_tok_s']:.0f} tok/s, TTFT p50 "
