@@ -154,6 +154,37 @@ def test_chunked_prefill_equals_unchunked(model: XverseForCausalLM) -> None:
     assert_all_blocks_free(engine)
 
 
+def test_max_prefill_with_decodes_caps_the_prompt_tokens_of_steps_that_decode(model: XverseForCausalLM) -> None:
+    """Prompts arriving while others decode are spread over steps of at most 5 prompt tokens; a step with no
+    decode takes the whole budget; no request's tokens change."""
+    requests = {rid: (ids, GREEDY) for rid, ids in PROMPTS.items()}
+    expected = {rid: alone(model, ids, GREEDY) for rid, ids in PROMPTS.items()}
+    engine = make_engine(model, max_batched_tokens=32)
+    engine.scheduler.max_prefill_with_decodes = 5
+    log = StepLog()
+    log.watch(engine)
+    first = "r1"  # 17 prompt tokens, decoding before the others arrive
+    engine.add_request(first, *requests[first])
+    results: dict[str, Result] = {}
+    engine.step()
+    for rid, request in requests.items():
+        if rid != first:
+            engine.add_request(rid, *request)
+    collect(engine, results)
+    assert results == expected
+    capped = 0
+    for step in log.steps:
+        prompt_tokens = sum(n for rid, done, n in step if done < len(PROMPTS[rid]) and n > 1)
+        if any(done >= len(PROMPTS[rid]) for rid, done, _ in step):
+            assert prompt_tokens <= 5, step
+            capped += prompt_tokens == 5
+        else:
+            assert prompt_tokens <= 32
+    assert log.steps[0] == [(first, 0, 17)]  # alone and not decoding: the whole prompt
+    assert capped >= 5, "the cap should have held back prompt tokens in several steps"
+    assert_all_blocks_free(engine)
+
+
 def test_preemption_recomputes_and_gives_the_same_tokens(model: XverseForCausalLM) -> None:
     # Each sequence grows to 12 + 24 = 36 tokens (9 blocks); the pool holds 12 blocks, one full context.
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
@@ -323,6 +354,31 @@ def test_overlapped_steps_give_the_tokens_of_steps_run_one_at_a_time(model: Xver
                 assert not any(log.fed)
         assert results[True] == results[False]
     assert fed_steps > 20
+
+
+def test_steps_with_prompt_chunks_overlap_too(model: XverseForCausalLM) -> None:
+    """A prompt chunked over steps while others decode: those steps are queued before the last one's tokens are
+    read as well (the decodes' inputs come from the device), with the tokens of steps run one at a time."""
+    requests = {rid: (ids, GREEDY) for rid, ids in PROMPTS.items()}
+    results, fed_with_prompts = {}, 0
+    for overlap in (True, False):
+        engine = make_engine(model, max_batched_tokens=8, overlap=overlap)
+        log = StepLog()
+        log.watch(engine)
+        results[overlap] = {}
+        for rid, request in requests.items():  # one arrival every other step
+            engine.add_request(rid, *request)
+            for _ in range(2):
+                for output in engine.step():
+                    result = results[overlap].setdefault(output.request_id, Result())
+                    result.tokens += output.new_token_ids
+                    result.finish_reason = output.finish_reason
+        collect(engine, results[overlap])
+        assert_all_blocks_free(engine)
+        if overlap:
+            fed_with_prompts = sum(fed and any(n > 1 for _, _, n in step) for fed, step in zip(log.fed, log.steps))
+    assert results[True] == results[False] == {rid: alone(model, ids, GREEDY) for rid, ids in PROMPTS.items()}
+    assert fed_with_prompts >= 3
 
 
 def test_a_sequence_ended_by_end_of_text_drops_the_token_computed_after_it(model: XverseForCausalLM) -> None:

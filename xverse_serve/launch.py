@@ -171,7 +171,8 @@ def load_engine(settings: Settings) -> Engine:
              str(kv_dtype).removeprefix("torch."), num_blocks, block_size, capacity, capacity / max_model_len,
              max_model_len, capacity * KVCache.bytes_per_token(config, kv_dtype) / 2**30)
     engine = assemble_engine(model, num_blocks, block_size, settings.max_num_seqs, settings.max_batched_tokens,
-                             max_model_len, cuda_graphs, settings.prefix_caching, kv_dtype, settings.overlap_steps)
+                             max_model_len, cuda_graphs, settings.prefix_caching, kv_dtype, settings.overlap_steps,
+                             settings.max_prefill_with_decodes)
     if device.type == "cuda":
         started = time.perf_counter()
         engine.warm_up()
@@ -182,9 +183,9 @@ def load_engine(settings: Settings) -> Engine:
 def assemble_engine(model: XverseForCausalLM, num_blocks: int, block_size: int, max_num_seqs: int,
                     max_batched_tokens: int, max_model_len: int, cuda_graphs: bool = False,
                     prefix_caching: bool = True, kv_cache_dtype: torch.dtype | None = None,
-                    overlap: bool = True) -> Engine:
-    """The engine around a loaded model: KV pool (of kv_cache_dtype, default the model's), decode graphs,
-    scheduler, runner; `overlap`: Engine's overlapped decode steps."""
+                    overlap: bool = True, max_prefill_with_decodes: int | None = None) -> Engine:
+    """The engine around a loaded model: KV pool (of kv_cache_dtype, default the model's), CUDA graphs,
+    scheduler, runner; `overlap`: Engine's overlapped steps."""
     kv_cache = KVCache(model.config, num_blocks, block_size, kv_cache_dtype or model.dtype, model.device)
     graphs = pieces = None
     if cuda_graphs:
@@ -198,5 +199,5 @@ def assemble_engine(model: XverseForCausalLM, num_blocks: int, block_size: int, 
                  "%.1f s", len(pieces.buckets), pieces.max_tokens, time.perf_counter() - started)
     # Every running sequence must be able to decode in every step, whatever the token budget.
     scheduler = Scheduler(BlockAllocator(num_blocks), block_size, max_num_seqs, max(max_batched_tokens, max_num_seqs),
-                          prefix_caching)
+                          prefix_caching, max_prefill_with_decodes)
     return Engine(ModelRunner(model, kv_cache, graphs, pieces), scheduler, model.config.eos_token_id, max_model_len, overlap)

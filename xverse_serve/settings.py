@@ -28,6 +28,7 @@ class Settings:
     # running streams stall at most one such step (H200, 64 clients: TTFT p50 220 ms against 511 ms with 8192,
     # output tok/s within 1%; H100: a 6,144-token prompt at idle took 3% longer).
     max_batched_tokens: int = 2048
+    max_prefill_with_decodes: int | None = None
     enforce_eager: bool = False
     prefix_caching: bool = True
     max_waiting: int = 1024
@@ -63,6 +64,10 @@ OPTIONS = {
     "gpu_memory_utilization": (float, "fraction of the GPU's memory this process may use"),
     "max_num_seqs": (int, "most sequences in one step"),
     "max_batched_tokens": (int, "most tokens (prompt chunks and decodes) computed in one step"),
+    "max_prefill_with_decodes": (int, "most prompt tokens computed in a step that also decodes: new prompts are "
+                                      "spread over many steps, so running streams never wait long between "
+                                      "tokens (H100, 64 clients, 512: inter-token p99 57 -> 24 ms, output "
+                                      "tokens/s 3%% lower); unset: --max-batched-tokens"),
     "enforce_eager": (bool, "run every step eagerly: no CUDA graphs for decode steps"),
     "prefix_caching": (bool, "reuse the KV blocks of prompt prefixes seen before (earlier turns, shared system prompts)"),
     "max_waiting": (int, "most requests waiting for a place in the batch; beyond it new ones get 503 with Retry-After"),
@@ -88,7 +93,8 @@ OPTIONS = {
 CHOICES = {"dtype": ("auto", "bfloat16", "float16", "float32"), "log_level": ("debug", "info", "warning", "error"),
            "quantize": ("none", "int8", "int4"), "kv_cache_dtype": ("auto", "int8", "fp8")}
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes"), ("0", "false", "no")
-POSITIVE = ("port", "max_waiting", "max_body_bytes", "request_timeout", "max_model_len", "block_size", "kv_cache_tokens", "max_num_seqs", "max_batched_tokens")
+POSITIVE = ("port", "max_waiting", "max_body_bytes", "request_timeout", "max_model_len", "block_size", "kv_cache_tokens", "max_num_seqs", "max_batched_tokens",
+            "max_prefill_with_decodes")
 
 
 SECRETS = ("api_key",)
