@@ -40,6 +40,8 @@ def greedy_tokens(model_dir: Path, device: str, *flags: str, together: bool = Tr
         if not together:
             drain()
     drain()
+    if pieces_used is not None:
+        del engine.runner.pieces.forward  # the wrapper's cycle would keep the engine's memory past this call
     assert engine.scheduler.allocator.num_free == engine.scheduler.allocator.num_blocks
     return [results[str(i)] for i in range(len(PROMPTS))]
 
