@@ -17,6 +17,7 @@ from xverse_serve.engine import AsyncEngine, Engine, EngineDead, StepOutput
 from xverse_serve.kv_cache import BlockAllocator, KVCache
 from xverse_serve.launch import assemble_engine, build_engine
 from xverse_serve.model import XverseForCausalLM, load_model
+from xverse_serve.piecewise_graphs import PiecewiseGraphs
 from xverse_serve.runner import Feed, ModelRunner, SampledTokens
 from xverse_serve.sampling import SamplingParams
 from xverse_serve.scheduler import ScheduledSequence, Scheduler
@@ -182,6 +183,25 @@ def test_max_prefill_with_decodes_caps_the_prompt_tokens_of_steps_that_decode(mo
             assert prompt_tokens <= 32
     assert log.steps[0] == [(first, 0, 17)]  # alone and not decoding: the whole prompt
     assert capped >= 5, "the cap should have held back prompt tokens in several steps"
+    assert_all_blocks_free(engine)
+
+
+def test_the_model_cut_at_its_attentions_gives_the_tokens_of_the_whole_forward(model: XverseForCausalLM) -> None:
+    """piecewise_graphs' pieces, run eagerly on the CPU, with every step padded up to a bucket of 32 or 40 tokens:
+    chunked prompts beside decodes get the tokens of the whole forward; the padded rows write only the null slot
+    (a stale slot would overwrite a live sequence's keys)."""
+    engine = make_engine(model, max_batched_tokens=24)
+    pieces = PiecewiseGraphs(model, engine.runner.kv_cache, 40, capture=False)
+    assert pieces.buckets == [32, 40]
+    engine.runner.pieces = pieces
+    sizes = []
+    forward = pieces.forward
+    pieces.forward = lambda input_ids, *args: sizes.append(input_ids.shape[0]) or forward(input_ids, *args)
+    requests = {rid: (ids, GREEDY) for rid, ids in PROMPTS.items()}
+    results = run_all(engine, {"r1": requests["r1"]})
+    results |= run_all(engine, requests)  # the same again beside the others, from the prefix cache
+    assert results == {rid: alone(model, ids, GREEDY) for rid, ids in PROMPTS.items()}
+    assert max(sizes) <= 24 and sum(size > 1 for size in sizes) >= 4
     assert_all_blocks_free(engine)
 
 
