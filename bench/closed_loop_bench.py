@@ -56,9 +56,11 @@ def step_cost_ms(engine, decodes: int, context: int, prompt_tokens: int, seed: i
     return statistics.median(times[1:])
 
 
-def closed_loop(engine, clients: int, requests_per_client: int, prompt_len: int, output_len: int, seed: int) -> dict:
-    """Each client sends its next request in the step after its last one ended."""
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+def closed_loop(engine, clients: int, requests_per_client: int, prompt_len: int, output_len: int, seed: int,
+                repetition_penalty: float = 1.0) -> dict:
+    """Each client sends its next request in the step after its last one ended; greedy, with the penalty."""
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True,
+                            repetition_penalty=repetition_penalty)
     batch = prompts(clients * requests_per_client, prompt_len, XVERSE_7B.vocab_size, seed)
     sent: dict[str, float] = {}
     first: dict[str, float] = {}
@@ -108,6 +110,8 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--max-batched-tokens", type=int, default=Settings().max_batched_tokens)
     parser.add_argument("--max-prefill-with-decodes", nargs="+", default=["none", "1024", "512", "256"])
+    parser.add_argument("--repetition-penalty", type=float, nargs="+", default=[1.1, 1.0],
+                        help="1.1: XVERSE's default, which the server applies to serve_bench's requests")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"])
     parser.add_argument("--step-costs", action="store_true", help="also part 1, the cost of a step")
     parser.add_argument("--without-pieces", action="store_true",
@@ -145,14 +149,16 @@ def main() -> None:
                 results["step_ms"].append({"decodes": decodes, "prompt_tokens": prompt_tokens, "ms": ms})
                 print(f"step of {decodes} decodes and {prompt_tokens} prompt tokens: {ms:.2f} ms", flush=True)
     results["closed_loop"] = []
-    for index, setting in enumerate(args.max_prefill_with_decodes):
+    settings = [(cap, penalty) for cap in args.max_prefill_with_decodes for penalty in args.repetition_penalty]
+    for index, (setting, penalty) in enumerate(settings):
         engine.scheduler.max_prefill_with_decodes = None if setting == "none" else int(setting)
         run = closed_loop(engine, args.clients, args.requests_per_client, args.prompt_len, args.output_len,
-                          seed=10_000 + index)
+                          seed=10_000 + index, repetition_penalty=penalty)
         run["max_prefill_with_decodes"] = setting
+        run["repetition_penalty"] = penalty
         results["closed_loop"].append(run)
-        print(f"max_prefill_with_decodes {setting}: {run['output_tok_s']:.0f} tok/s, TTFT p50 "
-              f"{run['ttft_ms_p50']:.0f} p99 {run['ttft_ms_p99']:.0f} ms, ITL p50 {run['itl_ms_p50']:.1f} p99 "
+        print(f"max_prefill_with_decodes {setting}, repetition penalty {penalty}: {run['output_tok_s']:.0f} tok/s, "
+              f"TTFT p50 {run['ttft_ms_p50']:.0f} p99 {run['ttft_ms_p99']:.0f} ms, ITL p50 {run['itl_ms_p50']:.1f} p99 "
               f"{run['itl_ms_p99']:.1f} ms, {run['steps']} steps ({run['steps_with_prompts']} with prompts)",
               flush=True)
     if args.out:
