@@ -77,12 +77,14 @@ class InFlight:
 class Engine:
     """Synchronous core: add and abort requests, and advance every running sequence by one step.
 
-    With overlap (the default), a step of decodes only is scheduled and queued on the device before the tokens
-    of the step still running there are read back: each new row takes its input token from that step's sampled
-    ids on the device, and the host's work (reading tokens, finishing requests, scheduling, building inputs)
-    runs while the GPU computes instead of between its steps. A sequence that the running step finishes with
-    end of text (found one step late) computes one token more, which is dropped; max_tokens and the context's
-    end are known in advance, so such sequences leave the batch on time."""
+    With overlap (the default), each step is scheduled and queued on the device before the tokens of the step
+    still running there are read back: a row whose input token that step samples takes it from its sampled ids
+    on the device (prompt chunks and admissions need nothing from it; the repetition penalty marks its seen
+    tokens from each step's input ids on the device), and the host's work (reading tokens, finishing requests,
+    scheduling, building inputs) runs while the GPU computes instead of between its steps. What the host learns
+    one step late: an end of text, after which the sequence computes one token more, which is dropped
+    (max_tokens and the context's end are known in advance, so such sequences leave the batch on time), and the
+    full blocks to cache, which a prompt admitted meanwhile may miss."""
 
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, eos_token_id: int, max_model_len: int,
                  overlap: bool = True) -> None:
@@ -159,10 +161,7 @@ class Engine:
         """Queues the next step and returns the outputs of the one before it (with overlap), or runs one step and
         returns its outputs."""
         outputs: list[StepOutput] = []
-        previous, self.in_flight = self.in_flight, None
-        if previous is not None and not self._can_overlap():
-            outputs += self._complete(previous)
-            previous = None
+        previous, self.in_flight = self.in_flight, None  # None without overlap: each step completes in its call
         scheduled = self.scheduler.schedule()
         if scheduled:
             launched = self._launch(scheduled, previous)
@@ -176,14 +175,6 @@ class Engine:
             outputs += self._complete(self.in_flight)
             self.in_flight = None
         return outputs
-
-    def _can_overlap(self) -> bool:
-        """Whether the next step can go before the running one's tokens are read. Its rows whose input token
-        that step samples take it on the device (Feed); prompt chunks and admissions need nothing from it.
-        The repetition penalty needs no host either: its seen tokens are marked from the step's input ids on the
-        device. What the host learns late: an end of text (one token more is computed, and dropped) and the
-        full blocks to cache (a prompt admitted meanwhile may miss them)."""
-        return self.overlap
 
     def _launch(self, scheduled: list[ScheduledSequence], previous: InFlight | None) -> InFlight | list[StepOutput]:
         """Queues a step on the device; its sampled tokens go into output_ids as PLACEHOLDERs until read.

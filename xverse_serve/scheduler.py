@@ -63,7 +63,8 @@ class Scheduler:
     When a running sequence needs a block and none is free, the latest arrival is preempted:
     its blocks are freed and it waits at the front of the queue to be recomputed.
     With prefix caching, an admitted sequence starts after the longest run of its leading full blocks
-    that is already cached (an earlier turn of the conversation, a shared system prompt)."""
+    that is already cached (an earlier turn of the conversation, a shared system prompt).
+    With max_prefill_with_decodes, a step that decodes computes at most that many prompt tokens."""
 
     def __init__(self, allocator: BlockAllocator, block_size: int, max_num_seqs: int, max_batched_tokens: int,
                  prefix_caching: bool = True, max_prefill_with_decodes: int | None = None) -> None:
@@ -71,8 +72,9 @@ class Scheduler:
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_batched_tokens = max_batched_tokens
-        # Most prompt tokens in a step that also decodes (None: the step's whole budget). Small chunks spread
-        # the prompts over many decode steps, where they ride on the weight reads the decodes pay for anyway.
+        # Most prompt tokens in a step that also decodes (None: the step's whole budget). Small chunks spread a
+        # burst of prompts over many steps, so running streams never wait for a whole prefill step; a prompt
+        # token costs about as much there as in a prefill step (bench/closed_loop_bench.py), so it is no faster.
         self.max_prefill_with_decodes = max_prefill_with_decodes
         self.prefix_caching = prefix_caching
         self.waiting: deque[Sequence] = deque()

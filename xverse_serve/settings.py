@@ -68,7 +68,7 @@ OPTIONS = {
                                       "spread over many steps, so running streams never wait long between "
                                       "tokens (H100, 64 clients, 512: inter-token p99 62 -> 41 ms, TTFT p50 "
                                       "225 -> 123 ms, output tokens/s 2%% lower); unset: --max-batched-tokens"),
-    "enforce_eager": (bool, "run every step eagerly: no CUDA graphs for decode steps"),
+    "enforce_eager": (bool, "run every step eagerly: no CUDA graphs"),
     "prefix_caching": (bool, "reuse the KV blocks of prompt prefixes seen before (earlier turns, shared system prompts)"),
     "max_waiting": (int, "most requests waiting for a place in the batch; beyond it new ones get 503 with Retry-After"),
     "max_body_bytes": (int, "largest request body accepted, in bytes; larger ones get 413"),
@@ -86,7 +86,7 @@ OPTIONS = {
                             "(cards with fp8: Hopper, Ada)"),
     "engine_process": (bool, "run the engine (model, cache, scheduler) in a process of its own, so that the HTTP "
                              "server's Python work never holds up a step; off: in a thread of the server process"),
-    "overlap_steps": (bool, "queue each decode step on the GPU before the previous one's tokens are read back, so "
+    "overlap_steps": (bool, "queue each step on the GPU before the previous one's tokens are read back, so "
                             "the host's work per step hides behind the GPU's (a sequence ended by end of text "
                             "computes one token more, dropped); off: one step at a time"),
 }
