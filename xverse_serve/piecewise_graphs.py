@@ -20,15 +20,16 @@ from .attention import AttentionBatch, paged_attention
 from .kv_cache import KVCache
 from .model import Rotary, XverseForCausalLM
 
-# Largest step taken as graphs. H100, eager against graphs: 512 prompt tokens 19.3 -> 13.7 ms a step, 64 decodes and
-# 256 prompt tokens 39.7 -> 17.8 ms; from about 600 tokens on the GPU's work outlasts the host's launches and the
-# two are even (bench/results/closed_loop_h100*.json).
-MAX_PIECEWISE_TOKENS = 512
+# Largest step taken as graphs. Run eagerly, a step stays bound by the host's launches up to about a thousand
+# tokens on some machines: with graphs up to 512 tokens, an H100 took 13.9 ms for a step of 512 prompt tokens
+# and 38.7 ms, eagerly, for one of 16 decodes and 512 prompt tokens; a step of 64 decodes and 256 prompt tokens
+# took 39.7 ms eagerly and 17.8 ms through the graphs (bench/results/closed_loop_h100*.json).
+MAX_PIECEWISE_TOKENS = 1024
 
 
 def token_buckets(max_tokens: int) -> list[int]:
-    """32, then every multiple of 64, up to max_tokens (which is always one)."""
-    sizes = {size for size in (32, *range(64, max_tokens, 64)) if size < max_tokens}
+    """32, then every multiple of 64 up to 512 and of 128 beyond, up to max_tokens (which is always one)."""
+    sizes = {size for size in (32, *range(64, 512, 64), *range(512, max_tokens, 128)) if size < max_tokens}
     sizes.add(max_tokens)
     return sorted(sizes)
 
