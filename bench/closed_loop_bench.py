@@ -18,16 +18,11 @@ from pathlib import Path
 
 import torch
 
-from engine_bench import XVERSE_7B, prompts, random_model
-from xverse_serve.launch import assemble_engine
-from xverse_serve.memory_plan import kv_cache_tokens_for_card, measure_step_peaks
+from engine_bench import XVERSE_7B, engine_like_server, prompts, random_model
+from serve_bench import percentile
+from xverse_serve.launch import resolve_kv_cache_dtype
 from xverse_serve.sampling import SamplingParams
 from xverse_serve.settings import Settings
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def step_cost_ms(engine, decodes: int, context: int, prompt_tokens: int, seed: int, repeats: int = 5) -> float:
@@ -98,8 +93,8 @@ def closed_loop(engine, clients: int, requests_per_client: int, prompt_len: int,
     ttft = [first[r] - sent[r] for r in sent]
     return {"seconds": seconds, "output_tok_s": produced / seconds, "steps": steps,
             "steps_with_prompts": mixed_steps,
-            "ttft_ms_p50": percentile(ttft, 0.5) * 1e3, "ttft_ms_p99": percentile(ttft, 0.99) * 1e3,
-            "itl_ms_p50": percentile(gaps, 0.5) * 1e3, "itl_ms_p99": percentile(gaps, 0.99) * 1e3}
+            "ttft_ms_p50": percentile(ttft, 50) * 1e3, "ttft_ms_p99": percentile(ttft, 99) * 1e3,
+            "itl_ms_p50": percentile(gaps, 50) * 1e3, "itl_ms_p99": percentile(gaps, 99) * 1e3}
 
 
 def main() -> None:
@@ -121,15 +116,9 @@ def main() -> None:
 
     device = torch.device("cuda")
     model = random_model(XVERSE_7B, device, torch.bfloat16)
-    kv_dtype = {"auto": torch.bfloat16, "int8": torch.int8, "fp8": torch.float8_e4m3fn}[args.kv_cache_dtype]
-    defaults = Settings()
-    peaks = measure_step_peaks(model, defaults.max_num_seqs, args.max_batched_tokens, XVERSE_7B.max_position_embeddings,
-                               defaults.block_size, kv_dtype)
-    kv_tokens = kv_cache_tokens_for_card(model, defaults.gpu_memory_utilization, peaks, True, kv_dtype)
-    engine = assemble_engine(model, kv_tokens // defaults.block_size, defaults.block_size, defaults.max_num_seqs,
-                             args.max_batched_tokens, XVERSE_7B.max_position_embeddings, cuda_graphs=True,
-                             kv_cache_dtype=kv_dtype)
-    engine.warm_up()
+    kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, device, torch.bfloat16)
+    engine, kv_tokens, _ = engine_like_server(model, kv_dtype, args.max_batched_tokens,
+                                              Settings().gpu_memory_utilization, cuda_graphs=True)
     engine.scheduler.prefix_caching = False  # every prompt is new anyway; no run may find an earlier one's blocks
     if args.without_pieces:
         engine.runner.pieces = None

@@ -25,9 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from card_bound import ModelShape, bound_tok_s  # noqa: E402
 from xverse_serve.checkpoint import ModelConfig  # noqa: E402
+from xverse_serve.engine import Engine  # noqa: E402
 from xverse_serve.kv_cache import KVCache  # noqa: E402
 from xverse_serve.launch import assemble_engine, resolve_kv_cache_dtype  # noqa: E402
-from xverse_serve.memory_plan import kv_cache_tokens_for_card, measure_step_peaks  # noqa: E402
+from xverse_serve.memory_plan import StepPeaks, kv_cache_tokens_for_card, measure_step_peaks  # noqa: E402
 from xverse_serve.model import XverseForCausalLM, checkpoint_tensors  # noqa: E402
 from xverse_serve.sampling import SamplingParams  # noqa: E402
 from xverse_serve.settings import Settings  # noqa: E402
@@ -146,18 +147,26 @@ def model_shape(model: XverseForCausalLM, config: ModelConfig, kv_dtype: torch.d
                       streamed, KVCache.bytes_per_token(config, kv_dtype))
 
 
+def engine_like_server(model: XverseForCausalLM, kv_dtype: torch.dtype, max_batched_tokens: int,
+                       gpu_memory_utilization: float, cuda_graphs: bool) -> tuple[Engine, int, StepPeaks]:
+    """Our engine as python api.py builds it with the server's other defaults: the KV pool (of kv_dtype) sized
+    from the card by the memory plan, graphs captured, warmed up. Returns it, its pool's tokens and the peaks."""
+    defaults = Settings()
+    block_size, max_num_seqs, max_len = defaults.block_size, defaults.max_num_seqs, model.config.max_position_embeddings
+    peaks = measure_step_peaks(model, max_num_seqs, max_batched_tokens, max_len, block_size, kv_dtype)
+    kv_tokens = kv_cache_tokens_for_card(model, gpu_memory_utilization, peaks, cuda_graphs, kv_dtype)
+    engine = assemble_engine(model, kv_tokens // block_size, block_size, max_num_seqs, max_batched_tokens, max_len,
+                             cuda_graphs=cuda_graphs, kv_cache_dtype=kv_dtype)
+    engine.warm_up()
+    return engine, kv_tokens, peaks
+
+
 def bench_ours(model: XverseForCausalLM, kv_dtype: torch.dtype, args: argparse.Namespace) -> dict:
     """Our engine with a KV pool of kv_dtype sized as the server sizes it: one request, then each concurrency."""
     config = model.config
-    defaults = Settings()  # the server's own defaults
-    block_size, max_num_seqs, max_batched_tokens = defaults.block_size, defaults.max_num_seqs, args.max_batched_tokens
     started = time.perf_counter()
-    peaks = measure_step_peaks(model, max_num_seqs, max_batched_tokens, config.max_position_embeddings, block_size,
-                               kv_dtype)
-    kv_tokens = kv_cache_tokens_for_card(model, args.gpu_memory_utilization, peaks, not args.eager, kv_dtype)
-    engine = assemble_engine(model, kv_tokens // block_size, block_size, max_num_seqs, max_batched_tokens,
-                             config.max_position_embeddings, cuda_graphs=not args.eager, kv_cache_dtype=kv_dtype)
-    engine.warm_up()  # as python api.py does before serving
+    engine, kv_tokens, peaks = engine_like_server(model, kv_dtype, args.max_batched_tokens,
+                                                  args.gpu_memory_utilization, not args.eager)
     results: dict = {"kv_cache_dtype": str(kv_dtype).removeprefix("torch."),
                      "startup_s": time.perf_counter() - started, "kv_cache_tokens": kv_tokens,
                      "activation_peak_GiB": {"prefill": peaks.prefill / 2**30, "decode": peaks.decode / 2**30}}
