@@ -153,7 +153,7 @@ def engine_like_server(model: XverseForCausalLM, kv_dtype: torch.dtype, max_batc
     from the card by the memory plan, graphs captured, warmed up. Returns it, its pool's tokens and the peaks."""
     defaults = Settings()
     block_size, max_num_seqs, max_len = defaults.block_size, defaults.max_num_seqs, model.config.max_position_embeddings
-    peaks = measure_step_peaks(model, max_num_seqs, max_batched_tokens, max_len, block_size, kv_dtype)
+    peaks = measure_step_peaks(model, max_num_seqs, max_batched_tokens, max_len, block_size, kv_dtype, cuda_graphs)
     kv_tokens = kv_cache_tokens_for_card(model, gpu_memory_utilization, peaks, cuda_graphs, kv_dtype)
     engine = assemble_engine(model, kv_tokens // block_size, block_size, max_num_seqs, max_batched_tokens, max_len,
                              cuda_graphs=cuda_graphs, kv_cache_dtype=kv_dtype)

@@ -156,7 +156,7 @@ def load_engine(settings: Settings) -> Engine:
         kv_tokens = settings.kv_cache_tokens
     elif device.type == "cuda":
         peaks = measure_step_peaks(model, settings.max_num_seqs, settings.max_batched_tokens, max_model_len, block_size,
-                                   kv_dtype)
+                                   kv_dtype, cuda_graphs)
         kv_tokens = kv_cache_tokens_for_card(model, settings.gpu_memory_utilization, peaks, cuda_graphs, kv_dtype)
     else:
         kv_tokens = 4 * max_model_len

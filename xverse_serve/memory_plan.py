@@ -56,14 +56,16 @@ def measure_peak(model: XverseForCausalLM, lengths: list[int], block_size: int,
 
 
 def measure_step_peaks(model: XverseForCausalLM, max_num_seqs: int, max_batched_tokens: int,
-                       max_model_len: int, block_size: int, kv_dtype: torch.dtype | None = None) -> StepPeaks:
+                       max_model_len: int, block_size: int, kv_dtype: torch.dtype | None = None,
+                       with_graphs: bool = True) -> StepPeaks:
+    """with_graphs False: no piecewise graphs will be captured, so their step is not measured."""
     full, rest = divmod(max_batched_tokens, max_model_len)
     prefill_lengths = [max_model_len] * full + ([rest] if rest else [])
     return StepPeaks(
         prefill=measure_peak(model, prefill_lengths, block_size, kv_dtype),
         decode=measure_peak(model, [1] * max_num_seqs, block_size, kv_dtype),
         pieces=measure_peak(model, [min(MAX_PIECEWISE_TOKENS, max_batched_tokens, max_model_len)], block_size,
-                            kv_dtype),
+                            kv_dtype) if with_graphs else 0,
     )
 
 
