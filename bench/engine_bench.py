@@ -208,7 +208,10 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64, 256])
-    parser.add_argument("--hf-concurrency", type=int, nargs="*", default=[1, 8, 64], help="none: ours only")
+    # Up to 256, so that generate's best batch is measured, not assumed (a batch whose cache does not fit the card
+    # is reported as out of memory).
+    parser.add_argument("--hf-concurrency", type=int, nargs="*", default=[1, 8, 64, 128, 256],
+                        help="none: ours only")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--max-batched-tokens", type=int, default=Settings().max_batched_tokens,
