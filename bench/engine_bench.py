@@ -207,7 +207,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=256)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64, 256])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64, 128, 256])
     # Up to 256, so that generate's best batch is measured, not assumed (a batch whose cache does not fit the card
     # is reported as out of memory).
     parser.add_argument("--hf-concurrency", type=int, nargs="*", default=[1, 8, 64, 128, 256],
