@@ -200,4 +200,5 @@ def assemble_engine(model: XverseForCausalLM, num_blocks: int, block_size: int, 
     # Every running sequence must be able to decode in every step, whatever the token budget.
     scheduler = Scheduler(BlockAllocator(num_blocks), block_size, max_num_seqs, max(max_batched_tokens, max_num_seqs),
                           prefix_caching, max_prefill_with_decodes)
-    return Engine(ModelRunner(model, kv_cache, graphs, pieces), scheduler, model.config.eos_token_id, max_model_len, overlap)
+    return Engine(ModelRunner(model, kv_cache, graphs, pieces), scheduler, model.config.eos_token_id, max_model_len,
+                  overlap)

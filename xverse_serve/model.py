@@ -165,8 +165,13 @@ class Attention(nn.Module):
         head_dim]. The tokens' k and v go into the cache first."""
         kv = LayerCache(*kv)  # a plain (k, v) pair is a cache without scales
         q = self.rope_and_cache(qkv, rotary, kv, batch.slot_mapping)
-        out = paged_attention(q, kv.k, kv.v, batch, self.scale, kv.k_scale, kv.v_scale)
-        return out.reshape(qkv.shape[0], -1)
+        return self.paged(q, kv, batch).reshape(qkv.shape[0], -1)
+
+    def paged(self, q: torch.Tensor, kv: LayerCache, batch: AttentionBatch,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention of the step's queries q [tokens, heads, head_dim] over the paged cache, their own keys and
+        values already in it: [tokens, heads, head_dim], written into `out` if given."""
+        return paged_attention(q, kv.k, kv.v, batch, self.scale, kv.k_scale, kv.v_scale, out=out)
 
     def rope_and_cache(self, qkv: torch.Tensor, rotary: Rotary, kv: LayerCache,
                        slot_mapping: torch.Tensor) -> torch.Tensor:
@@ -212,8 +217,7 @@ class DecoderLayer(nn.Module):
         The residual stream travels apart so that each add happens inside the next norm (one kernel on CUDA)."""
         kv = LayerCache(*kv)
         q, residual = self.attention_input(x, residual, rotary, kv, batch.slot_mapping)
-        attn = paged_attention(q, kv.k, kv.v, batch, self.self_attn.scale, kv.k_scale, kv.v_scale)
-        return self.attention_output(attn, residual)
+        return self.attention_output(self.self_attn.paged(q, kv, batch), residual)
 
     # forward's two halves around the attention, which piecewise_graphs runs between CUDA graphs of the rest.
 

@@ -16,7 +16,7 @@ from functools import partial
 
 import torch
 
-from .attention import AttentionBatch, paged_attention
+from .attention import AttentionBatch
 from .kv_cache import KVCache
 from .model import Rotary, XverseForCausalLM
 
@@ -108,8 +108,7 @@ class PiecewiseGraphs:
         self.slot_mapping[n:size].fill_(self.kv_cache.null_slot)
         runs = self.runs[size]
         runs[0]()
-        scale = self.model.model.layers[0].self_attn.scale
-        for run, kv in zip(runs[1:], self.kv_cache.layers):
-            paged_attention(self.q[:n], kv.k, kv.v, batch, scale, kv.k_scale, kv.v_scale, out=self.attn[:n])
+        for run, layer, kv in zip(runs[1:], self.model.model.layers, self.kv_cache.layers):
+            layer.self_attn.paged(self.q[:n], kv, batch, out=self.attn[:n])
             run()
         return self.hidden[:n]
