@@ -85,5 +85,6 @@ def main() -> None:
         bound = bound_tok_s(shape, args.requests, args.prompt_len, args.output_len, bandwidth, flops)
         print(f"{cache} cache: at most {bound:,.0f} output tok/s")
 
+
 if __name__ == "__main__":
     main()

@@ -4,8 +4,8 @@ One command on any CUDA machine, no download:
     python bench/engine_bench.py --out bench/results/engine.json
 Measures, in one run: device copy bandwidth (-> the weight-streaming roofline for one request) and matmul
 rate (-> card_bound.py's bound for each batch), one request (time to first token for a 512-token prompt,
-decode tokens/s), offline throughput for several numbers of concurrent requests (512-token prompts, 256 output tokens, end-of-text ignored),
-and transformers' LlamaForCausalLM.generate on the same weights. --kv-cache-dtype auto int8 measures ours
+decode tokens/s), offline throughput for several numbers of concurrent requests (512-token prompts, 256 output
+tokens, end-of-text ignored), and transformers' LlamaForCausalLM.generate on the same weights. --kv-cache-dtype auto int8 measures ours
 with each cache in turn.
 """
 
