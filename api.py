@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 import sys
 
-from xverse_serve.checkpoint import CheckpointError
 from xverse_serve.launch import build_context
-from xverse_serve.lifecycle import serve
-from xverse_serve.server import create_app
+from xverse_serve.model.checkpoint import CheckpointError
+from xverse_serve.server.app import create_app
+from xverse_serve.server.lifecycle import serve
 from xverse_serve.settings import parse_settings
 
 

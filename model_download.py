@@ -18,7 +18,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from xverse_serve.checkpoint import BIN_INDEX, SAFETENSORS_INDEX
+from xverse_serve.model.checkpoint import BIN_INDEX, SAFETENSORS_INDEX
 
 MODEL_ID = "xverse/XVERSE-7B-Chat"  # the same id on ModelScope and on the Hugging Face hub
 DEFAULT_REVISIONS = {"modelscope": "master", "hf": "main"}

@@ -29,9 +29,10 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from xverse_serve.attention import decode_attention, quantize_kv  # noqa: E402
-from xverse_serve.triton_attention import default_num_parts, paged_decode_attention  # noqa: E402
 from engine_bench import copy_bandwidth  # noqa: E402
+
+from xverse_serve.kernels.paged_attention import default_num_parts, paged_decode_attention  # noqa: E402
+from xverse_serve.model.attention import decode_attention, quantize_kv  # noqa: E402
 
 HEADS, HEAD_DIM, BLOCK_SIZE = 32, 128, 16
 DTYPE = torch.bfloat16

@@ -17,10 +17,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from xverse_serve.attention import decode_attention  # noqa: E402
-from xverse_serve.triton_attention import paged_decode_attention  # noqa: E402
 from engine_bench import copy_bandwidth  # noqa: E402
 from step_profile import replay_ms  # noqa: E402
+
+from xverse_serve.kernels.paged_attention import paged_decode_attention  # noqa: E402
+from xverse_serve.model.attention import decode_attention  # noqa: E402
 
 HEADS, HEAD_DIM, BLOCK_SIZE, LAYERS, TABLE_TOKENS = 32, 128, 16, 32, 8192
 

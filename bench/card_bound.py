@@ -72,7 +72,7 @@ def main() -> None:
     import torch
     from engine_bench import XVERSE_7B, model_shape  # imported here: engine_bench imports this module
 
-    from xverse_serve.model import XverseForCausalLM
+    from xverse_serve.model.xverse import XverseForCausalLM
 
     card = json.loads(args.engine_json.read_text())
     bandwidth, flops = card["copy_bandwidth_GBps"] * 1e9, card["matmul_TFLOPs"] * 1e12

@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 import torch
-
 from engine_bench import XVERSE_7B, engine_like_server, prompts, random_model
 from serve_bench import percentile
-from xverse_serve.launch import resolve_kv_cache_dtype
-from xverse_serve.sampling import SamplingParams
+
+from xverse_serve.engine.loader import resolve_kv_cache_dtype
+from xverse_serve.engine.messages import SamplingParams
 from xverse_serve.settings import Settings
 
 

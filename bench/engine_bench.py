@@ -24,13 +24,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from card_bound import ModelShape, bound_tok_s  # noqa: E402
-from xverse_serve.checkpoint import ModelConfig  # noqa: E402
-from xverse_serve.engine import Engine  # noqa: E402
-from xverse_serve.kv_cache import KVCache  # noqa: E402
-from xverse_serve.launch import assemble_engine, resolve_kv_cache_dtype  # noqa: E402
-from xverse_serve.memory_plan import StepPeaks, kv_cache_tokens_for_card, measure_step_peaks  # noqa: E402
-from xverse_serve.model import XverseForCausalLM, checkpoint_tensors  # noqa: E402
-from xverse_serve.sampling import SamplingParams  # noqa: E402
+
+from xverse_serve.engine.engine import Engine  # noqa: E402
+from xverse_serve.engine.loader import assemble_engine, resolve_kv_cache_dtype  # noqa: E402
+from xverse_serve.engine.memory_plan import StepPeaks, kv_cache_tokens_for_card, measure_step_peaks  # noqa: E402
+from xverse_serve.engine.messages import SamplingParams  # noqa: E402
+from xverse_serve.model.checkpoint import ModelConfig  # noqa: E402
+from xverse_serve.model.kv_cache import KVCache  # noqa: E402
+from xverse_serve.model.xverse import XverseForCausalLM, checkpoint_tensors  # noqa: E402
 from xverse_serve.settings import Settings  # noqa: E402
 
 TTFT_REPEATS = 5  # one-request TTFT: the median of this many new 512-token prompts

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from xverse_serve import triton_gemv  # noqa: E402
+from xverse_serve.kernels import gemv as triton_gemv  # noqa: E402
 
 SHAPES = {"qkv_proj": (12288, 4096), "o_proj": (4096, 4096), "gate_up_proj": (22016, 4096),
           "down_proj": (4096, 11008), "lm_head": (100534, 4096)}

@@ -15,11 +15,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from engine_bench import XVERSE_7B, prompts, random_model
 from torch.profiler import ProfilerActivity, profile
 
-from engine_bench import XVERSE_7B, prompts, random_model
-from xverse_serve.launch import assemble_engine, resolve_kv_cache_dtype
-from xverse_serve.sampling import SamplingParams
+from xverse_serve.engine.loader import assemble_engine, resolve_kv_cache_dtype
+from xverse_serve.engine.messages import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
 FLOPS_PER_TOKEN = 2 * 6_476_005_376  # 2 x the parameters a token passes through (all but the embedding table)

@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 
 import torch
-
 from engine_bench import XVERSE_7B, prompts, random_model
-from xverse_serve.launch import assemble_engine
-from xverse_serve.memory_plan import kv_cache_tokens_for_card, measure_step_peaks
-from xverse_serve.sampling import SamplingParams
+
+from xverse_serve.engine.loader import assemble_engine
+from xverse_serve.engine.memory_plan import kv_cache_tokens_for_card, measure_step_peaks
+from xverse_serve.engine.messages import SamplingParams
 from xverse_serve.settings import Settings
 
 

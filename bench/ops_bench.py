@@ -37,11 +37,15 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from xverse_serve.attention import write_kv  # noqa: E402
-from xverse_serve.model import apply_rope, rms_norm_reference, rope_tables  # noqa: E402
-from xverse_serve.triton_ops import (  # noqa: E402
-    default_rope_heads_per_program, fused_add_rms_norm, rms_norm, rope_and_write_kv, silu_and_mul,
+from xverse_serve.kernels.fused_ops import (
+    default_rope_heads_per_program,
+    fused_add_rms_norm,
+    rms_norm,
+    rope_and_write_kv,
+    silu_and_mul,
 )
+from xverse_serve.model.attention import write_kv  # noqa: E402
+from xverse_serve.model.xverse import apply_rope, rms_norm_reference, rope_tables  # noqa: E402
 
 HIDDEN, HEADS, HEAD_DIM, INTER, BLOCK_SIZE, MAX_POSITIONS, LAYERS = 4096, 32, 128, 11008, 16, 8192, 32
 EPS = 1e-6

@@ -39,17 +39,24 @@ import torch
 from engine_bench import copy_bandwidth, prompts, run_engine
 from random_checkpoint import write_checkpoint as write_random_checkpoint
 
-from xverse_serve import quantization
-from xverse_serve.checkpoint import load_config
-from xverse_serve.kv_cache import KVCache, blocks_needed
-from xverse_serve.launch import assemble_engine
-from xverse_serve.memory_plan import kv_cache_tokens_for_card, measure_step_peaks
-from xverse_serve.model import XverseForCausalLM, load_model
-from xverse_serve.quantization import (MatmulKernel, QuantizedLinear, candidates, reference_matmul, relative_error,
-                                       time_call)
-from xverse_serve.runner import ModelRunner
-from xverse_serve.sampling import SamplingParams
-from xverse_serve.scheduler import ScheduledSequence, Sequence
+from xverse_serve.engine.block_allocator import blocks_needed
+from xverse_serve.engine.loader import assemble_engine
+from xverse_serve.engine.memory_plan import kv_cache_tokens_for_card, measure_step_peaks
+from xverse_serve.engine.messages import SamplingParams
+from xverse_serve.engine.runner import ModelRunner
+from xverse_serve.engine.scheduler import ScheduledSequence, Sequence
+from xverse_serve.model import quantization
+from xverse_serve.model.checkpoint import load_config
+from xverse_serve.model.kv_cache import KVCache
+from xverse_serve.model.quantization import (
+    MatmulKernel,
+    QuantizedLinear,
+    candidates,
+    reference_matmul,
+    relative_error,
+    time_call,
+)
+from xverse_serve.model.xverse import XverseForCausalLM, load_model
 from xverse_serve.settings import Settings
 
 GiB = 2**30

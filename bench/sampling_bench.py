@@ -16,7 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from xverse_serve.sampling import SamplingParams, SamplingRow, SeenTokens, sample  # noqa: E402
+from xverse_serve.engine.messages import SamplingParams  # noqa: E402
+from xverse_serve.engine.sampling import SamplingRow, SeenTokens, sample  # noqa: E402
 
 VOCAB = 100534
 XVERSE_DEFAULTS = SamplingParams(max_tokens=100, temperature=0.5, top_k=30, top_p=0.85, repetition_penalty=1.1)

@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import torch
-
 from engine_bench import XVERSE_7B, copy_bandwidth, prompts, random_model
-from xverse_serve.launch import assemble_engine
-from xverse_serve.model import Linear
-from xverse_serve.sampling import SamplingParams
+
+from xverse_serve.engine.loader import assemble_engine
+from xverse_serve.engine.messages import SamplingParams
+from xverse_serve.model.xverse import Linear
 
 WEIGHT_BYTES = 7_299_846_144 * 2
 KV_BYTES_PER_TOKEN = 2 * 32 * 4096 * 2  # keys and values, 32 layers, 4096 wide, bf16

@@ -19,8 +19,9 @@ if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CP
     os.environ["TRITON_INTERPRET"] = "1"
 
 from tiny_checkpoint import write_checkpoint  # noqa: E402
-from xverse_serve.chat import Tokenizer  # noqa: E402
-from xverse_serve.checkpoint import ModelConfig, load_config  # noqa: E402
+
+from xverse_serve.model.checkpoint import ModelConfig, load_config  # noqa: E402
+from xverse_serve.model.tokenizer import Tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -49,8 +49,8 @@ def compile_for_hopper(fn, signature: dict[str, str], constexprs: dict, num_warp
 
 def quantized_matmul_kernels() -> Iterator[tuple]:
     """Every gemv and gemm configuration the tuner may choose (bf16 activations), and the dequantize kernel."""
-    from xverse_serve import triton_quant
-    from xverse_serve.quantization import INT4_GROUP, QuantizedLinear, candidates
+    from xverse_serve.kernels import quant_matmul
+    from xverse_serve.model.quantization import INT4_GROUP, QuantizedLinear, candidates
 
     for scheme in ("int8", "int4"):
         layer = QuantizedLinear(4096, 4096, scheme)
@@ -65,24 +65,24 @@ def quantized_matmul_kernels() -> Iterator[tuple]:
             launch = {"num_warps": options.pop("num_warps"), "num_stages": options.pop("num_stages", 3)}
             name = f"{scheme} {kernel}"
             if kernel.backend == "gemm":
-                yield name, triton_quant._gemm_kernel, {
+                yield name, quant_matmul._gemm_kernel, {
                     "x_ptr": "*bf16", "w_ptr": weight, "scale_ptr": scales, "offset_ptr": scales, "out_ptr": "*bf16",
                     "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32", "stride_xm": "i32", "stride_wn": "i32",
                     "stride_sn": "i32", "stride_om": "i32", "stride_osplit": "i32"}, {
                     "BITS": layer.bits, "GROUP": layer.group_size, "BLOCK_M": options["block_m"],
                     "BLOCK_N": options["block_n"], "BLOCK_K": options["block_k"], "IEEE": False}, launch
             elif scheme == "int8":
-                yield name, triton_quant._int8_gemv_kernel, {
+                yield name, quant_matmul._int8_gemv_kernel, {
                     "x_ptr": "*bf16", "w_ptr": weight, "scale_ptr": scales, "out_ptr": "*bf16", "M": "i32",
                     "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_om": "i32"}, {
                     "BLOCK_N": options["block_n"], "BLOCK_K": options["block_k"]}, launch
             else:
-                yield name, triton_quant._int4_gemv_kernel, {
+                yield name, quant_matmul._int4_gemv_kernel, {
                     "x_ptr": "*bf16", "w_ptr": weight, "scale_ptr": scales, "offset_ptr": scales, "out_ptr": "*bf16",
                     "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_sn": "i32",
                     "stride_om": "i32"}, {
                     "GROUP": INT4_GROUP, "BLOCK_N": options["block_n"], "GROUPS": options["groups_per_iter"]}, launch
-        yield f"{scheme} dequantize", triton_quant._dequantize_kernel, {
+        yield f"{scheme} dequantize", quant_matmul._dequantize_kernel, {
             "w_ptr": weight, "scale_ptr": scales, "offset_ptr": scales, "out_ptr": "*bf16", "N": "i32", "K": "i32",
             "stride_wn": "i32", "stride_sn": "i32", "stride_on": "i32"}, {
             "BITS": layer.bits, "GROUP": INT4_GROUP, "BLOCK_N": 16, "BLOCK_K": 256}, {}
@@ -90,11 +90,12 @@ def quantized_matmul_kernels() -> Iterator[tuple]:
 
 def eight_bit_cache_kernels() -> Iterator[tuple]:
     """The decode-attention kernel reading, and the RoPE kernel writing, an int8 or fp8 cache."""
-    from xverse_serve import triton_attention, triton_ops
+    from xverse_serve.kernels import fused_ops
+    from xverse_serve.kernels import paged_attention
 
     for cache, qmax in (("i8", 127.0), ("fp8e4nv", 448.0)):
         for lanes in (False, True):
-            yield f"decode attention, {cache} cache, lanes={lanes}", triton_attention._partition_kernel, {
+            yield f"decode attention, {cache} cache, lanes={lanes}", paged_attention._partition_kernel, {
                 "q_ptr": "*bf16", "k_cache_ptr": f"*{cache}", "v_cache_ptr": f"*{cache}", "block_tables_ptr": "*i32",
                 "context_lens_ptr": "*i32", "out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_max_ptr": "*fp32",
                 "part_sum_ptr": "*fp32", "arrivals_ptr": "*i32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32",
@@ -105,7 +106,7 @@ def eight_bit_cache_kernels() -> Iterator[tuple]:
                 "stride_st": "i32"}, {
                 "BLOCK_SIZE": 16, "HEAD_DIM": 128, "HEADS": 1, "PARTITION": 512, "BLOCK_N": 32 if lanes else 128,
                 "LANES": lanes, "SINGLE": False, "SCALED": True, "REDUCE_CHUNK": 16}, {}
-        yield f"rope + cache write, {cache} cache", triton_ops._rope_kv_kernel, {
+        yield f"rope + cache write, {cache} cache", fused_ops._rope_kv_kernel, {
             "qkv_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "positions_ptr": "*i64", "slots_ptr": "*i64",
             "q_out_ptr": "*bf16", "k_cache_ptr": f"*{cache}", "v_cache_ptr": f"*{cache}", "k_scale_ptr": "*fp32",
             "v_scale_ptr": "*fp32", "num_heads": "i32", "block_size": "i32", "stride_qkv": "i32", "stride_cos": "i32",

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from xverse_serve.engine import Engine
-from xverse_serve.kv_cache import KVCache, blocks_needed
-from xverse_serve.model import XverseForCausalLM
-from xverse_serve.runner import ModelRunner
-from xverse_serve.sampling import SamplingParams
-from xverse_serve.scheduler import ScheduledSequence, Sequence
+from xverse_serve.engine.block_allocator import blocks_needed
+from xverse_serve.engine.engine import Engine
+from xverse_serve.engine.messages import SamplingParams
+from xverse_serve.engine.runner import ModelRunner
+from xverse_serve.engine.scheduler import ScheduledSequence, Sequence
+from xverse_serve.model.kv_cache import KVCache
+from xverse_serve.model.xverse import XverseForCausalLM
 
 
 def paged_logits(model: XverseForCausalLM, token_ids: list[int], chunks: list[int],

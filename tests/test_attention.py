@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from xverse_serve import attention
-from xverse_serve.attention import AttentionBatch, decode_attention, paged_attention, write_kv
-from xverse_serve.kv_cache import blocks_needed
+from xverse_serve.engine.block_allocator import blocks_needed
+from xverse_serve.model import attention
+from xverse_serve.model.attention import AttentionBatch, decode_attention, paged_attention, write_kv
 
 HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 4, 16, 4, 48
 SCALE = HEAD_DIM ** -0.5

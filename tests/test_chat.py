@@ -6,8 +6,9 @@ import dataclasses
 
 import pytest
 
-from xverse_serve.chat import Message, PromptError, Tokenizer, encode_chat, max_input_tokens, validate_messages
-from xverse_serve.checkpoint import ModelConfig
+from xverse_serve.model.chat_format import Message, PromptError, encode_chat, max_input_tokens, validate_messages
+from xverse_serve.model.checkpoint import ModelConfig
+from xverse_serve.model.tokenizer import Tokenizer
 
 EOS = 3
 NO_LIMIT = 10_000

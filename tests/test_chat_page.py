@@ -14,13 +14,12 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
+from conftest import RunningServer, require_system_tool, start_server, stop_server
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
-
-from conftest import RunningServer, require_system_tool, start_server, stop_server
 from tiny_checkpoint import never_ends, write_checkpoint
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-
 from tiny_checkpoint import GENERATION_CONFIG, TINY_CONFIG, write_checkpoint
-from xverse_serve.checkpoint import (
+
+from xverse_serve.model.checkpoint import (
     CheckpointError,
     GenerationDefaults,
     ModelConfig,
@@ -19,7 +19,7 @@ from xverse_serve.checkpoint import (
     load_generation_defaults,
     weight_files,
 )
-from xverse_serve.model import checkpoint_tensors, load_model
+from xverse_serve.model.xverse import checkpoint_tensors, load_model
 
 CPU = torch.device("cpu")
 XVERSE_7B_CONFIG = {

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import requests
+from conftest import REPO, start_server, stop_server
 
 import model_download
-from conftest import REPO, start_server, stop_server
 from xverse_serve.settings import DEFAULT_MODEL_PATH, Settings, env_name, parse_settings
 
 DOWNLOAD_HINT = "python model_download.py"

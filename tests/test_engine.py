@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import random
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 
-from xverse_serve.checkpoint import load_config
-from xverse_serve.engine import AsyncEngine, Engine, EngineDead, StepOutput
-from xverse_serve.kv_cache import BlockAllocator, KVCache
-from xverse_serve.launch import assemble_engine, build_engine
-from xverse_serve.model import XverseForCausalLM, load_model
-from xverse_serve.piecewise_graphs import PiecewiseGraphs
-from xverse_serve.runner import Feed, ModelRunner, SampledTokens
-from xverse_serve.sampling import SamplingParams
-from xverse_serve.scheduler import ScheduledSequence, Scheduler
+from xverse_serve.engine.block_allocator import BlockAllocator
+from xverse_serve.engine.client import EngineClient, EngineDead
+from xverse_serve.engine.config import CacheConfig, SchedulerConfig
+from xverse_serve.engine.engine import Engine
+from xverse_serve.engine.loader import assemble_engine
+from xverse_serve.engine.messages import SamplingParams, StepOutput
+from xverse_serve.engine.piecewise_graphs import PiecewiseGraphs
+from xverse_serve.engine.runner import Feed, ModelRunner, SampledTokens
+from xverse_serve.engine.scheduler import ScheduledSequence, Scheduler
+from xverse_serve.engine.thread_transport import ThreadTransport
+from xverse_serve.launch import build_engine
+from xverse_serve.model.checkpoint import load_config
+from xverse_serve.model.kv_cache import KVCache
+from xverse_serve.model.xverse import XverseForCausalLM, load_model
 from xverse_serve.settings import parse_settings
 
 MAX_MODEL_LEN = 256
@@ -36,8 +41,8 @@ def model(tiny_model_dir: Path) -> XverseForCausalLM:
 
 def make_engine(model: XverseForCausalLM, num_blocks: int = 128, max_num_seqs: int = 16,
                 max_batched_tokens: int = 512, max_model_len: int = MAX_MODEL_LEN, overlap: bool = True) -> Engine:
-    return assemble_engine(model, num_blocks, BLOCK_SIZE, max_num_seqs, max_batched_tokens, max_model_len,
-                           overlap=overlap)
+    return assemble_engine(model, CacheConfig(num_blocks, BLOCK_SIZE), SchedulerConfig(max_num_seqs, max_batched_tokens),
+                           max_model_len, overlap=overlap)
 
 
 def prompt(length: int, seed: int) -> list[int]:
@@ -226,7 +231,7 @@ def test_penalized_requests_with_prefix_hits_and_preemption_equal_one_at_a_time(
     shared = prompt(16, seed=300)  # four full blocks: cached once the first request has run
     requests = {f"p{i}": (shared + prompt(3 + i, seed=310 + i), penalized) for i in range(4)}
     expected = {rid: alone(model, ids, params) for rid, (ids, params) in requests.items()}
-    unpenalized = dataclasses.replace(penalized, repetition_penalty=1.0)
+    unpenalized = msgspec.structs.replace(penalized, repetition_penalty=1.0)
     assert any(alone(model, ids, unpenalized) != expected[rid] for rid, (ids, _) in requests.items())
     engine = make_engine(model, num_blocks=14, max_model_len=14 * BLOCK_SIZE)
     log = StepLog()
@@ -307,7 +312,7 @@ def test_stop_token_id_finishes_with_stop_and_is_included(model: XverseForCausal
 def engine_with_eos(model: XverseForCausalLM, eos_token_id: int, num_blocks: int = 64, overlap: bool = True) -> Engine:
     """Built by hand from the pieces, with an end-of-text id the tiny model actually produces."""
     kv_cache = KVCache(model.config, num_blocks, BLOCK_SIZE, torch.float32, torch.device("cpu"))
-    scheduler = Scheduler(BlockAllocator(num_blocks), BLOCK_SIZE, max_num_seqs=8, max_batched_tokens=256)
+    scheduler = Scheduler(BlockAllocator(num_blocks), BLOCK_SIZE, SchedulerConfig(max_num_seqs=8, max_batched_tokens=256))
     return Engine(ModelRunner(model, kv_cache), scheduler, eos_token_id, MAX_MODEL_LEN, overlap)
 
 
@@ -512,7 +517,7 @@ def test_build_engine_from_flags_on_cpu(tiny_model_dir: Path, model: XverseForCa
     settings = parse_settings(["--model-path", str(tiny_model_dir), "--device", "cpu", "--block-size", "8",
                                "--kv-cache-tokens", "512", "--max-num-seqs", "3"], environ={})
     context = build_engine(settings)
-    engine = context.engine.engine
+    engine = context.engine.transport.engine
     assert context.max_model_len == MAX_MODEL_LEN
     assert engine.runner.model.lm_head.weight.dtype == torch.float32
     assert engine.scheduler.allocator.num_blocks == 512 // 8
@@ -522,7 +527,7 @@ def test_build_engine_from_flags_on_cpu(tiny_model_dir: Path, model: XverseForCa
     assert_all_blocks_free(engine)
 
 
-# --- AsyncEngine ---------------------------------------------------------------------------------------
+# --- EngineClient over the in-thread transport ---------------------------------------------------------------------------------------
 
 
 class Gate:
@@ -542,7 +547,7 @@ class Gate:
         self.permits.release(1_000_000)
 
 
-async def consume(engine: AsyncEngine, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Result:
+async def consume(engine: EngineClient, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Result:
     result = Result()
     async for output in engine.generate(request_id, prompt_ids, params):
         assert output.error is None, output.error
@@ -551,12 +556,15 @@ async def consume(engine: AsyncEngine, request_id: str, prompt_ids: list[int], p
     return result
 
 
-async def wait_until_idle(engine: AsyncEngine) -> None:
-    """Until the engine thread has applied every command and finished every step (fails after 60 s)."""
+async def wait_until_idle(client: EngineClient) -> None:
+    """Until the engine thread has applied every command and finished every step, and reported so (fails after
+    60 s)."""
+    transport = client.transport
     for _ in range(6000):
-        with engine._lock:
-            inbox_empty = not engine._inbox
-        if inbox_empty and not engine.engine.has_work():
+        with transport._lock:
+            inbox_empty = not transport._inbox
+        stats = client.stats()
+        if inbox_empty and not transport.engine.has_work() and stats.running == stats.waiting == 0:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("the engine did not become idle")
@@ -566,7 +574,7 @@ def run_async(engine: Engine, scenario, gate: Gate | None = None) -> object:
     """Runs `scenario(async_engine)` on a fresh event loop with the engine thread started, then stops it
     (opening the gate first, should the scenario have failed with the thread waiting at it)."""
     async def main() -> object:
-        async_engine = AsyncEngine(engine)
+        async_engine = EngineClient(ThreadTransport(engine))
         async_engine.start()
         try:
             return await asyncio.wait_for(scenario(async_engine), timeout=120)
@@ -582,7 +590,7 @@ def test_concurrent_generate_calls_each_get_their_own_tokens(model: XverseForCau
     expected = {rid: alone(model, ids, params[rid]) for rid, ids in PROMPTS.items()}
     engine = make_engine(model)
 
-    async def scenario(async_engine: AsyncEngine) -> dict[str, Result]:
+    async def scenario(async_engine: EngineClient) -> dict[str, Result]:
         results = await asyncio.gather(*(consume(async_engine, rid, ids, params[rid]) for rid, ids in PROMPTS.items()))
         await wait_until_idle(async_engine)
         return dict(zip(PROMPTS, results))
@@ -597,7 +605,7 @@ def test_leaving_the_iterator_early_aborts_the_request(model: XverseForCausalLM)
     long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
     other = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
-    async def scenario(async_engine: AsyncEngine) -> tuple[int, Result]:
+    async def scenario(async_engine: EngineClient) -> tuple[int, Result]:
         outputs = async_engine.generate("long", PROMPTS["r2"], long)
         first: StepOutput = await outputs.__anext__()
         sequence = engine.sequences["long"]
@@ -620,7 +628,7 @@ def test_breaking_out_of_async_for_aborts_the_request(model: XverseForCausalLM) 
     gate = Gate(engine, permits=3)
     long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
 
-    async def scenario(async_engine: AsyncEngine) -> int:
+    async def scenario(async_engine: EngineClient) -> int:
         sequence = None
         async for _ in async_engine.generate("long", PROMPTS["r2"], long):
             sequence = engine.sequences["long"]
@@ -643,7 +651,7 @@ def test_cancelling_the_consumer_aborts_the_request(model: XverseForCausalLM) ->
     gate = Gate(engine, permits=2)
     long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
 
-    async def scenario(async_engine: AsyncEngine) -> int:
+    async def scenario(async_engine: EngineClient) -> int:
         started = asyncio.Event()
 
         async def consumer() -> None:
@@ -667,7 +675,7 @@ def test_cancelling_the_consumer_aborts_the_request(model: XverseForCausalLM) ->
 def test_a_refused_request_gets_an_error_and_the_engine_goes_on(model: XverseForCausalLM) -> None:
     engine = make_engine(model, max_model_len=32)
 
-    async def scenario(async_engine: AsyncEngine) -> tuple[list[StepOutput], Result]:
+    async def scenario(async_engine: EngineClient) -> tuple[list[StepOutput], Result]:
         refused = [output async for output in async_engine.generate("too-long", prompt(40, seed=0), GREEDY)]
         served = await consume(async_engine, "fine", PROMPTS["r1"], GREEDY)
         return refused, served
@@ -680,7 +688,7 @@ def test_a_refused_request_gets_an_error_and_the_engine_goes_on(model: XverseFor
 def test_generate_before_start_raises_engine_dead(model: XverseForCausalLM) -> None:
     async def scenario() -> None:
         with pytest.raises(EngineDead):
-            async for _ in AsyncEngine(make_engine(model)).generate("a", PROMPTS["r1"], GREEDY):
+            async for _ in EngineClient(ThreadTransport(make_engine(model))).generate("a", PROMPTS["r1"], GREEDY):
                 pass
 
     asyncio.run(scenario())
@@ -699,11 +707,11 @@ def test_engine_thread_death_fails_waiting_requests_and_refuses_new_ones(model: 
 
     engine.scheduler.schedule = broken_schedule
 
-    async def scenario(async_engine: AsyncEngine) -> list[StepOutput]:
+    async def scenario(async_engine: EngineClient) -> list[StepOutput]:
         outputs = [output async for output in async_engine.generate("a", PROMPTS["r1"], GREEDY)]
-        async_engine._thread.join(timeout=60)
+        async_engine.transport._thread.join(timeout=60)
         assert not async_engine.alive
-        assert isinstance(async_engine.error, RuntimeError)
+        assert "RuntimeError: scheduler bug" in async_engine.error
         with pytest.raises(EngineDead):
             async for _ in async_engine.generate("b", PROMPTS["r1"], GREEDY):
                 pass
@@ -745,7 +753,7 @@ def test_warm_up_samples_greedy_and_filtered_rows_together_and_apart(model: Xver
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """The sampler's kernels differ by batch make-up (the greedy argmax runs over the whole vocabulary, the
     filtered draw over the top-k candidates only): warm-up must meet each, or a first user pays a compile."""
-    from xverse_serve import runner
+    from xverse_serve.engine import runner
 
     batches = []
     sample = runner.sample
@@ -757,7 +765,7 @@ def test_warm_up_samples_greedy_and_filtered_rows_together_and_apart(model: Xver
 
 def test_outputs_that_pile_up_reach_the_consumer_merged_and_complete(model: XverseForCausalLM) -> None:
     async def main() -> list[list[int]]:
-        engine = AsyncEngine(make_engine(model))
+        engine = EngineClient(ThreadTransport(make_engine(model)))
         engine.start()
         try:
             received = []

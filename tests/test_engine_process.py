@@ -12,28 +12,34 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from conftest import start_server, stop_server
-from xverse_serve.checkpoint import CheckpointError
-from xverse_serve.engine import AsyncEngine, StepOutput
-from xverse_serve.engine_process import EngineProcess
-from xverse_serve.launch import load_engine
-from xverse_serve.sampling import SamplingParams
+
+from xverse_serve.engine.client import EngineClient
+from xverse_serve.engine.config import EngineConfig
+from xverse_serve.engine.loader import load_engine
+from xverse_serve.engine.messages import SamplingParams, StepOutput
+from xverse_serve.engine.process_transport import ProcessTransport
+from xverse_serve.engine.thread_transport import ThreadTransport
+from xverse_serve.model.checkpoint import CheckpointError
 from xverse_serve.settings import Settings
 
 PROMPTS = {"a": [5, 9, 14, 3 + 40], "b": list(range(20, 57)), "c": [7] * 3, "d": list(range(60, 160, 3))}
 
 
-def settings_for(model_dir: Path, **changes) -> Settings:
+def config_for(model_dir: Path, **changes) -> EngineConfig:
     return dataclasses.replace(Settings(model_path=model_dir, device="cpu", max_model_len=256, kv_cache_tokens=4096),
-                               **changes)
+                               **changes).engine_config()
 
 
-async def collect(engine: AsyncEngine, request_id: str, prompt: list[int], params: SamplingParams) -> list[StepOutput]:
+def in_child(model_dir: Path, **changes) -> EngineClient:
+    return EngineClient(ProcessTransport(config_for(model_dir, **changes)))
+
+
+async def collect(engine: EngineClient, request_id: str, prompt: list[int], params: SamplingParams) -> list[StepOutput]:
     return [output async for output in engine.generate(request_id, prompt, params)]
 
 
-def run(engine: AsyncEngine, scenario) -> object:
+def run(engine: EngineClient, scenario) -> object:
     async def main() -> object:
         engine.start()
         try:
@@ -51,25 +57,25 @@ async def until(condition, timeout: float = 30) -> None:
 
 
 def test_the_engine_process_gives_the_answers_of_the_engine_thread(tiny_model_dir: Path) -> None:
-    settings = settings_for(tiny_model_dir)
+    config = config_for(tiny_model_dir)
     params = {rid: SamplingParams(max_tokens=12 + i, temperature=0.0 if i % 2 else 0.8, seed=i, ignore_eos=True,
                                   repetition_penalty=1.1)
               for i, rid in enumerate(PROMPTS)}
 
-    async def scenario(engine: AsyncEngine) -> dict[str, list[int]]:
+    async def scenario(engine: EngineClient) -> dict[str, list[int]]:
         runs = await asyncio.gather(*(collect(engine, rid, prompt, params[rid]) for rid, prompt in PROMPTS.items()))
         return {rid: [t for output in outputs for t in output.new_token_ids] for rid, outputs in zip(PROMPTS, runs)}
 
-    in_process = run(AsyncEngine(load_engine(settings)), scenario)
-    in_child = run(EngineProcess(settings), scenario)
-    assert in_child == in_process
-    assert [len(tokens) for tokens in in_child.values()] == [12, 13, 14, 15]
+    thread_answers = run(EngineClient(ThreadTransport(load_engine(config))), scenario)
+    process_answers = run(EngineClient(ProcessTransport(config)), scenario)
+    assert process_answers == thread_answers
+    assert [len(tokens) for tokens in process_answers.values()] == [12, 13, 14, 15]
 
 
 def test_its_load_is_visible_and_leaving_early_aborts_the_request(tiny_model_dir: Path) -> None:
     long = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
 
-    async def scenario(engine: EngineProcess) -> tuple:
+    async def scenario(engine: EngineClient) -> tuple:
         idle = engine.stats()
         seen = 0
         async for output in engine.generate("long", PROMPTS["d"], long):
@@ -80,42 +86,42 @@ def test_its_load_is_visible_and_leaving_early_aborts_the_request(tiny_model_dir
         await until(lambda: engine.stats().running == 0)  # the abort reached the child
         return idle, busy, engine.stats()
 
-    idle, busy, after = run(EngineProcess(settings_for(tiny_model_dir)), scenario)
+    idle, busy, after = run(in_child(tiny_model_dir), scenario)
     assert idle.running == idle.waiting == idle.kv_blocks_used == 0 and idle.kv_blocks_total == 4096 // 16
     assert busy.running == 1 and busy.kv_blocks_used > 0
     assert after.running == after.waiting == after.kv_blocks_used == 0
 
 
 def test_a_request_the_engine_refuses_fails_alone(tiny_model_dir: Path) -> None:
-    async def scenario(engine: EngineProcess) -> tuple[list[StepOutput], list[StepOutput]]:
+    async def scenario(engine: EngineClient) -> tuple[list[StepOutput], list[StepOutput]]:
         too_long = await collect(engine, "x", list(range(5, 305)), SamplingParams(max_tokens=4))
         fine = await collect(engine, "y", PROMPTS["a"], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
         return too_long, fine
 
-    too_long, fine = run(EngineProcess(settings_for(tiny_model_dir)), scenario)
+    too_long, fine = run(in_child(tiny_model_dir), scenario)
     assert [output.error for output in too_long] == ["the prompt has 300 tokens; the context holds 256"]
     assert sum(len(output.new_token_ids) for output in fine) == 4 and fine[-1].finish_reason == "length"
 
 
 def test_a_start_up_error_in_the_child_is_raised_with_its_message(tiny_model_dir: Path) -> None:
     with pytest.raises(CheckpointError, match="the KV cache holds 128 tokens, less than one 256-token context"):
-        EngineProcess(settings_for(tiny_model_dir, kv_cache_tokens=128))
+        in_child(tiny_model_dir, kv_cache_tokens=128)
 
 
 def test_when_the_child_dies_every_request_fails_and_the_server_hears_of_it(tiny_model_dir: Path) -> None:
     deaths = []
 
-    async def scenario(engine: EngineProcess) -> list[StepOutput]:
+    async def scenario(engine: EngineClient) -> list[StepOutput]:
         engine.on_death = lambda: deaths.append(True)
         outputs = []
         async for output in engine.generate("long", PROMPTS["b"], SamplingParams(max_tokens=400, ignore_eos=True)):
             outputs.append(output)
             if len(outputs) == 2:
-                os.kill(engine.pid, signal.SIGKILL)
+                os.kill(engine.transport.pid, signal.SIGKILL)
         await until(lambda: bool(deaths))
         return outputs
 
-    engine = EngineProcess(settings_for(tiny_model_dir))
+    engine = in_child(tiny_model_dir)
     outputs = run(engine, scenario)
     assert outputs[-1].error is not None and "the engine process exited" in outputs[-1].error
     assert not engine.alive

@@ -7,10 +7,9 @@ import random
 
 import pytest
 
-from xverse_serve.chat import Tokenizer
-from xverse_serve.engine import StepOutput
-from xverse_serve.generation import IncrementalDetokenizer, StopStringMatcher, generate_text
-from xverse_serve.sampling import SamplingParams
+from xverse_serve.engine.messages import SamplingParams, StepOutput
+from xverse_serve.model.tokenizer import Tokenizer
+from xverse_serve.server.generation import IncrementalDetokenizer, StopStringMatcher, generate_text
 
 RARE = "鑫"  # not in the tiny vocabulary: three byte tokens <0xE9> <0x91> <0xAB>
 TEXTS = [
@@ -177,7 +176,7 @@ def test_stop_strings_in_chinese() -> None:
 
 
 class ScriptedEngine:
-    """Stands in for AsyncEngine: yields the given token chunks as one request's outputs."""
+    """Stands in for EngineClient: yields the given token chunks as one request's outputs."""
 
     def __init__(self, chunks: list[list[int]]) -> None:
         self.chunks = chunks

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from xverse_serve.engine.messages import SamplingParams
 from xverse_serve.launch import build_engine
-from xverse_serve.sampling import SamplingParams
 from xverse_serve.settings import parse_settings
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -22,7 +22,7 @@ def greedy_tokens(model_dir: Path, device: str, *flags: str, together: bool = Tr
     """pieces_used: gets the number of steps that ran through the piecewise graphs."""
     ctx = build_engine(parse_settings(["--model-path", str(model_dir), "--device", device, "--dtype", "float32",
                                        "--max-num-seqs", "8", "--max-batched-tokens", "64", *flags]))
-    engine = ctx.engine.engine
+    engine = ctx.engine.transport.engine
     if pieces_used is not None:
         pieces = engine.runner.pieces
         forward = pieces.forward
@@ -93,9 +93,9 @@ def test_gpu_bf16_int8_weights_and_int8_cache_stay_near_the_float32_cpu_model(ti
     model with the same quantized weights: only bf16 rounding apart."""
     from paged import paged_logits as cpu_paged_logits
 
-    from xverse_serve.checkpoint import load_config
-    from xverse_serve.model import load_model
-    from xverse_serve.quantization import QuantizedLinear, relative_error
+    from xverse_serve.model.checkpoint import load_config
+    from xverse_serve.model.quantization import QuantizedLinear, relative_error
+    from xverse_serve.model.xverse import load_model
 
     config = load_config(tiny_int4_dir)
     ids = torch.randint(4, config.vocab_size, (60,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -118,7 +118,7 @@ def gpu_paged_logits(model, token_ids: list[int], chunks: list[int], kv_dtype: t
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_gpu_every_quantized_matmul_kernel_on_7b_shapes_equals_the_reference(scheme: str) -> None:
     """Each candidate the tuner may pick, at XVERSE-7B's shapes, in bf16, against the float32 reference."""
-    from xverse_serve.quantization import QuantizedLinear, candidates, reference_matmul, relative_error
+    from xverse_serve.model.quantization import QuantizedLinear, candidates, reference_matmul, relative_error
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     for out_features, in_features in ((4096, 4096), (22016, 4096), (4096, 11008)):

@@ -29,18 +29,26 @@ triton = pytest.importorskip("triton")
 from paged import paged_logits  # noqa: E402
 from test_quantization import greedy, random_ids  # noqa: E402
 from test_triton_attention import PagedBatch, _fix_interpreter_index  # noqa: E402
-from test_triton_ops import interpreter_converts_floats_with  # noqa: E402
-from test_triton_ops import interpreter_rounds_bfloat16  # noqa: E402,F401  (autouse: bf16 rounding as on GPUs)
-
-from xverse_serve.attention import (  # noqa: E402
-    KV_QMAX, AttentionBatch, decode_attention, dequantize_kv, paged_attention, quantize_kv, write_kv,
+from test_triton_ops import (
+    interpreter_converts_floats_with,  # noqa: E402
+    interpreter_rounds_bfloat16,  # noqa: E402,F401  (autouse: bf16 rounding as on GPUs)
 )
-from xverse_serve.checkpoint import ModelConfig, load_config  # noqa: E402
-from xverse_serve.kv_cache import KVCache  # noqa: E402
-from xverse_serve.model import apply_rope, load_model, rope_tables  # noqa: E402
-from xverse_serve.quantization import relative_error  # noqa: E402
-from xverse_serve.triton_attention import paged_decode_attention  # noqa: E402
-from xverse_serve.triton_ops import rope_and_write_kv  # noqa: E402
+
+from xverse_serve.kernels.fused_ops import rope_and_write_kv  # noqa: E402
+from xverse_serve.kernels.kv_format import KV_QMAX
+from xverse_serve.kernels.paged_attention import paged_decode_attention  # noqa: E402
+from xverse_serve.model.attention import (
+    AttentionBatch,
+    decode_attention,
+    dequantize_kv,
+    paged_attention,
+    quantize_kv,
+    write_kv,
+)
+from xverse_serve.model.checkpoint import ModelConfig, load_config  # noqa: E402
+from xverse_serve.model.kv_cache import KVCache  # noqa: E402
+from xverse_serve.model.quantization import relative_error  # noqa: E402
+from xverse_serve.model.xverse import apply_rope, load_model, rope_tables  # noqa: E402
 
 if INTERPRET:
     _fix_interpreter_index()

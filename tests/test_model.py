@@ -6,18 +6,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
 from paged import engine_tokens
 from paged import paged_logits as shared_paged_logits
-from xverse_serve.chat import Tokenizer
-from xverse_serve.checkpoint import ModelConfig, is_skipped_tensor, iter_shard_tensors
-from xverse_serve.kv_cache import KVCache
-from xverse_serve.launch import assemble_engine
-from xverse_serve.model import XverseForCausalLM, load_model
-from xverse_serve.runner import ModelRunner
-from xverse_serve.sampling import SamplingParams
-from xverse_serve.scheduler import ScheduledSequence, Sequence
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from xverse_serve.engine.config import CacheConfig, SchedulerConfig
+from xverse_serve.engine.loader import assemble_engine
+from xverse_serve.engine.messages import SamplingParams
+from xverse_serve.engine.runner import ModelRunner
+from xverse_serve.engine.scheduler import ScheduledSequence, Sequence
+from xverse_serve.model.checkpoint import ModelConfig, is_skipped_tensor, iter_shard_tensors
+from xverse_serve.model.kv_cache import KVCache
+from xverse_serve.model.tokenizer import Tokenizer
+from xverse_serve.model.xverse import XverseForCausalLM, load_model
 
 CPU = torch.device("cpu")
 MAX_POSITIONS = 256
@@ -113,8 +114,8 @@ def test_one_step_with_a_decode_and_a_prefill_equals_each_alone(model: XverseFor
 
 def generate_with_engine(model: XverseForCausalLM, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
     """All prompts at once through the engine (batched, paged), the tokens of each."""
-    engine = assemble_engine(model, num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, max_num_seqs=8,
-                             max_batched_tokens=512, max_model_len=MAX_POSITIONS)
+    engine = assemble_engine(model, CacheConfig(NUM_BLOCKS, BLOCK_SIZE), SchedulerConfig(max_num_seqs=8, max_batched_tokens=512),
+                             MAX_POSITIONS)
     return engine_tokens(engine, prompts, params)
 
 def hf_generate(hf_model: LlamaForCausalLM, ids: list[int], max_new: int, **options) -> list[int]:

@@ -13,13 +13,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import REPO, free_port
 from huggingface_hub.hf_api import RepoSibling
 from modelscope.hub.api import HubApi
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 import model_download
-from conftest import REPO, free_port
 from xverse_serve.settings import DEFAULT_MODEL_PATH
 
 SHARD = "pytorch_model-00002-of-00002.bin"

@@ -3,9 +3,11 @@ shared read-only, evicted least recently freed first — and the tokens generate
 
 from __future__ import annotations
 
-from test_engine import GREEDY, BLOCK_SIZE, assert_all_blocks_free, make_engine, model, prompt, run_all  # noqa: F401
-from xverse_serve.kv_cache import BlockAllocator, block_hash
-from xverse_serve.launch import assemble_engine
+from test_engine import BLOCK_SIZE, GREEDY, assert_all_blocks_free, make_engine, model, prompt, run_all  # noqa: F401
+
+from xverse_serve.engine.block_allocator import BlockAllocator, block_hash
+from xverse_serve.engine.config import CacheConfig, SchedulerConfig
+from xverse_serve.engine.loader import assemble_engine
 
 
 def hashes(tokens: list[int]) -> list[bytes]:
@@ -92,7 +94,7 @@ def test_a_conversation_that_resends_its_history_hits_its_earlier_blocks(model) 
     cached_run = run_all(engine, {"turn2": (turn_two, GREEDY)})["turn2"]
     # The first turn's prompt and the computed part of its answer were full blocks in the cache.
     assert engine.scheduler.prefix_hit_tokens >= (30 + len(answer) - 1) // BLOCK_SIZE * BLOCK_SIZE
-    uncached = assemble_engine(model, 128, BLOCK_SIZE, 16, 512, 256, prefix_caching=False)
+    uncached = assemble_engine(model, CacheConfig(128, BLOCK_SIZE), SchedulerConfig(16, 512, prefix_caching=False), 256)
     assert run_all(uncached, {"turn2": (turn_two, GREEDY)})["turn2"].tokens == cached_run.tokens
     assert uncached.scheduler.prefix_hit_tokens == 0
 
@@ -102,7 +104,7 @@ def test_concurrent_requests_sharing_a_system_prompt_answer_as_without_caching(m
     requests = {f"q{i}": (shared + prompt(5 + i, seed=10 + i), GREEDY) for i in range(6)}
     engine = make_engine(model, max_batched_tokens=40)  # chunked: later ones arrive after blocks are cached
     cached = run_all(engine, requests)
-    plain = run_all(assemble_engine(model, 128, BLOCK_SIZE, 16, 40, 256, prefix_caching=False), requests)
+    plain = run_all(assemble_engine(model, CacheConfig(128, BLOCK_SIZE), SchedulerConfig(16, 40, prefix_caching=False), 256), requests)
     assert {k: r.tokens for k, r in cached.items()} == {k: r.tokens for k, r in plain.items()}
     assert engine.scheduler.prefix_hit_tokens > 0
     assert 0 < engine.scheduler.prefix_hit_rate < 1

@@ -36,14 +36,27 @@ from conftest import REPO, start_server, stop_server  # noqa: E402
 from paged import engine_tokens, paged_logits  # noqa: E402
 from tiny_checkpoint import write_checkpoint  # noqa: E402
 
-from xverse_serve.checkpoint import CheckpointError, ModelConfig, load_config  # noqa: E402
-from xverse_serve.launch import assemble_engine, build_engine, resolve_kv_cache_dtype  # noqa: E402
-from xverse_serve.model import XverseForCausalLM, load_model  # noqa: E402
-from xverse_serve.quantization import (  # noqa: E402
-    INT4_GROUP, MatmulKernel, QuantizedEmbedding, QuantizedLinear, candidates, dequantize_int4, dequantize_int8, quantize_int4,
-    quantize_int8, quantized_bytes, reference_matmul, relative_error, unpack_int4,
+from xverse_serve.engine.config import CacheConfig, SchedulerConfig  # noqa: E402
+from xverse_serve.engine.loader import assemble_engine, resolve_kv_cache_dtype  # noqa: E402
+from xverse_serve.engine.messages import SamplingParams  # noqa: E402
+from xverse_serve.launch import build_engine  # noqa: E402
+from xverse_serve.model.checkpoint import CheckpointError, ModelConfig, load_config  # noqa: E402
+from xverse_serve.model.quantization import (
+    INT4_GROUP,
+    MatmulKernel,
+    QuantizedEmbedding,
+    QuantizedLinear,
+    candidates,
+    dequantize_int4,
+    dequantize_int8,
+    quantize_int4,
+    quantize_int8,
+    quantized_bytes,
+    reference_matmul,
+    relative_error,
+    unpack_int4,
 )
-from xverse_serve.sampling import SamplingParams  # noqa: E402
+from xverse_serve.model.xverse import XverseForCausalLM, load_model  # noqa: E402
 from xverse_serve.settings import parse_settings  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -219,7 +232,7 @@ def dequantized_twin(model: XverseForCausalLM, model_dir: Path) -> XverseForCaus
 def greedy(model: XverseForCausalLM, prompts: list[list[int]], max_tokens: int = 24,
            kv_dtype: torch.dtype | None = None) -> list[list[int]]:
     """All prompts at once through the engine (batched, chunked prefill), greedy."""
-    engine = assemble_engine(model, 64, 4, 8, 32, MAX_POSITIONS, kv_cache_dtype=kv_dtype)
+    engine = assemble_engine(model, CacheConfig(64, 4, kv_dtype), SchedulerConfig(8, 32), MAX_POSITIONS)
     return engine_tokens(engine, prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
 
 def random_ids(count: int, config: ModelConfig, seed: int) -> list[int]:

@@ -25,7 +25,6 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-
 from conftest import REPO, RunningServer, free_port, require_system_tool, start_server, stop_server
 
 DEPLOY = REPO / "deploy"

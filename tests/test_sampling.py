@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import pytest
 import torch
 from transformers import (
@@ -11,10 +13,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from dataclasses import dataclass, field
-
-from xverse_serve.sampling import (
-    SamplingParams,
+from xverse_serve.engine.messages import SamplingParams
+from xverse_serve.engine.sampling import (
     SamplingRow,
     SeenTokens,
     apply_repetition_penalty,

@@ -10,7 +10,6 @@ from pathlib import Path
 import openai
 import pytest
 import requests
-
 from conftest import RunningServer, start_server, stop_server
 from test_server_concurrency import SLOW_CONTEXT, never_ends, open_stream
 from tiny_checkpoint import write_checkpoint

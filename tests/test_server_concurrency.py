@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import pytest
 import requests
-
 from conftest import RunningServer, start_server, stop_server
 from tiny_checkpoint import never_ends, write_checkpoint
 

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from conftest import free_port, start_server
 from test_server_concurrency import SLOW_CONTEXT, never_ends, open_stream
 from tiny_checkpoint import write_checkpoint
+
 from xverse_serve.launch import build_engine
-from xverse_serve.lifecycle import serve
-from xverse_serve.server import create_app
+from xverse_serve.server.app import create_app
+from xverse_serve.server.lifecycle import serve
 from xverse_serve.settings import Settings
 
 CHAT = "/v1/chat/completions"
@@ -95,7 +95,7 @@ def test_requests_still_running_after_the_grace_end_with_an_error(slow_model: Pa
 def test_a_dead_engine_thread_fails_its_requests_and_the_process_exits_1(tiny_model_dir: Path) -> None:
     port = free_port()
     ctx = build_engine(Settings(model_path=tiny_model_dir, device="cpu", host="127.0.0.1", port=port))
-    engine = ctx.engine.engine
+    engine = ctx.engine.transport.engine
     schedule = engine.scheduler.schedule
     calls = []
 
@@ -120,6 +120,6 @@ def test_a_dead_engine_thread_fails_its_requests_and_the_process_exits_1(tiny_mo
             time.sleep(0.05)
     response = requests.post(url + CHAT, json=chat_body(16), timeout=60)
     assert response.status_code == 500
-    assert "the engine stopped: scheduler bug" in response.json()["error"]["message"]
+    assert "the engine stopped: RuntimeError: scheduler bug" in response.json()["error"]["message"]
     thread.join(timeout=30)
     assert exit_codes == [1]

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from conftest import RunningServer, start_server, stop_server
 from test_observability import scrape, value
 

@@ -19,9 +19,9 @@ DEVICE = torch.device("cpu" if INTERPRET else "cuda")
 
 triton = pytest.importorskip("triton")
 
-from xverse_serve.attention import decode_attention, gather_context  # noqa: E402
-from xverse_serve.kv_cache import blocks_needed  # noqa: E402
-from xverse_serve.triton_attention import paged_decode_attention  # noqa: E402
+from xverse_serve.engine.block_allocator import blocks_needed  # noqa: E402
+from xverse_serve.kernels.paged_attention import paged_decode_attention  # noqa: E402
+from xverse_serve.model.attention import decode_attention, gather_context  # noqa: E402
 
 
 def _fix_interpreter_index() -> None:
@@ -180,7 +180,7 @@ def test_fewer_parts_than_the_width_needs_split_each_context_evenly(num_parts: i
 
 
 def test_default_parts_come_from_the_batch_shape_not_the_table_width() -> None:
-    from xverse_serve.triton_attention import default_num_parts
+    from xverse_serve.kernels.paged_attention import default_num_parts
 
     # One sequence on a 132-SM card: 9 parts give two programs per SM, whatever the width beyond 9 x 128 tokens.
     assert default_num_parts(1, 32, 8192, 132) == default_num_parts(1, 32, 2048, 132) == 9

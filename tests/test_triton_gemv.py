@@ -8,13 +8,13 @@ import os
 
 import pytest
 import torch
-
-from xverse_serve.model import Linear
 from test_triton_ops import interpreter_rounds_bfloat16  # noqa: E402,F401  (autouse: bf16 rounding as on GPUs)
+
+from xverse_serve.model.xverse import Linear
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = torch.device("cpu" if INTERPRET else "cuda")
-triton_gemv = pytest.importorskip("xverse_serve.triton_gemv")
+triton_gemv = pytest.importorskip("xverse_serve.kernels.gemv")
 
 SHAPES = [(64, 512), (37, 100), (5, 1024), (130, 1536)]
 CONFIGS = [(4, 512, 4, 1), (16, 256, 4, 2), (4, 128, 8, 3)]
@@ -91,7 +91,7 @@ def test_skinny_matmul_compiles_one_kernel_per_tile_height_whatever_the_rows() -
 @pytest.mark.parametrize("config", [(4, 512, 4, 1), (2, 128, 8, 3)], ids=str)
 @pytest.mark.parametrize(("inter", "k"), [(32, 512), (37, 100), (5, 1024)], ids=str)
 def test_gated_gemv_is_the_gemv_then_silu_and_mul(inter: int, k: int, config: tuple, dtype: torch.dtype) -> None:
-    from xverse_serve.triton_ops import silu_and_mul
+    from xverse_serve.kernels.fused_ops import silu_and_mul
 
     gen = torch.Generator().manual_seed(inter * k)
     weight = torch.randn(2 * inter, k, generator=gen).to(dtype).to(DEVICE)
@@ -109,9 +109,9 @@ def test_gated_gemv_is_the_gemv_then_silu_and_mul(inter: int, k: int, config: tu
 
 @pytest.mark.skipif(INTERPRET, reason="the model's Linear uses the GEMV on CUDA only")
 def test_the_mlp_runs_one_bf16_row_through_the_gated_gemv() -> None:
-    from xverse_serve.checkpoint import ModelConfig
-    from xverse_serve.model import MLP
-    from xverse_serve.triton_ops import silu_and_mul
+    from xverse_serve.kernels.fused_ops import silu_and_mul
+    from xverse_serve.model.checkpoint import ModelConfig
+    from xverse_serve.model.xverse import MLP
 
     config = ModelConfig(vocab_size=64, hidden_size=256, intermediate_size=512, num_layers=1, num_heads=2,
                          max_position_embeddings=64, max_tokenizer_truncation=64, rms_norm_eps=1e-6,
@@ -135,7 +135,7 @@ def slice_squares(stream: torch.Tensor, block_n: int) -> torch.Tensor:
 @pytest.mark.parametrize("config", [(8, 512, 8, 2), (4, 128, 4, 1)], ids=str)
 @pytest.mark.parametrize(("n", "k"), [(64, 512), (37, 100)], ids=str)
 def test_add_gemv_is_the_gemv_then_the_residual_add(n: int, k: int, config: tuple, dtype: torch.dtype) -> None:
-    from xverse_serve.triton_ops import fused_add_rms_norm
+    from xverse_serve.kernels.fused_ops import fused_add_rms_norm
 
     gen = torch.Generator().manual_seed(n + k)
     weight = torch.randn(n, k, generator=gen).to(dtype).to(DEVICE)
@@ -156,8 +156,8 @@ def test_add_gemv_is_the_gemv_then_the_residual_add(n: int, k: int, config: tupl
 @pytest.mark.parametrize(("n", "k", "slice_rows"), [(64, 512, 8), (38, 100, 3)], ids=str)
 def test_a_normed_gemv_is_the_rms_norm_then_the_gemv(n: int, k: int, slice_rows: int, dtype: torch.dtype,
                                                      gated: bool) -> None:
-    from xverse_serve.model import rms_norm_reference
-    from xverse_serve.triton_ops import silu_and_mul
+    from xverse_serve.kernels.fused_ops import silu_and_mul
+    from xverse_serve.model.xverse import rms_norm_reference
 
     gen = torch.Generator().manual_seed(n * k + gated)
     weight = torch.randn(n, k, generator=gen).to(dtype).to(DEVICE)
@@ -196,9 +196,10 @@ def test_one_bf16_row_goes_through_the_decoder_without_norm_kernels(tiny_model_d
     from collections import Counter
 
     from paged import paged_logits
-    from xverse_serve import triton_ops
-    from xverse_serve.checkpoint import load_config
-    from xverse_serve.model import load_model
+
+    from xverse_serve.kernels import fused_ops as triton_ops
+    from xverse_serve.model.checkpoint import load_config
+    from xverse_serve.model.xverse import load_model
 
     config = load_config(tiny_model_dir)
     model = load_model(tiny_model_dir, config, DEVICE, torch.bfloat16, 256)

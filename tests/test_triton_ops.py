@@ -28,10 +28,10 @@ DEVICE = torch.device("cpu" if INTERPRET else "cuda")
 
 triton = pytest.importorskip("triton")
 
-from xverse_serve import model as model_module  # noqa: E402
-from xverse_serve.attention import write_kv  # noqa: E402
-from xverse_serve.model import apply_rope, rms_norm_reference, rope_tables  # noqa: E402
-from xverse_serve.triton_ops import fused_add_rms_norm, rms_norm, rope_and_write_kv, silu_and_mul  # noqa: E402
+from xverse_serve.kernels.fused_ops import fused_add_rms_norm, rms_norm, rope_and_write_kv, silu_and_mul  # noqa: E402
+from xverse_serve.model import xverse as model_module  # noqa: E402
+from xverse_serve.model.attention import write_kv  # noqa: E402
+from xverse_serve.model.xverse import apply_rope, rms_norm_reference, rope_tables  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -280,8 +280,8 @@ def test_rope_rejects_bad_inputs() -> None:
 @pytest.mark.parametrize(("heads", "head_dim"), [(4, 128), (3, 32), (64, 64)])  # 3: a masked head; 64: two programs
 def test_gather_dequantize_is_dequantize_kv_of_the_gathered_slots(dtype: torch.dtype, cache_dtype: torch.dtype,
                                                                   heads: int, head_dim: int) -> None:
-    from xverse_serve.attention import dequantize_kv, gather, quantize_kv
-    from xverse_serve.triton_ops import gather_dequantize
+    from xverse_serve.kernels.fused_ops import gather_dequantize
+    from xverse_serve.model.attention import dequantize_kv, gather, quantize_kv
 
     blocks, block_size = 6, 4
     x = randn(blocks * block_size, heads, head_dim, dtype=torch.float32, seed=heads, scale=3.0)
@@ -321,8 +321,8 @@ def test_silu_and_mul_leading_dims_and_extremes() -> None:
 
 
 def tiny_model_pair(model_dir, dtype: torch.dtype):
-    from xverse_serve.checkpoint import load_config
-    from xverse_serve.model import load_model
+    from xverse_serve.model.checkpoint import load_config
+    from xverse_serve.model.xverse import load_model
 
     config = load_config(model_dir)
     cpu = load_model(model_dir, config, torch.device("cpu"), dtype, 256)
@@ -333,7 +333,7 @@ def tiny_model_pair(model_dir, dtype: torch.dtype):
 def paged_steps(model, config, device: torch.device, dtype: torch.dtype) -> tuple[list[torch.Tensor], list]:
     """A 29-token prefill over a shuffled block table, then a step with one decode and a second sequence's
     prefill, then 5 decode steps of both; the hidden states of every step and the caches at the end."""
-    from xverse_serve.attention import AttentionBatch
+    from xverse_serve.model.attention import AttentionBatch
 
     block_size, num_blocks = 4, 40
     shape = (num_blocks + 1, block_size, config.num_heads, config.head_dim)
@@ -427,7 +427,7 @@ def test_fused_ops_replay_in_a_cuda_graph() -> None:
 
 @pytest.mark.parametrize(("rows", "vocab"), [(1, 100534), (3, 5000), (5, 2048), (2, 7), (2, 140000)], ids=str)
 def test_argmax_rows_is_torchs_argmax_first_maximum_included(rows: int, vocab: int) -> None:
-    from xverse_serve.triton_ops import ARGMAX_BLOCK, argmax_rows
+    from xverse_serve.kernels.fused_ops import ARGMAX_BLOCK, argmax_rows
 
     gen = torch.Generator().manual_seed(rows * vocab)
     logits = torch.randn(rows, vocab, generator=gen)

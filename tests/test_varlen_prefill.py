@@ -16,18 +16,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from paged import paged_logits
-from xverse_serve import attention
-from xverse_serve import runner as runner_module
-from xverse_serve.attention import AttentionBatch, paged_attention, quantize_kv, varlen_supported
-from xverse_serve.checkpoint import ModelConfig
-from xverse_serve.kv_cache import KVCache, blocks_needed
-from xverse_serve.model import XverseForCausalLM, load_model
-from xverse_serve.quantization import relative_error
-from xverse_serve.runner import ModelRunner, build_inputs, varlen_layout, varlen_layouts
-from xverse_serve.sampling import SamplingParams
-from xverse_serve.scheduler import ScheduledSequence, Sequence
+
+from xverse_serve.engine import runner as runner_module
+from xverse_serve.engine.block_allocator import blocks_needed
+from xverse_serve.engine.messages import SamplingParams
+from xverse_serve.engine.runner import ModelRunner, build_inputs, varlen_layout, varlen_layouts
+from xverse_serve.engine.scheduler import ScheduledSequence, Sequence
+from xverse_serve.model import attention
+from xverse_serve.model.attention import AttentionBatch, paged_attention, quantize_kv, varlen_supported
+from xverse_serve.model.checkpoint import ModelConfig
+from xverse_serve.model.kv_cache import KVCache
+from xverse_serve.model.quantization import relative_error
+from xverse_serve.model.xverse import XverseForCausalLM, load_model
 
 HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 4, 16, 4, 48
 SCALE = HEAD_DIM ** -0.5

@@ -1,0 +1,201 @@
+"""The engine: each step schedules sequences, runs the model on them and reads their tokens back."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .messages import EngineStats, SamplingParams, StepOutput
+from .runner import Feed, ModelRunner, SampledTokens
+from .scheduler import ScheduledSequence, Scheduler, Sequence
+
+log = logging.getLogger(__name__)
+
+
+# An output token the device has sampled and the host has not read yet (it is never a model input on the host:
+# the step that feeds it takes the sampled id on the device).
+PLACEHOLDER = -1
+
+
+@dataclass
+class InFlight:
+    """A launched step whose sampled tokens the host has not read yet."""
+
+    scheduled: list[ScheduledSequence]
+    sampled: list[tuple[Sequence, int]]  # each sequence that samples a token, and that token's index in output_ids
+    tokens: SampledTokens | None
+
+    def feed(self, scheduled: list[ScheduledSequence]) -> Feed | None:
+        """Where the rows of the next step, `scheduled`, find their input tokens among this step's samples."""
+        if self.tokens is None:
+            return None
+        index = {seq: i for i, (seq, _) in enumerate(self.sampled)}
+        return Feed(self.tokens.ids, [index.get(entry.seq, -1) for entry in scheduled])
+
+
+class Engine:
+    """Synchronous core: add and abort requests, and advance every running sequence by one step.
+
+    With overlap (the default), each step is scheduled and queued on the device before the tokens of the step
+    still running there are read back: a row whose input token that step samples takes it from its sampled ids
+    on the device (prompt chunks and admissions need nothing from it; the repetition penalty marks its seen
+    tokens from each step's input ids on the device), and the host's work (reading tokens, finishing requests,
+    scheduling, building inputs) runs while the GPU computes instead of between its steps. What the host learns
+    one step late: an end of text, after which the sequence computes one token more, which is dropped
+    (max_tokens and the context's end are known in advance, so such sequences leave the batch on time), and the
+    full blocks to cache, which a prompt admitted meanwhile may miss."""
+
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, eos_token_id: int, max_model_len: int,
+                 overlap: bool = True) -> None:
+        self.runner = runner
+        self.scheduler = scheduler
+        self.eos_token_id = eos_token_id
+        self.max_model_len = max_model_len
+        self.overlap = overlap
+        self.sequences: dict[str, Sequence] = {}
+        self.in_flight: InFlight | None = None
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_model_len}")
+        longest = min(len(prompt_ids) + params.max_tokens, self.max_model_len)
+        pool = self.scheduler.allocator.num_blocks * self.scheduler.block_size
+        if longest > pool:  # it could never be scheduled, and would wait forever
+            raise ValueError(f"the prompt and max_tokens need {longest} tokens of KV cache; it holds {pool}")
+        if request_id in self.sequences:
+            raise ValueError(f"request id {request_id!r} is already running")
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+        seq = Sequence(request_id, list(prompt_ids), params, generator)
+        self.sequences[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        seq = self.sequences.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.remove(seq)
+            self.runner.release(request_id)
+
+    def has_work(self) -> bool:
+        return self.in_flight is not None or self.scheduler.has_work()
+
+    def warm_up(self) -> None:
+        """Runs a few short requests through every kind of step — whole and chunked prefills of odd
+        lengths, mixed prefill and decode, sampling with every filter, greedy rows beside sampled ones and
+        alone — so that the GPU kernels are compiled before the first user waits on them. The counters start
+        from zero afterwards."""
+        sampled = SamplingParams(max_tokens=3, temperature=1.0, top_k=30, top_p=0.9, repetition_penalty=1.1,
+                                 seed=0, ignore_eos=True)
+        greedy = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+        chunked = min(self.scheduler.max_batched_tokens + 5, self.max_model_len - sampled.max_tokens)
+        lengths = [length for length in (1, 5, 37, 512, 1000) if length < chunked] + [chunked]
+        for index, length in enumerate(lengths):
+            self.add_request(f"warm-up-{index}", [self.eos_token_id + 1 + i % 7 for i in range(length)],
+                             greedy if index % 2 else sampled)
+        while self.has_work():
+            self.step()
+        for name, params in (("greedy", greedy), ("sampled", sampled)):
+            self.add_request(f"warm-up-{name}", [self.eos_token_id + 1], params)
+            while self.has_work():
+                self.step()
+        self.scheduler.num_preemptions = 0
+        self.scheduler.prefix_queried_tokens = self.scheduler.prefix_hit_tokens = 0
+
+    def stats(self) -> EngineStats:
+        scheduler, allocator = self.scheduler, self.scheduler.allocator
+        return EngineStats(len(scheduler.running), len(scheduler.waiting), allocator.num_blocks - allocator.num_free,
+                           allocator.num_blocks, scheduler.prefix_queried_tokens, scheduler.prefix_hit_tokens,
+                           scheduler.num_preemptions)
+
+    def stats_line(self) -> str:
+        stats = self.stats()
+        return (f"running {stats.running}, waiting {stats.waiting}, KV blocks {stats.kv_blocks_used}/"
+                f"{stats.kv_blocks_total} in use ({stats.kv_blocks_used / stats.kv_blocks_total:.0%}), "
+                f"prefix cache hit rate {self.scheduler.prefix_hit_rate:.0%}, preemptions {stats.preemptions}")
+
+    def step(self) -> list[StepOutput]:
+        """Queues the next step and returns the outputs of the one before it (with overlap), or runs one step and
+        returns its outputs."""
+        outputs: list[StepOutput] = []
+        previous, self.in_flight = self.in_flight, None  # None without overlap: each step completes in its call
+        scheduled = self.scheduler.schedule()
+        if scheduled:
+            launched = self._launch(scheduled, previous)
+            if isinstance(launched, InFlight):
+                self.in_flight = launched
+            else:
+                outputs += launched
+        if previous is not None:
+            outputs += self._complete(previous)
+        if self.in_flight is not None and not self.overlap:
+            outputs += self._complete(self.in_flight)
+            self.in_flight = None
+        return outputs
+
+    def _launch(self, scheduled: list[ScheduledSequence], previous: InFlight | None) -> InFlight | list[StepOutput]:
+        """Queues a step on the device; its sampled tokens go into output_ids as PLACEHOLDERs until read.
+        A step that fails fails its requests (error outputs), not the server."""
+        try:
+            tokens = self.runner.run(scheduled, previous.feed(scheduled) if previous is not None else None)
+        except Exception as exc:
+            log.exception("engine step failed")
+            for entry in scheduled:
+                self.abort(entry.seq.request_id)
+            return [StepOutput(e.seq.request_id, [], error=f"{type(exc).__name__}: {exc}") for e in scheduled]
+        sampled = []
+        for entry in scheduled:
+            seq = entry.seq
+            samples = entry.samples
+            seq.num_computed += entry.num_new_tokens
+            if samples:
+                sampled.append((seq, len(seq.output_ids)))
+                seq.output_ids.append(PLACEHOLDER)
+                if self._reaches_length(seq, len(seq.output_ids)):
+                    self.scheduler.retire(seq)  # its last token: no step after this one needs it
+        return InFlight(scheduled, sampled, tokens)
+
+    def _complete(self, step: InFlight) -> list[StepOutput]:
+        """Reads a launched step's tokens back: each takes its PLACEHOLDER's place and may finish its sequence."""
+        try:
+            tokens = step.tokens.tolist() if step.tokens is not None else []
+        except Exception as exc:  # the device failed the step
+            log.exception("engine step failed")
+            failed = [seq for seq in dict.fromkeys(e.seq for e in step.scheduled) if self._alive(seq)]
+            for seq in failed:
+                self.abort(seq.request_id)
+            return [StepOutput(seq.request_id, [], error=f"{type(exc).__name__}: {exc}") for seq in failed]
+        sampled = [(seq, index, token) for (seq, index), token in zip(step.sampled, tokens) if self._alive(seq)]
+        for seq, index, token in sampled:  # skipped: aborted, or finished by the step before (end of text, seen late)
+            seq.output_ids[index] = token
+        for entry in step.scheduled:
+            if self._alive(entry.seq):  # full blocks are hashed by their tokens, now known up to what was computed
+                self.scheduler.register_full_blocks(entry.seq)
+        outputs = []
+        for seq, index, token in sampled:
+            reason = self._finish_reason(seq, token, index + 1)
+            if reason is not None:
+                del seq.output_ids[index + 1:]  # a token the next step sampled after the end
+                self.abort(seq.request_id)
+            outputs.append(StepOutput(seq.request_id, [token], reason))
+        return outputs
+
+    def _alive(self, seq: Sequence) -> bool:
+        return self.sequences.get(seq.request_id) is seq
+
+    def _reaches_length(self, seq: Sequence, num_output: int) -> bool:
+        """Whether a sequence is done by length once it has num_output output tokens."""
+        return num_output >= seq.params.max_tokens or len(seq.prompt_ids) + num_output >= self.max_model_len
+
+    def _finish_reason(self, seq: Sequence, token: int, num_output: int) -> str | None:
+        params = seq.params
+        if (token == self.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids:
+            return "stop"
+        if self._reaches_length(seq, num_output):
+            return "length"
+        return None

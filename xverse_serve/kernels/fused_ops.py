@@ -1,0 +1,433 @@
+"""The decoder's elementwise stages as fused Triton kernels: residual add + RMSNorm, RoPE + KV-cache write,
+SiLU * up, and an 8-bit cache's gather and dequantization for prefills.
+
+In PyTorch each of these is a handful of tiny kernels (RMSNorm alone is ~7), and at batch 1 a decode step
+is dominated by them rather than by streaming the weights. Each kernel here reads its inputs once and
+writes its outputs once.
+
+Numerics follow the PyTorch reference in model/xverse.py operation by operation: values are loaded, computed in
+float32, and rounded to the model dtype exactly where PyTorch's eager code rounds (a bf16 or fp16 product
+of two bf16/fp16 numbers is exact in float32, so "multiply in float32, round" equals PyTorch's own
+bf16 multiply). What still differs from PyTorch:
+- RMSNorm's sum of squares is reduced in another order (float32, so ~1e-7 relative in the variance);
+- SiLU's exp is the GPU's fast one, exp2.approx(x * log2 e) (relative error up to ~|x| * 4e-8);
+  in bf16/fp16 either shows only where the normalised value or silu(gate) sits on a rounding near-tie:
+  it rounds the other way, one ulp, up to two ulps of the product after it, on well under 1% of elements;
+- everything else is bit-exact: the residual add, the RoPE (float32 too, since FMA contraction is
+  turned off for that kernel) and the cache write, into an 8-bit cache too (model.attention.quantize_kv's
+  operations: the same scale, division and rounding), and reading an 8-bit cache back (dequantize_kv's).
+
+All wrappers are CUDA-graph capturable: grids and block shapes depend only on tensor shapes, nothing is
+read back to the host, and the caller's tensors (positions, slot_mapping) are only read on the device.
+
+The references these are tested against are model.xverse.rms_norm_reference / apply_rope / F.silu and
+model.attention.write_kv (tests/test_triton_ops.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .kv_format import KV_MIN_AMAX, KV_QMAX, check_kv_scales
+
+MAX_NORM_BLOCK = 65536  # RMSNorm keeps one row in registers; XVERSE's is 4096 wide
+SILU_BLOCK = 1024  # columns per program of silu_and_mul: 8 bf16 (16 bytes) per thread at 4 warps
+
+
+@triton.jit
+def _round(x, DTYPE: tl.constexpr):
+    """x (float32) rounded to DTYPE and back: where PyTorch would store an intermediate in the model dtype."""
+    return x.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
+    hidden, eps,
+    stride_x, stride_r, stride_o, stride_ro,
+    BLOCK: tl.constexpr,  # next power of two >= hidden: the whole row in one block
+    HAS_RESIDUAL: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    dtype = x_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        x = _round(x + r, dtype)  # the sum is the next residual, kept in the model dtype as PyTorch does
+        tl.store(residual_out_ptr + row * stride_ro + cols, x.to(dtype), mask=mask)
+    variance = tl.math.div_rn(tl.sum(x * x, axis=0), tl.cast(hidden, tl.float32))  # the mean, as torch divides
+    # 1 / sqrt rounded twice, as torch.rsqrt on CPU (the reference) computes it; the GPU's rsqrt is approximate.
+    inv_rms = tl.math.div_rn(1.0, tl.sqrt_rn(variance + eps))
+    normed = _round(x * inv_rms, dtype)
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (weight * normed).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _norm_num_warps(block: int) -> int:
+    """16 bytes per thread for bf16 (8 values), up to 16 warps: 4096 values -> 16 warps."""
+    return max(1, min(16, block // 256))
+
+
+def _launch_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    hidden = x.shape[-1]
+    if weight.shape != (hidden,):
+        raise ValueError(f"weight has shape {tuple(weight.shape)}, expected ({hidden},)")
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"residual {tuple(residual.shape)} and x {tuple(x.shape)} differ")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"residual is {residual.dtype}, x is {x.dtype}")
+    block = triton.next_power_of_2(hidden)
+    if block > MAX_NORM_BLOCK:
+        raise ValueError(f"hidden size {hidden} is over {MAX_NORM_BLOCK}, the widest row kept in one block")
+    x2 = x.reshape(-1, hidden)
+    r2 = residual.reshape(-1, hidden) if residual is not None else x2
+    if x2.stride(-1) != 1 or r2.stride(-1) != 1 or weight.stride(0) != 1:
+        x2, r2, weight = x2.contiguous(), r2.contiguous(), weight.contiguous()
+    # weight * normed promotes as in PyTorch (a float32 weight on bf16 activations gives float32).
+    out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    residual_out = torch.empty_like(x2) if residual is not None else out
+    rows = x2.shape[0]
+    if rows:
+        _rms_norm_kernel[(rows,)](
+            x2, r2, weight, out, residual_out,
+            hidden, float(eps),
+            x2.stride(0), r2.stride(0), out.stride(0), residual_out.stride(0),
+            BLOCK=block, HAS_RESIDUAL=residual is not None, num_warps=_norm_num_warps(block),
+        )
+    out = out.view(*x.shape[:-1], hidden)
+    return out, (residual_out.view(x.shape) if residual is not None else None)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * RMSNorm(x) over the last dimension, as model.RMSNorm computes it (variance in float32,
+    the normalised value rounded to x's dtype before the weight). x [..., hidden]; weight [hidden]."""
+    out, _ = _launch_rms_norm(x, None, weight, eps)
+    return out
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual) in one pass; the sum is rounded to x's dtype as PyTorch's add
+    rounds it, and the norm is taken of that rounded sum. With residual None: (rms_norm(x), x).
+    Returns new tensors; the inputs are not modified."""
+    if residual is None:
+        return rms_norm(x, weight, eps), x
+    out, new_residual = _launch_rms_norm(x, residual, weight, eps)
+    return out, new_residual
+
+
+@triton.jit
+def _rope_halves(x1, x2, cos1, cos2, sin1, sin2, DTYPE: tl.constexpr):
+    """Both halves of x * cos + rotate_half(x) * sin, with rotate_half(x) = cat(-x2, x1): each product and
+    the sum rounded to DTYPE, as model.apply_rope computes it in the model dtype. Returns float32."""
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
+    out1 = _round(x1 * cos1, DTYPE) + _round(-x2 * sin1, DTYPE)
+    out2 = _round(x2 * cos2, DTYPE) + _round(x1 * sin2, DTYPE)
+    return out1, out2
+
+
+@triton.jit
+def _kv_scale(x1, x2, QMAX: tl.constexpr, MIN_AMAX: tl.constexpr):
+    """Per head (row), the largest |element| of both halves over QMAX: model.attention.quantize_kv's scale."""
+    amax = tl.maximum(tl.max(tl.abs(x1), axis=1), tl.max(tl.abs(x2), axis=1))
+    return tl.maximum(amax, MIN_AMAX) * (1.0 / QMAX)
+
+
+@triton.jit
+def _kv_quantize(x, scale, QMAX: tl.constexpr, INT8: tl.constexpr):
+    """x / scale as model.attention.quantize_kv computes it, in float32 (int8: already rounded, half up)."""
+    y = tl.math.div_rn(x, scale[:, None])
+    if INT8:
+        y = tl.floor(y + 0.5)
+    return tl.minimum(tl.maximum(y, -QMAX), QMAX)
+
+
+@triton.jit
+def _to_fp8(x):
+    return x.to(tl.float8e4nv, fp_downcast_rounding="rtne")  # to nearest, ties to even, as torch converts
+
+
+@triton.jit
+def _rope_kv_kernel(
+    qkv_ptr, cos_ptr, sin_ptr, positions_ptr, slots_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
+    k_scale_ptr, v_scale_ptr,  # [blocks, block_size, heads] float32 for an 8-bit cache (unused otherwise)
+    num_heads, block_size,
+    stride_qkv, stride_cos, stride_sin,
+    stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_sb, stride_st,
+    HALF: tl.constexpr,  # head_dim // 2
+    BLOCK_HALF: tl.constexpr,  # next power of two >= HALF
+    HEADS: tl.constexpr,  # heads per program
+    QMAX: tl.constexpr,  # 0: the cache holds the model dtype; 127 (int8) or 448 (fp8): an 8-bit cache
+    INT8: tl.constexpr,  # the 8-bit cache is int8 (values rounded to integers), not fp8
+    MIN_AMAX: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
+    dims = tl.arange(0, BLOCK_HALF)
+    dim_ok = dims < HALF
+    mask = (heads < num_heads)[:, None] & dim_ok[None, :]
+    dtype = qkv_ptr.dtype.element_ty
+
+    position = tl.load(positions_ptr + token).to(tl.int64)
+    cos_row = cos_ptr + position * stride_cos
+    sin_row = sin_ptr + position * stride_sin
+    cos1 = tl.load(cos_row + dims, mask=dim_ok, other=0.0).to(tl.float32)[None, :]
+    cos2 = tl.load(cos_row + HALF + dims, mask=dim_ok, other=0.0).to(tl.float32)[None, :]
+    sin1 = tl.load(sin_row + dims, mask=dim_ok, other=0.0).to(tl.float32)[None, :]
+    sin2 = tl.load(sin_row + HALF + dims, mask=dim_ok, other=0.0).to(tl.float32)[None, :]
+
+    # qkv row: [q heads | k heads | v heads], each head HALF * 2 wide and contiguous.
+    width = num_heads * (2 * HALF)
+    first = qkv_ptr + token * stride_qkv + heads[:, None] * (2 * HALF) + dims[None, :]  # [HEADS, BLOCK_HALF]
+    q1 = tl.load(first, mask=mask, other=0.0)
+    q2 = tl.load(first + HALF, mask=mask, other=0.0)
+    k1 = tl.load(first + width, mask=mask, other=0.0)
+    k2 = tl.load(first + width + HALF, mask=mask, other=0.0)
+    v1 = tl.load(first + 2 * width, mask=mask, other=0.0)
+    v2 = tl.load(first + 2 * width + HALF, mask=mask, other=0.0)
+
+    q1, q2 = _rope_halves(q1, q2, cos1, cos2, sin1, sin2, dtype)
+    k1, k2 = _rope_halves(k1, k2, cos1, cos2, sin1, sin2, dtype)
+
+    q_dst = q_out_ptr + token * stride_qt + heads[:, None] * stride_qh + dims[None, :]
+    tl.store(q_dst, q1.to(q_out_ptr.dtype.element_ty), mask=mask)
+    tl.store(q_dst + HALF, q2.to(q_out_ptr.dtype.element_ty), mask=mask)
+
+    slot = tl.load(slots_ptr + token).to(tl.int64)
+    block = slot // block_size
+    offset = slot % block_size
+    k_dst = k_cache_ptr + block * stride_kb + offset * stride_kt + heads[:, None] * stride_kh + dims[None, :]
+    v_dst = v_cache_ptr + block * stride_vb + offset * stride_vt + heads[:, None] * stride_vh + dims[None, :]
+    if QMAX > 0:
+        # The reference quantizes k as rounded to the model dtype by apply_rope, and v as it is in qkv.
+        k1, k2 = _round(k1, dtype), _round(k2, dtype)
+        v1, v2 = v1.to(tl.float32), v2.to(tl.float32)
+        k_scale = _kv_scale(k1, k2, QMAX, MIN_AMAX)
+        v_scale = _kv_scale(v1, v2, QMAX, MIN_AMAX)
+        k1, k2 = _kv_quantize(k1, k_scale, QMAX, INT8), _kv_quantize(k2, k_scale, QMAX, INT8)
+        v1, v2 = _kv_quantize(v1, v_scale, QMAX, INT8), _kv_quantize(v2, v_scale, QMAX, INT8)
+        if not INT8:  # int8: the stores below convert the (integral) values exactly
+            k1, k2, v1, v2 = _to_fp8(k1), _to_fp8(k2), _to_fp8(v1), _to_fp8(v2)
+        scale_at = block * stride_sb + offset * stride_st + heads
+        head_ok = heads < num_heads
+        tl.store(k_scale_ptr + scale_at, k_scale, mask=head_ok)
+        tl.store(v_scale_ptr + scale_at, v_scale, mask=head_ok)
+    tl.store(k_dst, k1.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(k_dst + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_dst, v1.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_dst + HALF, v2.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def default_rope_heads_per_program(tokens: int, num_heads: int) -> int:
+    """One head per program while that still leaves few programs; at prefill sizes, groups of heads so
+    that a program moves more than one 256-byte row per tensor."""
+    return 1 if tokens * num_heads <= 8192 else min(4, triton.next_power_of_2(num_heads))
+
+
+def rope_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                      out: torch.Tensor | None = None, *, k_scale: torch.Tensor | None = None,
+                      v_scale: torch.Tensor | None = None, heads_per_program: int | None = None,
+                      num_warps: int | None = None) -> torch.Tensor:
+    """Rotary embedding of q and k and the cache write of k and v, in one kernel.
+
+    qkv [tokens, 3 * heads * head_dim] (the fused projection's output: q, k, v heads in that order, each
+    row contiguous); cos, sin [max_positions, head_dim], the full tables in qkv's dtype (rotate-half
+    layout, model.rope_tables); positions [tokens] and slot_mapping [tokens] (int32 or int64) on the
+    device; k_cache, v_cache [num_blocks, block_size, heads, head_dim]. Writes the rotated k and the v of
+    token t at slot slot_mapping[t] (as model.attention.write_kv), touches no other slot, and returns the
+    rotated q, [tokens, heads, head_dim] (into `out` when given).
+
+    The result equals model.apply_rope in qkv's dtype bit for bit (each product and the sum rounded to
+    the dtype, no FMA contraction). Positions are not range-checked (that would need a host sync).
+    An 8-bit cache (int8 or float8_e4m3fn) needs k_scale and v_scale [num_blocks, block_size, heads] float32:
+    k and v are stored as model.attention.quantize_kv stores them, bit for bit, with their scales.
+    """
+    _, block_size, num_heads, head_dim = k_cache.shape
+    tokens = qkv.shape[0]
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    if qkv.dim() != 2 or qkv.shape[1] != 3 * num_heads * head_dim:
+        raise ValueError(f"qkv must be [tokens, {3 * num_heads * head_dim}] for the cache's {num_heads} heads "
+                         f"of {head_dim}, got {tuple(qkv.shape)}")
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even, got {head_dim}")
+    if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[1] != head_dim:
+        raise ValueError(f"cos and sin must both be [max_positions, {head_dim}]")
+    if cos.dtype != qkv.dtype or sin.dtype != qkv.dtype:
+        raise TypeError(f"cos/sin are {cos.dtype}/{sin.dtype}; the reference rounds in qkv's dtype {qkv.dtype}")
+    if positions.shape != (tokens,) or slot_mapping.shape != (tokens,):
+        raise ValueError(f"positions {tuple(positions.shape)} and slot_mapping {tuple(slot_mapping.shape)} "
+                         f"must be [{tokens}]")
+    for name, t in (("positions", positions), ("slot_mapping", slot_mapping)):
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+    for name, t in (("qkv", qkv), ("cos", cos), ("sin", sin), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous along its last dimension")
+    check_kv_scales(k_cache, k_scale, v_scale)
+    qmax = KV_QMAX.get(k_cache.dtype, 0.0)
+    if out is None:
+        out = torch.empty((tokens, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    elif out.shape != (tokens, num_heads, head_dim) or out.stride(-1) != 1:
+        raise ValueError(f"out must be [{tokens}, {num_heads}, {head_dim}], contiguous along head_dim")
+    if tokens == 0:
+        return out
+    if heads_per_program is None:
+        heads_per_program = default_rope_heads_per_program(tokens, num_heads)
+    if heads_per_program & (heads_per_program - 1):
+        raise ValueError(f"heads_per_program must be a power of two, got {heads_per_program}")
+    half = head_dim // 2
+    block_half = triton.next_power_of_2(half)
+    if num_warps is None:  # about 8 values per thread and load
+        num_warps = max(1, min(8, heads_per_program * block_half // 256))
+    grid = (tokens, triton.cdiv(num_heads, heads_per_program))
+    scale_args = (k_scale, v_scale, k_scale.stride(0), k_scale.stride(1)) if qmax else (out, out, 0, 0)
+    _rope_kv_kernel[grid](
+        qkv, cos, sin, positions, slot_mapping, out, k_cache, v_cache,
+        scale_args[0], scale_args[1],
+        num_heads, block_size,
+        qkv.stride(0), cos.stride(0), sin.stride(0),
+        out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        scale_args[2], scale_args[3],
+        HALF=half, BLOCK_HALF=block_half, HEADS=heads_per_program, QMAX=qmax,
+        INT8=k_cache.dtype == torch.int8, MIN_AMAX=KV_MIN_AMAX,
+        num_warps=num_warps,
+        enable_fp_fusion=False,  # no FMA: in float32 too, each product is rounded as in PyTorch
+    )
+    return out
+
+
+@triton.jit
+def _gather_dequantize_kernel(cache_ptr, scale_ptr, slots_ptr, out_ptr, num_heads,
+                              stride_cs, stride_ch, stride_ss, stride_os, stride_oh,
+                              HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    row = tl.program_id(0)
+    heads = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
+    head_ok = heads < num_heads
+    dims = tl.arange(0, HEAD_DIM)
+    slot = tl.load(slots_ptr + row).to(tl.int64)
+    x = tl.load(cache_ptr + slot * stride_cs + heads[:, None] * stride_ch + dims[None, :], mask=head_ok[:, None])
+    scale = tl.load(scale_ptr + slot * stride_ss + heads, mask=head_ok, other=0.0)
+    y = x.to(tl.float32) * scale[:, None]
+    tl.store(out_ptr + row.to(tl.int64) * stride_os + heads[:, None] * stride_oh + dims[None, :],
+             y.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+
+
+def gather_dequantize(cache: torch.Tensor, scales: torch.Tensor, slots: torch.Tensor,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """model.attention.dequantize_kv(cache[slots], scales[slots], dtype) in one pass: an 8-bit cache [blocks,
+    block_size, heads, head_dim] and its scales [blocks, block_size, heads] -> [slots, heads, head_dim] in dtype.
+    (In PyTorch that is a gather, a widening, a product and a narrowing, each over the whole context.)"""
+    check_kv_scales(cache, scales, scales)
+    _, _, num_heads, head_dim = cache.shape
+    if head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two, got {head_dim}")
+    flat, flat_scales = cache.view(-1, num_heads, head_dim), scales.view(-1, num_heads)
+    if flat.stride(-1) != 1:
+        raise ValueError("the cache must be contiguous along head_dim")
+    out = torch.empty((slots.shape[0], num_heads, head_dim), dtype=dtype, device=cache.device)
+    heads = min(triton.next_power_of_2(num_heads), max(1, 4096 // head_dim))  # ~4K elements per program
+    if slots.shape[0]:
+        _gather_dequantize_kernel[(slots.shape[0], triton.cdiv(num_heads, heads))](
+            flat, flat_scales, slots, out, num_heads,
+            flat.stride(0), flat.stride(1), flat_scales.stride(0), out.stride(0), out.stride(1),
+            HEADS=heads, HEAD_DIM=head_dim, num_warps=4,
+        )
+    return out
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_o, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < inter
+    dtype = x_ptr.dtype.element_ty
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
+    silu = _round(tl.math.div_rn(gate, 1.0 + tl.exp(-gate)), dtype)  # F.silu's result, in the model dtype
+    tl.store(out_ptr + row * stride_o + cols, (silu * up).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_and_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """F.silu(gate) * up with gate, up = gate_up.chunk(2, -1): [..., 2 * inter] -> [..., inter]."""
+    width = gate_up.shape[-1]
+    if width % 2:
+        raise ValueError(f"the last dimension must be even (gate then up), got {width}")
+    inter = width // 2
+    x2 = gate_up.reshape(-1, width)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    rows = x2.shape[0]
+    if out is None:
+        out = torch.empty((*gate_up.shape[:-1], inter), dtype=gate_up.dtype, device=gate_up.device)
+    elif out.shape != (*gate_up.shape[:-1], inter) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {(*gate_up.shape[:-1], inter)}")
+    if rows:
+        _silu_and_mul_kernel[(rows, triton.cdiv(inter, SILU_BLOCK))](
+            x2, out, inter, x2.stride(0), inter, BLOCK=SILU_BLOCK, num_warps=4,
+        )
+    return out
+
+
+ARGMAX_BLOCK = 2048  # logits per program of the first pass: ~50 programs per row of XVERSE's 100,534
+# The second pass reads at least this many chunks (masked): one compiled kernel for every row width up to
+# 131,072, whatever the batch's top-k.
+ARGMAX_MIN_CHUNKS = 64
+
+
+# Not specialised on sizes (value 1, divisibility by 16): the sampler takes the argmax of rows as wide as the
+# batch's largest top-k, and a user's top_k of 1 or 32 must not compile a new kernel while others wait.
+@triton.jit(do_not_specialize=["n", "stride_x", "chunks"])
+def _argmax_chunks_kernel(x_ptr, values_ptr, indices_ptr, n, stride_x, chunks, BLOCK: tl.constexpr):
+    chunk = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=cols < n, other=float("-inf")).to(tl.float32)
+    x = tl.where(x != x, float("inf"), x)  # a NaN counts as the largest value, as in torch.argmax
+    best = tl.max(x, axis=0)
+    tl.store(values_ptr + row * chunks + chunk, best)
+    tl.store(indices_ptr + row * chunks + chunk, tl.min(tl.where(x == best, cols, n), axis=0))
+
+
+@triton.jit(do_not_specialize=["chunks"])
+def _argmax_rows_kernel(values_ptr, indices_ptr, out_ptr, chunks, CHUNKS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    parts = tl.arange(0, CHUNKS)
+    ok = parts < chunks
+    values = tl.load(values_ptr + row * chunks + parts, mask=ok, other=float("-inf"))
+    indices = tl.load(indices_ptr + row * chunks + parts, mask=ok, other=2**31 - 1)
+    best = tl.max(values, axis=0)
+    # Chunks are in index order, each holding its first best: the smallest index is the row's first maximum.
+    tl.store(out_ptr + row, tl.min(tl.where(values == best, indices, 2**31 - 1), axis=0).to(tl.int64))
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(dim=-1) for [rows, vocab] (the first index of each row's maximum; a NaN counts as +inf), in
+    two passes: chunks of ARGMAX_BLOCK across all SMs, then one small program per row. torch's kernel reads a
+    single row with one block: 23 µs for XVERSE's vocabulary on an H200, every greedy decode step."""
+    rows, n = logits.shape
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    chunks = triton.cdiv(n, ARGMAX_BLOCK)
+    values = torch.empty((rows, chunks), dtype=torch.float32, device=logits.device)
+    indices = torch.empty((rows, chunks), dtype=torch.int32, device=logits.device)
+    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    if rows and n:
+        _argmax_chunks_kernel[(chunks, rows)](logits, values, indices, n, logits.stride(0), chunks,
+                                              BLOCK=ARGMAX_BLOCK, num_warps=4)
+        _argmax_rows_kernel[(rows,)](values, indices, out, chunks,
+                                     CHUNKS=max(ARGMAX_MIN_CHUNKS, triton.next_power_of_2(chunks)), num_warps=1)
+    return out

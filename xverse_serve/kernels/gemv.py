@@ -1,0 +1,227 @@
+"""y = W x for one row of activations (a one-sequence decode step) as a Triton GEMV, and for a few rows
+(decode steps of up to 32 sequences) as a skinny Triton GEMM.
+
+At one row a projection is pure weight streaming, and cuBLAS's kernels for it read the weights at only
+1.8-3.2 TB/s on an H200 whose copy bandwidth is 4.2 (bench/gemv_bench.py). This kernel gives each program
+a few whole rows of W and walks K in wide steps, so hundreds of programs stream W once, evicting it from
+L2 behind them (it is not read again this step): 2.3-4.1 TB/s on the same shapes.
+
+Each program accumulates the products of its rows in float32 lanes and reduces them at the end, so the
+sum is taken in another order than cuBLAS's: the result differs from F.linear by float32 rounding only.
+
+For 2-32 rows, skinny_matmul pads the rows to one 16- or 32-row tile and streams W through tensor-core dots:
+a few percent faster than cuBLAS on the layers' projections and about 27% on the lm_head (cold L2, H200).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# (rows, K) of a weight -> (block_n, block_k, num_warps, num_stages), the fastest of a sweep on an H200 for
+# XVERSE-7B's projections (bench/gemv_bench.py); other shapes take DEFAULT_CONFIG.
+CONFIGS = {
+    (12288, 4096): (4, 1024, 8, 3),  # qkv_proj
+    (4096, 4096): (8, 512, 8, 2),  # o_proj
+    (22016, 4096): (4, 512, 4, 3),  # gate_up_proj
+    (4096, 11008): (4, 1024, 8, 1),  # down_proj
+    (100534, 4096): (4, 1024, 8, 1),  # lm_head
+}
+DEFAULT_CONFIG = (4, 512, 4, 1)
+# For gated_gemv, rows of the gate and of the up projection per program: the gate_up_proj's rows per program.
+GATED_CONFIGS = {(22016, 4096): (2, 512, 4, 3)}
+# The one-row path's fused GEMVs (bench/gemv_bench.py --fused, cold L2, H200): with the norm in the prologue, the
+# residual add in the epilogue.
+NORMED_CONFIGS = {(12288, 4096): (16, 256, 4, 3), (22016, 4096): (16, 256, 8, 2)}
+RESIDUAL_CONFIGS = {(4096, 4096): (8, 512, 8, 3), (4096, 11008): (4, 1024, 8, 1)}
+MAX_SKINNY_ROWS = 32
+# (rows, K) -> (block_n, block_k, num_warps, num_stages) for skinny_matmul, from a sweep at 8 and 32 rows.
+SKINNY_CONFIGS = {
+    (12288, 4096): (32, 128, 4, 4),
+    (4096, 4096): (32, 256, 4, 6),
+    (22016, 4096): (64, 128, 4, 3),
+    (4096, 11008): (32, 256, 4, 6),
+    (100534, 4096): (128, 128, 4, 3),
+}
+DEFAULT_SKINNY_CONFIG = (64, 128, 4, 3)
+
+
+@dataclass(frozen=True)
+class RowNorm:
+    """An RMSNorm taken inside the GEMV that reads its input: the input is then the residual stream as add_gemv
+    wrote it, `squares` the sums of squares of its slices that add_gemv wrote beside it."""
+
+    weight: torch.Tensor  # [K], the norm's weight
+    eps: float
+    squares: torch.Tensor  # [slices] float32
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, stride_wn,
+                 norm_w_ptr, squares_ptr, num_squares, eps,  # NORMED
+                 residual_ptr, squares_out_ptr,  # ADD_RESIDUAL
+                 K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                 GATED: tl.constexpr, NORMED: tl.constexpr, SQUARES_BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr):
+    # K is a compile-time constant (a model has two: hidden and intermediate size), so the loop is fixed.
+    # GATED: W holds 2N rows, the gate's then the up's; a program takes rows j of both, and stores silu(gate) * up.
+    # NORMED: x is a residual stream whose RMSNorm is the real input: every program takes the norm of each slice
+    # of x it reads, from the sums of squares of x's slices, summed in one fixed order (the same in every program).
+    # ADD_RESIDUAL: stores residual + W x, and the sum of squares of this program's rows of it at squares_out[pid].
+    dtype = y_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    if NORMED:
+        # As fused_ops._rms_norm_kernel (and model.xverse.rms_norm_reference) computes the factor.
+        parts = tl.arange(0, SQUARES_BLOCK)
+        squares = tl.load(squares_ptr + parts, mask=parts < num_squares, other=0.0)
+        variance = tl.math.div_rn(tl.sum(squares, axis=0), tl.cast(K, tl.float32))
+        inv_rms = tl.math.div_rn(1.0, tl.sqrt_rn(variance + eps))
+    for start in range(0, K, BLOCK_K):
+        cols = start + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            mask = row_ok[:, None]
+            w = tl.load(w_rows + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+            x = tl.load(x_ptr + cols).to(tl.float32)
+            if NORMED:
+                norm_w = tl.load(norm_w_ptr + cols).to(tl.float32)
+        else:
+            col_ok = cols < K
+            mask = row_ok[:, None] & col_ok[None, :]
+            w = tl.load(w_rows + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+            x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            if NORMED:
+                norm_w = tl.load(norm_w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if NORMED:  # rounded where the norm kernel rounds: the normalised value, then its product with the weight
+            x = (norm_w * (x * inv_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        x = x[None, :]
+        acc += w.to(tl.float32) * x
+        if GATED:
+            up_w = tl.load(w_rows + N * stride_wn + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+            acc_up += up_w.to(tl.float32) * x
+    if GATED:
+        # Rounded where the unfused path stores: the projection's output, then silu (fused_ops.silu_and_mul).
+        gate = tl.sum(acc, axis=1).to(dtype).to(tl.float32)
+        up = tl.sum(acc_up, axis=1).to(dtype).to(tl.float32)
+        silu = tl.math.div_rn(gate, 1.0 + tl.exp(-gate)).to(dtype).to(tl.float32)
+        tl.store(y_ptr + rows, (silu * up).to(dtype), mask=row_ok)
+    elif ADD_RESIDUAL:
+        # Rounded where the unfused path rounds: the projection's output, then the sum (fused_ops' residual add).
+        residual = tl.load(residual_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        y = (tl.sum(acc, axis=1).to(dtype).to(tl.float32) + residual).to(dtype).to(tl.float32)
+        tl.store(y_ptr + rows, y.to(dtype), mask=row_ok)
+        tl.store(squares_out_ptr + tl.program_id(0), tl.sum(y * y, axis=0))  # masked rows are 0
+    else:
+        tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(dtype), mask=row_ok)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int] | None = None,
+         norm: RowNorm | None = None) -> torch.Tensor:
+    """x [..., K] holding one row, weight [N, K] (row-major) -> x @ weight.T, shaped [..., N], in x's dtype.
+    With `norm`, x is a residual stream from add_gemv and the product is taken with its RMSNorm instead."""
+    table = NORMED_CONFIGS if norm is not None else CONFIGS
+    out, _ = _one_row(x, weight, weight.shape[0], config or table.get(weight.shape, DEFAULT_CONFIG), norm=norm)
+    return out
+
+
+def gated_gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int] | None = None,
+               norm: RowNorm | None = None) -> torch.Tensor:
+    """silu(gate) * up for one row x [..., K] and weight [2 * inter, K] holding the gate's rows then the up's:
+    gate_up = x @ weight.T and fused_ops.silu_and_mul in one kernel, shaped [..., inter], in x's dtype. One kernel
+    fewer per layer of a one-sequence decode step, and the gate_up output is never written. `norm` as in gemv."""
+    if weight.shape[0] % 2:
+        raise ValueError(f"gated_gemv takes an even number of weight rows (gate, then up), got {weight.shape[0]}")
+    table = NORMED_CONFIGS if norm is not None else GATED_CONFIGS
+    out, _ = _one_row(x, weight, weight.shape[0] // 2, config or table.get(weight.shape, DEFAULT_CONFIG),
+                      gated=True, norm=norm)
+    return out
+
+
+def add_gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+             config: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual + x @ weight.T for one row (the product rounded to x's dtype, then the sum, as PyTorch rounds
+    them), and the float32 sums of squares of its slices, one per program: what gemv's `norm` takes, so that the
+    RMSNorm after a residual add needs no kernel of its own."""
+    if residual.numel() != weight.shape[0] or residual.dtype != x.dtype:
+        raise ValueError(f"the residual must be {weight.shape[0]} values of {x.dtype}, got {tuple(residual.shape)} "
+                         f"of {residual.dtype}")
+    return _one_row(x, weight, weight.shape[0], config or RESIDUAL_CONFIGS.get(weight.shape, DEFAULT_CONFIG),
+                    residual=residual)
+
+
+def _one_row(x: torch.Tensor, weight: torch.Tensor, n: int, config: tuple[int, int, int, int], gated: bool = False,
+             norm: RowNorm | None = None,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launches _gemv_kernel for n outputs, shaped [..., n]; with a residual, also the sums of squares."""
+    k = weight.shape[1]
+    if x.numel() != k:
+        raise ValueError(f"the GEMV takes one row of {k} values, got a tensor of shape {tuple(x.shape)}")
+    if weight.stride(1) != 1:
+        raise ValueError("the GEMV needs the weight's rows contiguous")
+    if norm is not None and norm.weight.shape != (k,):
+        raise ValueError(f"the norm's weight must be [{k}], got {tuple(norm.weight.shape)}")
+    block_n, block_k, num_warps, num_stages = config
+    row = x.reshape(k)
+    if row.stride(0) != 1:
+        row = row.contiguous()
+    out = torch.empty(n, dtype=x.dtype, device=x.device)
+    programs = triton.cdiv(n, block_n)
+    squares_out = torch.empty(programs, dtype=torch.float32, device=x.device) if residual is not None else None
+    norm_args = (norm.weight, norm.squares, norm.squares.numel(), float(norm.eps)) if norm else (out, out, 0, 0.0)
+    _gemv_kernel[(programs,)](row, weight, out, n, weight.stride(0), *norm_args,
+                              residual.reshape(n) if residual is not None else out,
+                              squares_out if squares_out is not None else out,
+                              K=k, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, GATED=gated,
+                              NORMED=norm is not None,
+                              SQUARES_BLOCK=triton.next_power_of_2(norm.squares.numel()) if norm else 1,
+                              ADD_RESIDUAL=residual is not None, num_warps=num_warps, num_stages=num_stages)
+    return out.view(*x.shape[:-1], n), squares_out
+
+
+# Not specialized on M: rows vary step by step (decode graphs cover 2, 4, 8, 16 and 32; eager mixed steps anything
+# from 2 to 32), and a variant compiled while serving stalled every request for about a second.
+@triton.jit(do_not_specialize=["M"])
+def _skinny_kernel(x_ptr, w_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_ym,
+                   K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   EVEN_K: tl.constexpr):
+    rows = tl.arange(0, BLOCK_M)
+    outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok, out_ok = rows < M, outs < N
+    w_rows = w_ptr + outs[:, None].to(tl.int64) * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        cols = start + tl.arange(0, BLOCK_K)
+        col_ok = cols < K if not EVEN_K else cols >= 0
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                    other=0.0)
+        w = tl.load(w_rows + cols[None, :], mask=out_ok[:, None] & col_ok[None, :], other=0.0,
+                    eviction_policy="evict_first")
+        acc = tl.dot(x, tl.trans(w), acc)
+    tl.store(y_ptr + rows[:, None] * stride_ym + outs[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & out_ok[None, :])
+
+
+def skinny_matmul(x: torch.Tensor, weight: torch.Tensor,
+                  config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """x [..., K] holding 2..MAX_SKINNY_ROWS rows, weight [N, K] (row-major) -> x @ weight.T, in x's dtype."""
+    n, k = weight.shape
+    x2 = x.reshape(-1, k)
+    rows = x2.shape[0]
+    if not 1 <= rows <= MAX_SKINNY_ROWS:
+        raise ValueError(f"skinny_matmul takes 1 to {MAX_SKINNY_ROWS} rows, got {rows}")
+    if weight.stride(1) != 1:
+        raise ValueError("skinny_matmul needs the weight's rows contiguous")
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    block_n, block_k, num_warps, num_stages = config or SKINNY_CONFIGS.get((n, k), DEFAULT_SKINNY_CONFIG)
+    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    _skinny_kernel[(triton.cdiv(n, block_n),)](x2, weight, out, rows, n, x2.stride(0), weight.stride(0),
+                                               out.stride(0), K=k, BLOCK_M=16 if rows <= 16 else 32,
+                                               BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
+                                               num_warps=num_warps, num_stages=num_stages)
+    return out.view(*x.shape[:-1], n)

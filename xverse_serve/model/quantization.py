@@ -1,0 +1,406 @@
+"""Weight-only quantization of the linear layers, applied while the checkpoint loads (--quantize).
+
+int8: each output channel (row of W) is scaled symmetrically: W ~= q * scale, q in [-127, 127], scale float32.
+int4: each run of 128 input weights of a row (a group) is mapped onto 0..15 between its minimum and maximum:
+W ~= q * scale + offset, two values per byte, scale and offset float16 per group.
+
+Quantization is per row, so a tensor can be quantized on its own as it arrives and written into its rows of a
+packed projection (q/k/v into qkv_proj, gate/up into gate_up_proj): model.load_model does that shard by shard,
+on the device, a slice of rows at a time, so no full-precision copy of the model is ever held.
+
+The matmul: on the CPU, int8 runs torch._weight_int8pack_mm and int4 dequantizes and runs F.linear (the
+reference). On CUDA the Triton kernels of kernels.quant_matmul run, and which one depends on the number of rows M:
+`tune` times the candidates (gemv, gemm, dequantize + cuBLAS, torch's int8 op) for each layer shape at M = 1,
+2, 4, ... at start-up, checks each against the float32 reference, and keeps the fastest per M.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+SCHEMES = ("int8", "int4")
+INT4_GROUP = 128
+INT8_MAX = 127
+INT4_LEVELS = 15
+QUANTIZE_ROWS_ELEMENTS = 1 << 24  # rows quantized at a time: float32 temporaries of ~64 MB, not 1.6 GB (lm_head)
+DEQUANTIZE_MAX_ELEMENTS = 1 << 27  # larger weights are never dequantized whole (the temporary would be too big)
+TUNE_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+TUNE_MAX_BYTES = 1 << 28  # rows tuned per shape: the float32 reference output stays under 256 MB
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (q int8 [N, K], scale float32 [N]) with w ~= q * scale[:, None], |error| <= scale / 2."""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp_min(1e-12) / INT8_MAX
+    q = torch.round(w / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (q.float() * scale[:, None]).to(dtype)
+
+
+def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (packed uint8 [N, K // 2], scale float16 [N, K // group], offset float16 [N, K // group]).
+
+    Within each group, q = round((w - offset) / scale) in 0..15 with offset = the group's minimum and
+    scale = its range / 15, both rounded to float16 first so that q is exact for the stored values.
+    Byte j of a row holds q[2j] in its low nibble and q[2j + 1] in its high nibble."""
+    n, k = w.shape
+    if k % group:
+        raise ValueError(f"int4 quantizes groups of {group} input features; {k} is not a multiple of {group}")
+    groups = w.float().view(n, k // group, group)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = ((high - low) / INT4_LEVELS).clamp_min(1e-6).to(torch.float16)
+    offset = low.to(torch.float16)
+    if not (torch.isfinite(scale).all() and torch.isfinite(offset).all()):
+        raise ValueError("weights beyond float16's range cannot be quantized to int4")
+    q = torch.round((groups - offset.float()[..., None]) / scale.float()[..., None]).clamp_(0, INT4_LEVELS)
+    q = q.to(torch.uint8).view(n, k)
+    return q[:, 0::2] | (q[:, 1::2] << 4), scale, offset
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """[N, K // 2] uint8 -> [N, K] uint8 in 0..15."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).view(packed.shape[0], -1)
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    n, groups = scale.shape
+    q = unpack_int4(packed).float().view(n, groups, -1)
+    return (q * scale.float()[..., None] + offset.float()[..., None]).view(n, -1).to(dtype)
+
+
+@dataclass(frozen=True)
+class MatmulKernel:
+    """One way to multiply by a quantized weight on CUDA: a backend and its options.
+
+    gemv, gemm, dequantize: the Triton kernels of kernels.quant_matmul (dequantize: the dense weight, then F.linear);
+    torch: torch._weight_int8pack_mm (int8 only); reference: the weight dequantized by PyTorch, then F.linear
+    (slow and memory-hungry: only where no other kernel works)."""
+
+    backend: str
+    options: tuple[tuple[str, int], ...] = ()
+
+    def __call__(self, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+        from ..kernels import quant_matmul  # imported here, so a CPU-only install needs no Triton
+
+        options = dict(self.options)
+        if self.backend == "gemv" and layer.bits == 8:
+            return quant_matmul.int8_gemv(x, layer.weight, layer.weight_scale, **options)
+        if self.backend == "gemv":
+            return quant_matmul.int4_gemv(x, layer.weight, layer.weight_scale, layer.weight_offset,
+                                          layer.group_size, **options)
+        if self.backend == "gemm":
+            return quant_matmul.gemm(x, layer.weight, layer.weight_scale, layer.weight_offset, layer.bits,
+                                     layer.group_size, **options)
+        if self.backend == "dequantize":
+            return F.linear(x, quant_matmul.dequantize(layer.weight, layer.weight_scale, layer.weight_offset,
+                                                       layer.bits, layer.group_size, x.dtype))
+        if self.backend == "torch":
+            return torch._weight_int8pack_mm(x, layer.weight, layer.weight_scale.to(x.dtype))
+        if self.backend == "reference":
+            return F.linear(x, layer.dequantized(x.dtype))
+        raise ValueError(f"unknown matmul backend {self.backend!r}")
+
+    def __str__(self) -> str:
+        if not self.options:
+            return self.backend
+        return f"{self.backend}({', '.join(f'{name}={value}' for name, value in self.options)})"
+
+
+# (largest M, kernel) pairs in increasing M; beyond the last M, the last kernel.
+MatmulPlan = tuple[tuple[int, MatmulKernel], ...]
+
+
+class QuantizedLinear(nn.Module):
+    """y = x @ W^T without bias, W held as int8 per output channel or int4 per group (buffers, filled by
+    load_rows). `weight` is the quantized tensor itself (int8 [N, K] or packed uint8 [N, K // 2])."""
+
+    def __init__(self, in_features: int, out_features: int, scheme: str, group_size: int = INT4_GROUP) -> None:
+        super().__init__()
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown quantization scheme {scheme!r}; expected one of {SCHEMES}")
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        self.bits = 8 if scheme == "int8" else 4
+        self.group_size = group_size if scheme == "int4" else in_features
+        if scheme == "int8":
+            self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
+            self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32))
+            self.register_buffer("weight_offset", None)
+        else:
+            if in_features % group_size:
+                raise ValueError(f"int4 quantizes groups of {group_size} input features; "
+                                 f"{in_features} is not a multiple of {group_size}")
+            groups = in_features // group_size
+            self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+            self.register_buffer("weight_scale", torch.empty(out_features, groups, dtype=torch.float16))
+            self.register_buffer("weight_offset", torch.empty(out_features, groups, dtype=torch.float16))
+        self.plan: MatmulPlan | None = None  # set by `tune`; until then default_plan
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"
+
+    @torch.no_grad()
+    def load_rows(self, start: int, w: torch.Tensor) -> None:
+        """Quantizes w [rows, in_features] (any float dtype, on any device) into output channels
+        start .. start + rows, a slice of rows at a time, on this layer's device."""
+        step = max(1, QUANTIZE_ROWS_ELEMENTS // self.in_features)
+        for first in range(0, w.shape[0], step):
+            part = w[first:first + step].to(self.weight.device)
+            rows = slice(start + first, start + first + part.shape[0])
+            if self.bits == 8:
+                q, scale = quantize_int8(part)
+                self.weight[rows] = q
+                self.weight_scale[rows] = scale
+            else:
+                packed, scale, offset = quantize_int4(part, self.group_size)
+                self.weight[rows] = packed
+                self.weight_scale[rows] = scale
+                self.weight_offset[rows] = offset
+
+    def dequantized(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
+        """The weight this layer multiplies by, dense (the reference)."""
+        if self.bits == 8:
+            return dequantize_int8(self.weight[rows], self.weight_scale[rows], dtype)
+        return dequantize_int4(self.weight[rows], self.weight_scale[rows], self.weight_offset[rows], dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        if x2.shape[0] == 0:
+            y = x2.new_empty((0, self.out_features))
+        elif x2.is_cuda:
+            y = kernel_for(self.plan or default_plan(self), x2.shape[0])(x2, self)
+        elif self.bits == 8:
+            y = torch._weight_int8pack_mm(x2, self.weight, self.weight_scale.to(x2.dtype))
+        else:
+            y = F.linear(x2, self.dequantized(x2.dtype))
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class QuantizedEmbedding(nn.Module):
+    """An embedding table held as int8, one scale per token's vector (the int8 layout of QuantizedLinear with
+    the tokens as its rows); a lookup dequantizes only the rows it reads, to `dtype`."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        # in_features/out_features: the names load_targets reads for the rows of any quantized tensor.
+        self.in_features, self.out_features, self.dtype = embedding_dim, num_embeddings, dtype
+        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.empty(num_embeddings, dtype=torch.float32))
+
+    def extra_repr(self) -> str:
+        return f"{self.out_features}, {self.in_features}, int8"
+
+    @torch.no_grad()
+    def load_rows(self, start: int, w: torch.Tensor) -> None:
+        step = max(1, QUANTIZE_ROWS_ELEMENTS // self.in_features)
+        for first in range(0, w.shape[0], step):
+            q, scale = quantize_int8(w[first:first + step].to(self.weight.device))
+            self.weight[start + first:start + first + q.shape[0]] = q
+            self.weight_scale[start + first:start + first + q.shape[0]] = scale
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The whole table, dense (the reference)."""
+        return dequantize_int8(self.weight, self.weight_scale, dtype)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return (self.weight[input_ids].float() * self.weight_scale[input_ids, None]).to(self.dtype)
+
+
+def reference_matmul(x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+    """x @ W^T in float32 with W dequantized exactly, a slice of output channels at a time (the lm_head's
+    float32 weight alone would be 1.6 GB)."""
+    step = max(1, DEQUANTIZE_MAX_ELEMENTS // 8 // layer.in_features)
+    return torch.cat([x.float() @ layer.dequantized(torch.float32, slice(first, first + step)).T
+                      for first in range(0, layer.out_features, step)], dim=1)
+
+
+def kernel_for(plan: MatmulPlan, m: int) -> MatmulKernel:
+    for largest, kernel in plan:
+        if m <= largest:
+            return kernel
+    return plan[-1][1]
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+# gemm configurations, (block_m, block_n, block_k, num_warps, num_stages), by the batch sizes they suit; int4
+# always takes one group (128) per step. Chosen to compile without register spills on sm_90 (ptxas -v).
+GEMM_CONFIGS = {
+    8: {"small": (16, 64, 128, 4, 3), "medium": (32, 64, 64, 4, 3), "large": (64, 128, 64, 8, 3),
+        "huge": (128, 128, 64, 8, 3)},
+    4: {"small": (16, 64, 128, 4, 3), "medium": (32, 64, 128, 4, 3), "large": (64, 64, 128, 4, 3),
+        "huge": (128, 64, 128, 8, 3)},
+}
+# gemv configurations, (output channels per program, K per step or groups per step, num_warps): 2-4 KB of
+# weights per step.
+GEMV_CONFIGS = {8: ((8, 512, 4), (16, 256, 8)), 4: ((8, 4, 4), (16, 4, 8))}
+
+
+def _gemm(layer: QuantizedLinear, m: int, size: str) -> MatmulKernel:
+    """A gemm configuration for M rows, split along K when its output tiles alone would leave SMs idle."""
+    block_m, block_n, block_k, num_warps, num_stages = GEMM_CONFIGS[layer.bits][size]
+    tiles = -(-m // block_m) * -(-layer.out_features // block_n)
+    steps = -(-layer.in_features // block_k)
+    split = 1
+    while tiles * split < 2 * _num_sms(layer.weight.device) and split * 2 * 4 <= steps:
+        split *= 2
+    return MatmulKernel("gemm", (("block_m", block_m), ("block_n", block_n), ("block_k", block_k),
+                                 ("split_k", split), ("num_warps", num_warps), ("num_stages", num_stages)))
+
+
+def _gemv(layer: QuantizedLinear, config: tuple[int, int, int]) -> MatmulKernel:
+    rows, step, num_warps = config
+    name = "block_k" if layer.bits == 8 else "groups_per_iter"
+    return MatmulKernel("gemv", (("block_n", rows), (name, step), ("num_warps", num_warps)))
+
+
+def candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype = torch.bfloat16) -> list[MatmulKernel]:
+    """The kernels worth timing for M rows of `dtype` activations."""
+    dequantize_fits = layer.out_features * layer.in_features <= DEQUANTIZE_MAX_ELEMENTS
+    if dtype == torch.float32:
+        # Float32 (the CPU's dtype, used on GPUs for exact comparisons): a tensor-core dot would round to tf32, an
+        # exact one is slow to compile and run; cuBLAS's float32 matmul after dequantizing is the sound choice.
+        kernels = [_gemv(layer, config) for config in GEMV_CONFIGS[layer.bits]] if m <= 16 else []
+        kernels += [MatmulKernel("dequantize")] if dequantize_fits else [_gemm(layer, m, "large")] * (m > 16)
+        return kernels + [MatmulKernel("torch")] * (layer.bits == 8)
+    kernels = []
+    if m <= 16:
+        kernels += [_gemv(layer, config) for config in GEMV_CONFIGS[layer.bits]]
+        kernels.append(_gemm(layer, m, "small"))
+    if 16 < m <= 64:
+        kernels.append(_gemm(layer, m, "medium"))
+    if m >= 32:
+        kernels.append(_gemm(layer, m, "large"))
+    if m >= 256:
+        kernels.append(_gemm(layer, m, "huge"))
+    if m >= 64 and dequantize_fits:
+        kernels.append(MatmulKernel("dequantize"))
+    if layer.bits == 8:
+        kernels.append(MatmulKernel("torch"))
+    return kernels
+
+
+def default_plan(layer: QuantizedLinear) -> MatmulPlan:
+    """Before (or without) tuning: gemv for decode-sized batches, gemm beyond."""
+    return ((4, _gemv(layer, GEMV_CONFIGS[layer.bits][0])), (64, _gemm(layer, 64, "medium")),
+            (1 << 30, _gemm(layer, 4096, "large")))
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Relative error a correct kernel stays under: the output's own rounding, with room."""
+    return 1e-4 if dtype == torch.float32 else 1e-2
+
+
+L2_FLUSH_BYTES = 256 << 20  # more than any GPU's L2 cache
+
+
+def time_call(fn, flush: torch.Tensor, repeats: int = 15) -> float:
+    """Median milliseconds of fn() on the current CUDA stream, the L2 cache emptied before each call (as a decode
+    step meets each layer's weights: they were read a whole step ago). Calls fn once first (compiling it)."""
+    fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    for start, end in events:
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return sorted(start.elapsed_time(end) for start, end in events)[repeats // 2]
+
+
+# Plans already measured in this process, by (scheme, N, K, group, dtype, device name).
+_PLANS: dict[tuple, MatmulPlan] = {}
+# What each plan's measurement saw: key -> {M: {kernel: milliseconds or error}}.
+TIMINGS: dict[tuple, dict[int, dict[str, float | str]]] = {}
+
+
+def plan_key(layer: QuantizedLinear, dtype: torch.dtype) -> tuple:
+    return (layer.scheme, layer.out_features, layer.in_features, layer.group_size, str(dtype),
+            torch.cuda.get_device_name(layer.weight.device))
+
+
+def measure_plan(layer: QuantizedLinear, dtype: torch.dtype) -> tuple[MatmulPlan, dict]:
+    """Times every candidate at each tuning size, rejects any whose result is off, keeps the fastest."""
+    gen = torch.Generator(device=layer.weight.device).manual_seed(0)
+    width = max(layer.in_features, layer.out_features)
+    sizes = [m for m in TUNE_SIZES if m == 1 or m * width * 4 <= TUNE_MAX_BYTES]
+    plan: list[tuple[int, MatmulKernel]] = []
+    timings: dict[int, dict[str, float | str]] = {}
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=layer.weight.device)
+    for m in sizes:
+        x = torch.randn(m, layer.in_features, generator=gen, device=layer.weight.device).to(dtype)
+        reference = reference_matmul(x, layer)
+        timings[m] = {}
+        best: tuple[float, MatmulKernel] | None = None
+        for kernel in candidates(layer, m, dtype):
+            try:
+                error = relative_error(kernel(x, layer), reference)
+                if error > tolerance(dtype):
+                    timings[m][str(kernel)] = f"rejected: relative error {error:.2e}"
+                    continue
+                ms = time_call(lambda kernel=kernel: kernel(x, layer), flush)
+            except Exception as exc:  # a backend this build or card lacks, or out of memory: not a candidate
+                timings[m][str(kernel)] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                torch.cuda.empty_cache()
+                continue
+            timings[m][str(kernel)] = ms
+            if best is None or ms < best[0]:
+                best = (ms, kernel)
+        del x, reference
+        if best is None:
+            log.warning("no quantized matmul kernel works for %s at M=%d (%s): using the PyTorch reference",
+                        layer.extra_repr(), m, timings[m])
+            best = (float("inf"), MatmulKernel("reference"))
+        if plan and plan[-1][1] == best[1]:
+            plan[-1] = (m, best[1])
+        else:
+            plan.append((m, best[1]))
+    return tuple(plan), timings
+
+
+def tune(model: nn.Module, dtype: torch.dtype) -> None:
+    """Gives every QuantizedLinear of a CUDA model the fastest kernel per M for its shape (measured once
+    per shape and process)."""
+    for layer in model.modules():
+        if not isinstance(layer, QuantizedLinear) or not layer.weight.is_cuda:
+            continue
+        key = plan_key(layer, dtype)
+        if key not in _PLANS:
+            _PLANS[key], TIMINGS[key] = measure_plan(layer, dtype)
+            described = ", ".join(f"M<={m}: {kernel}" for m, kernel in _PLANS[key])
+            log.info("%s %dx%d matmul: %s", layer.scheme, layer.out_features, layer.in_features, described)
+        layer.plan = _PLANS[key]
+
+
+def quantized_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer (the weights as they sit on the device)."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def replace_linear(parent: nn.Module, name: str, scheme: str) -> None:
+    """parent.name (an nn.Linear without bias) becomes an empty QuantizedLinear of the same shape, on the
+    same device (meta while the model is being built)."""
+    linear = getattr(parent, name)
+    if linear.bias is not None:
+        raise ValueError(f"{name} has a bias; quantized layers have none")
+    with linear.weight.device:
+        setattr(parent, name, QuantizedLinear(linear.in_features, linear.out_features, scheme))
+

@@ -1,0 +1,27 @@
+"""The tokenizer: tokenizer.json through the `tokenizers` library, special ids from config.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+
+from .checkpoint import CheckpointError, ModelConfig
+
+
+class Tokenizer:
+    """tokenizer.json through the `tokenizers` library; special ids come from config.json."""
+
+    def __init__(self, path: Path, config: ModelConfig) -> None:
+        if not path.is_file():
+            raise CheckpointError(f"{path} not found")
+        self._tokenizer = HFTokenizer.from_file(str(path))
+        self.bos_token_id = config.bos_token_id
+        self.eos_token_id = config.eos_token_id
+        self.pad_token_id = config.pad_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)

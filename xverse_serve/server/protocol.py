@@ -1,0 +1,127 @@
+"""Request bodies of every route, as pydantic models: what is accepted, and what is refused with a 400."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Tag, field_validator
+
+from ..model.chat_format import Message
+
+MAX_STOP_STRINGS = 16
+MAX_MESSAGES = 2048  # far more turns than an 8K-token context holds; beyond it a request is refused, not parsed
+
+
+class StrictBody(BaseModel):
+    # Unknown fields and wrong types are errors, never silently ignored or coerced.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _valid_unicode(text: str) -> str:
+    # JSON escapes can carry lone UTF-16 surrogates ("\ud800"): not text, and the tokenizer refuses them.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"holds a lone surrogate (\\u{ord(text[exc.start]):04x}) at position {exc.start}, "
+                         "which is not valid Unicode text") from None
+    return text
+
+
+# Text the tokenizer will read; the tag keeps union error messages reading "prompt.str: ...".
+Text = Annotated[str, AfterValidator(_valid_unicode), Tag("str")]
+
+
+class TextPart(StrictBody):
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(StrictBody):
+    role: Literal["system", "user", "assistant"]
+    content: Text | list[TextPart]
+    name: str | None = None
+
+    def to_message(self) -> Message:
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return Message(self.role, content)
+
+
+class SamplingFields(StrictBody):
+    """Sampling overrides shared by every route; None means the model's generation_config.json value."""
+
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None
+
+
+class SeedRequest(SamplingFields):
+    """POST / — the seed recipe's body, with optional history and sampling overrides."""
+
+    prompt: Text
+    history: Annotated[list[ChatMessage], Field(max_length=MAX_MESSAGES - 1)] = []
+    max_new_tokens: Annotated[int, Field(ge=1)] | None = None
+
+
+class StreamOptions(StrictBody):
+    include_usage: bool = False
+
+
+StopField = str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP_STRINGS)] | None
+
+
+class OpenAIFields(SamplingFields):
+    """Fields common to /v1/chat/completions and /v1/completions. Fields of the OpenAI API that this
+    server does not implement are accepted only at their neutral value, so no request is half-served."""
+
+    model: str | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: StopField = None
+    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+    n: Literal[1] = 1
+    presence_penalty: Literal[0] = 0
+    frequency_penalty: Literal[0] = 0
+    logit_bias: Annotated[dict, Field(max_length=0)] | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_not_empty(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if stop == "":
+            raise ValueError("a stop string must not be empty")
+        return stop
+
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class ChatCompletionRequest(OpenAIFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: Literal[False] = False
+    top_logprobs: Literal[0] | None = None
+    tools: Annotated[list, Field(max_length=0)] | None = None
+    tool_choice: Literal["none"] | None = None
+    response_format: dict | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value: dict | None) -> dict | None:
+        if value is not None and value.get("type") != "text":
+            raise ValueError("only response_format {'type': 'text'} is supported")
+        return value
+
+
+class CompletionRequest(OpenAIFields):
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1), Tag("list[str]")]
+    echo: Literal[False] = False
+    best_of: Literal[1] | None = None
+    logprobs: None = None
+    suffix: None = None
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]

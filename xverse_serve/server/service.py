@@ -1,0 +1,158 @@
+"""What every generating route shares: the prompt and its answer budget, sampling parameters from the request and
+the model's defaults, and running a request to its whole answer or as a stream of text deltas."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import Request
+
+from ..engine.messages import SamplingParams
+from ..model.chat_format import PromptError, encode_chat, max_input_tokens
+from .config import ServingContext
+from .errors import APIError
+from .generation import GenerationFailed, TextDelta, generate_text
+from .metrics import Metrics, RequestRecord
+from .protocol import ChatMessage, OpenAIFields, SamplingFields
+
+FAILURE_TYPES = {500: "server_error", 503: "service_unavailable", 504: "timeout"}
+
+
+def failure_message(exc: GenerationFailed) -> str:
+    return f"generation failed: {exc}" if exc.status == 500 else str(exc)
+
+
+class GenerationService:
+    def __init__(self, ctx: ServingContext, metrics: Metrics) -> None:
+        self.ctx, self.metrics = ctx, metrics
+        self.log_prompts = ctx.config.log_prompts
+
+    def start(self, request: Request, prompt_ids: list[int], prompt: Callable[[], object]) -> RequestRecord:
+        """The request's record, now that its prompt is known. `prompt()` gives the prompt as the log line
+        shows it; it is called only with --log-prompts, so no request pays for it otherwise."""
+        record: RequestRecord = request.state.record
+        record.prompt_tokens = len(prompt_ids)
+        if self.log_prompts:
+            record.prompt = prompt()
+        return record
+
+    def sampling_params(self, fields: SamplingFields, max_tokens: int, stop: tuple[str, ...] = (),
+                        seed: int | None = None) -> SamplingParams:
+        defaults = self.ctx.generation_defaults
+        default_temperature = defaults.temperature if defaults.do_sample else 0.0
+        top_k = defaults.top_k if fields.top_k is None else fields.top_k
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=default_temperature if fields.temperature is None else fields.temperature,
+            top_p=defaults.top_p if fields.top_p is None else fields.top_p,
+            top_k=max(top_k, 0),
+            repetition_penalty=defaults.repetition_penalty if fields.repetition_penalty is None
+            else fields.repetition_penalty,
+            seed=seed,
+            stop=stop,
+        )
+
+    def answer_budget(self, prompt_len: int, requested: int | None, field: str = "max_tokens") -> int:
+        """max_tokens for a prompt: the request's, which must fit the context, or the default, cut to fit."""
+        context = self.ctx.max_model_len
+        remaining = context - prompt_len
+        if remaining <= 0:
+            raise APIError(400, f"the prompt has {prompt_len} tokens; the context window holds {context}: "
+                                "shorten it", param="prompt")
+        if requested is None:
+            return min(self.ctx.generation_defaults.max_new_tokens, remaining)
+        if requested > remaining:
+            raise APIError(400, f"{field} is {requested}, but the prompt uses {prompt_len} of the {context}-token "
+                                f"context: at most {remaining} are left", param=field)
+        return requested
+
+    def chat_prompt(self, messages: list[ChatMessage], requested_tokens: int | None,
+                    field: str = "max_tokens") -> tuple[list[int], int]:
+        budget = requested_tokens or self.ctx.generation_defaults.max_new_tokens
+        limit = max_input_tokens(self.ctx.model_config, self.ctx.max_model_len, budget)
+        try:
+            prompt_ids = encode_chat(self.ctx.tokenizer, [m.to_message() for m in messages], limit)
+        except PromptError as exc:
+            raise APIError(400, str(exc), param="messages") from exc
+        return prompt_ids, self.answer_budget(len(prompt_ids), requested_tokens, field)
+
+    def check_capacity(self) -> None:
+        """Refuses new work while --max-waiting requests already wait for a place in the batch."""
+        waiting = self.ctx.engine.num_waiting
+        if waiting >= self.ctx.config.max_waiting:
+            raise APIError(503, f"the server is at capacity ({waiting} requests are waiting): retry shortly",
+                           "server_overloaded", headers={"Retry-After": "1"})
+
+    def check_model(self, body: OpenAIFields) -> str:
+        served = self.ctx.config.served_model_name
+        if body.model is not None and body.model.lower() != served.lower():
+            raise APIError(404, f"the model {body.model!r} does not exist; this server serves {served!r}",
+                           "not_found_error", "model")
+        return served
+
+    def text(self, record: RequestRecord, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TextDelta]:
+        return generate_text(self.ctx.engine, self.ctx.tokenizer, record.request_id, prompt_ids, params,
+                             self.ctx.config.request_timeout, self.metrics.token_observer(record))
+
+    async def complete(self, request: Request, prompt_ids: list[int], params: SamplingParams) -> TextDelta:
+        """The whole answer as one TextDelta (text, tokens, finish_reason). A client that hangs up first
+        cancels it: nothing else would stop its tokens being generated for nobody."""
+        record: RequestRecord = request.state.record
+        answer = asyncio.ensure_future(self._collect(record, prompt_ids, params))
+        hang_up = asyncio.ensure_future(wait_for_disconnect(request))
+        try:
+            done, _ = await asyncio.wait((answer, hang_up), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hang_up.cancel()
+            answer.cancel()  # no-op once done; otherwise aborts the request in the engine
+        if answer not in done:
+            record.error = "the client closed the connection"
+            raise APIError(499, "the client closed the connection before the answer was ready", "client_closed")
+        return answer.result()
+
+    async def stream(self, record: RequestRecord, prompt_ids: list[int],
+                     params: SamplingParams) -> AsyncIterator[TextDelta | GenerationFailed]:
+        """The request's deltas; a failure mid-stream comes as the GenerationFailed, last."""
+        pieces = []
+        try:
+            async for piece in self.text(record, prompt_ids, params):
+                if self.log_prompts:
+                    pieces.append(piece.text)
+                if piece.finish_reason:
+                    self._finished(record, "".join(pieces), piece.finish_reason)
+                yield piece
+        except GenerationFailed as exc:
+            record.error = str(exc)
+            yield exc
+        finally:
+            if record.finish_reason is None and record.error is None:
+                record.error = "the client closed the connection"
+
+    async def _collect(self, record: RequestRecord, prompt_ids: list[int], params: SamplingParams) -> TextDelta:
+        pieces, last = [], TextDelta("", 0)
+        try:
+            async for last in self.text(record, prompt_ids, params):
+                pieces.append(last.text)
+        except GenerationFailed as exc:
+            record.error = str(exc)
+            raise APIError(exc.status, failure_message(exc), FAILURE_TYPES[exc.status]) from exc
+        result = TextDelta("".join(pieces), last.completion_tokens, last.finish_reason)
+        self._finished(record, result.text, result.finish_reason)
+        return result
+
+    def _finished(self, record: RequestRecord, text: str, finish_reason: str | None) -> None:
+        record.finish_reason = finish_reason
+        if self.log_prompts:
+            record.response = text
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Returns when the client hangs up: the body has been read, so the next message is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def get_service(request: Request) -> GenerationService:
+    """The app's GenerationService, as a route dependency."""
+    return request.app.state.service
