@@ -1,7 +1,7 @@
 """Steps with prompt tokens as CUDA graphs of everything but the attention.
 
-Run eagerly, a step of XVERSE-7B launches some 600 kernels from Python: about 18 ms of host time on an H100,
-more than the GPU needs for a few hundred tokens (bench/closed_loop_bench.py --step-costs). Decode steps are
+Run eagerly, a step of XVERSE-7B launches some 600 kernels from Python, which takes the host longer than the GPU
+needs for a few hundred tokens (docs/benchmarks.md, bench/closed_loop_bench.py --step-costs). Decode steps are
 whole graphs (cuda_graphs); a step with prompt chunks cannot be, since its attention's work depends on each
 sequence's lengths. So the model is cut at its attentions: everything between two of them (o_proj, norms, MLP,
 the next layer's norm, q/k/v projection, RoPE and cache write) is one graph per token-count bucket, captured at
@@ -20,10 +20,8 @@ from ..model.attention import AttentionBatch
 from ..model.kv_cache import KVCache
 from ..model.xverse import Rotary, XverseForCausalLM
 
-# Largest step taken as graphs. Run eagerly, a step stays bound by the host's launches up to about a thousand
-# tokens on some machines: with graphs up to 512 tokens, an H100 took 13.9 ms for a step of 512 prompt tokens
-# and 38.7 ms, eagerly, for one of 16 decodes and 512 prompt tokens; a step of 64 decodes and 256 prompt tokens
-# took 39.7 ms eagerly and 17.8 ms through the graphs (bench/results/closed_loop_h100*.json).
+# Largest step taken as graphs: run eagerly, a step stays bound by the host's launches up to about a thousand tokens
+# on some hosts (docs/benchmarks.md).
 MAX_PIECEWISE_TOKENS = 1024
 
 

@@ -1,16 +1,15 @@
 """y = W x for one row of activations (a one-sequence decode step) as a Triton GEMV, and for a few rows
 (decode steps of up to 32 sequences) as a skinny Triton GEMM.
 
-At one row a projection is pure weight streaming, and cuBLAS's kernels for it read the weights at only
-1.8-3.2 TB/s on an H200 whose copy bandwidth is 4.2 (bench/gemv_bench.py). This kernel gives each program
-a few whole rows of W and walks K in wide steps, so hundreds of programs stream W once, evicting it from
-L2 behind them (it is not read again this step): 2.3-4.1 TB/s on the same shapes.
+At one row a projection is pure weight streaming, which cuBLAS's kernels do well below the copy bandwidth
+(bench/gemv_bench.py; docs/benchmarks.md). This kernel gives each program a few whole rows of W and walks K in
+wide steps, so hundreds of programs stream W once, evicting it from L2 behind them (it is not read again this step).
 
 Each program accumulates the products of its rows in float32 lanes and reduces them at the end, so the
 sum is taken in another order than cuBLAS's: the result differs from F.linear by float32 rounding only.
 
-For 2-32 rows, skinny_matmul pads the rows to one 16- or 32-row tile and streams W through tensor-core dots:
-a few percent faster than cuBLAS on the layers' projections and about 27% on the lm_head (cold L2, H200).
+For 2-32 rows, skinny_matmul pads the rows to one 16- or 32-row tile and streams W through tensor-core dots,
+which beats cuBLAS there too (most on the lm_head).
 """
 
 from __future__ import annotations

@@ -68,8 +68,7 @@ def _load_scales(k_scale_ptr, v_scale_ptr, blocks, offsets, heads, token_ok, hea
 def _widen(x, VIA_BITS: tl.constexpr):
     """A tile of the cache as float32. VIA_BITS: int8 goes through the float's bits, 1.5 * 2**23 + x, then minus
     1.5 * 2**23 (exact for |x| < 2**22): two adds instead of an int-to-float conversion, which runs at a quarter of
-    their rate or less. H100, int8 cache: the lanes loop 2-4% faster at 64 and 256 sequences, the other loop up
-    to 10% slower, so only the lanes loop takes it (bench/results/attention_h100_int8_widen_*.json)."""
+    their rate or less. Only the lanes loop takes it: the other loop measured slower with it (docs/benchmarks.md)."""
     if VIA_BITS and x.dtype == tl.int8:
         return (x.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
     return x.to(tl.float32)
@@ -309,11 +308,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         else:
             num_parts = -(-max_context // partition_size)
     partition_size = partition_size or DEFAULT_PARTITION
-    # Batches of an 8-bit cache: lanes (bench/attention_bench.py --kv-cache-dtype, H100, 8-256 sequences of 512
-    # and 2048 tokens: int8 from 66% to 72% of copy bandwidth on average, 82% to 91% at 256 x 2048; fp8 from 57%
-    # to 74%). Batches of a 16-bit cache: 64 tokens per iteration in 2 warps (H100: 4-12% faster than 128 in 4 at
-    # 8 and 64 sequences, within 1% at 256). One sequence: 128 tokens of a 128-wide head in 4 warps (best on H200,
-    # 10% faster than 64 in 2 on H100); 32 with lanes.
+    # The fastest of bench/attention_bench.py's sweeps (docs/benchmarks.md): batches of an 8-bit cache take lanes,
+    # batches of a 16-bit cache 64 tokens per iteration in 2 warps, one sequence 128 tokens of a 128-wide head in 4
+    # warps (32 with lanes).
     if lanes is None:
         lanes = scaled and seqs > 1
     batched = seqs > 1 and not scaled and not lanes and heads_per_program * head_dim == 128
