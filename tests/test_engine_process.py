@@ -10,6 +10,7 @@ import signal
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 import requests
 from conftest import start_server, stop_server
@@ -17,7 +18,8 @@ from conftest import start_server, stop_server
 from xverse_serve.engine.client import EngineClient
 from xverse_serve.engine.config import EngineConfig
 from xverse_serve.engine.loader import load_engine
-from xverse_serve.engine.messages import SamplingParams, StepOutput
+from xverse_serve.engine.messages import (AbortRequest, AddRequest, Command, Died, EngineStats, Failed, Ready, Report,
+                                          SamplingParams, Shutdown, StepOutput, StepReport)
 from xverse_serve.engine.process_transport import ProcessTransport
 from xverse_serve.engine.thread_transport import ThreadTransport
 from xverse_serve.model.checkpoint import CheckpointError
@@ -171,3 +173,20 @@ def test_sigterm_stops_the_engine_process_with_the_server(tiny_model_dir: Path, 
     while any(running(pid) for pid in children):
         assert time.monotonic() < deadline, "the engine process outlived the server"
         time.sleep(0.05)
+
+
+def test_every_message_crosses_the_pipe_as_it_was_sent() -> None:
+    """The process transport's msgpack codec gives back the same typed messages (tuples stay tuples, so a decoded
+    SamplingParams equals, and hashes like, the one sent)."""
+    params = SamplingParams(max_tokens=7, temperature=0.3, top_p=0.9, top_k=5, repetition_penalty=1.2, seed=11,
+                            stop=("\n\n", "Human:"), stop_token_ids=(3,))
+    stats = EngineStats(running=2, waiting=1, kv_blocks_used=9, kv_blocks_total=64, prefix_queried_tokens=40,
+                        prefix_hit_tokens=16, preemptions=0)
+    commands = [AddRequest("a", [5, 6, 7], params), AbortRequest("a"), Shutdown()]
+    reports = [Ready(stats), Failed("no weights"), Died("RuntimeError: boom"),
+               StepReport([StepOutput("a", [9], None), StepOutput("b", [], None, "too long", 500)], stats, 3)]
+    encode = msgspec.msgpack.Encoder().encode
+    for message, kind in [*((c, Command) for c in commands), *((r, Report) for r in reports)]:
+        decoded = msgspec.msgpack.Decoder(kind).decode(encode(message))
+        assert decoded == message and type(decoded) is type(message)
+    assert hash(msgspec.msgpack.Decoder(Command).decode(encode(commands[0])).params) == hash(params)
