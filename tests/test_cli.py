@@ -14,7 +14,7 @@ import requests
 from conftest import REPO, start_server, stop_server
 
 import model_download
-from xverse_serve.settings import DEFAULT_MODEL_PATH, Settings, env_name, parse_settings
+from xverse_serve.settings import DEFAULT_MODEL_PATH, Settings, env_name, flags_table, parse_settings
 
 DOWNLOAD_HINT = "python model_download.py"
 
@@ -81,6 +81,56 @@ def test_bad_values_exit_with_a_usage_error_naming_the_flag(argv, environ, named
         parse_settings(argv, environ=environ)
     assert exited.value.code == 2
     assert named in capsys.readouterr().err
+
+
+def test_the_readme_flags_table_is_the_one_the_settings_generate():
+    """README.md holds `python -m xverse_serve.settings`'s table between its markers, so neither can drift."""
+    readme = (REPO / "README.md").read_text()
+    start, end = "<!-- flags: python -m xverse_serve.settings -->\n", "\n<!-- /flags -->"
+    assert start in readme and end in readme, "README.md lacks the flags table's markers"
+    table = readme[readme.index(start) + len(start):readme.index(end)]
+    assert table == flags_table()
+    printed = run("-m", "xverse_serve.settings")
+    assert printed.returncode == 0 and printed.stdout == flags_table() + "\n"
+
+
+def test_every_setting_carries_its_help_and_bounds_once():
+    """The table and --help come from the fields: every flag is in both, with its choices, and a bound in the
+    field is enforced by the parser."""
+    for field in dataclasses.fields(Settings):
+        assert field.metadata["help"], field.name
+        assert f"`--{field.name.replace('_', '-')}`" in flags_table(), field.name
+        for choice in field.metadata["choices"] or ():
+            assert f"`{choice}`" in flags_table(), (field.name, choice)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--shutdown-grace", "-1"], "--shutdown-grace must be 0 or more, got -1.0"),
+    (["--gpu-memory-utilization", "0"], "--gpu-memory-utilization must be positive, got 0.0"),
+    (["--gpu-memory-utilization", "1.01"], "--gpu-memory-utilization must be at most 1, got 1.01"),
+    (["--device", "cuda:x"], "--device must match auto|cpu|cuda(:\\d+)?, got 'cuda:x'"),
+    (["--max-prefill-with-decodes", "0"], "--max-prefill-with-decodes must be positive, got 0"),
+    (["--block-size", "24"], "--block-size must be a power of two (1, 2, 4, 8, 16, ...), got 24"),
+    (["--block-size", "0"], "--block-size must be a power of two (1, 2, 4, 8, 16, ...), got 0"),
+])
+def test_bounds_are_checked_with_a_message_that_says_what_to_fix(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_settings(argv, environ={})
+    assert message in capsys.readouterr().err
+
+
+def test_secrets_are_never_shown_by_help(tmp_path):
+    result = run(str(REPO / "api.py"), "--help", env={"XVERSE_API_KEY": "s3cret-key"})
+    assert result.returncode == 0 and "s3cret-key" not in result.stdout
+
+
+def test_the_engine_and_server_configs_carry_the_flags():
+    settings = parse_settings(["--max-num-seqs", "7", "--no-prefix-caching", "--enforce-eager", "--api-key", "a, b",
+                               "--cors-origin", "http://x"], environ={})
+    engine, server = settings.engine_config(), settings.server_config()
+    assert engine.scheduler.max_num_seqs == 7 and not engine.scheduler.prefix_caching and not engine.cuda_graphs
+    assert engine.scheduler.max_batched_tokens == Settings().max_batched_tokens
+    assert server.api_keys == ("a", "b") and server.cors_origins == ("http://x",)
 
 
 def test_environment_variables_reach_the_running_server(tiny_model_dir, tmp_path):

@@ -23,12 +23,13 @@ TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes"), ("0", "false", "no")
 
 
 def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None, above: float | None = None,
-            at_least: float | None = None, at_most: float | None = None, pattern: str | None = None,
-            secret: bool = False) -> Any:
-    """A field of Settings: `above`, `at_least` and `at_most` bound a number, `pattern` a string (a full match);
-    a secret's value is never shown by --help."""
+            at_least: float | None = None, at_most: float | None = None, power_of_two: bool = False,
+            pattern: str | None = None, secret: bool = False) -> Any:
+    """A field of Settings: `above`, `at_least`, `at_most` and `power_of_two` bound a number, `pattern` a string (a
+    full match); a secret's value is never shown by --help."""
     return field(default=default, metadata=dict(help=help, choices=choices, above=above, at_least=at_least,
-                                                at_most=at_most, pattern=pattern, secret=secret))
+                                                at_most=at_most, power_of_two=power_of_two, pattern=pattern,
+                                                secret=secret))
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,13 @@ class Settings:
     port: int = setting(6006, "port to listen on", above=0)
     device: str = setting("auto", "`auto` (cuda when available, else cpu), `cpu`, `cuda` or `cuda:N`",
                           pattern=r"auto|cpu|cuda(:\d+)?")
-    dtype: str = setting("auto", "`auto`: bfloat16 where the GPU supports it, else float16; float32 on the CPU",
-                         choices=("auto", "bfloat16", "float16", "float32"))
+    dtype: str = setting("auto", "`auto` (bfloat16 where the GPU supports it, else float16; float32 on the CPU), "
+                                 "`bfloat16`, `float16` or `float32`", choices=("auto", "bfloat16", "float16", "float32"))
     max_model_len: int | None = setting(None, "context window in tokens, prompt and answer together; unset: "
                                               "max_position_embeddings from config.json (8192)", above=0)
     served_model_name: str = setting("XVERSE-7B-Chat", "model id in /v1/models and accepted in requests")
-    block_size: int = setting(16, "tokens per KV-cache block", above=0)
+    block_size: int = setting(16, "tokens per KV-cache block (a power of two: the decode kernel's tiles)",
+                              power_of_two=True)
     kv_cache_tokens: int | None = setting(None, "KV-cache capacity in tokens; unset: on CUDA what "
                                                 "--gpu-memory-utilization leaves after the weights, on the CPU four "
                                                 "full contexts", above=0)
@@ -52,7 +54,7 @@ class Settings:
                                             at_most=1)
     max_num_seqs: int = setting(256, "most requests decoded together", above=0)
     max_batched_tokens: int = setting(2048, "most tokens computed in one step; longer prompts are prefilled in "
-                                            "chunks, and prompts arriving together a few per step", above=0)
+                                            "chunks, and prompts that arrive together a few per step", above=0)
     max_prefill_with_decodes: int | None = setting(None, "most prompt tokens computed in a step that also "
                                                          "decodes, so that running streams never wait long between "
                                                          "tokens; unset: --max-batched-tokens", above=0)
@@ -75,12 +77,13 @@ class Settings:
     log_prompts: bool = setting(False, "put prompt and answer text in the per-request log lines (and print the "
                                        "seed's own line for POST /)")
     log_level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"))
-    quantize: str = setting("none", "weight-only quantization applied while loading: `int8` (per output channel) "
-                                    "or `int4` (groups of 128) for the layers' projections; the lm_head and the "
-                                    "embeddings are int8 in both", choices=("none", "int8", "int4"))
+    quantize: str = setting("none", "weight-only quantization applied while loading: `none` (the checkpoint's "
+                                    "dtype), `int8` (per output channel) or `int4` (groups of 128) for the layers' "
+                                    "projections; the lm_head and the embeddings are int8 in both",
+                            choices=("none", "int8", "int4"))
     kv_cache_dtype: str = setting("auto", "KV-cache element type: `auto` (the model's dtype), `int8` or `fp8` "
-                                          "(e4m3, GPUs with compute capability 8.9+), each 8-bit vector with a "
-                                          "float32 scale", choices=("auto", "int8", "fp8"))
+                                          "(e4m3, GPUs with compute capability 8.9+), 8-bit with a float32 "
+                                          "scale per token and head", choices=("auto", "int8", "fp8"))
     engine_process: bool = setting(True, "run the engine (model, KV cache, scheduler) in a process of its own, so "
                                          "that the server's Python work never holds up a step; off: in a thread "
                                          "of the server process")
@@ -151,6 +154,8 @@ def bound_error(field_name: str, value: object) -> str | None:
         return f"must be {meta['at_least']:g} or more"
     if meta["at_most"] is not None and value > meta["at_most"]:
         return f"must be at most {meta['at_most']:g}"
+    if meta["power_of_two"] and (value <= 0 or value & (value - 1)):
+        return "must be a power of two (1, 2, 4, 8, 16, ...)"
     if meta["pattern"] is not None and not re.fullmatch(meta["pattern"], value):
         return f"must match {meta['pattern']}"
     return None
@@ -198,7 +203,7 @@ def flags_table() -> str:
             shown = "unset" if default is None else f"`{default}`"
         choices = settings_field.metadata["choices"]
         meaning = settings_field.metadata["help"]
-        if choices:
+        if choices and not all(f"`{choice}`" in meaning for choice in choices):
             meaning += f"; one of {', '.join(f'`{choice}`' for choice in choices)}"
         rows.append(f"| {flag} | `{env_name(name)}` | {shown} | {meaning} |")
     return "\n".join(rows)

@@ -1,7 +1,7 @@
 """What crosses the engine's boundary: requests in, token outputs and load reports out.
 
-msgspec structs, so that the process transport can encode a step's report with msgpack: for 64 outputs about as
-fast as pickling plain tuples, and ten times faster than pickling NamedTuples or dataclasses (docs/architecture.md).
+msgspec structs, so that the process transport can encode a step's report with msgpack, typed, at about the cost of
+pickling plain tuples and well below that of pickling NamedTuples or dataclasses (docs/architecture.md).
 The in-thread transport hands the same objects over as they are."""
 
 from __future__ import annotations

@@ -183,7 +183,7 @@ def _one_row(x: torch.Tensor, weight: torch.Tensor, n: int, config: tuple[int, i
 
 
 # Not specialized on M: rows vary step by step (decode graphs cover 2, 4, 8, 16 and 32; eager mixed steps anything
-# from 2 to 32), and a variant compiled while serving stalled every request for about a second.
+# from 2 to 32), and a variant compiled while serving would stall every request in flight.
 @triton.jit(do_not_specialize=["M"])
 def _skinny_kernel(x_ptr, w_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_ym,
                    K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,

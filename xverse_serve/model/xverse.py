@@ -241,8 +241,8 @@ class DecoderLayer(nn.Module):
         """forward for one row on CUDA (a one-sequence decode step) with one norm kernel instead of two: each
         residual add runs in the GEMV before it (o_proj, down_proj: Linear.add_to), which also sums the squares
         of its slices, and the input norm in qkv_proj's GEMV (Linear.normed). The post-attention norm keeps its
-        kernel: taken in the gated gate_up GEMV, the 5,504 programs each normalising the whole row cost more
-        than the kernel (bench/gemv_bench.py --fused). stream: the residual stream entering the layer, with its
+        kernel: taken in the gated gate_up GEMV, every program would normalise the whole row, which measured slower
+        (docs/benchmarks.md). stream: the residual stream entering the layer, with its
         slices' squares (None in the first layer: the embeddings, normed by the norm kernel). Returns the stream
         leaving the layer and its squares."""
         attn, mlp = self.self_attn, self.mlp
