@@ -2,12 +2,12 @@
 (or, with --kv-cache-dtype int8 / fp8, an 8-bit cache with its scales).
 
 One command on any CUDA machine:
-    python bench/attention_bench.py --out bench/results/attention.json
+    python bench/attention_bench.py --out bench/results/attention_h100.json
 XVERSE-7B's attention shape (32 heads of 128, block_size 16); batch sizes 1, 8, 64, 256 and context
 lengths 512, 2048, 8192, skipping what does not fit. For each shape: every kernel configuration is
 checked against a float32 reference (relative error ||out - ref|| / ||ref||, output poisoned with NaN
 first) and timed with triton.testing.do_bench (median; it clears L2 before every run), beside
-attention.decode_attention in bf16. Achieved bandwidth = bytes of K and V read / time, next to the
+model.attention.decode_attention in bf16. Achieved bandwidth = bytes of K and V read / time, next to the
 device's copy bandwidth (bytes read + written by a large device-to-device copy). The "auto"
 configuration (the defaults) is also captured in a CUDA graph, replayed on fresh inputs, checked and timed.
 Also checks each batch size once with random context lengths in [1, max].
@@ -16,25 +16,19 @@ Also checks each batch size once with random context lengths in [1, max].
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
-import triton
+from common import BLOCK_SIZE, XVERSE_7B, Log, copy_bandwidth, device_facts, write_checked_report, write_results
 from triton.testing import do_bench
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from xverse_serve.kernels.paged_attention import default_num_parts, paged_decode_attention
+from xverse_serve.model.attention import decode_attention, quantize_kv
 
-from engine_bench import copy_bandwidth  # noqa: E402
-
-from xverse_serve.kernels.paged_attention import default_num_parts, paged_decode_attention  # noqa: E402
-from xverse_serve.model.attention import decode_attention, quantize_kv  # noqa: E402
-
-HEADS, HEAD_DIM, BLOCK_SIZE = 32, 128, 16
+HEADS, HEAD_DIM = XVERSE_7B.num_heads, XVERSE_7B.head_dim
 DTYPE = torch.bfloat16
 BATCHES = [1, 8, 64, 256]
 CONTEXTS = [512, 2048, 8192]
@@ -153,7 +147,7 @@ def fits(batch: int, context: int, element_size: int = 2) -> tuple[bool, str]:
     return need < 0.9 * free, f"needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
 
 
-def bench_shape(batch: int, context: int, configs: dict, copy_bw: float, args, log) -> dict:
+def bench_shape(batch: int, context: int, configs: dict, copy_bw: float, args: argparse.Namespace, log: Log) -> dict:
     shape = Shape(batch, context, seed=batch * 100003 + context, kv_dtype=KV_DTYPES[args.kv_cache_dtype])
     kv_bytes = shape.kv_bytes()
     ref = shape.reference()
@@ -218,14 +212,12 @@ def bench_shape(batch: int, context: int, configs: dict, copy_bw: float, args, l
     result["mixed_lengths"] = {"ms": ms, "rel_error": error, "ok": error < MAX_REL_ERROR, "kv_bytes": mixed_bytes,
                                "gbps": mixed_bytes / ms / 1e6}
     log(f"  {'auto (mixed)':14s} {ms * 1e3:9.1f} us  {mixed_bytes / ms / 1e6:7.0f} GB/s  rel err {error:.2e}")
-    del shape, ref, out
-    torch.cuda.empty_cache()
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="where to write the JSON results")
+    parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
     parser.add_argument("--batches", type=int, nargs="+", default=BATCHES)
     parser.add_argument("--contexts", type=int, nargs="+", default=CONTEXTS)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -241,25 +233,15 @@ def main() -> None:
         sys.exit("needs CUDA")
 
     start = time.perf_counter()
-    lines: list[str] = []
-
-    def log(line: str) -> None:
-        print(line, flush=True)
-        lines.append(line)
-
-    props = torch.cuda.get_device_properties(0)
+    log = Log()
     copy_bw = copy_bandwidth(torch.device("cuda"))
     report = {
-        "device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
-        "triton": triton.__version__, "python": platform.python_version(),
-        "heads": HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK_SIZE, "dtype": str(DTYPE),
+        **device_facts(), "heads": HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK_SIZE, "dtype": str(DTYPE),
         "kv_cache_dtype": str(KV_DTYPES[args.kv_cache_dtype]),
         "copy_bandwidth_gbps": copy_bw / 1e9, "max_rel_error": MAX_REL_ERROR, "shapes": [], "skipped": [],
     }
-    log(f"{props.name}, {props.multi_processor_count} SMs; copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write)")
+    log(f"{report['device']}, {report['sms']} SMs; copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write)")
     configs = {name: CONFIGS[name] for name in args.configs}
-    out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
 
     for context in sorted(args.contexts):
         for batch in sorted(args.batches):
@@ -275,9 +257,10 @@ def main() -> None:
                 + (f" (over the {args.budget_s:.0f} s budget: auto only)" if over else ""))
             shape_configs = {name: configs[name] for name in configs if name == "auto"} if over else configs
             report["shapes"].append(bench_shape(batch, context, shape_configs or configs, copy_bw, args, log))
+            torch.cuda.empty_cache()  # the shape's cache is gone with bench_shape's locals
             report["shapes"][-1]["over_budget"] = over
             report["elapsed_s"] = time.perf_counter() - start
-            out_path.write_text(json.dumps(report, indent=2))
+            write_results(report, args.out)
 
     # The table last, so it ends the output.
     log("")
@@ -296,11 +279,7 @@ def main() -> None:
         log(f"{r['batch']:5d} {r['context']:5d} {ref_us:9.1f} {auto['ms'] * 1e3:9.1f} {auto['gbps']:6.0f} "
             f"{auto['frac_copy_bw']:6.1%} {graph_us:9.1f} {best:>14} {cfgs[best]['ms'] * 1e3:8.1f} "
             f"{cfgs[best]['frac_copy_bw']:6.1%} {worst:8.1e} {'yes' if ok else 'NO'}")
-    report["all_ok"] = all_ok
-    report["elapsed_s"] = time.perf_counter() - start
-    report["log"] = lines
-    out_path.write_text(json.dumps(report, indent=2))
-    log(f"all checks {'passed' if all_ok else 'FAILED'}; {report['elapsed_s']:.0f} s; wrote {out_path}")
+    write_checked_report(report, all_ok, start, log, args.out)
 
 
 if __name__ == "__main__":

@@ -3,27 +3,22 @@ L2, as in a step, where the weights stream through between layers), block tables
 (the decode graphs' width), all in one CUDA graph. Prints µs per layer for each kernel configuration, next to the
 time the layer's keys and values take at the device's copy bandwidth.
 
-    python bench/attention_layers_bench.py --out bench/results/attention_layers.json
+    python bench/attention_layers_bench.py --out bench/results/attention_layers_h200.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 import torch
+from common import BLOCK_SIZE, XVERSE_7B, copy_bandwidth, replay_ms, write_results
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from xverse_serve.kernels.paged_attention import paged_decode_attention
+from xverse_serve.model.attention import decode_attention
 
-from engine_bench import copy_bandwidth  # noqa: E402
-from step_profile import replay_ms  # noqa: E402
-
-from xverse_serve.kernels.paged_attention import paged_decode_attention  # noqa: E402
-from xverse_serve.model.attention import decode_attention  # noqa: E402
-
-HEADS, HEAD_DIM, BLOCK_SIZE, LAYERS, TABLE_TOKENS = 32, 128, 16, 32, 8192
+HEADS, HEAD_DIM, LAYERS = XVERSE_7B.num_heads, XVERSE_7B.head_dim, XVERSE_7B.num_layers
+TABLE_TOKENS = XVERSE_7B.max_position_embeddings  # the decode graphs' block-table width
 
 
 def configs(batch: int, context: int) -> dict[str, dict]:
@@ -90,9 +85,7 @@ def main() -> None:
             results["shapes"].append(row)
             del caches
             torch.cuda.empty_cache()
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":

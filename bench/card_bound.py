@@ -21,6 +21,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from common import XVERSE_7B
+
+from xverse_serve.model.kv_cache import KVCache
+from xverse_serve.model.xverse import XverseForCausalLM
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -39,6 +45,14 @@ class ModelShape:
     def attention_flops(self, context: int) -> int:
         """Scores and weighted values of one query over `context` cached tokens, all layers."""
         return 4 * self.num_layers * self.hidden_size * context
+
+
+def model_shape(model: XverseForCausalLM, kv_dtype: torch.dtype) -> ModelShape:
+    """The shape as the bound counts it, from the model's own parameters (a meta-device model will do)."""
+    config = model.config
+    streamed = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "embed" not in name)
+    return ModelShape(config.num_layers, config.hidden_size, config.intermediate_size, config.vocab_size,
+                      streamed, KVCache.bytes_per_token(config, kv_dtype))
 
 
 def bound_seconds(shape: ModelShape, requests: int, prompt_len: int, output_len: int,
@@ -69,19 +83,14 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=516)
     parser.add_argument("--output-len", type=int, default=128)
     args = parser.parse_args()
-    import torch
-    from engine_bench import XVERSE_7B, model_shape  # imported here: engine_bench imports this module
-
-    from xverse_serve.model.xverse import XverseForCausalLM
-
     card = json.loads(args.engine_json.read_text())
     bandwidth, flops = card["copy_bandwidth_GBps"] * 1e9, card["matmul_TFLOPs"] * 1e12
     print(f"{card['device']}: copy {bandwidth / 1e12:.2f} TB/s, matmul {flops / 1e12:.0f} TFLOP/s; "
           f"{args.requests} requests of {args.prompt_len} prompt and {args.output_len} new tokens")
-    with torch.device("meta"):  # the shapes alone, as engine_bench counts them
+    with torch.device("meta"):  # the shapes alone: model_shape counts what engine_bench counts on the real model
         model = XverseForCausalLM(XVERSE_7B).to(torch.bfloat16)
     for cache, kv_dtype in (("bf16", torch.bfloat16), ("8-bit", torch.int8)):
-        shape = model_shape(model, XVERSE_7B, kv_dtype)
+        shape = model_shape(model, kv_dtype)
         bound = bound_tok_s(shape, args.requests, args.prompt_len, args.output_len, bandwidth, flops)
         print(f"{cache} cache: at most {bound:,.0f} output tok/s")
 

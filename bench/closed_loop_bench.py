@@ -11,51 +11,53 @@
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
+import msgspec
 import torch
-from engine_bench import XVERSE_7B, engine_like_server, prompts, random_model
-from serve_bench import percentile
+from common import (
+    GREEDY,
+    XVERSE_7B,
+    abort_all,
+    engine_like_server,
+    percentile,
+    prompts,
+    random_model,
+    start_decoding,
+    write_results,
+)
 
-from xverse_serve.engine.loader import resolve_kv_cache_dtype
-from xverse_serve.engine.messages import SamplingParams
+from xverse_serve.engine.engine import Engine
 from xverse_serve.settings import Settings
 
 
-def step_cost_ms(engine, decodes: int, context: int, prompt_tokens: int, seed: int, repeats: int = 5) -> float:
+def step_cost_ms(engine: Engine, decodes: int, context: int, prompt_tokens: int, seed: int, repeats: int = 5) -> float:
     """Median wall time of an engine step, from an idle GPU to its tokens on the host, that holds `decodes` decodes
     of about `context` tokens and one chunk of `prompt_tokens` of a new prompt (0: a decode step)."""
-    params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
     engine.overlap = False  # each step() runs one step to its end
-    for i, prompt in enumerate(prompts(decodes, context, XVERSE_7B.vocab_size, seed - 1)):
-        engine.add_request(f"d{i}", prompt, params)
-    while any(seq.num_computed < len(seq.prompt_ids) for seq in engine.sequences.values()):
-        engine.step()
+    start_decoding(engine, prompts(decodes, context, XVERSE_7B.vocab_size, seed - 1), GREEDY, "d")
     times = []
     for repeat in range(repeats + 1):  # the first meets new shapes
         request_id = f"p{repeat}"
         if prompt_tokens:
-            engine.add_request(request_id, prompts(1, prompt_tokens, XVERSE_7B.vocab_size, seed + repeat)[0], params)
+            engine.add_request(request_id, prompts(1, prompt_tokens, XVERSE_7B.vocab_size, seed + repeat)[0], GREEDY)
         torch.cuda.synchronize()
         started = time.perf_counter()
         engine.step()
         times.append((time.perf_counter() - started) * 1e3)
         if prompt_tokens:
             engine.abort(request_id)
-    for request_id in list(engine.sequences):
-        engine.abort(request_id)
+    abort_all(engine)
     engine.overlap = True
     return statistics.median(times[1:])
 
 
-def closed_loop(engine, clients: int, requests_per_client: int, prompt_len: int, output_len: int, seed: int,
+def closed_loop(engine: Engine, clients: int, requests_per_client: int, prompt_len: int, output_len: int, seed: int,
                 repetition_penalty: float = 1.0) -> dict:
     """Each client sends its next request in the step after its last one ended; greedy, with the penalty."""
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True,
-                            repetition_penalty=repetition_penalty)
+    params = msgspec.structs.replace(GREEDY, max_tokens=output_len, repetition_penalty=repetition_penalty)
     batch = prompts(clients * requests_per_client, prompt_len, XVERSE_7B.vocab_size, seed)
     sent: dict[str, float] = {}
     first: dict[str, float] = {}
@@ -114,17 +116,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    device = torch.device("cuda")
-    model = random_model(XVERSE_7B, device, torch.bfloat16)
-    kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, device, torch.bfloat16)
-    engine, kv_tokens, _ = engine_like_server(model, kv_dtype, args.max_batched_tokens,
-                                              Settings().gpu_memory_utilization, cuda_graphs=True)
+    model = random_model(XVERSE_7B, torch.device("cuda"), torch.bfloat16)
+    served = engine_like_server(model, Settings(max_batched_tokens=args.max_batched_tokens,
+                                                kv_cache_dtype=args.kv_cache_dtype))
+    engine = served.engine
     engine.scheduler.prefix_caching = False  # every prompt is new anyway; no run may find an earlier one's blocks
     if args.without_pieces:
         engine.runner.pieces = None
     results: dict = {"device": torch.cuda.get_device_name(), "kv_cache_dtype": args.kv_cache_dtype,
                      "piecewise_graphs": engine.runner.pieces is not None,
-                     "kv_cache_tokens": kv_tokens, "max_batched_tokens": args.max_batched_tokens,
+                     "kv_cache_tokens": served.kv_cache_tokens, "max_batched_tokens": args.max_batched_tokens,
                      "clients": args.clients, "prompt_len": args.prompt_len, "output_len": args.output_len}
     print(results, flush=True)
     if args.step_costs:
@@ -150,8 +151,7 @@ def main() -> None:
               f"TTFT p50 {run['ttft_ms_p50']:.0f} p99 {run['ttft_ms_p99']:.0f} ms, ITL p50 {run['itl_ms_p50']:.1f} p99 "
               f"{run['itl_ms_p99']:.1f} ms, {run['steps']} steps ({run['steps_with_prompts']} with prompts)",
               flush=True)
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":

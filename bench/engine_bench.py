@@ -1,73 +1,43 @@
 """Offline engine benchmark on random weights of the exact XVERSE-7B shape, beside transformers' generate.
 
 One command on any CUDA machine, no download:
-    python bench/engine_bench.py --out bench/results/engine.json
-Measures, in one run: device copy bandwidth (-> the weight-streaming roofline for one request) and matmul
-rate (-> card_bound.py's bound for each batch), one request (time to first token for a 512-token prompt,
-decode tokens/s), offline throughput for several numbers of concurrent requests (512-token prompts, 256 output
-tokens, end-of-text ignored), and transformers' LlamaForCausalLM.generate on the same weights. --kv-cache-dtype auto int8 measures ours
-with each cache in turn.
+    python bench/engine_bench.py --kv-cache-dtype auto int8 fp8 --out bench/results/engine_h100.json
+Measures, in one run: device copy bandwidth (-> the weight-streaming roofline for one request) and matmul rate
+(-> card_bound.py's bound for each batch), one request (time to first token for a 512-token prompt, decode
+tokens/s), offline throughput for several numbers of concurrent requests (512-token prompts, 256 output tokens,
+end-of-text ignored), and transformers' LlamaForCausalLM.generate on the same weights. Ours is built as
+`python api.py` builds it (common.engine_like_server), once for each --kv-cache-dtype in turn.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
-import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from card_bound import bound_tok_s, model_shape
+from common import (
+    WEIGHT_BYTES,
+    XVERSE_7B,
+    copy_bandwidth,
+    engine_like_server,
+    prompts,
+    random_model,
+    run_engine,
+    write_results,
+)
+from triton.testing import do_bench
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from card_bound import ModelShape, bound_tok_s  # noqa: E402
-
-from xverse_serve.engine.engine import Engine  # noqa: E402
-from xverse_serve.engine.loader import assemble_engine, resolve_kv_cache_dtype  # noqa: E402
-from xverse_serve.engine.memory_plan import StepPeaks, kv_cache_tokens_for_card, measure_step_peaks  # noqa: E402
-from xverse_serve.engine.messages import SamplingParams  # noqa: E402
-from xverse_serve.model.checkpoint import ModelConfig  # noqa: E402
-from xverse_serve.model.kv_cache import KVCache  # noqa: E402
-from xverse_serve.model.xverse import XverseForCausalLM, checkpoint_tensors  # noqa: E402
-from xverse_serve.settings import Settings  # noqa: E402
+from xverse_serve.engine.loader import resolve_kv_cache_dtype
+from xverse_serve.model.checkpoint import ModelConfig
+from xverse_serve.model.xverse import XverseForCausalLM, checkpoint_tensors
+from xverse_serve.settings import Settings
 
 TTFT_REPEATS = 5  # one-request TTFT: the median of this many new 512-token prompts
-
-XVERSE_7B = ModelConfig(
-    vocab_size=100534, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
-    max_position_embeddings=8192, max_tokenizer_truncation=6144, rms_norm_eps=1e-6, rope_theta=10000.0,
-    tie_word_embeddings=False, pad_token_id=1, bos_token_id=2, eos_token_id=3,
-)
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes read plus written per second by a 1 GiB device-to-device copy (median of many)."""
-    from triton.testing import do_bench
-
-    src = torch.randn(1 << 29, device=device, dtype=torch.float16)
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * (1 << 30) / (ms * 1e-3)
-
-
-def random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> XverseForCausalLM:
-    with torch.device("meta"):
-        model = XverseForCausalLM(config).to(dtype)
-    model = model.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, 0.02, generator=gen)
-    model.init_rope(config.max_position_embeddings)
-    return model.eval().requires_grad_(False)
 
 
 def hf_model_sharing(model: XverseForCausalLM, config: ModelConfig):
@@ -92,33 +62,6 @@ def hf_model_sharing(model: XverseForCausalLM, config: ModelConfig):
     return hf.eval()
 
 
-def prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(10, vocab, (count, length), generator=gen).tolist()
-
-
-def run_engine(engine, batch: list[list[int]], max_tokens: int) -> dict:
-    """All requests submitted at once; returns wall time, first-token times and output tokens."""
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    if engine.runner.device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for i, prompt in enumerate(batch):
-        engine.add_request(str(i), prompt, params)
-    first_token: dict[str, float] = {}
-    last_token: dict[str, float] = {}
-    produced = 0
-    while engine.has_work():
-        outputs = engine.step()
-        now = time.perf_counter() - start
-        for out in outputs:
-            produced += len(out.new_token_ids)
-            first_token.setdefault(out.request_id, now)
-            last_token[out.request_id] = now
-    return {"seconds": time.perf_counter() - start, "tokens": produced,
-            "ttft": sorted(first_token.values()), "last": sorted(last_token.values())}
-
-
 @torch.inference_mode()
 def run_hf(hf, batch: list[list[int]], max_tokens: int) -> dict:
     input_ids = torch.tensor(batch, device=hf.lm_head.weight.device)
@@ -134,52 +77,32 @@ def run_hf(hf, batch: list[list[int]], max_tokens: int) -> dict:
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, rows: int, config: ModelConfig) -> float:
     """FLOP/s of a prefill step's largest matmul (gate and up projections of `rows` tokens), median of many."""
-    from triton.testing import do_bench
-
     a = torch.randn(rows, config.hidden_size, device=device, dtype=dtype)
     b = torch.randn(config.hidden_size, 2 * config.intermediate_size, device=device, dtype=dtype)
     ms = do_bench(lambda: a @ b, warmup=25, rep=200, return_mode="median")
     return 2 * a.shape[0] * a.shape[1] * b.shape[1] / (ms * 1e-3)
 
 
-def model_shape(model: XverseForCausalLM, config: ModelConfig, kv_dtype: torch.dtype) -> ModelShape:
-    streamed = sum(p.numel() * p.element_size() for name, p in model.named_parameters() if "embed" not in name)
-    return ModelShape(config.num_layers, config.hidden_size, config.intermediate_size, config.vocab_size,
-                      streamed, KVCache.bytes_per_token(config, kv_dtype))
-
-
-def engine_like_server(model: XverseForCausalLM, kv_dtype: torch.dtype, max_batched_tokens: int,
-                       gpu_memory_utilization: float, cuda_graphs: bool) -> tuple[Engine, int, StepPeaks]:
-    """Our engine as python api.py builds it with the server's other defaults: the KV pool (of kv_dtype) sized
-    from the card by the memory plan, graphs captured, warmed up. Returns it, its pool's tokens and the peaks."""
-    defaults = Settings()
-    block_size, max_num_seqs, max_len = defaults.block_size, defaults.max_num_seqs, model.config.max_position_embeddings
-    peaks = measure_step_peaks(model, max_num_seqs, max_batched_tokens, max_len, block_size, kv_dtype, cuda_graphs)
-    kv_tokens = kv_cache_tokens_for_card(model, gpu_memory_utilization, peaks, cuda_graphs, kv_dtype)
-    engine = assemble_engine(model, kv_tokens // block_size, block_size, max_num_seqs, max_batched_tokens, max_len,
-                             cuda_graphs=cuda_graphs, kv_cache_dtype=kv_dtype)
-    engine.warm_up()
-    return engine, kv_tokens, peaks
-
-
-def bench_ours(model: XverseForCausalLM, kv_dtype: torch.dtype, args: argparse.Namespace) -> dict:
-    """Our engine with a KV pool of kv_dtype sized as the server sizes it: one request, then each concurrency."""
+def bench_ours(model: XverseForCausalLM, settings: Settings, args: argparse.Namespace) -> dict:
+    """Our engine with its KV pool sized as the server sizes it: one request, then each concurrency."""
     config = model.config
     started = time.perf_counter()
-    engine, kv_tokens, peaks = engine_like_server(model, kv_dtype, args.max_batched_tokens,
-                                                  args.gpu_memory_utilization, not args.eager)
-    results: dict = {"kv_cache_dtype": str(kv_dtype).removeprefix("torch."),
-                     "startup_s": time.perf_counter() - started, "kv_cache_tokens": kv_tokens,
-                     "activation_peak_GiB": {"prefill": peaks.prefill / 2**30, "decode": peaks.decode / 2**30}}
+    served = engine_like_server(model, settings)
+    engine = served.engine
+    results: dict = {"kv_cache_dtype": str(engine.runner.kv_cache.dtype).removeprefix("torch."),
+                     "startup_s": time.perf_counter() - started, "kv_cache_tokens": served.kv_cache_tokens,
+                     "activation_peak_GiB": {"prefill": served.peaks.prefill / 2**30,
+                                             "decode": served.peaks.decode / 2**30}}
     label = f"[{results['kv_cache_dtype']} cache]"
-    print(f"{label} KV pool: {kv_tokens} tokens; memory plan and graph capture {results['startup_s']:.1f} s",
-          flush=True)
+    print(f"{label} KV pool: {served.kv_cache_tokens} tokens; memory plan and graph capture "
+          f"{results['startup_s']:.1f} s", flush=True)
 
     single = run_engine(engine, prompts(1, args.prompt_len, config.vocab_size, 1), args.output_len)
     decode_seconds = single["last"][0] - single["ttft"][0]
     # The first request alone moved between runs (14-43 ms on an H100); the median of several new prompts does not.
-    ttfts = [single["ttft"][0]] + [run_engine(engine, prompts(1, args.prompt_len, config.vocab_size, seed), 1)["ttft"][0]
-                                   for seed in range(100, 100 + TTFT_REPEATS - 1)]
+    ttfts = [single["ttft"][0]] + [
+        run_engine(engine, prompts(1, args.prompt_len, config.vocab_size, seed), 1)["ttft"][0]
+        for seed in range(100, 100 + TTFT_REPEATS - 1)]
     results["single"] = {"ttft_ms": statistics.median(ttfts) * 1e3, "ttft_ms_each": [t * 1e3 for t in ttfts],
                          "decode_tok_s": (args.output_len - 1) / decode_seconds}
     print(f"{label} one request: TTFT {results['single']['ttft_ms']:.1f} ms (median of {TTFT_REPEATS}), decode "
@@ -198,7 +121,7 @@ def bench_ours(model: XverseForCausalLM, kv_dtype: torch.dtype, args: argparse.N
                                     "preemptions": engine.scheduler.num_preemptions - preempted_before}
         print(f"{label} {n} requests: {run['tokens'] / run['seconds']:.1f} output tok/s ({run['seconds']:.1f} s, "
               f"{results['throughput'][n]['preemptions']} preemptions)", flush=True)
-    del engine
+    del engine, served
     gc.collect()  # the engine's graphs and cache sit in reference cycles; the next user needs that memory
     torch.cuda.empty_cache()
     return results
@@ -213,7 +136,7 @@ def main() -> None:
     # is reported as out of memory).
     parser.add_argument("--hf-concurrency", type=int, nargs="*", default=[1, 8, 64, 128, 256],
                         help="none: ours only")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=Settings().gpu_memory_utilization)
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--max-batched-tokens", type=int, default=Settings().max_batched_tokens,
                         help="the step's token budget (default: the server's)")
@@ -228,9 +151,8 @@ def main() -> None:
     config = XVERSE_7B
     results: dict = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__}
     bandwidth = copy_bandwidth(device)
-    weight_bytes = 7_299_846_144 * 2
     results["copy_bandwidth_GBps"] = bandwidth / 1e9
-    results["roofline_tok_s_batch1"] = bandwidth / weight_bytes
+    results["roofline_tok_s_batch1"] = bandwidth / WEIGHT_BYTES
     flops = matmul_rate(device, dtype, args.max_batched_tokens, config)
     results["matmul_TFLOPs"] = flops / 1e12
     print(f"{results['device']}: copy {bandwidth / 1e12:.2f} TB/s -> batch-1 roofline "
@@ -238,17 +160,18 @@ def main() -> None:
     results["max_batched_tokens"] = args.max_batched_tokens
 
     model = random_model(config, device, dtype)
+    server = Settings(gpu_memory_utilization=args.gpu_memory_utilization, max_batched_tokens=args.max_batched_tokens,
+                      enforce_eager=args.eager)
     results["by_kv_cache_dtype"] = {}
     for name in args.kv_cache_dtype:
-        kv_dtype = resolve_kv_cache_dtype(name, device, dtype)
-        ours = bench_ours(model, kv_dtype, args)
-        shape = model_shape(model, config, kv_dtype)
+        ours = bench_ours(model, dataclasses.replace(server, kv_cache_dtype=name), args)
+        shape = model_shape(model, resolve_kv_cache_dtype(name, device, dtype))
         for n, row in ours["throughput"].items():
             row["card_bound_tok_s"] = bound_tok_s(shape, n, args.prompt_len, args.output_len, bandwidth, flops)
         results["by_kv_cache_dtype"][ours["kv_cache_dtype"]] = ours
         if name == args.kv_cache_dtype[0]:
             results.update(ours)
-        save(results, args.out)
+        write_results(results, args.out)
 
     hf = hf_model_sharing(model, config)
     results["hf_generate"] = {}
@@ -262,9 +185,9 @@ def main() -> None:
             continue
         results["hf_generate"][n] = {"tok_s": run["tokens"] / run["seconds"], "seconds": run["seconds"]}
         print(f"transformers generate, batch {n}: {run['tokens'] / run['seconds']:.1f} tok/s", flush=True)
-        save(results, args.out)
+        write_results(results, args.out)
     print_summary(results)
-    save(results, args.out)
+    write_results(results, args.out)
 
 
 def print_summary(results: dict) -> None:
@@ -284,13 +207,6 @@ def print_summary(results: dict) -> None:
                   f"{row['tok_s'] / row['card_bound_tok_s']:.0%} | {same} | {to_best} |")
         print(f"one-request decode: {ours['single']['decode_tok_s']:.1f} tok/s = "
               f"{ours['single']['decode_tok_s'] / results['roofline_tok_s_batch1']:.0%} of the roofline")
-
-
-def save(results: dict, path: Path | None) -> None:
-    """Written after each part, so a run cut short keeps what it measured."""
-    if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""One-row projections (a one-sequence decode step): cuBLAS (F.linear) against triton_gemv.gemv on XVERSE-7B's
+"""One-row projections (a one-sequence decode step): cuBLAS (F.linear) against kernels.gemv.gemv on XVERSE-7B's
 weight shapes, bf16, with a cold L2 cache before every call (as in a decode step, where each weight is read
 once). Sweeps the GEMV's block shapes and prints the fastest beside the configuration the module uses.
 
@@ -11,20 +11,15 @@ gate_up and down, each fed the previous one's output, then the lm_head): cuBLAS 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import PROJECTION_SHAPES, XVERSE_7B, write_results
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from xverse_serve.kernels import gemv
 
-from xverse_serve.kernels import gemv as triton_gemv  # noqa: E402
-
-SHAPES = {"qkv_proj": (12288, 4096), "o_proj": (4096, 4096), "gate_up_proj": (22016, 4096),
-          "down_proj": (4096, 11008), "lm_head": (100534, 4096)}
-PER_TOKEN = {"qkv_proj": 32, "o_proj": 32, "gate_up_proj": 32, "down_proj": 32, "lm_head": 1}
+HIDDEN, INTER = XVERSE_7B.hidden_size, XVERSE_7B.intermediate_size
 SWEEP = [(n, k, w, s) for n in (4, 8, 16) for k in (256, 512, 1024) for w in (4, 8) for s in (1, 2, 3)
          if n * k <= 8192]
 
@@ -44,21 +39,21 @@ def cold_time_us(fn, flush: torch.Tensor, repeats: int = 30) -> float:
     return times[len(times) // 2]
 
 
-def chain_ms(device: torch.device, layers: int = 32) -> dict[str, float]:
+def chain_ms(device: torch.device, layers: int = XVERSE_7B.num_layers) -> dict[str, float]:
     """Replay time of one decode step's projections in a CUDA graph, per way of computing them."""
     gen = torch.Generator(device=device).manual_seed(0)
     weights = [{name: (torch.randn(n, k, device=device, generator=gen) * 0.02).to(torch.bfloat16)
-                for name, (n, k) in SHAPES.items() if name != "lm_head"} for _ in range(layers)]
-    lm_head = (torch.randn(*SHAPES["lm_head"], device=device, generator=gen) * 0.02).to(torch.bfloat16)
-    x = torch.randn(1, 4096, device=device, generator=gen).to(torch.bfloat16)
-    ways = {"cuBLAS": F.linear, "gemv": triton_gemv.gemv}
+                for name, (n, k) in PROJECTION_SHAPES.items() if name != "lm_head"} for _ in range(layers)]
+    lm_head = (torch.randn(*PROJECTION_SHAPES["lm_head"], device=device, generator=gen) * 0.02).to(torch.bfloat16)
+    x = torch.randn(1, HIDDEN, device=device, generator=gen).to(torch.bfloat16)
+    ways = {"cuBLAS": F.linear, "gemv": gemv.gemv}
     results = {}
     for label, linear in ways.items():
         def step() -> torch.Tensor:
             h = x
             for layer in weights:
-                h = linear(linear(h, layer["qkv_proj"])[:, :4096], layer["o_proj"])
-                h = linear(linear(h, layer["gate_up_proj"])[:, :11008], layer["down_proj"])
+                h = linear(linear(h, layer["qkv_proj"])[:, :HIDDEN], layer["o_proj"])
+                h = linear(linear(h, layer["gate_up_proj"])[:, :INTER], layer["down_proj"])
             return linear(h, lm_head)
 
         expected = step()
@@ -75,28 +70,29 @@ def chain_ms(device: torch.device, layers: int = 32) -> dict[str, float]:
         ends.record()
         torch.cuda.synchronize()
         results[label] = starts.elapsed_time(ends) / 20
-    weight_bytes = sum(n * k for n, k in SHAPES.values() if (n, k) != SHAPES["lm_head"]) * 2 * layers
-    weight_bytes += SHAPES["lm_head"][0] * SHAPES["lm_head"][1] * 2
+    weight_bytes = sum(n * k for name, (n, k) in PROJECTION_SHAPES.items() if name != "lm_head") * 2 * layers
+    weight_bytes += PROJECTION_SHAPES["lm_head"][0] * PROJECTION_SHAPES["lm_head"][1] * 2
     for label, ms in results.items():
         print(f"chain of one step's projections, {label}: {ms:.3f} ms ({weight_bytes / ms / 1e9:.2f} TB/s)")
     return results
 
 
 def fused_sweep(device: torch.device, flush: torch.Tensor) -> dict:
-    """The one-row path's GEMVs (model.DecoderLayer.forward_one_row): the RMSNorm in the prologue of qkv_proj and
-    gate_up_proj (gated), the residual add in the epilogue of o_proj and down_proj; each against the plain GEMV
-    of the same weight, both at the module's config, and the fastest config of a sweep."""
+    """The one-row path's GEMVs (DecoderLayer.forward_one_row in model/xverse.py): the RMSNorm in the prologue of
+    qkv_proj and gate_up_proj (gated), the residual add in the epilogue of o_proj and down_proj; each against the
+    plain GEMV of the same weight, both at the module's config, and the fastest config of a sweep."""
     gen = torch.Generator(device=device).manual_seed(1)
-    hidden = torch.randn(1, 4096, device=device, generator=gen).to(torch.bfloat16)
+    hidden = torch.randn(1, HIDDEN, device=device, generator=gen).to(torch.bfloat16)
     squares = torch.rand(1024, device=device, generator=gen) * 4  # as down_proj's add_gemv leaves them
-    norm = triton_gemv.RowNorm(torch.ones(4096, device=device, dtype=torch.bfloat16), 1e-6, squares)
+    norm = gemv.RowNorm(torch.ones(HIDDEN, device=device, dtype=torch.bfloat16), XVERSE_7B.rms_norm_eps, squares)
     cases = {  # name -> (weight shape, fused call, plain call), each taking (x, weight, config)
-        "qkv_proj normed": ((12288, 4096), lambda x, w, c: triton_gemv.gemv(x, w, c, norm), triton_gemv.gemv),
-        "o_proj + residual": ((4096, 4096), lambda x, w, c: triton_gemv.add_gemv(x, w, hidden, c), triton_gemv.gemv),
-        "gate_up_proj normed, gated": ((22016, 4096), lambda x, w, c: triton_gemv.gated_gemv(x, w, c, norm),
-                                       triton_gemv.gated_gemv),
-        "down_proj + residual": ((4096, 11008), lambda x, w, c: triton_gemv.add_gemv(x, w, hidden, c),
-                                 triton_gemv.gemv),
+        "qkv_proj normed": (PROJECTION_SHAPES["qkv_proj"], lambda x, w, c: gemv.gemv(x, w, c, norm), gemv.gemv),
+        "o_proj + residual": (PROJECTION_SHAPES["o_proj"], lambda x, w, c: gemv.add_gemv(x, w, hidden, c),
+                              gemv.gemv),
+        "gate_up_proj normed, gated": (PROJECTION_SHAPES["gate_up_proj"],
+                                       lambda x, w, c: gemv.gated_gemv(x, w, c, norm), gemv.gated_gemv),
+        "down_proj + residual": (PROJECTION_SHAPES["down_proj"], lambda x, w, c: gemv.add_gemv(x, w, hidden, c),
+                                 gemv.gemv),
     }
     results, total_fused, total_plain = {}, 0.0, 0.0
     print("| one-row GEMV | plain µs | fused µs | fused, best of sweep µs | best config |")
@@ -104,16 +100,16 @@ def fused_sweep(device: torch.device, flush: torch.Tensor) -> dict:
     for name, ((n, k), fused, plain) in cases.items():
         weight = torch.randn(n, k, device=device, generator=gen).to(torch.bfloat16)
         x = torch.randn(1, k, device=device, generator=gen).to(torch.bfloat16)
-        plain_table = triton_gemv.GATED_CONFIGS if "gated" in name else triton_gemv.CONFIGS
-        table = triton_gemv.NORMED_CONFIGS if "normed" in name else triton_gemv.RESIDUAL_CONFIGS
-        module_config = table.get((n, k), triton_gemv.DEFAULT_CONFIG)
-        plain_us = cold_time_us(lambda: plain(x, weight, plain_table.get((n, k), triton_gemv.DEFAULT_CONFIG)), flush)
+        plain_table = gemv.GATED_CONFIGS if "gated" in name else gemv.CONFIGS
+        table = gemv.NORMED_CONFIGS if "normed" in name else gemv.RESIDUAL_CONFIGS
+        module_config = table.get((n, k), gemv.DEFAULT_CONFIG)
+        plain_us = cold_time_us(lambda: plain(x, weight, plain_table.get((n, k), gemv.DEFAULT_CONFIG)), flush)
         timings = {str(c): cold_time_us(lambda: fused(x, weight, c), flush) for c in [module_config, *SWEEP]}
         best = min((t, c) for c, t in timings.items())
         results[name] = {"plain_us": plain_us, "fused_us": timings[str(module_config)], "best_us": best[0],
                          "best_config": best[1], "module_config": list(module_config)}
-        total_fused += timings[str(module_config)] * 32
-        total_plain += plain_us * 32
+        total_fused += timings[str(module_config)] * XVERSE_7B.num_layers
+        total_plain += plain_us * XVERSE_7B.num_layers
         print(f"| {name} {n}×{k} | {plain_us:.1f} | {timings[str(module_config)]:.1f} | {best[0]:.1f} | {best[1]} |",
               flush=True)
     print(f"per decode step: plain {total_plain / 1000:.3f} ms, fused {total_fused / 1000:.3f} ms (norm kernels not "
@@ -138,33 +134,31 @@ def main() -> None:
         results["chain_ms"] = chain_ms(device)
     if args.fused:
         results["fused"] = fused_sweep(device, flush)
-    for name, (n, k) in ({} if args.skip_sweep else SHAPES).items():
+    for name, (n, k) in ({} if args.skip_sweep else PROJECTION_SHAPES).items():
         gen = torch.Generator(device=device).manual_seed(n)
         weight = torch.randn(n, k, device=device, generator=gen).to(torch.bfloat16)
         x = torch.randn(1, k, device=device, generator=gen).to(torch.bfloat16)
         reference = x.float() @ weight.float().T
         errors, timings = {}, {}
         for config in [None, *SWEEP]:
-            out = triton_gemv.gemv(x, weight, config)
+            out = gemv.gemv(x, weight, config)
             errors[str(config)] = ((out.float() - reference).norm() / reference.norm()).item()
-            timings[str(config)] = cold_time_us(lambda: triton_gemv.gemv(x, weight, config), flush)
+            timings[str(config)] = cold_time_us(lambda: gemv.gemv(x, weight, config), flush)
         cublas = cold_time_us(lambda: F.linear(x, weight), flush)
         best = min((t, c) for c, t in timings.items() if c != "None")
         gigabytes = n * k * 2 / 1e9
         results["shapes"][name] = {"n": n, "k": k, "cublas_us": cublas, "module_us": timings["None"],
-                                   "module_config": list(triton_gemv.CONFIGS.get((n, k), triton_gemv.DEFAULT_CONFIG)),
+                                   "module_config": list(gemv.CONFIGS.get((n, k), gemv.DEFAULT_CONFIG)),
                                    "best_us": best[0], "best_config": best[1], "timings_us": timings,
                                    "max_rel_error": max(errors.values())}
         for label, value in (("cuBLAS", cublas), ("gemv (module's config)", timings["None"]),
                              ("gemv (best of sweep)", best[0])):
-            totals[label] += value * PER_TOKEN[name]
+            totals[label] += value * (1 if name == "lm_head" else XVERSE_7B.num_layers)
         print(f"| {name} {n}×{k} | {cublas:.1f} ({gigabytes / cublas * 1e3:.2f}) | {timings['None']:.1f} "
               f"({gigabytes / timings['None'] * 1e3:.2f}) | {best[0]:.1f} | {best[1]} |", flush=True)
     results["per_token_ms"] = {label: value / 1000 for label, value in totals.items()}
     print("projections of one decode step, ms: " + ", ".join(f"{k} {v / 1000:.2f}" for k, v in totals.items()))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":

@@ -1,28 +1,39 @@
 """Which GPU kernels a step spends its time in, on random weights of the exact XVERSE-7B shape:
-a one-sequence decode step (run eagerly, so each kernel is seen) and a prefill step of 16 prompts of
-512 tokens (8,192 tokens, a step of `--max-batched-tokens 8192`), from torch.profiler, beside each step's wall time
-and the decode graph's replay time (so the gaps between kernels show).
+a decode step (run eagerly, so each kernel is seen) and a prefill step of 16 prompts of 512 tokens (8,192 tokens,
+a step of `--max-batched-tokens 8192`), from torch.profiler, beside each step's wall time and that of a
+one-sequence decode step through its CUDA graph (so the gaps between kernels show).
 
-    python bench/kernel_profile.py --out bench/results/kernel_profile.json
+    python bench/kernel_profile.py --decode-batches 1 64 --out bench/results/kernel_profile_h100.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-from engine_bench import XVERSE_7B, prompts, random_model
+from common import (
+    BLOCK_SIZE,
+    GREEDY,
+    XVERSE_7B,
+    abort_all,
+    prompts,
+    random_model,
+    start_decoding,
+    wall_ms,
+    write_results,
+)
 from torch.profiler import ProfilerActivity, profile
 
+from xverse_serve.engine.config import CacheConfig, SchedulerConfig
+from xverse_serve.engine.engine import Engine
 from xverse_serve.engine.loader import assemble_engine, resolve_kv_cache_dtype
-from xverse_serve.engine.messages import SamplingParams
 
-GREEDY = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
-FLOPS_PER_TOKEN = 2 * 6_476_005_376  # 2 x the parameters a token passes through (all but the embedding table)
+# The FLOPs of a prefill token: 2 per weight of the layers' projections (the LM head runs on each prompt's last
+# token only, and the embedding table is gathered).
+FLOPS_PER_TOKEN = 2 * XVERSE_7B.num_layers * (4 * XVERSE_7B.hidden_size ** 2
+                                              + 3 * XVERSE_7B.hidden_size * XVERSE_7B.intermediate_size)
 
 
 def kernel_table(prof, steps: int) -> list[dict]:
@@ -37,36 +48,22 @@ def kernel_table(prof, steps: int) -> list[dict]:
     return sorted(rows, key=lambda row: -row["us"])
 
 
-def timed_steps(engine, steps: int) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps * 1e3
-
-
-def decode_profile(engine, context: int, batch: int = 1, steps: int = 20) -> dict:
-    for i, prompt in enumerate(prompts(batch, context, XVERSE_7B.vocab_size, 0)):
-        engine.add_request(f"decode-{i}", prompt, GREEDY)
-    while any(seq.num_computed < seq.num_tokens - 1 for seq in engine.sequences.values()):
-        engine.step()  # the prefills
-    timed_steps(engine, 3)  # decodes that compile this context's attention variant
-    step_ms = timed_steps(engine, steps)
+def decode_profile(engine: Engine, context: int, batch: int = 1, steps: int = 20) -> dict:
+    start_decoding(engine, prompts(batch, context, XVERSE_7B.vocab_size, 0), GREEDY, "decode-")
+    wall_ms(engine.step, 3)  # decodes that compile this context's attention variant
+    step_ms = wall_ms(engine.step, steps)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        timed_steps(engine, steps)
-    for request_id in list(engine.sequences):
-        engine.abort(request_id)
+        wall_ms(engine.step, steps)
+    abort_all(engine)
     return {"batch": batch, "step_ms": step_ms, "kernels": kernel_table(prof, steps)}
 
 
-def prefill_profile(engine, count: int, length: int, repeats: int = 3) -> dict:
+def prefill_profile(engine: Engine, count: int, length: int, repeats: int = 3) -> dict:
     def one_prefill(tag: str) -> float:
         for i, prompt in enumerate(prompts(count, length, XVERSE_7B.vocab_size, hash(tag) % 1000)):
             engine.add_request(f"{tag}-{i}", prompt, GREEDY)
-        ms = timed_steps(engine, 1)
-        for request_id in list(engine.sequences):
-            engine.abort(request_id)
+        ms = wall_ms(engine.step, 1)
+        abort_all(engine)
         return ms
 
     one_prefill("warm")
@@ -98,28 +95,29 @@ def main() -> None:
     device = torch.device("cuda")
     model = random_model(XVERSE_7B, device, torch.bfloat16)
     kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, device, torch.bfloat16)
-    blocks = max(16, *args.decode_batches) * (args.context // 16 + 24)
-    engine = assemble_engine(model, blocks, 16, 256, 8192, XVERSE_7B.max_position_embeddings, cuda_graphs=False,
-                             prefix_caching=False, kv_cache_dtype=kv_dtype)
+    blocks = max(16, *args.decode_batches) * (args.context // BLOCK_SIZE + 24)
+    # Steps of 8,192 tokens, so that the 16 prompts are prefilled in one.
+    scheduler = SchedulerConfig(max_num_seqs=256, max_batched_tokens=8192, prefix_caching=False)
+    engine = assemble_engine(model, CacheConfig(blocks, BLOCK_SIZE, kv_dtype), scheduler,
+                             XVERSE_7B.max_position_embeddings)
     engine.warm_up()
     results = {"device": torch.cuda.get_device_name(device), "kv_cache_dtype": str(kv_dtype),
                **{f"decode_{batch}": decode_profile(engine, args.context, batch) for batch in args.decode_batches},
                "prefill_16x512": prefill_profile(engine, 16, 512)}
-    graphed = assemble_engine(model, 16 * 40, 16, 8, 8192, XVERSE_7B.max_position_embeddings, cuda_graphs=True,
-                              prefix_caching=False, kv_cache_dtype=kv_dtype)
+    graphed = assemble_engine(model, CacheConfig(16 * 40, BLOCK_SIZE, kv_dtype),
+                              SchedulerConfig(max_num_seqs=8, max_batched_tokens=8192, prefix_caching=False),
+                              XVERSE_7B.max_position_embeddings, cuda_graphs=True)
     graphed.add_request("decode", prompts(1, args.context, XVERSE_7B.vocab_size, 0)[0], GREEDY)
     graphed.step()
-    timed_steps(graphed, 5)
-    results["decode_1_graphed_step_ms"] = timed_steps(graphed, 50)
+    wall_ms(graphed.step, 5)
+    results["decode_1_graphed_step_ms"] = wall_ms(graphed.step, 50)
     print(results["device"])
     for batch in args.decode_batches:
         print_table(f"decode of {batch} sequence(s), eager", results[f"decode_{batch}"])
     print(f"the same step with the decode graph: {results['decode_1_graphed_step_ms']:.2f} ms")
     print_table("prefill of 16 x 512 tokens", results["prefill_16x512"])
     print(f"prefill matmuls: {results['prefill_16x512']['matmul_tflops_per_s']:.0f} TFLOP/s")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":

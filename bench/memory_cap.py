@@ -3,22 +3,19 @@ torch.cuda.set_per_process_memory_fraction, plan the KV pool inside that cap as 
 serve a full 8K-token conversation (6,144-token prompt, answer to the end of the context) and report
 the KV capacity and the peak memory.
 
-    python bench/memory_cap.py --budget-gib 24 --out bench/results/memory_cap_24g.json
+    python bench/memory_cap.py --budget-gib 24 --out bench/results/memory_cap_h100.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
+import msgspec
 import torch
-from engine_bench import XVERSE_7B, prompts, random_model
+from common import GREEDY, XVERSE_7B, engine_like_server, prompts, random_model, write_results
 
-from xverse_serve.engine.loader import assemble_engine
-from xverse_serve.engine.memory_plan import kv_cache_tokens_for_card, measure_step_peaks
-from xverse_serve.engine.messages import SamplingParams
 from xverse_serve.settings import Settings
 
 
@@ -36,16 +33,13 @@ def main() -> None:
     torch.cuda.set_per_process_memory_fraction(fraction, device)
     config = XVERSE_7B
     model = random_model(config, device, torch.bfloat16)
-    max_len, block_size = config.max_position_embeddings, 16
-    peaks = measure_step_peaks(model, args.max_num_seqs, args.max_batched_tokens, max_len, block_size)
+    max_len = config.max_position_embeddings
     # mem_get_info sees the whole card; the planner gets the cap as its utilization of it.
-    kv_tokens = kv_cache_tokens_for_card(model, fraction * 0.98, peaks, with_graphs=True)
-    if kv_tokens < max_len:
-        raise SystemExit(f"only {kv_tokens} tokens of KV cache fit in {args.budget_gib} GiB: less than one context")
-    engine = assemble_engine(model, kv_tokens // block_size, block_size, args.max_num_seqs, args.max_batched_tokens, max_len,
-                             cuda_graphs=True)
+    served = engine_like_server(model, Settings(gpu_memory_utilization=fraction * 0.98, max_num_seqs=args.max_num_seqs,
+                                                max_batched_tokens=args.max_batched_tokens))
+    kv_tokens, engine = served.kv_cache_tokens, served.engine
     print(f"KV cache in {args.budget_gib} GiB: {kv_tokens} tokens", flush=True)
-    params = SamplingParams(max_tokens=max_len - args.prompt_len, temperature=0.0, ignore_eos=True)
+    params = msgspec.structs.replace(GREEDY, max_tokens=max_len - args.prompt_len)
     engine.add_request("conversation", prompts(1, args.prompt_len, config.vocab_size, 0)[0], params)
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -63,13 +57,11 @@ def main() -> None:
         "seconds": seconds, "decode_tok_s": produced / seconds,
         "peak_allocated_GiB": torch.cuda.max_memory_allocated(device) / 2**30,
         "peak_reserved_GiB": torch.cuda.max_memory_reserved(device) / 2**30,
-        "activation_peak_GiB": peaks.prefill / 2**30, "decode_graph_pool_GiB": peaks.decode / 2**30,
+        "activation_peak_GiB": served.peaks.prefill / 2**30, "decode_graph_pool_GiB": served.peaks.decode / 2**30,
     }
     for key, value in result.items():
         print(f"{key}: {value:.2f}" if isinstance(value, float) else f"{key}: {value}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+    write_results(result, args.out)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,15 @@
-"""The fused Triton elementwise kernels (xverse_serve.triton_ops) against the PyTorch sequences they replace.
+"""The fused Triton elementwise kernels (xverse_serve.kernels.fused_ops) against the PyTorch sequences they replace.
 
 One command on any CUDA machine (well under a minute):
-    python bench/ops_bench.py --out bench/results/ops.json
+    python bench/ops_bench.py --out bench/results/ops_h200.json
 
 XVERSE-7B's shapes in bf16 (hidden 4096, 32 heads of 128, intermediate 11008, block_size 16), at 1, 64,
-256 and 4096 tokens. Ops, each fused kernel beside the PyTorch code of model.py:
-  add_norm   residual + x, then RMSNorm (model.RMSNorm.add_and_norm; twice per layer and the final norm)
+256 and 4096 tokens. Ops, each fused kernel beside the PyTorch code of xverse_serve/model/xverse.py:
+  add_norm   residual + x, then RMSNorm (RMSNorm.add_and_norm; twice per layer and the final norm)
   norm       RMSNorm alone (the first layer's input norm)
-  rope_kv    RoPE of q and k + the cache write of k and v (model.Attention.rope_and_cache; the PyTorch
+  rope_kv    RoPE of q and k + the cache write of k and v (Attention.rope_and_cache; the PyTorch
              side gets its per-token cos/sin rows for free, as it gathers them once per step)
-  silu_mul   F.silu(gate) * up (model.MLP)
+  silu_mul   F.silu(gate) * up (MLP)
   layer      all of one layer's elementwise work in order: add_norm, rope_kv, add_norm, silu_mul
 Two times per op: "eager" is triton.testing.do_bench's median of single calls (L2 flushed before each, so
 launch overhead and cold data included); "graph" is one call's share of a CUDA graph that replays the op
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -32,10 +31,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
+from common import BLOCK_SIZE, XVERSE_7B, Log, device_facts, write_checked_report, write_results
 from triton.testing import do_bench
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from xverse_serve.kernels.fused_ops import (
     default_rope_heads_per_program,
@@ -44,11 +41,12 @@ from xverse_serve.kernels.fused_ops import (
     rope_and_write_kv,
     silu_and_mul,
 )
-from xverse_serve.model.attention import write_kv  # noqa: E402
-from xverse_serve.model.xverse import apply_rope, rms_norm_reference, rope_tables  # noqa: E402
+from xverse_serve.model.attention import write_kv
+from xverse_serve.model.xverse import apply_rope, rms_norm_reference, rope_tables
 
-HIDDEN, HEADS, HEAD_DIM, INTER, BLOCK_SIZE, MAX_POSITIONS, LAYERS = 4096, 32, 128, 11008, 16, 8192, 32
-EPS = 1e-6
+HIDDEN, INTER = XVERSE_7B.hidden_size, XVERSE_7B.intermediate_size
+HEADS, HEAD_DIM = XVERSE_7B.num_heads, XVERSE_7B.head_dim
+MAX_POSITIONS, LAYERS, EPS = XVERSE_7B.max_position_embeddings, XVERSE_7B.num_layers, XVERSE_7B.rms_norm_eps
 DTYPE = torch.bfloat16
 TOKENS = [1, 64, 256, 4096]
 GRAPH_REPEATS = 32
@@ -87,11 +85,11 @@ class Step:
         slots = torch.randperm(num_blocks * BLOCK_SIZE, device="cuda", generator=gen)[:tokens]
         self.slot_mapping = slots.to(torch.long)
         self.positions = torch.randint(0, MAX_POSITIONS, (tokens,), device="cuda", generator=gen)
-        cos, sin = rope_tables(HEAD_DIM, MAX_POSITIONS, 10000.0, torch.device("cuda"))
+        cos, sin = rope_tables(HEAD_DIM, MAX_POSITIONS, XVERSE_7B.rope_theta, torch.device("cuda"))
         self.cos_table, self.sin_table = cos.to(DTYPE), sin.to(DTYPE)
         self.cos, self.sin = self.cos_table[self.positions], self.sin_table[self.positions]  # once per step
 
-    # The PyTorch code of model.py.
+    # The PyTorch code of the model (xverse_serve/model/xverse.py).
     def torch_add_norm(self) -> tuple[torch.Tensor, torch.Tensor]:
         residual = self.residual + self.x
         return rms_norm_reference(residual, self.weight, EPS), residual
@@ -194,7 +192,7 @@ def eager_ms(fn: Callable[[], object], args) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="where to write the JSON results")
+    parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
     parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
     parser.add_argument("--warmup", type=int, default=20, help="do_bench warm-up, ms")
     parser.add_argument("--rep", type=int, default=60, help="do_bench repetition time, ms")
@@ -203,20 +201,11 @@ def main() -> None:
         sys.exit("needs CUDA")
 
     start = time.perf_counter()
-    lines: list[str] = []
-
-    def log(line: str) -> None:
-        print(line, flush=True)
-        lines.append(line)
-
-    props = torch.cuda.get_device_properties(0)
-    report = {"device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
-              "triton": triton.__version__, "python": platform.python_version(), "dtype": str(DTYPE),
+    log = Log()
+    report = {**device_facts(), "dtype": str(DTYPE),
               "hidden": HIDDEN, "heads": HEADS, "head_dim": HEAD_DIM, "intermediate": INTER,
               "graph_repeats": GRAPH_REPEATS, "sizes": []}
-    log(f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}")
-    out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    log(f"{report['device']}, {report['sms']} SMs, torch {report['torch']}, triton {report['triton']}")
     ops = ["add_norm", "norm", "rope_kv", "silu_mul", "layer"]
 
     for tokens in args.tokens:
@@ -246,7 +235,7 @@ def main() -> None:
             f"heads/program " + ", ".join(f"{h}: {ms * 1e3:.1f}" for h, ms in sweep.items())
             + f" (default {row['rope_default_heads_per_program']})")
         report["elapsed_s"] = time.perf_counter() - start
-        out_path.write_text(json.dumps(report, indent=2))
+        write_results(report, args.out)
         del step
         torch.cuda.empty_cache()
 
@@ -270,11 +259,7 @@ def main() -> None:
         log(f"decode step at {row['tokens']} tokens: elementwise work {LAYERS} x layer graph time "
             f"{LAYERS * row['ops']['layer']['torch_graph_ms']:.3f} ms -> "
             f"{LAYERS * row['ops']['layer']['fused_graph_ms']:.3f} ms; saving ~{row['decode_step_saving_ms']:.3f} ms")
-    report["all_ok"] = all_ok
-    report["elapsed_s"] = time.perf_counter() - start
-    report["log"] = lines
-    out_path.write_text(json.dumps(report, indent=2))
-    log(f"all checks {'passed' if all_ok else 'FAILED'}; {report['elapsed_s']:.0f} s; wrote {out_path}")
+    write_checked_report(report, all_ok, start, log, args.out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""Draws the README's figure from bench/results: offline throughput beside transformers' generate, and
-HTTP serving beside `transformers serve`. Needs matplotlib (`pip install matplotlib`), not the server.
+"""Draws the throughput figure of one card from bench/results: offline throughput beside transformers' generate
+(engine_CARD.json), and HTTP serving beside `transformers serve` (serve_ours_CARD*.json, serve_transformers_CARD.json).
+Needs matplotlib (`pip install matplotlib`), not the server.
 
-    python bench/plot_results.py --card h100
+    python bench/plot_results.py --card h100 --out images/throughput_h100.png
+    python bench/plot_results.py --card h200 --out images/throughput_h200.png
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--card", default="h100")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "images" / "throughput.png")
+    parser.add_argument("--out", type=Path, default=None, help="default: images/throughput_CARD.png")
     args = parser.parse_args()
+    out = args.out or RESULTS.parent.parent / "images" / f"throughput_{args.card}.png"
     engine = json.loads((RESULTS / f"engine_{args.card}.json").read_text())
     ours_http = json.loads((RESULTS / f"serve_ours_{args.card}.json").read_text())["levels"]
     theirs_http = json.loads((RESULTS / f"serve_transformers_{args.card}.json").read_text())["levels"]
@@ -50,9 +53,9 @@ def main() -> None:
     online.legend()
     figure.suptitle(f"XVERSE-7B shape, random bf16 weights, {engine['device']}")
     figure.tight_layout()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(args.out, dpi=110)
-    print(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=110)
+    print(out)
 
 
 def short(kv_dtype: str) -> str:

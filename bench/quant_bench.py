@@ -1,7 +1,7 @@
 """Quantized weights (--quantize int8 / int4) and 8-bit KV caches (--kv-cache-dtype int8 / fp8) on random
 weights of the exact XVERSE-7B shape: memory, speed and error, in one run.
 
-    python bench/quant_bench.py --out bench/results/quant_h100.json            # about 6 minutes on an H100
+    python bench/quant_bench.py --out bench/results/quant_h200.json            # a few minutes on an H100 or H200
     python bench/quant_bench.py --quick --out /tmp/quant.json                  # shorter runs, fewer kernel shapes
 
 No download: the random bf16 checkpoint (bench/random_checkpoint.py's, 14.6 GB of safetensors) is written to
@@ -13,9 +13,10 @@ by shard, quantizing each tensor as it arrives. For each configuration:
 - error: relative error of the logits (float32, last 64 positions of a 512-token prompt) against bf16 weights
   with a bf16 cache, and how often the top token agrees.
 Then the capped runs: the process limited to 10 GiB (int8 weights) and 6 GiB (int4) with
-torch.cuda.set_per_process_memory_fraction, loading, planning and serving inside the cap with an int8 cache,
---max-batched-tokens 2048, --max-num-seqs 64 and --max-model-len 2048 (the settings a small card wants; the
-cap covers the CUDA context too, as on a real card), and how many concurrent 2K-token conversations fit;
+torch.cuda.set_per_process_memory_fraction, loading, planning and serving inside the cap with an int8 cache and
+--max-model-len 2048 (the cap covers the CUDA context too, as on a real card; the step limits are
+--capped-max-batched-tokens and --capped-max-num-seqs: quant_h200.json used 1024 and 16), and how many
+concurrent 2K-token conversations fit;
 that many are served at once, each 1,536 prompt + 512 new tokens.
 And the kernels: each quantized matmul candidate (Triton gemv / gemm, dequantize + cuBLAS, torch's int8 op,
 torch's int4 tinygemm op on a converted copy) against bf16 cuBLAS at M = 1, 64, 512, for each layer shape,
@@ -30,17 +31,17 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 
 import torch
-from engine_bench import copy_bandwidth, prompts, run_engine
-from random_checkpoint import write_checkpoint as write_random_checkpoint
+from common import BLOCK_SIZE, PROJECTION_SHAPES, copy_bandwidth, engine_like_server, prompts, run_engine, write_results
 
 from xverse_serve.engine.block_allocator import blocks_needed
-from xverse_serve.engine.loader import assemble_engine
+from xverse_serve.engine.engine import Engine
 from xverse_serve.engine.memory_plan import kv_cache_tokens_for_card, measure_step_peaks
 from xverse_serve.engine.messages import SamplingParams
 from xverse_serve.engine.runner import ModelRunner
@@ -99,15 +100,21 @@ def free_memory(device: torch.device) -> None:
 @torch.inference_mode()
 def prompt_logits(model: XverseForCausalLM, ids: list[int], kv_dtype: torch.dtype | None) -> torch.Tensor:
     """float32 logits at the last ERROR_POSITIONS positions of one prefill of `ids`, on the CPU."""
-    block_size = 16
-    kv_cache = KVCache(model.config, blocks_needed(len(ids), block_size), block_size, kv_dtype or model.dtype,
-                       model.device)
+    blocks = blocks_needed(len(ids), BLOCK_SIZE)
+    kv_cache = KVCache(model.config, blocks, BLOCK_SIZE, kv_dtype or model.dtype, model.device)
     runner = ModelRunner(model, kv_cache)
     seq = Sequence("error", list(ids), SamplingParams(max_tokens=1))
-    seq.block_table = list(range(blocks_needed(len(ids), block_size)))
+    seq.block_table = list(range(blocks))
     input_ids, positions, batch = runner.prepare([ScheduledSequence(seq, len(ids))])
     hidden = model(input_ids, positions, kv_cache.layers, batch)
     return model.compute_logits(hidden[-ERROR_POSITIONS:]).float().cpu()
+
+
+def write_random_checkpoint(folder: Path, tiny: bool, device: torch.device) -> None:
+    """Runs random_checkpoint.py (its shard sizes, seed 0) to write the checkpoint every configuration loads."""
+    script = Path(__file__).with_name("random_checkpoint.py")
+    subprocess.run([sys.executable, str(script), str(folder), "--device", str(device), *(["--tiny"] if tiny else [])],
+                   check=True)
 
 
 def load(model_dir: Path, device: torch.device, dtype: torch.dtype, quantize: str) -> tuple[XverseForCausalLM, dict]:
@@ -122,32 +129,25 @@ def load(model_dir: Path, device: torch.device, dtype: torch.dtype, quantize: st
     return model, facts
 
 
-def serve(model: XverseForCausalLM, kv_dtype: torch.dtype | None, utilization: float, max_num_seqs: int,
-          max_batched_tokens: int, max_len: int) -> tuple[object, dict]:
-    """Plans the KV pool as build_engine does (on CUDA), assembles the engine with decode graphs, warms it up."""
+def serve(model: XverseForCausalLM, settings: Settings) -> tuple[Engine, dict]:
+    """Our engine as the server builds it from `settings` (common.engine_like_server), and what its plan found."""
     device = model.device
     free_memory(device)
-    block_size = 16
     started = time.perf_counter()
-    if cuda(device):
-        peaks = measure_step_peaks(model, max_num_seqs, max_batched_tokens, max_len, block_size, kv_dtype)
-        kv_tokens = kv_cache_tokens_for_card(model, utilization, peaks, True, kv_dtype)
-        facts = {"activation_peak_GiB": peaks.prefill / GiB, "decode_graph_pool_GiB": peaks.decode / GiB}
-    else:
-        kv_tokens, facts = 4 * max_len, {}
-    engine = assemble_engine(model, kv_tokens // block_size, block_size, max_num_seqs, max_batched_tokens, max_len,
-                             cuda_graphs=cuda(device), kv_cache_dtype=kv_dtype)
-    engine.warm_up()
+    served = engine_like_server(model, settings)
     sync(device)
-    bytes_per_token = KVCache.bytes_per_token(model.config, kv_dtype or model.dtype)
+    engine, kv_tokens = served.engine, served.kv_cache_tokens
+    facts = {} if served.peaks is None else {"activation_peak_GiB": served.peaks.prefill / GiB,
+                                             "decode_graph_pool_GiB": served.peaks.decode / GiB}
+    bytes_per_token = KVCache.bytes_per_token(model.config, engine.runner.kv_cache.dtype)
     facts.update({"startup_s": time.perf_counter() - started, "kv_cache_tokens": kv_tokens,
                   "kv_bytes_per_token": bytes_per_token, "kv_cache_GiB": kv_tokens * bytes_per_token / GiB,
-                  "full_8k_contexts": kv_tokens / max_len, "concurrent_2k_conversations": kv_tokens // 2048,
-                  "allocated_with_kv_pool_GiB": allocated(device)})
+                  "full_8k_contexts": kv_tokens / engine.max_model_len,
+                  "concurrent_2k_conversations": kv_tokens // 2048, "allocated_with_kv_pool_GiB": allocated(device)})
     return engine, facts
 
 
-def measure_speed(engine, vocab: int, args: argparse.Namespace) -> dict:
+def measure_speed(engine: Engine, vocab: int, args: argparse.Namespace) -> dict:
     device = engine.runner.device
     reset_peak(device)
     single = run_engine(engine, prompts(1, args.prompt_len, vocab, 1), args.output_len)
@@ -169,7 +169,7 @@ def run_configs(model_dir: Path, device: torch.device, args: argparse.Namespace,
         except Exception as exc:
             for name, _, _ in configs:
                 results["configs"][name] = {"error": f"loading: {type(exc).__name__}: {exc}"}
-            save(results, args.out)
+            write_results(results, args.out)
             continue
         for name, _, kv_name in configs:
             print(f"--- {name}", flush=True)
@@ -183,8 +183,8 @@ def run_configs(model_dir: Path, device: torch.device, args: argparse.Namespace,
                     reference = logits
                 entry["logit_relative_error"] = relative_error(logits, reference)
                 entry["top1_agreement"] = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
-                engine, facts = serve(model, kv_dtype, args.gpu_memory_utilization, args.max_num_seqs,
-                                      Settings().max_batched_tokens, model.config.max_position_embeddings)
+                engine, facts = serve(model, Settings(gpu_memory_utilization=args.gpu_memory_utilization,
+                                                      max_num_seqs=args.max_num_seqs, kv_cache_dtype=kv_name))
                 entry.update(facts)
                 entry.update(measure_speed(engine, vocab, args))
             except Exception as exc:
@@ -193,12 +193,12 @@ def run_configs(model_dir: Path, device: torch.device, args: argparse.Namespace,
             del engine
             free_memory(device)
             print(json.dumps(entry), flush=True)
-            save(results, args.out)
+            write_results(results, args.out)
         if quantize != "none" and cuda(device):
             results["matmul_tuning"].update(tuning_table(model))
         del model
         free_memory(device)
-        save(results, args.out)
+        write_results(results, args.out)
 
 
 def tuning_table(model: XverseForCausalLM) -> dict:
@@ -235,11 +235,13 @@ def run_capped(model_dir: Path, device: torch.device, args: argparse.Namespace, 
             entry.update(load_facts)
             # mem_get_info sees the whole card; the planner gets the cap as its utilization of it (as memory_cap.py).
             peaks = measure_step_peaks(model, args.capped_max_num_seqs, args.capped_max_batched_tokens,
-                                       args.capped_max_model_len, 16, torch.int8)
+                                       args.capped_max_model_len, BLOCK_SIZE, torch.int8)
             entry["kv_cache_tokens_if_bf16_kv"] = kv_cache_tokens_for_card(model, fraction * 0.98, peaks, True,
                                                                            torch.bfloat16)
-            engine, facts = serve(model, torch.int8, fraction * 0.98, args.capped_max_num_seqs,
-                                  args.capped_max_batched_tokens, args.capped_max_model_len)
+            engine, facts = serve(model, Settings(
+                gpu_memory_utilization=fraction * 0.98, max_num_seqs=args.capped_max_num_seqs,
+                max_batched_tokens=args.capped_max_batched_tokens, max_model_len=args.capped_max_model_len,
+                kv_cache_dtype="int8"))
             entry.update(facts)
             entry["concurrent_2k_conversations_if_bf16_kv"] = entry["kv_cache_tokens_if_bf16_kv"] // 2048
             single = run_engine(engine, prompts(1, args.prompt_len, vocab, 1), args.output_len)
@@ -260,7 +262,7 @@ def run_capped(model_dir: Path, device: torch.device, args: argparse.Namespace, 
         free_memory(device)
         torch.cuda.set_per_process_memory_fraction(1.0, index)
         print(json.dumps(entry), flush=True)
-        save(results, args.out)
+        write_results(results, args.out)
 
 
 def tinygemm(layer: QuantizedLinear):
@@ -280,8 +282,7 @@ def tinygemm(layer: QuantizedLinear):
 def bench_kernels(device: torch.device, args: argparse.Namespace, results: dict) -> None:
     """Each matmul candidate at M = 1, 64, 512 for each layer shape, with bf16 cuBLAS beside it."""
     flush = torch.empty(quantization.L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
-    shapes = {"qkv_proj": (12288, 4096), "o_proj": (4096, 4096), "gate_up_proj": (22016, 4096),
-              "down_proj": (4096, 11008), "lm_head": (100534, 4096)}
+    shapes = PROJECTION_SHAPES
     if args.quick:
         shapes = {name: shapes[name] for name in ("o_proj", "gate_up_proj")}
     gen = torch.Generator(device=device).manual_seed(0)
@@ -327,14 +328,15 @@ def bench_kernels(device: torch.device, args: argparse.Namespace, results: dict)
                     row["best"] = best
                     row["best_weight_GBps"] = weight_bytes / (timed[best] * 1e-3) / 1e9
                 row["bf16_weight_GBps"] = 2 * n * k / (row["bf16 cuBLAS"] * 1e-3) / 1e9
-            save(results, args.out)
+            write_results(results, args.out)
 
 
 def print_tables(results: dict) -> None:
     requests = results["args"]["requests"]
     requests_key = f"throughput_{requests}_tok_s"
     print("\n| configuration | weights GiB | peak while loading GiB | KV pool tokens (GiB) | with the KV pool GiB "
-          f"| decode tok/s, 1 request | output tok/s, {requests} requests | logit rel. error vs bf16 | top-1 agreement |")
+          f"| decode tok/s, 1 request | output tok/s, {requests} requests | logit rel. error vs bf16 "
+          "| top-1 agreement |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, e in results["configs"].items():
         if "error" in e and "decode_tok_s" not in e:
@@ -354,13 +356,6 @@ def print_tables(results: dict) -> None:
               f"({e['concurrent_2k_conversations_if_bf16_kv']} with a bf16 cache); served {served.get('conversations')}"
               f" at {served.get('tok_s', 0):.0f} tok/s, {served.get('preemptions')} preemptions, "
               f"peak {served.get('peak_allocated_GiB', 0):.2f} GiB")
-
-
-def save(results: dict, path: Path | None) -> None:
-    """Written after each part, so a run cut short keeps what it measured."""
-    if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=2, default=str))
 
 
 def main() -> None:
@@ -394,11 +389,12 @@ def main() -> None:
 
     model_dir = args.model_path
     if model_dir is None:
-        model_dir = args.checkpoint_dir.with_name(args.checkpoint_dir.name + "-tiny") if args.tiny else args.checkpoint_dir
+        model_dir = args.checkpoint_dir
+        if args.tiny:
+            model_dir = model_dir.with_name(model_dir.name + "-tiny")
         if not (model_dir / "model.safetensors.index.json").is_file():
-            print(f"writing the random checkpoint to {model_dir}", flush=True)
             started = time.perf_counter()
-            write_random_checkpoint(model_dir, args.tiny, device, int((0.03 if args.tiny else 3.0) * 1e9), 0)
+            write_random_checkpoint(model_dir, args.tiny, device)
             results["checkpoint_write_s"] = time.perf_counter() - started
     results["model_path"] = str(model_dir)
 
@@ -410,7 +406,7 @@ def main() -> None:
     if "kernels" not in args.skip and cuda(device):
         bench_kernels(device, args, results)
     results["bench_s"] = time.perf_counter() - started
-    save(results, args.out)
+    write_results(results, args.out)
     print_tables(results)
 
 

@@ -19,6 +19,7 @@ chat format as its chat template, generation_config.json, and weight files that 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import time
@@ -26,48 +27,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from common import CHAT_FORMAT_TOKENS, INIT_STD, NUM_WORDS, SPECIAL_TOKENS, WORD_PREFIX, XVERSE_7B, XVERSE_7B_CONFIG
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-VOCAB_SIZE = 100534
-SPECIAL_TOKENS = ["<unk>", "<pad>", "<|startoftext|>", "<|endoftext|>"]  # ids 0-3, as in XVERSE
-CHAT_FORMAT_TOKENS = ["Human", "Assistant", ":"]  # the words of "Human: ...\n\nAssistant: "
-WORD_PREFIX = "w"
-NUM_WORDS = VOCAB_SIZE - len(SPECIAL_TOKENS) - len(CHAT_FORMAT_TOKENS)
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-INIT_STD = 0.02
+from xverse_serve.model.checkpoint import SAFETENSORS_INDEX, GenerationDefaults
 
-# config.json of xverse/XVERSE-7B-Chat (design.md).
-XVERSE_7B_CONFIG = {
-    "architectures": ["XverseForCausalLM"],
-    "model_type": "xverse",
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "max_position_embeddings": 8192,
-    "max_tokenizer_truncation": 6144,
-    "rms_norm_eps": 1e-6,
-    "hidden_act": "silu",
-    "initializer_range": INIT_STD,
-    "tie_word_embeddings": False,
-    "vocab_size": VOCAB_SIZE,
-    "torch_dtype": "bfloat16",
-    "use_cache": True,
-    "pad_token_id": 1,
-    "bos_token_id": 2,
-    "eos_token_id": 3,
-}
 # Same vocabulary and context, tiny layers: loads and runs on a CPU in seconds.
 TINY_OVERRIDES = {"hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 2, "num_attention_heads": 4}
 
-GENERATION_CONFIG = {
-    "pad_token_id": 1, "bos_token_id": 2, "eos_token_id": 3,
-    "do_sample": True, "temperature": 0.5, "top_k": 30, "top_p": 0.85,
-    "repetition_penalty": 1.1, "max_new_tokens": 2048,
-}
+# generation_config.json with XVERSE-7B-Chat's shipped values.
+GENERATION_CONFIG = {"pad_token_id": XVERSE_7B.pad_token_id, "bos_token_id": XVERSE_7B.bos_token_id,
+                     "eos_token_id": XVERSE_7B.eos_token_id, **dataclasses.asdict(GenerationDefaults())}
 
-# XVERSE's chat format (xverse_serve/chat.py) as a Jinja template, for transformers' apply_chat_template.
+# XVERSE's chat format (xverse_serve/model/chat_format.py) as a Jinja template, for transformers' apply_chat_template.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ 'Human: ' + message['content'] + '\\n' }}"
@@ -159,7 +132,7 @@ def write_weights(folder: Path, config: dict, device: torch.device, max_shard_by
 
 
 def build_tokenizer() -> Tokenizer:
-    """WordLevel over specials, chat-format words and w0..wN: exactly VOCAB_SIZE ids."""
+    """WordLevel over specials, chat-format words and w0..wN: exactly XVERSE's vocabulary size of ids."""
     words = CHAT_FORMAT_TOKENS + [f"{WORD_PREFIX}{i}" for i in range(NUM_WORDS)]
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + words)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -167,7 +140,7 @@ def build_tokenizer() -> Tokenizer:
     # WordPiece's decoder joins tokens with spaces (none of ours carries the "##" prefix).
     tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     tokenizer.add_special_tokens(SPECIAL_TOKENS)
-    assert tokenizer.get_vocab_size() == VOCAB_SIZE, tokenizer.get_vocab_size()
+    assert tokenizer.get_vocab_size() == XVERSE_7B.vocab_size, tokenizer.get_vocab_size()
     return tokenizer
 
 

@@ -1,27 +1,21 @@
-"""The sampler on the GPU: time of sampling.sample for a batch of XVERSE-sized logits, greedy and with
+"""The sampler on the GPU: time of engine.sampling.sample for a batch of XVERSE-sized logits, greedy and with
 XVERSE's defaults (temperature 0.5, top_k 30, top_p 0.85, repetition penalty 1.1), and the kernels it runs.
 
-    python bench/sampling_bench.py --out bench/results/sampling_h200.json
+    python bench/sampling_bench.py --out bench/results/sampling_h100.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import GREEDY, XVERSE_7B, XVERSE_SAMPLING, write_results
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from xverse_serve.engine.sampling import SamplingRow, SeenTokens, sample
 
-from xverse_serve.engine.messages import SamplingParams  # noqa: E402
-from xverse_serve.engine.sampling import SamplingRow, SeenTokens, sample  # noqa: E402
-
-VOCAB = 100534
-XVERSE_DEFAULTS = SamplingParams(max_tokens=100, temperature=0.5, top_k=30, top_p=0.85, repetition_penalty=1.1)
-GREEDY = SamplingParams(max_tokens=100, temperature=0.0)
+VOCAB = XVERSE_7B.vocab_size
 
 
 def time_ms(fn, repeats: int = 50) -> float:
@@ -47,7 +41,7 @@ def defaults_step(logits: torch.Tensor) -> Callable[[], torch.Tensor]:
         seen.start(request_id, list(range(i, i + 600)))
     step_ids = torch.arange(batch, device=device)
     spans = [(request_id, i, i + 1) for i, request_id in enumerate(request_ids)]  # a decode step's marks
-    rows = [SamplingRow(XVERSE_DEFAULTS) for _ in range(batch)]
+    rows = [SamplingRow(XVERSE_SAMPLING) for _ in range(batch)]
 
     def step() -> torch.Tensor:
         seen.record(step_ids, spans)
@@ -81,9 +75,7 @@ def main() -> None:
     table = profiler.key_averages().table(sort_by="cuda_time_total", row_limit=25)
     print(table)
     results[f"profile_batch_{args.profile_batch}"] = table
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":

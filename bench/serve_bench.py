@@ -1,14 +1,17 @@
-"""HTTP load benchmark for OpenAI-compatible chat servers: xverse-serve (`python api.py`) or `transformers serve`.
+r"""HTTP load benchmark for OpenAI-compatible chat servers: xverse-serve (`python api.py`) or `transformers serve`.
 
 C concurrent clients stream POST /v1/chat/completions (stream=true, temperature 0, a fixed max_tokens,
-a user message of P random words from bench/random_checkpoint.py's synthetic vocabulary) and the run
-reports TTFT, inter-token latency (between content chunks), end-to-end latency and output tokens/s.
+a user message of P random words of the synthetic vocabulary of random_checkpoint.py's tokenizer, one token
+each) and the run reports TTFT, inter-token latency (between content chunks), end-to-end latency and output
+tokens/s.
 
 Against a running server:
     python bench/serve_bench.py --url http://127.0.0.1:6006 --model XVERSE-7B-Chat --concurrency 1 16 64
-Starting the server itself (and stopping it at the end):
-    python bench/serve_bench.py --launch ours --model-path /tmp/xverse-random --out bench/results/ours.json
-    python bench/serve_bench.py --launch transformers --model-path /tmp/xverse-random-llama --out bench/results/hf.json
+Starting the server itself (and stopping it at the end), on the folders random_checkpoint.py writes:
+    python bench/random_checkpoint.py /tmp/xv --llama-copy /tmp/xv-llama
+    python bench/serve_bench.py --launch ours --model-path /tmp/xv --out bench/results/serve_ours_h100.json
+    python bench/serve_bench.py --launch transformers --model-path /tmp/xv-llama \
+        --out bench/results/serve_transformers_h100.json
 
 Neither server has `ignore_eos`, so answers may end before max_tokens: the output tokens counted are
 usage.completion_tokens where the server sends it, else the number of content chunks.
@@ -31,10 +34,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
-from random_checkpoint import NUM_WORDS, WORD_PREFIX  # bench/ is on sys.path when this file is run
+from common import NUM_WORDS, REPO_ROOT, WORD_PREFIX, percentile, write_results
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-OUR_MODEL_NAME = "XVERSE-7B-Chat"
+from xverse_serve.settings import Settings
+
+OUR_MODEL_NAME = Settings().served_model_name
 
 
 @dataclass(frozen=True)
@@ -193,17 +197,6 @@ def process_group_cpu(pgid: int) -> dict[str, float]:
 def cpu_share(before: dict[str, float], after: dict[str, float], wall_seconds: float) -> dict[str, float]:
     """Each process's CPU time over a run as a share of one core."""
     return {key: round((after[key] - before.get(key, 0.0)) / wall_seconds, 3) for key in after}
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Linear-interpolated percentile (q in 0..100); None when there are no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def ms(seconds: float | None) -> float | None:
@@ -430,9 +423,7 @@ async def main_async(args: argparse.Namespace) -> dict:
 def main() -> None:
     args = parse_args()
     report = asyncio.run(main_async(args))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2))
+    write_results(report, args.out)
     print()
     print(markdown_table(args.launch or "server", report["levels"]))
     if any(level["errors"] for level in report["levels"]):

@@ -1,0 +1,249 @@
+"""What the benchmark scripts share: XVERSE-7B's shape and a model of it with random weights, prompts, the card's
+copy bandwidth, our engine built as the server builds it, timing, and writing a result file.
+
+Each script imports this module before the package: it puts the checkout on sys.path, so that `python bench/X.py`
+runs without xverse_serve being installed.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import msgspec
+import torch
+import triton
+from triton.testing import do_bench
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from xverse_serve.engine.config import CacheConfig  # noqa: E402
+from xverse_serve.engine.engine import Engine  # noqa: E402
+from xverse_serve.engine.loader import assemble_engine, resolve_kv_cache_dtype  # noqa: E402
+from xverse_serve.engine.memory_plan import StepPeaks, kv_cache_tokens_for_card, measure_step_peaks  # noqa: E402
+from xverse_serve.engine.messages import SamplingParams  # noqa: E402
+from xverse_serve.model.checkpoint import GenerationDefaults, ModelConfig  # noqa: E402
+from xverse_serve.model.xverse import XverseForCausalLM  # noqa: E402
+from xverse_serve.settings import Settings  # noqa: E402
+
+INIT_STD = 0.02  # random weights: normal with this deviation, norms 1
+
+# config.json of xverse/XVERSE-7B-Chat (design.md): every benchmark runs this shape, with random weights.
+XVERSE_7B_CONFIG = {
+    "architectures": ["XverseForCausalLM"],
+    "model_type": "xverse",
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "max_position_embeddings": 8192,
+    "max_tokenizer_truncation": 6144,
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "silu",
+    "initializer_range": INIT_STD,
+    "tie_word_embeddings": False,
+    "vocab_size": 100534,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "pad_token_id": 1,
+    "bos_token_id": 2,
+    "eos_token_id": 3,
+}
+XVERSE_7B = ModelConfig.from_dict(XVERSE_7B_CONFIG)
+WEIGHT_BYTES = 7_299_846_144 * 2  # the bf16 weights, all read by each decode step of one request (the roofline's)
+BLOCK_SIZE = Settings().block_size  # tokens per KV-cache block, as the server has them
+
+# XVERSE-7B's projections as (out_features, in_features), q/k/v and gate/up each fused into one, as the model runs them.
+PROJECTION_SHAPES = {
+    "qkv_proj": (3 * XVERSE_7B.hidden_size, XVERSE_7B.hidden_size),
+    "o_proj": (XVERSE_7B.hidden_size, XVERSE_7B.hidden_size),
+    "gate_up_proj": (2 * XVERSE_7B.intermediate_size, XVERSE_7B.hidden_size),
+    "down_proj": (XVERSE_7B.hidden_size, XVERSE_7B.intermediate_size),
+    "lm_head": (XVERSE_7B.vocab_size, XVERSE_7B.hidden_size),
+}
+
+# The synthetic vocabulary of random_checkpoint.py's tokenizer: XVERSE's special tokens (ids 0-3), the words of its
+# chat format, then the words w0, w1, ... up to XVERSE's vocabulary size. A text of K such words is K tokens.
+SPECIAL_TOKENS = ["<unk>", "<pad>", "<|startoftext|>", "<|endoftext|>"]
+CHAT_FORMAT_TOKENS = ["Human", "Assistant", ":"]  # the words of "Human: ...\n\nAssistant: "
+WORD_PREFIX = "w"
+NUM_WORDS = XVERSE_7B.vocab_size - len(SPECIAL_TOKENS) - len(CHAT_FORMAT_TOKENS)
+
+# Requests that run until the benchmark stops them, greedy or with XVERSE's own sampling (generation_config.json).
+GREEDY = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
+_XVERSE_DEFAULTS = GenerationDefaults()
+XVERSE_SAMPLING = SamplingParams(max_tokens=10_000, temperature=_XVERSE_DEFAULTS.temperature,
+                                 top_k=_XVERSE_DEFAULTS.top_k, top_p=_XVERSE_DEFAULTS.top_p,
+                                 repetition_penalty=_XVERSE_DEFAULTS.repetition_penalty, ignore_eos=True)
+
+
+def random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> XverseForCausalLM:
+    """The model with random weights, made on the device (no checkpoint to write or read)."""
+    with torch.device("meta"):
+        model = XverseForCausalLM(config).to(dtype)
+    model = model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, INIT_STD, generator=gen)
+    model.init_rope(config.max_position_embeddings)
+    return model.eval().requires_grad_(False)
+
+
+def prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    """Random token ids: a new seed gives prompts that share no prefix with earlier ones."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(10, vocab, (count, length), generator=gen).tolist()
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes read plus written per second by a 1 GiB device-to-device copy (median of many)."""
+    src = torch.randn(1 << 29, device=device, dtype=torch.float16)
+    dst = torch.empty_like(src)
+    ms = do_bench(partial(dst.copy_, src), warmup=25, rep=200, return_mode="median")
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * (1 << 30) / (ms * 1e-3)
+
+
+def device_facts() -> dict:
+    """The card and the software a kernel benchmark ran on, for its result file."""
+    props = torch.cuda.get_device_properties(0)
+    return {"device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
+            "triton": triton.__version__, "python": platform.python_version()}
+
+
+@dataclass
+class ServedEngine:
+    """An engine as the server builds it, with what its memory plan found."""
+
+    engine: Engine
+    kv_cache_tokens: int
+    peaks: StepPeaks | None  # the memory plan's measured step peaks; None on the CPU (no plan)
+
+
+def engine_like_server(model: XverseForCausalLM, settings: Settings) -> ServedEngine:
+    """Our engine around a model already built, as loader.load_engine builds it around a checkpoint's from the same
+    settings: the KV pool (of settings.kv_cache_dtype) sized from the card by the memory plan (on the CPU, four
+    contexts), the CUDA graphs captured, the kernels warmed up."""
+    config = settings.engine_config()
+    scheduler = config.scheduler
+    on_cuda = model.device.type == "cuda"
+    cuda_graphs = on_cuda and config.cuda_graphs
+    max_model_len = model.config.context_window(config.max_model_len)
+    kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, model.device, model.dtype)
+    peaks = None
+    if on_cuda:
+        peaks = measure_step_peaks(model, scheduler.max_num_seqs, scheduler.max_batched_tokens, max_model_len,
+                                   config.block_size, kv_dtype, cuda_graphs)
+        kv_tokens = kv_cache_tokens_for_card(model, config.gpu_memory_utilization, peaks, cuda_graphs, kv_dtype)
+    else:
+        kv_tokens = 4 * max_model_len
+    if kv_tokens < max_model_len:
+        raise RuntimeError(f"the KV cache holds {kv_tokens} tokens, less than one {max_model_len}-token context")
+    engine = assemble_engine(model, CacheConfig(kv_tokens // config.block_size, config.block_size, kv_dtype),
+                             scheduler, max_model_len, cuda_graphs, config.overlap_steps)
+    if on_cuda:
+        engine.warm_up()
+    return ServedEngine(engine, kv_tokens, peaks)
+
+
+def run_engine(engine: Engine, batch: list[list[int]], max_tokens: int) -> dict:
+    """All requests submitted at once, greedy, each to max_tokens; returns the wall time, the times of each request's
+    first and last tokens (sorted) and the output tokens."""
+    params = msgspec.structs.replace(GREEDY, max_tokens=max_tokens)
+    if engine.runner.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i, prompt in enumerate(batch):
+        engine.add_request(str(i), prompt, params)
+    first_token: dict[str, float] = {}
+    last_token: dict[str, float] = {}
+    produced = 0
+    while engine.has_work():
+        outputs = engine.step()
+        now = time.perf_counter() - start
+        for out in outputs:
+            produced += len(out.new_token_ids)
+            first_token.setdefault(out.request_id, now)
+            last_token[out.request_id] = now
+    return {"seconds": time.perf_counter() - start, "tokens": produced,
+            "ttft": sorted(first_token.values()), "last": sorted(last_token.values())}
+
+
+def start_decoding(engine: Engine, batch: list[list[int]], params: SamplingParams, prefix: str) -> None:
+    """Adds the prompts as requests `prefix`0, `prefix`1, ... and steps until every prompt is in the cache, so that
+    the next steps are decode steps."""
+    for i, prompt in enumerate(batch):
+        engine.add_request(f"{prefix}{i}", prompt, params)
+    while any(seq.num_computed < len(seq.prompt_ids) for seq in engine.sequences.values()):
+        engine.step()
+
+
+def abort_all(engine: Engine) -> None:
+    """Ends every request, so that the next measurement starts from an empty engine."""
+    for request_id in list(engine.sequences):
+        engine.abort(request_id)
+
+
+def wall_ms(fn: Callable[[], object], calls: int) -> float:
+    """Mean wall time of fn in ms over `calls` calls in a row, from an idle GPU until the GPU has finished."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e3
+
+
+def replay_ms(graph: torch.cuda.CUDAGraph, repeats: int = 50) -> float:
+    """A CUDA graph's replay time in ms, after one replay not counted."""
+    graph.replay()
+    return wall_ms(graph.replay, repeats)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (q in 0..100); None when there are no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+class Log:
+    """Lines printed as they come and kept, for the result file's "log"."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, line: str) -> None:
+        print(line, flush=True)
+        self.lines.append(line)
+
+
+def write_results(results: dict, path: Path | None) -> None:
+    """The result file, as JSON (nothing without a path). Scripts that measure in parts write it after each part,
+    so that a run cut short keeps what it measured."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2, default=str))
+
+
+def write_checked_report(report: dict, all_ok: bool, started: float, log: Log, path: Path) -> None:
+    """A kernel benchmark's last part: whether every correctness check passed, its time and its log, written out."""
+    report.update(all_ok=all_ok, elapsed_s=time.perf_counter() - started, log=log.lines)
+    write_results(report, path)
+    log(f"all checks {'passed' if all_ok else 'FAILED'}; {report['elapsed_s']:.0f} s; wrote {path}")
