@@ -17,7 +17,7 @@ from xverse_serve.engine.client import EngineClient, EngineDead
 from xverse_serve.engine.config import CacheConfig, SchedulerConfig
 from xverse_serve.engine.engine import Engine
 from xverse_serve.engine.loader import assemble_engine
-from xverse_serve.engine.messages import SamplingParams, StepOutput
+from xverse_serve.engine.messages import EngineStats, SamplingParams, StepOutput, StepReport
 from xverse_serve.engine.piecewise_graphs import PiecewiseGraphs
 from xverse_serve.engine.runner import Feed, ModelRunner, SampledTokens
 from xverse_serve.engine.scheduler import ScheduledSequence, Scheduler
@@ -782,3 +782,44 @@ def test_outputs_that_pile_up_reach_the_consumer_merged_and_complete(model: Xver
     assert any(len(ids) > 1 for ids in received), "piled-up outputs come merged"
     expected = alone(model, prompt(9, seed=3), SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
     assert [t for ids in received for t in ids] == expected.tokens
+
+
+class HeldTransport:
+    """A transport whose engine never runs: the test hands the client its reports itself."""
+
+    def __init__(self) -> None:
+        self.initial_stats = EngineStats(0, 0, 0, 64, 0, 0, 0)
+        self.sent: list = []
+
+    def start(self, on_report) -> None:
+        pass
+
+    def send(self, command) -> None:
+        self.sent.append(command)
+
+    def alive(self) -> bool:
+        return True
+
+    def stop(self) -> None:
+        pass
+
+
+def test_a_merged_output_keeps_the_status_of_the_error_that_ended_it() -> None:
+    """Tokens that piled up before a shutdown's 503 reach the consumer with it, and the 503 stays a 503."""
+
+    async def main() -> tuple[list[StepOutput], list]:
+        client = EngineClient(HeldTransport())
+        client.start()
+        outputs = client.generate("a", [5, 6], GREEDY)
+        first = asyncio.ensure_future(anext(outputs))
+        await asyncio.sleep(0)  # the request is sent and its queue waits
+        client._handle(StepReport([StepOutput("a", [7])], client.stats(), 1))
+        client._handle(StepReport([StepOutput("a", [8])], client.stats(), 1))
+        client.end_all("the server is shutting down")
+        received = [await first] + [output async for output in outputs]
+        return received, client.transport.sent
+
+    received, sent = asyncio.run(main())
+    assert [(o.new_token_ids, o.error_status) for o in received] == [([7, 8], 503)]
+    assert received[-1].error == "the server is shutting down"
+    assert [type(command).__name__ for command in sent] == ["AddRequest", "AbortRequest"]
