@@ -36,7 +36,11 @@ def chat(server: RunningServer, headers: dict[str, str] | None = None) -> reques
 def test_without_a_valid_key_every_route_but_health_answers_401(locked_server, headers) -> None:
     for response in (chat(locked_server, headers),
                      requests.post(locked_server.url, json={"prompt": "Hi"}, headers=headers, timeout=30),
-                     requests.get(locked_server.url + "/v1/models", headers=headers, timeout=30)):
+                     requests.get(locked_server.url + "/v1/models", headers=headers, timeout=30),
+                     requests.get(locked_server.url + "/metrics", headers=headers, timeout=30),
+                     requests.post(locked_server.url + "/tokenize", json={"prompt": "Hi"}, headers=headers, timeout=30),
+                     requests.post(locked_server.url + "/detokenize", json={"tokens": [5]}, headers=headers,
+                                   timeout=30)):
         assert response.status_code == 401
         error = response.json()["error"]
         assert error["type"] == "authentication_error" and "Authorization: Bearer" in error["message"]

@@ -387,3 +387,49 @@ def test_async_client_gets_the_same_answers(server, client):
             await async_client.close()
 
     assert asyncio.run(main()) == expected
+
+
+# --- /tokenize and /detokenize (vLLM's shapes) ------------------------------------------------------------------
+
+def test_tokenize_a_prompt_gives_the_ids_completions_uses(server, tokenizer):
+    body = requests.post(server.url + "/tokenize", json={"prompt": "北京是中国的首都", "return_token_strs": True},
+                         timeout=30).json()
+    ids = tokenizer.encode("北京是中国的首都", add_special_tokens=False).ids
+    assert body == {"count": len(ids), "max_model_len": 256, "tokens": ids,
+                    "token_strs": [tokenizer.id_to_token(i) for i in ids]}
+
+
+def test_tokenize_messages_gives_xverses_chat_format_and_the_prompt_tokens_chat_completions_counts(server, client,
+                                                                                                  tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"}, {"role": "user", "content": "sky"}]
+    body = requests.post(server.url + "/tokenize", json={"messages": messages, "model": MODEL}, timeout=30).json()
+
+    def ids(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
+    eos = 3
+    assert body["tokens"] == (ids("Human: Be brief.\n") + ids("Human: hi\n\n") + ids("Assistant: hello") + [eos]
+                              + ids("Human: sky\n\nAssistant: "))
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0)
+    assert reply.usage.prompt_tokens == body["count"]
+
+
+def test_detokenize_gives_the_text_back(server, tokenizer):
+    ids = tokenizer.encode("今天天气很好, fine", add_special_tokens=False).ids
+    body = requests.post(server.url + "/detokenize", json={"tokens": ids}, timeout=30).json()
+    assert body == {"prompt": tokenizer.decode(ids)}
+
+
+@pytest.mark.parametrize("path, body, words", [
+    ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "a"}]}, "not both"),
+    ("/tokenize", {}, "neither"),
+    ("/tokenize", {"prompt": "a", "model": "gpt-4"}, "does not exist"),
+    ("/detokenize", {"tokens": [5, -1]}, "outside the vocabulary"),
+    ("/detokenize", {"tokens": [10**9]}, "outside the vocabulary"),
+    ("/detokenize", {"tokens": "5"}, "tokens"),
+])
+def test_bad_tokenize_requests_get_a_4xx_naming_the_problem(server, path, body, words):
+    response = requests.post(server.url + path, json=body, timeout=30)
+    assert 400 <= response.status_code < 500
+    assert words in response.json()["error"]["message"]

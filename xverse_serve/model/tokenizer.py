@@ -25,3 +25,7 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        """Each id's own piece of the vocabulary (`▁` for a leading space, `<0xE6>` for a byte)."""
+        return [self._tokenizer.id_to_token(token) for token in ids]

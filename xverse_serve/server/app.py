@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from . import chat_page, monitoring, openai_api, seed_api
+from . import chat_page, monitoring, openai_api, seed_api, tokenize_api
 from .config import ServingContext
 from .errors import install_error_handlers
 from .lifecycle import Lifecycle
@@ -34,7 +34,7 @@ def create_app(ctx: ServingContext) -> FastAPI:
     app.state.service = GenerationService(ctx, metrics)
     app.state.api_keys = [key.encode() for key in ctx.config.api_keys]
     install_error_handlers(app)
-    for router in (chat_page.router, monitoring.router, seed_api.router, openai_api.router):
+    for router in (chat_page.router, monitoring.router, seed_api.router, openai_api.router, tokenize_api.router):
         app.include_router(router)
     app.add_middleware(BodySizeLimit, limit=ctx.config.max_body_bytes)
     if ctx.config.cors_origins:

@@ -50,7 +50,7 @@ async def list_models(service: Service) -> dict:
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, service: Service):
-    model = service.check_model(body)
+    model = service.check_model(body.model)
     service.check_capacity()
     requested = body.max_completion_tokens or body.max_tokens
     field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
@@ -89,7 +89,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request, service: Service):
-    model = service.check_model(body)
+    model = service.check_model(body.model)
     service.check_capacity()
     prompt_ids = service.ctx.tokenizer.encode(body.prompt_text())
     if not prompt_ids:

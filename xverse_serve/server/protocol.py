@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Tag, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Tag, field_validator, model_validator
 
 from ..model.chat_format import Message
 
@@ -125,3 +125,25 @@ class CompletionRequest(OpenAIFields):
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class TokenizeRequest(StrictBody):
+    """POST /tokenize: a prompt, or chat messages, to token ids."""
+
+    model: str | None = None
+    prompt: Text | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)] | None = None
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send either prompt (a string) or messages (a list), not both and not neither")
+        return self
+
+
+class DetokenizeRequest(StrictBody):
+    """POST /detokenize: token ids to text."""
+
+    model: str | None = None
+    tokens: Annotated[list[int], Field(max_length=1 << 20)]

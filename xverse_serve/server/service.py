@@ -14,7 +14,7 @@ from .config import ServingContext
 from .errors import APIError
 from .generation import GenerationFailed, TextDelta, generate_text
 from .metrics import Metrics, RequestRecord
-from .protocol import ChatMessage, OpenAIFields, SamplingFields
+from .protocol import ChatMessage, SamplingFields
 
 FAILURE_TYPES = {500: "server_error", 503: "service_unavailable", 504: "timeout"}
 
@@ -84,10 +84,11 @@ class GenerationService:
             raise APIError(503, f"the server is at capacity ({waiting} requests are waiting): retry shortly",
                            "server_overloaded", headers={"Retry-After": "1"})
 
-    def check_model(self, body: OpenAIFields) -> str:
+    def check_model(self, requested: str | None) -> str:
+        """The served model's name; a request naming another gets a 404."""
         served = self.ctx.config.served_model_name
-        if body.model is not None and body.model.lower() != served.lower():
-            raise APIError(404, f"the model {body.model!r} does not exist; this server serves {served!r}",
+        if requested is not None and requested.lower() != served.lower():
+            raise APIError(404, f"the model {requested!r} does not exist; this server serves {served!r}",
                            "not_found_error", "model")
         return served
 
