@@ -35,10 +35,13 @@ def paged_logits(model: XverseForCausalLM, token_ids: list[int], chunks: list[in
     return torch.cat(logits)
 
 
-def engine_tokens(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-    """All prompts submitted at once and stepped to the end; the tokens generated for each."""
-    for i, ids in enumerate(prompts):
-        engine.add_request(str(i), ids, params)
+def engine_tokens(engine: Engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+                  ) -> list[list[int]]:
+    """All prompts submitted at once (with one params for all, or one each) and stepped to the end; the tokens
+    generated for each."""
+    each = params if isinstance(params, list) else [params] * len(prompts)
+    for i, (ids, request_params) in enumerate(zip(prompts, each)):
+        engine.add_request(str(i), ids, request_params)
     tokens: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
     while engine.has_work():
         for output in engine.step():

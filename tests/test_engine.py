@@ -757,8 +757,8 @@ def test_warm_up_samples_greedy_and_filtered_rows_together_and_apart(model: Xver
 
     batches = []
     sample = runner.sample
-    monkeypatch.setattr(runner, "sample", lambda logits, rows, seen=None: batches.append(
-        tuple(sorted({r.params.greedy for r in rows}))) or sample(logits, rows, seen))
+    monkeypatch.setattr(runner, "sample", lambda logits, rows, seen=None, counts=None: batches.append(
+        tuple(sorted({r.params.greedy for r in rows}))) or sample(logits, rows, seen, counts))
     make_engine(model, max_batched_tokens=64).warm_up()
     assert {(True,), (False,), (False, True)} <= set(batches), batches
 

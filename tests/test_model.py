@@ -8,7 +8,7 @@ import pytest
 import torch
 from paged import engine_tokens
 from paged import paged_logits as shared_paged_logits
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
 from xverse_serve.engine.config import CacheConfig, SchedulerConfig
 from xverse_serve.engine.loader import assemble_engine
@@ -112,7 +112,8 @@ def test_one_step_with_a_decode_and_a_prefill_equals_each_alone(model: XverseFor
     assert_logits_close(logits[1:], paged_logits(model, second, [9]), relative=1e-5)
 
 
-def generate_with_engine(model: XverseForCausalLM, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+def generate_with_engine(model: XverseForCausalLM, prompts: list[list[int]],
+                         params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
     """All prompts at once through the engine (batched, paged), the tokens of each."""
     engine = assemble_engine(model, CacheConfig(NUM_BLOCKS, BLOCK_SIZE), SchedulerConfig(max_num_seqs=8, max_batched_tokens=512),
                              MAX_POSITIONS)
@@ -137,6 +138,48 @@ def test_greedy_tokens_equal_transformers_generate(model: XverseForCausalLM, hf_
         expected = hf_generate(hf_model, ids, max_new, repetition_penalty=repetition_penalty)
         assert len(set(expected)) > 3, "the tiny model should not be degenerate"
         assert tokens == expected, text
+
+
+class OpenAIPenalties(LogitsProcessor):
+    """OpenAI's presence and frequency penalties over the tokens generated after the prompt, and its logit_bias,
+    written out for transformers' generate as the reference."""
+
+    def __init__(self, prompt_len: int, presence: float, frequency: float, bias: dict[int, float]) -> None:
+        self.prompt_len, self.presence, self.frequency, self.bias = prompt_len, presence, frequency, bias
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.clone()
+        for token, bias in self.bias.items():
+            scores[:, token] += bias
+        for token in set(input_ids[0, self.prompt_len:].tolist()):
+            count = input_ids[0, self.prompt_len:].tolist().count(token)
+            scores[:, token] -= count * self.frequency + self.presence
+        return scores
+
+
+def test_presence_frequency_penalties_and_logit_bias_equal_openais_definition(model: XverseForCausalLM,
+                                                                             hf_model: LlamaForCausalLM,
+                                                                             tokenizer: Tokenizer) -> None:
+    """Eight requests in one batch, each with its own penalties (one with none), greedy: each answer equals
+    transformers' generate with OpenAI's definitions applied by hand, beside XVERSE's repetition penalty for one."""
+    max_new = 20
+    prompts = [tokenizer.encode(PROMPTS[i % len(PROMPTS)]) for i in range(8)]
+    plain = [hf_generate(hf_model, ids, max_new, min_new_tokens=max_new) for ids in prompts]
+    # Negative penalties make the tiny model repeat itself (its greedy answers rarely do), so they change answers.
+    settings = [dict(presence_penalty=-2.0), dict(frequency_penalty=-2.0),
+                dict(presence_penalty=1.5, frequency_penalty=-1.0),
+                dict(logit_bias=((plain[3][0], -100.0), (plain[3][1], 3.0))), dict(),
+                dict(frequency_penalty=-2.0, repetition_penalty=1.05),
+                dict(logit_bias=((7, 8.0),), presence_penalty=2.0), dict(presence_penalty=-1.0)]
+    params = [SamplingParams(max_tokens=max_new, temperature=0.0, ignore_eos=True, **options) for options in settings]
+    ours = generate_with_engine(model, prompts, params)
+    for ids, tokens, options, unchanged in zip(prompts, ours, settings, plain):
+        processor = OpenAIPenalties(len(ids), options.get("presence_penalty", 0.0),
+                                    options.get("frequency_penalty", 0.0), dict(options.get("logit_bias", ())))
+        expected = hf_generate(hf_model, ids, max_new, logits_processor=LogitsProcessorList([processor]),
+                               repetition_penalty=options.get("repetition_penalty", 1.0), min_new_tokens=max_new)
+        assert tokens == expected, options
+        assert (tokens != unchanged) == bool(options), options  # every setting here changes its answer
 
 
 def test_bfloat16_logits_agree_loosely(tiny_model_dir: Path, config: ModelConfig, hf_model: LlamaForCausalLM,

@@ -15,8 +15,10 @@ from transformers import (
 
 from xverse_serve.engine.messages import SamplingParams
 from xverse_serve.engine.sampling import (
+    OutputCounts,
     SamplingRow,
     SeenTokens,
+    adjust_logits,
     apply_repetition_penalty,
     keep_nucleus,
     sample,
@@ -277,3 +279,45 @@ def test_seen_tokens_mark_what_each_step_feeds_and_rows_are_reused() -> None:
     assert not seen.tracks("a")
     seen.start("c", [1])  # takes a's old row, which must start empty
     assert seen.rows(["c"])[0].nonzero().flatten().tolist() == [1]
+
+# --- OpenAI's penalties and logit_bias -----------------------------------------------------------------------
+
+def test_output_counts_count_every_sample_and_start_at_zero() -> None:
+    counts = OutputCounts(VOCAB, torch.device("cpu"), rows=2)
+    counts.add(["a", "b"], torch.tensor([5, 7]))
+    counts.add(["a", "a", "c"], torch.tensor([5, 9, 5]))  # a row twice in a step; a third row grows the table
+    table = counts.rows(["a", "b", "c", None])
+    assert table[0, 5] == 2 and table[0, 9] == 1 and table[0].sum() == 3
+    assert table[1, 7] == 1 and table[1].sum() == 1
+    assert table[2, 5] == 1 and table[2].sum() == 1
+    assert table[3].sum() == 0
+    counts.release("a")
+    counts.add(["d"], torch.tensor([1]))  # takes a's old row, zeroed
+    assert counts.rows(["d"])[0].sum() == 1
+
+
+def test_penalties_and_bias_follow_openais_definition_row_by_row() -> None:
+    logits = random_logits(4, seed=11)
+    counts = torch.zeros(4, VOCAB, dtype=torch.int32)
+    counts[0, [3, 4]] = torch.tensor([1, 3], dtype=torch.int32)
+    counts[2, 3] = 2
+    rows = [row(presence_penalty=0.5, frequency_penalty=0.25), row(logit_bias=((3, -100.0), (8, 2.5))),
+            row(frequency_penalty=-1.0, logit_bias=((3, 1.0),)), row()]
+    adjusted = adjust_logits(logits, rows, None, counts)
+    expected = logits.clone()
+    expected[0, 3] -= 1 * 0.25 + 0.5
+    expected[0, 4] -= 3 * 0.25 + 0.5
+    expected[1, 3] -= 100.0
+    expected[1, 8] += 2.5
+    expected[2, 3] += 1.0 + 2 * 1.0
+    torch.testing.assert_close(adjusted, expected)
+
+
+def test_a_banned_token_is_never_drawn_and_a_forced_one_always() -> None:
+    logits = random_logits(2, seed=12)
+    top = logits.argmax(dim=-1)
+    rows = [row(temperature=1.0, top_k=2, logit_bias=((int(top[0]), -100.0),)),
+            row(temperature=0.0, logit_bias=((17, 100.0),))]
+    for _ in range(50):
+        drawn = sample(logits, rows)
+        assert drawn[0] != top[0] and drawn[1] == 17

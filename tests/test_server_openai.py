@@ -433,3 +433,28 @@ def test_bad_tokenize_requests_get_a_4xx_naming_the_problem(server, path, body, 
     response = requests.post(server.url + path, json=body, timeout=30)
     assert 400 <= response.status_code < 500
     assert words in response.json()["error"]["message"]
+
+
+# --- presence_penalty, frequency_penalty, logit_bias -----------------------------------------------------------
+
+def test_logit_bias_forces_and_bans_tokens_through_the_openai_client(client, tokenizer):
+    a, b = 200, 201
+    forced = completion_text(client, "sky", max_tokens=3, logit_bias={str(a): 100, str(b): 99})
+    assert forced == tokenizer.decode([a] * 3)
+    banned = completion_text(client, "sky", max_tokens=3, logit_bias={str(a): -100, str(b): 99})
+    assert banned == tokenizer.decode([b] * 3)
+    reply = chat(client, "sky", max_tokens=2, logit_bias={str(b): 100})
+    assert reply.choices[0].message.content == tokenizer.decode([b] * 2)
+
+
+def test_negative_presence_and_frequency_penalties_make_greedy_answers_repeat(client):
+    """OpenAI's penalties subtract from the logits of generated tokens; below zero they favour them, so the tiny
+    model's greedy answer comes to repeat itself, streamed or not, chat or completions."""
+    plain = completion_text(client, "fox", max_tokens=24)
+    repeating = completion_text(client, "fox", max_tokens=24, presence_penalty=-2, frequency_penalty=-2)
+    assert repeating != plain
+    assert len(set(repeating.split())) < len(set(plain.split()))
+    chunks = completion_stream(client, "fox", max_tokens=24, presence_penalty=-2, frequency_penalty=-2)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == repeating
+    chat_plain = chat_text(client, "fox")
+    assert chat_text(client, "fox", presence_penalty=-2, frequency_penalty=-2) != chat_plain

@@ -27,8 +27,9 @@ def build_context(settings: Settings) -> ServingContext:
         from .engine.loader import load_engine  # here: with the engine in its own process, this one never loads it
 
         transport = ThreadTransport(load_engine(engine_config))
-    return ServingContext(EngineClient(transport), tokenizer, model_config, load_generation_defaults(settings.model_path),
-                          settings.server_config(), max_model_len)
+    defaults = load_generation_defaults(settings.model_path)
+    return ServingContext(EngineClient(transport), tokenizer, model_config, defaults, settings.server_config(),
+                          max_model_len)
 
 
 def build_engine(settings: Settings) -> ServingContext:

@@ -41,7 +41,8 @@ class Settings:
     device: str = setting("auto", "`auto` (cuda when available, else cpu), `cpu`, `cuda` or `cuda:N`",
                           pattern=r"auto|cpu|cuda(:\d+)?")
     dtype: str = setting("auto", "`auto` (bfloat16 where the GPU supports it, else float16; float32 on the CPU), "
-                                 "`bfloat16`, `float16` or `float32`", choices=("auto", "bfloat16", "float16", "float32"))
+                                 "`bfloat16`, `float16` or `float32`",
+                         choices=("auto", "bfloat16", "float16", "float32"))
     max_model_len: int | None = setting(None, "context window in tokens, prompt and answer together; unset: "
                                               "max_position_embeddings from config.json (8192)", above=0)
     served_model_name: str = setting("XVERSE-7B-Chat", "model id in /v1/models and accepted in requests")

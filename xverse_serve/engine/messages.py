@@ -22,10 +22,18 @@ class SamplingParams(msgspec.Struct, frozen=True):
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every id generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once for each time an id was generated so far
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
 
     @property
     def greedy(self) -> bool:
         return self.temperature < MIN_TEMPERATURE
+
+    @property
+    def counts_outputs(self) -> bool:
+        """Whether the sampler needs the counts of the ids this request has generated."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
     def table_row(self) -> tuple[float, int, float, float, bool]:

@@ -13,7 +13,7 @@ from ..model.kv_cache import KVCache
 from ..model.xverse import XverseForCausalLM
 from .cuda_graphs import DecodeGraphs
 from .piecewise_graphs import PiecewiseGraphs
-from .sampling import SamplingRow, SeenTokens, sample, to_device
+from .sampling import OutputCounts, SamplingRow, SeenTokens, sample, to_device
 from .scheduler import ScheduledSequence
 
 
@@ -149,10 +149,12 @@ class ModelRunner:
         self.device = model.lm_head.weight.device
         self.use_varlen = varlen_supported(self.device, model.dtype)
         self.seen = SeenTokens(model.config.vocab_size, self.device)
+        self.counts = OutputCounts(model.config.vocab_size, self.device)
 
     def release(self, request_id: str) -> None:
         """Forgets a finished or aborted sequence's sampling state."""
         self.seen.release(request_id)
+        self.counts.release(request_id)
 
     @torch.inference_mode()
     def run(self, scheduled: list[ScheduledSequence], feed: Feed | None = None) -> SampledTokens | None:
@@ -167,7 +169,7 @@ class ModelRunner:
         else:
             logits, step_ids = self.run_forward(inputs, feed)
         self._record_seen(scheduled, step_ids)
-        indices, rows, penalized = [], [], []
+        indices, rows, penalized, counted = [], [], [], []
         for index, entry in enumerate(scheduled):
             if not entry.samples:
                 continue
@@ -175,12 +177,20 @@ class ModelRunner:
             indices.append(index)
             rows.append(SamplingRow(seq.params, seq.generator))
             penalized.append(seq.request_id if seq.params.repetition_penalty != 1.0 else None)
+            counted.append(seq.request_id if seq.params.counts_outputs else None)
         if not rows:
             return None
         if len(rows) < len(scheduled):
             logits = logits[to_device(indices, torch.long, self.device)]
         seen = self.seen.rows(penalized) if any(penalized) else None
-        return SampledTokens(sample(logits, rows, seen))
+        counts = None
+        if any(counted):
+            counts = self.counts.rows([r if r is not None and self.counts.tracks(r) else None for r in counted])
+        sampled = sample(logits, rows, seen, counts)
+        if any(counted):
+            kept = [i for i, request_id in enumerate(counted) if request_id is not None]
+            self.counts.add([counted[i] for i in kept], sampled[to_device(kept, torch.long, self.device)])
+        return SampledTokens(sampled)
 
     def _record_seen(self, scheduled: list[ScheduledSequence], step_ids: torch.Tensor) -> None:
         """Marks the ids each sequence with a repetition penalty feeds this step (read on the device: a fed id

@@ -65,13 +65,46 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def sample(logits: torch.Tensor, rows: list[SamplingRow], seen: torch.Tensor | None = None) -> torch.Tensor:
-    """logits [rows, vocab] in float32 -> one token id per row, [rows] int64 on logits' device; nothing waits
-    for the GPU. `seen` [rows, vocab] bool is needed when any row has a repetition penalty."""
+def adjust_logits(logits: torch.Tensor, rows: list[SamplingRow], seen: torch.Tensor | None,
+                  counts: torch.Tensor | None) -> torch.Tensor:
+    """The logits each row's request asks to be drawn from: its logit_bias added, then XVERSE's multiplicative
+    repetition penalty over the ids it has seen (`seen`), then OpenAI's presence and frequency penalties over the
+    ids it has generated (`counts`: how often each). Rows that ask for none of these are left as they are."""
     device = logits.device
+    if any(r.params.logit_bias for r in rows):
+        row_index, token_index, bias = [], [], []
+        for i, row in enumerate(rows):
+            for token, value in row.params.logit_bias:
+                row_index.append(i)
+                token_index.append(token)
+                bias.append(value)
+        index = (to_device(row_index, torch.long, device), to_device(token_index, torch.long, device))
+        logits = logits.index_put(index, to_device(bias, torch.float32, device), accumulate=True)
     if any(r.params.repetition_penalty != 1.0 for r in rows):
         penalty = to_device([r.params.repetition_penalty for r in rows], torch.float32, device)
         logits = apply_repetition_penalty(logits, penalty, seen)
+    if any(r.params.counts_outputs for r in rows):
+        penalties = to_device([(r.params.presence_penalty, r.params.frequency_penalty) for r in rows], torch.float32,
+                              device)
+        logits = apply_openai_penalties(logits, penalties[:, 0], penalties[:, 1], counts)
+    return logits
+
+
+def apply_openai_penalties(logits: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor,
+                           counts: torch.Tensor) -> torch.Tensor:
+    """OpenAI's definition: logit[j] - count[j] * frequency_penalty - (count[j] > 0) * presence_penalty, count[j]
+    being how often the row's request has generated token j."""
+    counts = counts.float()
+    return logits - counts * frequency[:, None] - (counts > 0).float() * presence[:, None]
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow], seen: torch.Tensor | None = None,
+           counts: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [rows, vocab] in float32 -> one token id per row, [rows] int64 on logits' device; nothing waits
+    for the GPU. `seen` [rows, vocab] bool is needed when any row has a repetition penalty, `counts` [rows, vocab]
+    when any has a presence or frequency penalty (OutputCounts)."""
+    device = logits.device
+    logits = adjust_logits(logits, rows, seen, counts)
     if all(r.params.greedy for r in rows):
         return argmax(logits)
     table = to_device([r.params.table_row for r in rows], torch.float32, device)
@@ -95,28 +128,55 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], seen: torch.Tensor | N
     return torch.where(greedy_rows.bool(), argmax(logits), sampled_ids)
 
 
-class SeenTokens:
-    """Which ids each live sequence has seen, kept on the device as rows of one bool mask. A step marks the
-    tokens it feeds from its input ids on the device, so the ids sampled by a step still running count
-    without the host reading them. Row 0 stays all False: sequences without a penalty share it."""
+class SequenceRows:
+    """Rows of one [rows, vocab] tensor on the device, one per live sequence that needs one, handed out and taken
+    back by request id. Row 0 stays all zero: sequences that need no row share it."""
 
-    def __init__(self, vocab_size: int, device: torch.device, rows: int = 64) -> None:
-        self.mask = torch.zeros(rows, vocab_size, dtype=torch.bool, device=device)
-        # The value marks are written with, already on the device: `mask[rows, ids] = True` would copy a
-        # Python True from pageable memory, which waits for all queued work (the step's forward pass).
-        self._true = torch.ones((), dtype=torch.bool, device=device)
+    def __init__(self, vocab_size: int, device: torch.device, dtype: torch.dtype, rows: int = 64) -> None:
+        self.table = torch.zeros(rows, vocab_size, dtype=dtype, device=device)
         self._free = list(range(rows - 1, 0, -1))
         self._row: dict[str, int] = {}
 
     def tracks(self, request_id: str) -> bool:
         return request_id in self._row
 
+    def rows(self, request_ids: list[str | None]) -> torch.Tensor:
+        """Rows [len(request_ids), vocab] for the sampler; None: a sequence without one (zeros)."""
+        indices = [0 if request_id is None else self._row[request_id] for request_id in request_ids]
+        return self.table[to_device(indices, torch.long, self.table.device)]
+
+    def release(self, request_id: str) -> None:
+        row = self._row.pop(request_id, None)
+        if row is not None:
+            self._free.append(row)
+
+    def _start(self, request_id: str) -> int:
+        """A zeroed row for the sequence."""
+        if not self._free:  # grow: more sequences need a row than there are rows so far
+            old = self.table.shape[0]
+            self.table = torch.cat([self.table, torch.zeros_like(self.table)])
+            self._free = list(range(2 * old - 1, old - 1, -1))
+        row = self._row[request_id] = self._free.pop()
+        self.table[row] = 0
+        return row
+
+
+class SeenTokens(SequenceRows):
+    """Which ids each sequence with a repetition penalty has seen, as rows of one bool mask. A step marks the
+    tokens it feeds from its input ids on the device, so the ids sampled by a step still running count without
+    the host reading them."""
+
+    def __init__(self, vocab_size: int, device: torch.device, rows: int = 64) -> None:
+        super().__init__(vocab_size, device, torch.bool, rows)
+        # The value marks are written with, already on the device: `mask[rows, ids] = True` would copy a
+        # Python True from pageable memory, which waits for all queued work (the step's forward pass).
+        self._true = torch.ones((), dtype=torch.bool, device=device)
+
     def start(self, request_id: str, earlier_ids: list[int]) -> None:
         """Gives a sequence an empty row, marked with the ids it will never feed (a cached prefix)."""
-        row = self._row[request_id] = self._take_row()
-        self.mask[row] = False
+        row = self._start(request_id)
         if earlier_ids:
-            self._mark([row] * len(earlier_ids), to_device(earlier_ids, torch.long, self.mask.device))
+            self._mark([row] * len(earlier_ids), to_device(earlier_ids, torch.long, self.table.device))
 
     def record(self, step_ids: torch.Tensor, spans: list[tuple[str, int, int]]) -> None:
         """Marks the ids a step feeds: span (request id, first, end) is that sequence's part of step_ids, the
@@ -127,25 +187,24 @@ class SeenTokens:
             positions.extend(range(first, end))
         if positions:
             if positions != list(range(step_ids.numel())):
-                step_ids = step_ids[to_device(positions, torch.long, self.mask.device)]
+                step_ids = step_ids[to_device(positions, torch.long, self.table.device)]
             self._mark(rows, step_ids)
 
-    def rows(self, request_ids: list[str | None]) -> torch.Tensor:
-        """Mask rows [len(request_ids), vocab] for the sampler; None: a sequence without a penalty."""
-        indices = [0 if request_id is None else self._row[request_id] for request_id in request_ids]
-        return self.mask[to_device(indices, torch.long, self.mask.device)]
-
-    def release(self, request_id: str) -> None:
-        row = self._row.pop(request_id, None)
-        if row is not None:
-            self._free.append(row)
-
     def _mark(self, rows: list[int], ids: torch.Tensor) -> None:
-        self.mask.index_put_((to_device(rows, torch.long, self.mask.device), ids.long()), self._true)
+        self.table.index_put_((to_device(rows, torch.long, self.table.device), ids.long()), self._true)
 
-    def _take_row(self) -> int:
-        if not self._free:  # grow: more sequences with a penalty are alive than rows so far
-            old = self.mask.shape[0]
-            self.mask = torch.cat([self.mask, torch.zeros_like(self.mask)])
-            self._free = list(range(2 * old - 1, old - 1, -1))
-        return self._free.pop()
+
+class OutputCounts(SequenceRows):
+    """How often each sequence with a presence or frequency penalty has generated each id, as rows of one int32
+    table. Each step adds its samples on the device, right after drawing them, so the next step's penalties count
+    them without the host reading them; a preempted sequence keeps its row, as it keeps its output."""
+
+    def __init__(self, vocab_size: int, device: torch.device, rows: int = 8) -> None:
+        super().__init__(vocab_size, device, torch.int32, rows)
+        self._one = torch.ones((), dtype=torch.int32, device=device)
+
+    def add(self, request_ids: list[str], sampled: torch.Tensor) -> None:
+        """Counts sampled[i] for request_ids[i], starting a row for a sequence not yet counted."""
+        rows = [self._row[r] if r in self._row else self._start(r) for r in request_ids]
+        self.table.index_put_((to_device(rows, torch.long, self.table.device), sampled.long()), self._one,
+                              accumulate=True)

@@ -6,8 +6,8 @@ same programs busy. One kernel runs one program per (partition, group of heads, 
 the partition's running max (in log2 units), sum of exponentials and unnormalised output to scratch, then counts
 itself in on an arrival counter of its (sequence, group of heads): the last to arrive combines the partitions
 (in partition order, so the result does not depend on which one is last) and resets the counter. No second
-kernel: at one sequence its launch and wait cost more than the attention's work (docs/benchmarks.md). With one partition, the
-program normalises and writes the output directly.
+kernel: at one sequence its launch and wait cost more than the attention's work (docs/benchmarks.md). With one
+partition, the program normalises and writes the output directly.
 
 CUDA-graph capturable: the grid and the scratch shapes depend only on tensor shapes
 (seqs, heads, max_blocks * block_size), never on context_lens; each sequence's partition length is computed

@@ -55,7 +55,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
     requested = body.max_completion_tokens or body.max_tokens
     field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     prompt_ids, max_tokens = service.chat_prompt(body.messages, requested, field)
-    params = service.sampling_params(body, max_tokens, body.stop_strings(), body.seed)
+    params = service.openai_params(body, max_tokens)
     record = service.start(request, prompt_ids, lambda: [m.model_dump(exclude_none=True) for m in body.messages])
     head = {"id": f"chatcmpl-{record.request_id}", "created": int(time.time()), "model": model}
     if not body.stream:
@@ -95,7 +95,7 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     if not prompt_ids:
         raise APIError(400, "prompt is empty: send some text to complete", param="prompt")
     max_tokens = service.answer_budget(len(prompt_ids), body.max_tokens)
-    params = service.sampling_params(body, max_tokens, body.stop_strings(), body.seed)
+    params = service.openai_params(body, max_tokens)
     record = service.start(request, prompt_ids, lambda: body.prompt)
     head = {"id": f"cmpl-{record.request_id}", "object": "text_completion", "created": int(time.time()),
             "model": model}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 
+import msgspec
 from fastapi import Request
 
 from ..engine.messages import SamplingParams
@@ -14,7 +15,7 @@ from .config import ServingContext
 from .errors import APIError
 from .generation import GenerationFailed, TextDelta, generate_text
 from .metrics import Metrics, RequestRecord
-from .protocol import ChatMessage, SamplingFields
+from .protocol import ChatMessage, OpenAIFields, SamplingFields
 
 FAILURE_TYPES = {500: "server_error", 503: "service_unavailable", 504: "timeout"}
 
@@ -52,6 +53,19 @@ class GenerationService:
             seed=seed,
             stop=stop,
         )
+
+    def openai_params(self, body: OpenAIFields, max_tokens: int) -> SamplingParams:
+        """sampling_params with the OpenAI fields: stop strings, seed, presence and frequency penalties,
+        logit_bias (whose ids must be in the vocabulary)."""
+        bias = body.logit_bias_pairs()
+        vocab = self.ctx.model_config.vocab_size
+        outside = [token for token, _ in bias if token >= vocab]
+        if outside:
+            raise APIError(400, f"logit_bias names token {outside[0]}, outside the vocabulary (0 to {vocab - 1})",
+                           param="logit_bias")
+        params = self.sampling_params(body, max_tokens, body.stop_strings(), body.seed)
+        return msgspec.structs.replace(params, presence_penalty=body.presence_penalty,
+                                       frequency_penalty=body.frequency_penalty, logit_bias=bias)
 
     def answer_budget(self, prompt_len: int, requested: int | None, field: str = "max_tokens") -> int:
         """max_tokens for a prompt: the request's, which must fit the context, or the default, cut to fit."""
