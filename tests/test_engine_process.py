@@ -190,3 +190,17 @@ def test_every_message_crosses_the_pipe_as_it_was_sent() -> None:
         decoded = msgspec.msgpack.Decoder(kind).decode(encode(message))
         assert decoded == message and type(decoded) is type(message)
     assert hash(msgspec.msgpack.Decoder(Command).decode(encode(commands[0])).params) == hash(params)
+
+
+def test_a_command_that_cannot_be_encoded_fails_its_request_and_the_transport_goes_on(tiny_model_dir: Path) -> None:
+    """msgpack holds 64-bit integers: a larger one fails the request that sent it, in its own call, and the
+    sender thread (whose death would leave every later request waiting) keeps serving."""
+
+    async def scenario(engine: EngineClient) -> list[StepOutput]:
+        with pytest.raises(OverflowError):
+            await collect(engine, "huge", PROMPTS["a"], SamplingParams(max_tokens=2, top_k=10**30))
+        return await collect(engine, "fine", PROMPTS["a"], SamplingParams(max_tokens=3, temperature=0.0,
+                                                                          ignore_eos=True))
+
+    fine = run(in_child(tiny_model_dir), scenario)
+    assert sum(len(output.new_token_ids) for output in fine) == 3

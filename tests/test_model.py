@@ -182,6 +182,74 @@ def test_presence_frequency_penalties_and_logit_bias_equal_openais_definition(mo
         assert (tokens != unchanged) == bool(options), options  # every setting here changes its answer
 
 
+def engine_outputs(model: XverseForCausalLM, prompts: list[list[int]], params: list[SamplingParams],
+                   max_batched_tokens: int = 512, engine=None) -> list[list]:
+    """Each request's StepOutputs, all requests in one batch stepped to the end (on `engine`, or a new one)."""
+    engine = engine or assemble_engine(model, CacheConfig(NUM_BLOCKS, BLOCK_SIZE),
+                                       SchedulerConfig(max_num_seqs=8, max_batched_tokens=max_batched_tokens),
+                                       MAX_POSITIONS)
+    for i, (ids, request_params) in enumerate(zip(prompts, params)):
+        engine.add_request(str(i), ids, request_params)
+    outputs: list[list] = [[] for _ in prompts]
+    while engine.has_work():
+        for output in engine.step():
+            outputs[int(output.request_id)].append(output)
+    return outputs
+
+
+def test_logprobs_are_the_models_log_softmax_at_each_generated_token(model: XverseForCausalLM,
+                                                                     hf_model: LlamaForCausalLM,
+                                                                     tokenizer: Tokenizer) -> None:
+    """The log-probs of a generated token and of its top alternatives are those of the model's raw logits (before
+    penalties, bias or temperature), whatever the request samples with; rows that do not ask get none."""
+    prompts = [tokenizer.encode(PROMPTS[i % len(PROMPTS)]) for i in range(4)]
+    params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=3),
+              SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=0, frequency_penalty=-2.0,
+                             logit_bias=((9, 5.0),)),
+              SamplingParams(max_tokens=12, temperature=0.8, top_k=5, seed=3, ignore_eos=True, logprobs=20),
+              SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)]
+    for ids, request_params, outputs in zip(prompts, params, engine_outputs(model, prompts, params)):
+        tokens = [t for output in outputs for t in output.new_token_ids]
+        if request_params.logprobs is None:
+            assert all(output.logprobs is None for output in outputs)
+            continue
+        logprobs = [lp for output in outputs for lp in output.logprobs]
+        assert len(logprobs) == len(tokens) == 12
+        reference = torch.log_softmax(hf_logits(hf_model, ids + tokens)[len(ids) - 1:-1], dim=-1)
+        for position, (token, logprob) in enumerate(zip(tokens, logprobs)):
+            assert logprob.logprob == pytest.approx(reference[position, token].item(), abs=1e-4)
+            top = reference[position].topk(request_params.logprobs)
+            assert [token_id for token_id, _ in logprob.top] == top.indices.tolist()
+            assert [value for _, value in logprob.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+
+
+@pytest.mark.parametrize("max_batched_tokens", [512, 7])  # whole prompts, or chunks of 7 tokens
+def test_prompt_logprobs_are_the_models_at_every_prompt_token(model: XverseForCausalLM, hf_model: LlamaForCausalLM,
+                                                              tokenizer: Tokenizer, max_batched_tokens: int) -> None:
+    """With prompt_logprobs, each prompt token but the first comes with its log-prob given the tokens before it and
+    the top alternatives there, chunked or not, even where the prompt's blocks are in the prefix cache; with
+    max_tokens 0 the request ends after its prompt with no token ("length")."""
+    prompt = tokenizer.encode(PROMPTS[1] + PROMPTS[2])
+    engine = assemble_engine(model, CacheConfig(NUM_BLOCKS, BLOCK_SIZE),
+                             SchedulerConfig(max_num_seqs=8, max_batched_tokens=max_batched_tokens), MAX_POSITIONS)
+    warm = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    engine_outputs(model, [prompt], [warm], engine=engine)  # its full blocks are now cached
+    params = [SamplingParams(max_tokens=0, prompt_logprobs=2), SamplingParams(max_tokens=3, temperature=0.0,
+                                                                               ignore_eos=True, prompt_logprobs=0)]
+    echoed, generated = engine_outputs(model, [prompt, prompt], params, engine=engine)
+    assert [(o.new_token_ids, o.finish_reason) for o in echoed] == [([], "length")]
+    reference = torch.log_softmax(hf_logits(hf_model, prompt), dim=-1)
+    for outputs, k in ((echoed, 2), (generated, 0)):
+        found = outputs[0].prompt_logprobs
+        assert len(found) == len(prompt) and found[0] is None
+        for position, (token, logprob) in enumerate(zip(prompt[1:], found[1:])):
+            assert logprob.logprob == pytest.approx(reference[position, token].item(), abs=1e-4)
+            assert [i for i, _ in logprob.top] == reference[position].topk(k).indices.tolist()
+        assert all(o.prompt_logprobs is None for o in outputs[1:])
+    assert sum(len(o.new_token_ids) for o in generated) == 3
+    assert engine.scheduler.allocator.num_free == NUM_BLOCKS
+
+
 def test_bfloat16_logits_agree_loosely(tiny_model_dir: Path, config: ModelConfig, hf_model: LlamaForCausalLM,
                                        tokenizer: Tokenizer) -> None:
     bf16_model = load_model(tiny_model_dir, config, CPU, torch.bfloat16, MAX_POSITIONS)

@@ -458,3 +458,44 @@ def test_negative_presence_and_frequency_penalties_make_greedy_answers_repeat(cl
     assert "".join(c.choices[0].text for c in chunks if c.choices) == repeating
     chat_plain = chat_text(client, "fox")
     assert chat_text(client, "fox", presence_penalty=-2, frequency_penalty=-2) != chat_plain
+
+
+# --- logprobs ------------------------------------------------------------------------------------------------
+
+def test_chat_logprobs_come_per_token_in_openais_shape_streamed_or_not(client, tokenizer):
+    reply = chat(client, "sky", max_tokens=8, logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens == 8
+    assert "".join(entry.token for entry in content).strip() != ""
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob >= entry.top_logprobs[2].logprob
+        assert entry.logprob == entry.top_logprobs[0].logprob  # greedy: the token is the most likely
+        assert entry.token == entry.top_logprobs[0].token and bytes(entry.bytes).decode(errors="replace")
+    streamed = [entry for chunk in chat_stream(client, "sky", max_tokens=8, logprobs=True, top_logprobs=3)
+                if chunk.choices and chunk.choices[0].logprobs for entry in chunk.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    assert chat(client, "sky", max_tokens=4).choices[0].logprobs is None
+
+
+def test_completion_logprobs_are_parallel_lists_with_text_offsets(client):
+    choice = client.completions.create(model=MODEL, prompt="fox", max_tokens=6, temperature=0, logprobs=2).choices[0]
+    logprobs = choice.logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 6
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(6)]
+    for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
+        assert len(top) <= 2 and max(top.values()) == logprob and top[token] == logprob
+    chunks = completion_stream(client, "fox", max_tokens=6, logprobs=2)
+    streamed = [lp for c in chunks if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.token_logprobs]
+    assert streamed == logprobs.token_logprobs
+
+
+@pytest.mark.parametrize("path, body, words", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}, "needs logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "logprobs": True, "top_logprobs": 21},
+     "top_logprobs"),
+    ("/v1/completions", {"prompt": "a", "logprobs": 21}, "logprobs"),
+])
+def test_bad_logprobs_requests_get_a_400(server, path, body, words):
+    response = requests.post(server.url + path, json=body, timeout=30)
+    assert response.status_code == 400 and words in response.json()["error"]["message"]

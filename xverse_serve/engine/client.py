@@ -105,7 +105,7 @@ class EngineClient:
                 output = await queue.get()
                 while not output.finished and not queue.empty():
                     later = queue.get_nowait()
-                    output = msgspec.structs.replace(later, new_token_ids=output.new_token_ids + later.new_token_ids)
+                    output = output.then(later)
                 finished = output.finished
                 yield output
         finally:

@@ -26,6 +26,7 @@ class InFlight:
     scheduled: list[ScheduledSequence]
     sampled: list[tuple[Sequence, int]]  # each sequence that samples a token, and that token's index in output_ids
     tokens: SampledTokens | None
+    echoed: list[Sequence]  # sequences with max_tokens 0, whose prompt this step finished: they end without a token
 
     def feed(self, scheduled: list[ScheduledSequence]) -> Feed | None:
         """Where the rows of the next step, `scheduled`, find their input tokens among this step's samples."""
@@ -72,6 +73,8 @@ class Engine:
         if params.seed is not None:
             generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
         seq = Sequence(request_id, list(prompt_ids), params, generator)
+        if params.prompt_logprobs is not None:
+            seq.prompt_logprobs = [None] * len(prompt_ids)
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
 
@@ -147,17 +150,20 @@ class Engine:
             for entry in scheduled:
                 self.abort(entry.seq.request_id)
             return [StepOutput(e.seq.request_id, [], error=f"{type(exc).__name__}: {exc}") for e in scheduled]
-        sampled = []
+        sampled, echoed = [], []
         for entry in scheduled:
             seq = entry.seq
             samples = entry.samples
             seq.num_computed += entry.num_new_tokens
-            if samples:
+            if samples and seq.params.max_tokens == 0:
+                echoed.append(seq)
+                self.scheduler.retire(seq)
+            elif samples:
                 sampled.append((seq, len(seq.output_ids)))
                 seq.output_ids.append(PLACEHOLDER)
                 if self._reaches_length(seq, len(seq.output_ids)):
                     self.scheduler.retire(seq)  # its last token: no step after this one needs it
-        return InFlight(scheduled, sampled, tokens)
+        return InFlight(scheduled, sampled, tokens, echoed)
 
     def _complete(self, step: InFlight) -> list[StepOutput]:
         """Reads a launched step's tokens back: each takes its PLACEHOLDER's place and may finish its sequence."""
@@ -169,19 +175,29 @@ class Engine:
             for seq in failed:
                 self.abort(seq.request_id)
             return [StepOutput(seq.request_id, [], error=f"{type(exc).__name__}: {exc}") for seq in failed]
-        sampled = [(seq, index, token) for (seq, index), token in zip(step.sampled, tokens) if self._alive(seq)]
-        for seq, index, token in sampled:  # skipped: aborted, or finished by the step before (end of text, seen late)
+        logprobs = step.tokens.logprobs() if step.tokens is not None else {}
+        sampled = [(seq, index, token, logprobs.get(row)) for row, ((seq, index), token)
+                   in enumerate(zip(step.sampled, tokens)) if self._alive(seq)]
+        for seq, index, token, _ in sampled:  # skipped: aborted, or finished by the step before (end of text, seen late)
             seq.output_ids[index] = token
         for entry in step.scheduled:
             if self._alive(entry.seq):  # full blocks are hashed by their tokens, now known up to what was computed
                 self.scheduler.register_full_blocks(entry.seq)
+        for seq, start, logprobs in step.tokens.prompt_logprobs() if step.tokens is not None else []:
+            if self._alive(seq):  # the log-prob of the token after each position: the first prompt token has none
+                seq.prompt_logprobs[start + 1:start + 1 + len(logprobs)] = logprobs
         outputs = []
-        for seq, index, token in sampled:
+        for seq, index, token, logprob in sampled:
             reason = self._finish_reason(seq, token, index + 1)
             if reason is not None:
                 del seq.output_ids[index + 1:]  # a token the next step sampled after the end
                 self.abort(seq.request_id)
-            outputs.append(StepOutput(seq.request_id, [token], reason))
+            outputs.append(StepOutput(seq.request_id, [token], reason, logprobs=None if logprob is None else [logprob],
+                                      prompt_logprobs=seq.prompt_logprobs if index == 0 else None))
+        for seq in step.echoed:
+            if self._alive(seq):
+                self.abort(seq.request_id)
+                outputs.append(StepOutput(seq.request_id, [], "length", prompt_logprobs=seq.prompt_logprobs))
         return outputs
 
     def _alive(self, seq: Sequence) -> bool:

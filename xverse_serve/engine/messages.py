@@ -25,6 +25,9 @@ class SamplingParams(msgspec.Struct, frozen=True):
     presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every id generated so far
     frequency_penalty: float = 0.0  # OpenAI's: subtracted once for each time an id was generated so far
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    logprobs: int | None = None  # report each generated token's log-probability and this many top alternatives
+    prompt_logprobs: int | None = None  # the same for each prompt token (the first has none): the prompt is computed
+                                        # whole, never taken from the prefix cache
 
     @property
     def greedy(self) -> bool:
@@ -63,6 +66,14 @@ Command = AddRequest | AbortRequest | Shutdown
 
 # Reports, from the engine to the server.
 
+class TokenLogprob(msgspec.Struct, array_like=True):
+    """A token's log-probability under the model (its raw logits' log-softmax, before any penalty, bias,
+    temperature or top-k/top-p) and the most likely ids at its position with theirs, most likely first."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 class StepOutput(msgspec.Struct, array_like=True):
     """New tokens of one request after a step; the last one carries finish_reason (or error)."""
 
@@ -71,10 +82,20 @@ class StepOutput(msgspec.Struct, array_like=True):
     finish_reason: str | None = None  # "stop" (end of text or stop token) or "length"
     error: str | None = None
     error_status: int = 500  # the HTTP status the error maps to: 500 (failed), 503 (shutting down)
+    logprobs: list[TokenLogprob] | None = None  # one per new token, for a request that asked for them
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token, with the request's first output
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None or self.error is not None
+
+    def then(self, later: StepOutput) -> StepOutput:
+        """This output and a later one of the same request as one: their tokens (and log-probs) together, and
+        how the later one ended."""
+        logprobs = None if self.logprobs is None and later.logprobs is None else [*(self.logprobs or ()),
+                                                                                 *(later.logprobs or ())]
+        return msgspec.structs.replace(later, new_token_ids=self.new_token_ids + later.new_token_ids,
+                                       logprobs=logprobs, prompt_logprobs=self.prompt_logprobs or later.prompt_logprobs)
 
 
 class EngineStats(msgspec.Struct, frozen=True):

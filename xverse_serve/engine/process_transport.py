@@ -49,7 +49,7 @@ class ProcessTransport:
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder(Report).decode
         self.initial_stats = self._wait_until_ready()
-        self._outbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()  # None: the last one
         self._threads: list[threading.Thread] = []
         self._stopping = False
 
@@ -77,14 +77,17 @@ class ProcessTransport:
             thread.start()
 
     def send(self, command: Command) -> None:
-        self._outbox.put(command)
+        """Encodes the command here, in the caller's thread, so that one that cannot be encoded fails its caller
+        rather than the sender thread."""
+        self._outbox.put(self._encode(command))
 
     def alive(self) -> bool:
         return self._process.is_alive()
 
     def stop(self) -> None:
         self._stopping = True
-        self._outbox.put(Shutdown())
+        self._outbox.put(self._encode(Shutdown()))
+        self._outbox.put(None)
         self._process.join(STOP_TIMEOUT_S)
         if self._process.is_alive():
             log.warning("the engine process did not stop within %g s: killing it", STOP_TIMEOUT_S)
@@ -95,13 +98,10 @@ class ProcessTransport:
             thread.join()
 
     def _write(self) -> None:
-        while True:
-            command = self._outbox.get()
+        while (command := self._outbox.get()) is not None:
             try:
-                self._conn.send_bytes(self._encode(command))
+                self._conn.send_bytes(command)
             except (OSError, ValueError):  # the child is gone; the reader reports it
-                return
-            if isinstance(command, Shutdown):
                 return
 
     def _read(self, on_report: Callable[[Report], None]) -> None:

@@ -12,9 +12,10 @@ from ..model.attention import AttentionBatch, VarlenLayout, varlen_supported
 from ..model.kv_cache import KVCache
 from ..model.xverse import XverseForCausalLM
 from .cuda_graphs import DecodeGraphs
+from .messages import TokenLogprob
 from .piecewise_graphs import PiecewiseGraphs
 from .sampling import OutputCounts, SamplingRow, SeenTokens, sample, to_device
-from .scheduler import ScheduledSequence
+from .scheduler import ScheduledSequence, Sequence
 
 
 @dataclass
@@ -117,23 +118,112 @@ class Feed:
     sources: list[int]  # per scheduled row: the index of its input token in ids, or -1 (the host has it)
 
 
-class SampledTokens:
-    """One step's sampled token ids: on the device at once (the next step can take them as inputs), on the host
-    once read. tolist waits for the copy queued right behind the sampler, not for work queued after it."""
+@dataclass
+class SampledLogprobs:
+    """The log-probabilities of some rows' samples: rows[i]'s token's, and its top[i] best alternatives."""
 
-    def __init__(self, ids: torch.Tensor) -> None:
+    rows: list[int]  # indices among the step's sampled rows
+    top: list[int]  # how many alternatives each asked for
+    chosen: torch.Tensor  # [len(rows)] float32
+    top_logprobs: torch.Tensor  # [len(rows), max(top)] float32
+    top_ids: torch.Tensor  # [len(rows), max(top)] int64
+
+
+def token_logprobs(logits: torch.Tensor, sampled: torch.Tensor, rows: list[int], top: list[int]) -> SampledLogprobs:
+    """The raw model log-probabilities (log-softmax of the logits, before penalties, bias, temperature, top-k/top-p)
+    of the sampled tokens of `rows`, and their top alternatives, on the device."""
+    index = to_device(rows, torch.long, logits.device)
+    logprobs = torch.log_softmax(logits[index].float(), dim=-1)
+    chosen = logprobs.gather(1, sampled[index][:, None])[:, 0]
+    top_logprobs, top_ids = logprobs.topk(max(top), dim=-1)
+    return SampledLogprobs(rows, top, chosen, top_logprobs, top_ids)
+
+
+@dataclass
+class PromptLogprobs:
+    """The log-probabilities of prompt tokens computed by one step: for each span (sequence, first position,
+    count), the log-prob of the prompt token after each of those positions and its top alternatives, rows in span
+    order."""
+
+    spans: list[tuple[Sequence, int, int]]
+    top: list[int]  # alternatives asked for, per span
+    chosen: torch.Tensor  # [positions] float32
+    top_logprobs: torch.Tensor  # [positions, max(top)] float32
+    top_ids: torch.Tensor  # [positions, max(top)] int64
+
+
+# Prompt positions whose logits are computed at once for their log-probs: [this, vocab] float32 at a time.
+PROMPT_LOGPROB_ROWS = 512
+
+
+def prompt_spans(scheduled: list[ScheduledSequence]) -> tuple[list[tuple[Sequence, int, int]], list[int]]:
+    """For the step's sequences that ask for prompt log-probs: (sequence, first position, count) of the positions it
+    computes whose next token is a prompt token, and where those positions sit among the step's tokens."""
+    spans, rows, first = [], [], 0
+    for entry in scheduled:
+        seq = entry.seq
+        start, end = seq.num_computed, seq.num_computed + entry.num_new_tokens
+        last = min(end, len(seq.prompt_ids) - 1)
+        if seq.params.prompt_logprobs is not None and start < last:
+            spans.append((seq, start, last - start))
+            rows.extend(range(first, first + last - start))
+        first += entry.num_new_tokens
+    return spans, rows
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy in page-locked memory, queued behind the work before it (the caller waits on an event for it)."""
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
+
+
+class SampledTokens:
+    """One step's sampled token ids (and the log-probs some rows asked for): on the device at once (the next step
+    can take the ids as inputs), on the host once read. tolist waits for the copies queued right behind the sampler,
+    not for work queued after it."""
+
+    def __init__(self, ids: torch.Tensor, logprobs: SampledLogprobs | None = None,
+                 prompt: PromptLogprobs | None = None) -> None:
         self.ids = ids
-        self._host, self._copied = ids, None
+        self._copied = None
         if ids.is_cuda:
-            self._host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
-            self._host.copy_(ids, non_blocking=True)
+            ids = to_host(ids)
+            if logprobs is not None:
+                logprobs = SampledLogprobs(logprobs.rows, logprobs.top, to_host(logprobs.chosen),
+                                           to_host(logprobs.top_logprobs), to_host(logprobs.top_ids))
+            if prompt is not None:
+                prompt = PromptLogprobs(prompt.spans, prompt.top, to_host(prompt.chosen),
+                                        to_host(prompt.top_logprobs), to_host(prompt.top_ids))
             self._copied = torch.cuda.Event()
             self._copied.record()
+        self._host, self._host_logprobs, self._host_prompt = ids, logprobs, prompt
 
     def tolist(self) -> list[int]:
         if self._copied is not None:
             self._copied.synchronize()
         return self._host.tolist()
+
+    def logprobs(self) -> dict[int, TokenLogprob]:
+        """By index among the step's sampled rows, the log-probs of the rows that asked (after tolist)."""
+        found = self._host_logprobs
+        if found is None:
+            return {}
+        chosen, top_logprobs, top_ids = found.chosen.tolist(), found.top_logprobs.tolist(), found.top_ids.tolist()
+        return {row: TokenLogprob(chosen[i], list(zip(top_ids[i][:found.top[i]], top_logprobs[i][:found.top[i]])))
+                for i, row in enumerate(found.rows)}
+
+    def prompt_logprobs(self) -> list[tuple[Sequence, int, list[TokenLogprob]]]:
+        """(sequence, first position, the log-probs of the prompt tokens after it on), per span (after tolist)."""
+        found = self._host_prompt
+        if found is None:
+            return []
+        chosen, top_logprobs, top_ids = found.chosen.tolist(), found.top_logprobs.tolist(), found.top_ids.tolist()
+        spans, row = [], 0
+        for (seq, start, count), k in zip(found.spans, found.top):
+            spans.append((seq, start, [TokenLogprob(chosen[i], list(zip(top_ids[i][:k], top_logprobs[i][:k])))
+                                       for i in range(row, row + count)]))
+            row += count
+        return spans
 
 
 class ModelRunner:
@@ -162,16 +252,21 @@ class ModelRunner:
         ends its sequence. Returns those tokens (None if no entry samples) without waiting for the GPU.
         `feed` gives rows whose input token the previous step sampled and the host has not read yet."""
         inputs = build_inputs(scheduled, self.kv_cache.block_size, self.table_width)
-        if self.graphs is not None and inputs.decode_only and len(scheduled) <= self.graphs.max_batch:
+        spans, span_rows = prompt_spans(scheduled)
+        prompt = None
+        if (self.graphs is not None and inputs.decode_only and len(scheduled) <= self.graphs.max_batch
+                and not spans):
             logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.block_tables,
                                      inputs.context_lens, self.input_ids(inputs, feed) if feed is not None else None)
             step_ids = self.graphs.input_ids[:len(scheduled)]
         else:
-            logits, step_ids = self.run_forward(inputs, feed)
+            logits, step_ids, hidden = self.run_forward(inputs, feed)
+            if spans:
+                prompt = self._prompt_logprobs(hidden, span_rows, spans)
         self._record_seen(scheduled, step_ids)
         indices, rows, penalized, counted = [], [], [], []
         for index, entry in enumerate(scheduled):
-            if not entry.samples:
+            if not entry.samples or entry.seq.params.max_tokens == 0:  # an echo of the prompt alone samples nothing
                 continue
             seq = entry.seq
             indices.append(index)
@@ -179,7 +274,7 @@ class ModelRunner:
             penalized.append(seq.request_id if seq.params.repetition_penalty != 1.0 else None)
             counted.append(seq.request_id if seq.params.counts_outputs else None)
         if not rows:
-            return None
+            return SampledTokens(torch.empty(0, dtype=torch.long, device=self.device), None, prompt) if prompt else None
         if len(rows) < len(scheduled):
             logits = logits[to_device(indices, torch.long, self.device)]
         seen = self.seen.rows(penalized) if any(penalized) else None
@@ -190,7 +285,31 @@ class ModelRunner:
         if any(counted):
             kept = [i for i, request_id in enumerate(counted) if request_id is not None]
             self.counts.add([counted[i] for i in kept], sampled[to_device(kept, torch.long, self.device)])
-        return SampledTokens(sampled)
+        asking = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+        logprobs = None
+        if asking:
+            logprobs = token_logprobs(logits, sampled, asking, [rows[i].params.logprobs for i in asking])
+        return SampledTokens(sampled, logprobs, prompt)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, span_rows: list[int],
+                         spans: list[tuple[Sequence, int, int]]) -> PromptLogprobs:
+        """The log-probs of the prompt tokens that follow the positions `span_rows` of the step's hidden states,
+        computed from their logits a slice of positions at a time."""
+        targets = [seq.prompt_ids[position + 1] for seq, start, count in spans
+                   for position in range(start, start + count)]
+        top = [seq.params.prompt_logprobs for seq, _, _ in spans]
+        k = max(top)
+        rows = to_device(span_rows, torch.long, self.device)
+        targets_device = to_device(targets, torch.long, self.device)
+        chosen, top_logprobs, top_ids = [], [], []
+        for first in range(0, len(span_rows), PROMPT_LOGPROB_ROWS):
+            part = slice(first, first + PROMPT_LOGPROB_ROWS)
+            logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows[part]]), dim=-1)
+            chosen.append(logprobs.gather(1, targets_device[part][:, None])[:, 0])
+            values, ids = logprobs.topk(k, dim=-1)
+            top_logprobs.append(values)
+            top_ids.append(ids)
+        return PromptLogprobs(spans, top, torch.cat(chosen), torch.cat(top_logprobs), torch.cat(top_ids))
 
     def _record_seen(self, scheduled: list[ScheduledSequence], step_ids: torch.Tensor) -> None:
         """Marks the ids each sequence with a repetition penalty feeds this step (read on the device: a fed id
@@ -245,9 +364,11 @@ class ModelRunner:
         )
         return self.input_ids(inputs, feed), to_device(inputs.positions, None, self.device), batch
 
-    def run_forward(self, inputs: StepInputs, feed: Feed | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits [sequences, vocab] at each sequence's last position this step, and the step's input ids:
-        through the piecewise graphs where the step fits them, else eagerly."""
+    def run_forward(self, inputs: StepInputs,
+                    feed: Feed | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits [sequences, vocab] at each sequence's last position this step, the step's input ids and its
+        hidden states [tokens, hidden] (a graph's buffer: read them before the next step): through the piecewise
+        graphs where the step fits them, else eagerly."""
         input_ids, positions, batch = self.device_inputs(inputs, feed)
         # Each sequence's last position, on the device before the forward pass so nothing waits on it.
         last = to_device(list(itertools.accumulate(inputs.query_lens, initial=-1))[1:], torch.long, self.device)
@@ -255,4 +376,4 @@ class ModelRunner:
             hidden = self.pieces.forward(input_ids, positions, batch)
         else:
             hidden = self.model(input_ids, positions, self.kv_cache.layers, batch)
-        return self.model.compute_logits(hidden[last]), input_ids
+        return self.model.compute_logits(hidden[last]), input_ids, hidden

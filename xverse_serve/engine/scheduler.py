@@ -25,6 +25,7 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks hashed so far
     num_registered: int = 0  # leading blocks of block_table already findable in the prefix cache
+    prompt_logprobs: list | None = None  # TokenLogprob | None per prompt token, filled as the prompt is computed
 
     @property
     def num_tokens(self) -> int:
@@ -160,7 +161,7 @@ class Scheduler:
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks for the sequence's leading full blocks, held for it; at least one token is left
         to compute, since the last position's logits are needed."""
-        if not self.prefix_caching:
+        if not self.prefix_caching or seq.params.prompt_logprobs is not None:  # its every position's logits are needed
             return []
         cached = self.allocator.cached_prefix(seq.full_block_hashes(self.block_size, seq.num_tokens // self.block_size))
         if cached and len(cached) * self.block_size == seq.num_tokens:

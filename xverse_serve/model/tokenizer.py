@@ -29,3 +29,15 @@ class Tokenizer:
     def token_strings(self, ids: list[int]) -> list[str]:
         """Each id's own piece of the vocabulary (`▁` for a leading space, `<0xE6>` for a byte)."""
         return [self._tokenizer.id_to_token(token) for token in ids]
+
+    def token_text(self, token: int) -> str:
+        """A token's own text as log-probs show it: its vocabulary piece, with Metaspace's `▁` as the space it stands
+        for; a byte-fallback token shows as its piece (`<0xE6>`), since its byte alone is no text."""
+        return self._tokenizer.id_to_token(token).replace("\u2581", " ")
+
+    def token_bytes(self, token: int) -> list[int]:
+        """A token's bytes: the byte itself for a byte-fallback token (`<0xE6>` -> [230]), else its text's UTF-8."""
+        piece = self._tokenizer.id_to_token(token)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return [int(piece[3:5], 16)]
+        return list(piece.replace("\u2581", " ").encode())

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..engine.client import EngineClient
-from ..engine.messages import SamplingParams, StepOutput
+from ..engine.messages import SamplingParams, StepOutput, TokenLogprob
 from ..model.tokenizer import Tokenizer
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -83,6 +83,9 @@ class TextDelta:
     text: str
     completion_tokens: int  # generated so far
     finish_reason: str | None = None
+    # (token id, its log-probs) of the tokens whose text this delta releases, for a request that asked: a token's
+    # log-probs wait with its text when the detokenizer or a possible stop string holds it back.
+    logprobs: list[tuple[int, TokenLogprob]] = field(default_factory=list)
 
 
 class GenerationFailed(RuntimeError):
@@ -124,27 +127,35 @@ async def generate_text(engine: EngineClient, tokenizer: Tokenizer, request_id: 
     detokenizer = IncrementalDetokenizer(tokenizer)
     matcher = StopStringMatcher(params.stop)
     completion_tokens = 0
+    pending: list[tuple[int, TokenLogprob]] = []  # log-probs of tokens whose text has not been released yet
+
+    def delta(text: str, finish_reason: str | None = None) -> TextDelta:
+        released, pending[:] = list(pending), []
+        return TextDelta(text, completion_tokens, finish_reason, released)
+
     outputs = engine.generate(request_id, prompt_ids, params)
     try:
         async for output in outputs if timeout is None else with_deadline(outputs, timeout):
             completion_tokens += len(output.new_token_ids)
             if on_tokens is not None and output.new_token_ids:
                 on_tokens(len(output.new_token_ids))
+            if output.logprobs is not None:
+                pending.extend(zip(output.new_token_ids, output.logprobs))
             text = detokenizer.add(output.new_token_ids)
             if output.finished:
                 text += detokenizer.flush()
             text, stopped = matcher.feed(text)
             if output.error is not None:  # the text before the failure is still delivered
                 if text:
-                    yield TextDelta(text, completion_tokens)
+                    yield delta(text)
                 raise GenerationFailed(output.error, output.error_status)
             if stopped:
-                yield TextDelta(text, completion_tokens, "stop")
+                yield delta(text, "stop")
                 return
             if output.finished:
-                yield TextDelta(text + matcher.flush(), completion_tokens, output.finish_reason)
+                yield delta(text + matcher.flush(), output.finish_reason)
                 return
             if text:
-                yield TextDelta(text, completion_tokens)
+                yield delta(text)
     finally:
         await outputs.aclose()  # aborts the request if it is still running

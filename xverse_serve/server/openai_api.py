@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 from .auth import require_api_key
 from .errors import APIError, error_body
 from .generation import GenerationFailed, TextDelta
+from .logprobs import CompletionLogprobs, chat_logprobs
 from .protocol import ChatCompletionRequest, CompletionRequest, StreamOptions
 from .service import FAILURE_TYPES, GenerationService, failure_message, get_service
 
@@ -58,16 +59,21 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
     params = service.openai_params(body, max_tokens)
     record = service.start(request, prompt_ids, lambda: [m.model_dump(exclude_none=True) for m in body.messages])
     head = {"id": f"chatcmpl-{record.request_id}", "created": int(time.time()), "model": model}
+    tokenizer = service.ctx.tokenizer
+
+    def logprobs(piece: TextDelta) -> dict | None:
+        return chat_logprobs(tokenizer, piece.logprobs) if params.logprobs is not None else None
+
     if not body.stream:
         result = await service.complete(request, prompt_ids, params)
         return {**head, "object": "chat.completion", "choices": [{
             "index": 0, "message": {"role": "assistant", "content": result.text},
-            "logprobs": None, "finish_reason": result.finish_reason,
+            "logprobs": logprobs(result), "finish_reason": result.finish_reason,
         }], "usage": usage(len(prompt_ids), result.completion_tokens)}
 
-    def chunk(delta: dict, finish_reason: str | None) -> dict:
+    def chunk(delta: dict, finish_reason: str | None, piece_logprobs: dict | None = None) -> dict:
         return {**head, "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+                "choices": [{"index": 0, "delta": delta, "logprobs": piece_logprobs, "finish_reason": finish_reason}]}
 
     async def events() -> AsyncIterator[str]:
         yield sse(chunk({"role": "assistant", "content": ""}, None))
@@ -75,8 +81,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
             if isinstance(piece, GenerationFailed):
                 yield error_event(piece)
                 return
-            if piece.text:
-                yield sse(chunk({"content": piece.text}, None))
+            if piece.text or piece.logprobs:
+                yield sse(chunk({"content": piece.text}, None, logprobs(piece)))
             if piece.finish_reason:
                 yield sse(chunk({}, piece.finish_reason))
                 if wants_usage(body.stream_options):
@@ -99,9 +105,11 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     record = service.start(request, prompt_ids, lambda: body.prompt)
     head = {"id": f"cmpl-{record.request_id}", "object": "text_completion", "created": int(time.time()),
             "model": model}
+    shaper = CompletionLogprobs(service.ctx.tokenizer) if params.logprobs is not None else None
 
     def choice(piece: TextDelta) -> dict:
-        return {"index": 0, "text": piece.text, "logprobs": None, "finish_reason": piece.finish_reason}
+        logprobs = shaper.shape(piece.logprobs) if shaper is not None else None
+        return {"index": 0, "text": piece.text, "logprobs": logprobs, "finish_reason": piece.finish_reason}
 
     if not body.stream:
         result = await service.complete(request, prompt_ids, params)
@@ -112,7 +120,7 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
             if isinstance(piece, GenerationFailed):
                 yield error_event(piece)
                 return
-            if piece.text or piece.finish_reason:
+            if piece.text or piece.finish_reason or piece.logprobs:
                 yield sse({**head, "choices": [choice(piece)]})
             if piece.finish_reason and wants_usage(body.stream_options):
                 yield sse({**head, "choices": [], "usage": usage(len(prompt_ids), piece.completion_tokens)})

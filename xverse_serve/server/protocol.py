@@ -9,6 +9,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Tag, field_va
 from ..model.chat_format import Message
 
 MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS = 1024  # OpenAI allows 300; beyond this a request is refused, not parsed
 MAX_MESSAGES = 2048  # far more turns than an 8K-token context holds; beyond it a request is refused, not parsed
 
@@ -52,7 +53,7 @@ class SamplingFields(StrictBody):
 
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    top_k: Annotated[int, Field(ge=-1)] | None = None
+    top_k: Annotated[int, Field(ge=-1, le=2**31 - 1)] | None = None  # beyond the vocabulary: no cut
     repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None
 
 
@@ -100,6 +101,10 @@ class OpenAIFields(SamplingFields):
     def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
         return tuple(sorted((int(token), bias) for token, bias in (self.logit_bias or {}).items()))
 
+    def logprobs_asked(self) -> int | None:
+        """How many alternatives each token's log-probs list, or None for no log-probs (each request kind says)."""
+        return None
+
     @field_validator("stop")
     @classmethod
     def _stop_not_empty(cls, stop: str | list[str] | None) -> str | list[str] | None:
@@ -116,8 +121,8 @@ class OpenAIFields(SamplingFields):
 class ChatCompletionRequest(OpenAIFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    logprobs: Literal[False] = False
-    top_logprobs: Literal[0] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     tools: Annotated[list, Field(max_length=0)] | None = None
     tool_choice: Literal["none"] | None = None
     response_format: dict | None = None
@@ -129,13 +134,26 @@ class ChatCompletionRequest(OpenAIFields):
             raise ValueError("only response_format {'type': 'text'} is supported")
         return value
 
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def logprobs_asked(self) -> int | None:
+        """How many alternatives each token's log-probs list, or None for no log-probs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class CompletionRequest(OpenAIFields):
     prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1), Tag("list[str]")]
     echo: Literal[False] = False
     best_of: Literal[1] | None = None
-    logprobs: None = None
+    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     suffix: None = None
+
+    def logprobs_asked(self) -> int | None:
+        return self.logprobs
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]

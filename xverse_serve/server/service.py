@@ -65,7 +65,8 @@ class GenerationService:
                            param="logit_bias")
         params = self.sampling_params(body, max_tokens, body.stop_strings(), body.seed)
         return msgspec.structs.replace(params, presence_penalty=body.presence_penalty,
-                                       frequency_penalty=body.frequency_penalty, logit_bias=bias)
+                                       frequency_penalty=body.frequency_penalty, logit_bias=bias,
+                                       logprobs=body.logprobs_asked())
 
     def answer_budget(self, prompt_len: int, requested: int | None, field: str = "max_tokens") -> int:
         """max_tokens for a prompt: the request's, which must fit the context, or the default, cut to fit."""
@@ -145,14 +146,15 @@ class GenerationService:
                 record.error = "the client closed the connection"
 
     async def _collect(self, record: RequestRecord, prompt_ids: list[int], params: SamplingParams) -> TextDelta:
-        pieces, last = [], TextDelta("", 0)
+        pieces, logprobs, last = [], [], TextDelta("", 0)
         try:
             async for last in self.text(record, prompt_ids, params):
                 pieces.append(last.text)
+                logprobs += last.logprobs
         except GenerationFailed as exc:
             record.error = str(exc)
             raise APIError(exc.status, failure_message(exc), FAILURE_TYPES[exc.status]) from exc
-        result = TextDelta("".join(pieces), last.completion_tokens, last.finish_reason)
+        result = TextDelta("".join(pieces), last.completion_tokens, last.finish_reason, logprobs)
         self._finished(record, result.text, result.finish_reason)
         return result
 
