@@ -499,3 +499,62 @@ def test_completion_logprobs_are_parallel_lists_with_text_offsets(client):
 def test_bad_logprobs_requests_get_a_400(server, path, body, words):
     response = requests.post(server.url + path, json=body, timeout=30)
     assert response.status_code == 400 and words in response.json()["error"]["message"]
+
+
+# --- echo, token-id prompts, several prompts (what lm-evaluation-harness sends) --------------------------------
+
+def test_echo_with_logprobs_gives_every_prompt_tokens_log_prob_the_first_none(server, tokenizer):
+    """lm-evaluation-harness's loglikelihood request: prompt as token ids, echo, logprobs 1, max_tokens 1."""
+    ids = tokenizer.encode("The fox jumps over the dog", add_special_tokens=False).ids
+    body = {"prompt": [ids], "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0, "seed": 1234,
+            "model": MODEL}
+    choice = requests.post(server.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+    logprobs = choice["logprobs"]
+    assert len(logprobs["tokens"]) == len(ids) + 1 and choice["text"].startswith(tokenizer.decode(ids))
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    assert all(lp <= 0 for lp in logprobs["token_logprobs"][1:])
+    assert [len(top) for top in logprobs["top_logprobs"][1:]] == [1] * len(ids)
+    generated = logprobs["token_logprobs"][-1]
+    assert generated == max(logprobs["top_logprobs"][-1].values())  # greedy: the token is the top one
+    # The same with max_tokens 0: the prompt alone, the same log-probs.
+    only_prompt = requests.post(server.url + "/v1/completions", json={**body, "max_tokens": 0},
+                                timeout=60).json()["choices"][0]
+    assert only_prompt["logprobs"]["token_logprobs"] == logprobs["token_logprobs"][:-1]
+    assert only_prompt["text"] == tokenizer.decode(ids) and only_prompt["finish_reason"] == "length"
+
+
+def test_several_prompts_get_a_choice_each_equal_to_their_answers_alone(client, tokenizer):
+    prompts = ["fox", "sky", "今天天气很好"]
+    alone = [completion_text(client, prompt, max_tokens=6) for prompt in prompts]
+    batch = client.completions.create(model=MODEL, prompt=prompts, max_tokens=6, temperature=0)
+    assert [c.index for c in batch.choices] == [0, 1, 2]
+    assert [c.text for c in batch.choices] == alone
+    assert batch.usage.prompt_tokens == sum(len(tokenizer.encode(p, add_special_tokens=False).ids) for p in prompts)
+    streamed = {i: "" for i in range(3)}
+    for chunk in client.completions.create(model=MODEL, prompt=prompts, max_tokens=6, temperature=0, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert list(streamed.values()) == alone
+    ids = [tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0)
+    assert [c.text for c in by_ids.choices] == alone
+
+
+def test_streamed_echo_starts_each_choice_with_its_prompt(client):
+    chunks = completion_stream(client, "fox", max_tokens=5, echo=True, logprobs=0)
+    first = next(c for c in chunks if c.choices)
+    assert first.choices[0].text.startswith("fox")
+    assert first.choices[0].logprobs.token_logprobs[0] is None
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == "fox" + completion_text(client, "fox", max_tokens=5)
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"prompt": [[5, 100000000]]}, "outside the vocabulary"),
+    ({"prompt": [[]]}, "prompt"),
+    ({"prompt": [-1]}, "prompt"),
+    ({"prompt": ["a"] * 65}, "prompt"),
+])
+def test_bad_completion_prompts_get_a_400(server, body, words):
+    response = requests.post(server.url + "/v1/completions", json=body, timeout=30)
+    assert response.status_code == 400 and words in response.json()["error"]["message"]

@@ -86,6 +86,7 @@ class TextDelta:
     # (token id, its log-probs) of the tokens whose text this delta releases, for a request that asked: a token's
     # log-probs wait with its text when the detokenizer or a possible stop string holds it back.
     logprobs: list[tuple[int, TokenLogprob]] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with the first delta, for a request that asked
 
 
 class GenerationFailed(RuntimeError):
@@ -128,10 +129,12 @@ async def generate_text(engine: EngineClient, tokenizer: Tokenizer, request_id: 
     matcher = StopStringMatcher(params.stop)
     completion_tokens = 0
     pending: list[tuple[int, TokenLogprob]] = []  # log-probs of tokens whose text has not been released yet
+    prompt_logprobs: list[list[TokenLogprob | None]] = []  # the prompt's, until a delta carries them
 
     def delta(text: str, finish_reason: str | None = None) -> TextDelta:
         released, pending[:] = list(pending), []
-        return TextDelta(text, completion_tokens, finish_reason, released)
+        prompt = prompt_logprobs.pop() if prompt_logprobs else None
+        return TextDelta(text, completion_tokens, finish_reason, released, prompt)
 
     outputs = engine.generate(request_id, prompt_ids, params)
     try:
@@ -141,6 +144,8 @@ async def generate_text(engine: EngineClient, tokenizer: Tokenizer, request_id: 
                 on_tokens(len(output.new_token_ids))
             if output.logprobs is not None:
                 pending.extend(zip(output.new_token_ids, output.logprobs))
+            if output.prompt_logprobs is not None:
+                prompt_logprobs.append(output.prompt_logprobs)
             text = detokenizer.add(output.new_token_ids)
             if output.finished:
                 text += detokenizer.flush()
@@ -155,7 +160,7 @@ async def generate_text(engine: EngineClient, tokenizer: Tokenizer, request_id: 
             if output.finished:
                 yield delta(text + matcher.flush(), output.finish_reason)
                 return
-            if text:
+            if text or prompt_logprobs:
                 yield delta(text)
     finally:
         await outputs.aclose()  # aborts the request if it is still running

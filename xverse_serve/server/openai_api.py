@@ -7,11 +7,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+import msgspec
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from .auth import require_api_key
-from .errors import APIError, error_body
+from .errors import error_body
 from .generation import GenerationFailed, TextDelta
 from .logprobs import CompletionLogprobs, chat_logprobs
 from .protocol import ChatCompletionRequest, CompletionRequest, StreamOptions
@@ -95,35 +96,57 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request, service: Service):
+    """Each prompt gets a choice, generated together. With echo, a choice's text (and log-probs) begin with its
+    prompt's; the prompt's first token has no log-prob."""
     model = service.check_model(body.model)
     service.check_capacity()
-    prompt_ids = service.ctx.tokenizer.encode(body.prompt_text())
-    if not prompt_ids:
-        raise APIError(400, "prompt is empty: send some text to complete", param="prompt")
-    max_tokens = service.answer_budget(len(prompt_ids), body.max_tokens)
-    params = service.openai_params(body, max_tokens)
-    record = service.start(request, prompt_ids, lambda: body.prompt)
+    prompts = body.prompts()
+    encoded = [service.encode_prompt(prompt) for prompt in prompts]
+    jobs = []
+    for prompt_ids in encoded:
+        params = service.openai_params(body, service.answer_budget(len(prompt_ids), body.max_tokens))
+        if body.echo and body.logprobs is not None:
+            params = msgspec.structs.replace(params, prompt_logprobs=body.logprobs)
+        jobs.append((prompt_ids, params))
+    record = service.start(request, [token for ids in encoded for token in ids], lambda: body.prompt)
     head = {"id": f"cmpl-{record.request_id}", "object": "text_completion", "created": int(time.time()),
             "model": model}
-    shaper = CompletionLogprobs(service.ctx.tokenizer) if params.logprobs is not None else None
+    tokenizer = service.ctx.tokenizer
+    shapers = [CompletionLogprobs(tokenizer) if body.logprobs is not None else None for _ in jobs]
+    echoes = [prompt if isinstance(prompt, str) else tokenizer.decode(prompt) for prompt in prompts]
 
-    def choice(piece: TextDelta) -> dict:
-        logprobs = shaper.shape(piece.logprobs) if shaper is not None else None
-        return {"index": 0, "text": piece.text, "logprobs": logprobs, "finish_reason": piece.finish_reason}
+    def choice(index: int, piece: TextDelta, first: bool) -> dict:
+        """Choice `index`'s part for this delta; its first part carries the echoed prompt, if asked for."""
+        text, tokens = piece.text, list(piece.logprobs)
+        if first and body.echo:
+            text = echoes[index] + text
+            if piece.prompt_logprobs is not None:
+                tokens = list(zip(encoded[index], piece.prompt_logprobs)) + tokens
+        shaper = shapers[index]
+        logprobs = shaper.shape(tokens) if shaper is not None else None
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": piece.finish_reason}
+
+    def total_usage(completion_tokens: int) -> dict:
+        return usage(sum(len(ids) for ids in encoded), completion_tokens)
 
     if not body.stream:
-        result = await service.complete(request, prompt_ids, params)
-        return {**head, "choices": [choice(result)], "usage": usage(len(prompt_ids), result.completion_tokens)}
+        results = await service.complete_all(request, jobs)
+        return {**head, "choices": [choice(i, result, True) for i, result in enumerate(results)],
+                "usage": total_usage(sum(result.completion_tokens for result in results))}
 
     async def events() -> AsyncIterator[str]:
-        async for piece in service.stream(record, prompt_ids, params):
+        started, generated = set(), [0] * len(jobs)
+        async for index, piece in service.stream_all(record, jobs):
             if isinstance(piece, GenerationFailed):
                 yield error_event(piece)
                 return
-            if piece.text or piece.finish_reason or piece.logprobs:
-                yield sse({**head, "choices": [choice(piece)]})
-            if piece.finish_reason and wants_usage(body.stream_options):
-                yield sse({**head, "choices": [], "usage": usage(len(prompt_ids), piece.completion_tokens)})
+            generated[index] = piece.completion_tokens
+            first = index not in started
+            started.add(index)
+            if piece.text or piece.finish_reason or piece.logprobs or (first and body.echo):
+                yield sse({**head, "choices": [choice(index, piece, first)]})
+        if wants_usage(body.stream_options):
+            yield sse({**head, "choices": [], "usage": total_usage(sum(generated))})
         yield sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream")

@@ -10,6 +10,7 @@ from ..model.chat_format import Message
 
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
+MAX_PROMPTS = 64  # prompts in one /v1/completions request
 MAX_LOGIT_BIAS = 1024  # OpenAI allows 300; beyond this a request is refused, not parsed
 MAX_MESSAGES = 2048  # far more turns than an 8K-token context holds; beyond it a request is refused, not parsed
 
@@ -145,9 +146,17 @@ class ChatCompletionRequest(OpenAIFields):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=1 << 20)]
+
+
 class CompletionRequest(OpenAIFields):
-    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1), Tag("list[str]")]
-    echo: Literal[False] = False
+    """A prompt is text or token ids; several prompts (a list of either) get a choice each, in order."""
+
+    prompt: (Text | Annotated[TokenIds, Tag("list[int]")]
+             | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS), Tag("list[str]")]
+             | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS), Tag("list[list[int]]")])
+    max_tokens: Annotated[int, Field(ge=0)] | None = None  # 0: nothing generated (with echo: the prompt alone)
+    echo: bool = False
     best_of: Literal[1] | None = None
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     suffix: None = None
@@ -155,8 +164,11 @@ class CompletionRequest(OpenAIFields):
     def logprobs_asked(self) -> int | None:
         return self.logprobs
 
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt, as text or as token ids."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
 
 
 class TokenizeRequest(StrictBody):

@@ -107,32 +107,54 @@ class GenerationService:
                            "not_found_error", "model")
         return served
 
-    def text(self, record: RequestRecord, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TextDelta]:
-        return generate_text(self.ctx.engine, self.ctx.tokenizer, record.request_id, prompt_ids, params,
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        """A completion prompt's ids: text encoded as is (no begin-of-text token), ids checked against the vocabulary."""
+        if isinstance(prompt, str):
+            ids = self.ctx.tokenizer.encode(prompt)
+            if not ids:
+                raise APIError(400, "prompt is empty: send some text to complete", param="prompt")
+            return ids
+        vocab = self.ctx.model_config.vocab_size
+        outside = [token for token in prompt if token >= vocab]
+        if outside:
+            raise APIError(400, f"prompt holds token {outside[0]}, outside the vocabulary (0 to {vocab - 1})",
+                           param="prompt")
+        return prompt
+
+    def text(self, record: RequestRecord, prompt_ids: list[int], params: SamplingParams,
+             index: int = 0) -> AsyncIterator[TextDelta]:
+        """The deltas of one answer; `index` tells a request's answers apart (one per prompt)."""
+        request_id = record.request_id if index == 0 else f"{record.request_id}-{index}"
+        return generate_text(self.ctx.engine, self.ctx.tokenizer, request_id, prompt_ids, params,
                              self.ctx.config.request_timeout, self.metrics.token_observer(record))
 
     async def complete(self, request: Request, prompt_ids: list[int], params: SamplingParams) -> TextDelta:
-        """The whole answer as one TextDelta (text, tokens, finish_reason). A client that hangs up first
-        cancels it: nothing else would stop its tokens being generated for nobody."""
+        """The whole answer as one TextDelta (text, tokens, finish_reason, log-probs)."""
+        return (await self.complete_all(request, [(prompt_ids, params)]))[0]
+
+    async def complete_all(self, request: Request, jobs: list[tuple[list[int], SamplingParams]]) -> list[TextDelta]:
+        """The whole answer to each (prompt, params), generated together. A client that hangs up first cancels
+        them: nothing else would stop their tokens being generated for nobody."""
         record: RequestRecord = request.state.record
-        answer = asyncio.ensure_future(self._collect(record, prompt_ids, params))
+        answers = asyncio.ensure_future(asyncio.gather(*(self._collect(record, prompt_ids, params, index)
+                                                         for index, (prompt_ids, params) in enumerate(jobs))))
         hang_up = asyncio.ensure_future(wait_for_disconnect(request))
         try:
-            done, _ = await asyncio.wait((answer, hang_up), return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait((answers, hang_up), return_when=asyncio.FIRST_COMPLETED)
         finally:
             hang_up.cancel()
-            answer.cancel()  # no-op once done; otherwise aborts the request in the engine
-        if answer not in done:
+            answers.cancel()  # no-op once done; otherwise aborts the requests in the engine
+        if answers not in done:
             record.error = "the client closed the connection"
             raise APIError(499, "the client closed the connection before the answer was ready", "client_closed")
-        return answer.result()
+        return answers.result()
 
-    async def stream(self, record: RequestRecord, prompt_ids: list[int],
-                     params: SamplingParams) -> AsyncIterator[TextDelta | GenerationFailed]:
+    async def stream(self, record: RequestRecord, prompt_ids: list[int], params: SamplingParams,
+                     index: int = 0) -> AsyncIterator[TextDelta | GenerationFailed]:
         """The request's deltas; a failure mid-stream comes as the GenerationFailed, last."""
         pieces = []
         try:
-            async for piece in self.text(record, prompt_ids, params):
+            async for piece in self.text(record, prompt_ids, params, index):
                 if self.log_prompts:
                     pieces.append(piece.text)
                 if piece.finish_reason:
@@ -145,16 +167,46 @@ class GenerationService:
             if record.finish_reason is None and record.error is None:
                 record.error = "the client closed the connection"
 
-    async def _collect(self, record: RequestRecord, prompt_ids: list[int], params: SamplingParams) -> TextDelta:
-        pieces, logprobs, last = [], [], TextDelta("", 0)
+    async def stream_all(self, record: RequestRecord, jobs: list[tuple[list[int], SamplingParams]]
+                         ) -> AsyncIterator[tuple[int, TextDelta | GenerationFailed]]:
+        """The deltas of every (prompt, params), as they come, each with its job's index. Leaving early aborts
+        every answer still running."""
+        if len(jobs) == 1:
+            async for piece in self.stream(record, *jobs[0]):
+                yield 0, piece
+            return
+        arrived: asyncio.Queue[tuple[int, TextDelta | GenerationFailed] | None] = asyncio.Queue()
+
+        async def pump(index: int, prompt_ids: list[int], params: SamplingParams) -> None:
+            async for piece in self.stream(record, prompt_ids, params, index):
+                await arrived.put((index, piece))
+            await arrived.put(None)
+
+        tasks = [asyncio.ensure_future(pump(index, *job)) for index, job in enumerate(jobs)]
         try:
-            async for last in self.text(record, prompt_ids, params):
+            running = len(tasks)
+            while running:
+                item = await arrived.get()
+                if item is None:
+                    running -= 1
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _collect(self, record: RequestRecord, prompt_ids: list[int], params: SamplingParams,
+                       index: int = 0) -> TextDelta:
+        pieces, logprobs, prompt_logprobs, last = [], [], None, TextDelta("", 0)
+        try:
+            async for last in self.text(record, prompt_ids, params, index):
                 pieces.append(last.text)
                 logprobs += last.logprobs
+                prompt_logprobs = prompt_logprobs or last.prompt_logprobs
         except GenerationFailed as exc:
             record.error = str(exc)
             raise APIError(exc.status, failure_message(exc), FAILURE_TYPES[exc.status]) from exc
-        result = TextDelta("".join(pieces), last.completion_tokens, last.finish_reason, logprobs)
+        result = TextDelta("".join(pieces), last.completion_tokens, last.finish_reason, logprobs, prompt_logprobs)
         self._finished(record, result.text, result.finish_reason)
         return result
 
