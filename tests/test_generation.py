@@ -52,28 +52,50 @@ def test_deltas_in_chunks_join_to_the_full_decode(tokenizer: Tokenizer, chunk: i
 
 
 def test_random_token_streams_join_to_the_full_decode(tokenizer: Tokenizer) -> None:
-    """Any mix of learned tokens, special tokens and whole byte-encoded characters (invalid byte runs
-    aside, which a full decode turns into one replacement character per byte)."""
+    """Any mix of learned tokens, special tokens, whole byte-encoded characters and stray bytes (an invalid run,
+    which the decoder turns into one replacement character per byte, an ASCII byte in it included)."""
     rng = random.Random(0)
     learned = [token for token in range(tokenizer._tokenizer.get_vocab_size()) if token >= 4 + 256]
     characters = [tokenizer.encode(c)[-3:] for c in (RARE, "淼")] + [tokenizer.encode("😀")[-4:]]
+    stray_bytes = list(range(4, 4 + 256))
     for _ in range(300):
         ids: list[int] = []
         while len(ids) < 25:
             choice = rng.random()
-            ids += rng.choice(characters) if choice < 0.3 else [rng.choice(learned + [1, 2, 3])]
+            if choice < 0.25:
+                ids += rng.choice(characters)
+            elif choice < 0.35:
+                ids.append(rng.choice(stray_bytes))
+            else:
+                ids.append(rng.choice(learned + [1, 2, 3]))
         deltas = stream(tokenizer, ids)
-        assert "".join(deltas) == tokenizer.decode(ids)
-        assert all("\ufffd" not in delta for delta in deltas)
+        assert "".join(deltas) == tokenizer.decode(ids), ids
 
 
-def test_a_multi_byte_character_is_released_once_its_last_byte_arrives(tokenizer: Tokenizer) -> None:
+def test_an_ascii_byte_before_a_stray_byte_reads_as_the_whole_decode_reads_it(tokenizer: Tokenizer) -> None:
+    """<0x4E> alone is "N", but beside a stray lead byte the decoder reads the run as invalid: both bytes become
+    replacement characters, in the whole answer and so in the stream (the case an lm-eval run found)."""
+    ids = [4 + 0x4E, 4 + 0xCC] + tokenizer.encode("you")
+    assert tokenizer.decode(ids).startswith("\ufffd\ufffd")
+    assert "".join(stream(tokenizer, ids)) == tokenizer.decode(ids)
+    # A special token between two bytes does not end their run: decode skips it.
+    ids = tokenizer.encode("(") + [4 + 0x00, tokenizer.bos_token_id, 4 + 0xD1]
+    assert tokenizer.decode(ids).endswith("\ufffd\ufffd")
+    assert "".join(stream(tokenizer, ids)) == tokenizer.decode(ids)
+
+
+def test_a_multi_byte_character_is_released_once_a_token_after_its_bytes_arrives(tokenizer: Tokenizer) -> None:
+    """Its bytes are held while more bytes could follow (the decoder reads a run of them as one byte string), then
+    released whole with the next token's text, or at the end."""
     ids = tokenizer.encode(f"ab {RARE}")
     detokenizer = IncrementalDetokenizer(tokenizer)
     released = [detokenizer.add([token]) for token in ids]
-    assert released[-3:-1] == ["", ""]
-    assert released[-1].endswith(RARE)
-    assert "".join(released) == f"ab {RARE}"
+    assert released[-3:] == ["", "", ""]
+    after = tokenizer.encode(" the")  # learned tokens, no byte among them
+    with_next = detokenizer.add(after)
+    assert with_next.startswith(RARE)
+    assert "".join(released) + with_next == tokenizer.decode(ids + after)
+    assert "".join(stream(tokenizer, ids)) == f"ab {RARE}"  # at the end, flush releases it
 
 
 def test_spaces_between_tokens_are_kept(tokenizer: Tokenizer) -> None:

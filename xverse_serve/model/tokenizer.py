@@ -16,6 +16,10 @@ class Tokenizer:
         if not path.is_file():
             raise CheckpointError(f"{path} not found")
         self._tokenizer = HFTokenizer.from_file(str(path))
+        vocab = self._tokenizer.get_vocab(with_added_tokens=True)
+        self._byte_ids = frozenset(token for piece, token in vocab.items() if is_byte_piece(piece))
+        self._special_ids = frozenset(token for token, added in self._tokenizer.get_added_tokens_decoder().items()
+                                      if added.special)
         self.bos_token_id = config.bos_token_id
         self.eos_token_id = config.eos_token_id
         self.pad_token_id = config.pad_token_id
@@ -38,6 +42,18 @@ class Tokenizer:
     def token_bytes(self, token: int) -> list[int]:
         """A token's bytes: the byte itself for a byte-fallback token (`<0xE6>` -> [230]), else its text's UTF-8."""
         piece = self._tokenizer.id_to_token(token)
-        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        if is_byte_piece(piece):
             return [int(piece[3:5], 16)]
         return list(piece.replace("\u2581", " ").encode())
+
+    def is_byte(self, token: int) -> bool:
+        """Whether the token is a byte-fallback token (`<0xE6>`): one byte of a character the vocabulary lacks."""
+        return token in self._byte_ids
+
+    def is_special(self, token: int) -> bool:
+        """Whether decode skips the token (begin and end of text, padding, unknown)."""
+        return token in self._special_ids
+
+
+def is_byte_piece(piece: str) -> bool:
+    return len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")

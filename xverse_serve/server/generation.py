@@ -17,7 +17,10 @@ class IncrementalDetokenizer:
     """Releases text only once its bytes decode whole: a rare character arrives as several byte tokens.
 
     Decoding a short window of recent tokens (not the whole output) keeps each step cheap, and diffing
-    two decodes of the same window keeps spacing right where a token's text depends on its neighbour."""
+    two decodes of the same window keeps spacing right where a token's text depends on its neighbour. A run of
+    byte tokens is released only once a token with text ends it: the decoder reads a run as one byte string (an
+    invalid run becomes one replacement character per byte, a valid byte in it included; special tokens, which
+    it skips, do not end a run), so the joined deltas equal the decode of the whole answer."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -32,6 +35,8 @@ class IncrementalDetokenizer:
 
     def _add_one(self, token_id: int) -> str:
         self.token_ids.append(token_id)
+        if self.tokenizer.is_byte(token_id) or self.tokenizer.is_special(token_id):
+            return ""  # a run of bytes may go on (decode skips a special token, joining the bytes around it)
         prefix_text = self.tokenizer.decode(self.token_ids[self.prefix_offset:self.read_offset])
         full_text = self.tokenizer.decode(self.token_ids[self.prefix_offset:])
         if full_text.endswith(REPLACEMENT_CHAR) or len(full_text) <= len(prefix_text):
