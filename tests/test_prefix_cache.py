@@ -119,3 +119,34 @@ def test_a_pool_under_pressure_evicts_cached_blocks_and_stays_correct(model) -> 
         again = run_all(make_engine(model), {"x": requests[request_id]})["x"]
         assert result.tokens == again.tokens, request_id
     assert_all_blocks_free(engine)
+
+
+def test_choices_of_one_request_compute_their_prompt_once_and_answer_as_alone(model) -> None:
+    """n > 1: the first choice computes the prompt; the others wait until its full blocks are cached, then compute
+    only the rest (here 2 of 42 tokens) and sample as they would alone, each with its own seed."""
+    from xverse_serve.engine.messages import SamplingParams
+
+    shared = prompt(42, seed=21)
+    choices = [SamplingParams(max_tokens=8, temperature=0.9, top_k=20, seed=100 + i, ignore_eos=True)
+               for i in range(4)]
+    engine = make_engine(model)
+    computed = []
+    run = engine.runner.run
+
+    def counting_run(scheduled, feed=None):
+        computed.extend(min(e.num_new_tokens, len(e.seq.prompt_ids) - e.seq.num_computed) for e in scheduled
+                        if e.seq.num_computed < len(e.seq.prompt_ids))
+        return run(scheduled, feed)
+
+    engine.runner.run = counting_run
+    for i, params in enumerate(choices):
+        engine.add_request(f"c{i}", shared, params, shares_prompt_with="c0" if i else None)
+    tokens = {f"c{i}": [] for i in range(4)}
+    while engine.has_work():
+        for output in engine.step():
+            tokens[output.request_id] += output.new_token_ids
+    assert sum(computed) == 42 + 3 * 2
+    alone = [run_all(make_engine(model), {"a": (shared, params)})["a"].tokens for params in choices]
+    assert list(tokens.values()) == alone
+    assert len({tuple(t) for t in alone}) > 1, "different seeds should draw different answers"
+    assert_all_blocks_free(engine)

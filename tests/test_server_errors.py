@@ -80,7 +80,8 @@ CASES = {
                         ["temperature"]),
     "top_p out of range (chat)": (CHAT, chat_body(top_p=-0.1), 400, ["top_p"]),
     "unknown field (chat)": (CHAT, chat_body(frequency_penalty=0, stream_usage=True), 400, ["stream_usage"]),
-    "n of 2": (CHAT, chat_body(n=2), 400, ["n"]),
+    "n of 0": (CHAT, chat_body(n=0), 400, ["n"]),
+    "n beyond 64": (COMPLETIONS, {"prompt": "hi", "n": 65}, 400, ["n", "64"]),
     "logprobs not a bool": (CHAT, chat_body(logprobs=2), 400, ["logprobs"]),
     "top_k beyond 32 bits": (CHAT, chat_body(top_k=10**30), 400, ["top_k"]),
     "top_logprobs without logprobs": (CHAT, chat_body(top_logprobs=3), 400, ["top_logprobs", "logprobs: true"]),
@@ -182,7 +183,7 @@ def client(server) -> openai.OpenAI:
 
 def test_the_openai_client_raises_bad_request_with_the_servers_message(client):
     with pytest.raises(openai.BadRequestError) as raised:
-        client.chat.completions.create(model="XVERSE-7B-Chat", messages=HELLO, n=2)
+        client.chat.completions.create(model="XVERSE-7B-Chat", messages=HELLO, n=0)
     assert "n:" in raised.value.message
     assert raised.value.body["type"] == "invalid_request_error"
 

@@ -558,3 +558,35 @@ def test_streamed_echo_starts_each_choice_with_its_prompt(client):
 def test_bad_completion_prompts_get_a_400(server, body, words):
     response = requests.post(server.url + "/v1/completions", json=body, timeout=30)
     assert response.status_code == 400 and words in response.json()["error"]["message"]
+
+
+# --- n > 1 ------------------------------------------------------------------------------------------------
+
+def test_n_choices_each_answer_as_a_request_alone_with_seed_plus_their_index(client):
+    reply = chat(client, "Tell me a story", max_tokens=10, temperature=0.9, seed=7, n=3)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    texts = [c.message.content for c in reply.choices]
+    alone = [chat(client, "Tell me a story", max_tokens=10, temperature=0.9, seed=7 + j) for j in range(3)]
+    assert texts == [a.choices[0].message.content for a in alone]
+    assert len(set(texts)) > 1
+    assert reply.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    assert reply.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    streamed = {j: "" for j in range(3)}
+    for chunk in chat_stream(client, "Tell me a story", max_tokens=10, temperature=0.9, seed=7, n=3):
+        for c in chunk.choices:
+            streamed[c.index] += c.delta.content or ""
+    assert list(streamed.values()) == texts
+
+
+def test_n_with_several_prompts_orders_choices_by_prompt_then_answer(client):
+    batch = client.completions.create(model=MODEL, prompt=["fox", "sky"], max_tokens=5, temperature=0, n=2)
+    texts = [c.text for c in sorted(batch.choices, key=lambda c: c.index)]
+    fox, sky = completion_text(client, "fox", max_tokens=5), completion_text(client, "sky", max_tokens=5)
+    assert texts == [fox, fox, sky, sky]
+
+
+def test_n_beyond_what_the_kv_cache_holds_is_a_400(server):
+    body = {"messages": [{"role": "user", "content": "hi"}], "n": 64, "max_tokens": 200}
+    response = requests.post(server.url + "/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == 400
+    assert "KV-cache blocks" in response.json()["error"]["message"] and response.json()["error"]["param"] == "n"

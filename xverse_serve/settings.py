@@ -109,7 +109,7 @@ class Settings:
             served_model_name=self.served_model_name, max_waiting=self.max_waiting, max_body_bytes=self.max_body_bytes,
             request_timeout=self.request_timeout, api_keys=split_list(self.api_key),
             cors_origins=split_list(self.cors_origin), shutdown_grace=self.shutdown_grace,
-            log_prompts=self.log_prompts,
+            log_prompts=self.log_prompts, kv_block_size=self.block_size,
         )
 
 

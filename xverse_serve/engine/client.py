@@ -89,8 +89,8 @@ class EngineClient:
         self._stopping = True
         self.transport.stop()
 
-    async def generate(self, request_id: str, prompt_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[StepOutput]:
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       shares_prompt_with: str | None = None) -> AsyncIterator[StepOutput]:
         """Yields the request's outputs until it finishes; leaving early (or being cancelled) aborts it.
         Outputs that piled up while the consumer was busy come merged into one, so a loaded server
         spends its time generating rather than writing one event per token."""
@@ -98,7 +98,7 @@ class EngineClient:
             raise EngineDead("the engine is not running")
         queue: asyncio.Queue[StepOutput] = asyncio.Queue()
         self._queues[request_id] = queue
-        self._send(AddRequest(request_id, prompt_ids, params))
+        self._send(AddRequest(request_id, prompt_ids, params, shares_prompt_with))
         finished = False
         try:
             while not finished:

@@ -58,7 +58,10 @@ class Engine:
         self.sequences: dict[str, Sequence] = {}
         self.in_flight: InFlight | None = None
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    shares_prompt_with: str | None = None) -> None:
+        """Queues a request; `shares_prompt_with` names a running request with the same prompt (another choice of
+        the same API request), whose prompt this one then takes from the prefix cache instead of computing it."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         if len(prompt_ids) >= self.max_model_len:
@@ -75,6 +78,9 @@ class Engine:
         seq = Sequence(request_id, list(prompt_ids), params, generator)
         if params.prompt_logprobs is not None:
             seq.prompt_logprobs = [None] * len(prompt_ids)
+        lead = self.sequences.get(shares_prompt_with) if shares_prompt_with is not None else None
+        if lead is not None and lead.prompt_ids == seq.prompt_ids:
+            seq.shares_prompt_with = lead
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
 

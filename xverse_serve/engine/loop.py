@@ -25,7 +25,7 @@ def apply_commands(engine: Engine, commands: list[Command]) -> list[StepOutput]:
             engine.abort(command.request_id)
             continue
         try:
-            engine.add_request(command.request_id, command.prompt_ids, command.params)
+            engine.add_request(command.request_id, command.prompt_ids, command.params, command.shares_prompt_with)
         except ValueError as exc:
             rejected.append(StepOutput(command.request_id, [], error=str(exc)))
     return rejected

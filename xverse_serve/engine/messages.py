@@ -51,6 +51,7 @@ class AddRequest(msgspec.Struct, tag=True):
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    shares_prompt_with: str | None = None  # another choice of the same request (n > 1), sent before this one
 
 
 class AbortRequest(msgspec.Struct, tag=True):

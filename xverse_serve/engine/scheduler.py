@@ -26,6 +26,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks hashed so far
     num_registered: int = 0  # leading blocks of block_table already findable in the prefix cache
     prompt_logprobs: list | None = None  # TokenLogprob | None per prompt token, filled as the prompt is computed
+    shares_prompt_with: Sequence | None = None  # another choice of the same request: admitted once its prompt is cached
 
     @property
     def num_tokens(self) -> int:
@@ -134,9 +135,13 @@ class Scheduler:
             index += 1
         # Admitting new work in a step that had to preempt would only preempt again.
         preempted = self.num_preemptions > preemptions_before
-        while (self.waiting and min(budget, prefill_budget) > 0 and not preempted
+        position = 0
+        while (position < len(self.waiting) and min(budget, prefill_budget) > 0 and not preempted
                and len(self.running) < self.max_num_seqs):
-            seq = self.waiting[0]
+            seq = self.waiting[position]
+            if self._waits_for_shared_prompt(seq):
+                position += 1
+                continue
             cached = self._cached_prefix(seq)
             computed = len(cached) * self.block_size
             count = min(seq.num_tokens - computed, budget, prefill_budget)
@@ -144,7 +149,7 @@ class Scheduler:
             if needed > self.allocator.num_free:
                 self.allocator.release(cached)
                 break
-            self.waiting.popleft()
+            del self.waiting[position]
             seq.block_table = cached + self.allocator.allocate(needed)
             seq.num_computed = computed
             seq.num_registered = len(cached)
@@ -157,6 +162,15 @@ class Scheduler:
         # Single-token entries first: the attention runs them as one batched decode.
         scheduled.sort(key=lambda entry: entry.num_new_tokens != 1)
         return scheduled
+
+    def _waits_for_shared_prompt(self, seq: Sequence) -> bool:
+        """Whether another choice of its request is computing their prompt's full blocks: it is admitted once those
+        are in the prefix cache, so that the prompt is computed once. A choice whose lead was preempted or ended
+        (it holds no blocks) computes the prompt itself."""
+        lead = seq.shares_prompt_with
+        if lead is None or not self.prefix_caching or seq.params.prompt_logprobs is not None:
+            return False
+        return bool(lead.block_table) and lead.num_registered < len(lead.prompt_ids) // self.block_size
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks for the sequence's leading full blocks, held for it; at least one token is left

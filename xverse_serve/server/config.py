@@ -19,6 +19,7 @@ class ServerConfig:
     cors_origins: tuple[str, ...]
     shutdown_grace: float
     log_prompts: bool
+    kv_block_size: int  # tokens per KV-cache block, for the room n answers need
 
 
 @dataclass

@@ -127,7 +127,8 @@ async def with_deadline(outputs: AsyncIterator[StepOutput], timeout: float) -> A
 
 async def generate_text(engine: EngineClient, tokenizer: Tokenizer, request_id: str, prompt_ids: list[int],
                         params: SamplingParams, timeout: float | None = None,
-                        on_tokens: Callable[[int], None] | None = None) -> AsyncIterator[TextDelta]:
+                        on_tokens: Callable[[int], None] | None = None,
+                        shares_prompt_with: str | None = None) -> AsyncIterator[TextDelta]:
     """Text deltas of one request; the last carries finish_reason. Joined, they are the whole answer.
     `on_tokens(n)` is called as each batch of n new tokens arrives, before detokenizing (for latency metrics)."""
     detokenizer = IncrementalDetokenizer(tokenizer)
@@ -141,7 +142,7 @@ async def generate_text(engine: EngineClient, tokenizer: Tokenizer, request_id: 
         prompt = prompt_logprobs.pop() if prompt_logprobs else None
         return TextDelta(text, completion_tokens, finish_reason, released, prompt)
 
-    outputs = engine.generate(request_id, prompt_ids, params)
+    outputs = engine.generate(request_id, prompt_ids, params, shares_prompt_with)
     try:
         async for output in outputs if timeout is None else with_deadline(outputs, timeout):
             completion_tokens += len(output.new_token_ids)

@@ -52,12 +52,15 @@ async def list_models(service: Service) -> dict:
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, service: Service):
+    """n answers (choices) to the conversation, generated together from one prefill of it."""
     model = service.check_model(body.model)
     service.check_capacity()
     requested = body.max_completion_tokens or body.max_tokens
     field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     prompt_ids, max_tokens = service.chat_prompt(body.messages, requested, field)
     params = service.openai_params(body, max_tokens)
+    jobs = service.choices(prompt_ids, params, body.n)
+    service.check_kv_room(jobs)
     record = service.start(request, prompt_ids, lambda: [m.model_dump(exclude_none=True) for m in body.messages])
     head = {"id": f"chatcmpl-{record.request_id}", "created": int(time.time()), "model": model}
     tokenizer = service.ctx.tokenizer
@@ -66,29 +69,33 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
         return chat_logprobs(tokenizer, piece.logprobs) if params.logprobs is not None else None
 
     if not body.stream:
-        result = await service.complete(request, prompt_ids, params)
+        results = await service.complete_all(request, jobs)
         return {**head, "object": "chat.completion", "choices": [{
-            "index": 0, "message": {"role": "assistant", "content": result.text},
+            "index": index, "message": {"role": "assistant", "content": result.text},
             "logprobs": logprobs(result), "finish_reason": result.finish_reason,
-        }], "usage": usage(len(prompt_ids), result.completion_tokens)}
+        } for index, result in enumerate(results)],
+            "usage": usage(len(prompt_ids), sum(result.completion_tokens for result in results))}
 
-    def chunk(delta: dict, finish_reason: str | None, piece_logprobs: dict | None = None) -> dict:
-        return {**head, "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": delta, "logprobs": piece_logprobs, "finish_reason": finish_reason}]}
+    def chunk(index: int, delta: dict, finish_reason: str | None = None, piece_logprobs: dict | None = None) -> str:
+        return sse({**head, "object": "chat.completion.chunk", "choices": [
+            {"index": index, "delta": delta, "logprobs": piece_logprobs, "finish_reason": finish_reason}]})
 
     async def events() -> AsyncIterator[str]:
-        yield sse(chunk({"role": "assistant", "content": ""}, None))
-        async for piece in service.stream(record, prompt_ids, params):
+        generated = [0] * len(jobs)
+        for index in range(len(jobs)):
+            yield chunk(index, {"role": "assistant", "content": ""})
+        async for index, piece in service.stream_all(record, jobs):
             if isinstance(piece, GenerationFailed):
                 yield error_event(piece)
                 return
+            generated[index] = piece.completion_tokens
             if piece.text or piece.logprobs:
-                yield sse(chunk({"content": piece.text}, None, logprobs(piece)))
+                yield chunk(index, {"content": piece.text}, None, logprobs(piece))
             if piece.finish_reason:
-                yield sse(chunk({}, piece.finish_reason))
-                if wants_usage(body.stream_options):
-                    yield sse({**head, "object": "chat.completion.chunk", "choices": [],
-                               "usage": usage(len(prompt_ids), piece.completion_tokens)})
+                yield chunk(index, {}, piece.finish_reason)
+        if wants_usage(body.stream_options):
+            yield sse({**head, "object": "chat.completion.chunk", "choices": [],
+                       "usage": usage(len(prompt_ids), sum(generated))})
         yield sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream")
@@ -96,8 +103,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: Request, service: Service):
-    """Each prompt gets a choice, generated together. With echo, a choice's text (and log-probs) begin with its
-    prompt's; the prompt's first token has no log-prob."""
+    """Each prompt gets n choices, generated together (choice i * n + j is prompt i's answer j). With echo, a
+    choice's text (and log-probs) begin with its prompt's; the prompt's first token has no log-prob."""
     model = service.check_model(body.model)
     service.check_capacity()
     prompts = body.prompts()
@@ -107,7 +114,8 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
         params = service.openai_params(body, service.answer_budget(len(prompt_ids), body.max_tokens))
         if body.echo and body.logprobs is not None:
             params = msgspec.structs.replace(params, prompt_logprobs=body.logprobs)
-        jobs.append((prompt_ids, params))
+        jobs += service.choices(prompt_ids, params, body.n, first_index=len(jobs))
+    service.check_kv_room(jobs)
     record = service.start(request, [token for ids in encoded for token in ids], lambda: body.prompt)
     head = {"id": f"cmpl-{record.request_id}", "object": "text_completion", "created": int(time.time()),
             "model": model}
@@ -119,9 +127,9 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
         """Choice `index`'s part for this delta; its first part carries the echoed prompt, if asked for."""
         text, tokens = piece.text, list(piece.logprobs)
         if first and body.echo:
-            text = echoes[index] + text
+            text = echoes[index // body.n] + text
             if piece.prompt_logprobs is not None:
-                tokens = list(zip(encoded[index], piece.prompt_logprobs)) + tokens
+                tokens = list(zip(jobs[index].prompt_ids, piece.prompt_logprobs)) + tokens
         shaper = shapers[index]
         logprobs = shaper.shape(tokens) if shaper is not None else None
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": piece.finish_reason}

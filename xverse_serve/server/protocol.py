@@ -11,6 +11,7 @@ from ..model.chat_format import Message
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
+MAX_CHOICES = 64  # n
 MAX_LOGIT_BIAS = 1024  # OpenAI allows 300; beyond this a request is refused, not parsed
 MAX_MESSAGES = 2048  # far more turns than an 8K-token context holds; beyond it a request is refused, not parsed
 
@@ -83,7 +84,7 @@ class OpenAIFields(SamplingFields):
     stream_options: StreamOptions | None = None
     stop: StopField = None
     seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
-    n: Literal[1] = 1
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1  # answers to each prompt, computed from one prefill
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     # Token id (as a string: JSON's keys are) -> bias added to its logit; ids are checked against the vocabulary.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import msgspec
 from fastapi import Request
@@ -18,6 +19,16 @@ from .metrics import Metrics, RequestRecord
 from .protocol import ChatMessage, OpenAIFields, SamplingFields
 
 FAILURE_TYPES = {500: "server_error", 503: "service_unavailable", 504: "timeout"}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One answer of a request: its prompt, its sampling, and the index of an earlier job of the same request with
+    the same prompt (another choice, n > 1) whose prompt it takes from the prefix cache instead of computing it."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    shares_prompt_with: int | None = None
 
 
 def failure_message(exc: GenerationFailed) -> str:
@@ -67,6 +78,28 @@ class GenerationService:
         return msgspec.structs.replace(params, presence_penalty=body.presence_penalty,
                                        frequency_penalty=body.frequency_penalty, logit_bias=bias,
                                        logprobs=body.logprobs_asked())
+
+    def choices(self, prompt_ids: list[int], params: SamplingParams, n: int, first_index: int = 0) -> list[Job]:
+        """n answers to one prompt: the first computes the prompt, the others share it; with a seed, choice j draws
+        with seed + j, so each is reproducible and they differ."""
+        jobs = []
+        for choice in range(n):
+            seed = None if params.seed is None else (params.seed + choice) % 2**63
+            jobs.append(Job(prompt_ids, msgspec.structs.replace(params, seed=seed),
+                            None if choice == 0 else first_index))
+        return jobs
+
+    def check_kv_room(self, jobs: list[Job]) -> None:
+        """Refuses a request whose answers could never be in the KV cache together (the shared prompts' full blocks
+        once, then each answer's own blocks): it would only preempt itself, forever."""
+        block, total = self.ctx.config.kv_block_size, self.ctx.engine.stats().kv_blocks_total
+        needed = 0
+        for job in jobs:
+            shared = len(job.prompt_ids) // block if job.shares_prompt_with is not None else 0
+            needed += -(-(len(job.prompt_ids) - shared * block + job.params.max_tokens) // block)
+        if needed > total:
+            raise APIError(400, f"{len(jobs)} answers of up to their max_tokens need {needed} KV-cache blocks of "
+                                f"{block} tokens; the cache holds {total}: lower n or max_tokens", param="n")
 
     def answer_budget(self, prompt_len: int, requested: int | None, field: str = "max_tokens") -> int:
         """max_tokens for a prompt: the request's, which must fit the context, or the default, cut to fit."""
@@ -121,23 +154,22 @@ class GenerationService:
                            param="prompt")
         return prompt
 
-    def text(self, record: RequestRecord, prompt_ids: list[int], params: SamplingParams,
-             index: int = 0) -> AsyncIterator[TextDelta]:
-        """The deltas of one answer; `index` tells a request's answers apart (one per prompt)."""
-        request_id = record.request_id if index == 0 else f"{record.request_id}-{index}"
-        return generate_text(self.ctx.engine, self.ctx.tokenizer, request_id, prompt_ids, params,
-                             self.ctx.config.request_timeout, self.metrics.token_observer(record))
+    def text(self, record: RequestRecord, job: Job, index: int = 0) -> AsyncIterator[TextDelta]:
+        """The deltas of one answer; `index` tells a request's answers apart."""
+        lead = None if job.shares_prompt_with is None else answer_id(record, job.shares_prompt_with)
+        return generate_text(self.ctx.engine, self.ctx.tokenizer, answer_id(record, index), job.prompt_ids,
+                             job.params, self.ctx.config.request_timeout, self.metrics.token_observer(record), lead)
 
     async def complete(self, request: Request, prompt_ids: list[int], params: SamplingParams) -> TextDelta:
         """The whole answer as one TextDelta (text, tokens, finish_reason, log-probs)."""
-        return (await self.complete_all(request, [(prompt_ids, params)]))[0]
+        return (await self.complete_all(request, [Job(prompt_ids, params)]))[0]
 
-    async def complete_all(self, request: Request, jobs: list[tuple[list[int], SamplingParams]]) -> list[TextDelta]:
+    async def complete_all(self, request: Request, jobs: list[Job]) -> list[TextDelta]:
         """The whole answer to each (prompt, params), generated together. A client that hangs up first cancels
         them: nothing else would stop their tokens being generated for nobody."""
         record: RequestRecord = request.state.record
-        answers = asyncio.ensure_future(asyncio.gather(*(self._collect(record, prompt_ids, params, index)
-                                                         for index, (prompt_ids, params) in enumerate(jobs))))
+        answers = asyncio.ensure_future(asyncio.gather(*(self._collect(record, job, index)
+                                                         for index, job in enumerate(jobs))))
         hang_up = asyncio.ensure_future(wait_for_disconnect(request))
         try:
             done, _ = await asyncio.wait((answers, hang_up), return_when=asyncio.FIRST_COMPLETED)
@@ -149,12 +181,12 @@ class GenerationService:
             raise APIError(499, "the client closed the connection before the answer was ready", "client_closed")
         return answers.result()
 
-    async def stream(self, record: RequestRecord, prompt_ids: list[int], params: SamplingParams,
+    async def stream(self, record: RequestRecord, job: Job,
                      index: int = 0) -> AsyncIterator[TextDelta | GenerationFailed]:
-        """The request's deltas; a failure mid-stream comes as the GenerationFailed, last."""
+        """The answer's deltas; a failure mid-stream comes as the GenerationFailed, last."""
         pieces = []
         try:
-            async for piece in self.text(record, prompt_ids, params, index):
+            async for piece in self.text(record, job, index):
                 if self.log_prompts:
                     pieces.append(piece.text)
                 if piece.finish_reason:
@@ -167,22 +199,22 @@ class GenerationService:
             if record.finish_reason is None and record.error is None:
                 record.error = "the client closed the connection"
 
-    async def stream_all(self, record: RequestRecord, jobs: list[tuple[list[int], SamplingParams]]
-                         ) -> AsyncIterator[tuple[int, TextDelta | GenerationFailed]]:
-        """The deltas of every (prompt, params), as they come, each with its job's index. Leaving early aborts
-        every answer still running."""
+    async def stream_all(self, record: RequestRecord,
+                         jobs: list[Job]) -> AsyncIterator[tuple[int, TextDelta | GenerationFailed]]:
+        """The deltas of every job, as they come, each with its job's index. Leaving early aborts every answer still
+        running."""
         if len(jobs) == 1:
-            async for piece in self.stream(record, *jobs[0]):
+            async for piece in self.stream(record, jobs[0]):
                 yield 0, piece
             return
         arrived: asyncio.Queue[tuple[int, TextDelta | GenerationFailed] | None] = asyncio.Queue()
 
-        async def pump(index: int, prompt_ids: list[int], params: SamplingParams) -> None:
-            async for piece in self.stream(record, prompt_ids, params, index):
+        async def pump(index: int, job: Job) -> None:
+            async for piece in self.stream(record, job, index):
                 await arrived.put((index, piece))
             await arrived.put(None)
 
-        tasks = [asyncio.ensure_future(pump(index, *job)) for index, job in enumerate(jobs)]
+        tasks = [asyncio.ensure_future(pump(index, job)) for index, job in enumerate(jobs)]
         try:
             running = len(tasks)
             while running:
@@ -195,11 +227,10 @@ class GenerationService:
             for task in tasks:
                 task.cancel()
 
-    async def _collect(self, record: RequestRecord, prompt_ids: list[int], params: SamplingParams,
-                       index: int = 0) -> TextDelta:
+    async def _collect(self, record: RequestRecord, job: Job, index: int = 0) -> TextDelta:
         pieces, logprobs, prompt_logprobs, last = [], [], None, TextDelta("", 0)
         try:
-            async for last in self.text(record, prompt_ids, params, index):
+            async for last in self.text(record, job, index):
                 pieces.append(last.text)
                 logprobs += last.logprobs
                 prompt_logprobs = prompt_logprobs or last.prompt_logprobs
@@ -214,6 +245,11 @@ class GenerationService:
         record.finish_reason = finish_reason
         if self.log_prompts:
             record.response = text
+
+
+def answer_id(record: RequestRecord, index: int) -> str:
+    """The engine's id for a request's answer `index` (the request's own id for the first)."""
+    return record.request_id if index == 0 else f"{record.request_id}-{index}"
 
 
 async def wait_for_disconnect(request: Request) -> None:
