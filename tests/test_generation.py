@@ -203,7 +203,8 @@ class ScriptedEngine:
     def __init__(self, chunks: list[list[int]]) -> None:
         self.chunks = chunks
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       shares_prompt_with: str | None = None):
         for index, chunk in enumerate(self.chunks):
             yield StepOutput(request_id, chunk, "length" if index == len(self.chunks) - 1 else None)
 
@@ -227,4 +228,4 @@ def test_tokens_that_arrive_merged_give_the_text_they_give_one_by_one(tokenizer:
         one_by_one = answer_text(tokenizer, [[token] for token in ids])
         cuts = sorted(rng.sample(range(1, len(ids)), 5))
         merged = [ids[start:end] for start, end in zip([0, *cuts], [*cuts, len(ids)])]
-        assert answer_text(tokenizer, merged) == one_by_one
+        assert answer_text(tokenizer, merged) == one_by_one == tokenizer.decode(ids)
