@@ -138,3 +138,48 @@ def test_gpu_every_quantized_matmul_kernel_on_7b_shapes_equals_the_reference(sch
                     raise AssertionError(f"{kernel} failed at M={m}: {exc}") from exc
                 assert out.shape == (m, out_features) and out.dtype == torch.bfloat16
                 assert relative_error(out, reference) < 1e-2, (str(kernel), m, out_features, in_features)
+
+
+def openai_extras(model_dir: Path, device: str) -> dict[str, list]:
+    """Every request kind the OpenAI extras add, in one batch: log-probs, prompt log-probs (echo, and max_tokens 0),
+    presence/frequency penalties and logit_bias, and n = 3 choices sharing one prompt."""
+    ctx = build_engine(parse_settings(["--model-path", str(model_dir), "--device", device, "--dtype", "float32",
+                                       "--max-num-seqs", "8", "--max-batched-tokens", "64"]))
+    engine = ctx.engine.transport.engine
+    greedy = dict(max_tokens=12, temperature=0.0, ignore_eos=True)
+    requests = {
+        "logprobs": (PROMPTS[1], SamplingParams(**greedy, logprobs=3)),
+        "echo": (PROMPTS[2], SamplingParams(**greedy, logprobs=1, prompt_logprobs=2)),
+        "prompt only": (PROMPTS[4], SamplingParams(max_tokens=0, prompt_logprobs=0)),
+        "penalties": (PROMPTS[0], SamplingParams(**greedy, presence_penalty=-2.0, frequency_penalty=-1.0,
+                                                 logit_bias=((9, 3.0),))),
+    }
+    for request_id, (prompt, params) in requests.items():
+        engine.add_request(request_id, prompt, params)
+    for choice in range(3):
+        engine.add_request(f"n{choice}", PROMPTS[3], SamplingParams(**greedy, seed=choice),
+                           shares_prompt_with="n0" if choice else None)
+    outputs: dict[str, list] = {}
+    while engine.has_work():
+        for output in engine.step():
+            outputs.setdefault(output.request_id, []).append(output)
+    assert engine.scheduler.allocator.num_free == engine.scheduler.allocator.num_blocks
+    return outputs
+
+
+def test_gpu_log_probs_penalties_and_shared_choices_equal_the_cpu_reference(tiny_model_dir: Path) -> None:
+    cpu, gpu = openai_extras(tiny_model_dir, "cpu"), openai_extras(tiny_model_dir, "cuda")
+    assert cpu.keys() == gpu.keys()
+    for request_id in cpu:
+        ours, reference = gpu[request_id], cpu[request_id]
+        assert [o.new_token_ids for o in ours] == [o.new_token_ids for o in reference], request_id
+        for field in ("logprobs", "prompt_logprobs"):
+            got = [lp for o in ours for lp in getattr(o, field) or []]
+            want = [lp for o in reference for lp in getattr(o, field) or []]
+            assert len(got) == len(want), (request_id, field)
+            for a, b in zip(got, want):
+                assert (a is None) == (b is None)
+                if a is not None:
+                    assert a.logprob == pytest.approx(b.logprob, abs=1e-3)
+                    assert [i for i, _ in a.top] == [i for i, _ in b.top]
+    assert gpu["prompt only"][0].prompt_logprobs[0] is None and len(gpu["prompt only"][0].prompt_logprobs) == 100
