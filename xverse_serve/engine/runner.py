@@ -119,24 +119,37 @@ class Feed:
 
 
 @dataclass
-class SampledLogprobs:
-    """The log-probabilities of some rows' samples: rows[i]'s token's, and its top[i] best alternatives."""
+class Logprobs:
+    """Log-probabilities of one token per row, with its row's top[i] best alternatives, on the device or the host."""
 
-    rows: list[int]  # indices among the step's sampled rows
-    top: list[int]  # how many alternatives each asked for
-    chosen: torch.Tensor  # [len(rows)] float32
-    top_logprobs: torch.Tensor  # [len(rows), max(top)] float32
-    top_ids: torch.Tensor  # [len(rows), max(top)] int64
+    top: list[int]  # alternatives asked for, per row
+    chosen: torch.Tensor  # [rows] float32
+    top_logprobs: torch.Tensor  # [rows, max(top)] float32
+    top_ids: torch.Tensor  # [rows, max(top)] int64
+
+    def to_host(self) -> Logprobs:
+        return Logprobs(self.top, to_host(self.chosen), to_host(self.top_logprobs), to_host(self.top_ids))
+
+    def entries(self) -> list[TokenLogprob]:
+        """One TokenLogprob per row (on the host)."""
+        chosen, top_logprobs, top_ids = self.chosen.tolist(), self.top_logprobs.tolist(), self.top_ids.tolist()
+        return [TokenLogprob(chosen[i], list(zip(top_ids[i][:k], top_logprobs[i][:k]))) for i, k in enumerate(self.top)]
 
 
-def token_logprobs(logits: torch.Tensor, sampled: torch.Tensor, rows: list[int], top: list[int]) -> SampledLogprobs:
+def logprobs_of(logits: torch.Tensor, targets: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
     """The raw model log-probabilities (log-softmax of the logits, before penalties, bias, temperature, top-k/top-p)
-    of the sampled tokens of `rows`, and their top alternatives, on the device."""
-    index = to_device(rows, torch.long, logits.device)
-    logprobs = torch.log_softmax(logits[index].float(), dim=-1)
-    chosen = logprobs.gather(1, sampled[index][:, None])[:, 0]
-    top_logprobs, top_ids = logprobs.topk(max(top), dim=-1)
-    return SampledLogprobs(rows, top, chosen, top_logprobs, top_ids)
+    of each row's target token, and each row's k likeliest tokens with theirs."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    top_logprobs, top_ids = logprobs.topk(k, dim=-1)
+    return logprobs.gather(1, targets[:, None])[:, 0], top_logprobs, top_ids
+
+
+@dataclass
+class SampledLogprobs:
+    """The log-probabilities of some rows' samples; rows are indices among the step's sampled rows."""
+
+    rows: list[int]
+    values: Logprobs
 
 
 @dataclass
@@ -146,10 +159,7 @@ class PromptLogprobs:
     order."""
 
     spans: list[tuple[Sequence, int, int]]
-    top: list[int]  # alternatives asked for, per span
-    chosen: torch.Tensor  # [positions] float32
-    top_logprobs: torch.Tensor  # [positions, max(top)] float32
-    top_ids: torch.Tensor  # [positions, max(top)] int64
+    values: Logprobs
 
 
 # Prompt positions whose logits are computed at once for their log-probs: [this, vocab] float32 at a time.
@@ -189,11 +199,9 @@ class SampledTokens:
         if ids.is_cuda:
             ids = to_host(ids)
             if logprobs is not None:
-                logprobs = SampledLogprobs(logprobs.rows, logprobs.top, to_host(logprobs.chosen),
-                                           to_host(logprobs.top_logprobs), to_host(logprobs.top_ids))
+                logprobs = SampledLogprobs(logprobs.rows, logprobs.values.to_host())
             if prompt is not None:
-                prompt = PromptLogprobs(prompt.spans, prompt.top, to_host(prompt.chosen),
-                                        to_host(prompt.top_logprobs), to_host(prompt.top_ids))
+                prompt = PromptLogprobs(prompt.spans, prompt.values.to_host())
             self._copied = torch.cuda.Event()
             self._copied.record()
         self._host, self._host_logprobs, self._host_prompt = ids, logprobs, prompt
@@ -206,22 +214,16 @@ class SampledTokens:
     def logprobs(self) -> dict[int, TokenLogprob]:
         """By index among the step's sampled rows, the log-probs of the rows that asked (after tolist)."""
         found = self._host_logprobs
-        if found is None:
-            return {}
-        chosen, top_logprobs, top_ids = found.chosen.tolist(), found.top_logprobs.tolist(), found.top_ids.tolist()
-        return {row: TokenLogprob(chosen[i], list(zip(top_ids[i][:found.top[i]], top_logprobs[i][:found.top[i]])))
-                for i, row in enumerate(found.rows)}
+        return {} if found is None else dict(zip(found.rows, found.values.entries()))
 
     def prompt_logprobs(self) -> list[tuple[Sequence, int, list[TokenLogprob]]]:
         """(sequence, first position, the log-probs of the prompt tokens after it on), per span (after tolist)."""
         found = self._host_prompt
         if found is None:
             return []
-        chosen, top_logprobs, top_ids = found.chosen.tolist(), found.top_logprobs.tolist(), found.top_ids.tolist()
-        spans, row = [], 0
-        for (seq, start, count), k in zip(found.spans, found.top):
-            spans.append((seq, start, [TokenLogprob(chosen[i], list(zip(top_ids[i][:k], top_logprobs[i][:k])))
-                                       for i in range(row, row + count)]))
+        entries, spans, row = found.values.entries(), [], 0
+        for seq, start, count in found.spans:
+            spans.append((seq, start, entries[row:row + count]))
             row += count
         return spans
 
@@ -288,7 +290,9 @@ class ModelRunner:
         asking = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
         logprobs = None
         if asking:
-            logprobs = token_logprobs(logits, sampled, asking, [rows[i].params.logprobs for i in asking])
+            index = to_device(asking, torch.long, self.device)
+            top = [rows[i].params.logprobs for i in asking]
+            logprobs = SampledLogprobs(asking, Logprobs(top, *logprobs_of(logits[index], sampled[index], max(top))))
         return SampledTokens(sampled, logprobs, prompt)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, span_rows: list[int],
@@ -297,19 +301,13 @@ class ModelRunner:
         computed from their logits a slice of positions at a time."""
         targets = [seq.prompt_ids[position + 1] for seq, start, count in spans
                    for position in range(start, start + count)]
-        top = [seq.params.prompt_logprobs for seq, _, _ in spans]
-        k = max(top)
+        top = [seq.params.prompt_logprobs for seq, _, count in spans for _ in range(count)]
         rows = to_device(span_rows, torch.long, self.device)
         targets_device = to_device(targets, torch.long, self.device)
-        chosen, top_logprobs, top_ids = [], [], []
-        for first in range(0, len(span_rows), PROMPT_LOGPROB_ROWS):
-            part = slice(first, first + PROMPT_LOGPROB_ROWS)
-            logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows[part]]), dim=-1)
-            chosen.append(logprobs.gather(1, targets_device[part][:, None])[:, 0])
-            values, ids = logprobs.topk(k, dim=-1)
-            top_logprobs.append(values)
-            top_ids.append(ids)
-        return PromptLogprobs(spans, top, torch.cat(chosen), torch.cat(top_logprobs), torch.cat(top_ids))
+        parts = [logprobs_of(self.model.compute_logits(hidden[rows[first:first + PROMPT_LOGPROB_ROWS]]),
+                             targets_device[first:first + PROMPT_LOGPROB_ROWS], max(top))
+                 for first in range(0, len(span_rows), PROMPT_LOGPROB_ROWS)]
+        return PromptLogprobs(spans, Logprobs(top, *(torch.cat(column) for column in zip(*parts))))
 
     def _record_seen(self, scheduled: list[ScheduledSequence], step_ids: torch.Tensor) -> None:
         """Marks the ids each sequence with a repetition penalty feeds this step (read on the device: a fed id

@@ -168,14 +168,18 @@ class Scheduler:
         are in the prefix cache, so that the prompt is computed once. A choice whose lead was preempted or ended
         (it holds no blocks) computes the prompt itself."""
         lead = seq.shares_prompt_with
-        if lead is None or not self.prefix_caching or seq.params.prompt_logprobs is not None:
+        if lead is None or not self._reads_prefix_cache(seq):
             return False
         return bool(lead.block_table) and lead.num_registered < len(lead.prompt_ids) // self.block_size
+
+    def _reads_prefix_cache(self, seq: Sequence) -> bool:
+        """A prompt that asks for its log-probs needs every position's logits, so it is computed whole."""
+        return self.prefix_caching and seq.params.prompt_logprobs is None
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks for the sequence's leading full blocks, held for it; at least one token is left
         to compute, since the last position's logits are needed."""
-        if not self.prefix_caching or seq.params.prompt_logprobs is not None:  # its every position's logits are needed
+        if not self._reads_prefix_cache(seq):
             return []
         cached = self.allocator.cached_prefix(seq.full_block_hashes(self.block_size, seq.num_tokens // self.block_size))
         if cached and len(cached) * self.block_size == seq.num_tokens:
