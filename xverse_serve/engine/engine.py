@@ -184,7 +184,8 @@ class Engine:
         logprobs = step.tokens.logprobs() if step.tokens is not None else {}
         sampled = [(seq, index, token, logprobs.get(row)) for row, ((seq, index), token)
                    in enumerate(zip(step.sampled, tokens)) if self._alive(seq)]
-        for seq, index, token, _ in sampled:  # skipped: aborted, or finished by the step before (end of text, seen late)
+        # Skipped: aborted, or finished by the step before (an end of text, seen late).
+        for seq, index, token, _ in sampled:
             seq.output_ids[index] = token
         for entry in step.scheduled:
             if self._alive(entry.seq):  # full blocks are hashed by their tokens, now known up to what was computed

@@ -17,8 +17,8 @@ longest context; split by that width, a 512-token context had one busy program p
 one zeroed buffer per device, left at zero by every launch.
 Nothing here synchronises with the device.
 
-An 8-bit cache (int8 or fp8, model.kv_cache.QUANTIZED_KV_DTYPES) is read directly: each key's dot product with q is
-multiplied by the key's scale, and each value's softmax weight by the value's scale.
+An 8-bit cache (int8 or fp8, model.kv_cache.QUANTIZED_KV_DTYPES) is read directly: each key's dot product with q
+is multiplied by the key's scale, and each value's softmax weight by the value's scale.
 
 The reference this is tested against is `xverse_serve.model.attention.decode_attention`.
 """

@@ -135,11 +135,12 @@ async def generate_text(engine: EngineClient, tokenizer: Tokenizer, request_id: 
     matcher = StopStringMatcher(params.stop)
     completion_tokens = 0
     pending: list[tuple[int, TokenLogprob]] = []  # log-probs of tokens whose text has not been released yet
-    prompt_logprobs: list[list[TokenLogprob | None]] = []  # the prompt's, until a delta carries them
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # the prompt's, until a delta carries them
 
     def delta(text: str, finish_reason: str | None = None) -> TextDelta:
+        nonlocal prompt_logprobs
         released, pending[:] = list(pending), []
-        prompt = prompt_logprobs.pop() if prompt_logprobs else None
+        prompt, prompt_logprobs = prompt_logprobs, None
         return TextDelta(text, completion_tokens, finish_reason, released, prompt)
 
     outputs = engine.generate(request_id, prompt_ids, params, shares_prompt_with)
@@ -151,7 +152,7 @@ async def generate_text(engine: EngineClient, tokenizer: Tokenizer, request_id: 
             if output.logprobs is not None:
                 pending.extend(zip(output.new_token_ids, output.logprobs))
             if output.prompt_logprobs is not None:
-                prompt_logprobs.append(output.prompt_logprobs)
+                prompt_logprobs = output.prompt_logprobs
             text = detokenizer.add(output.new_token_ids)
             if output.finished:
                 text += detokenizer.flush()
@@ -166,7 +167,7 @@ async def generate_text(engine: EngineClient, tokenizer: Tokenizer, request_id: 
             if output.finished:
                 yield delta(text + matcher.flush(), output.finish_reason)
                 return
-            if text or prompt_logprobs:
+            if text or prompt_logprobs is not None:
                 yield delta(text)
     finally:
         await outputs.aclose()  # aborts the request if it is still running

@@ -12,8 +12,9 @@ def chat_logprobs(tokenizer: Tokenizer, tokens: list[tuple[int, TokenLogprob]]) 
     def entry(token: int, logprob: float) -> dict:
         return {"token": tokenizer.token_text(token), "logprob": logprob, "bytes": tokenizer.token_bytes(token)}
 
-    return {"content": [{**entry(token, found.logprob), "top_logprobs": [entry(*alternative) for alternative in found.top]}
-                        for token, found in tokens], "refusal": None}
+    content = [{**entry(token, found.logprob), "top_logprobs": [entry(*alternative) for alternative in found.top]}
+               for token, found in tokens]
+    return {"content": content, "refusal": None}
 
 
 class CompletionLogprobs:

@@ -141,7 +141,8 @@ class GenerationService:
         return served
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
-        """A completion prompt's ids: text encoded as is (no begin-of-text token), ids checked against the vocabulary."""
+        """A completion prompt's ids: text encoded as is (no begin-of-text token), ids checked against the
+        vocabulary."""
         if isinstance(prompt, str):
             ids = self.ctx.tokenizer.encode(prompt)
             if not ids:
