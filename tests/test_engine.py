@@ -19,7 +19,7 @@ from xverse_serve.engine.engine import Engine
 from xverse_serve.engine.loader import assemble_engine
 from xverse_serve.engine.messages import EngineStats, SamplingParams, StepOutput, StepReport
 from xverse_serve.engine.piecewise_graphs import PiecewiseGraphs
-from xverse_serve.engine.runner import Feed, ModelRunner, SampledTokens
+from xverse_serve.engine.runner import Feed, ModelRunner, StepLogits
 from xverse_serve.engine.scheduler import ScheduledSequence, Scheduler
 from xverse_serve.engine.thread_transport import ThreadTransport
 from xverse_serve.launch import build_engine
@@ -67,15 +67,15 @@ class StepLog:
     fed: list[bool] = field(default_factory=list)  # whether the step took tokens from the one before on the device
 
     def watch(self, engine: Engine) -> None:
-        run = engine.runner.run
+        run = engine.runner.forward
 
-        def logged_run(scheduled: list[ScheduledSequence], feed: Feed | None = None) -> SampledTokens | None:
+        def logged_run(scheduled: list[ScheduledSequence], feed: Feed | None = None) -> StepLogits:
             self.steps.append([(e.seq.request_id, e.seq.num_computed, e.num_new_tokens) for e in scheduled])
             self.running.append(len(engine.scheduler.running))
             self.fed.append(feed is not None)
             return run(scheduled, feed)
 
-        engine.runner.run = logged_run
+        engine.runner.forward = logged_run
 
 
 def collect(engine: Engine, results: dict[str, Result], max_steps: int = 5000) -> None:
@@ -490,16 +490,16 @@ def test_abort_everything_midway_leaves_the_pool_whole(model: XverseForCausalLM)
 
 def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(model: XverseForCausalLM) -> None:
     engine = make_engine(model)
-    run = engine.runner.run
+    run = engine.runner.forward
     calls = []
 
-    def failing_second_step(scheduled: list[ScheduledSequence], feed: Feed | None = None) -> SampledTokens | None:
+    def failing_second_step(scheduled: list[ScheduledSequence], feed: Feed | None = None) -> StepLogits:
         calls.append(len(scheduled))
         if len(calls) == 2:
             raise RuntimeError("boom")
         return run(scheduled, feed)
 
-    engine.runner.run = failing_second_step
+    engine.runner.forward = failing_second_step
     engine.add_request("a", PROMPTS["r1"], GREEDY)
     engine.add_request("b", PROMPTS["r2"], GREEDY)
     engine.step()
@@ -535,13 +535,13 @@ class Gate:
 
     def __init__(self, engine: Engine, permits: int) -> None:
         self.permits = threading.Semaphore(permits)
-        run = engine.runner.run
+        run = engine.runner.forward
 
-        def gated_run(scheduled: list[ScheduledSequence], feed: Feed | None = None) -> SampledTokens | None:
+        def gated_run(scheduled: list[ScheduledSequence], feed: Feed | None = None) -> StepLogits:
             self.permits.acquire()
             return run(scheduled, feed)
 
-        engine.runner.run = gated_run
+        engine.runner.forward = gated_run
 
     def open(self) -> None:
         self.permits.release(1_000_000)
@@ -737,8 +737,8 @@ def test_a_request_larger_than_the_whole_kv_pool_is_refused_not_left_waiting(mod
 def test_warm_up_leaves_the_engine_idle_with_every_block_free_and_counters_at_zero(model: XverseForCausalLM) -> None:
     engine = make_engine(model, max_batched_tokens=64)
     calls = []
-    run = engine.runner.run
-    engine.runner.run = lambda scheduled, feed=None: calls.append([e.num_new_tokens for e in scheduled]) or run(
+    run = engine.runner.forward
+    engine.runner.forward = lambda scheduled, feed=None: calls.append([e.num_new_tokens for e in scheduled]) or run(
         scheduled, feed)
     engine.warm_up()
     assert any(len(step) > 1 and 1 in step and max(step) > 1 for step in calls), "a mixed prefill/decode step"
@@ -757,8 +757,8 @@ def test_warm_up_samples_greedy_and_filtered_rows_together_and_apart(model: Xver
 
     batches = []
     sample = runner.sample
-    monkeypatch.setattr(runner, "sample", lambda logits, rows, seen=None, counts=None: batches.append(
-        tuple(sorted({r.params.greedy for r in rows}))) or sample(logits, rows, seen, counts))
+    monkeypatch.setattr(runner, "sample", lambda logits, rows, seen=None, counts=None, allowed=None: batches.append(
+        tuple(sorted({r.params.greedy for r in rows}))) or sample(logits, rows, seen, counts, allowed))
     make_engine(model, max_batched_tokens=64).warm_up()
     assert {(True,), (False,), (False, True)} <= set(batches), batches
 

@@ -131,14 +131,14 @@ def test_choices_of_one_request_compute_their_prompt_once_and_answer_as_alone(mo
                for i in range(4)]
     engine = make_engine(model)
     computed = []
-    run = engine.runner.run
+    run = engine.runner.forward
 
     def counting_run(scheduled, feed=None):
         computed.extend(min(e.num_new_tokens, len(e.seq.prompt_ids) - e.seq.num_computed) for e in scheduled
                         if e.seq.num_computed < len(e.seq.prompt_ids))
         return run(scheduled, feed)
 
-    engine.runner.run = counting_run
+    engine.runner.forward = counting_run
     for i, params in enumerate(choices):
         engine.add_request(f"c{i}", shared, params, shares_prompt_with="c0" if i else None)
     tokens = {f"c{i}": [] for i in range(4)}

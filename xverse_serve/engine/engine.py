@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .messages import EngineStats, SamplingParams, StepOutput
+from .grammar import GrammarCompiler, TokenMasks
 from .runner import Feed, ModelRunner, SampledTokens
 from .scheduler import ScheduledSequence, Scheduler, Sequence
 
@@ -27,6 +28,7 @@ class InFlight:
     sampled: list[tuple[Sequence, int]]  # each sequence that samples a token, and that token's index in output_ids
     tokens: SampledTokens | None
     echoed: list[Sequence]  # sequences with max_tokens 0, whose prompt this step finished: they end without a token
+    read: bool = False  # whether its tokens have been read back (by _complete)
 
     def feed(self, scheduled: list[ScheduledSequence]) -> Feed | None:
         """Where the rows of the next step, `scheduled`, find their input tokens among this step's samples."""
@@ -49,12 +51,13 @@ class Engine:
     full blocks to cache, which a prompt admitted meanwhile may miss."""
 
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, eos_token_id: int, max_model_len: int,
-                 overlap: bool = True) -> None:
+                 overlap: bool = True, grammars: GrammarCompiler | None = None) -> None:
         self.runner = runner
         self.scheduler = scheduler
         self.eos_token_id = eos_token_id
         self.max_model_len = max_model_len
         self.overlap = overlap
+        self.grammars = grammars  # None: requests with a grammar are refused
         self.sequences: dict[str, Sequence] = {}
         self.in_flight: InFlight | None = None
 
@@ -76,6 +79,10 @@ class Engine:
         if params.seed is not None:
             generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
         seq = Sequence(request_id, list(prompt_ids), params, generator)
+        if params.grammar is not None:
+            if self.grammars is None:
+                raise ValueError("this engine was built without a tokenizer for grammars: structured outputs are off")
+            seq.matcher = self.grammars.matcher(params.grammar)
         if params.prompt_logprobs is not None:
             seq.prompt_logprobs = [None] * len(prompt_ids)
         lead = self.sequences.get(shares_prompt_with) if shares_prompt_with is not None else None
@@ -134,53 +141,78 @@ class Engine:
         previous, self.in_flight = self.in_flight, None  # None without overlap: each step completes in its call
         scheduled = self.scheduler.schedule()
         if scheduled:
-            launched = self._launch(scheduled, previous)
-            if isinstance(launched, InFlight):
-                self.in_flight = launched
-            else:
-                outputs += launched
-        if previous is not None:
+            self.in_flight, launch_outputs = self._launch(scheduled, previous)
+            outputs += launch_outputs
+        if previous is not None and not previous.read:
             outputs += self._complete(previous)
         if self.in_flight is not None and not self.overlap:
             outputs += self._complete(self.in_flight)
             self.in_flight = None
         return outputs
 
-    def _launch(self, scheduled: list[ScheduledSequence], previous: InFlight | None) -> InFlight | list[StepOutput]:
-        """Queues a step on the device; its sampled tokens go into output_ids as PLACEHOLDERs until read.
-        A step that fails fails its requests (error outputs), not the server."""
+    def _launch(self, scheduled: list[ScheduledSequence],
+                previous: InFlight | None) -> tuple[InFlight | None, list[StepOutput]]:
+        """Queues a step on the device; its sampled tokens go into output_ids as PLACEHOLDERs until read. Returns
+        the step (None if it failed) and the outputs launching it produced: a failed step's errors (it fails its
+        requests, not the server), and the previous step's outputs if it had to read them. A step that draws for a
+        sequence with a grammar reads the previous step's tokens between its forward pass and its draw: the
+        grammar's mask depends on them, and the forward pass runs meanwhile."""
         try:
-            tokens = self.runner.run(scheduled, previous.feed(scheduled) if previous is not None else None)
+            logits = self.runner.forward(scheduled, previous.feed(scheduled) if previous is not None else None)
         except Exception as exc:
-            log.exception("engine step failed")
-            for entry in scheduled:
-                self.abort(entry.seq.request_id)
-            return [StepOutput(e.seq.request_id, [], error=f"{type(exc).__name__}: {exc}") for e in scheduled]
+            return None, self._fail_step(scheduled, exc)
+        step = self._account(scheduled)
+        drawing = [scheduled[index].seq for index in logits.drawing]
+        constrained = any(seq.matcher is not None for seq in drawing)
+        outputs = self._complete(previous) if constrained and previous is not None else []
+        try:
+            step.tokens = self.runner.sample(logits, self._grammar_masks(drawing) if constrained else None)
+        except Exception as exc:
+            return None, outputs + self._fail_step(scheduled, exc)
+        return step, outputs
+
+    def _fail_step(self, scheduled: list[ScheduledSequence], exc: Exception) -> list[StepOutput]:
+        log.error("engine step failed", exc_info=exc)
+        failed = [seq for seq in dict.fromkeys(e.seq for e in scheduled) if self._alive(seq)]
+        for seq in failed:
+            self.abort(seq.request_id)
+        return [StepOutput(seq.request_id, [], error=f"{type(exc).__name__}: {exc}") for seq in failed]
+
+    def _account(self, scheduled: list[ScheduledSequence]) -> InFlight:
+        """Books a queued step: computed tokens, a PLACEHOLDER for each token it draws, and the sequences it ends."""
         sampled, echoed = [], []
         for entry in scheduled:
-            seq = entry.seq
-            samples = entry.samples
+            seq, samples, draws = entry.seq, entry.samples, entry.draws  # before num_computed moves on
             seq.num_computed += entry.num_new_tokens
-            if samples and seq.params.max_tokens == 0:
+            if samples and not draws:
                 echoed.append(seq)
                 self.scheduler.retire(seq)
-            elif samples:
+            elif draws:
                 sampled.append((seq, len(seq.output_ids)))
                 seq.output_ids.append(PLACEHOLDER)
                 if self._reaches_length(seq, len(seq.output_ids)):
                     self.scheduler.retire(seq)  # its last token: no step after this one needs it
-        return InFlight(scheduled, sampled, tokens, echoed)
+        return InFlight(scheduled, sampled, None, echoed)
+
+    def _grammar_masks(self, drawing: list[Sequence]) -> TokenMasks | None:
+        """The allowed ids of a step's drawing rows that follow a grammar, from their matchers (which have read
+        every earlier token). A sequence that has ended, or whose grammar has, draws unconstrained: that token is
+        dropped."""
+        rows, matchers = [], []
+        for row, seq in enumerate(drawing):
+            matcher = seq.matcher
+            if matcher is not None and self._alive(seq) and not matcher.is_stopped() and not matcher.is_error():
+                rows.append(row)
+                matchers.append(matcher)
+        return self.grammars.masks(rows, matchers) if rows else None
 
     def _complete(self, step: InFlight) -> list[StepOutput]:
         """Reads a launched step's tokens back: each takes its PLACEHOLDER's place and may finish its sequence."""
+        step.read = True
         try:
             tokens = step.tokens.tolist() if step.tokens is not None else []
         except Exception as exc:  # the device failed the step
-            log.exception("engine step failed")
-            failed = [seq for seq in dict.fromkeys(e.seq for e in step.scheduled) if self._alive(seq)]
-            for seq in failed:
-                self.abort(seq.request_id)
-            return [StepOutput(seq.request_id, [], error=f"{type(exc).__name__}: {exc}") for seq in failed]
+            return self._fail_step(step.scheduled, exc)
         logprobs = step.tokens.logprobs() if step.tokens is not None else {}
         sampled = [(seq, index, token, logprobs.get(row)) for row, ((seq, index), token)
                    in enumerate(zip(step.sampled, tokens)) if self._alive(seq)]
@@ -195,6 +227,11 @@ class Engine:
                 seq.prompt_logprobs[start + 1:start + 1 + len(logprobs)] = logprobs
         outputs = []
         for seq, index, token, logprob in sampled:
+            if seq.matcher is not None and not seq.matcher.consume_token(token):
+                self.abort(seq.request_id)  # never expected: the token was drawn within this matcher's mask
+                outputs.append(StepOutput(seq.request_id, [], error=f"the grammar refused token {token}: "
+                                                                    f"{seq.matcher.get_error()}"))
+                continue
             reason = self._finish_reason(seq, token, index + 1)
             if reason is not None:
                 del seq.output_ids[index + 1:]  # a token the next step sampled after the end
@@ -217,6 +254,8 @@ class Engine:
     def _finish_reason(self, seq: Sequence, token: int, num_output: int) -> str | None:
         params = seq.params
         if (token == self.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids:
+            return "stop"
+        if seq.matcher is not None and seq.matcher.is_stopped():  # the grammar allows nothing more
             return "stop"
         if self._reaches_length(seq, num_output):
             return "length"

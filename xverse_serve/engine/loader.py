@@ -16,6 +16,7 @@ from .block_allocator import BlockAllocator
 from .config import CacheConfig, EngineConfig, SchedulerConfig
 from .cuda_graphs import DecodeGraphs
 from .engine import Engine
+from .grammar import GrammarCompiler
 from .memory_plan import kv_cache_tokens_for_card, measure_step_peaks
 from .piecewise_graphs import MAX_PIECEWISE_TOKENS, PiecewiseGraphs
 from .runner import ModelRunner
@@ -110,8 +111,12 @@ def load_engine(config: EngineConfig) -> Engine:
     log.info("KV cache (%s): %d blocks of %d tokens = %d tokens, %.1f full %d-token contexts, %.2f GiB",
              str(kv_dtype).removeprefix("torch."), num_blocks, block_size, capacity, capacity / max_model_len,
              max_model_len, capacity * KVCache.bytes_per_token(model_config, kv_dtype) / 2**30)
+    started = time.perf_counter()
+    grammars = GrammarCompiler((config.model_path / "tokenizer.json").read_text(encoding="utf-8"),
+                               model_config.vocab_size, model_config.eos_token_id)
+    log.info("structured outputs: the tokenizer read by llguidance in %.1f s", time.perf_counter() - started)
     engine = assemble_engine(model, CacheConfig(num_blocks, block_size, kv_dtype), scheduler, max_model_len,
-                             cuda_graphs, config.overlap_steps)
+                             cuda_graphs, config.overlap_steps, grammars)
     if device.type == "cuda":
         started = time.perf_counter()
         engine.warm_up()
@@ -120,9 +125,10 @@ def load_engine(config: EngineConfig) -> Engine:
 
 
 def assemble_engine(model: XverseForCausalLM, cache: CacheConfig, scheduler: SchedulerConfig, max_model_len: int,
-                    cuda_graphs: bool = False, overlap: bool = True) -> Engine:
+                    cuda_graphs: bool = False, overlap: bool = True, grammars: GrammarCompiler | None = None) -> Engine:
     """The engine around a loaded model: the KV pool, the CUDA graphs (decode steps whole, steps with prompts
-    between their attentions), the scheduler and the runner; `overlap`: the engine's overlapped steps."""
+    between their attentions), the scheduler and the runner; `overlap`: the engine's overlapped steps; `grammars`:
+    structured outputs (None: refused)."""
     kv_cache = KVCache(model.config, cache.num_blocks, cache.block_size, cache.dtype or model.dtype, model.device)
     graphs = pieces = None
     if cuda_graphs:
@@ -136,4 +142,4 @@ def assemble_engine(model: XverseForCausalLM, cache: CacheConfig, scheduler: Sch
                  "%.1f s", len(pieces.buckets), pieces.max_tokens, time.perf_counter() - started)
     step_scheduler = Scheduler(BlockAllocator(cache.num_blocks), cache.block_size, scheduler)
     return Engine(ModelRunner(model, kv_cache, graphs, pieces), step_scheduler, model.config.eos_token_id,
-                  max_model_len, overlap)
+                  max_model_len, overlap, grammars)

@@ -12,6 +12,7 @@ from ..model.attention import AttentionBatch, VarlenLayout, varlen_supported
 from ..model.kv_cache import KVCache
 from ..model.xverse import XverseForCausalLM
 from .cuda_graphs import DecodeGraphs
+from .grammar import TokenMasks
 from .messages import TokenLogprob
 from .piecewise_graphs import PiecewiseGraphs
 from .sampling import OutputCounts, SamplingRow, SeenTokens, sample, to_device
@@ -145,6 +146,17 @@ def logprobs_of(logits: torch.Tensor, targets: torch.Tensor, k: int) -> tuple[to
 
 
 @dataclass
+class StepLogits:
+    """A step whose forward pass is queued: its sequences' last-position logits, [scheduled, vocab] on the device
+    (a CUDA graph's buffer: sample before the next step runs), and the prompt log-probs it computed."""
+
+    scheduled: list[ScheduledSequence]
+    drawing: list[int]  # the entries it draws a token for (as the step was scheduled: ScheduledSequence.draws)
+    logits: torch.Tensor
+    prompt: PromptLogprobs | None
+
+
+@dataclass
 class SampledLogprobs:
     """The log-probabilities of some rows' samples; rows are indices among the step's sampled rows."""
 
@@ -248,11 +260,16 @@ class ModelRunner:
         self.seen.release(request_id)
         self.counts.release(request_id)
 
-    @torch.inference_mode()
     def run(self, scheduled: list[ScheduledSequence], feed: Feed | None = None) -> SampledTokens | None:
         """Queues one step on the device: the forward pass and the sampling of a token for each entry whose chunk
         ends its sequence. Returns those tokens (None if no entry samples) without waiting for the GPU.
         `feed` gives rows whose input token the previous step sampled and the host has not read yet."""
+        return self.sample(self.forward(scheduled, feed))
+
+    @torch.inference_mode()
+    def forward(self, scheduled: list[ScheduledSequence], feed: Feed | None = None) -> StepLogits:
+        """Queues a step's forward pass: the logits of its sequences' last positions (and the prompt log-probs
+        asked for), to sample from next."""
         inputs = build_inputs(scheduled, self.kv_cache.block_size, self.table_width)
         spans, span_rows = prompt_spans(scheduled)
         prompt = None
@@ -266,24 +283,32 @@ class ModelRunner:
             if spans:
                 prompt = self._prompt_logprobs(hidden, span_rows, spans)
         self._record_seen(scheduled, step_ids)
-        indices, rows, penalized, counted = [], [], [], []
-        for index, entry in enumerate(scheduled):
-            if not entry.samples or entry.seq.params.max_tokens == 0:  # an echo of the prompt alone samples nothing
-                continue
-            seq = entry.seq
-            indices.append(index)
+        return StepLogits(scheduled, [index for index, entry in enumerate(scheduled) if entry.draws], logits, prompt)
+
+    @torch.inference_mode()
+    def sample(self, step: StepLogits, masks: TokenMasks | None = None) -> SampledTokens | None:
+        """Queues the draw of a token for each of the step's drawing rows (in order), within `masks` for the rows
+        with a grammar."""
+        indices, rows, penalized, counted = step.drawing, [], [], []
+        for index in indices:
+            seq = step.scheduled[index].seq
             rows.append(SamplingRow(seq.params, seq.generator))
             penalized.append(seq.request_id if seq.params.repetition_penalty != 1.0 else None)
             counted.append(seq.request_id if seq.params.counts_outputs else None)
+        prompt = step.prompt
         if not rows:
             return SampledTokens(torch.empty(0, dtype=torch.long, device=self.device), None, prompt) if prompt else None
-        if len(rows) < len(scheduled):
+        logits = step.logits
+        if len(rows) < len(step.scheduled):
             logits = logits[to_device(indices, torch.long, self.device)]
         seen = self.seen.rows(penalized) if any(penalized) else None
         counts = None
         if any(counted):
             counts = self.counts.rows([r if r is not None and self.counts.tracks(r) else None for r in counted])
-        sampled = sample(logits, rows, seen, counts)
+        allowed = None
+        if masks is not None and masks.rows:
+            allowed = (to_device(masks.rows, torch.long, self.device), to_device(masks.bits, None, self.device))
+        sampled = sample(logits, rows, seen, counts, allowed)
         if any(counted):
             kept = [i for i, request_id in enumerate(counted) if request_id is not None]
             self.counts.add([counted[i] for i in kept], sampled[to_device(kept, torch.long, self.device)])

@@ -65,11 +65,20 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
+def apply_token_masks(logits: torch.Tensor, rows: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """`logits` with the ids that rows `rows` may not draw at -inf: bit j of word w of bits[i] allows id 32 * w + j
+    for row rows[i] (the grammar's masks). A new tensor: `logits` may be a CUDA graph's buffer."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bits.device)
+    allowed = ((bits[:, :, None] >> shifts) & 1).bool().flatten(1)[:, :logits.shape[1]]
+    return logits.index_copy(0, rows, logits[rows].masked_fill(~allowed, float("-inf")))
+
+
 def adjust_logits(logits: torch.Tensor, rows: list[SamplingRow], seen: torch.Tensor | None,
-                  counts: torch.Tensor | None) -> torch.Tensor:
+                  counts: torch.Tensor | None, allowed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The logits each row's request asks to be drawn from: its logit_bias added, then XVERSE's multiplicative
     repetition penalty over the ids it has seen (`seen`), then OpenAI's presence and frequency penalties over the
-    ids it has generated (`counts`: how often each). Rows that ask for none of these are left as they are."""
+    ids it has generated (`counts`: how often each), then the ids its grammar forbids at -inf (`allowed`: rows and
+    their bit masks, apply_token_masks). Rows that ask for none of these are left as they are."""
     device = logits.device
     if any(r.params.logit_bias for r in rows):
         row_index, token_index, bias = [], [], []
@@ -87,6 +96,8 @@ def adjust_logits(logits: torch.Tensor, rows: list[SamplingRow], seen: torch.Ten
         penalties = to_device([(r.params.presence_penalty, r.params.frequency_penalty) for r in rows], torch.float32,
                               device)
         logits = apply_openai_penalties(logits, penalties[:, 0], penalties[:, 1], counts)
+    if allowed is not None:
+        logits = apply_token_masks(logits, *allowed)
     return logits
 
 
@@ -99,12 +110,12 @@ def apply_openai_penalties(logits: torch.Tensor, presence: torch.Tensor, frequen
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow], seen: torch.Tensor | None = None,
-           counts: torch.Tensor | None = None) -> torch.Tensor:
+           counts: torch.Tensor | None = None, allowed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """logits [rows, vocab] in float32 -> one token id per row, [rows] int64 on logits' device; nothing waits
     for the GPU. `seen` [rows, vocab] bool is needed when any row has a repetition penalty, `counts` [rows, vocab]
-    when any has a presence or frequency penalty (OutputCounts)."""
+    when any has a presence or frequency penalty (OutputCounts), `allowed` when a row has a grammar."""
     device = logits.device
-    logits = adjust_logits(logits, rows, seen, counts)
+    logits = adjust_logits(logits, rows, seen, counts, allowed)
     if all(r.params.greedy for r in rows):
         return argmax(logits)
     table = to_device([r.params.table_row for r in rows], torch.float32, device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -27,6 +28,7 @@ class Sequence:
     num_registered: int = 0  # leading blocks of block_table already findable in the prefix cache
     prompt_logprobs: list | None = None  # TokenLogprob | None per prompt token, filled as the prompt is computed
     shares_prompt_with: Sequence | None = None  # another choice of the same request: admitted once its prompt is cached
+    matcher: Any = None  # llguidance's LLMatcher for a request with a grammar: it has consumed the output read so far
 
     @property
     def num_tokens(self) -> int:
@@ -58,6 +60,12 @@ class ScheduledSequence:
     def samples(self) -> bool:
         """True when this chunk reaches the end of the sequence, so its last position yields a token."""
         return self.seq.num_computed + self.num_new_tokens == self.seq.num_tokens
+
+    @property
+    def draws(self) -> bool:
+        """True when the step draws a token for it: it samples, and asked for tokens (an echo of the prompt with
+        max_tokens 0 draws none)."""
+        return self.samples and self.seq.params.max_tokens > 0
 
 
 class Scheduler:
