@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .messages import EngineStats, SamplingParams, StepOutput
 from .grammar import GrammarCompiler, TokenMasks
+from .messages import EngineStats, SamplingParams, StepOutput
 from .runner import Feed, ModelRunner, SampledTokens
 from .scheduler import ScheduledSequence, Scheduler, Sequence
 

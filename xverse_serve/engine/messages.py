@@ -28,7 +28,7 @@ class SamplingParams(msgspec.Struct, frozen=True):
     logprobs: int | None = None  # report each generated token's log-probability and this many top alternatives
     prompt_logprobs: int | None = None  # the same for each prompt token (the first has none): the prompt is computed
                                         # whole, never taken from the prefix cache
-    grammar: str | None = None  # an llguidance grammar (from a JSON schema or a lark text) every answer token must follow
+    grammar: str | None = None  # an llguidance grammar (a JSON schema's or a lark text's) the answer must follow
 
     @property
     def greedy(self) -> bool:

@@ -74,7 +74,8 @@ def apply_token_masks(logits: torch.Tensor, rows: torch.Tensor, bits: torch.Tens
 
 
 def adjust_logits(logits: torch.Tensor, rows: list[SamplingRow], seen: torch.Tensor | None,
-                  counts: torch.Tensor | None, allowed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                  counts: torch.Tensor | None,
+                  allowed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The logits each row's request asks to be drawn from: its logit_bias added, then XVERSE's multiplicative
     repetition penalty over the ids it has seen (`seen`), then OpenAI's presence and frequency penalties over the
     ids it has generated (`counts`: how often each), then the ids its grammar forbids at -inf (`allowed`: rows and
@@ -110,7 +111,8 @@ def apply_openai_penalties(logits: torch.Tensor, presence: torch.Tensor, frequen
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow], seen: torch.Tensor | None = None,
-           counts: torch.Tensor | None = None, allowed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+           counts: torch.Tensor | None = None,
+           allowed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """logits [rows, vocab] in float32 -> one token id per row, [rows] int64 on logits' device; nothing waits
     for the GPU. `seen` [rows, vocab] bool is needed when any row has a repetition penalty, `counts` [rows, vocab]
     when any has a presence or frequency penalty (OutputCounts), `allowed` when a row has a grammar."""
