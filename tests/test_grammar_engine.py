@@ -23,6 +23,8 @@ from xverse_serve.model.tokenizer import Tokenizer
 from xverse_serve.model.xverse import XverseForCausalLM, load_model
 
 MAX_MODEL_LEN = 256
+# The engine and its masks run where the server would: on the GPU when there is one (the device run's check).
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 SCHEMA = {
     "type": "object",
@@ -46,7 +48,7 @@ GRAMMAR = json_grammar(SCHEMA)
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir: Path) -> XverseForCausalLM:
-    return load_model(tiny_model_dir, load_config(tiny_model_dir), torch.device("cpu"), torch.float32, MAX_MODEL_LEN)
+    return load_model(tiny_model_dir, load_config(tiny_model_dir), DEVICE, torch.float32, MAX_MODEL_LEN)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +89,8 @@ def test_apply_token_masks_follows_its_definition() -> None:
     logits = torch.randn(4, vocab, generator=generator)
     bits = torch.randint(-2**31, 2**31 - 1, (2, 3), generator=generator, dtype=torch.int64).to(torch.int32)
     rows = torch.tensor([3, 1])
-    masked = apply_token_masks(logits, rows, bits)
+    on_device = logits.to(DEVICE)
+    masked = apply_token_masks(on_device, rows.to(DEVICE), bits.to(DEVICE)).cpu()
     expected = logits.clone()
     for i, row in enumerate(rows.tolist()):
         for token in range(vocab):
@@ -95,7 +98,7 @@ def test_apply_token_masks_follows_its_definition() -> None:
             if not (word >> (token % 32)) & 1:
                 expected[row, token] = float("-inf")
     assert torch.equal(masked, expected)
-    assert not torch.isinf(logits).any(), "the input logits (a CUDA graph's buffer) must be left as they were"
+    assert not torch.isinf(on_device).any(), "the input logits (a CUDA graph's buffer) must be left as they were"
 
 
 @pytest.mark.parametrize("overlap", [True, False])
@@ -105,7 +108,10 @@ def test_constrained_answers_parse_and_validate_and_rows_beside_them_are_unchang
             for i in range(3)}
     constrained = {
         f"json{i}": (prompt(9 + 5 * i, seed=10 + i),
-                     SamplingParams(max_tokens=200, temperature=1.0 if i % 2 else 0.0, seed=i, grammar=GRAMMAR))
+                     # Penalties keep sampling state per sequence: one that the grammar ends between a step's forward
+                     # pass and its draw must draw without it.
+                     SamplingParams(max_tokens=200, temperature=1.0 if i % 2 else 0.0, seed=i, grammar=GRAMMAR,
+                                    repetition_penalty=1.1 if i < 2 else 1.0, frequency_penalty=0.5 * (i == 3)))
         for i in range(4)}
     alone = {request_id: run(make_engine(model, grammars, overlap), {request_id: request})[request_id]
              for request_id, request in free.items()}

@@ -13,7 +13,7 @@ from ..model.kv_cache import KVCache
 from ..model.xverse import XverseForCausalLM
 from .cuda_graphs import DecodeGraphs
 from .grammar import TokenMasks
-from .messages import TokenLogprob
+from .messages import SamplingParams, TokenLogprob
 from .piecewise_graphs import PiecewiseGraphs
 from .sampling import OutputCounts, SamplingRow, SeenTokens, sample, to_device
 from .scheduler import ScheduledSequence, Sequence
@@ -176,6 +176,8 @@ class PromptLogprobs:
 
 # Prompt positions whose logits are computed at once for their log-probs: [this, vocab] float32 at a time.
 PROMPT_LOGPROB_ROWS = 512
+# How a row draws whose sequence ended between the step's forward pass and its draw: the token is dropped.
+RELEASED_ROW = SamplingParams(max_tokens=1, temperature=0.0)
 
 
 def prompt_spans(scheduled: list[ScheduledSequence]) -> tuple[list[tuple[Sequence, int, int]], list[int]]:
@@ -254,11 +256,13 @@ class ModelRunner:
         self.use_varlen = varlen_supported(self.device, model.dtype)
         self.seen = SeenTokens(model.config.vocab_size, self.device)
         self.counts = OutputCounts(model.config.vocab_size, self.device)
+        self.released: set[str] = set()  # since the last forward pass
 
     def release(self, request_id: str) -> None:
         """Forgets a finished or aborted sequence's sampling state."""
         self.seen.release(request_id)
         self.counts.release(request_id)
+        self.released.add(request_id)
 
     def run(self, scheduled: list[ScheduledSequence], feed: Feed | None = None) -> SampledTokens | None:
         """Queues one step on the device: the forward pass and the sampling of a token for each entry whose chunk
@@ -270,6 +274,7 @@ class ModelRunner:
     def forward(self, scheduled: list[ScheduledSequence], feed: Feed | None = None) -> StepLogits:
         """Queues a step's forward pass: the logits of its sequences' last positions (and the prompt log-probs
         asked for), to sample from next."""
+        self.released.clear()
         inputs = build_inputs(scheduled, self.kv_cache.block_size, self.table_width)
         spans, span_rows = prompt_spans(scheduled)
         prompt = None
@@ -292,9 +297,13 @@ class ModelRunner:
         indices, rows, penalized, counted = step.drawing, [], [], []
         for index in indices:
             seq = step.scheduled[index].seq
-            rows.append(SamplingRow(seq.params, seq.generator))
-            penalized.append(seq.request_id if seq.params.repetition_penalty != 1.0 else None)
-            counted.append(seq.request_id if seq.params.counts_outputs else None)
+            # A sequence released since the forward pass (a grammar step read the previous step, which ended it)
+            # has no sampling state left: it draws greedily, and its token is dropped.
+            released = seq.request_id in self.released
+            params = RELEASED_ROW if released else seq.params
+            rows.append(SamplingRow(params, None if released else seq.generator))
+            penalized.append(seq.request_id if params.repetition_penalty != 1.0 else None)
+            counted.append(seq.request_id if params.counts_outputs else None)
         prompt = step.prompt
         if not rows:
             return SampledTokens(torch.empty(0, dtype=torch.long, device=self.device), None, prompt) if prompt else None

@@ -17,6 +17,8 @@ from .generation import GenerationFailed, TextDelta
 from .logprobs import CompletionLogprobs, chat_logprobs
 from .protocol import ChatCompletionRequest, CompletionRequest, StreamOptions
 from .service import FAILURE_TYPES, GenerationService, failure_message, get_service
+from .structured import answer_form
+from .tool_calls import ContentDelta, ToolCallStream, new_call_id, parse_tool_calls
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 Service = Annotated[GenerationService, Depends(get_service)]
@@ -52,13 +54,15 @@ async def list_models(service: Service) -> dict:
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, service: Service):
-    """n answers (choices) to the conversation, generated together from one prefill of it."""
+    """n answers (choices) to the conversation, generated together from one prefill of it; as JSON or tool calls
+    where the request asks (the grammar of answer_form)."""
     model = service.check_model(body.model)
     service.check_capacity()
+    form = answer_form(body)
     requested = body.max_completion_tokens or body.max_tokens
     field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-    prompt_ids, max_tokens = service.chat_prompt(body.messages, requested, field)
-    params = service.openai_params(body, max_tokens)
+    prompt_ids, max_tokens = service.chat_prompt(body.messages, requested, field, form.tools)
+    params = msgspec.structs.replace(service.openai_params(body, max_tokens), grammar=form.grammar)
     jobs = service.choices(prompt_ids, params, body.n)
     service.check_kv_room(jobs)
     record = service.start(request, prompt_ids, lambda: [m.model_dump(exclude_none=True) for m in body.messages])
@@ -70,18 +74,32 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
 
     if not body.stream:
         results = await service.complete_all(request, jobs)
-        return {**head, "object": "chat.completion", "choices": [{
-            "index": index, "message": {"role": "assistant", "content": result.text},
-            "logprobs": logprobs(result), "finish_reason": result.finish_reason,
-        } for index, result in enumerate(results)],
-            "usage": usage(len(prompt_ids), sum(result.completion_tokens for result in results))}
+        choices = []
+        for index, result in enumerate(results):
+            message, finish_reason = {"role": "assistant", "content": result.text}, result.finish_reason
+            calls = parse_tool_calls(result.text) if form.parses_calls else None
+            if calls:
+                message = {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": new_call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                    for c in calls]}
+                finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+            choices.append({"index": index, "message": message, "logprobs": logprobs(result),
+                            "finish_reason": finish_reason})
+        return {**head, "object": "chat.completion", "choices": choices,
+                "usage": usage(len(prompt_ids), sum(result.completion_tokens for result in results))}
 
     def chunk(index: int, delta: dict, finish_reason: str | None = None, piece_logprobs: dict | None = None) -> str:
         return sse({**head, "object": "chat.completion.chunk", "choices": [
             {"index": index, "delta": delta, "logprobs": piece_logprobs, "finish_reason": finish_reason}]})
 
+    def deltas(events: list) -> list[dict]:
+        """Chunk deltas for the events of a tool-call stream."""
+        return [{"content": event.text} if isinstance(event, ContentDelta) else {"tool_calls": [event.as_dict()]}
+                for event in events]
+
     async def events() -> AsyncIterator[str]:
         generated = [0] * len(jobs)
+        calls = [ToolCallStream() if form.parses_calls else None for _ in jobs]
         for index in range(len(jobs)):
             yield chunk(index, {"role": "assistant", "content": ""})
         async for index, piece in service.stream_all(record, jobs):
@@ -89,10 +107,21 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
                 yield error_event(piece)
                 return
             generated[index] = piece.completion_tokens
-            if piece.text or piece.logprobs:
-                yield chunk(index, {"content": piece.text}, None, logprobs(piece))
+            stream = calls[index]
+            if stream is None:
+                if piece.text or piece.logprobs:
+                    yield chunk(index, {"content": piece.text}, None, logprobs(piece))
+            else:
+                parts = deltas(stream.feed(piece.text) + (stream.finish() if piece.finish_reason else []))
+                if piece.logprobs and not parts:
+                    parts = [{}]
+                for number, delta in enumerate(parts):
+                    yield chunk(index, delta, None, logprobs(piece) if number == 0 else None)
             if piece.finish_reason:
-                yield chunk(index, {}, piece.finish_reason)
+                finish_reason = piece.finish_reason
+                if stream is not None and stream.saw_tool_calls and finish_reason == "stop":
+                    finish_reason = "tool_calls"
+                yield chunk(index, {}, finish_reason)
         if wants_usage(body.stream_options):
             yield sse({**head, "object": "chat.completion.chunk", "choices": [],
                        "usage": usage(len(prompt_ids), sum(generated))})

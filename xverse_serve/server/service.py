@@ -11,12 +11,12 @@ import msgspec
 from fastapi import Request
 
 from ..engine.messages import SamplingParams
-from ..model.chat_format import PromptError, encode_chat, max_input_tokens
+from ..model.chat_format import FunctionSpec, PromptError, encode_chat, max_input_tokens
 from .config import ServingContext
 from .errors import APIError
 from .generation import GenerationFailed, TextDelta, generate_text
 from .metrics import Metrics, RequestRecord
-from .protocol import ChatMessage, OpenAIFields, SamplingFields
+from .protocol import ChatMessage, OpenAIFields, SamplingFields, to_messages
 
 FAILURE_TYPES = {500: "server_error", 503: "service_unavailable", 504: "timeout"}
 
@@ -115,12 +115,13 @@ class GenerationService:
                                 f"context: at most {remaining} are left", param=field)
         return requested
 
-    def chat_prompt(self, messages: list[ChatMessage], requested_tokens: int | None,
-                    field: str = "max_tokens") -> tuple[list[int], int]:
+    def chat_prompt(self, messages: list[ChatMessage], requested_tokens: int | None, field: str = "max_tokens",
+                    tools: tuple[FunctionSpec, ...] = ()) -> tuple[list[int], int]:
+        """The conversation's prompt (describing `tools`, which the model may call) and the answer's budget."""
         budget = requested_tokens or self.ctx.generation_defaults.max_new_tokens
         limit = max_input_tokens(self.ctx.model_config, self.ctx.max_model_len, budget)
         try:
-            prompt_ids = encode_chat(self.ctx.tokenizer, [m.to_message() for m in messages], limit)
+            prompt_ids = encode_chat(self.ctx.tokenizer, to_messages(messages), limit, tools)
         except PromptError as exc:
             raise APIError(400, str(exc), param="messages") from exc
         return prompt_ids, self.answer_budget(len(prompt_ids), requested_tokens, field)

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends
 from ..model.chat_format import PromptError, encode_chat
 from .auth import require_api_key
 from .errors import APIError
-from .protocol import DetokenizeRequest, TokenizeRequest
+from .protocol import DetokenizeRequest, TokenizeRequest, to_messages
 from .service import GenerationService, get_service
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -28,7 +28,7 @@ async def tokenize(body: TokenizeRequest, service: Service) -> dict:
         tokens = ctx.tokenizer.encode(body.prompt)
     else:
         try:
-            tokens = encode_chat(ctx.tokenizer, [m.to_message() for m in body.messages], limit=sys.maxsize)
+            tokens = encode_chat(ctx.tokenizer, to_messages(body.messages), limit=sys.maxsize)
         except PromptError as exc:
             raise APIError(400, str(exc), param="messages") from exc
     result = {"count": len(tokens), "max_model_len": ctx.max_model_len, "tokens": tokens}
