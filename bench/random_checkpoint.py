@@ -144,12 +144,36 @@ def build_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def write_checkpoint(folder: Path, tiny: bool, device: torch.device, max_shard_bytes: int, seed: int) -> None:
+BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
+PRINTABLE = [chr(c) for c in range(0x21, 0x7F)]  # one token each, as in XVERSE's vocabulary: JSON is short
+
+
+def build_bpe_tokenizer() -> Tokenizer:
+    """A byte-fallback BPE with Metaspace, as XVERSE's own: any text encodes (JSON and tool calls included, which
+    the WordLevel tokenizer cannot write), each printable ASCII character is a token, and so is each word "wN"
+    below the vocabulary's room (the words are merged digit by digit: "▁w12" from "▁w1" and "2"). Exactly
+    XVERSE's vocabulary size of ids."""
+    fixed = SPECIAL_TOKENS + BYTE_TOKENS + ["▁"] + PRINTABLE + ["▁w"]
+    num_words = XVERSE_7B.vocab_size - len(fixed)
+    words = [f"▁{WORD_PREFIX}{i}" for i in range(num_words)]
+    vocab = {token: i for i, token in enumerate(fixed + words)}
+    merges = [("▁", WORD_PREFIX)] + [(words[i // 10] if i >= 10 else "▁w", str(i % 10)) for i in range(num_words)]
+    tokenizer = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(" ", 1, 0)])
+    tokenizer.add_special_tokens(SPECIAL_TOKENS)
+    assert tokenizer.get_vocab_size() == XVERSE_7B.vocab_size, tokenizer.get_vocab_size()
+    return tokenizer
+
+
+def write_checkpoint(folder: Path, tiny: bool, device: torch.device, max_shard_bytes: int, seed: int,
+                     bpe_tokenizer: bool = False) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     config = model_config(tiny)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     (folder / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
-    build_tokenizer().save(str(folder / "tokenizer.json"))
+    (build_bpe_tokenizer() if bpe_tokenizer else build_tokenizer()).save(str(folder / "tokenizer.json"))
     write_weights(folder, config, device, max_shard_bytes, seed)
 
 
@@ -198,13 +222,16 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the random numbers are generated")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bpe-tokenizer", action="store_true",
+                        help="a byte-fallback BPE tokenizer that can write JSON (structured_bench.py needs it)")
     args = parser.parse_args()
 
     shard_gb = args.shard_gb or (0.03 if args.tiny else 3.0)
     started = time.perf_counter()
     print(f"writing {'tiny' if args.tiny else 'XVERSE-7B'} random checkpoint to {args.folder} "
           f"(generated on {args.device})", flush=True)
-    write_checkpoint(args.folder, args.tiny, torch.device(args.device), int(shard_gb * 1e9), args.seed)
+    write_checkpoint(args.folder, args.tiny, torch.device(args.device), int(shard_gb * 1e9), args.seed,
+                     args.bpe_tokenizer)
     if args.llama_copy:
         write_llama_copy(args.folder, args.llama_copy)
         print(f"llama copy (symlinked weights) in {args.llama_copy}", flush=True)

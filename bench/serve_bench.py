@@ -52,6 +52,8 @@ class LoadSpec:
     temperature: float
     extra_body: dict
     request_timeout: float
+    # Fields each group of clients adds to its requests: client i is in group i % len(client_groups).
+    client_groups: tuple[dict, ...] = ({},)
 
 
 @dataclass
@@ -66,6 +68,7 @@ class RequestResult:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None  # from usage, where the server sends it
     finish_reason: str | None = None
+    group: int = 0  # the client group of the request (LoadSpec.client_groups)
 
     @property
     def output_tokens(self) -> int:
@@ -77,7 +80,7 @@ def random_prompt(rng: random.Random, words: int) -> str:
     return " ".join(f"{WORD_PREFIX}{rng.randrange(NUM_WORDS)}" for _ in range(words))
 
 
-def request_body(spec: LoadSpec, prompt: str) -> dict:
+def request_body(spec: LoadSpec, prompt: str, group: int = 0) -> dict:
     body = {
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": spec.max_tokens,
@@ -85,6 +88,7 @@ def request_body(spec: LoadSpec, prompt: str) -> dict:
         "stream": True,
         "stream_options": {"include_usage": True},
         **spec.extra_body,
+        **spec.client_groups[group],
     }
     if spec.model is not None:
         body["model"] = spec.model
@@ -98,11 +102,12 @@ def sse_payload(line: str) -> str | None:
     return line[len("data:"):].strip()
 
 
-async def stream_request(client: httpx.AsyncClient, spec: LoadSpec, prompt: str) -> RequestResult:
-    result = RequestResult(ok=False, start=time.perf_counter())
+async def stream_request(client: httpx.AsyncClient, spec: LoadSpec, prompt: str, group: int = 0) -> RequestResult:
+    result = RequestResult(ok=False, start=time.perf_counter(), group=group)
     last_chunk: float | None = None
+    body = request_body(spec, prompt, group)
     try:
-        async with client.stream("POST", f"{spec.url}/v1/chat/completions", json=request_body(spec, prompt)) as resp:
+        async with client.stream("POST", f"{spec.url}/v1/chat/completions", json=body) as resp:
             if resp.status_code != 200:
                 result.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:300]}"
                 return result
@@ -142,14 +147,14 @@ async def stream_request(client: httpx.AsyncClient, spec: LoadSpec, prompt: str)
 
 
 async def client_loop(client: httpx.AsyncClient, spec: LoadSpec, prompts: asyncio.Queue[str],
-                      results: list[RequestResult]) -> None:
+                      results: list[RequestResult], group: int = 0) -> None:
     """One client: sends the queue's prompts one after another until the queue is empty."""
     while True:
         try:
             prompt = prompts.get_nowait()
         except asyncio.QueueEmpty:
             return
-        results.append(await stream_request(client, spec, prompt))
+        results.append(await stream_request(client, spec, prompt, group))
 
 
 def filled_queue(prompts: list[str]) -> asyncio.Queue[str]:
@@ -174,7 +179,8 @@ async def run_load(spec: LoadSpec, concurrency: int, requests_per_client: int, t
     limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         started = time.perf_counter()
-        await asyncio.gather(*(client_loop(client, spec, queue, results) for queue in queues))
+        groups = len(spec.client_groups)
+        await asyncio.gather(*(client_loop(client, spec, queue, results, i % groups) for i, queue in enumerate(queues)))
         return results, time.perf_counter() - started
 
 

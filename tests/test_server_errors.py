@@ -54,7 +54,7 @@ CASES = {
     "missing messages": (CHAT, {"max_tokens": 4}, 400, ["messages", "required"]),
     "empty messages": (CHAT, {"messages": []}, 400, ["messages"]),
     "unknown role": (CHAT, {"messages": [{"role": "robot", "content": "Hi"}]}, 400, ["role", "user"]),
-    "message without content": (CHAT, {"messages": [{"role": "user"}]}, 400, ["content", "required"]),
+    "message without content": (CHAT, {"messages": [{"role": "user"}]}, 400, ["content", "missing"]),
     "last message from the assistant": (CHAT, {"messages": [*HELLO, {"role": "assistant", "content": "Hi"}]}, 400,
                                         ["last message", "user"]),
     "only a system message": (CHAT, {"messages": [{"role": "system", "content": "Be brief."}]}, 400,
