@@ -163,7 +163,9 @@ def run_configs(model_dir: Path, device: torch.device, args: argparse.Namespace,
     error_ids = prompts(1, ERROR_PROMPT_LEN, vocab, 7)[0]
     reference: torch.Tensor | None = None
     for quantize in ("none", "int8", "int4"):
-        configs = [c for c in CONFIGS if c[1] == quantize]
+        configs = [c for c in CONFIGS if c[1] == quantize and (args.configs is None or c[0] in args.configs)]
+        if not configs:
+            continue
         try:
             model, load_facts = load(model_dir, device, torch.bfloat16 if cuda(device) else torch.float32, quantize)
         except Exception as exc:
@@ -375,6 +377,8 @@ def main() -> None:
     parser.add_argument("--capped-max-num-seqs", type=int, default=64)
     parser.add_argument("--capped-max-model-len", type=int, default=2048, help="the conversations are 2K tokens")
     parser.add_argument("--skip", nargs="*", default=[], choices=["configs", "capped", "kernels"])
+    parser.add_argument("--configs", nargs="*", default=None, choices=[c[0] for c in CONFIGS],
+                        help="only these configurations (default all; the first, bf16, is the logit reference)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.quick:

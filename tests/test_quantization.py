@@ -190,6 +190,20 @@ def test_triton_kernels_equal_the_float32_reference(triton_kernels, scheme: str,
         assert error < (2e-6 if dtype == torch.float32 else 5e-3), (dtype, error)
 
 
+@pytest.mark.parametrize(("backend", "m"), [("rowgemv", 1), ("skinny", 5), ("skinny", 32)])
+def test_int8_takes_the_bf16_models_gemv_kernels(triton_kernels, backend: str, m: int) -> None:
+    in_features = 3 * INT4_GROUP + 32
+    layer = quantized_layer("int8", 70, in_features, seed=6, device=DEVICE)
+    # The interpreter has no bfloat16 dot (it reads the bits wrongly); bf16 runs where the kernels compile.
+    for dtype in [torch.float16] + ([] if INTERPRET else [torch.bfloat16]):
+        x = gaussian(m, in_features, seed=m).to(dtype).to(DEVICE)
+        y = MatmulKernel(backend)(x, layer)
+        assert y.shape == (m, 70) and y.dtype == dtype
+        assert relative_error(y, reference_matmul(x, layer)) < 5e-3
+    assert layer.gemv_operands() == (layer.weight, layer.weight_scale)
+    assert quantized_layer("int4", 70, 3 * INT4_GROUP, seed=6, device=DEVICE).gemv_operands() is None
+
+
 def test_candidates_cover_every_batch_size_and_the_torch_op_only_for_int8() -> None:
     for scheme in ("int8", "int4"):
         layer = QuantizedLinear(4096, 4096, scheme, INT4_GROUP)
@@ -203,6 +217,11 @@ def test_candidates_cover_every_batch_size_and_the_torch_op_only_for_int8() -> N
     assert {k.backend for k in candidates(QuantizedLinear(4096, 4096, "int4"), 512, torch.float32)} == {"dequantize"}
     assert {k.backend for k in candidates(lm_head, 512, torch.float32)} == {"gemm", "torch"}
     assert "gemm" not in {k.backend for k in candidates(lm_head, 1, torch.float32)}
+    # bf16 int8: the bf16 model's GEMV at one row, its skinny GEMM at 2-32
+    assert "rowgemv" in {k.backend for k in candidates(lm_head, 1)}
+    assert {"skinny" in {k.backend for k in candidates(lm_head, m)} for m in (2, 32)} == {True}
+    assert not {"rowgemv", "skinny"} & {k.backend for k in candidates(lm_head, 33)}
+    assert not {"rowgemv", "skinny"} & {k.backend for k in candidates(QuantizedLinear(4096, 4096, "int4"), 1)}
 
 
 # ---------------------------------------------------------------- the model

@@ -192,7 +192,9 @@ def test_gemv_refuses_a_norm_or_residual_of_the_wrong_size() -> None:
 
 
 @pytest.mark.skipif(INTERPRET, reason="the one-row path runs on CUDA only")
-def test_one_bf16_row_goes_through_the_decoder_without_norm_kernels(tiny_model_dir, monkeypatch) -> None:
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_one_bf16_row_goes_through_the_decoder_without_norm_kernels(tiny_model_dir, monkeypatch,
+                                                                    quantize: str) -> None:
     from collections import Counter
 
     from paged import paged_logits
@@ -202,8 +204,8 @@ def test_one_bf16_row_goes_through_the_decoder_without_norm_kernels(tiny_model_d
     from xverse_serve.model.xverse import load_model
 
     config = load_config(tiny_model_dir)
-    model = load_model(tiny_model_dir, config, DEVICE, torch.bfloat16, 256)
-    assert model.dense
+    model = load_model(tiny_model_dir, config, DEVICE, torch.bfloat16, 256, quantize)
+    assert model.one_row_ready  # int8 weights too: the GEMVs read them with their scales
     calls: Counter[str] = Counter()
     for name in ("rms_norm", "fused_add_rms_norm"):
         original = getattr(triton_ops, name)
@@ -221,3 +223,53 @@ def test_one_bf16_row_goes_through_the_decoder_without_norm_kernels(tiny_model_d
     # Sums of squares taken in another order: the logits agree to bf16 roundings, the greedy tokens exactly.
     assert ((fused - unfused).norm() / unfused.norm()).item() < 2e-2
     assert torch.equal(fused.argmax(dim=-1), unfused.argmax(dim=-1))
+
+
+def int8_weight(n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An int8 weight with its float32 row scales (model/quantization.py's layout), and W dequantized in float32."""
+    from xverse_serve.model.quantization import dequantize_int8, quantize_int8
+
+    q, scale = quantize_int8(torch.randn(n, k, generator=gen))
+    return q.to(DEVICE), scale.to(DEVICE), dequantize_int8(q, scale).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("n", "k"), [(64, 512), (37, 100), (130, 1536)], ids=str)
+def test_int8_weights_give_the_products_of_their_dequantized_weights(n: int, k: int, dtype: torch.dtype) -> None:
+    """Every one-row kernel and the skinny GEMM take int8 rows with their scales: the values -128..127 widened
+    through the float's bits, the scale applied to each row's sum."""
+    from xverse_serve.kernels.fused_ops import silu_and_mul
+
+    gen = torch.Generator().manual_seed(n * k + 1)
+    q, scale, w = int8_weight(n, k, gen)
+    q[0, :4] = torch.tensor([-128, 127, -1, 0], dtype=torch.int8)  # the extremes widen exactly
+    w[0, :4] = torch.tensor([-128, 127, -1, 0], dtype=torch.float32) * scale[0]
+    x = torch.randn(1, k, generator=gen).to(dtype).to(DEVICE)
+    tolerance = 1e-5 if dtype == torch.float32 else 8e-3
+
+    def close(out: torch.Tensor, reference: torch.Tensor, within: float = tolerance) -> bool:
+        return ((out.float() - reference).norm() / reference.norm()).item() < within
+
+    reference = x.float() @ w.T
+    for config in (None, (4, 128, 4, 1), (16, 256, 8, 2)):
+        out = triton_gemv.gemv(x, q, config, scale=scale)
+        assert out.dtype == dtype and close(out, reference), config
+    residual = torch.randn(1, n, generator=gen).to(dtype).to(DEVICE)
+    stream, _ = triton_gemv.add_gemv(x, q, residual, scale=scale)
+    assert close(stream, reference + residual.float())
+    if n % 2 == 0:
+        gated = triton_gemv.gated_gemv(x, q, scale=scale)
+        assert close(gated, silu_and_mul(reference.to(dtype)).float())
+    if not (INTERPRET and dtype == torch.bfloat16):  # the interpreter's bf16 dots: see the skinny test above
+        rows = torch.randn(5, k, generator=gen).to(dtype).to(DEVICE)
+        out = triton_gemv.skinny_matmul(rows, q, (32, 64, 4, 2), scale=scale)
+        # tensor-core dots of float32 inputs round them to tf32 on a GPU
+        assert close(out, rows.float() @ w.T, 2e-3 if dtype == torch.float32 and not INTERPRET else tolerance)
+
+
+def test_a_scaled_weight_must_be_int8_with_a_float32_scale_per_row() -> None:
+    x = torch.randn(1, 64).to(DEVICE)
+    with pytest.raises(ValueError, match="int8"):
+        triton_gemv.gemv(x, torch.randn(16, 64).to(DEVICE), scale=torch.ones(16).to(DEVICE))
+    with pytest.raises(ValueError, match="float32 scale"):
+        triton_gemv.gemv(x, torch.zeros(16, 64, dtype=torch.int8).to(DEVICE), scale=torch.ones(8).to(DEVICE))

@@ -10,6 +10,11 @@ sum is taken in another order than cuBLAS's: the result differs from F.linear by
 
 For 2-32 rows, skinny_matmul pads the rows to one 16- or 32-row tile and streams W through tensor-core dots,
 which beats cuBLAS there too (most on the lm_head).
+
+Every kernel also takes W as int8 with a float32 scale per row (model/quantization.py's int8 layout: W[n, k] =
+q[n, k] * scale[n]): half the bytes to stream, so a one-row step reads its weights in about half the time, with the
+same fusions as the bf16 weights. The integers are widened through the float's bits (see _widen) and the row's
+scale multiplies its float32 sum once, after the loop.
 """
 
 from __future__ import annotations
@@ -48,6 +53,23 @@ SKINNY_CONFIGS = {
 DEFAULT_SKINNY_CONFIG = (64, 128, 4, 3)
 
 
+
+def int8_config(config: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """For int8 weights, a bf16 configuration's tile in bytes: twice the columns per step."""
+    block_n, block_k, num_warps, num_stages = config
+    return block_n, 2 * block_k, num_warps, num_stages
+
+
+@triton.jit
+def _widen(w):
+    """A tile of weights as float32. int8 goes through the float's bits, 1.5 * 2**23 + q, then minus 1.5 * 2**23
+    (exact for |q| < 2**22): two adds instead of an int-to-float conversion, which runs at a quarter of their rate
+    and would bound a GEMV that streams int8 at the memory's speed."""
+    if w.dtype == tl.int8:
+        return (w.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+    return w.to(tl.float32)
+
+
 @dataclass(frozen=True)
 class RowNorm:
     """An RMSNorm taken inside the GEMV that reads its input: the input is then the residual stream as add_gemv
@@ -62,13 +84,16 @@ class RowNorm:
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, stride_wn,
                  norm_w_ptr, squares_ptr, num_squares, eps,  # NORMED
                  residual_ptr, squares_out_ptr,  # ADD_RESIDUAL
+                 scale_ptr,  # SCALED
                  K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 GATED: tl.constexpr, NORMED: tl.constexpr, SQUARES_BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr):
+                 GATED: tl.constexpr, NORMED: tl.constexpr, SQUARES_BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
+                 SCALED: tl.constexpr):
     # K is a compile-time constant (a model has two: hidden and intermediate size), so the loop is fixed.
     # GATED: W holds 2N rows, the gate's then the up's; a program takes rows j of both, and stores silu(gate) * up.
     # NORMED: x is a residual stream whose RMSNorm is the real input: every program takes the norm of each slice
     # of x it reads, from the sums of squares of x's slices, summed in one fixed order (the same in every program).
     # ADD_RESIDUAL: stores residual + W x, and the sum of squares of this program's rows of it at squares_out[pid].
+    # SCALED: W is int8 and row n of the product is multiplied by scale[n] (gated: the up's rows are N + n).
     dtype = y_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -99,64 +124,91 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, stride_wn,
         if NORMED:  # rounded where the norm kernel rounds: the normalised value, then its product with the weight
             x = (norm_w * (x * inv_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
         x = x[None, :]
-        acc += w.to(tl.float32) * x
+        acc += _widen(w) * x
         if GATED:
             up_w = tl.load(w_rows + N * stride_wn + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
-            acc_up += up_w.to(tl.float32) * x
+            acc_up += _widen(up_w) * x
+    out = tl.sum(acc, axis=1)
+    if SCALED:
+        out *= tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
     if GATED:
+        up = tl.sum(acc_up, axis=1)
+        if SCALED:
+            up *= tl.load(scale_ptr + N + rows, mask=row_ok, other=0.0)
         # Rounded where the unfused path stores: the projection's output, then silu (fused_ops.silu_and_mul).
-        gate = tl.sum(acc, axis=1).to(dtype).to(tl.float32)
-        up = tl.sum(acc_up, axis=1).to(dtype).to(tl.float32)
+        gate = out.to(dtype).to(tl.float32)
+        up = up.to(dtype).to(tl.float32)
         silu = tl.math.div_rn(gate, 1.0 + tl.exp(-gate)).to(dtype).to(tl.float32)
         tl.store(y_ptr + rows, (silu * up).to(dtype), mask=row_ok)
     elif ADD_RESIDUAL:
         # Rounded where the unfused path rounds: the projection's output, then the sum (fused_ops' residual add).
         residual = tl.load(residual_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        y = (tl.sum(acc, axis=1).to(dtype).to(tl.float32) + residual).to(dtype).to(tl.float32)
+        y = (out.to(dtype).to(tl.float32) + residual).to(dtype).to(tl.float32)
         tl.store(y_ptr + rows, y.to(dtype), mask=row_ok)
         tl.store(squares_out_ptr + tl.program_id(0), tl.sum(y * y, axis=0))  # masked rows are 0
     else:
-        tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(dtype), mask=row_ok)
+        tl.store(y_ptr + rows, out.to(dtype), mask=row_ok)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int] | None = None,
-         norm: RowNorm | None = None) -> torch.Tensor:
+         norm: RowNorm | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] holding one row, weight [N, K] (row-major) -> x @ weight.T, shaped [..., N], in x's dtype.
-    With `norm`, x is a residual stream from add_gemv and the product is taken with its RMSNorm instead."""
+    With `norm`, x is a residual stream from add_gemv and the product is taken with its RMSNorm instead. With
+    `scale` [N] float32, weight is int8 and W = weight * scale[:, None]."""
     table = NORMED_CONFIGS if norm is not None else CONFIGS
-    out, _ = _one_row(x, weight, weight.shape[0], config or table.get(weight.shape, DEFAULT_CONFIG), norm=norm)
+    out, _ = _one_row(x, weight, weight.shape[0], _config(config, table, weight, scale), norm=norm, scale=scale)
     return out
 
 
 def gated_gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int] | None = None,
-               norm: RowNorm | None = None) -> torch.Tensor:
+               norm: RowNorm | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
     """silu(gate) * up for one row x [..., K] and weight [2 * inter, K] holding the gate's rows then the up's:
     gate_up = x @ weight.T and fused_ops.silu_and_mul in one kernel, shaped [..., inter], in x's dtype. One kernel
-    fewer per layer of a one-sequence decode step, and the gate_up output is never written. `norm` as in gemv."""
+    fewer per layer of a one-sequence decode step, and the gate_up output is never written. `norm` and `scale`
+    as in gemv."""
     if weight.shape[0] % 2:
         raise ValueError(f"gated_gemv takes an even number of weight rows (gate, then up), got {weight.shape[0]}")
     table = NORMED_CONFIGS if norm is not None else GATED_CONFIGS
-    out, _ = _one_row(x, weight, weight.shape[0] // 2, config or table.get(weight.shape, DEFAULT_CONFIG),
-                      gated=True, norm=norm)
+    out, _ = _one_row(x, weight, weight.shape[0] // 2, _config(config, table, weight, scale), gated=True, norm=norm,
+                      scale=scale)
     return out
 
 
 def add_gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
-             config: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             config: tuple[int, int, int, int] | None = None,
+             scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """residual + x @ weight.T for one row (the product rounded to x's dtype, then the sum, as PyTorch rounds
     them), and the float32 sums of squares of its slices, one per program: what gemv's `norm` takes, so that the
-    RMSNorm after a residual add needs no kernel of its own."""
+    RMSNorm after a residual add needs no kernel of its own. `scale` as in gemv."""
     if residual.numel() != weight.shape[0] or residual.dtype != x.dtype:
         raise ValueError(f"the residual must be {weight.shape[0]} values of {x.dtype}, got {tuple(residual.shape)} "
                          f"of {residual.dtype}")
-    return _one_row(x, weight, weight.shape[0], config or RESIDUAL_CONFIGS.get(weight.shape, DEFAULT_CONFIG),
-                    residual=residual)
+    return _one_row(x, weight, weight.shape[0], _config(config, RESIDUAL_CONFIGS, weight, scale), residual=residual,
+                    scale=scale)
+
+
+def _config(config: tuple[int, int, int, int] | None, table: dict, weight: torch.Tensor,
+            scale: torch.Tensor | None) -> tuple[int, int, int, int]:
+    """The caller's configuration, else the table's for the weight's shape (in bytes, for int8 weights)."""
+    if config is not None:
+        return config
+    config = table.get(tuple(weight.shape), DEFAULT_CONFIG)
+    return int8_config(config) if scale is not None else config
+
+
+def _check_scale(weight: torch.Tensor, scale: torch.Tensor | None) -> None:
+    if scale is None:
+        return
+    if weight.dtype != torch.int8 or scale.dtype != torch.float32 or scale.shape != (weight.shape[0],):
+        raise ValueError(f"a scaled weight is int8 [N, K] with a float32 scale [N]; got {weight.dtype} "
+                         f"{tuple(weight.shape)} and {scale.dtype} {tuple(scale.shape)}")
 
 
 def _one_row(x: torch.Tensor, weight: torch.Tensor, n: int, config: tuple[int, int, int, int], gated: bool = False,
-             norm: RowNorm | None = None,
-             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+             norm: RowNorm | None = None, residual: torch.Tensor | None = None,
+             scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launches _gemv_kernel for n outputs, shaped [..., n]; with a residual, also the sums of squares."""
+    _check_scale(weight, scale)
     k = weight.shape[1]
     if x.numel() != k:
         raise ValueError(f"the GEMV takes one row of {k} values, got a tensor of shape {tuple(x.shape)}")
@@ -175,19 +227,21 @@ def _one_row(x: torch.Tensor, weight: torch.Tensor, n: int, config: tuple[int, i
     _gemv_kernel[(programs,)](row, weight, out, n, weight.stride(0), *norm_args,
                               residual.reshape(n) if residual is not None else out,
                               squares_out if squares_out is not None else out,
+                              scale if scale is not None else out,
                               K=k, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, GATED=gated,
                               NORMED=norm is not None,
                               SQUARES_BLOCK=triton.next_power_of_2(norm.squares.numel()) if norm else 1,
-                              ADD_RESIDUAL=residual is not None, num_warps=num_warps, num_stages=num_stages)
+                              ADD_RESIDUAL=residual is not None, SCALED=scale is not None, num_warps=num_warps,
+                              num_stages=num_stages)
     return out.view(*x.shape[:-1], n), squares_out
 
 
 # Not specialized on M: rows vary step by step (decode graphs cover 2, 4, 8, 16 and 32; eager mixed steps anything
 # from 2 to 32), and a variant compiled while serving would stall every request in flight.
 @triton.jit(do_not_specialize=["M"])
-def _skinny_kernel(x_ptr, w_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_ym,
+def _skinny_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, M, N, stride_xm, stride_wn, stride_ym,
                    K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   EVEN_K: tl.constexpr):
+                   EVEN_K: tl.constexpr, SCALED: tl.constexpr):
     rows = tl.arange(0, BLOCK_M)
     outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, out_ok = rows < M, outs < N
@@ -200,14 +254,20 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_ym,
                     other=0.0)
         w = tl.load(w_rows + cols[None, :], mask=out_ok[:, None] & col_ok[None, :], other=0.0,
                     eviction_policy="evict_first")
+        if SCALED:  # int8 values are exact in bf16 and fp16
+            w = _widen(w).to(x.dtype)
         acc = tl.dot(x, tl.trans(w), acc)
+    if SCALED:
+        acc *= tl.load(scale_ptr + outs, mask=out_ok, other=0.0)[None, :]
     tl.store(y_ptr + rows[:, None] * stride_ym + outs[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=row_ok[:, None] & out_ok[None, :])
 
 
-def skinny_matmul(x: torch.Tensor, weight: torch.Tensor,
-                  config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """x [..., K] holding 2..MAX_SKINNY_ROWS rows, weight [N, K] (row-major) -> x @ weight.T, in x's dtype."""
+def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int] | None = None,
+                  scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] holding 2..MAX_SKINNY_ROWS rows, weight [N, K] (row-major) -> x @ weight.T, in x's dtype.
+    `scale` as in gemv."""
+    _check_scale(weight, scale)
     n, k = weight.shape
     x2 = x.reshape(-1, k)
     rows = x2.shape[0]
@@ -219,8 +279,9 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor,
         x2 = x2.contiguous()
     block_n, block_k, num_warps, num_stages = config or SKINNY_CONFIGS.get((n, k), DEFAULT_SKINNY_CONFIG)
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    _skinny_kernel[(triton.cdiv(n, block_n),)](x2, weight, out, rows, n, x2.stride(0), weight.stride(0),
-                                               out.stride(0), K=k, BLOCK_M=16 if rows <= 16 else 32,
-                                               BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
+    _skinny_kernel[(triton.cdiv(n, block_n),)](x2, weight, out, scale if scale is not None else out, rows, n,
+                                               x2.stride(0), weight.stride(0), out.stride(0), K=k,
+                                               BLOCK_M=16 if rows <= 16 else 32, BLOCK_N=block_n, BLOCK_K=block_k,
+                                               EVEN_K=k % block_k == 0, SCALED=scale is not None,
                                                num_warps=num_warps, num_stages=num_stages)
     return out.view(*x.shape[:-1], n)

@@ -9,9 +9,11 @@ packed projection (q/k/v into qkv_proj, gate/up into gate_up_proj): model.load_m
 on the device, a slice of rows at a time, so no full-precision copy of the model is ever held.
 
 The matmul: on the CPU, int8 runs torch._weight_int8pack_mm and int4 dequantizes and runs F.linear (the
-reference). On CUDA the Triton kernels of kernels.quant_matmul run, and which one depends on the number of rows M:
-`tune` times the candidates (gemv, gemm, dequantize + cuBLAS, torch's int8 op) for each layer shape at M = 1,
-2, 4, ... at start-up, checks each against the float32 reference, and keeps the fastest per M.
+reference). On CUDA the Triton kernels of kernels.quant_matmul run, and for int8 also the bf16 model's GEMVs of
+kernels.gemv (one row, and 2-32 rows), which read int8 rows with their scales; which one depends on the number of
+rows M: `tune` times the candidates (gemv, gemm, dequantize + cuBLAS, torch's int8 op, kernels.gemv's) for each
+layer shape at M = 1, 2, 4, ... at start-up, checks each against the float32 reference, and keeps the fastest
+per M. The one-row path of the decoder (one_row.py) always takes kernels.gemv's fused GEMVs for int8.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .one_row import OneRowProjection
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +88,9 @@ class MatmulKernel:
     """One way to multiply by a quantized weight on CUDA: a backend and its options.
 
     gemv, gemm, dequantize: the Triton kernels of kernels.quant_matmul (dequantize: the dense weight, then F.linear);
-    torch: torch._weight_int8pack_mm (int8 only); reference: the weight dequantized by PyTorch, then F.linear
-    (slow and memory-hungry: only where no other kernel works)."""
+    rowgemv, skinny: kernels.gemv's one-row GEMV and 2-32-row GEMM (int8 only); torch: torch._weight_int8pack_mm
+    (int8 only); reference: the weight dequantized by PyTorch, then F.linear (slow and memory-hungry: only where no
+    other kernel works)."""
 
     backend: str
     options: tuple[tuple[str, int], ...] = ()
@@ -94,6 +99,11 @@ class MatmulKernel:
         from ..kernels import quant_matmul  # imported here, so a CPU-only install needs no Triton
 
         options = dict(self.options)
+        if self.backend in ("rowgemv", "skinny"):
+            from ..kernels import gemv
+
+            run = gemv.gemv if self.backend == "rowgemv" else gemv.skinny_matmul
+            return run(x, layer.weight, scale=layer.weight_scale)
         if self.backend == "gemv" and layer.bits == 8:
             return quant_matmul.int8_gemv(x, layer.weight, layer.weight_scale, **options)
         if self.backend == "gemv":
@@ -121,9 +131,10 @@ class MatmulKernel:
 MatmulPlan = tuple[tuple[int, MatmulKernel], ...]
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(nn.Module, OneRowProjection):
     """y = x @ W^T without bias, W held as int8 per output channel or int4 per group (buffers, filled by
-    load_rows). `weight` is the quantized tensor itself (int8 [N, K] or packed uint8 [N, K // 2])."""
+    load_rows). `weight` is the quantized tensor itself (int8 [N, K] or packed uint8 [N, K // 2]). int8 takes
+    the one-row path's fused GEMVs."""
 
     def __init__(self, in_features: int, out_features: int, scheme: str, group_size: int = INT4_GROUP) -> None:
         super().__init__()
@@ -148,6 +159,9 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"
+
+    def gemv_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return (self.weight, self.weight_scale) if self.bits == 8 else None
 
     @torch.no_grad()
     def load_rows(self, start: int, w: torch.Tensor) -> None:
@@ -278,6 +292,10 @@ def candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype = torch.bfloat
         kernels += [MatmulKernel("dequantize")] if dequantize_fits else [_gemm(layer, m, "large")] * (m > 16)
         return kernels + [MatmulKernel("torch")] * (layer.bits == 8)
     kernels = []
+    if layer.bits == 8 and dtype in (torch.bfloat16, torch.float16):
+        from ..kernels import gemv
+
+        kernels += [MatmulKernel("rowgemv")] if m == 1 else [MatmulKernel("skinny")] * (m <= gemv.MAX_SKINNY_ROWS)
     if m <= 16:
         kernels += [_gemv(layer, config) for config in GEMV_CONFIGS[layer.bits]]
         kernels.append(_gemm(layer, m, "small"))

@@ -12,7 +12,6 @@ arrives.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property, partial
@@ -26,9 +25,8 @@ from torch import nn
 from .attention import AttentionBatch, paged_attention, write_kv
 from .checkpoint import CheckpointError, ModelConfig, is_skipped_tensor, iter_shard_tensors
 from .kv_cache import LayerCache
+from .one_row import FUSED_KERNELS, OneRowProjection, gemv_kernels
 from .quantization import QuantizedEmbedding, QuantizedLinear, replace_linear, tune
-
-FUSED_KERNELS = os.environ.get("XVERSE_FUSED_KERNELS", "1") != "0"
 
 
 def fused_ops(t: torch.Tensor) -> ModuleType | None:
@@ -40,12 +38,12 @@ def fused_ops(t: torch.Tensor) -> ModuleType | None:
     return fused_ops
 
 
-class Linear(nn.Linear):
+class Linear(nn.Linear, OneRowProjection):
     """nn.Linear without bias whose products with a few rows on CUDA (decode steps of up to 32 sequences) run
     as kernels.gemv's kernels, which stream the weights faster than cuBLAS there; everything else is F.linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (gemv := self._gemv_kernels(x)) is not None:
+        if (gemv := gemv_kernels(x)) is not None:
             rows = x.numel() // self.in_features
             if rows == 1:
                 return gemv.gemv(x, self.weight)
@@ -53,40 +51,13 @@ class Linear(nn.Linear):
                 return gemv.skinny_matmul(x, self.weight)
         return F.linear(x, self.weight)
 
-    def gated(self, x: torch.Tensor) -> torch.Tensor | None:
-        """For a gate_up projection: silu(gate) * up of one row in one kernel (gemv.gated_gemv) where the
-        GEMV runs; None elsewhere, where the caller computes the projection and then the activation."""
-        if (gemv := self._gemv_kernels(x)) is not None and x.numel() == self.in_features:
-            return gemv.gated_gemv(x, self.weight)
-        return None
-
-    # The one-row path of DecoderLayer.forward_one_row, where the GEMV kernels run (Linear.runs_one_row).
-
-    def add_to(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(residual + self(x), the sums of squares of its slices) in one kernel: gemv.add_gemv."""
-        from ..kernels import gemv
-
-        return gemv.add_gemv(x, self.weight, residual)
-
-    def normed(self, stream: torch.Tensor, squares: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
-        """self(norm(stream)) with the norm taken inside the GEMV, from the sums of squares add_to left beside the
-        stream."""
-        from ..kernels import gemv
-
-        return gemv.gemv(stream, self.weight, norm=gemv.RowNorm(norm.weight, norm.eps, squares))
+    def gemv_operands(self) -> tuple[torch.Tensor, None]:
+        return self.weight, None
 
     @classmethod
     def runs_one_row(cls, x: torch.Tensor) -> bool:
         """Whether x is one row the GEMV kernels take."""
-        return x.shape[0] == 1 and cls._gemv_kernels(x) is not None
-
-    @staticmethod
-    def _gemv_kernels(x: torch.Tensor) -> ModuleType | None:
-        if x.dtype in (torch.bfloat16, torch.float16) and fused_ops(x) is not None:
-            from ..kernels import gemv
-
-            return gemv
-        return None
+        return x.shape[0] == 1 and gemv_kernels(x) is not None
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -191,8 +162,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One row on CUDA: the projection and the activation in one kernel (a quantized projection has no such).
-        if isinstance(self.gate_up_proj, Linear) and (hidden := self.gate_up_proj.gated(x)) is not None:
+        # One row on CUDA: the projection and the activation in one kernel (an int4 projection has no such).
+        if (hidden := self.gate_up_proj.gated(x)) is not None:
             return self.down_proj(hidden)
         gate_up = self.gate_up_proj(x)
         if (ops := fused_ops(gate_up)) is not None:
@@ -292,7 +263,7 @@ class XverseForCausalLM(nn.Module):
         """Hidden states after the final norm, [tokens, hidden]."""
         rotary = Rotary(self.rope_cos, self.rope_sin, positions)
         x, residual = self.model.embed_tokens(input_ids), None
-        if self.dense and Linear.runs_one_row(x):
+        if self.one_row_ready and Linear.runs_one_row(x):
             stream, squares = x, None
             for layer, kv in zip(self.model.layers, kv_caches):
                 stream, squares = layer.forward_one_row(stream, squares, rotary, kv, batch)
@@ -303,9 +274,9 @@ class XverseForCausalLM(nn.Module):
         return hidden
 
     @cached_property
-    def dense(self) -> bool:
-        """Whether every projection of every layer is a dense Linear (none quantized): the one-row path's GEMVs."""
-        return all(type(proj) is Linear for layer in self.model.layers
+    def one_row_ready(self) -> bool:
+        """Whether the one-row path's GEMVs read every projection of every layer (dense or int8 weights)."""
+        return all(proj.gemv_operands() is not None for layer in self.model.layers
                    for proj in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
                                 layer.mlp.down_proj))
 
