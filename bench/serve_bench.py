@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -102,6 +103,18 @@ def sse_payload(line: str) -> str | None:
     return line[len("data:"):].strip()
 
 
+async def sse_lines(response: httpx.Response) -> AsyncIterator[str]:
+    """The lines of an event stream, split at line feeds only, as the SSE format has them: httpx's aiter_lines
+    also splits at U+2028, U+0085 and the like, which a model's text may hold raw inside an event's JSON."""
+    pending = ""
+    async for text in response.aiter_text():
+        *lines, pending = (pending + text).split("\n")
+        for line in lines:
+            yield line.removesuffix("\r")
+    if pending:
+        yield pending
+
+
 async def stream_request(client: httpx.AsyncClient, spec: LoadSpec, prompt: str, group: int = 0) -> RequestResult:
     result = RequestResult(ok=False, start=time.perf_counter(), group=group)
     last_chunk: float | None = None
@@ -111,7 +124,7 @@ async def stream_request(client: httpx.AsyncClient, spec: LoadSpec, prompt: str,
             if resp.status_code != 200:
                 result.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:300]}"
                 return result
-            async for line in resp.aiter_lines():
+            async for line in sse_lines(resp):
                 data = sse_payload(line)
                 if data is None:
                     continue

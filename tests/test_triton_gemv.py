@@ -242,8 +242,9 @@ def test_int8_weights_give_the_products_of_their_dequantized_weights(n: int, k: 
 
     gen = torch.Generator().manual_seed(n * k + 1)
     q, scale, w = int8_weight(n, k, gen)
-    q[0, :4] = torch.tensor([-128, 127, -1, 0], dtype=torch.int8)  # the extremes widen exactly
-    w[0, :4] = torch.tensor([-128, 127, -1, 0], dtype=torch.float32) * scale[0]
+    extremes = torch.tensor([-128, 127, -1, 0], dtype=torch.int8, device=DEVICE)  # they widen exactly
+    q[0, :4] = extremes
+    w[0, :4] = extremes.float() * scale[0]
     x = torch.randn(1, k, generator=gen).to(dtype).to(DEVICE)
     tolerance = 1e-5 if dtype == torch.float32 else 8e-3
 

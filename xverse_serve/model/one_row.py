@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
-
-if TYPE_CHECKING:
-    from .xverse import RMSNorm
 
 FUSED_KERNELS = os.environ.get("XVERSE_FUSED_KERNELS", "1") != "0"
 
@@ -25,6 +22,13 @@ def gemv_kernels(x: torch.Tensor) -> ModuleType | None:
 
         return gemv
     return None
+
+
+class Norm(Protocol):
+    """An RMSNorm's parameters (xverse.RMSNorm)."""
+
+    weight: torch.Tensor
+    eps: float
 
 
 class OneRowProjection:
@@ -52,7 +56,7 @@ class OneRowProjection:
         weight, scale = self.gemv_operands()
         return gemv.add_gemv(x, weight, residual, scale=scale)
 
-    def normed(self, stream: torch.Tensor, squares: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+    def normed(self, stream: torch.Tensor, squares: torch.Tensor, norm: Norm) -> torch.Tensor:
         """self(norm(stream)) with the norm taken inside the GEMV, from the sums of squares add_to left beside the
         stream."""
         from ..kernels import gemv

@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from . import chat_page, monitoring, openai_api, seed_api, tokenize_api
+from . import chat_page, monitoring, openai_api, seed_api, structured, tokenize_api
 from .config import ServingContext
 from .errors import install_error_handlers
 from .lifecycle import Lifecycle
@@ -22,6 +22,7 @@ def create_app(ctx: ServingContext) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         ctx.engine.start()
+        structured.warm_up()
         yield
         ctx.engine.stop()
 

@@ -30,6 +30,11 @@ def checked_grammar_error(grammar: str) -> str | None:
     return grammar_error(grammar)
 
 
+def warm_up() -> None:
+    """Builds and checks one schema's grammar, so that the first request with a schema pays no one-time costs."""
+    checked_grammar_error(json_grammar(None))
+
+
 def answer_form(body: ChatCompletionRequest) -> AnswerForm:
     """The answer's form; an APIError (400) for a schema or a function the grammar engine cannot compile."""
     if body.calls_tools():
