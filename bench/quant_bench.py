@@ -64,7 +64,7 @@ GiB = 2**30
 KV_DTYPES = {"auto": None, "int8": torch.int8, "fp8": torch.float8_e4m3fn}
 # (name, --quantize, --kv-cache-dtype); the first is the reference for the logit error.
 CONFIGS = [("bf16", "none", "auto"), ("bf16 + int8 KV", "none", "int8"), ("bf16 + fp8 KV", "none", "fp8"),
-           ("int8", "int8", "auto"), ("int4", "int4", "auto")]
+           ("int8", "int8", "auto"), ("int4", "int4", "auto"), ("fp8", "fp8", "auto")]
 CAPPED = [("int8, 10 GiB", "int8", 10.0), ("int4, 6 GiB", "int4", 6.0)]
 ERROR_PROMPT_LEN, ERROR_POSITIONS = 512, 64
 
@@ -162,7 +162,7 @@ def run_configs(model_dir: Path, device: torch.device, args: argparse.Namespace,
     vocab = load_config(model_dir).vocab_size
     error_ids = prompts(1, ERROR_PROMPT_LEN, vocab, 7)[0]
     reference: torch.Tensor | None = None
-    for quantize in ("none", "int8", "int4"):
+    for quantize in ("none", "int8", "int4", "fp8"):
         configs = [c for c in CONFIGS if c[1] == quantize and (args.configs is None or c[0] in args.configs)]
         if not configs:
             continue

@@ -37,7 +37,7 @@ from paged import engine_tokens, paged_logits  # noqa: E402
 from tiny_checkpoint import write_checkpoint  # noqa: E402
 
 from xverse_serve.engine.config import CacheConfig, SchedulerConfig  # noqa: E402
-from xverse_serve.engine.loader import assemble_engine, resolve_kv_cache_dtype  # noqa: E402
+from xverse_serve.engine.loader import assemble_engine, check_quantize, resolve_kv_cache_dtype  # noqa: E402
 from xverse_serve.engine.messages import SamplingParams  # noqa: E402
 from xverse_serve.launch import build_engine  # noqa: E402
 from xverse_serve.model.checkpoint import CheckpointError, ModelConfig, load_config  # noqa: E402
@@ -47,8 +47,10 @@ from xverse_serve.model.quantization import (
     QuantizedEmbedding,
     QuantizedLinear,
     candidates,
+    dequantize_fp8,
     dequantize_int4,
     dequantize_int8,
+    quantize_fp8,
     quantize_int4,
     quantize_int8,
     quantized_bytes,
@@ -100,6 +102,19 @@ def test_int4_round_trip_is_within_half_a_step_per_group_of_128() -> None:
                                atol=2e-4, rtol=0)
 
 
+def test_fp8_round_trip_keeps_three_mantissa_bits_per_channel() -> None:
+    w = gaussian(48, 200, seed=7, scale=0.02) * torch.linspace(0.1, 10, 48)[:, None]  # channels of unlike range
+    w[5] = 0  # an all-zero row
+    q, scale = quantize_fp8(w)
+    assert q.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32 and scale.shape == (48,)
+    torch.testing.assert_close(scale[6:], w[6:].abs().amax(dim=1) / 448)
+    assert (q.float().abs().amax(dim=1)[6:] == 448).all()  # each row's largest weight maps to e4m3's largest
+    error = (dequantize_fp8(q, scale) - w).abs()
+    # e4m3 rounds to within 2**-4 of a value in its normal range; below 2**-6 (subnormal) within 2**-10 * scale
+    assert (error <= torch.maximum(w.abs() * 2.0 ** -4, scale[:, None] * 2.0 ** -10) * (1 + 1e-6)).all()
+    assert (dequantize_fp8(q, scale)[5] == 0).all()
+
+
 def test_int4_packs_two_weights_per_byte_low_nibble_first() -> None:
     w = torch.arange(INT4_GROUP, dtype=torch.float32).repeat(2, 1) % 16  # q = w exactly: offset 0, scale 1
     packed, scale, offset = quantize_int4(w)
@@ -131,15 +146,16 @@ def quantized_layer(scheme: str, out_features: int, in_features: int, seed: int,
     return layer
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "fp8"])
 def test_load_rows_in_slices_equals_quantizing_the_whole(scheme: str) -> None:
     layer = quantized_layer(scheme, 40, 256, seed=2)
     w = gaussian(40, 256, seed=2, scale=256 ** -0.5).to(torch.bfloat16)
-    whole = quantize_int8(w) if scheme == "int8" else quantize_int4(w)
-    assert torch.equal(layer.weight, whole[0]) and torch.equal(layer.weight_scale, whole[1])
+    whole = {"int8": quantize_int8, "int4": quantize_int4, "fp8": quantize_fp8}[scheme](w)
+    assert torch.equal(layer.weight.view(torch.uint8), whole[0].view(torch.uint8))
+    assert torch.equal(layer.weight_scale, whole[1])
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpu_forward_equals_the_dequantized_matmul(scheme: str, dtype: torch.dtype) -> None:
     layer = quantized_layer(scheme, 40, 256, seed=3)
@@ -190,10 +206,11 @@ def test_triton_kernels_equal_the_float32_reference(triton_kernels, scheme: str,
         assert error < (2e-6 if dtype == torch.float32 else 5e-3), (dtype, error)
 
 
-@pytest.mark.parametrize(("backend", "m"), [("rowgemv", 1), ("skinny", 5), ("skinny", 32)])
-def test_int8_takes_the_bf16_models_gemv_kernels(triton_kernels, backend: str, m: int) -> None:
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+@pytest.mark.parametrize(("backend", "m"), [("rowgemv", 1), ("skinny", 5), ("skinny", 32), ("skinny", 64)])
+def test_int8_and_fp8_take_the_bf16_models_gemv_kernels(triton_kernels, scheme: str, backend: str, m: int) -> None:
     in_features = 3 * INT4_GROUP + 32
-    layer = quantized_layer("int8", 70, in_features, seed=6, device=DEVICE)
+    layer = quantized_layer(scheme, 70, in_features, seed=6, device=DEVICE)
     # The interpreter has no bfloat16 dot (it reads the bits wrongly); bf16 runs where the kernels compile.
     for dtype in [torch.float16] + ([] if INTERPRET else [torch.bfloat16]):
         x = gaussian(m, in_features, seed=m).to(dtype).to(DEVICE)
@@ -202,6 +219,18 @@ def test_int8_takes_the_bf16_models_gemv_kernels(triton_kernels, backend: str, m
         assert relative_error(y, reference_matmul(x, layer)) < 5e-3
     assert layer.gemv_operands() == (layer.weight, layer.weight_scale)
     assert quantized_layer("int4", 70, 3 * INT4_GROUP, seed=6, device=DEVICE).gemv_operands() is None
+
+
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="FP8 tensor cores: compute capability 8.9+")
+@pytest.mark.parametrize("m", [1, 16, 100, 512])
+def test_fp8_scaled_mm_quantizes_activations_per_token(m: int) -> None:
+    layer = quantized_layer("fp8", 256, 512, seed=8, device=DEVICE)
+    x = (gaussian(m, 512, seed=m) * torch.linspace(0.1, 10, m)[:, None]).to(torch.bfloat16).to(DEVICE)
+    y = MatmulKernel("scaled_mm")(x, layer)
+    assert y.shape == (m, 256) and y.dtype == torch.bfloat16
+    # the activations rounded to e4m3 per token: about 2**-5 of each term on average, a few % of the product
+    assert relative_error(y, reference_matmul(x, layer)) < 0.05
 
 
 def test_candidates_cover_every_batch_size_and_the_torch_op_only_for_int8() -> None:
@@ -217,10 +246,15 @@ def test_candidates_cover_every_batch_size_and_the_torch_op_only_for_int8() -> N
     assert {k.backend for k in candidates(QuantizedLinear(4096, 4096, "int4"), 512, torch.float32)} == {"dequantize"}
     assert {k.backend for k in candidates(lm_head, 512, torch.float32)} == {"gemm", "torch"}
     assert "gemm" not in {k.backend for k in candidates(lm_head, 1, torch.float32)}
-    # bf16 int8: the bf16 model's GEMV at one row, its skinny GEMM at 2-32
+    # bf16 int8: the bf16 model's GEMV at one row, its skinny GEMM at 2-64
     assert "rowgemv" in {k.backend for k in candidates(lm_head, 1)}
-    assert {"skinny" in {k.backend for k in candidates(lm_head, m)} for m in (2, 32)} == {True}
-    assert not {"rowgemv", "skinny"} & {k.backend for k in candidates(lm_head, 33)}
+    assert {"skinny" in {k.backend for k in candidates(lm_head, m)} for m in (2, 32, 64)} == {True}
+    assert not {"rowgemv", "skinny"} & {k.backend for k in candidates(lm_head, 65)}
+    fp8 = QuantizedLinear(4096, 4096, "fp8")
+    assert [k.backend for k in candidates(fp8, 1)] == ["rowgemv", "scaled_mm"]
+    assert [k.backend for k in candidates(fp8, 64)] == ["skinny", "scaled_mm"]
+    assert [k.backend for k in candidates(fp8, 4096)] == ["scaled_mm"]
+    assert [k.backend for k in candidates(fp8, 8, torch.float32)] == ["reference"]
     assert not {"rowgemv", "skinny"} & {k.backend for k in candidates(QuantizedLinear(4096, 4096, "int4"), 1)}
 
 
@@ -290,7 +324,7 @@ def test_a_quantized_model_quantizes_the_projections_lm_head_and_embeddings_only
         assert quantized_bytes(model) < quantized_bytes(dense)
 
 
-@pytest.mark.parametrize(("scheme", "tolerance"), [("int8", 2.5e-2), ("int4", 0.25)])
+@pytest.mark.parametrize(("scheme", "tolerance"), [("int8", 2.5e-2), ("int4", 0.25), ("fp8", 0.06)])
 def test_quantized_logits_equal_the_dequantized_model_and_stay_near_the_original(
         scheme: str, tolerance: float, tiny_model_dir: Path, tiny_int4_dir: Path) -> None:
     model_dir = model_dir_for(scheme, tiny_model_dir, tiny_int4_dir)
@@ -305,7 +339,7 @@ def test_quantized_logits_equal_the_dequantized_model_and_stay_near_the_original
     assert relative_error(ours, paged_logits(original, ids, chunks)) < tolerance
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "fp8"])
 def test_greedy_tokens_of_a_quantized_model_equal_its_dequantized_twin(scheme: str, tiny_model_dir: Path,
                                                                        tiny_int4_dir: Path) -> None:
     model_dir = model_dir_for(scheme, tiny_model_dir, tiny_int4_dir)
@@ -336,6 +370,16 @@ def test_fp8_kv_cache_needs_a_card_with_fp8(monkeypatch: pytest.MonkeyPatch) -> 
     assert resolve_kv_cache_dtype("fp8", CPU, torch.float32) == torch.float8_e4m3fn  # the CPU reference has it
     assert resolve_kv_cache_dtype("int8", CPU, torch.float32) == torch.int8
     assert resolve_kv_cache_dtype("auto", CPU, torch.float32) == torch.float32
+
+
+def test_fp8_weights_need_a_card_with_fp8_tensor_cores(monkeypatch: pytest.MonkeyPatch, config) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 3090")
+    with pytest.raises(CheckpointError, match="FP8 tensor cores.*RTX 3090 has 8.6.*--quantize int8"):
+        check_quantize("fp8", config, torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    check_quantize("fp8", config, torch.device("cuda"))
+    check_quantize("fp8", config, CPU)  # the CPU runs the PyTorch reference
 
 
 def test_api_py_refuses_int4_on_this_checkpoint_in_one_line(tiny_model_dir: Path) -> None:

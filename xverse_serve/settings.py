@@ -78,10 +78,11 @@ class Settings:
     log_prompts: bool = setting(False, "put prompt and answer text in the per-request log lines (and print the "
                                        "seed's own line for POST /)")
     log_level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"))
-    quantize: str = setting("none", "weight-only quantization applied while loading: `none` (the checkpoint's "
-                                    "dtype), `int8` (per output channel) or `int4` (groups of 128) for the layers' "
-                                    "projections; the lm_head and the embeddings are int8 in both",
-                            choices=("none", "int8", "int4"))
+    quantize: str = setting("none", "weight quantization applied while loading: `none` (the checkpoint's dtype), "
+                                    "`int8` (per output channel) or `int4` (groups of 128), weight-only, or `fp8` "
+                                    "(e4m3 per output channel, activations per token on FP8 tensor cores; compute "
+                                    "capability 8.9+) for the layers' projections; the lm_head and the embeddings "
+                                    "are int8 in each", choices=("none", "int8", "int4", "fp8"))
     kv_cache_dtype: str = setting("auto", "KV-cache element type: `auto` (the model's dtype), `int8` or `fp8` "
                                           "(e4m3, GPUs with compute capability 8.9+), 8-bit with a float32 "
                                           "scale per token and head", choices=("auto", "int8", "fp8"))

@@ -60,8 +60,14 @@ def resolve_kv_cache_dtype(name: str, device: torch.device, dtype: torch.dtype) 
     return torch.float8_e4m3fn
 
 
-def check_quantize(scheme: str, config: ModelConfig) -> None:
-    """int4 quantizes groups of INT4_GROUP input features: every projection's input must divide into them."""
+def check_quantize(scheme: str, config: ModelConfig, device: torch.device) -> None:
+    """int4 quantizes groups of INT4_GROUP input features: every projection's input must divide into them. fp8
+    multiplies on FP8 tensor cores, which only cards of compute capability 8.9+ have."""
+    if scheme == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise CheckpointError(f"--quantize fp8 needs a GPU with FP8 tensor cores (compute capability 8.9 or newer: "
+                              f"Ada, Hopper); {torch.cuda.get_device_name(device)} has {major}.{minor}: use "
+                              "--quantize int8")
     if scheme != "int4":
         return
     for name in ("hidden_size", "intermediate_size"):
@@ -82,7 +88,7 @@ def load_engine(config: EngineConfig) -> Engine:
     dtype = resolve_dtype(config.dtype, device)
     max_model_len = model_config.context_window(config.max_model_len)
     kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, device, dtype)
-    check_quantize(config.quantize, model_config)
+    check_quantize(config.quantize, model_config, device)
     log.info("loading %s on %s as %s%s", config.model_path, device, dtype,
              "" if config.quantize == "none" else f", weights quantized to {config.quantize}")
     started = time.perf_counter()

@@ -11,10 +11,10 @@ sum is taken in another order than cuBLAS's: the result differs from F.linear by
 For 2-32 rows, skinny_matmul pads the rows to one 16- or 32-row tile and streams W through tensor-core dots,
 which beats cuBLAS there too (most on the lm_head).
 
-Every kernel also takes W as int8 with a float32 scale per row (model/quantization.py's int8 layout: W[n, k] =
-q[n, k] * scale[n]): half the bytes to stream, so a one-row step reads its weights in about half the time, with the
-same fusions as the bf16 weights. The integers are widened through the float's bits (see _widen) and the row's
-scale multiplies its float32 sum once, after the loop.
+Every kernel also takes W as int8 or fp8 (e4m3) with a float32 scale per row (model/quantization.py's layouts:
+W[n, k] = q[n, k] * scale[n]): half the bytes to stream, so a one-row step reads its weights in about half the
+time, with the same fusions as the bf16 weights. int8 is widened through the float's bits (see _widen), fp8 by the
+hardware's conversion, and the row's scale multiplies its float32 sum once, after the loop.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ GATED_CONFIGS = {(22016, 4096): (2, 512, 4, 3)}
 NORMED_CONFIGS = {(12288, 4096): (16, 256, 4, 3), (22016, 4096): (16, 256, 8, 2)}
 RESIDUAL_CONFIGS = {(4096, 4096): (8, 512, 8, 3), (4096, 11008): (4, 1024, 8, 1)}
 MAX_SKINNY_ROWS = 32
+# With int8 or fp8 weights the skinny GEMM streams half the bytes and is worth up to 64 rows (the tuner decides).
+MAX_SCALED_SKINNY_ROWS = 64
 # (rows, K) -> (block_n, block_k, num_warps, num_stages) for skinny_matmul, from a sweep at 8 and 32 rows.
 SKINNY_CONFIGS = {
     (12288, 4096): (32, 128, 4, 4),
@@ -199,8 +201,9 @@ def _config(config: tuple[int, int, int, int] | None, table: dict, weight: torch
 def _check_scale(weight: torch.Tensor, scale: torch.Tensor | None) -> None:
     if scale is None:
         return
-    if weight.dtype != torch.int8 or scale.dtype != torch.float32 or scale.shape != (weight.shape[0],):
-        raise ValueError(f"a scaled weight is int8 [N, K] with a float32 scale [N]; got {weight.dtype} "
+    if (weight.dtype not in (torch.int8, torch.float8_e4m3fn) or scale.dtype != torch.float32
+            or scale.shape != (weight.shape[0],)):
+        raise ValueError(f"a scaled weight is int8 or fp8 [N, K] with a float32 scale [N]; got {weight.dtype} "
                          f"{tuple(weight.shape)} and {scale.dtype} {tuple(scale.shape)}")
 
 
@@ -265,14 +268,15 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, M, N, stride_xm, stride_wn, s
 
 def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int] | None = None,
                   scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] holding 2..MAX_SKINNY_ROWS rows, weight [N, K] (row-major) -> x @ weight.T, in x's dtype.
-    `scale` as in gemv."""
+    """x [..., K] holding 2..MAX_SKINNY_ROWS rows (MAX_SCALED_SKINNY_ROWS with a scale), weight [N, K]
+    (row-major) -> x @ weight.T, in x's dtype. `scale` as in gemv."""
     _check_scale(weight, scale)
     n, k = weight.shape
     x2 = x.reshape(-1, k)
     rows = x2.shape[0]
-    if not 1 <= rows <= MAX_SKINNY_ROWS:
-        raise ValueError(f"skinny_matmul takes 1 to {MAX_SKINNY_ROWS} rows, got {rows}")
+    most = MAX_SKINNY_ROWS if scale is None else MAX_SCALED_SKINNY_ROWS
+    if not 1 <= rows <= most:
+        raise ValueError(f"skinny_matmul takes 1 to {most} rows, got {rows}")
     if weight.stride(1) != 1:
         raise ValueError("skinny_matmul needs the weight's rows contiguous")
     if x2.stride(1) != 1:
@@ -281,7 +285,8 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int,
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     _skinny_kernel[(triton.cdiv(n, block_n),)](x2, weight, out, scale if scale is not None else out, rows, n,
                                                x2.stride(0), weight.stride(0), out.stride(0), K=k,
-                                               BLOCK_M=16 if rows <= 16 else 32, BLOCK_N=block_n, BLOCK_K=block_k,
+                                               BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n,
+                                               BLOCK_K=block_k,
                                                EVEN_K=k % block_k == 0, SCALED=scale is not None,
                                                num_warps=num_warps, num_stages=num_stages)
     return out.view(*x.shape[:-1], n)

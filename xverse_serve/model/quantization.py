@@ -29,9 +29,11 @@ from .one_row import OneRowProjection
 
 log = logging.getLogger(__name__)
 
-SCHEMES = ("int8", "int4")
+SCHEMES = ("int8", "int4", "fp8")
 INT4_GROUP = 128
 INT8_MAX = 127
+FP8_MAX = 448.0  # e4m3's largest finite value
+FP8 = torch.float8_e4m3fn
 INT4_LEVELS = 15
 QUANTIZE_ROWS_ELEMENTS = 1 << 24  # rows quantized at a time: float32 temporaries of ~64 MB, not 1.6 GB (lm_head)
 DEQUANTIZE_MAX_ELEMENTS = 1 << 27  # larger weights are never dequantized whole (the temporary would be too big)
@@ -49,6 +51,31 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return (q.float() * scale[:, None]).to(dtype)
+
+
+def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (q float8_e4m3fn [N, K], scale float32 [N]) with w ~= q * scale[:, None]: each output channel's
+    largest weight maps to 448, the rest round to the nearest e4m3 value (3 mantissa bits: within 1/16 of it)."""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp_min(1e-12) / FP8_MAX
+    return (w / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (q.float() * scale[:, None]).to(dtype)
+
+
+def quantize_activations_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (float8_e4m3fn [M, K], float32 scale [M, 1]): per token, its largest value maps to 448."""
+    scale = x.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-12) / FP8_MAX
+    return (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def scaled_mm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """x @ W^T on FP8 tensor cores (torch._scaled_mm, cuBLASLt), W fp8 with a scale per output channel and x
+    quantized to fp8 per token on the fly: twice bf16's FLOP rate, for prefill-sized batches."""
+    xq, x_scale = quantize_activations_fp8(x)
+    return torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale[None, :], out_dtype=x.dtype)
 
 
 def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -88,9 +115,9 @@ class MatmulKernel:
     """One way to multiply by a quantized weight on CUDA: a backend and its options.
 
     gemv, gemm, dequantize: the Triton kernels of kernels.quant_matmul (dequantize: the dense weight, then F.linear);
-    rowgemv, skinny: kernels.gemv's one-row GEMV and 2-32-row GEMM (int8 only); torch: torch._weight_int8pack_mm
-    (int8 only); reference: the weight dequantized by PyTorch, then F.linear (slow and memory-hungry: only where no
-    other kernel works)."""
+    rowgemv, skinny: kernels.gemv's one-row GEMV and 2-64-row GEMM (int8 and fp8); scaled_mm: FP8 tensor cores with
+    the activations quantized per token (fp8 only); torch: torch._weight_int8pack_mm (int8 only); reference: the
+    weight dequantized by PyTorch, then F.linear (slow and memory-hungry: only where no other kernel works)."""
 
     backend: str
     options: tuple[tuple[str, int], ...] = ()
@@ -104,6 +131,8 @@ class MatmulKernel:
 
             run = gemv.gemv if self.backend == "rowgemv" else gemv.skinny_matmul
             return run(x, layer.weight, scale=layer.weight_scale)
+        if self.backend == "scaled_mm":
+            return scaled_mm(x, layer.weight, layer.weight_scale)
         if self.backend == "gemv" and layer.bits == 8:
             return quant_matmul.int8_gemv(x, layer.weight, layer.weight_scale, **options)
         if self.backend == "gemv":
@@ -132,19 +161,20 @@ MatmulPlan = tuple[tuple[int, MatmulKernel], ...]
 
 
 class QuantizedLinear(nn.Module, OneRowProjection):
-    """y = x @ W^T without bias, W held as int8 per output channel or int4 per group (buffers, filled by
-    load_rows). `weight` is the quantized tensor itself (int8 [N, K] or packed uint8 [N, K // 2]). int8 takes
-    the one-row path's fused GEMVs."""
+    """y = x @ W^T without bias, W held as int8 or fp8 per output channel or int4 per group (buffers, filled by
+    load_rows). `weight` is the quantized tensor itself (int8 or float8_e4m3fn [N, K], or packed uint8
+    [N, K // 2]). int8 and fp8 take the one-row path's fused GEMVs."""
 
     def __init__(self, in_features: int, out_features: int, scheme: str, group_size: int = INT4_GROUP) -> None:
         super().__init__()
         if scheme not in SCHEMES:
             raise ValueError(f"unknown quantization scheme {scheme!r}; expected one of {SCHEMES}")
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
-        self.bits = 8 if scheme == "int8" else 4
+        self.bits = 4 if scheme == "int4" else 8
         self.group_size = group_size if scheme == "int4" else in_features
-        if scheme == "int8":
-            self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
+        if scheme in ("int8", "fp8"):
+            dtype = torch.int8 if scheme == "int8" else FP8
+            self.register_buffer("weight", torch.empty(out_features, in_features, dtype=dtype))
             self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32))
             self.register_buffer("weight_offset", None)
         else:
@@ -161,7 +191,7 @@ class QuantizedLinear(nn.Module, OneRowProjection):
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"
 
     def gemv_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return (self.weight, self.weight_scale) if self.bits == 8 else None
+        return (self.weight, self.weight_scale) if self.bits == 8 else None  # int8, fp8
 
     @torch.no_grad()
     def load_rows(self, start: int, w: torch.Tensor) -> None:
@@ -172,7 +202,7 @@ class QuantizedLinear(nn.Module, OneRowProjection):
             part = w[first:first + step].to(self.weight.device)
             rows = slice(start + first, start + first + part.shape[0])
             if self.bits == 8:
-                q, scale = quantize_int8(part)
+                q, scale = quantize_int8(part) if self.scheme == "int8" else quantize_fp8(part)
                 self.weight[rows] = q
                 self.weight_scale[rows] = scale
             else:
@@ -183,6 +213,8 @@ class QuantizedLinear(nn.Module, OneRowProjection):
 
     def dequantized(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
         """The weight this layer multiplies by, dense (the reference)."""
+        if self.scheme == "fp8":
+            return dequantize_fp8(self.weight[rows], self.weight_scale[rows], dtype)
         if self.bits == 8:
             return dequantize_int8(self.weight[rows], self.weight_scale[rows], dtype)
         return dequantize_int4(self.weight[rows], self.weight_scale[rows], self.weight_offset[rows], dtype)
@@ -195,7 +227,7 @@ class QuantizedLinear(nn.Module, OneRowProjection):
             y = x2.new_empty((0, self.out_features))
         elif x2.is_cuda:
             y = kernel_for(self.plan or default_plan(self), x2.shape[0])(x2, self)
-        elif self.bits == 8:
+        elif self.scheme == "int8":
             y = torch._weight_int8pack_mm(x2, self.weight, self.weight_scale.to(x2.dtype))
         else:
             y = F.linear(x2, self.dequantized(x2.dtype))
@@ -285,17 +317,15 @@ def _gemv(layer: QuantizedLinear, config: tuple[int, int, int]) -> MatmulKernel:
 def candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype = torch.bfloat16) -> list[MatmulKernel]:
     """The kernels worth timing for M rows of `dtype` activations."""
     dequantize_fits = layer.out_features * layer.in_features <= DEQUANTIZE_MAX_ELEMENTS
+    if layer.scheme == "fp8":
+        return _fp8_candidates(m, dtype)
     if dtype == torch.float32:
         # Float32 (the CPU's dtype, used on GPUs for exact comparisons): a tensor-core dot would round to tf32, an
         # exact one is slow to compile and run; cuBLAS's float32 matmul after dequantizing is the sound choice.
         kernels = [_gemv(layer, config) for config in GEMV_CONFIGS[layer.bits]] if m <= 16 else []
         kernels += [MatmulKernel("dequantize")] if dequantize_fits else [_gemm(layer, m, "large")] * (m > 16)
         return kernels + [MatmulKernel("torch")] * (layer.bits == 8)
-    kernels = []
-    if layer.bits == 8 and dtype in (torch.bfloat16, torch.float16):
-        from ..kernels import gemv
-
-        kernels += [MatmulKernel("rowgemv")] if m == 1 else [MatmulKernel("skinny")] * (m <= gemv.MAX_SKINNY_ROWS)
+    kernels = _gemv_candidates(m, dtype) if layer.bits == 8 else []
     if m <= 16:
         kernels += [_gemv(layer, config) for config in GEMV_CONFIGS[layer.bits]]
         kernels.append(_gemm(layer, m, "small"))
@@ -312,8 +342,27 @@ def candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype = torch.bfloat
     return kernels
 
 
+def _gemv_candidates(m: int, dtype: torch.dtype) -> list[MatmulKernel]:
+    """kernels.gemv's kernels for int8 or fp8 rows with their scales: one row, or up to 64 rows."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return []
+    from ..kernels import gemv
+
+    return [MatmulKernel("rowgemv")] if m == 1 else [MatmulKernel("skinny")] * (m <= gemv.MAX_SCALED_SKINNY_ROWS)
+
+
+def _fp8_candidates(m: int, dtype: torch.dtype) -> list[MatmulKernel]:
+    """fp8: the GEMVs for decode, FP8 tensor cores (where the activations' dtype has them) for the rest, PyTorch's
+    dequantized weight for float32."""
+    if dtype == torch.float32:
+        return [MatmulKernel("reference")]
+    return _gemv_candidates(m, dtype) + [MatmulKernel("scaled_mm")]
+
+
 def default_plan(layer: QuantizedLinear) -> MatmulPlan:
     """Before (or without) tuning: gemv for decode-sized batches, gemm beyond."""
+    if layer.scheme == "fp8":
+        return ((1, MatmulKernel("rowgemv")), (64, MatmulKernel("skinny")), (1 << 30, MatmulKernel("scaled_mm")))
     return ((4, _gemv(layer, GEMV_CONFIGS[layer.bits][0])), (64, _gemm(layer, 64, "medium")),
             (1 << 30, _gemm(layer, 4096, "large")))
 
@@ -322,8 +371,11 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def tolerance(dtype: torch.dtype) -> float:
-    """Relative error a correct kernel stays under: the output's own rounding, with room."""
+def tolerance(dtype: torch.dtype, kernel: MatmulKernel | None = None) -> float:
+    """Relative error a correct kernel stays under: the output's own rounding, with room; scaled_mm also rounds
+    the activations to e4m3 (three mantissa bits), a few percent of the product."""
+    if kernel is not None and kernel.backend == "scaled_mm":
+        return 0.06
     return 1e-4 if dtype == torch.float32 else 1e-2
 
 
@@ -371,7 +423,7 @@ def measure_plan(layer: QuantizedLinear, dtype: torch.dtype) -> tuple[MatmulPlan
         for kernel in candidates(layer, m, dtype):
             try:
                 error = relative_error(kernel(x, layer), reference)
-                if error > tolerance(dtype):
+                if error > tolerance(dtype, kernel):
                     timings[m][str(kernel)] = f"rejected: relative error {error:.2e}"
                     continue
                 ms = time_call(lambda kernel=kernel: kernel(x, layer), flush)
