@@ -124,7 +124,10 @@ def load(model_dir: Path, device: torch.device, dtype: torch.dtype, quantize: st
     started = time.perf_counter()
     model = load_model(model_dir, load_config(model_dir), device, dtype, 8192, quantize)
     sync(device)
+    # A decode step streams every weight but the embedding table, of which it reads one row per token.
+    streamed = quantization.quantized_bytes(model) - quantization.quantized_bytes(model.model.embed_tokens)
     facts = {"load_s": time.perf_counter() - started, "weights_GiB": quantization.quantized_bytes(model) / GiB,
+             "streamed_weights_GiB": streamed / GiB,
              "allocated_after_load_GiB": allocated(device) - before, "peak_while_loading_GiB": peak(device) - before}
     return model, facts
 
@@ -189,6 +192,7 @@ def run_configs(model_dir: Path, device: torch.device, args: argparse.Namespace,
                                                       max_num_seqs=args.max_num_seqs, kv_cache_dtype=kv_name))
                 entry.update(facts)
                 entry.update(measure_speed(engine, vocab, args))
+                entry.update(roofline(entry, args, results.get("copy_bandwidth_GBps")))
             except Exception as exc:
                 entry["error"] = f"{type(exc).__name__}: {exc}"
                 traceback.print_exc()
@@ -333,19 +337,31 @@ def bench_kernels(device: torch.device, args: argparse.Namespace, results: dict)
             write_results(results, args.out)
 
 
+def roofline(entry: dict, args: argparse.Namespace, bandwidth_gbps: float | None) -> dict:
+    """The format's own bound for one request's decode: each step reads the streamed weights and the cache of its
+    context (on average the prompt and half the answer) at the card's measured copy bandwidth."""
+    if not bandwidth_gbps:
+        return {}
+    context = args.prompt_len + args.output_len / 2
+    step_bytes = entry["streamed_weights_GiB"] * GiB + context * entry["kv_bytes_per_token"]
+    bound = bandwidth_gbps * 1e9 / step_bytes
+    return {"roofline_decode_tok_s": bound, "roofline_share": entry["decode_tok_s"] / bound}
+
+
 def print_tables(results: dict) -> None:
     requests = results["args"]["requests"]
     requests_key = f"throughput_{requests}_tok_s"
     print("\n| configuration | weights GiB | peak while loading GiB | KV pool tokens (GiB) | with the KV pool GiB "
-          f"| decode tok/s, 1 request | output tok/s, {requests} requests | logit rel. error vs bf16 "
-          "| top-1 agreement |")
+          f"| decode tok/s, 1 request (share of its roofline) | output tok/s, {requests} requests "
+          "| logit rel. error vs bf16 | top-1 agreement |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, e in results["configs"].items():
         if "error" in e and "decode_tok_s" not in e:
             print(f"| {name} | {e.get('error')} |")
             continue
         print(f"| {name} | {e['weights_GiB']:.2f} | {e['peak_while_loading_GiB']:.2f} | {e['kv_cache_tokens']:,} "
-              f"({e['kv_cache_GiB']:.1f}) | {e['allocated_with_kv_pool_GiB']:.2f} | {e['decode_tok_s']:.1f} | "
+              f"({e['kv_cache_GiB']:.1f}) | {e['allocated_with_kv_pool_GiB']:.2f} | {e['decode_tok_s']:.1f} "
+              f"({e.get('roofline_share', float('nan')):.0%}) | "
               f"{e[requests_key]:.0f} | {e['logit_relative_error']:.4f} | {e['top1_agreement']:.3f} |")
     for name, e in results["capped"].items():
         if "error" in e:
