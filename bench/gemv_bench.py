@@ -6,6 +6,11 @@ once). Sweeps the GEMV's block shapes and prints the fastest beside the configur
 
 With --chain, it also times a whole step's projections back to back in one CUDA graph (32 layers of qkv, o,
 gate_up and down, each fed the previous one's output, then the lm_head): cuBLAS against the GEMV.
+
+With --scaled int8 (or fp8), it sweeps the GEMV's block shapes on weights of that format with their row scales
+(for int8 also the two ways of widening the integers, kernels.gemv.INT8_VIA_BITS), beside the bf16 GEMV:
+
+    python bench/gemv_bench.py --scaled int8 --skip-sweep --out bench/results/gemv_int8_h200.json
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch.nn.functional as F
 from common import PROJECTION_SHAPES, XVERSE_7B, write_results
 
 from xverse_serve.kernels import gemv
+from xverse_serve.model import quantization
 
 HIDDEN, INTER = XVERSE_7B.hidden_size, XVERSE_7B.intermediate_size
 SWEEP = [(n, k, w, s) for n in (4, 8, 16) for k in (256, 512, 1024) for w in (4, 8) for s in (1, 2, 3)
@@ -77,6 +83,50 @@ def chain_ms(device: torch.device, layers: int = XVERSE_7B.num_layers) -> dict[s
     return results
 
 
+SCALED_SWEEP = [(n, k, w, s) for n in (1, 2, 4, 8) for k in (1024, 2048, 4096) for w in (4, 8) for s in (1, 3)
+                if n * k <= 16384]
+
+
+def scaled_sweep(device: torch.device, flush: torch.Tensor, fmt: str) -> dict:
+    """The one-row GEMV on int8 or fp8 weights with their row scales: each shape's best block shape (and way of
+    widening int8) against the module's choice and the bf16 GEMV on the same weights."""
+    quantize, dequantize = {"int8": (quantization.quantize_int8, quantization.dequantize_int8),
+                            "fp8": (quantization.quantize_fp8, quantization.dequantize_fp8)}[fmt]
+    results = {}
+    print(f"| weight | bf16 gemv µs (TB/s) | {fmt}, module's config µs (TB/s) | best µs (TB/s) | best config |")
+    print("|---|---|---|---|---|")
+    for name, (n, k) in PROJECTION_SHAPES.items():
+        gen = torch.Generator(device=device).manual_seed(n)
+        dense = (torch.randn(n, k, device=device, generator=gen) * 0.02).to(torch.bfloat16)
+        q, scale = quantize(dense)
+        x = torch.randn(1, k, device=device, generator=gen).to(torch.bfloat16)
+        reference = x.float() @ dequantize(q, scale).T
+        bf16_us = cold_time_us(lambda: gemv.gemv(x, dense), flush)
+        timings, errors = {}, {}
+        for via_bits in (True, False) if fmt == "int8" else (True,):
+            gemv.INT8_VIA_BITS = via_bits
+            for config in [None, *SCALED_SWEEP]:
+                label = f"{config} bits={via_bits}"
+                try:
+                    out = gemv.gemv(x, q, config, scale=scale)
+                    errors[label] = ((out.float() - reference).norm() / reference.norm()).item()
+                    timings[label] = cold_time_us(lambda: gemv.gemv(x, q, config, scale=scale), flush)
+                except Exception as exc:  # a block shape this card cannot run
+                    timings[label] = f"failed: {type(exc).__name__}"
+        gemv.INT8_VIA_BITS = True
+        measured = {label: t for label, t in timings.items() if isinstance(t, float)}
+        best_label = min(measured, key=measured.get)
+        module_us = measured["None bits=True"]
+        gigabytes = (n * k * q.element_size() + 4 * n) / 1e9
+        results[name] = {"n": n, "k": k, "bf16_gemv_us": bf16_us, "module_us": module_us,
+                         "best_us": measured[best_label], "best": best_label, "timings_us": timings,
+                         "max_rel_error": max(errors.values())}
+        print(f"| {name} {n}×{k} | {bf16_us:.1f} ({n * k * 2 / 1e9 / bf16_us * 1e3:.2f}) | {module_us:.1f} "
+              f"({gigabytes / module_us * 1e3:.2f}) | {measured[best_label]:.1f} "
+              f"({gigabytes / measured[best_label] * 1e3:.2f}) | {best_label} |", flush=True)
+    return results
+
+
 def fused_sweep(device: torch.device, flush: torch.Tensor) -> dict:
     """The one-row path's GEMVs (DecoderLayer.forward_one_row in model/xverse.py): the RMSNorm in the prologue of
     qkv_proj and gate_up_proj (gated), the residual add in the epilogue of o_proj and down_proj; each against the
@@ -123,6 +173,8 @@ def main() -> None:
     parser.add_argument("--chain", action="store_true", help="also time a whole step's projections in a graph")
     parser.add_argument("--skip-sweep", action="store_true", help="only the chain (and --fused)")
     parser.add_argument("--fused", action="store_true", help="also sweep the one-row path's fused GEMVs")
+    parser.add_argument("--scaled", choices=("int8", "fp8"), default=None,
+                        help="also sweep the GEMV on weights of this format with their row scales")
     args = parser.parse_args()
     device = torch.device("cuda")
     flush = torch.empty(64 * 1024 * 1024, device=device)
@@ -134,6 +186,8 @@ def main() -> None:
         results["chain_ms"] = chain_ms(device)
     if args.fused:
         results["fused"] = fused_sweep(device, flush)
+    if args.scaled:
+        results[f"scaled_{args.scaled}"] = scaled_sweep(device, flush, args.scaled)
     for name, (n, k) in ({} if args.skip_sweep else PROJECTION_SHAPES).items():
         gen = torch.Generator(device=device).manual_seed(n)
         weight = torch.randn(n, k, device=device, generator=gen).to(torch.bfloat16)

@@ -233,12 +233,16 @@ def int8_weight(n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, tor
     return q.to(DEVICE), scale.to(DEVICE), dequantize_int8(q, scale).to(DEVICE)
 
 
+@pytest.mark.parametrize("via_bits", [True, False], ids=["via-bits", "converted"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(("n", "k"), [(64, 512), (37, 100), (130, 1536)], ids=str)
-def test_int8_weights_give_the_products_of_their_dequantized_weights(n: int, k: int, dtype: torch.dtype) -> None:
+def test_int8_weights_give_the_products_of_their_dequantized_weights(n: int, k: int, dtype: torch.dtype,
+                                                                     via_bits: bool, monkeypatch) -> None:
     """Every one-row kernel and the skinny GEMM take int8 rows with their scales: the values -128..127 widened
-    through the float's bits, the scale applied to each row's sum."""
+    (through the float's bits, or converted), the scale applied to each row's sum."""
     from xverse_serve.kernels.fused_ops import silu_and_mul
+
+    monkeypatch.setattr(triton_gemv, "INT8_VIA_BITS", via_bits)
 
     gen = torch.Generator().manual_seed(n * k + 1)
     q, scale, w = int8_weight(n, k, gen)

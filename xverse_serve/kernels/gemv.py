@@ -55,6 +55,9 @@ SKINNY_CONFIGS = {
 DEFAULT_SKINNY_CONFIG = (64, 128, 4, 3)
 
 
+# int8 widened through the float's bits (two adds) rather than converted (see _widen); a switch for the benchmark.
+INT8_VIA_BITS = True
+
 
 def int8_config(config: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
     """For int8 weights, a bf16 configuration's tile in bytes: twice the columns per step."""
@@ -63,11 +66,11 @@ def int8_config(config: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
 
 
 @triton.jit
-def _widen(w):
+def _widen(w, VIA_BITS: tl.constexpr):
     """A tile of weights as float32. int8 goes through the float's bits, 1.5 * 2**23 + q, then minus 1.5 * 2**23
     (exact for |q| < 2**22): two adds instead of an int-to-float conversion, which runs at a quarter of their rate
     and would bound a GEMV that streams int8 at the memory's speed."""
-    if w.dtype == tl.int8:
+    if VIA_BITS and w.dtype == tl.int8:
         return (w.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
     return w.to(tl.float32)
 
@@ -89,7 +92,7 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, stride_wn,
                  scale_ptr,  # SCALED
                  K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                  GATED: tl.constexpr, NORMED: tl.constexpr, SQUARES_BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
-                 SCALED: tl.constexpr):
+                 SCALED: tl.constexpr, VIA_BITS: tl.constexpr):
     # K is a compile-time constant (a model has two: hidden and intermediate size), so the loop is fixed.
     # GATED: W holds 2N rows, the gate's then the up's; a program takes rows j of both, and stores silu(gate) * up.
     # NORMED: x is a residual stream whose RMSNorm is the real input: every program takes the norm of each slice
@@ -126,10 +129,10 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, stride_wn,
         if NORMED:  # rounded where the norm kernel rounds: the normalised value, then its product with the weight
             x = (norm_w * (x * inv_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
         x = x[None, :]
-        acc += _widen(w) * x
+        acc += _widen(w, VIA_BITS) * x
         if GATED:
             up_w = tl.load(w_rows + N * stride_wn + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
-            acc_up += _widen(up_w) * x
+            acc_up += _widen(up_w, VIA_BITS) * x
     out = tl.sum(acc, axis=1)
     if SCALED:
         out *= tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
@@ -234,8 +237,8 @@ def _one_row(x: torch.Tensor, weight: torch.Tensor, n: int, config: tuple[int, i
                               K=k, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, GATED=gated,
                               NORMED=norm is not None,
                               SQUARES_BLOCK=triton.next_power_of_2(norm.squares.numel()) if norm else 1,
-                              ADD_RESIDUAL=residual is not None, SCALED=scale is not None, num_warps=num_warps,
-                              num_stages=num_stages)
+                              ADD_RESIDUAL=residual is not None, SCALED=scale is not None, VIA_BITS=INT8_VIA_BITS,
+                              num_warps=num_warps, num_stages=num_stages)
     return out.view(*x.shape[:-1], n), squares_out
 
 
@@ -244,7 +247,7 @@ def _one_row(x: torch.Tensor, weight: torch.Tensor, n: int, config: tuple[int, i
 @triton.jit(do_not_specialize=["M"])
 def _skinny_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, M, N, stride_xm, stride_wn, stride_ym,
                    K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   EVEN_K: tl.constexpr, SCALED: tl.constexpr):
+                   EVEN_K: tl.constexpr, SCALED: tl.constexpr, VIA_BITS: tl.constexpr):
     rows = tl.arange(0, BLOCK_M)
     outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, out_ok = rows < M, outs < N
@@ -258,7 +261,7 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, M, N, stride_xm, stride_wn, s
         w = tl.load(w_rows + cols[None, :], mask=out_ok[:, None] & col_ok[None, :], other=0.0,
                     eviction_policy="evict_first")
         if SCALED:  # int8 values are exact in bf16 and fp16
-            w = _widen(w).to(x.dtype)
+            w = _widen(w, VIA_BITS).to(x.dtype)
         acc = tl.dot(x, tl.trans(w), acc)
     if SCALED:
         acc *= tl.load(scale_ptr + outs, mask=out_ok, other=0.0)[None, :]
@@ -288,5 +291,6 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int,
                                                BLOCK_M=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n,
                                                BLOCK_K=block_k,
                                                EVEN_K=k % block_k == 0, SCALED=scale is not None,
+                                               VIA_BITS=INT8_VIA_BITS,
                                                num_warps=num_warps, num_stages=num_stages)
     return out.view(*x.shape[:-1], n)
