@@ -86,6 +86,25 @@ def quantized_matmul_kernels() -> Iterator[tuple]:
             "w_ptr": weight, "scale_ptr": scales, "offset_ptr": scales, "out_ptr": "*bf16", "N": "i32", "K": "i32",
             "stride_wn": "i32", "stride_sn": "i32", "stride_on": "i32"}, {
             "BITS": layer.bits, "GROUP": INT4_GROUP, "BLOCK_N": 16, "BLOCK_K": 256}, {}
+    yield from split_gemm_kernels()
+
+
+def split_gemm_kernels() -> Iterator[tuple]:
+    """kernels.split_gemm's kernel for int8 and fp8 weights: the tuner's configurations, at 16 and 64 rows, with and
+    without the split."""
+    from xverse_serve.kernels import split_gemm
+
+    for weight in ("*i8", "*fp8e4nv"):
+        for block_n, block_k, num_warps, num_stages in split_gemm.TUNED_CONFIGS:
+            for block_m, split in ((16, 1), (16, 4), (64, 4)):
+                yield (f"{weight[1:]} split(block_m={block_m}, block_n={block_n}, block_k={block_k}, split={split})",
+                       split_gemm._split_kernel, {
+                           "x_ptr": "*bf16", "w_ptr": weight, "y_ptr": "*bf16", "scale_ptr": "*fp32",
+                           "partial_ptr": "*fp32", "ticket_ptr": "*i32", "M": "i32", "N": "i32", "stride_xm": "i32",
+                           "stride_wn": "i32", "stride_ym": "i32"}, {
+                           "K": 4096, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT": split,
+                           "PER_SPLIT": 4096 // block_k // split, "EVEN_K": True, "MAX_M": split_gemm.MAX_ROWS}, {
+                           "num_warps": num_warps, "num_stages": num_stages})
 
 
 def eight_bit_cache_kernels() -> Iterator[tuple]:

@@ -207,14 +207,16 @@ def test_triton_kernels_equal_the_float32_reference(triton_kernels, scheme: str,
 
 
 @pytest.mark.parametrize("scheme", ["int8", "fp8"])
-@pytest.mark.parametrize(("backend", "m"), [("rowgemv", 1), ("skinny", 5), ("skinny", 32), ("skinny", 64)])
+@pytest.mark.parametrize(("backend", "m"), [("rowgemv", 1), ("skinny", 5), ("skinny", 32), ("skinny", 64),
+                                          ("split", 1), ("split", 17), ("split", 64)])
 def test_int8_and_fp8_take_the_bf16_models_gemv_kernels(triton_kernels, scheme: str, backend: str, m: int) -> None:
     in_features = 3 * INT4_GROUP + 32
     layer = quantized_layer(scheme, 70, in_features, seed=6, device=DEVICE)
+    options = (("block_n", 32), ("block_k", 64), ("num_warps", 4), ("num_stages", 2)) if backend == "split" else ()
     # The interpreter has no bfloat16 dot (it reads the bits wrongly); bf16 runs where the kernels compile.
     for dtype in [torch.float16] + ([] if INTERPRET else [torch.bfloat16]):
         x = gaussian(m, in_features, seed=m).to(dtype).to(DEVICE)
-        y = MatmulKernel(backend)(x, layer)
+        y = MatmulKernel(backend, options)(x, layer)
         assert y.shape == (m, 70) and y.dtype == dtype
         assert relative_error(y, reference_matmul(x, layer)) < 5e-3
     assert layer.gemv_operands() == (layer.weight, layer.weight_scale)
@@ -246,16 +248,21 @@ def test_candidates_cover_every_batch_size_and_the_torch_op_only_for_int8() -> N
     assert {k.backend for k in candidates(QuantizedLinear(4096, 4096, "int4"), 512, torch.float32)} == {"dequantize"}
     assert {k.backend for k in candidates(lm_head, 512, torch.float32)} == {"gemm", "torch"}
     assert "gemm" not in {k.backend for k in candidates(lm_head, 1, torch.float32)}
-    # bf16 int8: the bf16 model's GEMV at one row, its skinny GEMM at 2-64
-    assert "rowgemv" in {k.backend for k in candidates(lm_head, 1)}
+    # bf16 int8: the bf16 model's GEMV at one row, its skinny GEMM at 2-64, the split-K GEMM at 1-64
+    assert {"rowgemv", "split"} <= {k.backend for k in candidates(lm_head, 1)}
     assert {"skinny" in {k.backend for k in candidates(lm_head, m)} for m in (2, 32, 64)} == {True}
-    assert not {"rowgemv", "skinny"} & {k.backend for k in candidates(lm_head, 65)}
+    assert {"split" in {k.backend for k in candidates(lm_head, m)} for m in (2, 32, 64)} == {True}
+    assert not {"rowgemv", "skinny", "split"} & {k.backend for k in candidates(lm_head, 65)}
     fp8 = QuantizedLinear(4096, 4096, "fp8")
-    assert [k.backend for k in candidates(fp8, 1)] == ["rowgemv", "scaled_mm"]
-    assert [k.backend for k in candidates(fp8, 64)] == ["skinny", "scaled_mm"]
+    from xverse_serve.kernels import split_gemm
+
+    splits = ["split"] * len(split_gemm.TUNED_CONFIGS)
+    assert [k.backend for k in candidates(fp8, 1)] == ["rowgemv", *splits, "scaled_mm"]
+    assert [k.backend for k in candidates(fp8, 64)] == ["skinny", *splits, "scaled_mm"]
     assert [k.backend for k in candidates(fp8, 4096)] == ["scaled_mm"]
     assert [k.backend for k in candidates(fp8, 8, torch.float32)] == ["reference"]
-    assert not {"rowgemv", "skinny"} & {k.backend for k in candidates(QuantizedLinear(4096, 4096, "int4"), 1)}
+    int4 = QuantizedLinear(4096, 4096, "int4")
+    assert not {"rowgemv", "skinny", "split"} & {k.backend for k in candidates(int4, 1)}
 
 
 # ---------------------------------------------------------------- the model
@@ -424,5 +431,5 @@ def compile_for_hopper(family: str) -> list[dict]:
 def test_every_quantized_matmul_kernel_compiles_for_hopper_without_register_spills() -> None:
     reports = compile_for_hopper("quant")
     assert {r["kernel"].split("(")[0] for r in reports} >= {"int8 gemv", "int8 gemm", "int8 dequantize", "int4 gemv",
-                                                            "int4 gemm", "int4 dequantize"}
+                                                            "int4 gemm", "int4 dequantize", "i8 split", "fp8e4nv split"}
     assert [r for r in reports if r["spilled_bytes"]] == []

@@ -115,7 +115,8 @@ class MatmulKernel:
     """One way to multiply by a quantized weight on CUDA: a backend and its options.
 
     gemv, gemm, dequantize: the Triton kernels of kernels.quant_matmul (dequantize: the dense weight, then F.linear);
-    rowgemv, skinny: kernels.gemv's one-row GEMV and 2-64-row GEMM (int8 and fp8); scaled_mm: FP8 tensor cores with
+    rowgemv, skinny: kernels.gemv's one-row GEMV and 2-64-row GEMM (int8 and fp8); split: kernels.split_gemm's
+    swap-AB, split-K GEMM for 1-64 rows (int8 and fp8); scaled_mm: FP8 tensor cores with
     the activations quantized per token (fp8 only); torch: torch._weight_int8pack_mm (int8 only); reference: the
     weight dequantized by PyTorch, then F.linear (slow and memory-hungry: only where no other kernel works)."""
 
@@ -131,6 +132,11 @@ class MatmulKernel:
 
             run = gemv.gemv if self.backend == "rowgemv" else gemv.skinny_matmul
             return run(x, layer.weight, scale=layer.weight_scale)
+        if self.backend == "split":
+            from ..kernels import split_gemm
+
+            config = tuple(options[name] for name in ("block_n", "block_k", "num_warps", "num_stages"))
+            return split_gemm.split_matmul(x, layer.weight, layer.weight_scale, config)
         if self.backend == "scaled_mm":
             return scaled_mm(x, layer.weight, layer.weight_scale)
         if self.backend == "gemv" and layer.bits == 8:
@@ -343,12 +349,17 @@ def candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype = torch.bfloat
 
 
 def _gemv_candidates(m: int, dtype: torch.dtype) -> list[MatmulKernel]:
-    """kernels.gemv's kernels for int8 or fp8 rows with their scales: one row, or up to 64 rows."""
+    """kernels.gemv's and kernels.split_gemm's kernels for int8 or fp8 rows with their scales: one row, or up to
+    64 rows."""
     if dtype not in (torch.bfloat16, torch.float16):
         return []
-    from ..kernels import gemv
+    from ..kernels import gemv, split_gemm
 
-    return [MatmulKernel("rowgemv")] if m == 1 else [MatmulKernel("skinny")] * (m <= gemv.MAX_SCALED_SKINNY_ROWS)
+    kernels = [MatmulKernel("rowgemv")] if m == 1 else [MatmulKernel("skinny")] * (m <= gemv.MAX_SCALED_SKINNY_ROWS)
+    if m <= split_gemm.MAX_ROWS:
+        kernels += [MatmulKernel("split", tuple(zip(("block_n", "block_k", "num_warps", "num_stages"), config)))
+                    for config in split_gemm.TUNED_CONFIGS]
+    return kernels
 
 
 def _fp8_candidates(m: int, dtype: torch.dtype) -> list[MatmulKernel]:

@@ -1,0 +1,88 @@
+"""kernels.split_gemm (int8 and fp8 weights, 1-64 rows, split along K and summed by the last program of each
+tile) against float32 products of the dequantized weights: in Triton's interpreter on the CPU, compiled on a GPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from test_triton_ops import interpreter_rounds_bfloat16  # noqa: E402,F401  (autouse: bf16 rounding as on GPUs)
+
+from xverse_serve.model import quantization
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = torch.device("cpu" if INTERPRET else "cuda")
+split_gemm = pytest.importorskip("xverse_serve.kernels.split_gemm")
+
+FORMATS = {"int8": (quantization.quantize_int8, quantization.dequantize_int8),
+           "fp8": (quantization.quantize_fp8, quantization.dequantize_fp8)}
+
+
+def scaled_weight(fmt: str, n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    quantize, dequantize = FORMATS[fmt]
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.02
+    q, scale = quantize(w)
+    return q.to(DEVICE), scale.to(DEVICE), dequantize(q, scale).to(DEVICE)
+
+
+def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((out.float() - reference).norm() / reference.norm()).item()
+
+
+# The interpreter has no bfloat16 dot (it reads the bits wrongly); float16 is exact for int8 and e4m3 alike.
+DTYPES = [torch.float32, torch.float16] + ([] if INTERPRET else [torch.bfloat16])
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize(("n", "k", "rows", "config"), [
+    (64, 512, 5, (32, 64, 4, 2, 4)),  # four slices of two steps
+    (37, 100, 1, (32, 32, 4, 2, 3)),  # outputs and K in partial blocks; the last slice runs past K
+    (130, 256, 17, (64, 64, 4, 2, 1)),  # no split: the tile is stored directly
+    (96, 384, 64, (32, 64, 4, 2, 2)),
+    (70, 416, 33, (64, 128, 4, 2)),  # the split chosen for the card
+], ids=str)
+def test_split_matmul_equals_the_product_of_the_dequantized_weight(fmt: str, n: int, k: int, rows: int,
+                                                                    config: tuple) -> None:
+    q, scale, w = scaled_weight(fmt, n, k, seed=n * k)
+    for dtype in DTYPES:
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(dtype).to(DEVICE)
+        out = split_gemm.split_matmul(x, q, scale, config)
+        assert out.shape == (rows, n) and out.dtype == dtype
+        # float32 accumulation in another order (tf32 dots on a GPU); fp16/bf16 add one rounding of the result
+        tolerance = (1e-5 if INTERPRET else 2e-3) if dtype == torch.float32 else 8e-3
+        assert relative_error(out, x.float() @ w.T) < tolerance, dtype
+
+
+def test_the_last_program_sums_the_slices_in_order_and_resets_its_ticket() -> None:
+    """Two calls give the same bits (the partial sums are added in split order, not in the order the programs
+    finished), and every tile's ticket is back at zero for the next call (and the next CUDA graph replay)."""
+    q, scale, _ = scaled_weight("int8", 96, 512, seed=3)
+    x = torch.randn(8, 512, generator=torch.Generator().manual_seed(4)).to(torch.float16).to(DEVICE)
+    config = (32, 64, 4, 2, 4)
+    first = split_gemm.split_matmul(x, q, scale, config)
+    assert torch.equal(first, split_gemm.split_matmul(x, q, scale, config))
+    _, tickets = split_gemm._WORKSPACES[(x.device, 96, 32, 4)]
+    assert tickets.shape == (3,) and torch.count_nonzero(tickets) == 0
+    # the four slices' partial sums, added in order, are what was stored
+    w = q.float() * scale[:, None]
+    parts = [x.float()[:, s * 128:(s + 1) * 128] @ w[:, s * 128:(s + 1) * 128].T for s in range(4)]
+    assert relative_error(first, sum(parts)) < 8e-3
+
+
+def test_default_split_fills_the_card_but_keeps_two_steps_per_slice() -> None:
+    device = torch.device("cpu")  # counts as 132 SMs
+    assert split_gemm.default_split(4096, 4096, 64, 128, device) == 8  # 64 tiles -> 512 programs
+    assert split_gemm.default_split(22016, 4096, 64, 128, device) == 2  # 344 tiles -> 688
+    assert split_gemm.default_split(100534, 4096, 64, 128, device) == 1
+    assert split_gemm.default_split(4096, 512, 64, 128, device) == 2  # 4 steps: two slices of two
+
+
+def test_split_matmul_refuses_what_it_cannot_multiply() -> None:
+    q, scale, _ = scaled_weight("int8", 16, 64, seed=1)
+    with pytest.raises(ValueError, match="1 to 64 rows"):
+        split_gemm.split_matmul(torch.randn(65, 64).to(DEVICE), q, scale)
+    with pytest.raises(ValueError, match="int8 or fp8"):
+        split_gemm.split_matmul(torch.randn(2, 64).to(DEVICE), q.float(), scale)
+    with pytest.raises(ValueError, match="float32 scale"):
+        split_gemm.split_matmul(torch.randn(2, 64).to(DEVICE), q, scale[:8])
