@@ -442,3 +442,25 @@ def test_argmax_rows_is_torchs_argmax_first_maximum_included(rows: int, vocab: i
     out = argmax_rows(logits.to(DEVICE))
     assert out.dtype == torch.int64
     assert out.cpu().tolist() == logits.argmax(dim=-1).tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("rows", "k"), [(1, 4096), (5, 100), (3, 11008)], ids=str)
+def test_fp8_row_quantization_is_the_pytorch_reference_bit_for_bit(rows: int, k: int, dtype: torch.dtype) -> None:
+    from xverse_serve.kernels.fused_ops import quantize_rows_fp8
+    from xverse_serve.model.quantization import quantize_activations_fp8
+
+    gen = torch.Generator().manual_seed(rows * k)
+    x = (torch.randn(rows, k, generator=gen) * torch.logspace(-3, 2, rows)[:, None]).to(dtype)
+    x[0, :3] = torch.tensor([0.0, -700.0, 1e-30])  # a value past 448 after scaling is impossible; tiny ones flush
+    if rows > 1:
+        x[1] = 0.0  # an all-zero row takes the floor of the scale
+    x = x.to(DEVICE)
+    from test_kv_int8 import _to_float8  # the interpreter's own fp8 rounding is wrong (see there)
+
+    with interpreter_converts_floats_with(_to_float8):
+        q, scale = quantize_rows_fp8(x)
+    q_ref, scale_ref = quantize_activations_fp8(x)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (rows, 1)
+    torch.testing.assert_close(scale, scale_ref, rtol=0, atol=0)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))

@@ -1,5 +1,5 @@
 """The decoder's elementwise stages as fused Triton kernels: residual add + RMSNorm, RoPE + KV-cache write,
-SiLU * up, and an 8-bit cache's gather and dequantization for prefills.
+SiLU * up, an 8-bit cache's gather and dequantization for prefills, and FP8 activations per row.
 
 In PyTorch each of these is a handful of tiny kernels (RMSNorm alone is ~7), and at batch 1 a decode step
 is dominated by them rather than by streaming the weights. Each kernel here reads its inputs once and
@@ -381,6 +381,39 @@ def silu_and_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torc
         )
     return out
 
+
+
+FP8_MAX = 448.0  # e4m3's largest finite value
+
+
+@triton.jit
+def _quantize_rows_fp8_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < K
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12), FP8_MAX)
+    y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_MAX), FP8_MAX)
+    tl.store(q_ptr + row * stride_q + cols, _to_fp8(y), mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (float8_e4m3fn [M, K], float32 scale [M, 1]), each row's largest |value| mapped to 448: the
+    activations of an FP8 matmul, in one kernel (PyTorch takes seven), bit for bit as
+    model.quantization.quantize_activations_fp8 computes them."""
+    if x.dim() != 2 or x.shape[1] > MAX_NORM_BLOCK:
+        raise ValueError(f"quantize_rows_fp8 takes [M, K] with K <= {MAX_NORM_BLOCK}, got {tuple(x.shape)}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    rows, k = x.shape
+    q = torch.empty(rows, k, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    if rows:
+        block = triton.next_power_of_2(k)
+        _quantize_rows_fp8_kernel[(rows,)](x, q, scale, k, x.stride(0), q.stride(0), BLOCK=block,
+                                           num_warps=_norm_num_warps(block))
+    return q, scale
 
 ARGMAX_BLOCK = 2048  # logits per program of the first pass: ~50 programs per row of XVERSE's 100,534
 # The second pass reads at least this many chunks (masked): one compiled kernel for every row width up to

@@ -74,7 +74,12 @@ def quantize_activations_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 def scaled_mm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
     """x @ W^T on FP8 tensor cores (torch._scaled_mm, cuBLASLt), W fp8 with a scale per output channel and x
     quantized to fp8 per token on the fly: twice bf16's FLOP rate, for prefill-sized batches."""
-    xq, x_scale = quantize_activations_fp8(x)
+    if x.is_cuda:
+        from ..kernels.fused_ops import quantize_rows_fp8
+
+        xq, x_scale = quantize_rows_fp8(x)
+    else:
+        xq, x_scale = quantize_activations_fp8(x)
     return torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale[None, :], out_dtype=x.dtype)
 
 
