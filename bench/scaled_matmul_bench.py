@@ -1,6 +1,7 @@
-"""int8 and fp8 weights with row scales at decode batch sizes (1-64 rows) on XVERSE-7B's projection shapes: the
-split-K GEMM (kernels.split_gemm, each tuner configuration, its own split and forced splits) against the one-row
-GEMV and the skinny GEMM (kernels.gemv), FP8 tensor cores (torch._scaled_mm), and bf16 cuBLAS on the same weights.
+"""Quantized weights at decode batch sizes (1-64 rows) on XVERSE-7B's projection shapes: the split-K GEMM
+(kernels.split_gemm, each tuner configuration, its own split and forced splits) against, for int8 and fp8, the
+one-row GEMV and the skinny GEMM (kernels.gemv) and FP8 tensor cores (torch._scaled_mm), for int4 the GEMV of
+kernels.quant_matmul, and bf16 cuBLAS on the same weights.
 
 Each call meets a cold L2, emptied by reading 256 MB (a memset would leave 50 MB of dirty lines whose write-back
 steals bandwidth from the kernel timed, which a decode step does not see). Every result is checked against the
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from common import PROJECTION_SHAPES, write_results
 
-from xverse_serve.kernels import gemv, split_gemm
+from xverse_serve.kernels import gemv, quant_matmul, split_gemm
 from xverse_serve.model import quantization as qz
 
 ROWS = (1, 4, 16, 32, 64)
@@ -68,6 +69,7 @@ def main() -> None:
         gen = torch.Generator(device=device).manual_seed(n)
         dense = (torch.randn(n, k, device=device, generator=gen) * 0.02).to(torch.bfloat16)
         formats = {fmt: quantize(dense) for fmt, (quantize, _) in FORMATS.items()}
+        int4 = qz.quantize_int4(dense)
         for m in ROWS:
             x = torch.randn(m, k, device=device, generator=gen).to(torch.bfloat16)
             row = results["shapes"].setdefault(name, {}).setdefault(str(m), {})
@@ -89,15 +91,30 @@ def main() -> None:
                         label = f"{fmt} split {full}" if split else f"{fmt} split {config} own split"
                         all_ok &= measure(label, lambda full=full: split_gemm.split_matmul(x, q, scale, full),
                                           reference, flush, row)
+            packed, scale4, offset4 = int4
+            reference = x.float() @ qz.dequantize_int4(packed, scale4, offset4).T
+            if m <= 16:
+                all_ok &= measure("int4 gemv", lambda: quant_matmul.int4_gemv(x, packed, scale4, offset4,
+                                                                              qz.INT4_GROUP), reference, flush, row)
+            for config in split_gemm.INT4_TUNED_CONFIGS:
+                for split in (None, *FORCED_SPLITS):
+                    full = config if split is None else (*config, split)
+                    label = f"int4 split {full}" if split else f"int4 split {config} own split"
+                    all_ok &= measure(label, lambda full=full: split_gemm.split_matmul_int4(
+                        x, packed, scale4, offset4, qz.INT4_GROUP, full), reference, flush, row)
             timed = {label: t for label, t in row.items() if isinstance(t, float)}
             summary = [f"{name} {n}x{k}, {m} rows: bf16 cuBLAS {row['bf16 cuBLAS']:.1f} µs"]
-            for fmt in FORMATS:
+            for fmt, weight_bytes in (("int8", n * k), ("fp8", n * k), ("int4", n * k // 2 * 17 / 16)):
                 own = {label: t for label, t in timed.items() if label.startswith(f"{fmt} split") and "own" in label}
                 others = {label: t for label, t in timed.items() if label.startswith(fmt) and "split" not in label}
-                best = min((t, label) for label, t in timed.items() if label.startswith(f"{fmt} split"))
+                best = min(((t, label) for label, t in timed.items() if label.startswith(f"{fmt} split")),
+                           default=None)
+                if best is None or not own:
+                    summary.append(f"{fmt}: no split kernel ran")
+                    continue
                 summary.append(f"{fmt}: " + ", ".join(f"{label.split()[1]} {t:.1f}" for label, t in others.items())
                                + f", split (own) {min(own.values()):.1f}, best split {best[0]:.1f} "
-                               f"({n * k / best[0] / 1e3:.2f} TB/s) {best[1].split(' ', 2)[2]}")
+                               f"({weight_bytes / best[0] / 1e3:.2f} TB/s) {best[1].split(' ', 2)[2]}")
             print(" | ".join(summary), flush=True)
             write_results(results, args.out)
     results["all_ok"] = all_ok

@@ -90,8 +90,8 @@ def quantized_matmul_kernels() -> Iterator[tuple]:
 
 
 def split_gemm_kernels() -> Iterator[tuple]:
-    """kernels.split_gemm's kernel for int8 and fp8 weights: the tuner's configurations, at 16 and 64 rows, with and
-    without the split."""
+    """kernels.split_gemm's kernels for int8, fp8 and int4 weights: the tuner's configurations, at 16 and 64 rows,
+    with and without the split."""
     from xverse_serve.kernels import split_gemm
 
     for weight in ("*i8", "*fp8e4nv"):
@@ -105,6 +105,15 @@ def split_gemm_kernels() -> Iterator[tuple]:
                            "K": 4096, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT": split,
                            "PER_SPLIT": 4096 // block_k // split, "EVEN_K": True, "MAX_M": split_gemm.MAX_ROWS}, {
                            "num_warps": num_warps, "num_stages": num_stages})
+    for block_n, num_warps, num_stages in split_gemm.INT4_TUNED_CONFIGS:
+        for block_m, split in ((16, 1), (16, 4), (64, 4)):
+            yield (f"u4 split(block_m={block_m}, block_n={block_n}, split={split})", split_gemm._split_int4_kernel, {
+                "x_ptr": "*bf16", "w_ptr": "*u8", "y_ptr": "*bf16", "scale_ptr": "*fp16", "offset_ptr": "*fp16",
+                "partial_ptr": "*fp32", "ticket_ptr": "*i32", "M": "i32", "N": "i32", "stride_xm": "i32",
+                "stride_wn": "i32", "stride_sn": "i32", "stride_ym": "i32"}, {
+                "K": 4096, "GROUP": 128, "BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT": split,
+                "PER_SPLIT": 32 // split, "EVEN": True, "MAX_M": split_gemm.MAX_ROWS}, {
+                "num_warps": num_warps, "num_stages": num_stages})
 
 
 def eight_bit_cache_kernels() -> Iterator[tuple]:

@@ -206,6 +206,17 @@ def test_triton_kernels_equal_the_float32_reference(triton_kernels, scheme: str,
         assert error < (2e-6 if dtype == torch.float32 else 5e-3), (dtype, error)
 
 
+@pytest.mark.parametrize("m", [1, 17, 64])
+def test_int4_takes_the_split_k_gemm(triton_kernels, m: int) -> None:
+    layer = quantized_layer("int4", 70, 3 * INT4_GROUP, seed=7, device=DEVICE)
+    options = (("block_n", 32), ("num_warps", 4), ("num_stages", 2))
+    for dtype in [torch.float16] + ([] if INTERPRET else [torch.bfloat16]):
+        x = gaussian(m, 3 * INT4_GROUP, seed=m).to(dtype).to(DEVICE)
+        y = MatmulKernel("split", options)(x, layer)
+        assert y.shape == (m, 70) and y.dtype == dtype
+        assert relative_error(y, reference_matmul(x, layer)) < 5e-3
+
+
 @pytest.mark.parametrize("scheme", ["int8", "fp8"])
 @pytest.mark.parametrize(("backend", "m"), [("rowgemv", 1), ("skinny", 5), ("skinny", 32), ("skinny", 64),
                                           ("split", 1), ("split", 17), ("split", 64)])
@@ -262,7 +273,10 @@ def test_candidates_cover_every_batch_size_and_the_torch_op_only_for_int8() -> N
     assert [k.backend for k in candidates(fp8, 4096)] == ["scaled_mm"]
     assert [k.backend for k in candidates(fp8, 8, torch.float32)] == ["reference"]
     int4 = QuantizedLinear(4096, 4096, "int4")
-    assert not {"rowgemv", "skinny", "split"} & {k.backend for k in candidates(int4, 1)}
+    assert not {"rowgemv", "skinny"} & {k.backend for k in candidates(int4, 1)}
+    assert {"split" in {k.backend for k in candidates(int4, m)} for m in (1, 64)} == {True}
+    assert "split" not in {k.backend for k in candidates(int4, 65)}
+    assert "split" not in {k.backend for k in candidates(int4, 1, torch.float32)}
 
 
 # ---------------------------------------------------------------- the model
@@ -431,5 +445,6 @@ def compile_for_hopper(family: str) -> list[dict]:
 def test_every_quantized_matmul_kernel_compiles_for_hopper_without_register_spills() -> None:
     reports = compile_for_hopper("quant")
     assert {r["kernel"].split("(")[0] for r in reports} >= {"int8 gemv", "int8 gemm", "int8 dequantize", "int4 gemv",
-                                                            "int4 gemm", "int4 dequantize", "i8 split", "fp8e4nv split"}
+                                                            "int4 gemm", "int4 dequantize", "i8 split", "fp8e4nv split",
+                                                            "u4 split"}
     assert [r for r in reports if r["spilled_bytes"]] == []

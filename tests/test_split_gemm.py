@@ -86,3 +86,32 @@ def test_split_matmul_refuses_what_it_cannot_multiply() -> None:
         split_gemm.split_matmul(torch.randn(2, 64).to(DEVICE), q.float(), scale)
     with pytest.raises(ValueError, match="float32 scale"):
         split_gemm.split_matmul(torch.randn(2, 64).to(DEVICE), q, scale[:8])
+
+
+@pytest.mark.parametrize(("n", "groups", "rows", "config"), [
+    (64, 4, 5, (32, 4, 2, 2)),  # two slices of two groups
+    (37, 3, 1, (32, 4, 2, 2)),  # outputs in a partial block; the last slice has no group
+    (70, 3, 33, (64, 4, 2, 1)),  # no split
+    (96, 5, 64, (32, 4, 2)),  # the split chosen for the card
+], ids=str)
+def test_split_matmul_int4_applies_each_groups_scale_and_offset(n: int, groups: int, rows: int,
+                                                                config: tuple) -> None:
+    group = quantization.INT4_GROUP
+    w = torch.randn(n, groups * group, generator=torch.Generator().manual_seed(n)) * 0.02
+    w[:, :group] += 0.05  # a group far from zero: its offset matters
+    packed, scale, offset = quantization.quantize_int4(w, group)
+    dense = quantization.dequantize_int4(packed, scale, offset).to(DEVICE)
+    packed, scale, offset = packed.to(DEVICE), scale.to(DEVICE), offset.to(DEVICE)
+    for dtype in DTYPES:
+        x = torch.randn(rows, groups * group, generator=torch.Generator().manual_seed(rows)).to(dtype).to(DEVICE)
+        out = split_gemm.split_matmul_int4(x, packed, scale, offset, group, config)
+        assert out.shape == (rows, n) and out.dtype == dtype
+        tolerance = (1e-5 if INTERPRET else 2e-3) if dtype == torch.float32 else 8e-3
+        assert relative_error(out, x.float() @ dense.T) < tolerance, dtype
+
+
+def test_split_matmul_int4_refuses_a_layout_it_does_not_know() -> None:
+    packed, scale, offset = quantization.quantize_int4(torch.randn(8, 256), 128)
+    x = torch.randn(2, 256)
+    with pytest.raises(ValueError, match="packed uint8"):
+        split_gemm.split_matmul_int4(x.to(DEVICE), packed.to(DEVICE), scale.to(DEVICE), offset[:, :1].to(DEVICE), 128)

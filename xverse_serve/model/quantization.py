@@ -121,7 +121,7 @@ class MatmulKernel:
 
     gemv, gemm, dequantize: the Triton kernels of kernels.quant_matmul (dequantize: the dense weight, then F.linear);
     rowgemv, skinny: kernels.gemv's one-row GEMV and 2-64-row GEMM (int8 and fp8); split: kernels.split_gemm's
-    swap-AB, split-K GEMM for 1-64 rows (int8 and fp8); scaled_mm: FP8 tensor cores with
+    swap-AB, split-K GEMM for 1-64 rows (int8, fp8 and int4); scaled_mm: FP8 tensor cores with
     the activations quantized per token (fp8 only); torch: torch._weight_int8pack_mm (int8 only); reference: the
     weight dequantized by PyTorch, then F.linear (slow and memory-hungry: only where no other kernel works)."""
 
@@ -140,6 +140,10 @@ class MatmulKernel:
         if self.backend == "split":
             from ..kernels import split_gemm
 
+            if layer.bits == 4:
+                config = tuple(options[name] for name in ("block_n", "num_warps", "num_stages"))
+                return split_gemm.split_matmul_int4(x, layer.weight, layer.weight_scale, layer.weight_offset,
+                                                    layer.group_size, config)
             config = tuple(options[name] for name in ("block_n", "block_k", "num_warps", "num_stages"))
             return split_gemm.split_matmul(x, layer.weight, layer.weight_scale, config)
         if self.backend == "scaled_mm":
@@ -336,7 +340,7 @@ def candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype = torch.bfloat
         kernels = [_gemv(layer, config) for config in GEMV_CONFIGS[layer.bits]] if m <= 16 else []
         kernels += [MatmulKernel("dequantize")] if dequantize_fits else [_gemm(layer, m, "large")] * (m > 16)
         return kernels + [MatmulKernel("torch")] * (layer.bits == 8)
-    kernels = _gemv_candidates(m, dtype) if layer.bits == 8 else []
+    kernels = _gemv_candidates(m, dtype) if layer.bits == 8 else _int4_split_candidates(m, dtype)
     if m <= 16:
         kernels += [_gemv(layer, config) for config in GEMV_CONFIGS[layer.bits]]
         kernels.append(_gemm(layer, m, "small"))
@@ -365,6 +369,16 @@ def _gemv_candidates(m: int, dtype: torch.dtype) -> list[MatmulKernel]:
         kernels += [MatmulKernel("split", tuple(zip(("block_n", "block_k", "num_warps", "num_stages"), config)))
                     for config in split_gemm.TUNED_CONFIGS]
     return kernels
+
+
+def _int4_split_candidates(m: int, dtype: torch.dtype) -> list[MatmulKernel]:
+    """kernels.split_gemm's int4 kernel, for up to 64 rows of bf16 or fp16."""
+    from ..kernels import split_gemm
+
+    if dtype not in (torch.bfloat16, torch.float16) or m > split_gemm.MAX_ROWS:
+        return []
+    return [MatmulKernel("split", tuple(zip(("block_n", "num_warps", "num_stages"), config)))
+            for config in split_gemm.INT4_TUNED_CONFIGS]
 
 
 def _fp8_candidates(m: int, dtype: torch.dtype) -> list[MatmulKernel]:
