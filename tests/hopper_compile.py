@@ -87,6 +87,13 @@ def quantized_matmul_kernels() -> Iterator[tuple]:
             "stride_wn": "i32", "stride_sn": "i32", "stride_on": "i32"}, {
             "BITS": layer.bits, "GROUP": INT4_GROUP, "BLOCK_N": 16, "BLOCK_K": 256}, {}
     yield from split_gemm_kernels()
+    from xverse_serve.kernels import fused_ops
+
+    for k in (4096, 11008):  # XVERSE's two widths of a projection's input
+        yield f"fp8 activations(K={k})", fused_ops._quantize_rows_fp8_kernel, {
+            "x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "K": "i32", "stride_x": "i32",
+            "stride_q": "i32"}, {"BLOCK": triton.next_power_of_2(k)}, {"num_warps": fused_ops._norm_num_warps(
+                triton.next_power_of_2(k))}
 
 
 def split_gemm_kernels() -> Iterator[tuple]:

@@ -446,5 +446,5 @@ def test_every_quantized_matmul_kernel_compiles_for_hopper_without_register_spil
     reports = compile_for_hopper("quant")
     assert {r["kernel"].split("(")[0] for r in reports} >= {"int8 gemv", "int8 gemm", "int8 dequantize", "int4 gemv",
                                                             "int4 gemm", "int4 dequantize", "i8 split", "fp8e4nv split",
-                                                            "u4 split"}
+                                                            "u4 split", "fp8 activations"}
     assert [r for r in reports if r["spilled_bytes"]] == []

@@ -383,7 +383,7 @@ def silu_and_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torc
 
 
 
-FP8_MAX = 448.0  # e4m3's largest finite value
+FP8_MAX = tl.constexpr(448.0)  # e4m3's largest finite value (a constexpr: kernels read it)
 
 
 @triton.jit
