@@ -85,7 +85,7 @@ def main() -> None:
                                       flush, row)
                 if fmt == "fp8" and m >= 16:
                     row["fp8 scaled_mm"] = cold_us(lambda: qz.scaled_mm(x, q, scale), flush)
-                for config in split_gemm.TUNED_CONFIGS:
+                for config in split_gemm.SWEEP_CONFIGS:
                     for split in (None, *FORCED_SPLITS):
                         full = config if split is None else (*config, split)
                         label = f"{fmt} split {full}" if split else f"{fmt} split {config} own split"

@@ -97,12 +97,12 @@ def quantized_matmul_kernels() -> Iterator[tuple]:
 
 
 def split_gemm_kernels() -> Iterator[tuple]:
-    """kernels.split_gemm's kernels for int8, fp8 and int4 weights: the tuner's configurations, at 16 and 64 rows,
+    """kernels.split_gemm's kernels for int8, fp8 and int4 weights: the configurations the tuner and the bench run, at 16 and 64 rows,
     with and without the split."""
     from xverse_serve.kernels import split_gemm
 
     for weight in ("*i8", "*fp8e4nv"):
-        for block_n, block_k, num_warps, num_stages in split_gemm.TUNED_CONFIGS:
+        for block_n, block_k, num_warps, num_stages in split_gemm.SWEEP_CONFIGS:
             for block_m, split in ((16, 1), (16, 4), (64, 4)):
                 yield (f"{weight[1:]} split(block_m={block_m}, block_n={block_n}, block_k={block_k}, split={split})",
                        split_gemm._split_kernel, {

@@ -25,8 +25,12 @@ MAX_ROWS = 64
 # (XVERSE-7B's projections); other shapes take DEFAULT_CONFIG with split chosen by default_split.
 CONFIGS: dict[tuple[int, int], tuple[int, int, int, int, int]] = {}
 DEFAULT_CONFIG = (64, 128, 4, 3)
-# Configurations the start-up tuner times (model/quantization.py): split chosen for each weight's shape.
-TUNED_CONFIGS = ((64, 128, 4, 3), (32, 256, 4, 4), (128, 128, 8, 4))
+# Configurations the start-up tuner times (model/quantization.py), split chosen for each weight's shape. Of
+# (64, 128, 4, 3), (32, 256, 4, 4) and (128, 128, 8, 4), only the first was ever the fastest kernel for an int8
+# or fp8 shape and batch on an H200 (bench/results/quant_h200_split.json); each one more is compiled at start-up.
+TUNED_CONFIGS = ((64, 128, 4, 3),)
+# bench/scaled_matmul_bench.py sweeps these.
+SWEEP_CONFIGS = ((64, 128, 4, 3), (32, 256, 4, 4), (128, 128, 8, 4))
 # int4: (block_n, num_warps, num_stages), one group of K per step.
 INT4_DEFAULT_CONFIG = (64, 8, 3)
 INT4_TUNED_CONFIGS = ((64, 8, 3), (128, 8, 3))
