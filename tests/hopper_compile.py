@@ -97,8 +97,8 @@ def quantized_matmul_kernels() -> Iterator[tuple]:
 
 
 def split_gemm_kernels() -> Iterator[tuple]:
-    """kernels.split_gemm's kernels for int8, fp8 and int4 weights: the configurations the tuner and the bench run, at 16 and 64 rows,
-    with and without the split."""
+    """kernels.split_gemm's kernels for int8, fp8 and int4 weights: the configurations the tuner and the bench
+    run, at 16 and 64 rows, with and without the split."""
     from xverse_serve.kernels import split_gemm
 
     for weight in ("*i8", "*fp8e4nv"):
