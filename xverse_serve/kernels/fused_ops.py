@@ -382,8 +382,7 @@ def silu_and_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torc
     return out
 
 
-
-FP8_MAX = tl.constexpr(448.0)  # e4m3's largest finite value (a constexpr: kernels read it)
+FP8_MAX = tl.constexpr(torch.finfo(torch.float8_e4m3fn).max)  # 448; a constexpr, since kernels read it
 
 
 @triton.jit
@@ -414,6 +413,7 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _quantize_rows_fp8_kernel[(rows,)](x, q, scale, k, x.stride(0), q.stride(0), BLOCK=block,
                                            num_warps=_norm_num_warps(block))
     return q, scale
+
 
 ARGMAX_BLOCK = 2048  # logits per program of the first pass: ~50 programs per row of XVERSE's 100,534
 # The second pass reads at least this many chunks (masked): one compiled kernel for every row width up to

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 SCHEMES = ("int8", "int4", "fp8")
 INT4_GROUP = 128
 INT8_MAX = 127
-FP8_MAX = 448.0  # e4m3's largest finite value
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 FP8 = torch.float8_e4m3fn
 INT4_LEVELS = 15
 QUANTIZE_ROWS_ELEMENTS = 1 << 24  # rows quantized at a time: float32 temporaries of ~64 MB, not 1.6 GB (lm_head)
@@ -49,20 +49,19 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """int8 or fp8 values with a scale per row [N] -> the weight they stand for."""
     return (q.float() * scale[:, None]).to(dtype)
+
+
+dequantize_int8 = dequantize_fp8 = dequantize_rows
 
 
 def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] -> (q float8_e4m3fn [N, K], scale float32 [N]) with w ~= q * scale[:, None]: each output channel's
     largest weight maps to 448, the rest round to the nearest e4m3 value (3 mantissa bits: within 1/16 of it)."""
-    w = w.float()
-    scale = w.abs().amax(dim=1).clamp_min(1e-12) / FP8_MAX
-    return (w / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
-
-
-def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return (q.float() * scale[:, None]).to(dtype)
+    q, scale = quantize_activations_fp8(w)  # the same per-row quantization
+    return q, scale[:, 0]
 
 
 def quantize_activations_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,10 +227,8 @@ class QuantizedLinear(nn.Module, OneRowProjection):
 
     def dequantized(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
         """The weight this layer multiplies by, dense (the reference)."""
-        if self.scheme == "fp8":
-            return dequantize_fp8(self.weight[rows], self.weight_scale[rows], dtype)
-        if self.bits == 8:
-            return dequantize_int8(self.weight[rows], self.weight_scale[rows], dtype)
+        if self.bits == 8:  # int8 or fp8
+            return dequantize_rows(self.weight[rows], self.weight_scale[rows], dtype)
         return dequantize_int4(self.weight[rows], self.weight_scale[rows], self.weight_offset[rows], dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
