@@ -201,7 +201,8 @@ def _config(config: tuple[int, int, int, int] | None, table: dict, weight: torch
     return int8_config(config) if scale is not None else config
 
 
-def _check_scale(weight: torch.Tensor, scale: torch.Tensor | None) -> None:
+def check_scale(weight: torch.Tensor, scale: torch.Tensor | None) -> None:
+    """Raises unless `scale` is None or a float32 [N] beside an int8 or fp8 weight [N, K]."""
     if scale is None:
         return
     if (weight.dtype not in (torch.int8, torch.float8_e4m3fn) or scale.dtype != torch.float32
@@ -214,7 +215,7 @@ def _one_row(x: torch.Tensor, weight: torch.Tensor, n: int, config: tuple[int, i
              norm: RowNorm | None = None, residual: torch.Tensor | None = None,
              scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launches _gemv_kernel for n outputs, shaped [..., n]; with a residual, also the sums of squares."""
-    _check_scale(weight, scale)
+    check_scale(weight, scale)
     k = weight.shape[1]
     if x.numel() != k:
         raise ValueError(f"the GEMV takes one row of {k} values, got a tensor of shape {tuple(x.shape)}")
@@ -273,7 +274,7 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int,
                   scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] holding 2..MAX_SKINNY_ROWS rows (MAX_SCALED_SKINNY_ROWS with a scale), weight [N, K]
     (row-major) -> x @ weight.T, in x's dtype. `scale` as in gemv."""
-    _check_scale(weight, scale)
+    check_scale(weight, scale)
     n, k = weight.shape
     x2 = x.reshape(-1, k)
     rows = x2.shape[0]

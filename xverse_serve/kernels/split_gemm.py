@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .gemv import check_scale
+
 MAX_ROWS = 64
 # (N, K) -> (block_n, block_k, num_warps, num_stages, split), from bench/gemv_bench.py --split on an H200
 # (XVERSE-7B's projections); other shapes take DEFAULT_CONFIG with split chosen by default_split.
@@ -177,10 +179,7 @@ def split_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     """x [..., K] holding 1..MAX_ROWS rows, weight [N, K] int8 or float8_e4m3fn (row-major) with scale [N]
     float32 -> x @ (weight * scale[:, None]).T in x's dtype. `config`: (block_n, block_k, num_warps, num_stages)
     with split chosen by default_split, or with a fifth value, the split."""
-    if (weight.dtype not in (torch.int8, torch.float8_e4m3fn) or scale.dtype != torch.float32
-            or scale.shape != (weight.shape[0],)):
-        raise ValueError(f"split_matmul takes int8 or fp8 [N, K] weights with a float32 scale [N]; got "
-                         f"{weight.dtype} {tuple(weight.shape)} and {scale.dtype} {tuple(scale.shape)}")
+    check_scale(weight, scale)
     if weight.stride(1) != 1:
         raise ValueError("split_matmul needs the weight's rows contiguous")
     n, k = weight.shape
