@@ -206,6 +206,23 @@ def wall_ms(fn: Callable[[], object], calls: int) -> float:
     return (time.perf_counter() - start) / calls * 1e3
 
 
+def cold_time_us(fn: Callable[[], object], flush: torch.Tensor, repeats: int = 30, by_reading: bool = False) -> float:
+    """Median time of fn() in µs, after one call not counted, with L2 emptied before each call by overwriting
+    `flush` (256 MB or more) or, with by_reading, by summing it (no dirty lines left to write back while fn runs)."""
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    fn()
+    for start, end in events:
+        if by_reading:
+            flush.sum()
+        else:
+            flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return sorted(start.elapsed_time(end) * 1000 for start, end in events)[repeats // 2]
+
+
 def replay_ms(graph: torch.cuda.CUDAGraph, repeats: int = 50) -> float:
     """A CUDA graph's replay time in ms, after one replay not counted."""
     graph.replay()

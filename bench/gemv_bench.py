@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import PROJECTION_SHAPES, XVERSE_7B, write_results
+from common import PROJECTION_SHAPES, XVERSE_7B, cold_time_us, write_results
 
 from xverse_serve.kernels import gemv
 from xverse_serve.model import quantization
@@ -28,21 +28,6 @@ from xverse_serve.model import quantization
 HIDDEN, INTER = XVERSE_7B.hidden_size, XVERSE_7B.intermediate_size
 SWEEP = [(n, k, w, s) for n in (4, 8, 16) for k in (256, 512, 1024) for w in (4, 8) for s in (1, 2, 3)
          if n * k <= 8192]
-
-
-def cold_time_us(fn, flush: torch.Tensor, repeats: int = 30) -> float:
-    """Median time of fn() in µs, with L2 overwritten (a 256 MB memset) before each call."""
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    fn()
-    for start, end in zip(starts, ends):
-        flush.zero_()
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    times = sorted(start.elapsed_time(end) * 1000 for start, end in zip(starts, ends))
-    return times[len(times) // 2]
 
 
 def chain_ms(device: torch.device, layers: int = XVERSE_7B.num_layers) -> dict[str, float]:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from common import cold_time_us
 
 from xverse_serve.kernels import gemv  # noqa: E402
 from xverse_serve.model import quantization  # noqa: E402
@@ -205,20 +206,8 @@ def swap(x, q, scale, config, conv):
     return y, h
 
 
-def cold_us(fn, flush, repeats=25):
-    if PROFILE:
-        repeats = 2
-    fn()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    for s, e in zip(starts, ends):
-        flush.zero_()
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    t = sorted(s.elapsed_time(e) * 1000 for s, e in zip(starts, ends))
-    return t[len(t) // 2]
+def cold_us(fn, flush) -> float:
+    return cold_time_us(fn, flush, 2 if PROFILE else 25)
 
 
 def main():

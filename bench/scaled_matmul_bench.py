@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import PROJECTION_SHAPES, write_results
+from common import PROJECTION_SHAPES, cold_time_us, write_results
 
 from xverse_serve.kernels import gemv, quant_matmul, split_gemm
 from xverse_serve.model import quantization as qz
@@ -27,17 +27,9 @@ FORCED_SPLITS = (1, 2, 4, 8)
 FORMATS = {"int8": (qz.quantize_int8, qz.dequantize_int8), "fp8": (qz.quantize_fp8, qz.dequantize_fp8)}
 
 
-def cold_us(fn, flush: torch.Tensor, repeats: int = 25) -> float:
+def cold_us(fn, flush: torch.Tensor) -> float:
     """Median µs of fn(), L2 emptied by a read before each call."""
-    fn()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
-    for start, end in events:
-        flush.sum()
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return sorted(start.elapsed_time(end) * 1000 for start, end in events)[repeats // 2]
+    return cold_time_us(fn, flush, 25, by_reading=True)
 
 
 def measure(name: str, fn, reference: torch.Tensor, flush: torch.Tensor, results: dict) -> bool:
