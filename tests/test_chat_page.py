@@ -207,7 +207,13 @@ def test_a_follow_up_sends_the_whole_conversation_with_the_settings(page):
     first, second = [json.loads(r["postData"]) for r in page.chat_requests()]
     assert first["messages"] == [{"role": "system", "content": "You answer briefly."},
                                  {"role": "user", "content": "What is the capital of France?"}]
-    assert second["messages"] == [*first["messages"], {"role": "assistant", "content": first_answer},
+    # The answer goes back as it streamed in; the page shows it rendered (renderMessage drops the leading and
+    # trailing blank lines of prose and the backticks of code), so what was shown is that text, rendered.
+    sent_answer = second["messages"][2]["content"]
+    assert page.driver.execute_script(
+        "const box = document.createElement('div'); box.append(renderMessage(arguments[0])); "
+        "return box.textContent", sent_answer) == first_answer
+    assert second["messages"] == [*first["messages"], {"role": "assistant", "content": sent_answer},
                                   {"role": "user", "content": "And its population?"}]
     assert {k: second[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty", "max_tokens")} == \
         {"temperature": 0.7, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.05, "max_tokens": 12}
