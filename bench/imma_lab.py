@@ -6,7 +6,7 @@ keeps weight-only quantization's accuracy while the weights enter the tensor cor
 conversion per weight). Timed as a decode step meets its weights: 8 copies of a projection, cycled inside a CUDA
 graph, so each call reads its weight from DRAM with no flush between calls.
 
-    python bench/imma_lab.py [--quick]
+    python bench/imma_lab.py [--quick] [--prefill] [--no-decode]
 """
 import json
 import os
@@ -186,6 +186,163 @@ def imma4_matmul(x, weight, scale, offset, group, config, asm=False):
     return out
 
 
+# --- prefill: many rows, activations split per row (over the whole of K) into two int8 parts, int32 sums ---
+
+
+@triton.jit
+def _split_rows_kernel(x_ptr, hi_ptr, lo_ptr, s_ptr, sum_ptr, stride_xm, K: tl.constexpr, GROUP: tl.constexpr,
+                       BLOCK: tl.constexpr, DEINTERLEAVE: tl.constexpr):
+    """One row: x ~= s * (256 * hi + lo) with one s for the row; for int4 (DEINTERLEAVE) each group of K is
+    written evens first, then odds (the order of the packed nibbles: low, then high), and sum_ptr gets each
+    group's sum of x divided by s (so that the int4 kernel scales its whole sum by s at the end)."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        v = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(v))
+    top = tl.max(amax, axis=0)
+    inv = tl.where(top > 0, 32639.0 / top, 0.0)
+    tl.store(s_ptr + row, top * (1.0 / 32639.0))
+    for k0 in range(0, K, BLOCK):
+        ks = k0 + offs
+        ok = ks < K
+        x = tl.load(x_ptr + row * stride_xm + ks, mask=ok, other=0.0).to(tl.float32)
+        v = x * inv
+        q = (v + tl.where(v >= 0, 0.5, -0.5)).to(tl.int32)
+        hi = (q + 128) >> 8
+        lo = q - (hi << 8)
+        if DEINTERLEAVE:
+            within = ks % GROUP
+            dest = ks - within + (within % 2) * (GROUP // 2) + within // 2
+            sums = tl.sum(tl.reshape(x, [BLOCK // GROUP, GROUP]), axis=1) * inv
+            groups = k0 // GROUP + tl.arange(0, BLOCK // GROUP)
+            tl.store(sum_ptr + row * (K // GROUP) + groups, sums, mask=groups < K // GROUP)
+        else:
+            dest = ks
+        tl.store(hi_ptr + row * K + dest, hi.to(tl.int8), mask=ok)
+        tl.store(lo_ptr + row * K + dest, lo.to(tl.int8), mask=ok)
+
+
+def split_rows(x, group=0):
+    m, k = x.shape
+    hi = torch.empty(m, k, dtype=torch.int8, device=x.device)
+    lo = torch.empty_like(hi)
+    s = torch.empty(m, dtype=torch.float32, device=x.device)
+    sums = torch.empty(m, max(1, k // group) if group else 1, dtype=torch.float32, device=x.device)
+    _split_rows_kernel[(m,)](x, hi, lo, s, sums, x.stride(0), K=k, GROUP=group or 128, BLOCK=1024,
+                             DEINTERLEAVE=bool(group), num_warps=4)
+    return hi, lo, s, sums
+
+
+@triton.jit
+def _imma_rows_kernel(hi_ptr, lo_ptr, s_ptr, w_ptr, ws_ptr, y_ptr, M, N, stride_wn, stride_ym, K: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * tiles_n
+    first_m = (pid // width) * GROUP_M
+    size_m = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    rows_c = tl.where(rows < M, rows, 0)
+    outs_c = tl.where(outs < N, outs, 0)
+    a_off = rows_c[:, None].to(tl.int64) * K + ks[None, :]
+    w_ptrs = w_ptr + outs_c[None, :].to(tl.int64) * stride_wn + ks[:, None]
+    acc_hi = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    acc_lo = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for _ in range(0, K, BLOCK_K):
+        w = tl.load(w_ptrs)
+        acc_hi = tl.dot(tl.load(hi_ptr + a_off), w, acc_hi, out_dtype=tl.int32)
+        acc_lo = tl.dot(tl.load(lo_ptr + a_off), w, acc_lo, out_dtype=tl.int32)
+        a_off += BLOCK_K
+        w_ptrs += BLOCK_K
+    s = tl.load(s_ptr + rows_c)
+    ws = tl.load(ws_ptr + outs_c)
+    y = (acc_hi.to(tl.float32) * 256.0 + acc_lo.to(tl.float32)) * s[:, None] * ws[None, :]
+    tl.store(y_ptr + rows[:, None] * stride_ym + outs[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=(rows < M)[:, None] & (outs < N)[None, :])
+
+
+def imma_rows_matmul(x, weight, scale, config):
+    """Many rows (prefill): int8 weights [N, K] (K a multiple of BLOCK_K) against x split into two int8 parts."""
+    block_m, block_n, block_k, num_warps, num_stages = config
+    n, k = weight.shape
+    hi, lo, s, _ = split_rows(x)
+    m = x.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    _imma_rows_kernel[grid](hi, lo, s, weight, scale, y, m, n, weight.stride(0), y.stride(0), K=k, BLOCK_M=block_m,
+                            BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=num_warps, num_stages=num_stages)
+    return y
+
+
+@triton.jit
+def _imma4_rows_kernel(hi_ptr, lo_ptr, s_ptr, sum_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, M, N, stride_wn,
+                       stride_sn, stride_ym, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * tiles_n
+    first_m = (pid // width) * GROUP_M
+    size_m = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_c = tl.where(rows < M, rows, 0)
+    outs_c = tl.where(outs < N, outs, 0)
+    half = tl.arange(0, GROUP // 2)
+    a_off = rows_c[:, None].to(tl.int64) * K + half[None, :]
+    w_ptrs = w_ptr + outs_c[None, :].to(tl.int64) * stride_wn + half[:, None]  # [GROUP // 2, BLOCK_N]
+    s_off = outs_c * stride_sn
+    groups: tl.constexpr = K // GROUP
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for g in range(0, groups):
+        packed = tl.load(w_ptrs)
+        w_lo = (packed & 0xF).to(tl.int8)
+        w_hi = (packed >> 4).to(tl.int8)
+        # one int32 accumulator: 256 * (the high parts' sum) + the low parts' (|sum| < 2^26 for a group)
+        p = tl.dot(tl.load(hi_ptr + a_off), w_lo)
+        p = tl.dot(tl.load(hi_ptr + a_off + GROUP // 2), w_hi, p, out_dtype=tl.int32) * 256
+        p = tl.dot(tl.load(lo_ptr + a_off), w_lo, p, out_dtype=tl.int32)
+        p = tl.dot(tl.load(lo_ptr + a_off + GROUP // 2), w_hi, p, out_dtype=tl.int32)
+        scale = tl.load(scale_ptr + s_off + g).to(tl.float32)
+        offset = tl.load(offset_ptr + s_off + g).to(tl.float32)
+        x_sum = tl.load(sum_ptr + rows_c * groups + g)
+        acc += p.to(tl.float32) * scale[None, :] + x_sum[:, None] * offset[None, :]
+        a_off += GROUP
+        w_ptrs += GROUP // 2
+    y = acc * tl.load(s_ptr + rows_c)[:, None]  # x ~= s * (256 hi + lo); the sums were divided by s
+    tl.store(y_ptr + rows[:, None] * stride_ym + outs[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=(rows < M)[:, None] & (outs < N)[None, :])
+
+
+def imma4_rows_matmul(x, weight, scale, offset, group, config):
+    block_m, block_n, num_warps, num_stages = config
+    n = weight.shape[0]
+    k = scale.shape[1] * group
+    hi, lo, s, sums = split_rows(x, group)
+    m = x.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    _imma4_rows_kernel[grid](hi, lo, s, sums, weight, scale, offset, y, m, n, weight.stride(0), scale.stride(0),
+                             y.stride(0), K=k, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=8,
+                             num_warps=num_warps, num_stages=num_stages)
+    return y
+
+
+def int_mm_rows(x, weight, scale):
+    """cuBLAS's int8 GEMM (torch._int_mm) on both parts stacked along M, then the scales in PyTorch."""
+    hi, lo, s, _ = split_rows(x)
+    m = x.shape[0]
+    both = torch._int_mm(torch.cat((hi, lo)), weight.t())
+    return ((both[:m].float() * 256 + both[m:].float()) * s[:, None] * scale[None, :]).to(x.dtype)
+
+
 def graph_time_us(make_call, copies: int, repeats: int = 20) -> float:
     """µs per call of make_call(i) for copies i = 0..copies-1 captured in one CUDA graph (each call reads its own
     copy of the weight, cold in L2 since the copies together exceed it)."""
@@ -216,6 +373,49 @@ def graph_time_us(make_call, copies: int, repeats: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def prefill_rows(name, n, k, ms, emit) -> None:
+    """Prefill-sized M: bf16 cuBLAS, the tuner's current int8 and int4 candidates, and the two-part IMMA kernels."""
+    dev = torch.device("cuda")
+    w = torch.randn(n, k, device=dev) * 0.02
+    layer8 = quantization.QuantizedLinear(k, n, "int8").to(dev)
+    layer4 = quantization.QuantizedLinear(k, n, "int4").to(dev)
+    layer8.load_rows(0, w)
+    layer4.load_rows(0, w)
+    bf = [layer8.dequantized(torch.bfloat16) for _ in range(2)]
+    ref8 = layer8.dequantized(torch.float32)
+    ref4 = layer4.dequantized(torch.float32)
+    del w
+    for m in ms:
+        x = torch.randn(m, k, device=dev).to(torch.bfloat16)
+        r8, r4 = x.float() @ ref8.T, x.float() @ ref4.T
+        variants = [("bf16 F.linear", lambda: F.linear(x, bf[0]), None), ("split_rows", lambda: split_rows(x), None),
+                    ("split_rows int4", lambda: split_rows(x, 128), None)]
+        for kernel in quantization.candidates(layer8, m):
+            variants.append((f"int8 {kernel}", lambda kernel=kernel: kernel(x, layer8), r8))
+        variants.append(("int8 int_mm", lambda: int_mm_rows(x, layer8.weight, layer8.weight_scale), r8))
+        for config in ((128, 128, 128, 8, 3), (128, 128, 64, 8, 4), (64, 128, 128, 4, 4), (64, 256, 128, 8, 3),
+                       (128, 64, 128, 4, 4)):
+            variants.append((f"int8 imma_rows {config}",
+                             lambda c=config: imma_rows_matmul(x, layer8.weight, layer8.weight_scale, c), r8))
+        for kernel in quantization.candidates(layer4, m):
+            variants.append((f"int4 {kernel}", lambda kernel=kernel: kernel(x, layer4), r4))
+        for config in ((64, 128, 4, 3), (128, 64, 4, 3), (64, 256, 8, 3), (128, 128, 8, 2)):
+            variants.append((f"int4 imma4_rows {config}",
+                             lambda c=config: imma4_rows_matmul(x, layer4.weight, layer4.weight_scale,
+                                                                layer4.weight_offset, 128, c), r4))
+        for label, call, reference in variants:
+            try:
+                err = None
+                if reference is not None:
+                    err = ((call().float() - reference).norm() / reference.norm()).item()
+                us = graph_time_us(lambda i, call=call: call, 3)
+                row = {"shape": name, "m": m, "variant": label, "us": round(us, 2),
+                       "TFLOP/s": round(2 * m * n * k / us / 1e6, 1), "err": err}
+            except Exception as exc:
+                row = {"shape": name, "m": m, "variant": label, "failed": f"{type(exc).__name__}: {exc}"[:300]}
+            emit(row)
+
+
 SHAPES = {"qkv_proj": (12288, 4096), "o_proj": (4096, 4096), "gate_up_proj": (22016, 4096),
           "down_proj": (4096, 11008)}
 
@@ -227,7 +427,17 @@ def main() -> None:
     results = []
     log = open(os.path.join(os.environ.get("OUT", "."), "imma_lab.jsonl"), "w")
     ms = (1, 16) if quick else (1, 16, 64)
-    for name, (n, k) in SHAPES.items():
+
+    def emit(row: dict) -> None:
+        print(json.dumps(row), flush=True)
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+        results.append(row)
+
+    if "--prefill" in sys.argv:
+        for name, (n, k) in SHAPES.items():
+            prefill_rows(name, n, k, (512,) if quick else (128, 512, 2048), emit)
+    for name, (n, k) in SHAPES.items() if "--no-decode" not in sys.argv else ():
         copies = max(4, (400 << 20) // (n * k))  # >= 400 MB of int8 weights per graph
         w = torch.randn(n, k, device=dev) * 0.02
         q8, s8 = quantization.quantize_int8(w)
@@ -282,10 +492,7 @@ def main() -> None:
                            "err": err}
                 except Exception as exc:
                     row = {"shape": name, "m": m, "variant": label, "failed": f"{type(exc).__name__}: {exc}"[:300]}
-                print(json.dumps(row), flush=True)
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-                results.append(row)
+                emit(row)
     out_dir = os.environ.get("OUT", ".")
     with open(os.path.join(out_dir, "imma_lab.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=1)

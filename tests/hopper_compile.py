@@ -87,6 +87,7 @@ def quantized_matmul_kernels() -> Iterator[tuple]:
             "stride_wn": "i32", "stride_sn": "i32", "stride_on": "i32"}, {
             "BITS": layer.bits, "GROUP": INT4_GROUP, "BLOCK_N": 16, "BLOCK_K": 256}, {}
     yield from split_gemm_kernels()
+    yield from imma_gemm_kernels()
     from xverse_serve.kernels import fused_ops
 
     for k in (4096, 11008):  # XVERSE's two widths of a projection's input
@@ -123,10 +124,48 @@ def split_gemm_kernels() -> Iterator[tuple]:
                 "num_warps": num_warps, "num_stages": num_stages})
 
 
+def imma_gemm_kernels() -> Iterator[tuple]:
+    """kernels.imma_gemm's kernels in every configuration the tuner times: 16 and 64 rows for the few-rows ones."""
+    from xverse_serve.kernels import imma_gemm
+
+    for k in (4096, 11008):
+        yield f"split rows(K={k})", imma_gemm._split_rows_kernel, {
+            "x_ptr": "*bf16", "hi_ptr": "*i8", "lo_ptr": "*i8", "s_ptr": "*fp32", "sum_ptr": "*fp32",
+            "stride_xm": "i32"}, {"K": k, "GROUP": 128, "BLOCK": imma_gemm.SPLIT_BLOCK, "INT4": True}, {}
+    for block_m, block_n, block_k, num_warps, num_stages in imma_gemm.ROWS_CONFIGS:
+        yield f"i8 imma_rows(block_m={block_m}, block_n={block_n}, block_k={block_k})", imma_gemm._rows_kernel, {
+            "hi_ptr": "*i8", "lo_ptr": "*i8", "s_ptr": "*fp32", "w_ptr": "*i8", "ws_ptr": "*fp32", "y_ptr": "*bf16",
+            "M": "i32", "N": "i32", "stride_wn": "i32", "stride_ym": "i32"}, {
+            "K": 4096, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}, {
+            "num_warps": num_warps, "num_stages": num_stages}
+    for block_m, block_n, num_warps, num_stages in imma_gemm.ROWS_INT4_CONFIGS:
+        yield f"u4 imma_rows(block_m={block_m}, block_n={block_n})", imma_gemm._rows_int4_kernel, {
+            "hi_ptr": "*i8", "lo_ptr": "*i8", "s_ptr": "*fp32", "sum_ptr": "*fp32", "w_ptr": "*u8",
+            "scale_ptr": "*fp16", "offset_ptr": "*fp16", "y_ptr": "*bf16", "M": "i32", "N": "i32",
+            "stride_wn": "i32", "stride_sn": "i32", "stride_ym": "i32"}, {
+            "K": 4096, "GROUP": 128, "BLOCK_M": block_m, "BLOCK_N": block_n, "GROUP_M": 8}, {
+            "num_warps": num_warps, "num_stages": num_stages}
+    for block_m in (16, 64):
+        for block_n, block_k, num_warps, num_stages in imma_gemm.FEW_ROWS_CONFIGS:
+            yield f"i8 imma(block_m={block_m}, block_n={block_n}, block_k={block_k})", imma_gemm._few_rows_kernel, {
+                "x_ptr": "*bf16", "w_ptr": "*i8", "y_ptr": "*bf16", "scale_ptr": "*fp32", "partial_ptr": "*fp32",
+                "ticket_ptr": "*i32", "M": "i32", "N": "i32", "stride_xm": "i32", "stride_wn": "i32",
+                "stride_ym": "i32"}, {
+                "K": 4096, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT": 4,
+                "PER_SPLIT": 4096 // block_k // 4, "EVEN_K": True, "MAX_M": 64}, {
+                "num_warps": num_warps, "num_stages": num_stages}
+        for block_n, num_warps, num_stages in imma_gemm.FEW_ROWS_INT4_CONFIGS:
+            yield f"u4 imma(block_m={block_m}, block_n={block_n})", imma_gemm._few_rows_int4_kernel, {
+                "x_ptr": "*bf16", "w_ptr": "*u8", "y_ptr": "*bf16", "scale_ptr": "*fp16", "offset_ptr": "*fp16",
+                "partial_ptr": "*fp32", "ticket_ptr": "*i32", "M": "i32", "N": "i32", "stride_xm": "i32",
+                "stride_wn": "i32", "stride_sn": "i32", "stride_ym": "i32"}, {
+                "K": 4096, "GROUP": 128, "BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT": 4, "PER_SPLIT": 8,
+                "EVEN": True, "MAX_M": 64}, {"num_warps": num_warps, "num_stages": num_stages}
+
+
 def eight_bit_cache_kernels() -> Iterator[tuple]:
     """The decode-attention kernel reading, and the RoPE kernel writing, an int8 or fp8 cache."""
-    from xverse_serve.kernels import fused_ops
-    from xverse_serve.kernels import paged_attention
+    from xverse_serve.kernels import fused_ops, paged_attention
 
     for cache, qmax in (("i8", 127.0), ("fp8e4nv", 448.0)):
         for lanes in (False, True):

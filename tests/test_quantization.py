@@ -171,7 +171,8 @@ def test_cpu_forward_equals_the_dequantized_matmul(scheme: str, dtype: torch.dty
 # along K, a partial last block of output channels and, for int8, an input width not a multiple of the block.
 KERNELS = {
     "gemv": ("gemv", {"int8": {}, "int4": {}}),
-    "gemv-small-blocks": ("gemv", {"int8": {"block_n": 4, "block_k": 64}, "int4": {"block_n": 4, "groups_per_iter": 2}}),
+    "gemv-small-blocks": ("gemv", {"int8": {"block_n": 4, "block_k": 64},
+                                   "int4": {"block_n": 4, "groups_per_iter": 2}}),
     "gemm": ("gemm", {"int8": {"block_m": 16, "block_n": 32, "block_k": 64}, "int4": {"block_m": 16, "block_n": 32}}),
     "gemm-split-k": ("gemm", {"int8": {"block_m": 16, "block_n": 32, "block_k": 64, "split_k": 3},
                               "int4": {"block_m": 16, "block_n": 32, "split_k": 2}}),
@@ -215,6 +216,25 @@ def test_int4_takes_the_split_k_gemm(triton_kernels, m: int) -> None:
         y = MatmulKernel("split", options)(x, layer)
         assert y.shape == (m, 70) and y.dtype == dtype
         assert relative_error(y, reference_matmul(x, layer)) < 5e-3
+
+
+IMMA_OPTIONS = {("int8", "imma"): (("block_n", 32), ("block_k", 64), ("num_warps", 4), ("num_stages", 2)),
+                ("int4", "imma"): (("block_n", 32), ("num_warps", 4), ("num_stages", 2)),
+                ("int8", "imma_rows"): (("block_m", 16), ("block_n", 32), ("block_k", 64), ("num_warps", 4),
+                                        ("num_stages", 1)),
+                ("int4", "imma_rows"): (("block_m", 16), ("block_n", 32), ("num_warps", 4), ("num_stages", 1))}
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize(("backend", "m"), [("imma", 1), ("imma", 17), ("imma_rows", 40)])
+def test_int8_and_int4_take_the_int8_tensor_core_kernels(triton_kernels, scheme: str, backend: str, m: int) -> None:
+    layer = quantized_layer(scheme, 70, 3 * INT4_GROUP, seed=9, device=DEVICE)
+    kernel = MatmulKernel(backend, IMMA_OPTIONS[scheme, backend])
+    for dtype in [torch.float16] + ([] if INTERPRET else [torch.bfloat16]):
+        x = gaussian(m, 3 * INT4_GROUP, seed=m).to(dtype).to(DEVICE)
+        y = kernel(x.view(m, 1, -1), layer)  # any leading shape
+        assert y.shape == (m, 1, 70) and y.dtype == dtype
+        assert relative_error(y.view(m, 70), reference_matmul(x, layer)) < 5e-3
 
 
 @pytest.mark.parametrize("scheme", ["int8", "fp8"])
@@ -277,6 +297,13 @@ def test_candidates_cover_every_batch_size_and_the_torch_op_only_for_int8() -> N
     assert {"split" in {k.backend for k in candidates(int4, m)} for m in (1, 64)} == {True}
     assert "split" not in {k.backend for k in candidates(int4, 65)}
     assert "split" not in {k.backend for k in candidates(int4, 1, torch.float32)}
+    # int8 tensor cores (kernels.imma_gemm) for int8 and int4 weights, bf16 or fp16 activations: up to 64 rows
+    # split along K, from 64 rows tiled over the outputs
+    for layer in (int4, QuantizedLinear(4096, 4096, "int8")):
+        imma = {m: {k.backend for k in candidates(layer, m) if k.backend.startswith("imma")} for m in (1, 64, 512)}
+        assert imma == {1: {"imma"}, 64: {"imma", "imma_rows"}, 512: {"imma_rows"}}
+        assert not any(k.backend.startswith("imma") for k in candidates(layer, 64, torch.float32))
+    assert "imma_rows" not in {k.backend for k in candidates(QuantizedLinear(4000, 4096, "int8"), 512)}  # K % 128
 
 
 # ---------------------------------------------------------------- the model
@@ -446,5 +473,6 @@ def test_every_quantized_matmul_kernel_compiles_for_hopper_without_register_spil
     reports = compile_for_hopper("quant")
     assert {r["kernel"].split("(")[0] for r in reports} >= {"int8 gemv", "int8 gemm", "int8 dequantize", "int4 gemv",
                                                             "int4 gemm", "int4 dequantize", "i8 split", "fp8e4nv split",
-                                                            "u4 split", "fp8 activations"}
+                                                            "u4 split", "fp8 activations", "split rows",
+                                                            "i8 imma_rows", "u4 imma_rows", "i8 imma", "u4 imma"}
     assert [r for r in reports if r["spilled_bytes"]] == []

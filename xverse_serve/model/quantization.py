@@ -9,9 +9,9 @@ packed projection (q/k/v into qkv_proj, gate/up into gate_up_proj): model.load_m
 on the device, a slice of rows at a time, so no full-precision copy of the model is ever held.
 
 The matmul: on the CPU, int8 runs torch._weight_int8pack_mm and int4 dequantizes and runs F.linear (the
-reference). On CUDA the Triton kernels of kernels.quant_matmul run, and for int8 also the bf16 model's GEMVs of
-kernels.gemv (one row, and 2-32 rows), which read int8 rows with their scales; which one depends on the number of
-rows M: `tune` times the candidates (gemv, gemm, dequantize + cuBLAS, torch's int8 op, kernels.gemv's) for each
+reference). On CUDA the Triton kernels of kernels.quant_matmul, kernels.split_gemm and kernels.imma_gemm (int8
+tensor cores) run, and for int8 also the bf16 model's GEMVs of kernels.gemv (one row, and 2-64 rows), which read
+int8 rows with their scales; which one depends on the number of rows M: `tune` times the candidates for each
 layer shape at M = 1, 2, 4, ... at start-up, checks each against the float32 reference, and keeps the fastest
 per M. The one-row path of the decoder (one_row.py) always takes kernels.gemv's fused GEMVs for int8.
 """
@@ -120,7 +120,8 @@ class MatmulKernel:
 
     gemv, gemm, dequantize: the Triton kernels of kernels.quant_matmul (dequantize: the dense weight, then F.linear);
     rowgemv, skinny: kernels.gemv's one-row GEMV and 2-64-row GEMM (int8 and fp8); split: kernels.split_gemm's
-    swap-AB, split-K GEMM for 1-64 rows (int8, fp8 and int4); scaled_mm: FP8 tensor cores with
+    swap-AB, split-K GEMM for 1-64 rows (int8, fp8 and int4); imma, imma_rows: kernels.imma_gemm's int8
+    tensor-core GEMMs for 1-64 rows and for more (int8 and int4); scaled_mm: FP8 tensor cores with
     the activations quantized per token (fp8 only); torch: torch._weight_int8pack_mm (int8 only); reference: the
     weight dequantized by PyTorch, then F.linear (slow and memory-hungry: only where no other kernel works)."""
 
@@ -145,6 +146,8 @@ class MatmulKernel:
                                                     layer.group_size, config)
             config = tuple(options[name] for name in ("block_n", "block_k", "num_warps", "num_stages"))
             return split_gemm.split_matmul(x, layer.weight, layer.weight_scale, config)
+        if self.backend in ("imma", "imma_rows"):
+            return _imma(x, layer, self.backend == "imma_rows", tuple(value for _, value in self.options))
         if self.backend == "scaled_mm":
             return scaled_mm(x, layer.weight, layer.weight_scale)
         if self.backend == "gemv" and layer.bits == 8:
@@ -168,6 +171,16 @@ class MatmulKernel:
         if not self.options:
             return self.backend
         return f"{self.backend}({', '.join(f'{name}={value}' for name, value in self.options)})"
+
+
+def _imma(x: torch.Tensor, layer: QuantizedLinear, many_rows: bool, config: tuple[int, ...]) -> torch.Tensor:
+    from ..kernels import imma_gemm
+
+    if layer.bits == 4:
+        run = imma_gemm.rows_matmul_int4 if many_rows else imma_gemm.few_rows_matmul_int4
+        return run(x, layer.weight, layer.weight_scale, layer.weight_offset, layer.group_size, config)
+    run = imma_gemm.rows_matmul if many_rows else imma_gemm.few_rows_matmul
+    return run(x, layer.weight, layer.weight_scale, config)
 
 
 # (largest M, kernel) pairs in increasing M; beyond the last M, the last kernel.
@@ -338,6 +351,7 @@ def candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype = torch.bfloat
         kernels += [MatmulKernel("dequantize")] if dequantize_fits else [_gemm(layer, m, "large")] * (m > 16)
         return kernels + [MatmulKernel("torch")] * (layer.bits == 8)
     kernels = _gemv_candidates(m, dtype) if layer.bits == 8 else _int4_split_candidates(m, dtype)
+    kernels += _imma_candidates(layer, m, dtype)
     if m <= 16:
         kernels += [_gemv(layer, config) for config in GEMV_CONFIGS[layer.bits]]
         kernels.append(_gemm(layer, m, "small"))
@@ -365,6 +379,28 @@ def _gemv_candidates(m: int, dtype: torch.dtype) -> list[MatmulKernel]:
     if m <= split_gemm.MAX_ROWS:
         kernels += [MatmulKernel("split", tuple(zip(("block_n", "block_k", "num_warps", "num_stages"), config)))
                     for config in split_gemm.TUNED_CONFIGS]
+    return kernels
+
+
+def _imma_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> list[MatmulKernel]:
+    """kernels.imma_gemm's int8 tensor-core GEMMs (int8 and int4 weights, bf16 or fp16 activations): the swap-AB,
+    split-K one for up to 64 rows, the output-tiled one from 64 rows (where K is a multiple of its block)."""
+    from ..kernels import imma_gemm, split_gemm
+
+    if layer.scheme == "fp8" or dtype not in (torch.bfloat16, torch.float16):
+        return []
+    int4 = layer.bits == 4
+    kernels = []
+    if m <= split_gemm.MAX_ROWS:
+        names = ("block_n", "num_warps", "num_stages") if int4 else ("block_n", "block_k", "num_warps", "num_stages")
+        configs = imma_gemm.FEW_ROWS_INT4_CONFIGS if int4 else imma_gemm.FEW_ROWS_CONFIGS
+        kernels += [MatmulKernel("imma", tuple(zip(names, config))) for config in configs]
+    if m >= 64:
+        names = ("block_m", "block_n", "num_warps", "num_stages") if int4 else (
+            "block_m", "block_n", "block_k", "num_warps", "num_stages")
+        configs = imma_gemm.ROWS_INT4_CONFIGS if int4 else [
+            config for config in imma_gemm.ROWS_CONFIGS if layer.in_features % config[2] == 0]
+        kernels += [MatmulKernel("imma_rows", tuple(zip(names, config))) for config in configs]
     return kernels
 
 
@@ -453,7 +489,7 @@ def measure_plan(layer: QuantizedLinear, dtype: torch.dtype) -> tuple[MatmulPlan
                 if error > tolerance(dtype, kernel):
                     timings[m][str(kernel)] = f"rejected: relative error {error:.2e}"
                     continue
-                ms = time_call(lambda kernel=kernel: kernel(x, layer), flush)
+                ms = time_call(lambda kernel=kernel, x=x: kernel(x, layer), flush)
             except Exception as exc:  # a backend this build or card lacks, or out of memory: not a candidate
                 timings[m][str(kernel)] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                 torch.cuda.empty_cache()

@@ -1,0 +1,350 @@
+"""y = x @ W^T for int8 and int4 weights on the int8 tensor cores (IMMA), the weights entering the dots as they
+are stored: no int-to-float conversion per weight, which is what bounds the bf16-dot kernels of split_gemm and
+quant_matmul (instructions per weight, not bytes).
+
+The bf16 or fp16 activations are split into two int8 parts with one float32 scale s, x ~= s * (256 * hi + lo):
+q = round(x / s) with s = amax / 32639 (127 * 256 + 127) is a 16-bit fixed-point number, hi = round(q / 256) and
+lo = q - 256 * hi, both in [-128, 127]. Sixteen bits against the block's largest value are finer than bf16's eight
+for all but the block's smallest values (which add little to a dot), so the products keep weight-only
+quantization's accuracy (relative error ~1e-4 against the exact product in the CPU tests). Both parts' dots run
+into one int32 sum, 256 * (W . hi) + W . lo, exact where it stays under 2^31 (per step of K here).
+
+Two shapes of kernel:
+- prefill-sized M (`rows_matmul`, `rows_matmul_int4`): one small kernel splits each row of x (one scale per row),
+  then an output-tiled GEMM. int8 keeps two int32 sums over the whole of K and scales once at the end; int4
+  unpacks the nibbles (0..15, exact in int8) and applies each group's scale to the group's int32 sum and its
+  offset to the group's sum of x (written by the split kernel, divided by s).
+- 1-64 rows (`few_rows_matmul`, `few_rows_matmul_int4`): split_gemm's swap-AB tiles, split-K and last-ticket sum
+  (`split_gemm._finish`), with the activations split inside the kernel per step of K (per group for int4): no
+  extra kernel per projection in a decode step.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import split_gemm
+from .gemv import check_scale
+from .split_gemm import _finish
+
+FIXED = tl.constexpr(32639.0)  # 127 * 256 + 127
+SPLIT_BLOCK = 1024  # elements of a row per step of the split kernel; a multiple of int4's group
+# (block_m, block_n, block_k, num_warps, num_stages) for rows_matmul; no register spills on sm_90 (ptxas -v).
+ROWS_CONFIGS = ((128, 128, 128, 8, 3), (64, 128, 128, 4, 4))
+# (block_m, block_n, num_warps, num_stages) for rows_matmul_int4: one group of K per step.
+ROWS_INT4_CONFIGS = ((64, 128, 4, 3), (128, 64, 4, 3))
+# (block_n, block_k, num_warps, num_stages) for few_rows_matmul, split chosen by split_gemm.default_split.
+FEW_ROWS_CONFIGS = ((64, 128, 4, 3), (128, 128, 8, 3))
+# (block_n, num_warps, num_stages) for few_rows_matmul_int4.
+FEW_ROWS_INT4_CONFIGS = ((64, 4, 3), (128, 8, 3))
+
+
+@triton.jit
+def _round(v):
+    return (v + tl.where(v >= 0, 0.5, -0.5)).to(tl.int32)
+
+
+@triton.jit
+def _split_rows_kernel(x_ptr, hi_ptr, lo_ptr, s_ptr, sum_ptr, stride_xm, K: tl.constexpr, GROUP: tl.constexpr,
+                       BLOCK: tl.constexpr, INT4: tl.constexpr):
+    # One row. For int4 each group of K is written evens first, then odds (the packed nibbles' order: low, high),
+    # and sum_ptr gets each group's sum of x divided by s.
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        v = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(v))
+    top = tl.max(amax, axis=0)
+    inv = 1.0 / tl.maximum(top, 1e-30) * FIXED  # a row of zeros stays zeros
+    tl.store(s_ptr + row, top / FIXED)
+    for k0 in range(0, K, BLOCK):
+        ks = k0 + offs
+        ok = ks < K
+        x = tl.load(x_ptr + row * stride_xm + ks, mask=ok, other=0.0).to(tl.float32)
+        q = _round(x * inv)
+        hi = (q + 128) >> 8
+        lo = q - (hi << 8)
+        if INT4:
+            within = ks % GROUP
+            dest = ks - within + (within % 2) * (GROUP // 2) + within // 2
+            groups = k0 // GROUP + tl.arange(0, BLOCK // GROUP)
+            sums = tl.sum(tl.reshape(x, [BLOCK // GROUP, GROUP]), axis=1) * inv
+            tl.store(sum_ptr + row * (K // GROUP) + groups, sums, mask=groups < K // GROUP)
+        else:
+            dest = ks
+        tl.store(hi_ptr + row * K + dest, hi.to(tl.int8), mask=ok)
+        tl.store(lo_ptr + row * K + dest, lo.to(tl.int8), mask=ok)
+
+
+def split_rows(x: torch.Tensor, group: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (hi, lo int8 [M, K], s float32 [M], sums float32 [M, K // group]) with x ~= s * (256 * hi +
+    lo) per row; with a group (int4), each group's columns reordered evens first and its sum of x / s."""
+    m, k = x.shape
+    if group and (k % group or SPLIT_BLOCK % group):
+        raise ValueError(f"int4's activations split in groups of {group} dividing both K ({k}) and {SPLIT_BLOCK}")
+    hi = torch.empty(m, k, dtype=torch.int8, device=x.device)
+    lo = torch.empty_like(hi)
+    s = torch.empty(m, dtype=torch.float32, device=x.device)
+    sums = torch.empty(m, k // group if group else 1, dtype=torch.float32, device=x.device)
+    _split_rows_kernel[(m,)](x, hi, lo, s, sums, x.stride(0), K=k, GROUP=group or SPLIT_BLOCK, BLOCK=SPLIT_BLOCK,
+                             INT4=bool(group), num_warps=4)
+    return hi, lo, s, sums
+
+
+@triton.jit
+def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's rows and output channels, in groups of GROUP_M row tiles that share their weight tiles in
+    L2; indices past M or N are clamped (loads stay in bounds; the store masks them)."""
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * tiles_n
+    first_m = (pid // width) * GROUP_M
+    size_m = min(tiles_m - first_m, GROUP_M)
+    rows = (first_m + (pid % width) % size_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    outs = ((pid % width) // size_m) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, outs, tl.where(rows < M, rows, 0), tl.where(outs < N, outs, 0)
+
+
+@triton.jit
+def _rows_kernel(hi_ptr, lo_ptr, s_ptr, w_ptr, ws_ptr, y_ptr, M, N, stride_wn, stride_ym, K: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    rows, outs, rows_in, outs_in = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    ks = tl.arange(0, BLOCK_K)
+    a_offsets = rows_in[:, None].to(tl.int64) * K + ks[None, :]
+    w_ptrs = w_ptr + outs_in[None, :].to(tl.int64) * stride_wn + ks[:, None]  # [BLOCK_K, BLOCK_N]
+    # Two sums: 256 * the high parts' would pass 2^31 over a long K.
+    acc_hi = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    acc_lo = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for _ in range(0, K, BLOCK_K):
+        w = tl.load(w_ptrs)
+        acc_hi = tl.dot(tl.load(hi_ptr + a_offsets), w, acc_hi, out_dtype=tl.int32)
+        acc_lo = tl.dot(tl.load(lo_ptr + a_offsets), w, acc_lo, out_dtype=tl.int32)
+        a_offsets += BLOCK_K
+        w_ptrs += BLOCK_K
+    scale = tl.load(s_ptr + rows_in)[:, None] * tl.load(ws_ptr + outs_in)[None, :]
+    y = (acc_hi.to(tl.float32) * 256.0 + acc_lo.to(tl.float32)) * scale
+    tl.store(y_ptr + rows[:, None] * stride_ym + outs[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=(rows < M)[:, None] & (outs < N)[None, :])
+
+
+@triton.jit
+def _rows_int4_kernel(hi_ptr, lo_ptr, s_ptr, sum_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, M, N, stride_wn,
+                      stride_sn, stride_ym, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    rows, outs, rows_in, outs_in = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    half = tl.arange(0, GROUP // 2)
+    a_offsets = rows_in[:, None].to(tl.int64) * K + half[None, :]
+    w_ptrs = w_ptr + outs_in[None, :].to(tl.int64) * stride_wn + half[:, None]  # [GROUP // 2, BLOCK_N]
+    s_offsets = outs_in * stride_sn
+    groups: tl.constexpr = K // GROUP
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for g in range(0, groups):
+        packed = tl.load(w_ptrs)
+        w_even = (packed & 0xF).to(tl.int8)
+        w_odd = (packed >> 4).to(tl.int8)
+        # one int32 sum per group: 256 * the high parts' + the low parts' (|sum| < 2^26)
+        p = tl.dot(tl.load(hi_ptr + a_offsets), w_even)
+        p = tl.dot(tl.load(hi_ptr + a_offsets + GROUP // 2), w_odd, p, out_dtype=tl.int32) * 256
+        p = tl.dot(tl.load(lo_ptr + a_offsets), w_even, p, out_dtype=tl.int32)
+        p = tl.dot(tl.load(lo_ptr + a_offsets + GROUP // 2), w_odd, p, out_dtype=tl.int32)
+        scale = tl.load(scale_ptr + s_offsets + g).to(tl.float32)
+        offset = tl.load(offset_ptr + s_offsets + g).to(tl.float32)
+        x_sum = tl.load(sum_ptr + rows_in * groups + g)
+        acc += p.to(tl.float32) * scale[None, :] + x_sum[:, None] * offset[None, :]
+        a_offsets += GROUP
+        w_ptrs += GROUP // 2
+    y = acc * tl.load(s_ptr + rows_in)[:, None]  # the sums of x were divided by s too
+    tl.store(y_ptr + rows[:, None] * stride_ym + outs[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=(rows < M)[:, None] & (outs < N)[None, :])
+
+
+def _as_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    x2 = x.reshape(-1, k)
+    return x2 if x2.stride(1) == 1 else x2.contiguous()
+
+
+def _check_int4(weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int) -> int:
+    """K of a packed int4 weight (quantization.quantize_int4's layout), or ValueError."""
+    n = weight.shape[0]
+    groups = scale.shape[1] if scale.dim() == 2 else 0
+    if (weight.dtype != torch.uint8 or scale.shape != (n, groups) or offset.shape != scale.shape
+            or weight.shape[1] * 2 != groups * group or weight.stride(1) != 1 or group % 32):
+        raise ValueError(f"an int4 weight is packed uint8 [N, K // 2] with scale and offset [N, K // {group}] "
+                         f"(group a multiple of 32); got {weight.dtype} {tuple(weight.shape)}, {tuple(scale.shape)} "
+                         f"and {tuple(offset.shape)}")
+    return groups * group
+
+
+def rows_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                config: tuple[int, int, int, int, int] = ROWS_CONFIGS[0]) -> torch.Tensor:
+    """x [..., K] (bf16 or fp16) @ (weight int8 [N, K] * scale float32 [N, 1]).T in x's dtype, for prefill-sized
+    M. K must be a multiple of the config's block_k."""
+    check_scale(weight, scale)
+    if weight.dtype != torch.int8 or weight.stride(1) != 1:
+        raise ValueError("rows_matmul takes an int8 weight with contiguous rows")
+    block_m, block_n, block_k, num_warps, num_stages = config
+    n, k = weight.shape
+    if k % block_k:
+        raise ValueError(f"rows_matmul's K ({k}) must be a multiple of block_k ({block_k})")
+    x2 = _as_rows(x, k)
+    hi, lo, s, _ = split_rows(x2)
+    m = x2.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    _rows_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](
+        hi, lo, s, weight, scale, y, m, n, weight.stride(0), y.stride(0), K=k, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, GROUP_M=8, num_warps=num_warps, num_stages=num_stages)
+    return y.view(*x.shape[:-1], n)
+
+
+def rows_matmul_int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int,
+                     config: tuple[int, int, int, int] = ROWS_INT4_CONFIGS[0]) -> torch.Tensor:
+    """x [..., K] (bf16 or fp16) @ dequantized(packed int4 weight).T in x's dtype, for prefill-sized M."""
+    k = _check_int4(weight, scale, offset, group)
+    block_m, block_n, num_warps, num_stages = config
+    n = weight.shape[0]
+    x2 = _as_rows(x, k)
+    hi, lo, s, sums = split_rows(x2, group)
+    m = x2.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    _rows_int4_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](
+        hi, lo, s, sums, weight, scale, offset, y, m, n, weight.stride(0), scale.stride(0), y.stride(0), K=k,
+        GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=8, num_warps=num_warps, num_stages=num_stages)
+    return y.view(*x.shape[:-1], n)
+
+
+@triton.jit
+def _split_columns(xt):
+    """xt [K, M] float32 -> (hi, lo int8 [K, M], s float32 [M]): one scale per column (a row of x)."""
+    amax = tl.max(tl.abs(xt), axis=0)
+    q = _round(xt * (1.0 / tl.maximum(amax, 1e-30) * FIXED)[None, :])
+    hi = (q + 128) >> 8
+    return hi.to(tl.int8), (q - (hi << 8)).to(tl.int8), amax / FIXED
+
+
+@triton.jit(do_not_specialize=["M"])
+def _few_rows_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, partial_ptr, ticket_ptr, M, N, stride_xm, stride_wn, stride_ym,
+                     K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     SPLIT: tl.constexpr, PER_SPLIT: tl.constexpr, EVEN_K: tl.constexpr, MAX_M: tl.constexpr):
+    # split_gemm._split_kernel's tiles, with the activations split per step of K.
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    outs = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_M)
+    out_ok, row_ok = outs < N, rows < M
+    ks = split * PER_SPLIT * BLOCK_K + tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + outs[:, None].to(tl.int64) * stride_wn + ks[None, :]
+    x_ptrs = x_ptr + rows[None, :] * stride_xm + ks[:, None]
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for _ in range(PER_SPLIT):
+        if EVEN_K:
+            w = tl.load(w_ptrs, mask=out_ok[:, None], other=0, eviction_policy="evict_first")
+            xt = tl.load(x_ptrs, mask=row_ok[None, :], other=0.0).to(tl.float32)
+        else:  # the last slices run past K: their columns read as zeros
+            k_ok = ks < K
+            w = tl.load(w_ptrs, mask=out_ok[:, None] & k_ok[None, :], other=0, eviction_policy="evict_first")
+            xt = tl.load(x_ptrs, mask=row_ok[None, :] & k_ok[:, None], other=0.0).to(tl.float32)
+            ks += BLOCK_K
+        hi, lo, s = _split_columns(xt)
+        p = tl.dot(w, hi, out_dtype=tl.int32) * 256  # |256 W.hi + W.lo| < 2^31 for BLOCK_K <= 512
+        p = tl.dot(w, lo, p, out_dtype=tl.int32)
+        acc += p.to(tl.float32) * s[None, :]
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    scale = tl.load(scale_ptr + outs, mask=out_ok, other=0.0)[:, None]
+    _finish(acc, scale, y_ptr, partial_ptr, ticket_ptr, tile, split, rows, outs, row_ok, out_ok, N, stride_ym,
+            BLOCK_M, BLOCK_N, SPLIT, MAX_M)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _few_rows_int4_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, offset_ptr, partial_ptr, ticket_ptr, M, N, stride_xm,
+                          stride_wn, stride_sn, stride_ym, K: tl.constexpr, GROUP: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+                          PER_SPLIT: tl.constexpr, EVEN: tl.constexpr, MAX_M: tl.constexpr):
+    # split_gemm._split_int4_kernel's tiles: one group per step, x's even and odd columns against the low and
+    # high nibbles, split into parts with one scale per row and group.
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    outs = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_M)
+    out_ok, row_ok = outs < N, rows < M
+    first = split * PER_SPLIT
+    pairs = tl.arange(0, GROUP // 2)
+    w_ptrs = w_ptr + outs[:, None].to(tl.int64) * stride_wn + first * (GROUP // 2) + pairs[None, :]
+    x_ptrs = x_ptr + rows[None, :] * stride_xm + first * GROUP + 2 * pairs[:, None]
+    s_offsets = outs * stride_sn + first
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for i in range(PER_SPLIT):
+        if EVEN:
+            w_ok = out_ok
+            x_ok = row_ok
+        else:  # the last slices run past K: their groups read as zeros
+            w_ok = out_ok & (first + i < K // GROUP)
+            x_ok = row_ok & (first + i < K // GROUP)
+        packed = tl.load(w_ptrs, mask=w_ok[:, None], other=0, eviction_policy="evict_first")
+        x_even = tl.load(x_ptrs, mask=x_ok[None, :], other=0.0).to(tl.float32)
+        x_odd = tl.load(x_ptrs + 1, mask=x_ok[None, :], other=0.0).to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(x_even), axis=0), tl.max(tl.abs(x_odd), axis=0))
+        inv = (1.0 / tl.maximum(amax, 1e-30) * FIXED)[None, :]
+        q_even, q_odd = _round(x_even * inv), _round(x_odd * inv)
+        hi_even, hi_odd = (q_even + 128) >> 8, (q_odd + 128) >> 8
+        w_even = (packed & 0xF).to(tl.int8)
+        w_odd = (packed >> 4).to(tl.int8)
+        p = tl.dot(w_even, hi_even.to(tl.int8), out_dtype=tl.int32)
+        p = tl.dot(w_odd, hi_odd.to(tl.int8), p, out_dtype=tl.int32) * 256
+        p = tl.dot(w_even, (q_even - (hi_even << 8)).to(tl.int8), p, out_dtype=tl.int32)
+        p = tl.dot(w_odd, (q_odd - (hi_odd << 8)).to(tl.int8), p, out_dtype=tl.int32)
+        scale = tl.load(scale_ptr + s_offsets, mask=w_ok, other=0.0).to(tl.float32)
+        offset = tl.load(offset_ptr + s_offsets, mask=w_ok, other=0.0).to(tl.float32)
+        x_sum = tl.sum(x_even + x_odd, axis=0)
+        acc += p.to(tl.float32) * (amax / FIXED)[None, :] * scale[:, None] + offset[:, None] * x_sum[None, :]
+        w_ptrs += GROUP // 2
+        x_ptrs += GROUP
+        s_offsets += 1
+    _finish(acc, 1.0, y_ptr, partial_ptr, ticket_ptr, tile, split, rows, outs, row_ok, out_ok, N, stride_ym,
+            BLOCK_M, BLOCK_N, SPLIT, MAX_M)
+
+
+def few_rows_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                    config: tuple[int, ...] = FEW_ROWS_CONFIGS[0]) -> torch.Tensor:
+    """x [..., K] holding 1..split_gemm.MAX_ROWS rows (bf16 or fp16) @ (weight int8 [N, K] * scale[:, None]).T in
+    x's dtype. `config`: (block_n, block_k, num_warps, num_stages) with split_gemm.default_split's split, or with
+    a fifth value, the split."""
+    check_scale(weight, scale)
+    if weight.dtype != torch.int8 or weight.stride(1) != 1:
+        raise ValueError("few_rows_matmul takes an int8 weight with contiguous rows")
+    n, k = weight.shape
+    x2 = split_gemm._rows(x, k)
+    block_n, block_k, num_warps, num_stages = config[:4]
+    if block_k > 512:
+        raise ValueError("few_rows_matmul's int32 sums hold steps of K up to 512")
+    split = config[4] if len(config) > 4 else split_gemm.default_split(n, k, block_n, block_k, x.device)
+    out, partial, tickets = split_gemm._outputs(x2, n, block_n, split)
+    steps = triton.cdiv(k, block_k)
+    _few_rows_kernel[(triton.cdiv(n, block_n), split)](
+        x2, weight, out, scale, partial, tickets, x2.shape[0], n, x2.stride(0), weight.stride(0), out.stride(0),
+        K=k, BLOCK_M=max(16, triton.next_power_of_2(x2.shape[0])), BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split,
+        PER_SPLIT=triton.cdiv(steps, split), EVEN_K=k % block_k == 0 and steps % split == 0,
+        MAX_M=split_gemm.MAX_ROWS, num_warps=num_warps, num_stages=num_stages)
+    return out.view(*x.shape[:-1], n)
+
+
+def few_rows_matmul_int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                         group: int, config: tuple[int, ...] = FEW_ROWS_INT4_CONFIGS[0]) -> torch.Tensor:
+    """x [..., K] holding 1..split_gemm.MAX_ROWS rows @ dequantized(packed int4 weight).T in x's dtype. `config`:
+    (block_n, num_warps, num_stages) with split_gemm.default_split's split, or with a fourth value, the split."""
+    k = _check_int4(weight, scale, offset, group)
+    n = weight.shape[0]
+    groups = k // group
+    x2 = split_gemm._rows(x, k)
+    block_n, num_warps, num_stages = config[:3]
+    split = config[3] if len(config) > 3 else split_gemm.default_split(n, k, block_n, group, x.device)
+    out, partial, tickets = split_gemm._outputs(x2, n, block_n, split)
+    _few_rows_int4_kernel[(triton.cdiv(n, block_n), split)](
+        x2, weight, out, scale, offset, partial, tickets, x2.shape[0], n, x2.stride(0), weight.stride(0),
+        scale.stride(0), out.stride(0), K=k, GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(x2.shape[0])),
+        BLOCK_N=block_n, SPLIT=split, PER_SPLIT=triton.cdiv(groups, split), EVEN=groups % split == 0,
+        MAX_M=split_gemm.MAX_ROWS, num_warps=num_warps, num_stages=num_stages)
+    return out.view(*x.shape[:-1], n)
