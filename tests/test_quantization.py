@@ -50,6 +50,7 @@ from xverse_serve.model.quantization import (
     dequantize_fp8,
     dequantize_int4,
     dequantize_int8,
+    fused_one_row_pays,
     quantize_fp8,
     quantize_int4,
     quantize_int8,
@@ -304,6 +305,18 @@ def test_candidates_cover_every_batch_size_and_the_torch_op_only_for_int8() -> N
         assert imma == {1: {"imma"}, 64: {"imma", "imma_rows"}, 512: {"imma_rows"}}
         assert not any(k.backend.startswith("imma") for k in candidates(layer, 64, torch.float32))
     assert "imma_rows" not in {k.backend for k in candidates(QuantizedLinear(4000, 4096, "int8"), 512)}  # K % 128
+
+
+def test_one_row_steps_keep_the_fused_gemvs_unless_the_tuned_kernels_are_clearly_faster() -> None:
+    """Summed over the projections: the fused path saves its separate norm, residual and SiLU kernels, worth
+    ONE_ROW_MARGIN on the projections' time; beyond that the tuned kernels take one-row steps."""
+    close = [{"rowgemv": 1.1, "imma(block_n=64)": 1.0}, {"rowgemv": 2.2, "split(block_n=64)": 2.0}]
+    assert fused_one_row_pays(close)
+    far = [{"rowgemv": 1.5, "imma(block_n=64)": 1.0}, {"rowgemv": 2.2, "split(block_n=64)": 2.0}]
+    assert not fused_one_row_pays(far)  # 3.7 ms against 3.0
+    failed = [{"rowgemv": "failed: OutOfMemoryError", "imma(block_n=64)": 1.0}]
+    assert not fused_one_row_pays(failed)
+    assert fused_one_row_pays([{}])  # nothing measured: the path stays
 
 
 # ---------------------------------------------------------------- the model

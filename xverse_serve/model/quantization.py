@@ -13,7 +13,8 @@ reference). On CUDA the Triton kernels of kernels.quant_matmul, kernels.split_ge
 tensor cores) run, and for int8 also the bf16 model's GEMVs of kernels.gemv (one row, and 2-64 rows), which read
 int8 rows with their scales; which one depends on the number of rows M: `tune` times the candidates for each
 layer shape at M = 1, 2, 4, ... at start-up, checks each against the float32 reference, and keeps the fastest
-per M. The one-row path of the decoder (one_row.py) always takes kernels.gemv's fused GEMVs for int8.
+per M. The one-row path of the decoder (one_row.py) takes kernels.gemv's fused GEMVs for int8 and fp8 unless the
+tuned kernels are faster by more than what its fusions save (fused_one_row_pays).
 """
 
 from __future__ import annotations
@@ -190,7 +191,7 @@ MatmulPlan = tuple[tuple[int, MatmulKernel], ...]
 class QuantizedLinear(nn.Module, OneRowProjection):
     """y = x @ W^T without bias, W held as int8 or fp8 per output channel or int4 per group (buffers, filled by
     load_rows). `weight` is the quantized tensor itself (int8 or float8_e4m3fn [N, K], or packed uint8
-    [N, K // 2]). int8 and fp8 take the one-row path's fused GEMVs."""
+    [N, K // 2]). int8 and fp8 take the one-row path's fused GEMVs (unless `tune` found faster kernels)."""
 
     def __init__(self, in_features: int, out_features: int, scheme: str, group_size: int = INT4_GROUP) -> None:
         super().__init__()
@@ -213,12 +214,13 @@ class QuantizedLinear(nn.Module, OneRowProjection):
             self.register_buffer("weight_scale", torch.empty(out_features, groups, dtype=torch.float16))
             self.register_buffer("weight_offset", torch.empty(out_features, groups, dtype=torch.float16))
         self.plan: MatmulPlan | None = None  # set by `tune`; until then default_plan
+        self.one_row = True  # whether the one-row path's fused GEMVs read this weight (tune may decide not)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"
 
     def gemv_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return (self.weight, self.weight_scale) if self.bits == 8 else None  # int8, fp8
+        return (self.weight, self.weight_scale) if self.bits == 8 and self.one_row else None  # int8, fp8
 
     @torch.no_grad()
     def load_rows(self, start: int, w: torch.Tensor) -> None:
@@ -511,8 +513,9 @@ def measure_plan(layer: QuantizedLinear, dtype: torch.dtype) -> tuple[MatmulPlan
 
 def tune(model: nn.Module, dtype: torch.dtype) -> None:
     """Gives every QuantizedLinear of a CUDA model the fastest kernel per M for its shape (measured once
-    per shape and process)."""
-    for layer in model.modules():
+    per shape and process), and decides whether one-row steps keep the fused GEMVs (fused_one_row_pays)."""
+    one_row_layers = []
+    for name, layer in model.named_modules():
         if not isinstance(layer, QuantizedLinear) or not layer.weight.is_cuda:
             continue
         key = plan_key(layer, dtype)
@@ -521,6 +524,35 @@ def tune(model: nn.Module, dtype: torch.dtype) -> None:
             described = ", ".join(f"M<={m}: {kernel}" for m, kernel in _PLANS[key])
             log.info("%s %dx%d matmul: %s", layer.scheme, layer.out_features, layer.in_features, described)
         layer.plan = _PLANS[key]
+        if layer.bits == 8 and not name.endswith("lm_head"):  # the decoder's int8 or fp8 projections
+            one_row_layers.append((layer, TIMINGS[key].get(1, {})))
+    if one_row_layers and not fused_one_row_pays([timings for _, timings in one_row_layers]):
+        for layer, _ in one_row_layers:
+            layer.one_row = False
+
+
+# The one-row path's fusions (the norm in the GEMV's prologue, the residual add and SiLU * up in its epilogue)
+# save the separate kernels of the general path: worth about this factor on the projections' own time.
+ONE_ROW_MARGIN = 1.15
+
+
+def fused_one_row_pays(timings: list[dict[str, float | str]]) -> bool:
+    """Whether one-row decode steps of an 8-bit model (int8, fp8) keep the fused GEMVs: unless the plain GEMV
+    (rowgemv) took over ONE_ROW_MARGIN times the fastest tuned kernel's time at M = 1, summed over the decoder's
+    projections (`timings`: each one's milliseconds by kernel at M = 1). Otherwise its one-row steps take the
+    tuned kernels, as int4's do: all or none, since the path runs whole."""
+    fused = fastest = 0.0
+    for one_row in timings:
+        times = [ms for ms in one_row.values() if isinstance(ms, float)]
+        if not times:
+            return True
+        fused += one_row["rowgemv"] if isinstance(one_row.get("rowgemv"), float) else float("inf")
+        fastest += min(times)
+    if fused <= ONE_ROW_MARGIN * fastest:
+        return True
+    log.info("one-row decode steps take the tuned kernels: %.3f ms of projections per step against the fused "
+             "GEMVs' %.3f ms", fastest, fused)
+    return False
 
 
 def quantized_bytes(model: nn.Module) -> int:
