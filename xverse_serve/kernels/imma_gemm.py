@@ -36,7 +36,7 @@ ROWS_CONFIGS = ((128, 128, 128, 8, 3), (64, 128, 128, 4, 4))
 # (block_m, block_n, num_warps, num_stages) for rows_matmul_int4: one group of K per step.
 ROWS_INT4_CONFIGS = ((64, 128, 4, 3), (128, 64, 4, 3))
 # (block_n, block_k, num_warps, num_stages) for few_rows_matmul, split chosen by split_gemm.default_split.
-FEW_ROWS_CONFIGS = ((64, 128, 4, 3), (128, 128, 8, 3))
+FEW_ROWS_CONFIGS = ((64, 128, 4, 3), (128, 128, 8, 3), (256, 64, 8, 3))
 # (block_n, num_warps, num_stages) for few_rows_matmul_int4.
 FEW_ROWS_INT4_CONFIGS = ((64, 4, 3), (128, 8, 3))
 
