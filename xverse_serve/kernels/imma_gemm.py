@@ -108,7 +108,8 @@ def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.conste
     return rows, outs, tl.where(rows < M, rows, 0), tl.where(outs < N, outs, 0)
 
 
-@triton.jit
+# Not specialized on M, which varies from step to step: a variant compiled while serving would stall every request.
+@triton.jit(do_not_specialize=["M"])
 def _rows_kernel(hi_ptr, lo_ptr, s_ptr, w_ptr, ws_ptr, y_ptr, M, N, stride_wn, stride_ym, K: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     rows, outs, rows_in, outs_in = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -130,7 +131,7 @@ def _rows_kernel(hi_ptr, lo_ptr, s_ptr, w_ptr, ws_ptr, y_ptr, M, N, stride_wn, s
              mask=(rows < M)[:, None] & (outs < N)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _rows_int4_kernel(hi_ptr, lo_ptr, s_ptr, sum_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, M, N, stride_wn,
                       stride_sn, stride_ym, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
