@@ -147,13 +147,14 @@ def imma_gemm_kernels() -> Iterator[tuple]:
             "num_warps": num_warps, "num_stages": num_stages}
     for block_m in (16, 64):
         for block_n, block_k, num_warps, num_stages in imma_gemm.FEW_ROWS_CONFIGS:
-            yield f"i8 imma(block_m={block_m}, block_n={block_n}, block_k={block_k})", imma_gemm._few_rows_kernel, {
-                "x_ptr": "*bf16", "w_ptr": "*i8", "y_ptr": "*bf16", "scale_ptr": "*fp32", "partial_ptr": "*fp32",
-                "ticket_ptr": "*i32", "M": "i32", "N": "i32", "stride_xm": "i32", "stride_wn": "i32",
-                "stride_ym": "i32"}, {
-                "K": 4096, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT": 4,
-                "PER_SPLIT": 4096 // block_k // 4, "EVEN_K": True, "MAX_M": 64}, {
-                "num_warps": num_warps, "num_stages": num_stages}
+            for weight, name in (("*i8", "i8 imma"), ("*fp8e4nv", "fp8e4nv fp8mma")):
+                yield f"{name}(block_m={block_m}, block_n={block_n}, block_k={block_k})", imma_gemm._few_rows_kernel, {
+                    "x_ptr": "*bf16", "w_ptr": weight, "y_ptr": "*bf16", "scale_ptr": "*fp32", "partial_ptr": "*fp32",
+                    "ticket_ptr": "*i32", "M": "i32", "N": "i32", "stride_xm": "i32", "stride_wn": "i32",
+                    "stride_ym": "i32"}, {
+                    "K": 4096, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT": 4,
+                    "PER_SPLIT": 4096 // block_k // 4, "EVEN_K": True, "MAX_M": 64, "FP8": weight != "*i8"}, {
+                    "num_warps": num_warps, "num_stages": num_stages}
         for block_n, num_warps, num_stages in imma_gemm.FEW_ROWS_INT4_CONFIGS:
             yield f"u4 imma(block_m={block_m}, block_n={block_n})", imma_gemm._few_rows_int4_kernel, {
                 "x_ptr": "*bf16", "w_ptr": "*u8", "y_ptr": "*bf16", "scale_ptr": "*fp16", "offset_ptr": "*fp16",

@@ -267,6 +267,17 @@ def test_fp8_scaled_mm_quantizes_activations_per_token(m: int) -> None:
     assert relative_error(y, reference_matmul(x, layer)) < 0.05
 
 
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="FP8 tensor cores: 8.9+ (tests/test_imma_gemm.py says why not in the interpreter)")
+@pytest.mark.parametrize("m", [1, 17, 64])
+def test_fp8_takes_the_two_part_fp8_kernel(m: int) -> None:
+    layer = quantized_layer("fp8", 256, 512, seed=8, device=DEVICE)
+    x = (gaussian(m, 512, seed=m) * torch.linspace(0.1, 10, m)[:, None]).to(torch.bfloat16).to(DEVICE)
+    y = MatmulKernel("fp8mma", (("block_n", 64), ("block_k", 128), ("num_warps", 4), ("num_stages", 3)))(x, layer)
+    assert y.shape == (m, 256) and y.dtype == torch.bfloat16
+    assert relative_error(y, reference_matmul(x, layer)) < 1e-2  # the tuner's bound, as for weight-only kernels
+
+
 def test_candidates_cover_every_batch_size_and_the_torch_op_only_for_int8() -> None:
     for scheme in ("int8", "int4"):
         layer = QuantizedLinear(4096, 4096, scheme, INT4_GROUP)
@@ -286,11 +297,12 @@ def test_candidates_cover_every_batch_size_and_the_torch_op_only_for_int8() -> N
     assert {"split" in {k.backend for k in candidates(lm_head, m)} for m in (2, 32, 64)} == {True}
     assert not {"rowgemv", "skinny", "split"} & {k.backend for k in candidates(lm_head, 65)}
     fp8 = QuantizedLinear(4096, 4096, "fp8")
-    from xverse_serve.kernels import split_gemm
+    from xverse_serve.kernels import imma_gemm, split_gemm
 
     splits = ["split"] * len(split_gemm.TUNED_CONFIGS)
-    assert [k.backend for k in candidates(fp8, 1)] == ["rowgemv", *splits, "scaled_mm"]
-    assert [k.backend for k in candidates(fp8, 64)] == ["skinny", *splits, "scaled_mm"]
+    two_part = ["fp8mma"] * len(imma_gemm.FEW_ROWS_CONFIGS)
+    assert [k.backend for k in candidates(fp8, 1)] == ["rowgemv", *splits, *two_part, "scaled_mm"]
+    assert [k.backend for k in candidates(fp8, 64)] == ["skinny", *splits, *two_part, "scaled_mm"]
     assert [k.backend for k in candidates(fp8, 4096)] == ["scaled_mm"]
     assert [k.backend for k in candidates(fp8, 8, torch.float32)] == ["reference"]
     int4 = QuantizedLinear(4096, 4096, "int4")
@@ -487,5 +499,6 @@ def test_every_quantized_matmul_kernel_compiles_for_hopper_without_register_spil
     assert {r["kernel"].split("(")[0] for r in reports} >= {"int8 gemv", "int8 gemm", "int8 dequantize", "int4 gemv",
                                                             "int4 gemm", "int4 dequantize", "i8 split", "fp8e4nv split",
                                                             "u4 split", "fp8 activations", "split rows",
-                                                            "i8 imma_rows", "u4 imma_rows", "i8 imma", "u4 imma"}
+                                                            "i8 imma_rows", "u4 imma_rows", "i8 imma", "u4 imma",
+                                                            "fp8e4nv fp8mma"}
     assert [r for r in reports if r["spilled_bytes"]] == []

@@ -17,6 +17,9 @@ Two shapes of kernel:
 - 1-64 rows (`few_rows_matmul`, `few_rows_matmul_int4`): split_gemm's swap-AB tiles, split-K and last-ticket sum
   (`split_gemm._finish`), with the activations split inside the kernel per step of K (per group for int4): no
   extra kernel per projection in a decode step.
+
+fp8 weights take the same few-rows kernel on FP8 tensor cores, x in two e4m3 parts (hi, and 8 times the
+remainder), which keep about 7 of its bits where one e4m3 part (torch._scaled_mm's) keeps 4.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from .gemv import check_scale
 from .split_gemm import _finish
 
 FIXED = tl.constexpr(32639.0)  # 127 * 256 + 127
+FP8_MAX = tl.constexpr(448.0)  # e4m3's largest value
 SPLIT_BLOCK = 1024  # elements of a row per step of the split kernel; a multiple of int4's group
 # (block_m, block_n, block_k, num_warps, num_stages) for rows_matmul; no register spills on sm_90 (ptxas -v).
 ROWS_CONFIGS = ((128, 128, 128, 8, 3), (64, 128, 128, 4, 4))
@@ -225,11 +229,26 @@ def _split_columns(xt):
     return hi.to(tl.int8), (q - (hi << 8)).to(tl.int8), amax / FIXED
 
 
+@triton.jit
+def _dot_fp8_parts(w, xt):
+    """W . x^T for e4m3 weights [BLOCK_N, BLOCK_K] and float32 xt [BLOCK_K, M] on FP8 tensor cores, x in two e4m3
+    parts per column: hi = e4m3(x / s) with s = amax / 448, lo = e4m3(8 * (x / s - hi)) (the remainder is under
+    an eighth of |x / s| whichever way hi rounded, so 8 times it stays in range): about 7 of x's bits."""
+    amax = tl.max(tl.abs(xt), axis=0)
+    v = xt * (1.0 / tl.maximum(amax, 1e-30) * FP8_MAX)[None, :]
+    hi = v.to(tl.float8e4nv)
+    lo = ((v - hi.to(tl.float32)) * 8.0).to(tl.float8e4nv)
+    p = tl.dot(w, lo) * 0.125
+    p = tl.dot(w, hi, p)
+    return p * (amax / FP8_MAX)[None, :]
+
+
 @triton.jit(do_not_specialize=["M"])
 def _few_rows_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, partial_ptr, ticket_ptr, M, N, stride_xm, stride_wn, stride_ym,
                      K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     SPLIT: tl.constexpr, PER_SPLIT: tl.constexpr, EVEN_K: tl.constexpr, MAX_M: tl.constexpr):
-    # split_gemm._split_kernel's tiles, with the activations split per step of K.
+                     SPLIT: tl.constexpr, PER_SPLIT: tl.constexpr, EVEN_K: tl.constexpr, MAX_M: tl.constexpr,
+                     FP8: tl.constexpr):
+    # split_gemm._split_kernel's tiles, with the activations split per step of K (FP8: e4m3 weights and parts).
     tile = tl.program_id(0)
     split = tl.program_id(1)
     outs = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -241,17 +260,20 @@ def _few_rows_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, partial_ptr, ticket_ptr, M,
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for _ in range(PER_SPLIT):
         if EVEN_K:
-            w = tl.load(w_ptrs, mask=out_ok[:, None], other=0, eviction_policy="evict_first")
+            w = tl.load(w_ptrs, mask=out_ok[:, None], other=0.0, eviction_policy="evict_first")
             xt = tl.load(x_ptrs, mask=row_ok[None, :], other=0.0).to(tl.float32)
         else:  # the last slices run past K: their columns read as zeros
             k_ok = ks < K
-            w = tl.load(w_ptrs, mask=out_ok[:, None] & k_ok[None, :], other=0, eviction_policy="evict_first")
+            w = tl.load(w_ptrs, mask=out_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
             xt = tl.load(x_ptrs, mask=row_ok[None, :] & k_ok[:, None], other=0.0).to(tl.float32)
             ks += BLOCK_K
-        hi, lo, s = _split_columns(xt)
-        p = tl.dot(w, hi, out_dtype=tl.int32) * 256  # |256 W.hi + W.lo| < 2^31 for BLOCK_K <= 512
-        p = tl.dot(w, lo, p, out_dtype=tl.int32)
-        acc += p.to(tl.float32) * s[None, :]
+        if FP8:
+            acc += _dot_fp8_parts(w, xt)
+        else:
+            hi, lo, s = _split_columns(xt)
+            p = tl.dot(w, hi, out_dtype=tl.int32) * 256  # |256 W.hi + W.lo| < 2^31 for BLOCK_K <= 512
+            p = tl.dot(w, lo, p, out_dtype=tl.int32)
+            acc += p.to(tl.float32) * s[None, :]
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     scale = tl.load(scale_ptr + outs, mask=out_ok, other=0.0)[:, None]
@@ -310,12 +332,12 @@ def _few_rows_int4_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, offset_ptr, partial_pt
 
 def few_rows_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                     config: tuple[int, ...] = FEW_ROWS_CONFIGS[0]) -> torch.Tensor:
-    """x [..., K] holding 1..split_gemm.MAX_ROWS rows (bf16 or fp16) @ (weight int8 [N, K] * scale[:, None]).T in
-    x's dtype. `config`: (block_n, block_k, num_warps, num_stages) with split_gemm.default_split's split, or with
-    a fifth value, the split."""
+    """x [..., K] holding 1..split_gemm.MAX_ROWS rows (bf16 or fp16) @ (weight * scale[:, None]).T in x's dtype,
+    weight int8 or float8_e4m3fn [N, K] (fp8 on FP8 tensor cores: compute capability 8.9+). `config`: (block_n,
+    block_k, num_warps, num_stages) with split_gemm.default_split's split, or with a fifth value, the split."""
     check_scale(weight, scale)
-    if weight.dtype != torch.int8 or weight.stride(1) != 1:
-        raise ValueError("few_rows_matmul takes an int8 weight with contiguous rows")
+    if weight.stride(1) != 1:
+        raise ValueError("few_rows_matmul takes a weight with contiguous rows")
     n, k = weight.shape
     x2 = split_gemm._rows(x, k)
     block_n, block_k, num_warps, num_stages = config[:4]
@@ -328,7 +350,8 @@ def few_rows_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         x2, weight, out, scale, partial, tickets, x2.shape[0], n, x2.stride(0), weight.stride(0), out.stride(0),
         K=k, BLOCK_M=max(16, triton.next_power_of_2(x2.shape[0])), BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split,
         PER_SPLIT=triton.cdiv(steps, split), EVEN_K=k % block_k == 0 and steps % split == 0,
-        MAX_M=split_gemm.MAX_ROWS, num_warps=num_warps, num_stages=num_stages)
+        MAX_M=split_gemm.MAX_ROWS, FP8=weight.dtype == torch.float8_e4m3fn, num_warps=num_warps,
+        num_stages=num_stages)
     return out.view(*x.shape[:-1], n)
 
 

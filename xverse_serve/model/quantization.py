@@ -122,7 +122,8 @@ class MatmulKernel:
     gemv, gemm, dequantize: the Triton kernels of kernels.quant_matmul (dequantize: the dense weight, then F.linear);
     rowgemv, skinny: kernels.gemv's one-row GEMV and 2-64-row GEMM (int8 and fp8); split: kernels.split_gemm's
     swap-AB, split-K GEMM for 1-64 rows (int8, fp8 and int4); imma, imma_rows: kernels.imma_gemm's int8
-    tensor-core GEMMs for 1-64 rows and for more (int8 and int4); scaled_mm: FP8 tensor cores with
+    tensor-core GEMMs for 1-64 rows and for more (int8 and int4); fp8mma: its 1-64-row GEMM on FP8 tensor cores
+    (fp8), the activations in two e4m3 parts; scaled_mm: FP8 tensor cores with
     the activations quantized per token (fp8 only); torch: torch._weight_int8pack_mm (int8 only); reference: the
     weight dequantized by PyTorch, then F.linear (slow and memory-hungry: only where no other kernel works)."""
 
@@ -147,7 +148,7 @@ class MatmulKernel:
                                                     layer.group_size, config)
             config = tuple(options[name] for name in ("block_n", "block_k", "num_warps", "num_stages"))
             return split_gemm.split_matmul(x, layer.weight, layer.weight_scale, config)
-        if self.backend in ("imma", "imma_rows"):
+        if self.backend in ("imma", "imma_rows", "fp8mma"):
             return _imma(x, layer, self.backend == "imma_rows", tuple(value for _, value in self.options))
         if self.backend == "scaled_mm":
             return scaled_mm(x, layer.weight, layer.weight_scale)
@@ -421,7 +422,12 @@ def _fp8_candidates(m: int, dtype: torch.dtype) -> list[MatmulKernel]:
     dequantized weight for float32."""
     if dtype == torch.float32:
         return [MatmulKernel("reference")]
-    return _gemv_candidates(m, dtype) + [MatmulKernel("scaled_mm")]
+    from ..kernels import imma_gemm, split_gemm
+
+    names = ("block_n", "block_k", "num_warps", "num_stages")
+    two_part = [MatmulKernel("fp8mma", tuple(zip(names, config))) for config in imma_gemm.FEW_ROWS_CONFIGS
+                if m <= split_gemm.MAX_ROWS and dtype in (torch.bfloat16, torch.float16)]
+    return _gemv_candidates(m, dtype) + two_part + [MatmulKernel("scaled_mm")]
 
 
 def default_plan(layer: QuantizedLinear) -> MatmulPlan:
