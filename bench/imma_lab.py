@@ -1,10 +1,8 @@
-"""Lab: int8 tensor-core (IMMA) matmuls for 1-64 rows of bf16 activations against int8 and int4 weights.
-
-The activations are split per row and per block of K into two int8 parts with one float32 scale, x ~= s * (256 *
-hi + lo): 16-bit fixed point, finer than bf16's 8 bits for all but the block's smallest values, so the product
-keeps weight-only quantization's accuracy while the weights enter the tensor cores as they are stored (no
-conversion per weight). Timed as a decode step meets its weights: 8 copies of a projection, cycled inside a CUDA
-graph, so each call reads its weight from DRAM with no flush between calls.
+"""Lab: kernels/imma_gemm.py's int8 tensor-core matmuls (two-part activations, see there) in several
+configurations, and two variants it does not ship: x in one int8 part (imma1, W8A8's accuracy) and int4 nibbles
+unpacked by inline PTX four bytes at a time (imma4 asm), against bf16 and the current int8/int4 kernels. Decode
+sizes are timed as a decode step meets its weights: copies of a projection cycled inside a CUDA graph, so each
+call reads its weight from DRAM with no flush between calls; --prefill times 128-2,048 rows.
 
     python bench/imma_lab.py [--quick] [--prefill] [--no-decode]
 """
@@ -19,23 +17,9 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from xverse_serve.kernels import gemv, split_gemm  # noqa: E402
+from xverse_serve.kernels import gemv, imma_gemm, split_gemm  # noqa: E402
 from xverse_serve.kernels.split_gemm import _finish, default_split  # noqa: E402
 from xverse_serve.model import quantization  # noqa: E402
-
-FIXED = 32639.0  # 127 * 256 + 127: q = round(x / s) splits into hi, lo in [-128, 127]
-
-
-@triton.jit
-def _two_parts(xt):
-    """xt [K, M] float32 -> (hi, lo) int8 and s [M] with xt ~= s * (256 * hi + lo), s per column."""
-    amax = tl.max(tl.abs(xt), axis=0)
-    inv = tl.where(amax > 0, 32639.0 / amax, 0.0)
-    v = xt * inv[None, :]
-    q = (v + tl.where(v >= 0, 0.5, -0.5)).to(tl.int32)
-    hi = (q + 128) >> 8
-    lo = q - (hi << 8)
-    return hi.to(tl.int8), lo.to(tl.int8), amax * (1.0 / 32639.0)
 
 
 @triton.jit
@@ -50,8 +34,8 @@ def _one_part(xt):
 @triton.jit(do_not_specialize=["M"])
 def _imma_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, partial_ptr, ticket_ptr, M, N, stride_xm, stride_wn, stride_ym,
                  K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SPLIT: tl.constexpr, PER_SPLIT: tl.constexpr, EVEN_K: tl.constexpr, MAX_M: tl.constexpr,
-                 TWO_PARTS: tl.constexpr):
+                 SPLIT: tl.constexpr, PER_SPLIT: tl.constexpr, EVEN_K: tl.constexpr, MAX_M: tl.constexpr):
+    # imma_gemm._few_rows_kernel with x in one int8 part per row and step of K (8 bits: W8A8's accuracy).
     tile = tl.program_id(0)
     split = tl.program_id(1)
     outs = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -70,14 +54,8 @@ def _imma_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, partial_ptr, ticket_ptr, M, N, 
             w = tl.load(w_ptrs, mask=out_ok[:, None] & k_ok[None, :], other=0, eviction_policy="evict_first")
             xt = tl.load(x_ptrs, mask=row_ok[None, :] & k_ok[:, None], other=0.0).to(tl.float32)
             ks += BLOCK_K
-        if TWO_PARTS:
-            hi, lo, s = _two_parts(xt)
-            p_hi = tl.dot(w, hi)
-            p_lo = tl.dot(w, lo)
-            acc += (p_hi.to(tl.float32) * 256.0 + p_lo.to(tl.float32)) * s[None, :]
-        else:
-            q, s = _one_part(xt)
-            acc += tl.dot(w, q).to(tl.float32) * s[None, :]
+        q, s = _one_part(xt)
+        acc += tl.dot(w, q).to(tl.float32) * s[None, :]
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     scale = tl.load(scale_ptr + outs, mask=out_ok, other=0.0)[:, None]
@@ -86,26 +64,24 @@ def _imma_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, partial_ptr, ticket_ptr, M, N, 
 
 
 @triton.jit
-def _low_nibbles(p, ASM: tl.constexpr):
-    if ASM:
-        return tl.inline_asm_elementwise("and.b32 $0, $1, 0x0F0F0F0F;", "=r,r", [p], dtype=tl.int8, is_pure=True,
-                                         pack=4)
-    return (p & 0xF).to(tl.int8)
+def _low_nibbles(p):
+    """Four bytes' low nibbles at once (imma_gemm's kernel unpacks them one byte at a time)."""
+    return tl.inline_asm_elementwise("and.b32 $0, $1, 0x0F0F0F0F;", "=r,r", [p], dtype=tl.int8, is_pure=True,
+                                     pack=4)
 
 
 @triton.jit
-def _high_nibbles(p, ASM: tl.constexpr):
-    if ASM:
-        return tl.inline_asm_elementwise("{ shr.b32 $0, $1, 4; and.b32 $0, $0, 0x0F0F0F0F; }", "=r,r", [p],
-                                         dtype=tl.int8, is_pure=True, pack=4)
-    return (p >> 4).to(tl.int8)
+def _high_nibbles(p):
+    return tl.inline_asm_elementwise("{ shr.b32 $0, $1, 4; and.b32 $0, $0, 0x0F0F0F0F; }", "=r,r", [p],
+                                     dtype=tl.int8, is_pure=True, pack=4)
 
 
 @triton.jit(do_not_specialize=["M"])
 def _imma4_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, offset_ptr, partial_ptr, ticket_ptr, M, N, stride_xm,
                   stride_wn, stride_sn, stride_ym, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PER_SPLIT: tl.constexpr, EVEN: tl.constexpr,
-                  MAX_M: tl.constexpr, ASM: tl.constexpr):
+                  MAX_M: tl.constexpr):
+    # imma_gemm._few_rows_int4_kernel with the nibbles unpacked by inline PTX, four bytes per instruction.
     tile = tl.program_id(0)
     split = tl.program_id(1)
     outs = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -137,8 +113,8 @@ def _imma4_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, offset_ptr, partial_ptr, ticke
         ho = (qo + 128) >> 8
         le = (qe - (he << 8)).to(tl.int8)
         lo = (qo - (ho << 8)).to(tl.int8)
-        w_lo = _low_nibbles(packed, ASM)
-        w_hi = _high_nibbles(packed, ASM)
+        w_lo = _low_nibbles(packed)
+        w_hi = _high_nibbles(packed)
         p_hi = tl.dot(w_lo, he.to(tl.int8))
         p_hi = tl.dot(w_hi, ho.to(tl.int8), p_hi, out_dtype=tl.int32)
         p_lo = tl.dot(w_lo, le)
@@ -155,7 +131,7 @@ def _imma4_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, offset_ptr, partial_ptr, ticke
             BLOCK_M, BLOCK_N, SPLIT, MAX_M)
 
 
-def imma_matmul(x, weight, scale, config, two_parts=True):
+def imma1_matmul(x, weight, scale, config):
     n, k = weight.shape
     x2 = x.reshape(-1, k)
     block_n, block_k, num_warps, num_stages = config[:4]
@@ -166,11 +142,11 @@ def imma_matmul(x, weight, scale, config, two_parts=True):
         x2, weight, out, scale, partial, tickets, x2.shape[0], n, x2.stride(0), weight.stride(0), out.stride(0),
         K=k, BLOCK_M=max(16, triton.next_power_of_2(x2.shape[0])), BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split,
         PER_SPLIT=triton.cdiv(steps, split), EVEN_K=k % block_k == 0 and steps % split == 0,
-        MAX_M=split_gemm.MAX_ROWS, TWO_PARTS=two_parts, num_warps=num_warps, num_stages=num_stages)
+        MAX_M=split_gemm.MAX_ROWS, num_warps=num_warps, num_stages=num_stages)
     return out
 
 
-def imma4_matmul(x, weight, scale, offset, group, config, asm=False):
+def imma4_asm_matmul(x, weight, scale, offset, group, config):
     n = weight.shape[0]
     groups = scale.shape[1]
     k = groups * group
@@ -182,162 +158,13 @@ def imma4_matmul(x, weight, scale, offset, group, config, asm=False):
         x2, weight, out, scale, offset, partial, tickets, x2.shape[0], n, x2.stride(0), weight.stride(0),
         scale.stride(0), out.stride(0), K=k, GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(x2.shape[0])),
         BLOCK_N=block_n, SPLIT=split, PER_SPLIT=triton.cdiv(groups, split), EVEN=groups % split == 0,
-        MAX_M=split_gemm.MAX_ROWS, ASM=asm, num_warps=num_warps, num_stages=num_stages)
+        MAX_M=split_gemm.MAX_ROWS, num_warps=num_warps, num_stages=num_stages)
     return out
-
-
-# --- prefill: many rows, activations split per row (over the whole of K) into two int8 parts, int32 sums ---
-
-
-@triton.jit
-def _split_rows_kernel(x_ptr, hi_ptr, lo_ptr, s_ptr, sum_ptr, stride_xm, K: tl.constexpr, GROUP: tl.constexpr,
-                       BLOCK: tl.constexpr, DEINTERLEAVE: tl.constexpr):
-    """One row: x ~= s * (256 * hi + lo) with one s for the row; for int4 (DEINTERLEAVE) each group of K is
-    written evens first, then odds (the order of the packed nibbles: low, then high), and sum_ptr gets each
-    group's sum of x divided by s (so that the int4 kernel scales its whole sum by s at the end)."""
-    row = tl.program_id(0)
-    offs = tl.arange(0, BLOCK)
-    amax = tl.zeros([BLOCK], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK):
-        v = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(v))
-    top = tl.max(amax, axis=0)
-    inv = tl.where(top > 0, 32639.0 / top, 0.0)
-    tl.store(s_ptr + row, top * (1.0 / 32639.0))
-    for k0 in range(0, K, BLOCK):
-        ks = k0 + offs
-        ok = ks < K
-        x = tl.load(x_ptr + row * stride_xm + ks, mask=ok, other=0.0).to(tl.float32)
-        v = x * inv
-        q = (v + tl.where(v >= 0, 0.5, -0.5)).to(tl.int32)
-        hi = (q + 128) >> 8
-        lo = q - (hi << 8)
-        if DEINTERLEAVE:
-            within = ks % GROUP
-            dest = ks - within + (within % 2) * (GROUP // 2) + within // 2
-            sums = tl.sum(tl.reshape(x, [BLOCK // GROUP, GROUP]), axis=1) * inv
-            groups = k0 // GROUP + tl.arange(0, BLOCK // GROUP)
-            tl.store(sum_ptr + row * (K // GROUP) + groups, sums, mask=groups < K // GROUP)
-        else:
-            dest = ks
-        tl.store(hi_ptr + row * K + dest, hi.to(tl.int8), mask=ok)
-        tl.store(lo_ptr + row * K + dest, lo.to(tl.int8), mask=ok)
-
-
-def split_rows(x, group=0):
-    m, k = x.shape
-    hi = torch.empty(m, k, dtype=torch.int8, device=x.device)
-    lo = torch.empty_like(hi)
-    s = torch.empty(m, dtype=torch.float32, device=x.device)
-    sums = torch.empty(m, max(1, k // group) if group else 1, dtype=torch.float32, device=x.device)
-    _split_rows_kernel[(m,)](x, hi, lo, s, sums, x.stride(0), K=k, GROUP=group or 128, BLOCK=1024,
-                             DEINTERLEAVE=bool(group), num_warps=4)
-    return hi, lo, s, sums
-
-
-@triton.jit
-def _imma_rows_kernel(hi_ptr, lo_ptr, s_ptr, w_ptr, ws_ptr, y_ptr, M, N, stride_wn, stride_ym, K: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * tiles_n
-    first_m = (pid // width) * GROUP_M
-    size_m = min(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
-    rows_c = tl.where(rows < M, rows, 0)
-    outs_c = tl.where(outs < N, outs, 0)
-    a_off = rows_c[:, None].to(tl.int64) * K + ks[None, :]
-    w_ptrs = w_ptr + outs_c[None, :].to(tl.int64) * stride_wn + ks[:, None]
-    acc_hi = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-    acc_lo = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-    for _ in range(0, K, BLOCK_K):
-        w = tl.load(w_ptrs)
-        acc_hi = tl.dot(tl.load(hi_ptr + a_off), w, acc_hi, out_dtype=tl.int32)
-        acc_lo = tl.dot(tl.load(lo_ptr + a_off), w, acc_lo, out_dtype=tl.int32)
-        a_off += BLOCK_K
-        w_ptrs += BLOCK_K
-    s = tl.load(s_ptr + rows_c)
-    ws = tl.load(ws_ptr + outs_c)
-    y = (acc_hi.to(tl.float32) * 256.0 + acc_lo.to(tl.float32)) * s[:, None] * ws[None, :]
-    tl.store(y_ptr + rows[:, None] * stride_ym + outs[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=(rows < M)[:, None] & (outs < N)[None, :])
-
-
-def imma_rows_matmul(x, weight, scale, config):
-    """Many rows (prefill): int8 weights [N, K] (K a multiple of BLOCK_K) against x split into two int8 parts."""
-    block_m, block_n, block_k, num_warps, num_stages = config
-    n, k = weight.shape
-    hi, lo, s, _ = split_rows(x)
-    m = x.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-    _imma_rows_kernel[grid](hi, lo, s, weight, scale, y, m, n, weight.stride(0), y.stride(0), K=k, BLOCK_M=block_m,
-                            BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=num_warps, num_stages=num_stages)
-    return y
-
-
-@triton.jit
-def _imma4_rows_kernel(hi_ptr, lo_ptr, s_ptr, sum_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, M, N, stride_wn,
-                       stride_sn, stride_ym, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * tiles_n
-    first_m = (pid // width) * GROUP_M
-    size_m = min(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_c = tl.where(rows < M, rows, 0)
-    outs_c = tl.where(outs < N, outs, 0)
-    half = tl.arange(0, GROUP // 2)
-    a_off = rows_c[:, None].to(tl.int64) * K + half[None, :]
-    w_ptrs = w_ptr + outs_c[None, :].to(tl.int64) * stride_wn + half[:, None]  # [GROUP // 2, BLOCK_N]
-    s_off = outs_c * stride_sn
-    groups: tl.constexpr = K // GROUP
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for g in range(0, groups):
-        packed = tl.load(w_ptrs)
-        w_lo = (packed & 0xF).to(tl.int8)
-        w_hi = (packed >> 4).to(tl.int8)
-        # one int32 accumulator: 256 * (the high parts' sum) + the low parts' (|sum| < 2^26 for a group)
-        p = tl.dot(tl.load(hi_ptr + a_off), w_lo)
-        p = tl.dot(tl.load(hi_ptr + a_off + GROUP // 2), w_hi, p, out_dtype=tl.int32) * 256
-        p = tl.dot(tl.load(lo_ptr + a_off), w_lo, p, out_dtype=tl.int32)
-        p = tl.dot(tl.load(lo_ptr + a_off + GROUP // 2), w_hi, p, out_dtype=tl.int32)
-        scale = tl.load(scale_ptr + s_off + g).to(tl.float32)
-        offset = tl.load(offset_ptr + s_off + g).to(tl.float32)
-        x_sum = tl.load(sum_ptr + rows_c * groups + g)
-        acc += p.to(tl.float32) * scale[None, :] + x_sum[:, None] * offset[None, :]
-        a_off += GROUP
-        w_ptrs += GROUP // 2
-    y = acc * tl.load(s_ptr + rows_c)[:, None]  # x ~= s * (256 hi + lo); the sums were divided by s
-    tl.store(y_ptr + rows[:, None] * stride_ym + outs[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=(rows < M)[:, None] & (outs < N)[None, :])
-
-
-def imma4_rows_matmul(x, weight, scale, offset, group, config):
-    block_m, block_n, num_warps, num_stages = config
-    n = weight.shape[0]
-    k = scale.shape[1] * group
-    hi, lo, s, sums = split_rows(x, group)
-    m = x.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-    _imma4_rows_kernel[grid](hi, lo, s, sums, weight, scale, offset, y, m, n, weight.stride(0), scale.stride(0),
-                             y.stride(0), K=k, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=8,
-                             num_warps=num_warps, num_stages=num_stages)
-    return y
 
 
 def int_mm_rows(x, weight, scale):
     """cuBLAS's int8 GEMM (torch._int_mm) on both parts stacked along M, then the scales in PyTorch."""
-    hi, lo, s, _ = split_rows(x)
+    hi, lo, s, _ = imma_gemm.split_rows(x)
     m = x.shape[0]
     both = torch._int_mm(torch.cat((hi, lo)), weight.t())
     return ((both[:m].float() * 256 + both[m:].float()) * s[:, None] * scale[None, :]).to(x.dtype)
@@ -388,21 +215,22 @@ def prefill_rows(name, n, k, ms, emit) -> None:
     for m in ms:
         x = torch.randn(m, k, device=dev).to(torch.bfloat16)
         r8, r4 = x.float() @ ref8.T, x.float() @ ref4.T
-        variants = [("bf16 F.linear", lambda: F.linear(x, bf[0]), None), ("split_rows", lambda: split_rows(x), None),
-                    ("split_rows int4", lambda: split_rows(x, 128), None)]
+        variants = [("bf16 F.linear", lambda: F.linear(x, bf[0]), None),
+                    ("split_rows", lambda: imma_gemm.split_rows(x), None),
+                    ("split_rows int4", lambda: imma_gemm.split_rows(x, 128), None)]
         for kernel in quantization.candidates(layer8, m):
             variants.append((f"int8 {kernel}", lambda kernel=kernel: kernel(x, layer8), r8))
         variants.append(("int8 int_mm", lambda: int_mm_rows(x, layer8.weight, layer8.weight_scale), r8))
         for config in ((128, 128, 128, 8, 3), (128, 128, 64, 8, 4), (64, 128, 128, 4, 4), (64, 256, 128, 8, 3),
                        (128, 64, 128, 4, 4)):
             variants.append((f"int8 imma_rows {config}",
-                             lambda c=config: imma_rows_matmul(x, layer8.weight, layer8.weight_scale, c), r8))
+                             lambda c=config: imma_gemm.rows_matmul(x, layer8.weight, layer8.weight_scale, c), r8))
         for kernel in quantization.candidates(layer4, m):
             variants.append((f"int4 {kernel}", lambda kernel=kernel: kernel(x, layer4), r4))
         for config in ((64, 128, 4, 3), (128, 64, 4, 3), (64, 256, 8, 3), (128, 128, 8, 2)):
             variants.append((f"int4 imma4_rows {config}",
-                             lambda c=config: imma4_rows_matmul(x, layer4.weight, layer4.weight_scale,
-                                                                layer4.weight_offset, 128, c), r4))
+                             lambda c=config: imma_gemm.rows_matmul_int4(x, layer4.weight, layer4.weight_scale,
+                                                                         layer4.weight_offset, 128, c), r4))
         for label, call, reference in variants:
             try:
                 err = None
@@ -467,17 +295,18 @@ def main() -> None:
             if quick:
                 configs = configs[:3]
             for config in configs:
-                variants.append((f"imma2 {config}", copies,
-                                 lambda i, c=config: (lambda: imma_matmul(x, i8[i][0], i8[i][1], c)), ref))
+                variants.append((f"imma2 {config}", copies, lambda i, c=config: (
+                    lambda: imma_gemm.few_rows_matmul(x, i8[i][0], i8[i][1], c)), ref))
             for config in configs[:2]:
                 variants.append((f"imma1 {config}", copies,
-                                 lambda i, c=config: (lambda: imma_matmul(x, i8[i][0], i8[i][1], c, False)), ref))
+                                 lambda i, c=config: (lambda: imma1_matmul(x, i8[i][0], i8[i][1], c)), ref))
             variants.append(("int4 split (64,8,3)", 2 * copies,
                              lambda i: (lambda: split_gemm.split_matmul_int4(x, *i4[i], 128, (64, 8, 3))), ref4))
             for config in ((64, 4, 3), (64, 8, 3), (128, 8, 3), (128, 4, 4)):
-                for asm in (False, True):
-                    variants.append((f"imma4 asm={asm} {config}", 2 * copies,
-                                     lambda i, c=config, a=asm: (lambda: imma4_matmul(x, *i4[i], 128, c, a)), ref4))
+                variants.append((f"imma4 {config}", 2 * copies, lambda i, c=config: (
+                    lambda: imma_gemm.few_rows_matmul_int4(x, *i4[i], 128, c)), ref4))
+                variants.append((f"imma4 asm {config}", 2 * copies, lambda i, c=config: (
+                    lambda: imma4_asm_matmul(x, *i4[i], 128, c)), ref4))
             bytes_by = {"bf16": n * k * 2, "int8": n * k, "imma2": n * k, "imma1": n * k,
                         "int4": n * k // 2 + n * k // 128 * 4, "imma4": n * k // 2 + n * k // 128 * 4}
             for label, count, make, reference in variants:
