@@ -172,15 +172,10 @@ def _as_rows(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _check_int4(weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int) -> int:
-    """K of a packed int4 weight (quantization.quantize_int4's layout), or ValueError."""
-    n = weight.shape[0]
-    groups = scale.shape[1] if scale.dim() == 2 else 0
-    if (weight.dtype != torch.uint8 or scale.shape != (n, groups) or offset.shape != scale.shape
-            or weight.shape[1] * 2 != groups * group or weight.stride(1) != 1 or group % 32):
-        raise ValueError(f"an int4 weight is packed uint8 [N, K // 2] with scale and offset [N, K // {group}] "
-                         f"(group a multiple of 32); got {weight.dtype} {tuple(weight.shape)}, {tuple(scale.shape)} "
-                         f"and {tuple(offset.shape)}")
-    return groups * group
+    """K of a packed int4 weight (split_gemm.check_int4), whose groups fill int8 dots (a multiple of 32)."""
+    if group % 32:
+        raise ValueError(f"the int8 tensor-core kernels take int4 groups of a multiple of 32, got {group}")
+    return split_gemm.check_int4(weight, scale, offset, group)
 
 
 def rows_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,

@@ -196,19 +196,24 @@ def split_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     return out.view(*x.shape[:-1], n)
 
 
+def check_int4(weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int) -> int:
+    """K of a packed int4 weight in quantization.quantize_int4's layout, with contiguous rows; else ValueError."""
+    n = weight.shape[0]
+    groups = scale.shape[1] if scale.dim() == 2 else 0
+    if (weight.dtype != torch.uint8 or scale.shape != (n, groups) or offset.shape != scale.shape
+            or weight.shape[1] * 2 != groups * group or weight.stride(1) != 1):
+        raise ValueError(f"an int4 weight is packed uint8 [N, K // 2] with scale and offset [N, K // {group}]; got "
+                         f"{weight.dtype} {tuple(weight.shape)}, {tuple(scale.shape)} and {tuple(offset.shape)}")
+    return groups * group
+
+
 def split_matmul_int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
                       group: int, config: tuple[int, ...] | None = None) -> torch.Tensor:
     """x [..., K] holding 1..MAX_ROWS rows, weight [N, K // 2] packed int4 with scale and offset [N, K // group]
     (quantization.quantize_int4's layout) -> x @ dequantized(weight).T in x's dtype. `config`: (block_n,
     num_warps, num_stages) with split chosen by default_split, or with a fourth value, the split."""
-    n = weight.shape[0]
-    groups = scale.shape[1] if scale.dim() == 2 else 0
-    if (weight.dtype != torch.uint8 or scale.shape != (n, groups) or offset.shape != scale.shape
-            or weight.shape[1] * 2 != groups * group or weight.stride(1) != 1):
-        raise ValueError(f"split_matmul_int4 takes packed uint8 [N, K // 2] with scale and offset [N, K // "
-                         f"{group}]; got {weight.dtype} {tuple(weight.shape)}, {tuple(scale.shape)} and "
-                         f"{tuple(offset.shape)}")
-    k = groups * group
+    k = check_int4(weight, scale, offset, group)
+    n, groups = weight.shape[0], k // group
     x2 = _rows(x, k)
     block_n, num_warps, num_stages = (config or INT4_DEFAULT_CONFIG)[:3]
     split = config[3] if config and len(config) > 3 else default_split(n, k, block_n, group, x.device)
