@@ -1,8 +1,9 @@
-"""Lab: kernels/imma_gemm.py's int8 tensor-core matmuls (two-part activations, see there) in several
-configurations, and two variants it does not ship: x in one int8 part (imma1, W8A8's accuracy) and int4 nibbles
-unpacked by inline PTX four bytes at a time (imma4 asm), against bf16 and the current int8/int4 kernels. Decode
-sizes are timed as a decode step meets its weights: copies of a projection cycled inside a CUDA graph, so each
-call reads its weight from DRAM with no flush between calls; --prefill times 128-2,048 rows.
+"""Lab: the int8 tensor-core matmuls with two-part activations (kernels/imma_gemm.py explains them; split_gemm's
+two_part kernels for 1-64 rows) in several configurations, and two variants the package does not ship: x in one
+int8 part (imma1, W8A8's accuracy) and int4 nibbles unpacked by inline PTX four bytes at a time (imma4 asm),
+against bf16 and the current int8/int4 kernels. Decode sizes are timed as a decode step meets its weights: copies
+of a projection cycled inside a CUDA graph, so each call reads its weight from DRAM with no flush between calls;
+--prefill times 128-2,048 rows.
 
     python bench/imma_lab.py [--quick] [--prefill] [--no-decode]
 """
@@ -35,7 +36,7 @@ def _one_part(xt):
 def _imma_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, partial_ptr, ticket_ptr, M, N, stride_xm, stride_wn, stride_ym,
                  K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  SPLIT: tl.constexpr, PER_SPLIT: tl.constexpr, EVEN_K: tl.constexpr, MAX_M: tl.constexpr):
-    # imma_gemm._few_rows_kernel with x in one int8 part per row and step of K (8 bits: W8A8's accuracy).
+    # split_gemm._split_kernel's two-part path with x in one int8 part per row and step of K (W8A8's accuracy).
     tile = tl.program_id(0)
     split = tl.program_id(1)
     outs = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -65,7 +66,7 @@ def _imma_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, partial_ptr, ticket_ptr, M, N, 
 
 @triton.jit
 def _low_nibbles(p):
-    """Four bytes' low nibbles at once (imma_gemm's kernel unpacks them one byte at a time)."""
+    """Four bytes' low nibbles at once (split_gemm's kernel unpacks them one byte at a time)."""
     return tl.inline_asm_elementwise("and.b32 $0, $1, 0x0F0F0F0F;", "=r,r", [p], dtype=tl.int8, is_pure=True,
                                      pack=4)
 
@@ -81,7 +82,7 @@ def _imma4_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, offset_ptr, partial_ptr, ticke
                   stride_wn, stride_sn, stride_ym, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PER_SPLIT: tl.constexpr, EVEN: tl.constexpr,
                   MAX_M: tl.constexpr):
-    # imma_gemm._few_rows_int4_kernel with the nibbles unpacked by inline PTX, four bytes per instruction.
+    # split_gemm._split_int4_kernel's two-part path with the nibbles unpacked by inline PTX, four bytes at once.
     tile = tl.program_id(0)
     split = tl.program_id(1)
     outs = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -296,7 +297,7 @@ def main() -> None:
                 configs = configs[:3]
             for config in configs:
                 variants.append((f"imma2 {config}", copies, lambda i, c=config: (
-                    lambda: imma_gemm.few_rows_matmul(x, i8[i][0], i8[i][1], c)), ref))
+                    lambda: split_gemm.split_matmul(x, i8[i][0], i8[i][1], c, two_part=True)), ref))
             for config in configs[:2]:
                 variants.append((f"imma1 {config}", copies,
                                  lambda i, c=config: (lambda: imma1_matmul(x, i8[i][0], i8[i][1], c)), ref))
@@ -304,7 +305,7 @@ def main() -> None:
                              lambda i: (lambda: split_gemm.split_matmul_int4(x, *i4[i], 128, (64, 8, 3))), ref4))
             for config in ((64, 4, 3), (64, 8, 3), (128, 8, 3), (128, 4, 4)):
                 variants.append((f"imma4 {config}", 2 * copies, lambda i, c=config: (
-                    lambda: imma_gemm.few_rows_matmul_int4(x, *i4[i], 128, c)), ref4))
+                    lambda: split_gemm.split_matmul_int4(x, *i4[i], 128, c, two_part=True)), ref4))
                 variants.append((f"imma4 asm {config}", 2 * copies, lambda i, c=config: (
                     lambda: imma4_asm_matmul(x, *i4[i], 128, c)), ref4))
             bytes_by = {"bf16": n * k * 2, "int8": n * k, "imma2": n * k, "imma1": n * k,

@@ -111,7 +111,8 @@ def split_gemm_kernels() -> Iterator[tuple]:
                            "partial_ptr": "*fp32", "ticket_ptr": "*i32", "M": "i32", "N": "i32", "stride_xm": "i32",
                            "stride_wn": "i32", "stride_ym": "i32"}, {
                            "K": 4096, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT": split,
-                           "PER_SPLIT": 4096 // block_k // split, "EVEN_K": True, "MAX_M": split_gemm.MAX_ROWS}, {
+                           "PER_SPLIT": 4096 // block_k // split, "EVEN_K": True, "MAX_M": split_gemm.MAX_ROWS,
+                           "TWO_PART": False}, {
                            "num_warps": num_warps, "num_stages": num_stages})
     for block_n, num_warps, num_stages in split_gemm.INT4_TUNED_CONFIGS:
         for block_m, split in ((16, 1), (16, 4), (64, 4)):
@@ -120,12 +121,13 @@ def split_gemm_kernels() -> Iterator[tuple]:
                 "partial_ptr": "*fp32", "ticket_ptr": "*i32", "M": "i32", "N": "i32", "stride_xm": "i32",
                 "stride_wn": "i32", "stride_sn": "i32", "stride_ym": "i32"}, {
                 "K": 4096, "GROUP": 128, "BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT": split,
-                "PER_SPLIT": 32 // split, "EVEN": True, "MAX_M": split_gemm.MAX_ROWS}, {
+                "PER_SPLIT": 32 // split, "EVEN": True, "MAX_M": split_gemm.MAX_ROWS, "TWO_PART": False}, {
                 "num_warps": num_warps, "num_stages": num_stages})
 
 
 def imma_gemm_kernels() -> Iterator[tuple]:
-    """kernels.imma_gemm's kernels in every configuration the tuner times: 16 and 64 rows for the few-rows ones."""
+    """The two-part activation kernels in every configuration the tuner times: kernels.imma_gemm's, and
+    kernels.split_gemm's with two_part at 16 and 64 rows."""
     from xverse_serve.kernels import imma_gemm
 
     for k in (4096, 11008):
@@ -145,23 +147,26 @@ def imma_gemm_kernels() -> Iterator[tuple]:
             "stride_wn": "i32", "stride_sn": "i32", "stride_ym": "i32"}, {
             "K": 4096, "GROUP": 128, "BLOCK_M": block_m, "BLOCK_N": block_n, "GROUP_M": 8}, {
             "num_warps": num_warps, "num_stages": num_stages}
-    for block_m in (16, 64):
-        for block_n, block_k, num_warps, num_stages in imma_gemm.FEW_ROWS_CONFIGS:
-            for weight, name in (("*i8", "i8 imma"), ("*fp8e4nv", "fp8e4nv fp8mma")):
-                yield f"{name}(block_m={block_m}, block_n={block_n}, block_k={block_k})", imma_gemm._few_rows_kernel, {
-                    "x_ptr": "*bf16", "w_ptr": weight, "y_ptr": "*bf16", "scale_ptr": "*fp32", "partial_ptr": "*fp32",
-                    "ticket_ptr": "*i32", "M": "i32", "N": "i32", "stride_xm": "i32", "stride_wn": "i32",
-                    "stride_ym": "i32"}, {
-                    "K": 4096, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT": 4,
-                    "PER_SPLIT": 4096 // block_k // 4, "EVEN_K": True, "MAX_M": 64, "FP8": weight != "*i8"}, {
-                    "num_warps": num_warps, "num_stages": num_stages}
-        for block_n, num_warps, num_stages in imma_gemm.FEW_ROWS_INT4_CONFIGS:
-            yield f"u4 imma(block_m={block_m}, block_n={block_n})", imma_gemm._few_rows_int4_kernel, {
+    from xverse_serve.kernels import split_gemm
+
+    for block_m in (16, 64):  # split_gemm's kernels with two-part activations
+        for block_n, block_k, num_warps, num_stages in split_gemm.TWO_PART_CONFIGS:
+            for weight in ("*i8", "*fp8e4nv"):
+                yield (f"{weight[1:]} two-part split(block_m={block_m}, block_n={block_n}, block_k={block_k})",
+                       split_gemm._split_kernel, {
+                           "x_ptr": "*bf16", "w_ptr": weight, "y_ptr": "*bf16", "scale_ptr": "*fp32",
+                           "partial_ptr": "*fp32", "ticket_ptr": "*i32", "M": "i32", "N": "i32", "stride_xm": "i32",
+                           "stride_wn": "i32", "stride_ym": "i32"}, {
+                           "K": 4096, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT": 4,
+                           "PER_SPLIT": 4096 // block_k // 4, "EVEN_K": True, "MAX_M": 64, "TWO_PART": True}, {
+                           "num_warps": num_warps, "num_stages": num_stages})
+        for block_n, num_warps, num_stages in split_gemm.TWO_PART_INT4_CONFIGS:
+            yield f"u4 two-part split(block_m={block_m}, block_n={block_n})", split_gemm._split_int4_kernel, {
                 "x_ptr": "*bf16", "w_ptr": "*u8", "y_ptr": "*bf16", "scale_ptr": "*fp16", "offset_ptr": "*fp16",
                 "partial_ptr": "*fp32", "ticket_ptr": "*i32", "M": "i32", "N": "i32", "stride_xm": "i32",
                 "stride_wn": "i32", "stride_sn": "i32", "stride_ym": "i32"}, {
                 "K": 4096, "GROUP": 128, "BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT": 4, "PER_SPLIT": 8,
-                "EVEN": True, "MAX_M": 64}, {"num_warps": num_warps, "num_stages": num_stages}
+                "EVEN": True, "MAX_M": 64, "TWO_PART": True}, {"num_warps": num_warps, "num_stages": num_stages}
 
 
 def eight_bit_cache_kernels() -> Iterator[tuple]:

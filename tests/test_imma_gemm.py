@@ -1,5 +1,6 @@
-"""kernels.imma_gemm (int8 and int4 weights on int8 tensor cores, the activations split into two int8 parts)
-against float32 products of the dequantized weights: in Triton's interpreter on the CPU, compiled on a GPU."""
+"""Two-part activations: kernels.imma_gemm (int8 and int4 weights on int8 tensor cores, prefill-sized batches) and
+kernels.split_gemm with two_part (1-64 rows, int8, int4 and fp8 weights), against float32 products of the
+dequantized weights: in Triton's interpreter on the CPU, compiled on a GPU."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from xverse_serve.model import quantization
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = torch.device("cpu" if INTERPRET else "cuda")
 imma_gemm = pytest.importorskip("xverse_serve.kernels.imma_gemm")
+split_gemm = pytest.importorskip("xverse_serve.kernels.split_gemm")
 
 # The interpreter has no bfloat16 (it reads the bits wrongly); the kernels only take x to float32 anyway.
 DTYPES = [torch.float16] + ([] if INTERPRET else [torch.bfloat16])
@@ -99,12 +101,12 @@ def test_rows_matmul_int4_applies_each_groups_scale_and_offset(rows: int, n: int
     (17, 70, 256, (64, 64, 4, 1, 1)),  # no split: the tile is stored directly
     (64, 96, 384, (32, 64, 4, 2)),  # the split chosen for the card
 ], ids=str)
-def test_few_rows_matmul_equals_the_product_of_the_dequantized_weight(rows: int, n: int, k: int,
+def test_two_part_split_matmul_equals_the_product_of_the_dequantized_weight(rows: int, n: int, k: int,
                                                                       config: tuple) -> None:
     q, scale, w = int8_weight(n, k, seed=n * k)
     for dtype in DTYPES:
         x = activations(rows, k, dtype, seed=rows)
-        out = imma_gemm.few_rows_matmul(x, q, scale, config)
+        out = split_gemm.split_matmul(x, q, scale, config, two_part=True)
         assert out.shape == (rows, n) and out.dtype == dtype
         assert relative_error(out, x.float() @ w.T) < TOLERANCE, dtype
 
@@ -118,13 +120,13 @@ def test_few_rows_matmul_equals_the_product_of_the_dequantized_weight(rows: int,
     (1, 37, 100, (32, 32, 4, 2, 3)),
     (33, 70, 256, (64, 64, 4, 1, 1)),
 ], ids=str)
-def test_few_rows_matmul_takes_fp8_weights_with_two_e4m3_parts_of_x(rows: int, n: int, k: int,
+def test_two_part_split_matmul_takes_fp8_weights_with_two_e4m3_parts_of_x(rows: int, n: int, k: int,
                                                                      config: tuple) -> None:
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(n)) * 0.02
     q, scale = quantization.quantize_fp8(w)
     dense = quantization.dequantize_fp8(q, scale).to(DEVICE)
     x = activations(rows, k, torch.float16, seed=rows)
-    out = imma_gemm.few_rows_matmul(x, q.to(DEVICE), scale.to(DEVICE), config)
+    out = split_gemm.split_matmul(x, q.to(DEVICE), scale.to(DEVICE), config, two_part=True)
     assert out.shape == (rows, n) and out.dtype == torch.float16
     reference = x.float() @ dense.T
     # x in one e4m3 part per row (as torch._scaled_mm takes it): the two parts do several times better
@@ -138,12 +140,12 @@ def test_few_rows_matmul_takes_fp8_weights_with_two_e4m3_parts_of_x(rows: int, n
     (1, 37, 3, (32, 4, 2, 2)),  # outputs in a partial block; the last slice has no group
     (33, 70, 3, (64, 4, 1, 1)),  # no split
 ], ids=str)
-def test_few_rows_matmul_int4_applies_each_groups_scale_and_offset(rows: int, n: int, groups: int,
+def test_two_part_split_matmul_int4_applies_each_groups_scale_and_offset(rows: int, n: int, groups: int,
                                                                    config: tuple) -> None:
     weight, dense = int4_weight(n, groups, seed=n)
     for dtype in DTYPES:
         x = activations(rows, groups * 128, dtype, seed=rows)
-        out = imma_gemm.few_rows_matmul_int4(x, *weight, 128, config)
+        out = split_gemm.split_matmul_int4(x, *weight, 128, config, two_part=True)
         assert out.shape == (rows, n) and out.dtype == dtype
         assert relative_error(out, x.float() @ dense.T) < TOLERANCE, dtype
 
@@ -156,9 +158,9 @@ def test_the_kernels_refuse_what_they_cannot_multiply() -> None:
     with pytest.raises(ValueError, match="int8 or fp8"):
         imma_gemm.rows_matmul(x, q.float(), scale)
     with pytest.raises(ValueError, match="1 to 64 rows"):
-        imma_gemm.few_rows_matmul(torch.randn(65, 192).to(DEVICE), q, scale)
+        split_gemm.split_matmul(torch.randn(65, 192).to(DEVICE), q, scale, two_part=True)
     with pytest.raises(ValueError, match="up to 512"):
-        imma_gemm.few_rows_matmul(x, q, scale, (16, 1024, 4, 1))
+        split_gemm.split_matmul(x, q, scale, (16, 1024, 4, 1), two_part=True)
     weight, _ = int4_weight(8, 2, seed=2)
     with pytest.raises(ValueError, match="packed uint8"):
         imma_gemm.rows_matmul_int4(torch.randn(2, 256).to(DEVICE), weight[0], weight[1], weight[2][:, :1], 128)

@@ -219,18 +219,18 @@ def test_int4_takes_the_split_k_gemm(triton_kernels, m: int) -> None:
         assert relative_error(y, reference_matmul(x, layer)) < 5e-3
 
 
-IMMA_OPTIONS = {("int8", "imma"): (("block_n", 32), ("block_k", 64), ("num_warps", 4), ("num_stages", 2)),
-                ("int4", "imma"): (("block_n", 32), ("num_warps", 4), ("num_stages", 2)),
-                ("int8", "imma_rows"): (("block_m", 16), ("block_n", 32), ("block_k", 64), ("num_warps", 4),
-                                        ("num_stages", 1)),
-                ("int4", "imma_rows"): (("block_m", 16), ("block_n", 32), ("num_warps", 4), ("num_stages", 1))}
+TWO_PART_OPTIONS = {
+    ("int8", "split"): (("block_n", 32), ("block_k", 64), ("num_warps", 4), ("num_stages", 2), ("two_part", 1)),
+    ("int4", "split"): (("block_n", 32), ("num_warps", 4), ("num_stages", 2), ("two_part", 1)),
+    ("int8", "imma_rows"): (("block_m", 16), ("block_n", 32), ("block_k", 64), ("num_warps", 4), ("num_stages", 1)),
+    ("int4", "imma_rows"): (("block_m", 16), ("block_n", 32), ("num_warps", 4), ("num_stages", 1))}
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-@pytest.mark.parametrize(("backend", "m"), [("imma", 1), ("imma", 17), ("imma_rows", 40)])
+@pytest.mark.parametrize(("backend", "m"), [("split", 1), ("split", 17), ("imma_rows", 40)])
 def test_int8_and_int4_take_the_int8_tensor_core_kernels(triton_kernels, scheme: str, backend: str, m: int) -> None:
     layer = quantized_layer(scheme, 70, 3 * INT4_GROUP, seed=9, device=DEVICE)
-    kernel = MatmulKernel(backend, IMMA_OPTIONS[scheme, backend])
+    kernel = MatmulKernel(backend, TWO_PART_OPTIONS[scheme, backend])
     for dtype in [torch.float16] + ([] if INTERPRET else [torch.bfloat16]):
         x = gaussian(m, 3 * INT4_GROUP, seed=m).to(dtype).to(DEVICE)
         y = kernel(x.view(m, 1, -1), layer)  # any leading shape
@@ -270,10 +270,11 @@ def test_fp8_scaled_mm_quantizes_activations_per_token(m: int) -> None:
 @pytest.mark.skipif(INTERPRET or not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="FP8 tensor cores: 8.9+ (tests/test_imma_gemm.py says why not in the interpreter)")
 @pytest.mark.parametrize("m", [1, 17, 64])
-def test_fp8_takes_the_two_part_fp8_kernel(m: int) -> None:
+def test_fp8_takes_the_two_part_split_kernel(m: int) -> None:
     layer = quantized_layer("fp8", 256, 512, seed=8, device=DEVICE)
     x = (gaussian(m, 512, seed=m) * torch.linspace(0.1, 10, m)[:, None]).to(torch.bfloat16).to(DEVICE)
-    y = MatmulKernel("fp8mma", (("block_n", 64), ("block_k", 128), ("num_warps", 4), ("num_stages", 3)))(x, layer)
+    options = (("block_n", 64), ("block_k", 128), ("num_warps", 4), ("num_stages", 3), ("two_part", 1))
+    y = MatmulKernel("split", options)(x, layer)
     assert y.shape == (m, 256) and y.dtype == torch.bfloat16
     assert relative_error(y, reference_matmul(x, layer)) < 1e-2  # the tuner's bound, as for weight-only kernels
 
@@ -297,10 +298,10 @@ def test_candidates_cover_every_batch_size_and_the_torch_op_only_for_int8() -> N
     assert {"split" in {k.backend for k in candidates(lm_head, m)} for m in (2, 32, 64)} == {True}
     assert not {"rowgemv", "skinny", "split"} & {k.backend for k in candidates(lm_head, 65)}
     fp8 = QuantizedLinear(4096, 4096, "fp8")
-    from xverse_serve.kernels import imma_gemm, split_gemm
+    from xverse_serve.kernels import split_gemm
 
     splits = ["split"] * len(split_gemm.TUNED_CONFIGS)
-    two_part = ["fp8mma"] * len(imma_gemm.FEW_ROWS_CONFIGS)
+    two_part = ["split"] * len(split_gemm.TWO_PART_CONFIGS)
     assert [k.backend for k in candidates(fp8, 1)] == ["rowgemv", *splits, *two_part, "scaled_mm"]
     assert [k.backend for k in candidates(fp8, 64)] == ["skinny", *splits, *two_part, "scaled_mm"]
     assert [k.backend for k in candidates(fp8, 4096)] == ["scaled_mm"]
@@ -310,23 +311,26 @@ def test_candidates_cover_every_batch_size_and_the_torch_op_only_for_int8() -> N
     assert {"split" in {k.backend for k in candidates(int4, m)} for m in (1, 64)} == {True}
     assert "split" not in {k.backend for k in candidates(int4, 65)}
     assert "split" not in {k.backend for k in candidates(int4, 1, torch.float32)}
-    # int8 tensor cores (kernels.imma_gemm) for int8 and int4 weights, bf16 or fp16 activations: up to 64 rows
-    # split along K, from 64 rows tiled over the outputs
+    # int8 tensor cores for int8 and int4 weights, bf16 or fp16 activations in two parts: up to 64 rows split along
+    # K (split_gemm), from 64 rows tiled over the outputs (imma_gemm)
+    def two_part(kernel: MatmulKernel) -> str | None:
+        return "split" if ("two_part", 1) in kernel.options else "imma_rows" if kernel.backend == "imma_rows" else None
+
     for layer in (int4, QuantizedLinear(4096, 4096, "int8")):
-        imma = {m: {k.backend for k in candidates(layer, m) if k.backend.startswith("imma")} for m in (1, 64, 512)}
-        assert imma == {1: {"imma"}, 64: {"imma", "imma_rows"}, 512: {"imma_rows"}}
-        assert not any(k.backend.startswith("imma") for k in candidates(layer, 64, torch.float32))
+        kinds = {m: {two_part(k) for k in candidates(layer, m)} - {None} for m in (1, 64, 512)}
+        assert kinds == {1: {"split"}, 64: {"split", "imma_rows"}, 512: {"imma_rows"}}
+        assert not {two_part(k) for k in candidates(layer, 64, torch.float32)} - {None}
     assert "imma_rows" not in {k.backend for k in candidates(QuantizedLinear(4000, 4096, "int8"), 512)}  # K % 128
 
 
 def test_one_row_steps_keep_the_fused_gemvs_unless_the_tuned_kernels_are_clearly_faster() -> None:
     """Summed over the projections: the fused path saves its separate norm, residual and SiLU kernels, worth
     ONE_ROW_MARGIN on the projections' time; beyond that the tuned kernels take one-row steps."""
-    close = [{"rowgemv": 1.1, "imma(block_n=64)": 1.0}, {"rowgemv": 2.2, "split(block_n=64)": 2.0}]
+    close = [{"rowgemv": 1.1, "split(block_n=64, two_part=1)": 1.0}, {"rowgemv": 2.2, "split(block_n=64)": 2.0}]
     assert fused_one_row_pays(close)
-    far = [{"rowgemv": 1.5, "imma(block_n=64)": 1.0}, {"rowgemv": 2.2, "split(block_n=64)": 2.0}]
+    far = [{"rowgemv": 1.5, "split(block_n=64, two_part=1)": 1.0}, {"rowgemv": 2.2, "split(block_n=64)": 2.0}]
     assert not fused_one_row_pays(far)  # 3.7 ms against 3.0
-    failed = [{"rowgemv": "failed: OutOfMemoryError", "imma(block_n=64)": 1.0}]
+    failed = [{"rowgemv": "failed: OutOfMemoryError", "split(block_n=64, two_part=1)": 1.0}]
     assert not fused_one_row_pays(failed)
     assert fused_one_row_pays([{}])  # nothing measured: the path stays
 
@@ -499,6 +503,6 @@ def test_every_quantized_matmul_kernel_compiles_for_hopper_without_register_spil
     assert {r["kernel"].split("(")[0] for r in reports} >= {"int8 gemv", "int8 gemm", "int8 dequantize", "int4 gemv",
                                                             "int4 gemm", "int4 dequantize", "i8 split", "fp8e4nv split",
                                                             "u4 split", "fp8 activations", "split rows",
-                                                            "i8 imma_rows", "u4 imma_rows", "i8 imma", "u4 imma",
-                                                            "fp8e4nv fp8mma"}
+                                                            "i8 imma_rows", "u4 imma_rows", "i8 two-part split",
+                                                            "u4 two-part split", "fp8e4nv two-part split"}
     assert [r for r in reports if r["spilled_bytes"]] == []

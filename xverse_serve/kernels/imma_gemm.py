@@ -14,12 +14,10 @@ Two shapes of kernel:
   then an output-tiled GEMM. int8 keeps two int32 sums over the whole of K and scales once at the end; int4
   unpacks the nibbles (0..15, exact in int8) and applies each group's scale to the group's int32 sum and its
   offset to the group's sum of x (written by the split kernel, divided by s).
-- 1-64 rows (`few_rows_matmul`, `few_rows_matmul_int4`): split_gemm's swap-AB tiles, split-K and last-ticket sum
-  (`split_gemm._finish`), with the activations split inside the kernel per step of K (per group for int4): no
-  extra kernel per projection in a decode step.
-
-fp8 weights take the same few-rows kernel on FP8 tensor cores, x in two e4m3 parts (hi, and 8 times the
-remainder), which keep about 7 of its bits where one e4m3 part (torch._scaled_mm's) keeps 4.
+- 1-64 rows: split_gemm's split-K kernels with `two_part=True` split the activations inside the kernel per step
+  of K (per group for int4): no extra kernel per projection in a decode step. fp8 weights take the same path on
+  FP8 tensor cores, x in two e4m3 parts (hi, and 8 times the remainder), which keep about 7 of its bits where
+  one e4m3 part (torch._scaled_mm's) keeps 4.
 """
 
 from __future__ import annotations
@@ -30,24 +28,13 @@ import triton.language as tl
 
 from . import split_gemm
 from .gemv import check_scale
-from .split_gemm import _finish
+from .split_gemm import FIXED, _round
 
-FIXED = tl.constexpr(32639.0)  # 127 * 256 + 127
-FP8_MAX = tl.constexpr(448.0)  # e4m3's largest value
 SPLIT_BLOCK = 1024  # elements of a row per step of the split kernel; a multiple of int4's group
 # (block_m, block_n, block_k, num_warps, num_stages) for rows_matmul; no register spills on sm_90 (ptxas -v).
 ROWS_CONFIGS = ((128, 128, 128, 8, 3), (64, 128, 128, 4, 4))
 # (block_m, block_n, num_warps, num_stages) for rows_matmul_int4: one group of K per step.
 ROWS_INT4_CONFIGS = ((64, 128, 4, 3), (128, 64, 4, 3))
-# (block_n, block_k, num_warps, num_stages) for few_rows_matmul, split chosen by split_gemm.default_split.
-FEW_ROWS_CONFIGS = ((64, 128, 4, 3), (128, 128, 8, 3), (256, 64, 8, 3))
-# (block_n, num_warps, num_stages) for few_rows_matmul_int4.
-FEW_ROWS_INT4_CONFIGS = ((64, 4, 3), (128, 8, 3))
-
-
-@triton.jit
-def _round(v):
-    return (v + tl.where(v >= 0, 0.5, -0.5)).to(tl.int32)
 
 
 @triton.jit
@@ -171,13 +158,6 @@ def _as_rows(x: torch.Tensor, k: int) -> torch.Tensor:
     return x2 if x2.stride(1) == 1 else x2.contiguous()
 
 
-def _check_int4(weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int) -> int:
-    """K of a packed int4 weight (split_gemm.check_int4), whose groups fill int8 dots (a multiple of 32)."""
-    if group % 32:
-        raise ValueError(f"the int8 tensor-core kernels take int4 groups of a multiple of 32, got {group}")
-    return split_gemm.check_int4(weight, scale, offset, group)
-
-
 def rows_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                 config: tuple[int, int, int, int, int] = ROWS_CONFIGS[0]) -> torch.Tensor:
     """x [..., K] (bf16 or fp16) @ (weight int8 [N, K] * scale float32 [N, 1]).T in x's dtype, for prefill-sized
@@ -202,7 +182,9 @@ def rows_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
 def rows_matmul_int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int,
                      config: tuple[int, int, int, int] = ROWS_INT4_CONFIGS[0]) -> torch.Tensor:
     """x [..., K] (bf16 or fp16) @ dequantized(packed int4 weight).T in x's dtype, for prefill-sized M."""
-    k = _check_int4(weight, scale, offset, group)
+    if group % 32:
+        raise ValueError(f"two-part int4 dots take groups of a multiple of 32, got {group}")
+    k = split_gemm.check_int4(weight, scale, offset, group)
     block_m, block_n, num_warps, num_stages = config
     n = weight.shape[0]
     x2 = _as_rows(x, k)
@@ -213,157 +195,3 @@ def rows_matmul_int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         hi, lo, s, sums, weight, scale, offset, y, m, n, weight.stride(0), scale.stride(0), y.stride(0), K=k,
         GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=8, num_warps=num_warps, num_stages=num_stages)
     return y.view(*x.shape[:-1], n)
-
-
-@triton.jit
-def _split_columns(xt):
-    """xt [K, M] float32 -> (hi, lo int8 [K, M], s float32 [M]): one scale per column (a row of x)."""
-    amax = tl.max(tl.abs(xt), axis=0)
-    q = _round(xt * (1.0 / tl.maximum(amax, 1e-30) * FIXED)[None, :])
-    hi = (q + 128) >> 8
-    return hi.to(tl.int8), (q - (hi << 8)).to(tl.int8), amax / FIXED
-
-
-@triton.jit
-def _dot_fp8_parts(w, xt):
-    """W . x^T for e4m3 weights [BLOCK_N, BLOCK_K] and float32 xt [BLOCK_K, M] on FP8 tensor cores, x in two e4m3
-    parts per column: hi = e4m3(x / s) with s = amax / 448, lo = e4m3(8 * (x / s - hi)) (the remainder is under
-    an eighth of |x / s| whichever way hi rounded, so 8 times it stays in range): about 7 of x's bits."""
-    amax = tl.max(tl.abs(xt), axis=0)
-    v = xt * (1.0 / tl.maximum(amax, 1e-30) * FP8_MAX)[None, :]
-    hi = v.to(tl.float8e4nv)
-    lo = ((v - hi.to(tl.float32)) * 8.0).to(tl.float8e4nv)
-    p = tl.dot(w, lo) * 0.125
-    p = tl.dot(w, hi, p)
-    return p * (amax / FP8_MAX)[None, :]
-
-
-@triton.jit(do_not_specialize=["M"])
-def _few_rows_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, partial_ptr, ticket_ptr, M, N, stride_xm, stride_wn, stride_ym,
-                     K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     SPLIT: tl.constexpr, PER_SPLIT: tl.constexpr, EVEN_K: tl.constexpr, MAX_M: tl.constexpr,
-                     FP8: tl.constexpr):
-    # split_gemm._split_kernel's tiles, with the activations split per step of K (FP8: e4m3 weights and parts).
-    tile = tl.program_id(0)
-    split = tl.program_id(1)
-    outs = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.arange(0, BLOCK_M)
-    out_ok, row_ok = outs < N, rows < M
-    ks = split * PER_SPLIT * BLOCK_K + tl.arange(0, BLOCK_K)
-    w_ptrs = w_ptr + outs[:, None].to(tl.int64) * stride_wn + ks[None, :]
-    x_ptrs = x_ptr + rows[None, :] * stride_xm + ks[:, None]
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for _ in range(PER_SPLIT):
-        if EVEN_K:
-            w = tl.load(w_ptrs, mask=out_ok[:, None], other=0.0, eviction_policy="evict_first")
-            xt = tl.load(x_ptrs, mask=row_ok[None, :], other=0.0).to(tl.float32)
-        else:  # the last slices run past K: their columns read as zeros
-            k_ok = ks < K
-            w = tl.load(w_ptrs, mask=out_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
-            xt = tl.load(x_ptrs, mask=row_ok[None, :] & k_ok[:, None], other=0.0).to(tl.float32)
-            ks += BLOCK_K
-        if FP8:
-            acc += _dot_fp8_parts(w, xt)
-        else:
-            hi, lo, s = _split_columns(xt)
-            p = tl.dot(w, hi, out_dtype=tl.int32) * 256  # |256 W.hi + W.lo| < 2^31 for BLOCK_K <= 512
-            p = tl.dot(w, lo, p, out_dtype=tl.int32)
-            acc += p.to(tl.float32) * s[None, :]
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-    scale = tl.load(scale_ptr + outs, mask=out_ok, other=0.0)[:, None]
-    _finish(acc, scale, y_ptr, partial_ptr, ticket_ptr, tile, split, rows, outs, row_ok, out_ok, N, stride_ym,
-            BLOCK_M, BLOCK_N, SPLIT, MAX_M)
-
-
-@triton.jit(do_not_specialize=["M"])
-def _few_rows_int4_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, offset_ptr, partial_ptr, ticket_ptr, M, N, stride_xm,
-                          stride_wn, stride_sn, stride_ym, K: tl.constexpr, GROUP: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                          PER_SPLIT: tl.constexpr, EVEN: tl.constexpr, MAX_M: tl.constexpr):
-    # split_gemm._split_int4_kernel's tiles: one group per step, x's even and odd columns against the low and
-    # high nibbles, split into parts with one scale per row and group.
-    tile = tl.program_id(0)
-    split = tl.program_id(1)
-    outs = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.arange(0, BLOCK_M)
-    out_ok, row_ok = outs < N, rows < M
-    first = split * PER_SPLIT
-    pairs = tl.arange(0, GROUP // 2)
-    w_ptrs = w_ptr + outs[:, None].to(tl.int64) * stride_wn + first * (GROUP // 2) + pairs[None, :]
-    x_ptrs = x_ptr + rows[None, :] * stride_xm + first * GROUP + 2 * pairs[:, None]
-    s_offsets = outs * stride_sn + first
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for i in range(PER_SPLIT):
-        if EVEN:
-            w_ok = out_ok
-            x_ok = row_ok
-        else:  # the last slices run past K: their groups read as zeros
-            w_ok = out_ok & (first + i < K // GROUP)
-            x_ok = row_ok & (first + i < K // GROUP)
-        packed = tl.load(w_ptrs, mask=w_ok[:, None], other=0, eviction_policy="evict_first")
-        x_even = tl.load(x_ptrs, mask=x_ok[None, :], other=0.0).to(tl.float32)
-        x_odd = tl.load(x_ptrs + 1, mask=x_ok[None, :], other=0.0).to(tl.float32)
-        amax = tl.maximum(tl.max(tl.abs(x_even), axis=0), tl.max(tl.abs(x_odd), axis=0))
-        inv = (1.0 / tl.maximum(amax, 1e-30) * FIXED)[None, :]
-        q_even, q_odd = _round(x_even * inv), _round(x_odd * inv)
-        hi_even, hi_odd = (q_even + 128) >> 8, (q_odd + 128) >> 8
-        w_even = (packed & 0xF).to(tl.int8)
-        w_odd = (packed >> 4).to(tl.int8)
-        p = tl.dot(w_even, hi_even.to(tl.int8), out_dtype=tl.int32)
-        p = tl.dot(w_odd, hi_odd.to(tl.int8), p, out_dtype=tl.int32) * 256
-        p = tl.dot(w_even, (q_even - (hi_even << 8)).to(tl.int8), p, out_dtype=tl.int32)
-        p = tl.dot(w_odd, (q_odd - (hi_odd << 8)).to(tl.int8), p, out_dtype=tl.int32)
-        scale = tl.load(scale_ptr + s_offsets, mask=w_ok, other=0.0).to(tl.float32)
-        offset = tl.load(offset_ptr + s_offsets, mask=w_ok, other=0.0).to(tl.float32)
-        x_sum = tl.sum(x_even + x_odd, axis=0)
-        acc += p.to(tl.float32) * (amax / FIXED)[None, :] * scale[:, None] + offset[:, None] * x_sum[None, :]
-        w_ptrs += GROUP // 2
-        x_ptrs += GROUP
-        s_offsets += 1
-    _finish(acc, 1.0, y_ptr, partial_ptr, ticket_ptr, tile, split, rows, outs, row_ok, out_ok, N, stride_ym,
-            BLOCK_M, BLOCK_N, SPLIT, MAX_M)
-
-
-def few_rows_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                    config: tuple[int, ...] = FEW_ROWS_CONFIGS[0]) -> torch.Tensor:
-    """x [..., K] holding 1..split_gemm.MAX_ROWS rows (bf16 or fp16) @ (weight * scale[:, None]).T in x's dtype,
-    weight int8 or float8_e4m3fn [N, K] (fp8 on FP8 tensor cores: compute capability 8.9+). `config`: (block_n,
-    block_k, num_warps, num_stages) with split_gemm.default_split's split, or with a fifth value, the split."""
-    check_scale(weight, scale)
-    if weight.stride(1) != 1:
-        raise ValueError("few_rows_matmul takes a weight with contiguous rows")
-    n, k = weight.shape
-    x2 = split_gemm._rows(x, k)
-    block_n, block_k, num_warps, num_stages = config[:4]
-    if block_k > 512:
-        raise ValueError("few_rows_matmul's int32 sums hold steps of K up to 512")
-    split = config[4] if len(config) > 4 else split_gemm.default_split(n, k, block_n, block_k, x.device)
-    out, partial, tickets = split_gemm._outputs(x2, n, block_n, split)
-    steps = triton.cdiv(k, block_k)
-    _few_rows_kernel[(triton.cdiv(n, block_n), split)](
-        x2, weight, out, scale, partial, tickets, x2.shape[0], n, x2.stride(0), weight.stride(0), out.stride(0),
-        K=k, BLOCK_M=max(16, triton.next_power_of_2(x2.shape[0])), BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split,
-        PER_SPLIT=triton.cdiv(steps, split), EVEN_K=k % block_k == 0 and steps % split == 0,
-        MAX_M=split_gemm.MAX_ROWS, FP8=weight.dtype == torch.float8_e4m3fn, num_warps=num_warps,
-        num_stages=num_stages)
-    return out.view(*x.shape[:-1], n)
-
-
-def few_rows_matmul_int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
-                         group: int, config: tuple[int, ...] = FEW_ROWS_INT4_CONFIGS[0]) -> torch.Tensor:
-    """x [..., K] holding 1..split_gemm.MAX_ROWS rows @ dequantized(packed int4 weight).T in x's dtype. `config`:
-    (block_n, num_warps, num_stages) with split_gemm.default_split's split, or with a fourth value, the split."""
-    k = _check_int4(weight, scale, offset, group)
-    n = weight.shape[0]
-    groups = k // group
-    x2 = split_gemm._rows(x, k)
-    block_n, num_warps, num_stages = config[:3]
-    split = config[3] if len(config) > 3 else split_gemm.default_split(n, k, block_n, group, x.device)
-    out, partial, tickets = split_gemm._outputs(x2, n, block_n, split)
-    _few_rows_int4_kernel[(triton.cdiv(n, block_n), split)](
-        x2, weight, out, scale, offset, partial, tickets, x2.shape[0], n, x2.stride(0), weight.stride(0),
-        scale.stride(0), out.stride(0), K=k, GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(x2.shape[0])),
-        BLOCK_N=block_n, SPLIT=split, PER_SPLIT=triton.cdiv(groups, split), EVEN=groups % split == 0,
-        MAX_M=split_gemm.MAX_ROWS, num_warps=num_warps, num_stages=num_stages)
-    return out.view(*x.shape[:-1], n)

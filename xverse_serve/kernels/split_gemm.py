@@ -12,6 +12,10 @@ choices make it stream:
   the one that takes the last ticket adds the partials in split order (the result does not depend on which
   program finished first), scales and stores them, and resets the ticket for the next call. One kernel, no
   memset, and CUDA-graph capturable.
+
+With `two_part`, the weights skip the widening: int8 (and int4's nibbles) go into int8 tensor-core dots, e4m3 into
+FP8 ones, as stored, and each step's activations are split into two parts with one scale per row (kernels/imma_gemm.py
+explains the split): the conversion per weight, which bounds the widening kernels, is gone.
 """
 
 from __future__ import annotations
@@ -37,6 +41,13 @@ SWEEP_CONFIGS = ((64, 128, 4, 3), (32, 256, 4, 4), (128, 128, 8, 4))
 INT4_DEFAULT_CONFIG = (64, 8, 3)
 INT4_TUNED_CONFIGS = ((64, 8, 3), (128, 8, 3))
 TARGET_PROGRAMS_PER_SM = 3
+# Two-part activations (two_part=True, kernels/imma_gemm.py explains them): the configurations the tuner times,
+# (block_n, block_k, num_warps, num_stages) for int8 and fp8, (block_n, num_warps, num_stages) for int4; none
+# spills registers on sm_90. block_k stays <= 512, under which the int32 sums cannot overflow.
+TWO_PART_CONFIGS = ((64, 128, 4, 3), (128, 128, 8, 3), (256, 64, 8, 3))
+TWO_PART_INT4_CONFIGS = ((64, 4, 3), (128, 8, 3))
+FIXED = tl.constexpr(32639.0)  # 127 * 256 + 127: q = round(x / s) splits into int8 halves
+FP8_MAX = tl.constexpr(448.0)  # e4m3's largest value
 
 # Workspaces for the partial sums and the tickets, per (device, N, BLOCK_N, split): allocated on first use (the
 # start-up tuner's calls, before any CUDA graph is captured), and reused by every weight of that shape, since the
@@ -66,12 +77,62 @@ def _finish(acc, scale, y_ptr, partial_ptr, ticket_ptr, tile, split, rows, outs,
             tl.atomic_xchg(ticket_ptr + tile, 0)
 
 
+@triton.jit
+def _round(v):
+    return (v + tl.where(v >= 0, 0.5, -0.5)).to(tl.int32)
+
+
+@triton.jit
+def _two_part_dot_int8(w, xt):
+    """W . x^T for int8 weights [BLOCK_N, BLOCK_K] and float32 xt [BLOCK_K, M] on int8 tensor cores, x split per
+    column into two int8 halves of q = round(x / s), s = amax / 32639; one int32 sum, 256 * (W . hi) + W . lo
+    (under 2^31 for BLOCK_K <= 512)."""
+    amax = tl.max(tl.abs(xt), axis=0)
+    q = _round(xt * (1.0 / tl.maximum(amax, 1e-30) * FIXED)[None, :])
+    hi = (q + 128) >> 8
+    p = tl.dot(w, hi.to(tl.int8), out_dtype=tl.int32) * 256
+    p = tl.dot(w, (q - (hi << 8)).to(tl.int8), p, out_dtype=tl.int32)
+    return p.to(tl.float32) * (amax / FIXED)[None, :]
+
+
+@triton.jit
+def _two_part_dot_fp8(w, xt):
+    """W . x^T for e4m3 weights [BLOCK_N, BLOCK_K] and float32 xt [BLOCK_K, M] on FP8 tensor cores, x in two e4m3
+    parts per column: hi = e4m3(x / s) with s = amax / 448, lo = e4m3(8 * (x / s - hi)) (the remainder is under
+    an eighth of |x / s| whichever way hi rounded, so 8 times it stays in range): about 7 of x's bits."""
+    amax = tl.max(tl.abs(xt), axis=0)
+    v = xt * (1.0 / tl.maximum(amax, 1e-30) * FP8_MAX)[None, :]
+    hi = v.to(tl.float8e4nv)
+    lo = ((v - hi.to(tl.float32)) * 8.0).to(tl.float8e4nv)
+    p = tl.dot(w, lo) * 0.125
+    p = tl.dot(w, hi, p)
+    return p * (amax / FP8_MAX)[None, :]
+
+
+@triton.jit
+def _two_part_dot_int4(packed, x_even, x_odd):
+    """W . x^T for one group of packed int4 weights [BLOCK_N, GROUP // 2] (the nibbles 0..15, exact in int8)
+    against x's even and odd columns (float32 [GROUP // 2, M]), x in two int8 halves with one scale per column."""
+    amax = tl.maximum(tl.max(tl.abs(x_even), axis=0), tl.max(tl.abs(x_odd), axis=0))
+    inv = (1.0 / tl.maximum(amax, 1e-30) * FIXED)[None, :]
+    q_even, q_odd = _round(x_even * inv), _round(x_odd * inv)
+    hi_even, hi_odd = (q_even + 128) >> 8, (q_odd + 128) >> 8
+    w_even = (packed & 0xF).to(tl.int8)
+    w_odd = (packed >> 4).to(tl.int8)
+    p = tl.dot(w_even, hi_even.to(tl.int8), out_dtype=tl.int32)
+    p = tl.dot(w_odd, hi_odd.to(tl.int8), p, out_dtype=tl.int32) * 256
+    p = tl.dot(w_even, (q_even - (hi_even << 8)).to(tl.int8), p, out_dtype=tl.int32)
+    p = tl.dot(w_odd, (q_odd - (hi_odd << 8)).to(tl.int8), p, out_dtype=tl.int32)
+    return p.to(tl.float32) * (amax / FIXED)[None, :]
+
+
 @triton.jit(do_not_specialize=["M"])
 def _split_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, partial_ptr, ticket_ptr, M, N, stride_xm, stride_wn, stride_ym,
                   K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  SPLIT: tl.constexpr, PER_SPLIT: tl.constexpr, EVEN_K: tl.constexpr, MAX_M: tl.constexpr):
+                  SPLIT: tl.constexpr, PER_SPLIT: tl.constexpr, EVEN_K: tl.constexpr, MAX_M: tl.constexpr,
+                  TWO_PART: tl.constexpr):
     # int8 or fp8 weights. PER_SPLIT: steps of BLOCK_K per slice of K (the last slices may run past K unless
-    # EVEN_K).
+    # EVEN_K). TWO_PART: the weights enter int8 or FP8 dots as stored, x split in two parts per step.
     tile = tl.program_id(0)
     split = tl.program_id(1)
     outs = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -90,7 +151,12 @@ def _split_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, partial_ptr, ticket_ptr, M, N,
             w = tl.load(w_ptrs, mask=out_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
             xt = tl.load(x_ptrs, mask=row_ok[None, :] & k_ok[:, None], other=0.0)
             ks += BLOCK_K
-        acc = tl.dot(w.to(xt.dtype), xt, acc)
+        if TWO_PART and w.dtype == tl.float8e4nv:
+            acc += _two_part_dot_fp8(w, xt.to(tl.float32))
+        elif TWO_PART:
+            acc += _two_part_dot_int8(w, xt.to(tl.float32))
+        else:
+            acc = tl.dot(w.to(xt.dtype), xt, acc)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     scale = tl.load(scale_ptr + outs, mask=out_ok, other=0.0)[:, None]
@@ -102,7 +168,7 @@ def _split_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, partial_ptr, ticket_ptr, M, N,
 def _split_int4_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, offset_ptr, partial_ptr, ticket_ptr, M, N, stride_xm,
                        stride_wn, stride_sn, stride_ym, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PER_SPLIT: tl.constexpr, EVEN: tl.constexpr,
-                       MAX_M: tl.constexpr):
+                       MAX_M: tl.constexpr, TWO_PART: tl.constexpr):
     # int4 (quantization.quantize_int4's layout): one group of K per step. The nibbles go into the dots as their
     # integer values (exact in bf16 and fp16), against x's even and odd columns; the group's scale and offset
     # apply to the float32 sums: sum_k x_k W_nk = scale_ng * sum_k x_k q_nk + offset_ng * sum_k x_k.
@@ -127,8 +193,11 @@ def _split_int4_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, offset_ptr, partial_ptr, 
         packed = tl.load(w_ptrs, mask=w_ok[:, None], other=0, eviction_policy="evict_first")
         x_even = tl.load(x_ptrs, mask=x_ok[None, :], other=0.0)
         x_odd = tl.load(x_ptrs + 1, mask=x_ok[None, :], other=0.0)
-        part = tl.dot((packed & 0xF).to(x_even.dtype), x_even)
-        part = tl.dot((packed >> 4).to(x_even.dtype), x_odd, part)
+        if TWO_PART:
+            part = _two_part_dot_int4(packed, x_even.to(tl.float32), x_odd.to(tl.float32))
+        else:
+            part = tl.dot((packed & 0xF).to(x_even.dtype), x_even)
+            part = tl.dot((packed >> 4).to(x_even.dtype), x_odd, part)
         scale = tl.load(scale_ptr + s_offsets, mask=w_ok, other=0.0).to(tl.float32)
         offset = tl.load(offset_ptr + s_offsets, mask=w_ok, other=0.0).to(tl.float32)
         x_sum = tl.sum(x_even.to(tl.float32) + x_odd.to(tl.float32), axis=0)
@@ -175,16 +244,19 @@ def _outputs(x2: torch.Tensor, n: int, block_n: int, split: int) -> tuple[torch.
 
 
 def split_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                 config: tuple[int, ...] | None = None) -> torch.Tensor:
+                 config: tuple[int, ...] | None = None, two_part: bool = False) -> torch.Tensor:
     """x [..., K] holding 1..MAX_ROWS rows, weight [N, K] int8 or float8_e4m3fn (row-major) with scale [N]
     float32 -> x @ (weight * scale[:, None]).T in x's dtype. `config`: (block_n, block_k, num_warps, num_stages)
-    with split chosen by default_split, or with a fifth value, the split."""
+    with split chosen by default_split, or with a fifth value, the split. `two_part`: the weights go into int8 or
+    FP8 (compute capability 8.9+) dots as stored, x split into two parts per step of K (kernels/imma_gemm.py)."""
     check_scale(weight, scale)
     if weight.stride(1) != 1:
         raise ValueError("split_matmul needs the weight's rows contiguous")
     n, k = weight.shape
     x2 = _rows(x, k)
     block_n, block_k, num_warps, num_stages = (config or CONFIGS.get((n, k), DEFAULT_CONFIG))[:4]
+    if two_part and block_k > 512:
+        raise ValueError("two-part int32 sums hold steps of K up to 512")
     split = config[4] if config and len(config) > 4 else default_split(n, k, block_n, block_k, x.device)
     out, partial, tickets = _outputs(x2, n, block_n, split)
     steps = triton.cdiv(k, block_k)
@@ -192,7 +264,7 @@ def split_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         x2, weight, out, scale, partial, tickets, x2.shape[0], n, x2.stride(0), weight.stride(0), out.stride(0),
         K=k, BLOCK_M=max(16, triton.next_power_of_2(x2.shape[0])), BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split,
         PER_SPLIT=triton.cdiv(steps, split), EVEN_K=k % block_k == 0 and steps % split == 0, MAX_M=MAX_ROWS,
-        num_warps=num_warps, num_stages=num_stages)
+        TWO_PART=two_part, num_warps=num_warps, num_stages=num_stages)
     return out.view(*x.shape[:-1], n)
 
 
@@ -208,10 +280,13 @@ def check_int4(weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, 
 
 
 def split_matmul_int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
-                      group: int, config: tuple[int, ...] | None = None) -> torch.Tensor:
+                      group: int, config: tuple[int, ...] | None = None, two_part: bool = False) -> torch.Tensor:
     """x [..., K] holding 1..MAX_ROWS rows, weight [N, K // 2] packed int4 with scale and offset [N, K // group]
     (quantization.quantize_int4's layout) -> x @ dequantized(weight).T in x's dtype. `config`: (block_n,
-    num_warps, num_stages) with split chosen by default_split, or with a fourth value, the split."""
+    num_warps, num_stages) with split chosen by default_split, or with a fourth value, the split. `two_part`: the
+    nibbles go into int8 dots, x split into two int8 parts per group."""
+    if two_part and group % 32:
+        raise ValueError(f"two-part int4 dots take groups of a multiple of 32, got {group}")
     k = check_int4(weight, scale, offset, group)
     n, groups = weight.shape[0], k // group
     x2 = _rows(x, k)
@@ -222,5 +297,5 @@ def split_matmul_int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         x2, weight, out, scale, offset, partial, tickets, x2.shape[0], n, x2.stride(0), weight.stride(0),
         scale.stride(0), out.stride(0), K=k, GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(x2.shape[0])),
         BLOCK_N=block_n, SPLIT=split, PER_SPLIT=triton.cdiv(groups, split), EVEN=groups % split == 0,
-        MAX_M=MAX_ROWS, num_warps=num_warps, num_stages=num_stages)
+        MAX_M=MAX_ROWS, TWO_PART=two_part, num_warps=num_warps, num_stages=num_stages)
     return out.view(*x.shape[:-1], n)

@@ -121,9 +121,9 @@ class MatmulKernel:
 
     gemv, gemm, dequantize: the Triton kernels of kernels.quant_matmul (dequantize: the dense weight, then F.linear);
     rowgemv, skinny: kernels.gemv's one-row GEMV and 2-64-row GEMM (int8 and fp8); split: kernels.split_gemm's
-    swap-AB, split-K GEMM for 1-64 rows (int8, fp8 and int4); imma, imma_rows: kernels.imma_gemm's int8
-    tensor-core GEMMs for 1-64 rows and for more (int8 and int4); fp8mma: its 1-64-row GEMM on FP8 tensor cores
-    (fp8), the activations in two e4m3 parts; scaled_mm: FP8 tensor cores with
+    swap-AB, split-K GEMM for 1-64 rows (int8, fp8 and int4), with two_part=1 on int8 or FP8 tensor cores with the
+    activations in two parts; imma_rows: kernels.imma_gemm's int8 tensor-core GEMM for prefill-sized batches
+    (int8 and int4); scaled_mm: FP8 tensor cores with
     the activations quantized per token (fp8 only); torch: torch._weight_int8pack_mm (int8 only); reference: the
     weight dequantized by PyTorch, then F.linear (slow and memory-hungry: only where no other kernel works)."""
 
@@ -142,14 +142,21 @@ class MatmulKernel:
         if self.backend == "split":
             from ..kernels import split_gemm
 
+            two_part = bool(options.get("two_part", 0))
             if layer.bits == 4:
                 config = tuple(options[name] for name in ("block_n", "num_warps", "num_stages"))
                 return split_gemm.split_matmul_int4(x, layer.weight, layer.weight_scale, layer.weight_offset,
-                                                    layer.group_size, config)
+                                                    layer.group_size, config, two_part)
             config = tuple(options[name] for name in ("block_n", "block_k", "num_warps", "num_stages"))
-            return split_gemm.split_matmul(x, layer.weight, layer.weight_scale, config)
-        if self.backend in ("imma", "imma_rows", "fp8mma"):
-            return _imma(x, layer, self.backend == "imma_rows", tuple(value for _, value in self.options))
+            return split_gemm.split_matmul(x, layer.weight, layer.weight_scale, config, two_part)
+        if self.backend == "imma_rows":
+            from ..kernels import imma_gemm
+
+            config = tuple(value for _, value in self.options)
+            if layer.bits == 4:
+                return imma_gemm.rows_matmul_int4(x, layer.weight, layer.weight_scale, layer.weight_offset,
+                                                  layer.group_size, config)
+            return imma_gemm.rows_matmul(x, layer.weight, layer.weight_scale, config)
         if self.backend == "scaled_mm":
             return scaled_mm(x, layer.weight, layer.weight_scale)
         if self.backend == "gemv" and layer.bits == 8:
@@ -173,16 +180,6 @@ class MatmulKernel:
         if not self.options:
             return self.backend
         return f"{self.backend}({', '.join(f'{name}={value}' for name, value in self.options)})"
-
-
-def _imma(x: torch.Tensor, layer: QuantizedLinear, many_rows: bool, config: tuple[int, ...]) -> torch.Tensor:
-    from ..kernels import imma_gemm
-
-    if layer.bits == 4:
-        run = imma_gemm.rows_matmul_int4 if many_rows else imma_gemm.few_rows_matmul_int4
-        return run(x, layer.weight, layer.weight_scale, layer.weight_offset, layer.group_size, config)
-    run = imma_gemm.rows_matmul if many_rows else imma_gemm.few_rows_matmul
-    return run(x, layer.weight, layer.weight_scale, config)
 
 
 # (largest M, kernel) pairs in increasing M; beyond the last M, the last kernel.
@@ -346,7 +343,7 @@ def candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype = torch.bfloat
     """The kernels worth timing for M rows of `dtype` activations."""
     dequantize_fits = layer.out_features * layer.in_features <= DEQUANTIZE_MAX_ELEMENTS
     if layer.scheme == "fp8":
-        return _fp8_candidates(m, dtype)
+        return _fp8_candidates(layer, m, dtype)
     if dtype == torch.float32:
         # Float32 (the CPU's dtype, used on GPUs for exact comparisons): a tensor-core dot would round to tf32, an
         # exact one is slow to compile and run; cuBLAS's float32 matmul after dequantizing is the sound choice.
@@ -354,7 +351,7 @@ def candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype = torch.bfloat
         kernels += [MatmulKernel("dequantize")] if dequantize_fits else [_gemm(layer, m, "large")] * (m > 16)
         return kernels + [MatmulKernel("torch")] * (layer.bits == 8)
     kernels = _gemv_candidates(m, dtype) if layer.bits == 8 else _int4_split_candidates(m, dtype)
-    kernels += _imma_candidates(layer, m, dtype)
+    kernels += _two_part_candidates(layer, m, dtype)
     if m <= 16:
         kernels += [_gemv(layer, config) for config in GEMV_CONFIGS[layer.bits]]
         kernels.append(_gemm(layer, m, "small"))
@@ -385,20 +382,21 @@ def _gemv_candidates(m: int, dtype: torch.dtype) -> list[MatmulKernel]:
     return kernels
 
 
-def _imma_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> list[MatmulKernel]:
-    """kernels.imma_gemm's int8 tensor-core GEMMs (int8 and int4 weights, bf16 or fp16 activations): the swap-AB,
-    split-K one for up to 64 rows, the output-tiled one from 64 rows (where K is a multiple of its block)."""
+def _two_part_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> list[MatmulKernel]:
+    """The weights on int8 (int8, int4) or FP8 (fp8) tensor cores as stored, bf16 or fp16 activations in two parts:
+    split_gemm's split-K GEMM for up to 64 rows, and for int8 and int4 imma_gemm's output-tiled one from 64 rows
+    (where K is a multiple of its block)."""
     from ..kernels import imma_gemm, split_gemm
 
-    if layer.scheme == "fp8" or dtype not in (torch.bfloat16, torch.float16):
+    if dtype not in (torch.bfloat16, torch.float16):
         return []
     int4 = layer.bits == 4
     kernels = []
     if m <= split_gemm.MAX_ROWS:
         names = ("block_n", "num_warps", "num_stages") if int4 else ("block_n", "block_k", "num_warps", "num_stages")
-        configs = imma_gemm.FEW_ROWS_INT4_CONFIGS if int4 else imma_gemm.FEW_ROWS_CONFIGS
-        kernels += [MatmulKernel("imma", tuple(zip(names, config))) for config in configs]
-    if m >= 64:
+        configs = split_gemm.TWO_PART_INT4_CONFIGS if int4 else split_gemm.TWO_PART_CONFIGS
+        kernels += [MatmulKernel("split", (*zip(names, config), ("two_part", 1))) for config in configs]
+    if m >= 64 and layer.scheme != "fp8":
         names = ("block_m", "block_n", "num_warps", "num_stages") if int4 else (
             "block_m", "block_n", "block_k", "num_warps", "num_stages")
         configs = imma_gemm.ROWS_INT4_CONFIGS if int4 else [
@@ -417,17 +415,12 @@ def _int4_split_candidates(m: int, dtype: torch.dtype) -> list[MatmulKernel]:
             for config in split_gemm.INT4_TUNED_CONFIGS]
 
 
-def _fp8_candidates(m: int, dtype: torch.dtype) -> list[MatmulKernel]:
+def _fp8_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> list[MatmulKernel]:
     """fp8: the GEMVs for decode, FP8 tensor cores (where the activations' dtype has them) for the rest, PyTorch's
     dequantized weight for float32."""
     if dtype == torch.float32:
         return [MatmulKernel("reference")]
-    from ..kernels import imma_gemm, split_gemm
-
-    names = ("block_n", "block_k", "num_warps", "num_stages")
-    two_part = [MatmulKernel("fp8mma", tuple(zip(names, config))) for config in imma_gemm.FEW_ROWS_CONFIGS
-                if m <= split_gemm.MAX_ROWS and dtype in (torch.bfloat16, torch.float16)]
-    return _gemv_candidates(m, dtype) + two_part + [MatmulKernel("scaled_mm")]
+    return _gemv_candidates(m, dtype) + _two_part_candidates(layer, m, dtype) + [MatmulKernel("scaled_mm")]
 
 
 def default_plan(layer: QuantizedLinear) -> MatmulPlan:
