@@ -11,12 +11,6 @@ With --scaled int8 (or fp8), it sweeps the GEMV's block shapes on weights of tha
 (for int8 also the two ways of widening the integers, kernels.gemv.INT8_VIA_BITS), beside the bf16 GEMV:
 
     python bench/gemv_bench.py --scaled int8 --skip-sweep --out bench/results/gemv_int8_h200.json
-
-With --int4, it sweeps the one-row path's int4 GEMVs (kernels.gemv's _int4_gemv_kernel, each as the path calls
-it: qkv normed, o and down with the residual add, gate_up gated) beside the bf16 and int8 ones on the same weights
-and quant_matmul's int4 GEMV (the general path's):
-
-    python bench/gemv_bench.py --int4 --skip-sweep --out bench/results/gemv_int4_h100.json
 """
 
 from __future__ import annotations
@@ -118,67 +112,6 @@ def scaled_sweep(device: torch.device, flush: torch.Tensor, fmt: str) -> dict:
     return results
 
 
-# int4: (block_n, groups of 128 per step, num_warps, num_stages), 1-4 KB of weights per step.
-INT4_SWEEP = [(4, 4, 4, 1), (4, 8, 4, 1), (4, 8, 8, 1), (8, 2, 4, 1), (8, 4, 4, 1), (8, 4, 4, 2), (8, 8, 4, 1),
-              (8, 8, 8, 1), (16, 1, 4, 1), (16, 2, 4, 1), (16, 2, 8, 2), (16, 4, 8, 1), (32, 1, 4, 1), (32, 2, 8, 1)]
-
-
-def int4_sweep(device: torch.device, flush: torch.Tensor) -> dict:
-    """The one-row path's GEMVs on int4 weights, each as DecoderLayer.forward_one_row calls it, every block shape
-    of INT4_SWEEP, beside the same call on bf16 and int8 weights (their module configs) and quant_matmul's int4
-    GEMV without the fusions."""
-    from xverse_serve.kernels import quant_matmul
-
-    gen = torch.Generator(device=device).manual_seed(2)
-    hidden = torch.randn(1, HIDDEN, device=device, generator=gen).to(torch.bfloat16)
-    squares = torch.rand(1024, device=device, generator=gen) * 4 * HIDDEN / 1024
-    norm = gemv.RowNorm(torch.ones(HIDDEN, device=device, dtype=torch.bfloat16), XVERSE_7B.rms_norm_eps, squares)
-    cases = {  # name -> (weight shape, call taking (x, weight, config, scale, offset))
-        "qkv_proj normed": (PROJECTION_SHAPES["qkv_proj"],
-                            lambda x, w, c, s, o: gemv.gemv(x, w, c, norm, scale=s, offset=o)),
-        "o_proj + residual": (PROJECTION_SHAPES["o_proj"],
-                              lambda x, w, c, s, o: gemv.add_gemv(x, w, hidden, c, scale=s, offset=o)),
-        "gate_up_proj gated": (PROJECTION_SHAPES["gate_up_proj"],
-                               lambda x, w, c, s, o: gemv.gated_gemv(x, w, c, scale=s, offset=o)),
-        "down_proj + residual": (PROJECTION_SHAPES["down_proj"],
-                                 lambda x, w, c, s, o: gemv.add_gemv(x, w, hidden, c, scale=s, offset=o)),
-    }
-    results, totals = {}, {"bf16": 0.0, "int8": 0.0, "int4 quant_matmul": 0.0, "int4": 0.0}
-    print("| one-row GEMV | bf16 µs | int8 µs | int4 quant_matmul µs | int4 default µs | int4 best µs (TB/s) | best |")
-    print("|---|---|---|---|---|---|---|")
-    for name, ((n, k), call) in cases.items():
-        dense = (torch.randn(n, k, device=device, generator=gen) * 0.02).to(torch.bfloat16)
-        x = torch.randn(1, k, device=device, generator=gen).to(torch.bfloat16)
-        q8, scale8 = quantization.quantize_int8(dense)
-        q4, scale4, offset4 = quantization.quantize_int4(dense)
-        reference = call(x, quantization.dequantize_int4(q4, scale4, offset4, torch.bfloat16), None, None, None)
-        bf16_us = cold_time_us(lambda: call(x, dense, None, None, None), flush)
-        int8_us = cold_time_us(lambda: call(x, q8, None, scale8, None), flush)
-        plain_us = min(cold_time_us(lambda c=c: quant_matmul.int4_gemv(x, q4, scale4, offset4, 128, block_n=c[0],
-                                                                groups_per_iter=c[1], num_warps=c[2]), flush)
-                       for c in ((8, 4, 4), (16, 4, 8)))
-        timings, errors = {}, {}
-        for config in [None, *INT4_SWEEP]:
-            out = call(x, q4, config, scale4, offset4)
-            out = out[0] if isinstance(out, tuple) else out
-            ref = reference[0] if isinstance(reference, tuple) else reference
-            errors[str(config)] = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-            timings[str(config)] = cold_time_us(lambda c=config: call(x, q4, c, scale4, offset4), flush)
-        best = min((t, c) for c, t in timings.items() if c != "None")
-        gigabytes = (n * k // 2 + 4 * n * k // 128) / 1e9
-        results[name] = {"n": n, "k": k, "bf16_us": bf16_us, "int8_us": int8_us, "int4_quant_matmul_us": plain_us,
-                         "int4_default_us": timings["None"], "int4_best_us": best[0], "best_config": best[1],
-                         "timings_us": timings, "max_rel_error": max(errors.values())}
-        for label, value in (("bf16", bf16_us), ("int8", int8_us), ("int4 quant_matmul", plain_us),
-                             ("int4", best[0])):
-            totals[label] += value * XVERSE_7B.num_layers
-        print(f"| {name} {n}×{k} | {bf16_us:.1f} | {int8_us:.1f} | {plain_us:.1f} | {timings['None']:.1f} | "
-              f"{best[0]:.1f} ({gigabytes / best[0] * 1e3:.2f}) | {best[1]} |", flush=True)
-    results["per_step_ms"] = {label: value / 1000 for label, value in totals.items()}
-    print("decoder projections of one step, ms: " + ", ".join(f"{k} {v / 1000:.2f}" for k, v in totals.items()))
-    return results
-
-
 def fused_sweep(device: torch.device, flush: torch.Tensor) -> dict:
     """The one-row path's GEMVs (DecoderLayer.forward_one_row in model/xverse.py): the RMSNorm in the prologue of
     qkv_proj and gate_up_proj (gated), the residual add in the epilogue of o_proj and down_proj; each against the
@@ -225,7 +158,6 @@ def main() -> None:
     parser.add_argument("--chain", action="store_true", help="also time a whole step's projections in a graph")
     parser.add_argument("--skip-sweep", action="store_true", help="only the chain (and --fused)")
     parser.add_argument("--fused", action="store_true", help="also sweep the one-row path's fused GEMVs")
-    parser.add_argument("--int4", action="store_true", help="also sweep the one-row path's int4 GEMVs")
     parser.add_argument("--scaled", choices=("int8", "fp8"), default=None,
                         help="also sweep the GEMV on weights of this format with their row scales")
     args = parser.parse_args()
@@ -239,8 +171,6 @@ def main() -> None:
         results["chain_ms"] = chain_ms(device)
     if args.fused:
         results["fused"] = fused_sweep(device, flush)
-    if args.int4:
-        results["int4"] = int4_sweep(device, flush)
     if args.scaled:
         results[f"scaled_{args.scaled}"] = scaled_sweep(device, flush, args.scaled)
     for name, (n, k) in ({} if args.skip_sweep else PROJECTION_SHAPES).items():

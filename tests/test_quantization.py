@@ -55,7 +55,6 @@ from xverse_serve.model.quantization import (
     quantize_int4,
     quantize_int8,
     quantized_bytes,
-    record_int4_gemv_config,
     reference_matmul,
     relative_error,
     unpack_int4,
@@ -252,31 +251,8 @@ def test_int8_and_fp8_take_the_bf16_models_gemv_kernels(triton_kernels, scheme: 
         y = MatmulKernel(backend, options)(x, layer)
         assert y.shape == (m, 70) and y.dtype == dtype
         assert relative_error(y, reference_matmul(x, layer)) < 5e-3
-    assert layer.gemv_operands() == (layer.weight, layer.weight_scale, None)
-
-
-def test_int4_takes_the_one_row_gemv(triton_kernels) -> None:
-    layer = quantized_layer("int4", 70, 3 * INT4_GROUP, seed=6, device=DEVICE)
-    assert layer.gemv_operands() == (layer.weight, layer.weight_scale, layer.weight_offset)
-    gemvs = [kernel for kernel in candidates(layer, 1, torch.bfloat16) if kernel.backend == "rowgemv"]
-    assert len(gemvs) > 1  # block shapes for the tuner to choose from
-    assert not [kernel for kernel in candidates(layer, 2, torch.bfloat16) if kernel.backend == "rowgemv"]
-    for dtype in (torch.float16, torch.bfloat16):
-        x = gaussian(1, 3 * INT4_GROUP, seed=3).to(dtype).to(DEVICE)
-        for kernel in gemvs:
-            y = kernel(x, layer)
-            assert y.shape == (1, 70) and y.dtype == dtype
-            assert relative_error(y, reference_matmul(x, layer)) < 5e-3
-    # tune's record: the fastest block shape at M = 1 becomes the one-row path's for this weight shape
-    timings = {str(kernel): 0.05 + 0.01 * i for i, kernel in enumerate(reversed(gemvs))}
-    timings["split(block_n=64, num_warps=8, num_stages=3)"] = 0.01
-    record_int4_gemv_config(layer, timings)
-    from xverse_serve.kernels import gemv
-
-    assert gemv.INT4_CONFIGS[70, 3 * INT4_GROUP] == tuple(dict(gemvs[-1].options).values())
-    del gemv.INT4_CONFIGS[70, 3 * INT4_GROUP]
-    layer.one_row = False  # tune found faster kernels: the one-row path does not read it
-    assert layer.gemv_operands() is None
+    assert layer.gemv_operands() == (layer.weight, layer.weight_scale)
+    assert quantized_layer("int4", 70, 3 * INT4_GROUP, seed=6, device=DEVICE).gemv_operands() is None
 
 
 @pytest.mark.skipif(INTERPRET or not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
@@ -331,8 +307,7 @@ def test_candidates_cover_every_batch_size_and_the_torch_op_only_for_int8() -> N
     assert [k.backend for k in candidates(fp8, 4096)] == ["scaled_mm"]
     assert [k.backend for k in candidates(fp8, 8, torch.float32)] == ["reference"]
     int4 = QuantizedLinear(4096, 4096, "int4")
-    assert "rowgemv" in {k.backend for k in candidates(int4, 1)}  # the one-row GEMV, in several block shapes
-    assert not {"rowgemv", "skinny"} & {k.backend for k in candidates(int4, 2)}
+    assert not {"rowgemv", "skinny"} & {k.backend for k in candidates(int4, 1)}
     assert {"split" in {k.backend for k in candidates(int4, m)} for m in (1, 64)} == {True}
     assert "split" not in {k.backend for k in candidates(int4, 65)}
     assert "split" not in {k.backend for k in candidates(int4, 1, torch.float32)}
@@ -358,9 +333,6 @@ def test_one_row_steps_keep_the_fused_gemvs_unless_the_tuned_kernels_are_clearly
     failed = [{"rowgemv": "failed: OutOfMemoryError", "split(block_n=64, two_part=1)": 1.0}]
     assert not fused_one_row_pays(failed)
     assert fused_one_row_pays([{}])  # nothing measured: the path stays
-    # int4: the fastest of the GEMV's block shapes counts
-    int4 = [{"rowgemv(block_n=8, groups=8)": 1.6, "rowgemv(block_n=16, groups=2)": 1.1, "gemv(block_n=8)": 1.0}]
-    assert fused_one_row_pays(int4) and not fused_one_row_pays([{**int4[0], "rowgemv(block_n=16, groups=2)": 1.3}])
 
 
 # ---------------------------------------------------------------- the model

@@ -55,14 +55,6 @@ SKINNY_CONFIGS = {
 DEFAULT_SKINNY_CONFIG = (64, 128, 4, 3)
 
 
-# int4 weights (_int4_gemv_kernel): (block_n, groups of K per step, num_warps, num_stages). The start-up tuner
-# (model/quantization.py) times INT4_TUNED_CONFIGS on each int4 weight shape (rows, K) and records the fastest in
-# INT4_CONFIGS, which every one-row GEMV of that shape then takes; other shapes take DEFAULT_INT4_CONFIG.
-INT4_TUNED_CONFIGS = ((8, 8, 4, 1), (8, 4, 4, 2), (16, 2, 4, 1), (4, 8, 8, 1))
-INT4_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {}
-DEFAULT_INT4_CONFIG = (8, 8, 4, 1)
-
-
 # int8 widened through the float's bits (two adds) rather than converted (see _widen); a switch for the benchmark.
 INT8_VIA_BITS = True
 
@@ -94,54 +86,6 @@ class RowNorm:
 
 
 @triton.jit
-def _inv_rms(squares_ptr, num_squares, eps, K: tl.constexpr, SQUARES_BLOCK: tl.constexpr):
-    """1 / rms of a residual stream of K values from the sums of squares of its slices, summed in one fixed order
-    (the same in every program), as fused_ops._rms_norm_kernel (and model.xverse.rms_norm_reference) computes it."""
-    parts = tl.arange(0, SQUARES_BLOCK)
-    squares = tl.load(squares_ptr + parts, mask=parts < num_squares, other=0.0)
-    variance = tl.math.div_rn(tl.sum(squares, axis=0), tl.cast(K, tl.float32))
-    return tl.math.div_rn(1.0, tl.sqrt_rn(variance + eps))
-
-
-@triton.jit
-def _input(x_ptr, norm_w_ptr, cols, col_ok, inv_rms, NORMED: tl.constexpr, MASKED: tl.constexpr):
-    """x[cols] in float32; NORMED: its RMSNorm, rounded where the norm kernel rounds (the normalised value, then
-    its product with the norm's weight)."""
-    dtype = x_ptr.dtype.element_ty
-    if MASKED:
-        x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    else:
-        x = tl.load(x_ptr + cols).to(tl.float32)
-    if NORMED:
-        if MASKED:
-            norm_w = tl.load(norm_w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        else:
-            norm_w = tl.load(norm_w_ptr + cols).to(tl.float32)
-        x = (norm_w * (x * inv_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-    return x
-
-
-@triton.jit
-def _store(out, up, y_ptr, rows, row_ok, residual_ptr, squares_out_ptr, GATED: tl.constexpr,
-           ADD_RESIDUAL: tl.constexpr):
-    """Stores a program's float32 sums: GATED, silu(out) * up; ADD_RESIDUAL, residual + out and the sum of squares
-    of these rows of it at squares_out[program]; else out. Rounded where the unfused path rounds."""
-    dtype = y_ptr.dtype.element_ty
-    if GATED:  # the projection's output, then silu (fused_ops.silu_and_mul)
-        gate = out.to(dtype).to(tl.float32)
-        up = up.to(dtype).to(tl.float32)
-        silu = tl.math.div_rn(gate, 1.0 + tl.exp(-gate)).to(dtype).to(tl.float32)
-        tl.store(y_ptr + rows, (silu * up).to(dtype), mask=row_ok)
-    elif ADD_RESIDUAL:  # the projection's output, then the sum (fused_ops' residual add)
-        residual = tl.load(residual_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        y = (out.to(dtype).to(tl.float32) + residual).to(dtype).to(tl.float32)
-        tl.store(y_ptr + rows, y.to(dtype), mask=row_ok)
-        tl.store(squares_out_ptr + tl.program_id(0), tl.sum(y * y, axis=0))  # masked rows are 0
-    else:
-        tl.store(y_ptr + rows, out.to(dtype), mask=row_ok)
-
-
-@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, stride_wn,
                  norm_w_ptr, squares_ptr, num_squares, eps,  # NORMED
                  residual_ptr, squares_out_ptr,  # ADD_RESIDUAL
@@ -152,139 +96,107 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, stride_wn,
     # K is a compile-time constant (a model has two: hidden and intermediate size), so the loop is fixed.
     # GATED: W holds 2N rows, the gate's then the up's; a program takes rows j of both, and stores silu(gate) * up.
     # NORMED: x is a residual stream whose RMSNorm is the real input: every program takes the norm of each slice
-    # of x it reads (_inv_rms, _input).
+    # of x it reads, from the sums of squares of x's slices, summed in one fixed order (the same in every program).
     # ADD_RESIDUAL: stores residual + W x, and the sum of squares of this program's rows of it at squares_out[pid].
     # SCALED: W is int8 and row n of the product is multiplied by scale[n] (gated: the up's rows are N + n).
+    dtype = y_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    inv_rms = _inv_rms(squares_ptr, num_squares, eps, K, SQUARES_BLOCK) if NORMED else 1.0
+    if NORMED:
+        # As fused_ops._rms_norm_kernel (and model.xverse.rms_norm_reference) computes the factor.
+        parts = tl.arange(0, SQUARES_BLOCK)
+        squares = tl.load(squares_ptr + parts, mask=parts < num_squares, other=0.0)
+        variance = tl.math.div_rn(tl.sum(squares, axis=0), tl.cast(K, tl.float32))
+        inv_rms = tl.math.div_rn(1.0, tl.sqrt_rn(variance + eps))
     for start in range(0, K, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
-        col_ok = cols < K
-        mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & col_ok[None, :]
-        w = tl.load(w_rows + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
-        x = _input(x_ptr, norm_w_ptr, cols, col_ok, inv_rms, NORMED, not EVEN_K)[None, :]
+        if EVEN_K:
+            mask = row_ok[:, None]
+            w = tl.load(w_rows + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+            x = tl.load(x_ptr + cols).to(tl.float32)
+            if NORMED:
+                norm_w = tl.load(norm_w_ptr + cols).to(tl.float32)
+        else:
+            col_ok = cols < K
+            mask = row_ok[:, None] & col_ok[None, :]
+            w = tl.load(w_rows + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+            x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            if NORMED:
+                norm_w = tl.load(norm_w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if NORMED:  # rounded where the norm kernel rounds: the normalised value, then its product with the weight
+            x = (norm_w * (x * inv_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        x = x[None, :]
         acc += _widen(w, VIA_BITS) * x
         if GATED:
             up_w = tl.load(w_rows + N * stride_wn + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
             acc_up += _widen(up_w, VIA_BITS) * x
     out = tl.sum(acc, axis=1)
-    up = tl.sum(acc_up, axis=1)
     if SCALED:
         out *= tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
-        if GATED:
+    if GATED:
+        up = tl.sum(acc_up, axis=1)
+        if SCALED:
             up *= tl.load(scale_ptr + N + rows, mask=row_ok, other=0.0)
-    _store(out, up, y_ptr, rows, row_ok, residual_ptr, squares_out_ptr, GATED, ADD_RESIDUAL)
-
-
-@triton.jit
-def _int4_dot(packed, shifts, scale_ptr, offset_ptr, s_offsets, s_ok, x, acc):
-    """acc + one step's products: packed [BLOCK_N, GROUPS, WORDS, 1] int32 words, x [GROUPS, WORDS, 8] in float32
-    (nibble j of word w is k = 8w + j). Each nibble q becomes 1 + q / 16 by moving it to the top of the mantissa
-    of 1.0 (shifts and a mask-or: an int-to-float conversion runs at a quarter of the rate of the float adds),
-    then one FMA with 16 * scale and offset - 16 * scale makes it q * scale + offset."""
-    scale = tl.load(scale_ptr + s_offsets, mask=s_ok, other=0.0).to(tl.float32) * 16.0
-    offset = tl.load(offset_ptr + s_offsets, mask=s_ok, other=0.0).to(tl.float32) - scale
-    ones = ((((packed >> shifts) & 0xF) << 19) | 0x3F800000).to(tl.float32, bitcast=True)
-    w = ones * scale[:, :, None, None] + offset[:, :, None, None]
-    return acc + w * x[None, :, :, :]
-
-
-@triton.jit
-def _int4_gemv_kernel(x_ptr, w_ptr, y_ptr, N, stride_wn, scale_ptr, offset_ptr, stride_sn,
-                      norm_w_ptr, squares_ptr, num_squares, eps,  # NORMED
-                      residual_ptr, squares_out_ptr,  # ADD_RESIDUAL
-                      K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
-                      GATED: tl.constexpr, NORMED: tl.constexpr, SQUARES_BLOCK: tl.constexpr,
-                      ADD_RESIDUAL: tl.constexpr):
-    # int4 weights (quantization.quantize_int4's layout) read as int32 words: nibble j of word w is k = 8w + j.
-    # GROUPS groups of K per step. x is read as [GROUPS, WORDS, 8], 8 contiguous values per word, so its loads are
-    # as wide as the weights'; the words broadcast along the last axis, each lane shifting its nibble down.
-    # The flags as in _gemv_kernel.
-    WORDS: tl.constexpr = GROUP // 8
-    NUM_GROUPS: tl.constexpr = K // GROUP
-    MASKED: tl.constexpr = NUM_GROUPS % GROUPS != 0
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    groups = tl.arange(0, GROUPS)
-    nibbles = tl.arange(0, 8)
-    words = groups[:, None] * WORDS + tl.arange(0, WORDS)[None, :]  # [GROUPS, WORDS], a step's words of a row
-    w_ptrs = w_ptr + rows[:, None, None, None].to(tl.int64) * stride_wn + words[None, :, :, None]
-    cols = 8 * words[:, :, None] + nibbles[None, None, :]  # [GROUPS, WORDS, 8]
-    shifts = 4 * nibbles[None, None, None, :]
-    s_offsets = rows[:, None] * stride_sn + groups[None, :]
-    acc = tl.zeros([BLOCK_N, GROUPS, WORDS, 8], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_N, GROUPS, WORDS, 8], dtype=tl.float32)
-    inv_rms = _inv_rms(squares_ptr, num_squares, eps, K, SQUARES_BLOCK) if NORMED else 1.0
-    for first in range(0, NUM_GROUPS, GROUPS):
-        group_ok = first + groups < NUM_GROUPS
-        s_ok = row_ok[:, None] & group_ok[None, :] if MASKED else row_ok[:, None]
-        w_ok = s_ok[:, :, None, None]
-        x = _input(x_ptr, norm_w_ptr, first * GROUP + cols, group_ok[:, None, None], inv_rms, NORMED, MASKED)
-        packed = tl.load(w_ptrs, mask=w_ok, other=0, eviction_policy="evict_first")
-        acc = _int4_dot(packed, shifts, scale_ptr, offset_ptr, s_offsets, s_ok, x, acc)
-        if GATED:
-            packed = tl.load(w_ptrs + N * stride_wn, mask=w_ok, other=0, eviction_policy="evict_first")
-            acc_up = _int4_dot(packed, shifts, scale_ptr, offset_ptr, s_offsets + N * stride_sn, s_ok, x, acc_up)
-        w_ptrs += GROUPS * WORDS
-        s_offsets += GROUPS
-    out = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
-    up = tl.sum(tl.sum(tl.sum(acc_up, axis=3), axis=2), axis=1)
-    _store(out, up, y_ptr, rows, row_ok, residual_ptr, squares_out_ptr, GATED, ADD_RESIDUAL)
+        # Rounded where the unfused path stores: the projection's output, then silu (fused_ops.silu_and_mul).
+        gate = out.to(dtype).to(tl.float32)
+        up = up.to(dtype).to(tl.float32)
+        silu = tl.math.div_rn(gate, 1.0 + tl.exp(-gate)).to(dtype).to(tl.float32)
+        tl.store(y_ptr + rows, (silu * up).to(dtype), mask=row_ok)
+    elif ADD_RESIDUAL:
+        # Rounded where the unfused path rounds: the projection's output, then the sum (fused_ops' residual add).
+        residual = tl.load(residual_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        y = (out.to(dtype).to(tl.float32) + residual).to(dtype).to(tl.float32)
+        tl.store(y_ptr + rows, y.to(dtype), mask=row_ok)
+        tl.store(squares_out_ptr + tl.program_id(0), tl.sum(y * y, axis=0))  # masked rows are 0
+    else:
+        tl.store(y_ptr + rows, out.to(dtype), mask=row_ok)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int] | None = None,
-         norm: RowNorm | None = None, scale: torch.Tensor | None = None,
-         offset: torch.Tensor | None = None) -> torch.Tensor:
+         norm: RowNorm | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] holding one row, weight [N, K] (row-major) -> x @ weight.T, shaped [..., N], in x's dtype.
     With `norm`, x is a residual stream from add_gemv and the product is taken with its RMSNorm instead. With
-    `scale` [N] float32, weight is int8 or fp8 and W = weight * scale[:, None]; with `scale` and `offset` too,
-    int4 in quantize_int4's layout (packed uint8 [N, K // 2], float16 [N, K // group] each)."""
+    `scale` [N] float32, weight is int8 and W = weight * scale[:, None]."""
     table = NORMED_CONFIGS if norm is not None else CONFIGS
-    out, _ = _one_row(x, weight, weight.shape[0], _config(config, table, weight, scale, offset), norm=norm, scale=scale,
-                      offset=offset)
+    out, _ = _one_row(x, weight, weight.shape[0], _config(config, table, weight, scale), norm=norm, scale=scale)
     return out
 
 
 def gated_gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int] | None = None,
-               norm: RowNorm | None = None, scale: torch.Tensor | None = None,
-               offset: torch.Tensor | None = None) -> torch.Tensor:
+               norm: RowNorm | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
     """silu(gate) * up for one row x [..., K] and weight [2 * inter, K] holding the gate's rows then the up's:
     gate_up = x @ weight.T and fused_ops.silu_and_mul in one kernel, shaped [..., inter], in x's dtype. One kernel
-    fewer per layer of a one-sequence decode step, and the gate_up output is never written. `norm`, `scale` and
-    `offset` as in gemv."""
+    fewer per layer of a one-sequence decode step, and the gate_up output is never written. `norm` and `scale`
+    as in gemv."""
     if weight.shape[0] % 2:
         raise ValueError(f"gated_gemv takes an even number of weight rows (gate, then up), got {weight.shape[0]}")
     table = NORMED_CONFIGS if norm is not None else GATED_CONFIGS
-    out, _ = _one_row(x, weight, weight.shape[0] // 2, _config(config, table, weight, scale, offset), gated=True,
-                      norm=norm, scale=scale, offset=offset)
+    out, _ = _one_row(x, weight, weight.shape[0] // 2, _config(config, table, weight, scale), gated=True, norm=norm,
+                      scale=scale)
     return out
 
 
 def add_gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
-             config: tuple[int, int, int, int] | None = None, scale: torch.Tensor | None = None,
-             offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             config: tuple[int, int, int, int] | None = None,
+             scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """residual + x @ weight.T for one row (the product rounded to x's dtype, then the sum, as PyTorch rounds
     them), and the float32 sums of squares of its slices, one per program: what gemv's `norm` takes, so that the
-    RMSNorm after a residual add needs no kernel of its own. `scale` and `offset` as in gemv."""
+    RMSNorm after a residual add needs no kernel of its own. `scale` as in gemv."""
     if residual.numel() != weight.shape[0] or residual.dtype != x.dtype:
         raise ValueError(f"the residual must be {weight.shape[0]} values of {x.dtype}, got {tuple(residual.shape)} "
                          f"of {residual.dtype}")
-    return _one_row(x, weight, weight.shape[0], _config(config, RESIDUAL_CONFIGS, weight, scale, offset),
-                    residual=residual, scale=scale, offset=offset)
+    return _one_row(x, weight, weight.shape[0], _config(config, RESIDUAL_CONFIGS, weight, scale), residual=residual,
+                    scale=scale)
 
 
 def _config(config: tuple[int, int, int, int] | None, table: dict, weight: torch.Tensor,
-            scale: torch.Tensor | None, offset: torch.Tensor | None) -> tuple[int, int, int, int]:
-    """The caller's configuration, else the table's for the weight's shape (in bytes, for int8 weights; int4
-    weights have their own, INT4_CONFIGS)."""
+            scale: torch.Tensor | None) -> tuple[int, int, int, int]:
+    """The caller's configuration, else the table's for the weight's shape (in bytes, for int8 weights)."""
     if config is not None:
         return config
-    if offset is not None:
-        return INT4_CONFIGS.get((weight.shape[0], 2 * weight.shape[1]), DEFAULT_INT4_CONFIG)
     config = table.get(tuple(weight.shape), DEFAULT_CONFIG)
     return int8_config(config) if scale is not None else config
 
@@ -299,33 +211,12 @@ def check_scale(weight: torch.Tensor, scale: torch.Tensor | None) -> None:
                          f"{tuple(weight.shape)} and {scale.dtype} {tuple(scale.shape)}")
 
 
-def int4_words(weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """quantize_int4's packed rows [N, K // 2] as int32 words [N, K // 8] (nibble j of word w holds k = 8w + j),
-    after checking the layout: uint8 weights, float16 scale and offset [N, groups] of a multiple of 8 columns."""
-    n, half = weight.shape
-    if (weight.dtype != torch.uint8 or scale.dtype != torch.float16 or offset.dtype != torch.float16
-            or scale.shape != offset.shape or scale.shape[0] != n or (2 * half) % scale.shape[1]):
-        raise ValueError(f"int4 weights are packed uint8 [N, K // 2] with float16 scale and offset [N, groups]; got "
-                         f"{weight.dtype} {tuple(weight.shape)}, {scale.dtype} {tuple(scale.shape)} and "
-                         f"{offset.dtype} {tuple(offset.shape)}")
-    group = 2 * half // scale.shape[1]
-    if group % 8 or weight.stride(1) != 1 or weight.stride(0) % 4 or weight.storage_offset() % 4:
-        raise ValueError(f"the int4 GEMV reads whole int32 words of contiguous rows: groups of a multiple of 8 "
-                         f"({group}), rows 4-byte aligned")
-    return weight.view(torch.int32)
-
-
 def _one_row(x: torch.Tensor, weight: torch.Tensor, n: int, config: tuple[int, int, int, int], gated: bool = False,
-             norm: RowNorm | None = None, residual: torch.Tensor | None = None, scale: torch.Tensor | None = None,
-             offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launches _gemv_kernel (or, with an offset, _int4_gemv_kernel) for n outputs, shaped [..., n]; with a
-    residual, also the sums of squares."""
-    int4 = offset is not None
-    if int4:
-        words = int4_words(weight, scale, offset)
-    else:
-        check_scale(weight, scale)
-    k = 2 * weight.shape[1] if int4 else weight.shape[1]
+             norm: RowNorm | None = None, residual: torch.Tensor | None = None,
+             scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launches _gemv_kernel for n outputs, shaped [..., n]; with a residual, also the sums of squares."""
+    check_scale(weight, scale)
+    k = weight.shape[1]
     if x.numel() != k:
         raise ValueError(f"the GEMV takes one row of {k} values, got a tensor of shape {tuple(x.shape)}")
     if weight.stride(1) != 1:
@@ -340,19 +231,15 @@ def _one_row(x: torch.Tensor, weight: torch.Tensor, n: int, config: tuple[int, i
     programs = triton.cdiv(n, block_n)
     squares_out = torch.empty(programs, dtype=torch.float32, device=x.device) if residual is not None else None
     norm_args = (norm.weight, norm.squares, norm.squares.numel(), float(norm.eps)) if norm else (out, out, 0, 0.0)
-    flags = dict(GATED=gated, NORMED=norm is not None,
-                 SQUARES_BLOCK=triton.next_power_of_2(norm.squares.numel()) if norm else 1,
-                 ADD_RESIDUAL=residual is not None, num_warps=num_warps, num_stages=num_stages)
-    epilogue_args = (residual.reshape(n) if residual is not None else out,
-                     squares_out if squares_out is not None else out)
-    if int4:  # block_k: groups per step
-        _int4_gemv_kernel[(programs,)](row, words, out, n, words.stride(0), scale, offset, scale.stride(0),
-                                       *norm_args, *epilogue_args, K=k, GROUP=k // scale.shape[1], BLOCK_N=block_n,
-                                       GROUPS=block_k, **flags)
-    else:
-        _gemv_kernel[(programs,)](row, weight, out, n, weight.stride(0), *norm_args, *epilogue_args,
-                                  scale if scale is not None else out, K=k, BLOCK_N=block_n, BLOCK_K=block_k,
-                                  EVEN_K=k % block_k == 0, SCALED=scale is not None, VIA_BITS=INT8_VIA_BITS, **flags)
+    _gemv_kernel[(programs,)](row, weight, out, n, weight.stride(0), *norm_args,
+                              residual.reshape(n) if residual is not None else out,
+                              squares_out if squares_out is not None else out,
+                              scale if scale is not None else out,
+                              K=k, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, GATED=gated,
+                              NORMED=norm is not None,
+                              SQUARES_BLOCK=triton.next_power_of_2(norm.squares.numel()) if norm else 1,
+                              ADD_RESIDUAL=residual is not None, SCALED=scale is not None, VIA_BITS=INT8_VIA_BITS,
+                              num_warps=num_warps, num_stages=num_stages)
     return out.view(*x.shape[:-1], n), squares_out
 
 

@@ -1,8 +1,7 @@
 """The one-row path's projections: a decode step of one sequence runs each projection as one of kernels.gemv's
 fused GEMVs, with the RMSNorm in its prologue, the residual add or SiLU * up in its epilogue
-(DecoderLayer.forward_one_row). A projection takes part through `gemv_operands`: a dense weight, int8 or fp8 rows
-with their float32 scales, which the same kernels stream at half the bytes, or int4 rows with their group scales
-and offsets (a quarter of the bytes).
+(DecoderLayer.forward_one_row). A projection takes part through `gemv_operands`: a dense weight, or int8 rows
+with their float32 scales, which the same kernels stream at half the bytes.
 """
 
 from __future__ import annotations
@@ -14,8 +13,6 @@ from typing import Protocol
 import torch
 
 FUSED_KERNELS = os.environ.get("XVERSE_FUSED_KERNELS", "1") != "0"
-# (weight, scale, offset): what kernels.gemv's functions take for a weight.
-GemvOperands = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
 
 def gemv_kernels(x: torch.Tensor) -> ModuleType | None:
@@ -39,9 +36,8 @@ class OneRowProjection:
 
     in_features: int
 
-    def gemv_operands(self) -> GemvOperands | None:
-        """(weight, scale, offset) for kernels.gemv's `weight`, `scale` and `offset` (None where a layout has none),
-        or None if its kernels cannot read this weight."""
+    def gemv_operands(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(weight, int8 scales or None) for kernels.gemv, or None if its kernels cannot read this weight."""
         raise NotImplementedError
 
     def gated(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -49,22 +45,21 @@ class OneRowProjection:
         runs; None elsewhere, where the caller computes the projection and then the activation."""
         operands = self.gemv_operands()
         if operands is not None and (gemv := gemv_kernels(x)) is not None and x.numel() == self.in_features:
-            weight, scale, offset = operands
-            return gemv.gated_gemv(x, weight, scale=scale, offset=offset)
+            weight, scale = operands
+            return gemv.gated_gemv(x, weight, scale=scale)
         return None
 
     def add_to(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(residual + self(x), the sums of squares of its slices) in one kernel: gemv.add_gemv."""
         from ..kernels import gemv
 
-        weight, scale, offset = self.gemv_operands()
-        return gemv.add_gemv(x, weight, residual, scale=scale, offset=offset)
+        weight, scale = self.gemv_operands()
+        return gemv.add_gemv(x, weight, residual, scale=scale)
 
     def normed(self, stream: torch.Tensor, squares: torch.Tensor, norm: Norm) -> torch.Tensor:
         """self(norm(stream)) with the norm taken inside the GEMV, from the sums of squares add_to left beside the
         stream."""
         from ..kernels import gemv
 
-        weight, scale, offset = self.gemv_operands()
-        return gemv.gemv(stream, weight, norm=gemv.RowNorm(norm.weight, norm.eps, squares), scale=scale,
-                         offset=offset)
+        weight, scale = self.gemv_operands()
+        return gemv.gemv(stream, weight, norm=gemv.RowNorm(norm.weight, norm.eps, squares), scale=scale)

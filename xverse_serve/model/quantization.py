@@ -10,11 +10,11 @@ on the device, a slice of rows at a time, so no full-precision copy of the model
 
 The matmul: on the CPU, int8 runs torch._weight_int8pack_mm and int4 dequantizes and runs F.linear (the
 reference). On CUDA the Triton kernels of kernels.quant_matmul, kernels.split_gemm and kernels.imma_gemm (int8
-tensor cores) run, and also the bf16 model's GEMVs of kernels.gemv (one row for every format, and 2-64 rows for
-int8 and fp8), which read the quantized rows with their scales; which one depends on the number of rows M: `tune`
-times the candidates for each layer shape at M = 1, 2, 4, ... at start-up, checks each against the float32
-reference, and keeps the fastest per M. The one-row path of the decoder (one_row.py) takes kernels.gemv's fused
-GEMVs unless the tuned kernels are faster by more than what its fusions save (fused_one_row_pays).
+tensor cores) run, and for int8 also the bf16 model's GEMVs of kernels.gemv (one row, and 2-64 rows), which read
+int8 rows with their scales; which one depends on the number of rows M: `tune` times the candidates for each
+layer shape at M = 1, 2, 4, ... at start-up, checks each against the float32 reference, and keeps the fastest
+per M. The one-row path of the decoder (one_row.py) takes kernels.gemv's fused GEMVs for int8 and fp8 unless the
+tuned kernels are faster by more than what its fusions save (fused_one_row_pays).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .one_row import GemvOperands, OneRowProjection
+from .one_row import OneRowProjection
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +137,8 @@ class MatmulKernel:
         if self.backend in ("rowgemv", "skinny"):
             from ..kernels import gemv
 
-            if self.backend == "rowgemv":
-                config = tuple(options.values()) or None  # int4: the tuner's block shapes
-                return gemv.gemv(x, layer.weight, config, scale=layer.weight_scale, offset=layer.weight_offset)
-            return gemv.skinny_matmul(x, layer.weight, scale=layer.weight_scale)
+            run = gemv.gemv if self.backend == "rowgemv" else gemv.skinny_matmul
+            return run(x, layer.weight, scale=layer.weight_scale)
         if self.backend == "split":
             from ..kernels import split_gemm
 
@@ -191,7 +189,7 @@ MatmulPlan = tuple[tuple[int, MatmulKernel], ...]
 class QuantizedLinear(nn.Module, OneRowProjection):
     """y = x @ W^T without bias, W held as int8 or fp8 per output channel or int4 per group (buffers, filled by
     load_rows). `weight` is the quantized tensor itself (int8 or float8_e4m3fn [N, K], or packed uint8
-    [N, K // 2]). Every format takes the one-row path's fused GEMVs (unless `tune` found faster kernels)."""
+    [N, K // 2]). int8 and fp8 take the one-row path's fused GEMVs (unless `tune` found faster kernels)."""
 
     def __init__(self, in_features: int, out_features: int, scheme: str, group_size: int = INT4_GROUP) -> None:
         super().__init__()
@@ -219,8 +217,8 @@ class QuantizedLinear(nn.Module, OneRowProjection):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"
 
-    def gemv_operands(self) -> GemvOperands | None:
-        return (self.weight, self.weight_scale, self.weight_offset) if self.one_row else None
+    def gemv_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return (self.weight, self.weight_scale) if self.bits == 8 and self.one_row else None  # int8, fp8
 
     @torch.no_grad()
     def load_rows(self, start: int, w: torch.Tensor) -> None:
@@ -352,10 +350,7 @@ def candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype = torch.bfloat
         kernels = [_gemv(layer, config) for config in GEMV_CONFIGS[layer.bits]] if m <= 16 else []
         kernels += [MatmulKernel("dequantize")] if dequantize_fits else [_gemm(layer, m, "large")] * (m > 16)
         return kernels + [MatmulKernel("torch")] * (layer.bits == 8)
-    if layer.bits == 8:
-        kernels = _gemv_candidates(m, dtype)
-    else:
-        kernels = _int4_rowgemv_candidates(m, dtype) + _int4_split_candidates(m, dtype)
+    kernels = _gemv_candidates(m, dtype) if layer.bits == 8 else _int4_split_candidates(m, dtype)
     kernels += _two_part_candidates(layer, m, dtype)
     if m <= 16:
         kernels += [_gemv(layer, config) for config in GEMV_CONFIGS[layer.bits]]
@@ -408,16 +403,6 @@ def _two_part_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> 
             config for config in imma_gemm.ROWS_CONFIGS if layer.in_features % config[2] == 0]
         kernels += [MatmulKernel("imma_rows", tuple(zip(names, config))) for config in configs]
     return kernels
-
-
-def _int4_rowgemv_candidates(m: int, dtype: torch.dtype) -> list[MatmulKernel]:
-    """kernels.gemv's one-row GEMV on int4 weights, in each of its tuned block shapes."""
-    from ..kernels import gemv
-
-    if m != 1 or dtype not in (torch.bfloat16, torch.float16):
-        return []
-    names = ("block_n", "groups", "num_warps", "num_stages")
-    return [MatmulKernel("rowgemv", tuple(zip(names, config))) for config in gemv.INT4_TUNED_CONFIGS]
 
 
 def _int4_split_candidates(m: int, dtype: torch.dtype) -> list[MatmulKernel]:
@@ -538,25 +523,11 @@ def tune(model: nn.Module, dtype: torch.dtype) -> None:
             described = ", ".join(f"M<={m}: {kernel}" for m, kernel in _PLANS[key])
             log.info("%s %dx%d matmul: %s", layer.scheme, layer.out_features, layer.in_features, described)
         layer.plan = _PLANS[key]
-        if layer.bits == 4:
-            record_int4_gemv_config(layer, TIMINGS[key].get(1, {}))
-        if not name.endswith("lm_head"):  # the decoder's projections
+        if layer.bits == 8 and not name.endswith("lm_head"):  # the decoder's int8 or fp8 projections
             one_row_layers.append((layer, TIMINGS[key].get(1, {})))
     if one_row_layers and not fused_one_row_pays([timings for _, timings in one_row_layers]):
         for layer, _ in one_row_layers:
             layer.one_row = False
-
-
-def record_int4_gemv_config(layer: QuantizedLinear, timings: dict[str, float | str]) -> None:
-    """Gives kernels.gemv the fastest of the int4 GEMV's block shapes timed at M = 1 for this layer's shape, which
-    the one-row path's fused GEMVs of that shape then take."""
-    from ..kernels import gemv
-
-    measured = [(ms, kernel) for kernel in _int4_rowgemv_candidates(1, torch.bfloat16)
-                if isinstance(ms := timings.get(str(kernel)), float)]
-    if measured:
-        fastest = min(measured, key=lambda timed: timed[0])[1]
-        gemv.INT4_CONFIGS[layer.out_features, layer.in_features] = tuple(dict(fastest.options).values())
 
 
 # The one-row path's fusions (the norm in the GEMV's prologue, the residual add and SiLU * up in its epilogue)
@@ -565,17 +536,16 @@ ONE_ROW_MARGIN = 1.15
 
 
 def fused_one_row_pays(timings: list[dict[str, float | str]]) -> bool:
-    """Whether one-row decode steps of a quantized model keep the fused GEMVs: unless the plain GEMV
+    """Whether one-row decode steps of an 8-bit model (int8, fp8) keep the fused GEMVs: unless the plain GEMV
     (rowgemv) took over ONE_ROW_MARGIN times the fastest tuned kernel's time at M = 1, summed over the decoder's
     projections (`timings`: each one's milliseconds by kernel at M = 1). Otherwise its one-row steps take the
-    tuned kernels: all or none, since the path runs whole."""
+    tuned kernels, as int4's do: all or none, since the path runs whole."""
     fused = fastest = 0.0
     for one_row in timings:
         times = [ms for ms in one_row.values() if isinstance(ms, float)]
         if not times:
             return True
-        gemvs = [ms for kernel, ms in one_row.items() if kernel.startswith("rowgemv") and isinstance(ms, float)]
-        fused += min(gemvs, default=float("inf"))  # int4: the fastest of its block shapes
+        fused += one_row["rowgemv"] if isinstance(one_row.get("rowgemv"), float) else float("inf")
         fastest += min(times)
     if fused <= ONE_ROW_MARGIN * fastest:
         return True

@@ -51,8 +51,8 @@ class Linear(nn.Linear, OneRowProjection):
                 return gemv.skinny_matmul(x, self.weight)
         return F.linear(x, self.weight)
 
-    def gemv_operands(self) -> tuple[torch.Tensor, None, None]:
-        return self.weight, None, None
+    def gemv_operands(self) -> tuple[torch.Tensor, None]:
+        return self.weight, None
 
     @classmethod
     def runs_one_row(cls, x: torch.Tensor) -> bool:
@@ -275,8 +275,7 @@ class XverseForCausalLM(nn.Module):
 
     @cached_property
     def one_row_ready(self) -> bool:
-        """Whether the one-row path's GEMVs read every projection of every layer (dense or quantized weights,
-        unless `tune` found faster kernels for them)."""
+        """Whether the one-row path's GEMVs read every projection of every layer (dense or int8 weights)."""
         return all(proj.gemv_operands() is not None for layer in self.model.layers
                    for proj in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
                                 layer.mlp.down_proj))
