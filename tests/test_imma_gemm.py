@@ -18,8 +18,9 @@ split_gemm = pytest.importorskip("xverse_serve.kernels.split_gemm")
 
 # The interpreter has no bfloat16 (it reads the bits wrongly); the kernels only take x to float32 anyway.
 DTYPES = [torch.float16] + ([] if INTERPRET else [torch.bfloat16])
-# Sixteen bits of x per row (or per step of K) and float32 sums: far under bf16's own rounding of the result.
-TOLERANCE = 1e-3
+# Sixteen bits of x per row (or per step of K) and float32 sums, ~2e-4 of the exact product; the result's own
+# rounding adds ~3e-4 in float16 and ~1.7e-3 in bfloat16 (measured on an H100), which the bound leaves room for.
+TOLERANCE = {torch.float16: 1e-3, torch.bfloat16: 4e-3}
 
 
 def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
@@ -80,7 +81,7 @@ def test_rows_matmul_equals_the_product_of_the_dequantized_weight(rows: int, n: 
         x = activations(rows, k, dtype, seed=rows)
         out = imma_gemm.rows_matmul(x, q, scale, config)
         assert out.shape == (rows, n) and out.dtype == dtype
-        assert relative_error(out, x.float() @ w.T) < TOLERANCE, dtype
+        assert relative_error(out, x.float() @ w.T) < TOLERANCE[dtype], dtype
         assert torch.count_nonzero(out[2]) == 0
 
 
@@ -92,7 +93,7 @@ def test_rows_matmul_int4_applies_each_groups_scale_and_offset(rows: int, n: int
         x = activations(rows, groups * 128, dtype, seed=rows)
         out = imma_gemm.rows_matmul_int4(x, *weight, 128, config)
         assert out.shape == (rows, n) and out.dtype == dtype
-        assert relative_error(out, x.float() @ dense.T) < TOLERANCE, dtype
+        assert relative_error(out, x.float() @ dense.T) < TOLERANCE[dtype], dtype
 
 
 @pytest.mark.parametrize(("rows", "n", "k", "config"), [
@@ -108,7 +109,7 @@ def test_two_part_split_matmul_equals_the_product_of_the_dequantized_weight(rows
         x = activations(rows, k, dtype, seed=rows)
         out = split_gemm.split_matmul(x, q, scale, config, two_part=True)
         assert out.shape == (rows, n) and out.dtype == dtype
-        assert relative_error(out, x.float() @ w.T) < TOLERANCE, dtype
+        assert relative_error(out, x.float() @ w.T) < TOLERANCE[dtype], dtype
 
 
 # Triton's interpreter disagrees with itself on e4m3: tl.dot reads an e4m3 tensor made in the kernel as other values
@@ -147,7 +148,7 @@ def test_two_part_split_matmul_int4_applies_each_groups_scale_and_offset(rows: i
         x = activations(rows, groups * 128, dtype, seed=rows)
         out = split_gemm.split_matmul_int4(x, *weight, 128, config, two_part=True)
         assert out.shape == (rows, n) and out.dtype == dtype
-        assert relative_error(out, x.float() @ dense.T) < TOLERANCE, dtype
+        assert relative_error(out, x.float() @ dense.T) < TOLERANCE[dtype], dtype
 
 
 def test_the_kernels_refuse_what_they_cannot_multiply() -> None:
