@@ -33,8 +33,9 @@ from .split_gemm import FIXED, _round
 SPLIT_BLOCK = 1024  # elements of a row per step of the split kernel; a multiple of int4's group
 # (block_m, block_n, block_k, num_warps, num_stages) for rows_matmul; no register spills on sm_90 (ptxas -v).
 ROWS_CONFIGS = ((128, 128, 128, 8, 3), (64, 128, 128, 4, 4))
-# (block_m, block_n, num_warps, num_stages) for rows_matmul_int4: one group of K per step.
-ROWS_INT4_CONFIGS = ((64, 128, 4, 3), (128, 64, 4, 3))
+# (block_m, block_n, num_warps, num_stages) for rows_matmul_int4: one group of K per step ((128, 64, 4, 3) was
+# never the fastest for a shape and batch on an H100, bench/results/quant_h100_twopart.json).
+ROWS_INT4_CONFIGS = ((64, 128, 4, 3),)
 
 
 @triton.jit

@@ -43,9 +43,11 @@ INT4_TUNED_CONFIGS = ((64, 8, 3), (128, 8, 3))
 TARGET_PROGRAMS_PER_SM = 3
 # Two-part activations (two_part=True, kernels/imma_gemm.py explains them): the configurations the tuner times,
 # (block_n, block_k, num_warps, num_stages) for int8 and fp8, (block_n, num_warps, num_stages) for int4; none
-# spills registers on sm_90. block_k stays <= 512, under which the int32 sums cannot overflow.
-TWO_PART_CONFIGS = ((64, 128, 4, 3), (128, 128, 8, 3), (256, 64, 8, 3))
-TWO_PART_INT4_CONFIGS = ((64, 4, 3), (128, 8, 3))
+# spills registers on sm_90. block_k stays <= 512, under which the int32 sums cannot overflow. (256, 64, 8, 3) for
+# int8/fp8 and (128, 8, 3) for int4 were timed too and never the fastest, for any shape and batch on an H100
+# (bench/results/quant_h100_twopart.json): each one more is compiled at start-up.
+TWO_PART_CONFIGS = ((64, 128, 4, 3), (128, 128, 8, 3))
+TWO_PART_INT4_CONFIGS = ((64, 4, 3),)
 FIXED = tl.constexpr(32639.0)  # 127 * 256 + 127: q = round(x / s) splits into int8 halves
 FP8_MAX = tl.constexpr(448.0)  # e4m3's largest value
 

@@ -317,8 +317,13 @@ GEMM_CONFIGS = {
         "huge": (128, 64, 128, 8, 3)},
 }
 # gemv configurations, (output channels per program, K per step or groups per step, num_warps): 2-4 KB of
-# weights per step.
-GEMV_CONFIGS = {8: ((8, 512, 4), (16, 256, 8)), 4: ((8, 4, 4), (16, 4, 8))}
+# weights per step. (16, 256, 8) for int8 and (16, 4, 8) for int4 were timed too and never the fastest, on an H200
+# or an H100 (bench/results/quant_h200_split.json, quant_h100_twopart.json).
+GEMV_CONFIGS = {8: ((8, 512, 4),), 4: ((8, 4, 4),)}
+# torch._weight_int8pack_mm is timed up to this many rows: at one row it took 10x the fastest kernel's time on an
+# H100 and grows linearly with the rows (446 ms at 4,096 rows of qkv_proj), so timing it at every batch size was
+# 63 of the 64 s of GPU time that int8's start-up tuning spent running candidates (quant_h100_twopart.json).
+TORCH_INT8_MAX_ROWS = 4
 
 
 def _gemm(layer: QuantizedLinear, m: int, size: str) -> MatmulKernel:
@@ -363,7 +368,7 @@ def candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype = torch.bfloat
         kernels.append(_gemm(layer, m, "huge"))
     if m >= 64 and dequantize_fits:
         kernels.append(MatmulKernel("dequantize"))
-    if layer.bits == 8:
+    if layer.bits == 8 and m <= TORCH_INT8_MAX_ROWS:
         kernels.append(MatmulKernel("torch"))
     return kernels
 
