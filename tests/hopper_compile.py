@@ -1,7 +1,10 @@
 """Compiles the quantized-matmul and 8-bit-cache kernels for sm_90 (Hopper) without a GPU, with the ptxas that
-Triton's wheel brings, and prints one JSON line per kernel: its name, registers and bytes spilled.
+Triton's wheel brings, and prints one JSON line per kernel: its name, registers and bytes spilled, and whether
+it has programmatic-dependent-launch and L2-prefetch instructions.
 
     python tests/hopper_compile.py quant|kv
+
+    python tests/hopper_compile.py gemv   # the one-row GEMVs, with programmatic dependent launch too
 
 Run as its own process: where TRITON_INTERPRET is set (the CPU tests), kernels can only be interpreted.
 Pointers and strides are marked 16-divisible, as Triton's launcher marks them at run time.
@@ -44,7 +47,10 @@ def compile_for_hopper(fn, signature: dict[str, str], constexprs: dict, num_warp
                                 capture_output=True, text=True, check=True).stderr
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     registers = re.search(r"Used (\d+) registers", report)
-    return {"spilled_bytes": int(spills[1]) + int(spills[2]), "registers": int(registers[1])}
+    ptx = kernel.asm["ptx"]
+    return {"spilled_bytes": int(spills[1]) + int(spills[2]), "registers": int(registers[1]),
+            "waits_for_previous_grid": "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx,
+            "l2_prefetches": ptx.count("prefetch.global.L2")}
 
 
 def quantized_matmul_kernels() -> Iterator[tuple]:
@@ -197,8 +203,33 @@ def eight_bit_cache_kernels() -> Iterator[tuple]:
             "num_warps": 1, "enable_fp_fusion": False}
 
 
+def one_row_gemv_kernels() -> Iterator[tuple]:
+    """kernels.gemv's one-row GEMV as the one-row path calls it (plain, normed, gated, with the residual add), on
+    bf16 and int8 weights, with and without programmatic dependent launch (its prefetch and grid-dependency
+    instructions are only assembled here: the interpreter cannot run them)."""
+    from xverse_serve.kernels import gemv
+
+    signature = {"x_ptr": "*bf16", "y_ptr": "*bf16", "N": "i32", "stride_wn": "i32", "norm_w_ptr": "*bf16",
+                 "squares_ptr": "*fp32", "num_squares": "i32", "eps": "fp32", "residual_ptr": "*bf16",
+                 "squares_out_ptr": "*fp32", "scale_ptr": "*fp32"}
+    modes = {"plain": {}, "normed": {"NORMED": True, "SQUARES_BLOCK": 1024}, "gated": {"GATED": True},
+             "residual": {"ADD_RESIDUAL": True}}
+    for weight, element in (("bf16", 2), ("i8", 1)):
+        for mode, flags in modes.items():
+            for pdl in (False, True):
+                block_n, block_k, num_warps, num_stages = (4, 1024, 8, 3) if weight == "bf16" else (4, 2048, 8, 3)
+                constexprs = {"K": 4096, "BLOCK_N": block_n, "BLOCK_K": block_k, "EVEN_K": True, "GATED": False,
+                              "NORMED": False, "SQUARES_BLOCK": 1, "ADD_RESIDUAL": False, "SCALED": weight == "i8",
+                              "VIA_BITS": True, "PDL": pdl, "LINES": 4096 * element // 128, "LINE": 128 // element,
+                              **flags}
+                name = f"{weight} gemv {mode}{' pdl' if pdl else ''}"
+                yield name, gemv._gemv_kernel, {**signature, "w_ptr": f"*{weight}"}, constexprs, {
+                    "num_warps": num_warps, "num_stages": num_stages}
+
+
 def main() -> None:
-    kernels = {"quant": quantized_matmul_kernels, "kv": eight_bit_cache_kernels}[sys.argv[1]]
+    kernels = {"quant": quantized_matmul_kernels, "kv": eight_bit_cache_kernels,
+               "gemv": one_row_gemv_kernels}[sys.argv[1]]
     for name, fn, signature, constexprs, launch in kernels():
         print(json.dumps({"kernel": name, **compile_for_hopper(fn, signature, constexprs, **launch)}), flush=True)
 
