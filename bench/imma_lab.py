@@ -1,9 +1,7 @@
 """Lab: the int8 tensor-core matmuls with two-part activations (kernels/imma_gemm.py explains them; split_gemm's
-two_part kernels for 1-64 rows) in several configurations, and two variants the package does not ship: x in one
-int8 part (imma1, W8A8's accuracy) and int4 nibbles unpacked by inline PTX four bytes at a time (imma4 asm),
-against bf16 and the current int8/int4 kernels. Decode sizes are timed as a decode step meets its weights: copies
-of a projection cycled inside a CUDA graph, so each call reads its weight from DRAM with no flush between calls;
---prefill times 128-2,048 rows.
+two_part kernels for 1-64 rows) in several configurations, against bf16 and the current int8/int4 kernels.
+Decode sizes are timed as a decode step meets its weights: copies of a projection cycled inside a CUDA graph, so
+each call reads its weight from DRAM with no flush between calls; --prefill times 128-2,048 rows.
 
     python bench/imma_lab.py [--quick] [--prefill] [--no-decode]
 """
@@ -13,154 +11,11 @@ import sys
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from xverse_serve.kernels import gemv, imma_gemm, split_gemm  # noqa: E402
-from xverse_serve.kernels.split_gemm import _finish, default_split  # noqa: E402
 from xverse_serve.model import quantization  # noqa: E402
-
-
-@triton.jit
-def _one_part(xt):
-    amax = tl.max(tl.abs(xt), axis=0)
-    inv = tl.where(amax > 0, 127.0 / amax, 0.0)
-    v = xt * inv[None, :]
-    q = (v + tl.where(v >= 0, 0.5, -0.5)).to(tl.int32)
-    return q.to(tl.int8), amax * (1.0 / 127.0)
-
-
-@triton.jit(do_not_specialize=["M"])
-def _imma_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, partial_ptr, ticket_ptr, M, N, stride_xm, stride_wn, stride_ym,
-                 K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SPLIT: tl.constexpr, PER_SPLIT: tl.constexpr, EVEN_K: tl.constexpr, MAX_M: tl.constexpr):
-    # split_gemm._split_kernel's two-part path with x in one int8 part per row and step of K (W8A8's accuracy).
-    tile = tl.program_id(0)
-    split = tl.program_id(1)
-    outs = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.arange(0, BLOCK_M)
-    out_ok, row_ok = outs < N, rows < M
-    ks = split * PER_SPLIT * BLOCK_K + tl.arange(0, BLOCK_K)
-    w_ptrs = w_ptr + outs[:, None].to(tl.int64) * stride_wn + ks[None, :]
-    x_ptrs = x_ptr + rows[None, :] * stride_xm + ks[:, None]
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for _ in range(PER_SPLIT):
-        if EVEN_K:
-            w = tl.load(w_ptrs, mask=out_ok[:, None], other=0, eviction_policy="evict_first")
-            xt = tl.load(x_ptrs, mask=row_ok[None, :], other=0.0).to(tl.float32)
-        else:
-            k_ok = ks < K
-            w = tl.load(w_ptrs, mask=out_ok[:, None] & k_ok[None, :], other=0, eviction_policy="evict_first")
-            xt = tl.load(x_ptrs, mask=row_ok[None, :] & k_ok[:, None], other=0.0).to(tl.float32)
-            ks += BLOCK_K
-        q, s = _one_part(xt)
-        acc += tl.dot(w, q).to(tl.float32) * s[None, :]
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-    scale = tl.load(scale_ptr + outs, mask=out_ok, other=0.0)[:, None]
-    _finish(acc, scale, y_ptr, partial_ptr, ticket_ptr, tile, split, rows, outs, row_ok, out_ok, N, stride_ym,
-            BLOCK_M, BLOCK_N, SPLIT, MAX_M)
-
-
-@triton.jit
-def _low_nibbles(p):
-    """Four bytes' low nibbles at once (split_gemm's kernel unpacks them one byte at a time)."""
-    return tl.inline_asm_elementwise("and.b32 $0, $1, 0x0F0F0F0F;", "=r,r", [p], dtype=tl.int8, is_pure=True,
-                                     pack=4)
-
-
-@triton.jit
-def _high_nibbles(p):
-    return tl.inline_asm_elementwise("{ shr.b32 $0, $1, 4; and.b32 $0, $0, 0x0F0F0F0F; }", "=r,r", [p],
-                                     dtype=tl.int8, is_pure=True, pack=4)
-
-
-@triton.jit(do_not_specialize=["M"])
-def _imma4_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, offset_ptr, partial_ptr, ticket_ptr, M, N, stride_xm,
-                  stride_wn, stride_sn, stride_ym, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PER_SPLIT: tl.constexpr, EVEN: tl.constexpr,
-                  MAX_M: tl.constexpr):
-    # split_gemm._split_int4_kernel's two-part path with the nibbles unpacked by inline PTX, four bytes at once.
-    tile = tl.program_id(0)
-    split = tl.program_id(1)
-    outs = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.arange(0, BLOCK_M)
-    out_ok, row_ok = outs < N, rows < M
-    first = split * PER_SPLIT
-    pairs = tl.arange(0, GROUP // 2)
-    w_ptrs = w_ptr + outs[:, None].to(tl.int64) * stride_wn + first * (GROUP // 2) + pairs[None, :]
-    x_ptrs = x_ptr + rows[None, :] * stride_xm + first * GROUP + 2 * pairs[:, None]
-    s_offsets = outs * stride_sn + first
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for i in range(PER_SPLIT):
-        if EVEN:
-            w_ok = out_ok
-            x_ok = row_ok
-        else:
-            w_ok = out_ok & (first + i < K // GROUP)
-            x_ok = row_ok & (first + i < K // GROUP)
-        packed = tl.load(w_ptrs, mask=w_ok[:, None], other=0, eviction_policy="evict_first")
-        x_even = tl.load(x_ptrs, mask=x_ok[None, :], other=0.0).to(tl.float32)
-        x_odd = tl.load(x_ptrs + 1, mask=x_ok[None, :], other=0.0).to(tl.float32)
-        amax = tl.maximum(tl.max(tl.abs(x_even), axis=0), tl.max(tl.abs(x_odd), axis=0))
-        inv = tl.where(amax > 0, 32639.0 / amax, 0.0)
-        ve = x_even * inv[None, :]
-        vo = x_odd * inv[None, :]
-        qe = (ve + tl.where(ve >= 0, 0.5, -0.5)).to(tl.int32)
-        qo = (vo + tl.where(vo >= 0, 0.5, -0.5)).to(tl.int32)
-        he = (qe + 128) >> 8
-        ho = (qo + 128) >> 8
-        le = (qe - (he << 8)).to(tl.int8)
-        lo = (qo - (ho << 8)).to(tl.int8)
-        w_lo = _low_nibbles(packed)
-        w_hi = _high_nibbles(packed)
-        p_hi = tl.dot(w_lo, he.to(tl.int8))
-        p_hi = tl.dot(w_hi, ho.to(tl.int8), p_hi, out_dtype=tl.int32)
-        p_lo = tl.dot(w_lo, le)
-        p_lo = tl.dot(w_hi, lo, p_lo, out_dtype=tl.int32)
-        part = (p_hi.to(tl.float32) * 256.0 + p_lo.to(tl.float32)) * (amax * (1.0 / 32639.0))[None, :]
-        scale = tl.load(scale_ptr + s_offsets, mask=w_ok, other=0.0).to(tl.float32)
-        offset = tl.load(offset_ptr + s_offsets, mask=w_ok, other=0.0).to(tl.float32)
-        x_sum = tl.sum(x_even + x_odd, axis=0)
-        acc += part * scale[:, None] + offset[:, None] * x_sum[None, :]
-        w_ptrs += GROUP // 2
-        x_ptrs += GROUP
-        s_offsets += 1
-    _finish(acc, 1.0, y_ptr, partial_ptr, ticket_ptr, tile, split, rows, outs, row_ok, out_ok, N, stride_ym,
-            BLOCK_M, BLOCK_N, SPLIT, MAX_M)
-
-
-def imma1_matmul(x, weight, scale, config):
-    n, k = weight.shape
-    x2 = x.reshape(-1, k)
-    block_n, block_k, num_warps, num_stages = config[:4]
-    split = config[4] if len(config) > 4 else default_split(n, k, block_n, block_k, x.device)
-    out, partial, tickets = split_gemm._outputs(x2, n, block_n, split)
-    steps = triton.cdiv(k, block_k)
-    _imma_kernel[(triton.cdiv(n, block_n), split)](
-        x2, weight, out, scale, partial, tickets, x2.shape[0], n, x2.stride(0), weight.stride(0), out.stride(0),
-        K=k, BLOCK_M=max(16, triton.next_power_of_2(x2.shape[0])), BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split,
-        PER_SPLIT=triton.cdiv(steps, split), EVEN_K=k % block_k == 0 and steps % split == 0,
-        MAX_M=split_gemm.MAX_ROWS, num_warps=num_warps, num_stages=num_stages)
-    return out
-
-
-def imma4_asm_matmul(x, weight, scale, offset, group, config):
-    n = weight.shape[0]
-    groups = scale.shape[1]
-    k = groups * group
-    x2 = x.reshape(-1, k)
-    block_n, num_warps, num_stages = config[:3]
-    split = config[3] if len(config) > 3 else default_split(n, k, block_n, group, x.device)
-    out, partial, tickets = split_gemm._outputs(x2, n, block_n, split)
-    _imma4_kernel[(triton.cdiv(n, block_n), split)](
-        x2, weight, out, scale, offset, partial, tickets, x2.shape[0], n, x2.stride(0), weight.stride(0),
-        scale.stride(0), out.stride(0), K=k, GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(x2.shape[0])),
-        BLOCK_N=block_n, SPLIT=split, PER_SPLIT=triton.cdiv(groups, split), EVEN=groups % split == 0,
-        MAX_M=split_gemm.MAX_ROWS, num_warps=num_warps, num_stages=num_stages)
-    return out
 
 
 def int_mm_rows(x, weight, scale):
@@ -298,17 +153,12 @@ def main() -> None:
             for config in configs:
                 variants.append((f"imma2 {config}", copies, lambda i, c=config: (
                     lambda: split_gemm.split_matmul(x, i8[i][0], i8[i][1], c, two_part=True)), ref))
-            for config in configs[:2]:
-                variants.append((f"imma1 {config}", copies,
-                                 lambda i, c=config: (lambda: imma1_matmul(x, i8[i][0], i8[i][1], c)), ref))
             variants.append(("int4 split (64,8,3)", 2 * copies,
                              lambda i: (lambda: split_gemm.split_matmul_int4(x, *i4[i], 128, (64, 8, 3))), ref4))
             for config in ((64, 4, 3), (64, 8, 3), (128, 8, 3), (128, 4, 4)):
                 variants.append((f"imma4 {config}", 2 * copies, lambda i, c=config: (
                     lambda: split_gemm.split_matmul_int4(x, *i4[i], 128, c, two_part=True)), ref4))
-                variants.append((f"imma4 asm {config}", 2 * copies, lambda i, c=config: (
-                    lambda: imma4_asm_matmul(x, *i4[i], 128, c)), ref4))
-            bytes_by = {"bf16": n * k * 2, "int8": n * k, "imma2": n * k, "imma1": n * k,
+            bytes_by = {"bf16": n * k * 2, "int8": n * k, "imma2": n * k,
                         "int4": n * k // 2 + n * k // 128 * 4, "imma4": n * k // 2 + n * k // 128 * 4}
             for label, count, make, reference in variants:
                 try:
