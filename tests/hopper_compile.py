@@ -1,10 +1,8 @@
 """Compiles the quantized-matmul and 8-bit-cache kernels for sm_90 (Hopper) without a GPU, with the ptxas that
-Triton's wheel brings, and prints one JSON line per kernel: its name, registers and bytes spilled, and whether
-it has programmatic-dependent-launch and L2-prefetch instructions.
+Triton's wheel brings, and prints one JSON line per kernel: its name, registers and bytes spilled, and how many
+integer dot-product instructions (dp4a) its PTX has.
 
-    python tests/hopper_compile.py quant|kv
-
-    python tests/hopper_compile.py gemv   # the one-row GEMVs, with programmatic dependent launch too
+    python tests/hopper_compile.py quant|kv|gemv|dp4a
 
 Run as its own process: where TRITON_INTERPRET is set (the CPU tests), kernels can only be interpreted.
 Pointers and strides are marked 16-divisible, as Triton's launcher marks them at run time.
@@ -49,8 +47,7 @@ def compile_for_hopper(fn, signature: dict[str, str], constexprs: dict, num_warp
     registers = re.search(r"Used (\d+) registers", report)
     ptx = kernel.asm["ptx"]
     return {"spilled_bytes": int(spills[1]) + int(spills[2]), "registers": int(registers[1]),
-            "waits_for_previous_grid": "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx,
-            "l2_prefetches": ptx.count("prefetch.global.L2")}
+            "dp4a": ptx.count("dp4a.")}
 
 
 def quantized_matmul_kernels() -> Iterator[tuple]:
@@ -205,8 +202,7 @@ def eight_bit_cache_kernels() -> Iterator[tuple]:
 
 def one_row_gemv_kernels() -> Iterator[tuple]:
     """kernels.gemv's one-row GEMV as the one-row path calls it (plain, normed, gated, with the residual add), on
-    bf16 and int8 weights, with and without programmatic dependent launch (its prefetch and grid-dependency
-    instructions are only assembled here: the interpreter cannot run them)."""
+    bf16 and int8 weights."""
     from xverse_serve.kernels import gemv
 
     signature = {"x_ptr": "*bf16", "y_ptr": "*bf16", "N": "i32", "stride_wn": "i32", "norm_w_ptr": "*bf16",
@@ -214,22 +210,45 @@ def one_row_gemv_kernels() -> Iterator[tuple]:
                  "squares_out_ptr": "*fp32", "scale_ptr": "*fp32"}
     modes = {"plain": {}, "normed": {"NORMED": True, "SQUARES_BLOCK": 1024}, "gated": {"GATED": True},
              "residual": {"ADD_RESIDUAL": True}}
-    for weight, element in (("bf16", 2), ("i8", 1)):
+    for weight in ("bf16", "i8"):
         for mode, flags in modes.items():
-            for pdl in (False, True):
-                block_n, block_k, num_warps, num_stages = (4, 1024, 8, 3) if weight == "bf16" else (4, 2048, 8, 3)
-                constexprs = {"K": 4096, "BLOCK_N": block_n, "BLOCK_K": block_k, "EVEN_K": True, "GATED": False,
-                              "NORMED": False, "SQUARES_BLOCK": 1, "ADD_RESIDUAL": False, "SCALED": weight == "i8",
-                              "VIA_BITS": True, "PDL": pdl, "LINES": 4096 * element // 128, "LINE": 128 // element,
-                              **flags}
-                name = f"{weight} gemv {mode}{' pdl' if pdl else ''}"
-                yield name, gemv._gemv_kernel, {**signature, "w_ptr": f"*{weight}"}, constexprs, {
-                    "num_warps": num_warps, "num_stages": num_stages}
+            block_n, block_k, num_warps, num_stages = (4, 1024, 8, 3) if weight == "bf16" else (4, 2048, 8, 3)
+            constexprs = {"K": 4096, "BLOCK_N": block_n, "BLOCK_K": block_k, "EVEN_K": True, "GATED": False,
+                          "NORMED": False, "SQUARES_BLOCK": 1, "ADD_RESIDUAL": False, "SCALED": weight == "i8",
+                          "VIA_BITS": True, **flags}
+            yield f"{weight} gemv {mode}", gemv._gemv_kernel, {**signature, "w_ptr": f"*{weight}"}, constexprs, {
+                "num_warps": num_warps, "num_stages": num_stages}
+
+
+def dp4a_gemv_kernels() -> Iterator[tuple]:
+    """kernels.dp4a_gemv as the tuner runs it, on XVERSE-7B's two K (its dp4a instructions are only assembled
+    here: the interpreter computes them from the bytes): the activation quantizer and the int8 and int4 GEMVs."""
+    from xverse_serve.kernels import dp4a_gemv
+
+    for k in (4096, 11008):
+        block = 1 << (k - 1).bit_length()
+        for int4 in (False, True):
+            yield f"quantize_row K={k}{' int4' if int4 else ''}", dp4a_gemv._quantize_kernel, {
+                "x_ptr": "*bf16", "words_ptr": "*i32", "scale_ptr": "*fp32", "sums_ptr": "*fp32",
+                "stride_xm": "i32"}, {"K": k, "BLOCK": block, "INT4": int4, "GROUP": 128}, {
+                "num_warps": 4 if block <= 4096 else 8, "num_stages": 1}
+        block_n, block_kw, num_warps = dp4a_gemv.INT8_CONFIG
+        yield f"int8 dp4a K={k}", dp4a_gemv._int8_kernel, {
+            "words_ptr": "*i32", "x_scale_ptr": "*fp32", "w_ptr": "*i32", "w_scale_ptr": "*fp32", "y_ptr": "*bf16",
+            "N": "i32", "stride_wn": "i32"}, {
+            "KW": k // 4, "BLOCK_N": block_n, "BLOCK_KW": block_kw, "EMULATE": False}, {
+            "num_warps": num_warps, "num_stages": 1}
+        block_n, block_g, num_warps = dp4a_gemv.INT4_CONFIG
+        yield f"int4 dp4a K={k}", dp4a_gemv._int4_kernel, {
+            "words_ptr": "*i32", "x_scale_ptr": "*fp32", "sums_ptr": "*fp32", "w_ptr": "*i32", "scale_ptr": "*fp16",
+            "offset_ptr": "*fp16", "y_ptr": "*bf16", "N": "i32", "stride_wn": "i32", "stride_sn": "i32"}, {
+            "GROUPS": k // 128, "BLOCK_N": block_n, "BLOCK_G": block_g, "GROUP_WORDS": dp4a_gemv.INT4_GROUP_WORDS,
+            "EMULATE": False}, {"num_warps": num_warps, "num_stages": 1}
 
 
 def main() -> None:
-    kernels = {"quant": quantized_matmul_kernels, "kv": eight_bit_cache_kernels,
-               "gemv": one_row_gemv_kernels}[sys.argv[1]]
+    kernels = {"quant": quantized_matmul_kernels, "kv": eight_bit_cache_kernels, "gemv": one_row_gemv_kernels,
+               "dp4a": dp4a_gemv_kernels}[sys.argv[1]]
     for name, fn, signature, constexprs, launch in kernels():
         print(json.dumps({"kernel": name, **compile_for_hopper(fn, signature, constexprs, **launch)}), flush=True)
 

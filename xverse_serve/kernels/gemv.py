@@ -19,13 +19,11 @@ hardware's conversion, and the row's scale multiplies its float32 sum once, afte
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 # (rows, K) of a weight -> (block_n, block_k, num_warps, num_stages), the fastest of a sweep on an H200 for
 # XVERSE-7B's projections (bench/gemv_bench.py); other shapes take DEFAULT_CONFIG.
@@ -59,9 +57,6 @@ DEFAULT_SKINNY_CONFIG = (64, 128, 4, 3)
 
 # int8 widened through the float's bits (two adds) rather than converted (see _widen); a switch for the benchmark.
 INT8_VIA_BITS = True
-# Programmatic dependent launch for the one-row GEMVs (see _overlap_previous): an experiment, off until measured
-# (bench/gemv_bench.py --chain times a step's projections with and without it).
-PDL = os.environ.get("XVERSE_GEMV_PDL", "0") == "1"
 
 
 def int8_config(config: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
@@ -91,45 +86,21 @@ class RowNorm:
 
 
 @triton.jit
-def _overlap_previous(w_ptr, rows, N, stride_wn, K: tl.constexpr, LINES: tl.constexpr, LINE: tl.constexpr,
-                      GATED: tl.constexpr):
-    """With programmatic dependent launch: lets the next kernel launch once every program of this one has started,
-    pulls this program's weight rows into L2 while the previous kernel finishes (weights are never written, so
-    reading them early is safe), then waits for the previous kernel's results. Everything after it may read what
-    earlier kernels wrote and write what they read. LINES: 128-byte lines per row (a power of two, clamped to the
-    row); LINE: elements per line."""
-    safe_rows = tl.minimum(rows, N - 1).to(tl.int64) * stride_wn  # the prefetch of a row past N reads row N - 1
-    cols = tl.minimum(tl.arange(0, LINES) * LINE, K - 1)
-    lines = w_ptr + safe_rows[:, None] + cols[None, :]
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l", [lines], dtype=tl.int32,
-                              is_pure=False, pack=1)
-    if GATED:
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l", [lines + N * stride_wn],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-    gdc_launch_dependents()
-    gdc_wait()
-
-
-@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, stride_wn,
                  norm_w_ptr, squares_ptr, num_squares, eps,  # NORMED
                  residual_ptr, squares_out_ptr,  # ADD_RESIDUAL
                  scale_ptr,  # SCALED
                  K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                  GATED: tl.constexpr, NORMED: tl.constexpr, SQUARES_BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
-                 SCALED: tl.constexpr, VIA_BITS: tl.constexpr,
-                 PDL: tl.constexpr = False, LINES: tl.constexpr = 1, LINE: tl.constexpr = 1):
+                 SCALED: tl.constexpr, VIA_BITS: tl.constexpr):
     # K is a compile-time constant (a model has two: hidden and intermediate size), so the loop is fixed.
     # GATED: W holds 2N rows, the gate's then the up's; a program takes rows j of both, and stores silu(gate) * up.
     # NORMED: x is a residual stream whose RMSNorm is the real input: every program takes the norm of each slice
     # of x it reads, from the sums of squares of x's slices, summed in one fixed order (the same in every program).
     # ADD_RESIDUAL: stores residual + W x, and the sum of squares of this program's rows of it at squares_out[pid].
     # SCALED: W is int8 and row n of the product is multiplied by scale[n] (gated: the up's rows are N + n).
-    # PDL: launched with programmatic dependent launch (_overlap_previous runs before anything else).
     dtype = y_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    if PDL:
-        _overlap_previous(w_ptr, rows, N, stride_wn, K, LINES, LINE, GATED)
     row_ok = rows < N
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -260,8 +231,6 @@ def _one_row(x: torch.Tensor, weight: torch.Tensor, n: int, config: tuple[int, i
     programs = triton.cdiv(n, block_n)
     squares_out = torch.empty(programs, dtype=torch.float32, device=x.device) if residual is not None else None
     norm_args = (norm.weight, norm.squares, norm.squares.numel(), float(norm.eps)) if norm else (out, out, 0, 0.0)
-    line = 128 // weight.element_size()
-    pdl = dict(PDL=True, LINES=triton.next_power_of_2(triton.cdiv(k, line)), LINE=line, launch_pdl=True) if PDL else {}
     _gemv_kernel[(programs,)](row, weight, out, n, weight.stride(0), *norm_args,
                               residual.reshape(n) if residual is not None else out,
                               squares_out if squares_out is not None else out,
@@ -270,7 +239,7 @@ def _one_row(x: torch.Tensor, weight: torch.Tensor, n: int, config: tuple[int, i
                               NORMED=norm is not None,
                               SQUARES_BLOCK=triton.next_power_of_2(norm.squares.numel()) if norm else 1,
                               ADD_RESIDUAL=residual is not None, SCALED=scale is not None, VIA_BITS=INT8_VIA_BITS,
-                              num_warps=num_warps, num_stages=num_stages, **pdl)
+                              num_warps=num_warps, num_stages=num_stages)
     return out.view(*x.shape[:-1], n), squares_out
 
 

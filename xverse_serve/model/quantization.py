@@ -10,11 +10,12 @@ on the device, a slice of rows at a time, so no full-precision copy of the model
 
 The matmul: on the CPU, int8 runs torch._weight_int8pack_mm and int4 dequantizes and runs F.linear (the
 reference). On CUDA the Triton kernels of kernels.quant_matmul, kernels.split_gemm and kernels.imma_gemm (int8
-tensor cores) run, and for int8 also the bf16 model's GEMVs of kernels.gemv (one row, and 2-64 rows), which read
-int8 rows with their scales; which one depends on the number of rows M: `tune` times the candidates for each
-layer shape at M = 1, 2, 4, ... at start-up, checks each against the float32 reference, and keeps the fastest
-per M. The one-row path of the decoder (one_row.py) takes kernels.gemv's fused GEMVs for int8 and fp8 unless the
-tuned kernels are faster by more than what its fusions save (fused_one_row_pays).
+tensor cores) and kernels.dp4a_gemv (one row, on integer dot products) run, and for int8 also the bf16 model's
+GEMVs of kernels.gemv (one row, and 2-64 rows), which read int8 rows with their scales; which one depends on the
+number of rows M: `tune` times the candidates for each layer shape at M = 1, 2, 4, ... at start-up, checks each
+against the float32 reference, and keeps the fastest per M. The one-row path of the decoder (one_row.py) takes
+kernels.gemv's fused GEMVs for int8 and fp8 unless the tuned kernels are faster by more than what its fusions save
+(fused_one_row_pays).
 """
 
 from __future__ import annotations
@@ -123,9 +124,10 @@ class MatmulKernel:
     rowgemv, skinny: kernels.gemv's one-row GEMV and 2-64-row GEMM (int8 and fp8); split: kernels.split_gemm's
     swap-AB, split-K GEMM for 1-64 rows (int8, fp8 and int4), with two_part=1 on int8 or FP8 tensor cores with the
     activations in two parts; imma_rows: kernels.imma_gemm's int8 tensor-core GEMM for prefill-sized batches
-    (int8 and int4); scaled_mm: FP8 tensor cores with
-    the activations quantized per token (fp8 only); torch: torch._weight_int8pack_mm (int8 only); reference: the
-    weight dequantized by PyTorch, then F.linear (slow and memory-hungry: only where no other kernel works)."""
+    (int8 and int4); dp4a: kernels.dp4a_gemv's one-row GEMV on integer dot products (int8 and int4); scaled_mm:
+    FP8 tensor cores with the activations quantized per token (fp8 only); torch: torch._weight_int8pack_mm (int8
+    only); reference: the weight dequantized by PyTorch, then F.linear (slow and memory-hungry: only where no other
+    kernel works)."""
 
     backend: str
     options: tuple[tuple[str, int], ...] = ()
@@ -157,6 +159,12 @@ class MatmulKernel:
                 return imma_gemm.rows_matmul_int4(x, layer.weight, layer.weight_scale, layer.weight_offset,
                                                   layer.group_size, config)
             return imma_gemm.rows_matmul(x, layer.weight, layer.weight_scale, config)
+        if self.backend == "dp4a":
+            from ..kernels import dp4a_gemv
+
+            if layer.bits == 8:
+                return dp4a_gemv.int8_gemv(x, layer.weight, layer.weight_scale)
+            return dp4a_gemv.int4_gemv(x, layer.weight, layer.weight_scale, layer.weight_offset)
         if self.backend == "scaled_mm":
             return scaled_mm(x, layer.weight, layer.weight_scale)
         if self.backend == "gemv" and layer.bits == 8:
@@ -356,7 +364,7 @@ def candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype = torch.bfloat
         kernels += [MatmulKernel("dequantize")] if dequantize_fits else [_gemm(layer, m, "large")] * (m > 16)
         return kernels + [MatmulKernel("torch")] * (layer.bits == 8)
     kernels = _gemv_candidates(m, dtype) if layer.bits == 8 else _int4_split_candidates(m, dtype)
-    kernels += _two_part_candidates(layer, m, dtype)
+    kernels += _dp4a_candidates(layer, m, dtype) + _two_part_candidates(layer, m, dtype)
     if m <= 16:
         kernels += [_gemv(layer, config) for config in GEMV_CONFIGS[layer.bits]]
         kernels.append(_gemm(layer, m, "small"))
@@ -385,6 +393,14 @@ def _gemv_candidates(m: int, dtype: torch.dtype) -> list[MatmulKernel]:
         kernels += [MatmulKernel("split", tuple(zip(("block_n", "block_k", "num_warps", "num_stages"), config)))
                     for config in split_gemm.TUNED_CONFIGS]
     return kernels
+
+
+def _dp4a_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> list[MatmulKernel]:
+    """kernels.dp4a_gemv's one-row GEMV (int8, and int4 in groups of 128), for bf16 or fp16 activations."""
+    from ..kernels import dp4a_gemv
+
+    fits = layer.bits == 8 or layer.group_size == 8 * dp4a_gemv.INT4_GROUP_WORDS
+    return [MatmulKernel("dp4a")] if m == 1 and fits and dtype in (torch.bfloat16, torch.float16) else []
 
 
 def _two_part_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> list[MatmulKernel]:

@@ -1,0 +1,139 @@
+"""kernels.dp4a_gemv: one-row projections on int8 and int4 weights through integer dot products.
+
+What is specified here: quantize_row keeps every activation within max|x| / 64,516 (two int8 parts), packed in the
+order each weight format's words need; where the activations are exactly representable the GEMVs are exact
+(which pins the byte and nibble order); otherwise they equal the float32 reference to the activations' rounding;
+the tuner offers them at one row of bf16 or fp16 only; they compile for sm_90 with dp4a and without spills.
+Runs in Triton's interpreter on CPU (dp4a computed from the bytes) and compiled on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEVICE = torch.device("cpu" if INTERPRET else "cuda")
+
+pytest.importorskip("triton")
+
+from test_quantization import compile_for_hopper, gaussian, quantized_layer  # noqa: E402
+
+from xverse_serve.kernels import dp4a_gemv  # noqa: E402
+from xverse_serve.model.quantization import (  # noqa: E402
+    INT4_GROUP,
+    MatmulKernel,
+    QuantizedLinear,
+    candidates,
+    reference_matmul,
+    relative_error,
+)
+
+BOUND = 1 / 64516  # of max|x|, per activation
+
+
+def decode(words: torch.Tensor, scale: torch.Tensor, k: int, int4: bool) -> torch.Tensor:
+    """quantize_row's words back to the activations they stand for, in x's order."""
+    parts = words.view(2, -1).contiguous().view(torch.int8).float()  # [hi, lo] bytes, little-endian
+    value = (parts[0] + parts[1] / 254) * scale
+    if not int4:
+        return value
+    even, odd = value.view(2, k // 8, 4)  # byte i of word j: element 8j + 2i (even words), 8j + 2i + 1 (odd)
+    return torch.stack((even, odd), dim=-1).reshape(k)
+
+
+@pytest.mark.parametrize("int4", [False, True], ids=["int8 order", "int4 order"])
+@pytest.mark.parametrize("k", [384, 1152])
+def test_quantize_row_keeps_each_activation_within_its_bound(int4: bool, k: int) -> None:
+    x = gaussian(2, k, seed=k)
+    x[0, 5] = 300.0  # an outlier sets the scale
+    words, scale, sums = dp4a_gemv.quantize_row(x.to(DEVICE), int4=int4)
+    assert words.shape == (2, k // 2) and words.dtype == torch.int32 and scale.shape == (2,)
+    for row in range(2):
+        largest = x[row].abs().max()
+        assert scale[row].item() == pytest.approx(largest.item() / 127, rel=1e-6)
+        error = (decode(words[row].cpu(), scale[row].item(), k, int4) - x[row]).abs().max()
+        assert error <= largest * BOUND * 1.001, (row, error)
+    if int4:
+        assert torch.allclose(sums.cpu(), x.view(2, -1, INT4_GROUP).sum(-1), rtol=1e-5, atol=1e-4)
+    else:
+        assert sums is None
+
+
+def test_a_row_of_zeros_quantizes_to_zeros() -> None:
+    words, scale, _ = dp4a_gemv.quantize_row(torch.zeros(1, 256, device=DEVICE))
+    assert scale.item() == 0 and not words.any()
+    y = dp4a_gemv.int8_gemv(torch.zeros(1, 256, device=DEVICE), torch.ones(8, 256, dtype=torch.int8, device=DEVICE),
+                            torch.ones(8, device=DEVICE))
+    assert not y.any()
+
+
+def exact_activations(k: int, seed: int) -> torch.Tensor:
+    """Integers in [-127, 127] times 2^-3 with 127 among them: the scale is 2^-3 and every hi part exact."""
+    x = torch.randint(-127, 128, (1, k), generator=torch.Generator().manual_seed(seed)).float()
+    x[0, 0] = 127
+    return x / 8
+
+
+def test_int8_gemv_is_exact_on_exact_activations() -> None:
+    n, k = 70, 416  # rows and words that fill no whole block
+    weight = torch.randint(-127, 128, (n, k), generator=torch.Generator().manual_seed(1), dtype=torch.int8)
+    x = exact_activations(k, seed=2)
+    expected = x.double() @ weight.double().T
+    y = dp4a_gemv.int8_gemv(x.to(DEVICE), weight.to(DEVICE), torch.ones(n, device=DEVICE))
+    assert torch.equal(y.cpu().double(), expected)
+
+
+def test_int4_gemv_is_exact_on_exact_activations() -> None:
+    n, k = 70, 3 * INT4_GROUP  # three groups: no whole block of four
+    packed = torch.randint(0, 256, (n, k // 2), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    scale = torch.full((n, 3), 0.5, dtype=torch.float16)
+    offset = torch.full((n, 3), -4.0, dtype=torch.float16)
+    q = torch.stack((packed & 0xF, packed >> 4), dim=-1).view(n, k).double()  # low nibble first
+    x = exact_activations(k, seed=4)
+    expected = x.double() @ (q * 0.5 - 4).T
+    y = dp4a_gemv.int4_gemv(x.to(DEVICE), packed.to(DEVICE), scale.to(DEVICE), offset.to(DEVICE))
+    assert torch.equal(y.cpu().double(), expected)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_the_dp4a_kernel_equals_the_float32_reference(scheme: str) -> None:
+    k = 3 * INT4_GROUP + (32 if scheme == "int8" else 0)
+    layer = quantized_layer(scheme, 70, k, seed=5, device=DEVICE)
+    x = gaussian(1, k, seed=6)
+    x[0, 7] = 30.0  # an outlier: the other activations keep max|x| / 64,516
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        xd = x.to(dtype).to(DEVICE)
+        y = MatmulKernel("dp4a")(xd.view(1, 1, k), layer)  # any leading shape
+        assert y.shape == (1, 1, 70) and y.dtype == dtype
+        bound = 2e-4 if dtype == torch.float32 else 5e-3  # the activations' rounding, or the output's
+        assert relative_error(y.view(1, 70), reference_matmul(xd, layer)) < bound
+
+
+def test_the_tuner_offers_dp4a_at_one_row_of_bf16_or_fp16_for_int8_and_int4() -> None:
+    for scheme in ("int8", "int4"):
+        layer = QuantizedLinear(4096, 4096, scheme)
+        assert "dp4a" in {k.backend for k in candidates(layer, 1)}
+        assert "dp4a" in {k.backend for k in candidates(layer, 1, torch.float16)}
+        assert "dp4a" not in {k.backend for k in candidates(layer, 2)}
+        assert "dp4a" not in {k.backend for k in candidates(layer, 1, torch.float32)}
+    assert "dp4a" not in {k.backend for k in candidates(QuantizedLinear(4096, 4096, "fp8"), 1)}
+    assert "dp4a" not in {k.backend for k in candidates(QuantizedLinear(4096, 4096, "int4", 64), 1)}
+
+
+def test_bad_shapes_are_clear_errors() -> None:
+    with pytest.raises(ValueError, match="multiple of 4"):
+        dp4a_gemv.quantize_row(torch.ones(1, 6))
+    with pytest.raises(ValueError, match="one row of 8 values"):
+        dp4a_gemv.int8_gemv(torch.ones(2, 8), torch.ones(4, 8, dtype=torch.int8), torch.ones(4))
+
+
+def test_the_dp4a_kernels_compile_for_hopper_with_dp4a_and_without_register_spills() -> None:
+    reports = {r["kernel"]: r for r in compile_for_hopper("dp4a")}
+    assert len(reports) == 8 and [r for r in reports.values() if r["spilled_bytes"]] == []
+    assert {name for name, r in reports.items() if r["dp4a"]} == {
+        f"{scheme} dp4a K={k}" for scheme in ("int8", "int4") for k in (4096, 11008)}

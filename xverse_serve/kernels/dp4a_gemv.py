@@ -1,0 +1,228 @@
+"""One-row projections on int8 and int4 weights through the integer dot-product instruction (dp4a): the row of
+activations is quantized first, then the GEMV multiplies four weights by four activations per instruction.
+
+Why: a float GEMV on int8 weights spends four to five instructions per weight (widen, convert, multiply-add), and
+on int4 about nine (unpack nibbles first), against about one per two bytes for bf16; at the memory's speed that
+is more than an SM can issue, so it streams int8 at ~2 TB/s and int4 at ~0.9 TB/s on an H100 where bf16 reaches
+~2.7 (quant_h100_twopart.json). With dp4a the weights stay integers: an int8 word of four weights is one load and
+two dp4a, an int4 word of eight is three bit operations and four dp4a. llama.cpp's MMVQ kernels work this way.
+
+The activations, in two int8 parts so that they keep bf16's precision (quantize_row): with s = max|x| / 127,
+x / s = hi + lo / 254 + e, hi and lo in [-127, 127], |e| <= 1 / 508: an error of at most max|x| / 64,516 per value,
+far below the weights' own (int8: up to max|w| / 254 per weight). Each part's dot with a row of weights is exact in
+int32 (|sum| <= K * 127 * 127 < 2^31 for K < 133,000).
+
+Words: an int8 weight row is read as int32 words of four consecutive weights, matched by words of four
+consecutive activations. An int4 row (quantization.quantize_int4: byte j holds k = 2j low, 2j + 1 high) is read
+as words of eight weights: masking the low nibbles gives four weights at k = 8i, 8i + 2, 8i + 4, 8i + 6, shifting
+first the four at the odd k, so the activations are packed the same way (INT4 order: even word, then odd word).
+int4's groups: y = sum_g scale_g * (q_g . x_g) + offset_g * sum(x_g), with sum(x_g) taken in float32.
+
+Every kernel runs in Triton's interpreter too (the tests), where dp4a is spelt out in shifts and multiplies.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Triton's interpreter has no inline PTX: there dp4a is computed from the bytes (same result).
+EMULATE = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LO_STEPS = 254  # lo counts 1/254ths of hi's unit
+INT4_GROUP_WORDS = 16  # 128 weights of a group, eight per int32 word
+# (rows per program, words per step, num_warps) for int8 and (rows per program, groups per step, num_warps) for
+# int4: within 2% of the best of 36 and 48 block shapes on each of XVERSE-7B's projections (bench/dp4a_bench.py,
+# H100: bench/results/dp4a_h100.json). K's loop is unrolled whole, so software pipelining has nothing to add.
+INT8_CONFIG = (8, 64, 8)
+INT4_CONFIG = (8, 4, 4)
+
+
+@triton.jit
+def _dp4a(a, b, c, A_SIGNED: tl.constexpr, EMULATE: tl.constexpr):
+    """c + the dot of a's four bytes (signed, or unsigned without A_SIGNED) with b's (signed), per int32 lane."""
+    if EMULATE:
+        for i in tl.static_range(4):
+            if A_SIGNED:
+                a_i = (a << (24 - 8 * i)) >> 24
+            else:
+                a_i = (a >> (8 * i)) & 0xFF
+            c += a_i * ((b << (24 - 8 * i)) >> 24)
+        return c
+    elif A_SIGNED:
+        return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def _pack(q, axis: tl.constexpr):
+    """int32 values in [-128, 127] along an axis of four -> one word, the first value in the lowest byte."""
+    if axis == 1:
+        shifts = (tl.arange(0, 4) * 8)[None, :]
+    else:
+        shifts = (tl.arange(0, 4) * 8)[None, None, :]
+    return tl.sum((q & 0xFF) << shifts, axis=axis)
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, words_ptr, scale_ptr, sums_ptr, stride_xm, K: tl.constexpr, BLOCK: tl.constexpr,
+                     INT4: tl.constexpr, GROUP: tl.constexpr):
+    # One program per row of x, the whole row at once (BLOCK >= K): its scale, the words (hi part, then lo part,
+    # K / 4 words each; in INT4 order each part is its even words then its odd words, K / 8 each), and (INT4) the
+    # float32 sum of each group. One pass: it runs before every GEMV, so its latency counts.
+    row = tl.program_id(0)
+    x_row = x_ptr + row * stride_xm
+    if INT4:  # [words, parity, byte]: element 8 * word + 2 * byte + parity
+        word = tl.arange(0, BLOCK // 8)
+        cols = (word * 8)[:, None, None] + tl.arange(0, 2)[None, :, None] + (tl.arange(0, 4) * 2)[None, None, :]
+    else:  # [words, byte]: element 4 * word + byte
+        word = tl.arange(0, BLOCK // 4)
+        cols = (word * 4)[:, None] + tl.arange(0, 4)[None, :]
+    x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
+    largest = tl.max(tl.abs(x))
+    tl.store(scale_ptr + row, largest / 127.0)
+    t = x * (127.0 / tl.maximum(largest, 1e-30))  # a row of zeros: t = 0
+    hi = tl.floor(t + 0.5)
+    lo = tl.floor((t - hi) * 254.0 + 0.5)
+    hi, lo = hi.to(tl.int32), tl.minimum(tl.maximum(lo, -127.0), 127.0).to(tl.int32)
+    words = words_ptr + row * (K // 2)
+    if INT4:
+        parity = tl.arange(0, 2)[None, :] * (K // 8)
+        ok = (word < K // 8)[:, None] & (parity >= 0)
+        tl.store(words + parity + word[:, None], _pack(hi, 2), mask=ok)
+        tl.store(words + K // 4 + parity + word[:, None], _pack(lo, 2), mask=ok)
+        group = tl.arange(0, BLOCK // GROUP)
+        cols = (group * GROUP)[:, None] + tl.arange(0, GROUP)[None, :]
+        values = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
+        tl.store(sums_ptr + row * (K // GROUP) + group, tl.sum(values, axis=1), mask=group < K // GROUP)
+    else:
+        tl.store(words + word, _pack(hi, 1), mask=word < K // 4)
+        tl.store(words + K // 4 + word, _pack(lo, 1), mask=word < K // 4)
+
+
+def quantize_row(x: torch.Tensor, int4: bool = False, group: int = 128
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """x [M, K] (float) -> (words int32 [M, K // 2], scale float32 [M], group sums float32 [M, K // group] or None):
+    the two int8 parts of each row, packed for int8 weights or (int4) for int4 weights."""
+    m, k = x.shape
+    if k % (group if int4 else 4):
+        raise ValueError(f"quantize_row takes rows of a multiple of {group if int4 else 4} values, got {k}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    words = torch.empty(m, k // 2, dtype=torch.int32, device=x.device)
+    scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    sums = torch.empty(m, k // group, dtype=torch.float32, device=x.device) if int4 else None
+    block = triton.next_power_of_2(k)
+    _quantize_kernel[(m,)](x, words, scale, sums if sums is not None else scale, x.stride(0), K=k, BLOCK=block,
+                           INT4=int4, GROUP=group, num_warps=4 if block <= 4096 else 8)
+    return words, scale, sums
+
+
+@triton.jit
+def _int8_kernel(words_ptr, x_scale_ptr, w_ptr, w_scale_ptr, y_ptr, N, stride_wn,
+                 KW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, EMULATE: tl.constexpr):
+    # w: int32 words [N, KW] (four int8 weights each); words: the row's hi words then its lo words.
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
+    acc_hi = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.int32)
+    acc_lo = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.int32)
+    for start in range(0, KW, BLOCK_KW):
+        cols = start + tl.arange(0, BLOCK_KW)
+        col_ok = cols < KW
+        w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0,
+                    eviction_policy="evict_first")
+        # Loaded at the weights' shape (each thread the words its weights meet, from L1): a [BLOCK_KW] load
+        # broadcast over the rows would go through shared memory and a barrier every step.
+        x_words = words_ptr + cols[None, :] + 0 * rows[:, None]
+        hi = tl.load(x_words, mask=col_ok[None, :], other=0)
+        lo = tl.load(x_words + KW, mask=col_ok[None, :], other=0)
+        acc_hi = _dp4a(w, hi, acc_hi, True, EMULATE)
+        acc_lo = _dp4a(w, lo, acc_lo, True, EMULATE)
+    dot = tl.sum(acc_hi, axis=1).to(tl.float32) + tl.sum(acc_lo, axis=1).to(tl.float32) * (1.0 / 254.0)
+    out = dot * tl.load(x_scale_ptr) * tl.load(w_scale_ptr + rows, mask=row_ok, other=0.0)
+    tl.store(y_ptr + rows, out.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _int4_kernel(words_ptr, x_scale_ptr, sums_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, N, stride_wn, stride_sn,
+                 GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, GROUP_WORDS: tl.constexpr,
+                 EMULATE: tl.constexpr):
+    # w: int32 words [N, GROUPS * GROUP_WORDS] (eight int4 weights each); words: hi even, hi odd, lo even, lo odd,
+    # GROUPS * GROUP_WORDS words each; scale, offset: float16 [N, GROUPS]; sums: the row's group sums.
+    KW: tl.constexpr = GROUPS * GROUP_WORDS
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    w_rows = w_ptr + rows[:, None, None].to(tl.int64) * stride_wn
+    s_rows = rows[:, None].to(tl.int64) * stride_sn
+    acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
+    zero = tl.zeros([BLOCK_N, BLOCK_G, GROUP_WORDS], dtype=tl.int32)
+    for start in range(0, GROUPS, BLOCK_G):
+        groups = start + tl.arange(0, BLOCK_G)
+        group_ok = groups < GROUPS
+        cols = (groups * GROUP_WORDS)[:, None] + tl.arange(0, GROUP_WORDS)[None, :]  # [BLOCK_G, GROUP_WORDS]
+        col_ok = group_ok[:, None]
+        w = tl.load(w_rows + cols[None, :, :], mask=row_ok[:, None, None] & col_ok[None, :, :], other=0,
+                    eviction_policy="evict_first")
+        even = w & 0x0F0F0F0F
+        odd = (w >> 4) & 0x0F0F0F0F
+        hi = _dp4a(even, tl.load(words_ptr + cols, mask=col_ok, other=0)[None, :, :], zero, False, EMULATE)
+        hi = _dp4a(odd, tl.load(words_ptr + KW + cols, mask=col_ok, other=0)[None, :, :], hi, False, EMULATE)
+        lo = _dp4a(even, tl.load(words_ptr + 2 * KW + cols, mask=col_ok, other=0)[None, :, :], zero, False, EMULATE)
+        lo = _dp4a(odd, tl.load(words_ptr + 3 * KW + cols, mask=col_ok, other=0)[None, :, :], lo, False, EMULATE)
+        dot = tl.sum(hi, axis=2).to(tl.float32) + tl.sum(lo, axis=2).to(tl.float32) * (1.0 / 254.0)
+        ok = row_ok[:, None] & group_ok[None, :]
+        scale = tl.load(scale_ptr + s_rows + groups[None, :], mask=ok, other=0.0).to(tl.float32)
+        offset = tl.load(offset_ptr + s_rows + groups[None, :], mask=ok, other=0.0).to(tl.float32)
+        sums = tl.load(sums_ptr + groups, mask=group_ok, other=0.0)[None, :]
+        acc += dot * scale * tl.load(x_scale_ptr) + offset * sums
+    tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+              config: tuple[int, int, int] = INT8_CONFIG) -> torch.Tensor:
+    """x [..., K] holding one row (float), weight int8 [N, K], scale float32 [N] -> x @ (weight * scale[:, None]).T,
+    shaped [..., N], in x's dtype (quantize_row, then the dp4a GEMV)."""
+    n, k = weight.shape
+    _check(x, k, 4)
+    words, x_scale, _ = quantize_row(x.reshape(1, k))
+    block_n, block_kw, num_warps = config
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    w = weight.view(torch.int32)
+    _int8_kernel[(triton.cdiv(n, block_n),)](words, x_scale, w, scale, out, n, w.stride(0), KW=k // 4,
+                                             BLOCK_N=block_n, BLOCK_KW=block_kw, EMULATE=EMULATE,
+                                             num_warps=num_warps, num_stages=1)
+    return out.view(*x.shape[:-1], n)
+
+
+def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+              config: tuple[int, int, int] = INT4_CONFIG) -> torch.Tensor:
+    """x [..., K] holding one row (float), packed uint8 [N, K // 2], scale and offset float16 [N, K // 128]
+    (quantize_int4's layout) -> x @ W.T, shaped [..., N], in x's dtype."""
+    n, half = packed.shape
+    k = 2 * half
+    groups = scale.shape[1]
+    if k != groups * 8 * INT4_GROUP_WORDS:
+        raise ValueError(f"int4_gemv takes groups of {8 * INT4_GROUP_WORDS} weights; got K={k} and {groups} groups")
+    _check(x, k, 8 * INT4_GROUP_WORDS)
+    words, x_scale, sums = quantize_row(x.reshape(1, k), int4=True, group=8 * INT4_GROUP_WORDS)
+    block_n, block_g, num_warps = config
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    w = packed.view(torch.int32)
+    _int4_kernel[(triton.cdiv(n, block_n),)](words, x_scale, sums, w, scale, offset, out, n, w.stride(0),
+                                             scale.stride(0), GROUPS=groups, BLOCK_N=block_n, BLOCK_G=block_g,
+                                             GROUP_WORDS=INT4_GROUP_WORDS, EMULATE=EMULATE,
+                                             num_warps=num_warps, num_stages=1)
+    return out.view(*x.shape[:-1], n)
+
+
+def _check(x: torch.Tensor, k: int, multiple: int) -> None:
+    if x.numel() != k:
+        raise ValueError(f"the dp4a GEMV takes one row of {k} values, got a tensor of shape {tuple(x.shape)}")
+    if k % multiple:
+        raise ValueError(f"the dp4a GEMV takes K a multiple of {multiple}, got {k}")
