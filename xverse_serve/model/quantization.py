@@ -469,13 +469,25 @@ L2_FLUSH_BYTES = 256 << 20  # more than any GPU's L2 cache
 
 def time_call(fn, flush: torch.Tensor, repeats: int = 15) -> float:
     """Median milliseconds of fn() on the current CUDA stream, the L2 cache emptied before each call (as a decode
-    step meets each layer's weights: they were read a whole step ago). Calls fn once first (compiling it)."""
+    step meets each layer's weights: they were read a whole step ago). Calls fn once first (compiling it).
+
+    fn runs as a CUDA graph where it can be captured, as decode steps run it: a candidate of two kernels (dp4a's
+    quantize, then GEMV) then pays the graph's launch gap between them, not an eager launch's. L2 is emptied by
+    reading `flush`: overwriting it would leave dirty lines whose write-back lands in the timed call."""
     fn()
+    run = fn
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        run = graph.replay
+    except RuntimeError:  # a kernel that cannot be captured: timed as launched
+        torch.cuda.synchronize()
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
     for start, end in events:
-        flush.zero_()
+        flush.sum(dtype=torch.int32)
         start.record()
-        fn()
+        run()
         end.record()
     torch.cuda.synchronize()
     return sorted(start.elapsed_time(end) for start, end in events)[repeats // 2]
@@ -546,6 +558,8 @@ def tune(model: nn.Module, dtype: torch.dtype) -> None:
         layer.plan = _PLANS[key]
         if layer.bits == 8 and not name.endswith("lm_head"):  # the decoder's int8 or fp8 projections
             one_row_layers.append((layer, TIMINGS[key].get(1, {})))
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the timing graphs' memory, before the KV pool is planned
     if one_row_layers and not fused_one_row_pays([timings for _, timings in one_row_layers]):
         for layer, _ in one_row_layers:
             layer.one_row = False
