@@ -64,7 +64,8 @@ GiB = 2**30
 KV_DTYPES = {"auto": None, "int8": torch.int8, "fp8": torch.float8_e4m3fn}
 # (name, --quantize, --kv-cache-dtype); the first is the reference for the logit error.
 CONFIGS = [("bf16", "none", "auto"), ("bf16 + int8 KV", "none", "int8"), ("bf16 + fp8 KV", "none", "fp8"),
-           ("int8", "int8", "auto"), ("int4", "int4", "auto"), ("fp8", "fp8", "auto")]
+           ("int8", "int8", "auto"), ("int4", "int4", "auto"), ("fp8", "fp8", "auto"),
+           ("fp8 + fp8 KV", "fp8", "fp8")]  # against "bf16 + fp8 KV": the same cache dtype
 CAPPED = [("int8, 10 GiB", "int8", 10.0), ("int4, 6 GiB", "int4", 6.0)]
 ERROR_PROMPT_LEN, ERROR_POSITIONS = 512, 64
 
