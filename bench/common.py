@@ -223,6 +223,26 @@ def cold_time_us(fn: Callable[[], object], flush: torch.Tensor, repeats: int = 3
     return sorted(start.elapsed_time(end) * 1000 for start, end in events)[repeats // 2]
 
 
+def graph_us(calls: list[Callable[[], object]], repeats: int = 10) -> float:
+    """Per-call µs of `calls` (each a function of no arguments) replayed back to back in one CUDA graph: as in a
+    decode step, each call reads weights no earlier call left in L2, and the launch gaps count."""
+    for call in calls:
+        call()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / repeats / len(calls)
+
+
 def replay_ms(graph: torch.cuda.CUDAGraph, repeats: int = 50) -> float:
     """A CUDA graph's replay time in ms, after one replay not counted."""
     graph.replay()

@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from common import PROJECTION_SHAPES, XVERSE_7B, copy_bandwidth, write_results
+from common import PROJECTION_SHAPES, XVERSE_7B, copy_bandwidth, graph_us, write_results
 
 from xverse_serve.kernels import dp4a_gemv, gemv
 from xverse_serve.model.quantization import QuantizedLinear, candidates, relative_error
@@ -42,26 +42,6 @@ def dp4a(layer: QuantizedLinear, x: torch.Tensor, config: tuple[int, int, int]) 
     if layer.bits == 8:
         return dp4a_gemv.int8_gemv(x, layer.weight, layer.weight_scale, config)
     return dp4a_gemv.int4_gemv(x, layer.weight, layer.weight_scale, layer.weight_offset, config)
-
-
-def graph_us(calls: list, repeats: int = 10) -> float:
-    """Per-call µs of `calls` (each a function of no arguments) replayed back to back in one CUDA graph: as in a
-    decode step, each call reads weights no earlier call left in L2, and the launch gaps count."""
-    for call in calls:
-        call()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / repeats / len(calls)
 
 
 def sweep_shapes(device: torch.device, results: dict) -> dict:
@@ -138,21 +118,8 @@ def chain_ms(device: torch.device, best: dict) -> dict[str, float]:
                                "down_proj")
                 return linear(h, head, "lm_head")
 
-            step()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
-            graph.replay()
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(20):
-                graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            results[f"{scheme} {label}"] = start.elapsed_time(end) / 20
+            results[f"{scheme} {label}"] = graph_us([step], repeats=20) / 1000
             print(f"step of projections, {scheme} {label}: {results[f'{scheme} {label}']:.3f} ms", flush=True)
-            del graph
     return results
 
 
