@@ -170,16 +170,18 @@ def _dequantize_kernel(
         q = tl.load(w_ptr + rows[:, None] * stride_wn + ks[None, :], mask=store_ok, other=0).to(tl.float32)
         w = (q * tl.load(scale_ptr + rows, mask=row_ok, other=0.0)[:, None]).to(out_ptr.dtype.element_ty)
     else:
-        pairs = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-        ok = row_ok[:, None] & (pairs < K // 2)[None, :]
-        packed = tl.load(w_ptr + rows[:, None] * stride_wn + pairs[None, :], mask=ok, other=0)
-        s_offsets = rows[:, None] * stride_sn + ((2 * pairs) // GROUP)[None, :]
-        scale = tl.load(scale_ptr + s_offsets, mask=ok, other=0.0).to(tl.float32)
-        offset = tl.load(offset_ptr + s_offsets, mask=ok, other=0.0).to(tl.float32)
-        dtype = out_ptr.dtype.element_ty
-        low = ((packed & 0xF).to(tl.float32) * scale + offset).to(dtype)
-        high = ((packed >> 4).to(tl.float32) * scale + offset).to(dtype)
-        w = tl.interleave(low, high)  # [BLOCK_N, BLOCK_K]: k = 2j, 2j + 1
+        # w_ptr: int32 words of eight weights, k = 8i + e in bits 4e .. 4e + 3 of word i. Each thread turns whole
+        # words into eight outputs (one vector store), the group's scale and offset read once per word, and a
+        # nibble becomes a float by its bits (2^23 + q, minus 2^23: no int-to-float conversion).
+        words = tl.program_id(1) * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
+        ok = row_ok[:, None] & (words < K // 8)[None, :]
+        packed = tl.load(w_ptr + rows[:, None] * stride_wn + words[None, :], mask=ok, other=0)
+        s_offsets = rows[:, None] * stride_sn + ((8 * words) // GROUP)[None, :]
+        scale = tl.load(scale_ptr + s_offsets, mask=ok, other=0.0).to(tl.float32)[:, :, None]
+        offset = tl.load(offset_ptr + s_offsets, mask=ok, other=0.0).to(tl.float32)[:, :, None]
+        nibbles = (packed[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF
+        q = (nibbles | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        w = tl.reshape((q * scale + offset).to(out_ptr.dtype.element_ty), [BLOCK_N, BLOCK_K])
     tl.store(out_ptr + rows[:, None] * stride_on + ks[None, :], w, mask=store_ok)
 
 
@@ -269,9 +271,10 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor |
     k = weight.shape[1] * (2 if bits == 4 else 1)
     out = torch.empty((n, k), dtype=dtype, device=weight.device)
     offset_arg = offset if offset is not None else scale
+    words = weight.view(torch.int32) if bits == 4 else weight  # int4: K is a multiple of the group, so of 8
     _dequantize_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
-        weight, scale, offset_arg, out, n, k,
-        weight.stride(0), offset_arg.stride(0) if bits == 4 else 0, out.stride(0),
+        words, scale, offset_arg, out, n, k,
+        words.stride(0), offset_arg.stride(0) if bits == 4 else 0, out.stride(0),
         BITS=bits, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k,
     )
     return out
