@@ -465,24 +465,28 @@ def tolerance(dtype: torch.dtype, kernel: MatmulKernel | None = None) -> float:
 
 
 L2_FLUSH_BYTES = 256 << 20  # more than any GPU's L2 cache
+# Decode-sized batches are timed as CUDA graphs (time_call); larger ones as launched, since a graph's private
+# memory pool would hold their temporaries (a dequantized weight: 180 MB for gate_up_proj) beside the eager ones.
+GRAPH_TIMING_MAX_ROWS = 64
 
 
-def time_call(fn, flush: torch.Tensor, repeats: int = 15) -> float:
+def time_call(fn, flush: torch.Tensor, repeats: int = 15, graph: bool = True) -> float:
     """Median milliseconds of fn() on the current CUDA stream, the L2 cache emptied before each call (as a decode
     step meets each layer's weights: they were read a whole step ago). Calls fn once first (compiling it).
 
-    fn runs as a CUDA graph where it can be captured, as decode steps run it: a candidate of two kernels (dp4a's
-    quantize, then GEMV) then pays the graph's launch gap between them, not an eager launch's. L2 is emptied by
-    reading `flush`: overwriting it would leave dirty lines whose write-back lands in the timed call."""
+    With `graph`, fn runs as a CUDA graph where it can be captured, as decode steps run it: a candidate of two
+    kernels (dp4a's quantize, then GEMV) then pays the graph's launch gap between them, not an eager launch's.
+    L2 is emptied by reading `flush`: overwriting it would leave dirty lines whose write-back lands in the call."""
     fn()
     run = fn
-    try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        run = graph.replay
-    except RuntimeError:  # a kernel that cannot be captured: timed as launched
-        torch.cuda.synchronize()
+    if graph:
+        try:
+            captured = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(captured):
+                fn()
+            run = captured.replay
+        except RuntimeError:  # a kernel that cannot be captured: timed as launched
+            torch.cuda.synchronize()
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
     for start, end in events:
         flush.sum(dtype=torch.int32)
@@ -523,7 +527,7 @@ def measure_plan(layer: QuantizedLinear, dtype: torch.dtype) -> tuple[MatmulPlan
                 if error > tolerance(dtype, kernel):
                     timings[m][str(kernel)] = f"rejected: relative error {error:.2e}"
                     continue
-                ms = time_call(lambda kernel=kernel, x=x: kernel(x, layer), flush)
+                ms = time_call(lambda kernel=kernel, x=x: kernel(x, layer), flush, graph=m <= GRAPH_TIMING_MAX_ROWS)
             except Exception as exc:  # a backend this build or card lacks, or out of memory: not a candidate
                 timings[m][str(kernel)] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                 torch.cuda.empty_cache()
