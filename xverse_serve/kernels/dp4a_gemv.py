@@ -1,11 +1,12 @@
 """One-row projections on int8 and int4 weights through the integer dot-product instruction (dp4a): the row of
 activations is quantized first, then the GEMV multiplies four weights by four activations per instruction.
 
-Why: a float GEMV on int8 weights spends four to five instructions per weight (widen, convert, multiply-add), and
-on int4 about nine (unpack nibbles first), against about one per two bytes for bf16; at the memory's speed that
-is more than an SM can issue, so it streams int8 at ~2 TB/s and int4 at ~0.9 TB/s on an H100 where bf16 reaches
-~2.7 (quant_h100_twopart.json). With dp4a the weights stay integers: an int8 word of four weights is one load and
-two dp4a, an int4 word of eight is three bit operations and four dp4a. llama.cpp's MMVQ kernels work this way.
+Why: a float GEMV widens every weight and multiplies it in float32: compiled for sm_90, kernels.gemv spends 7.9
+instructions per byte of int8 weights (3.25 per byte of bf16), kernels.quant_matmul's int4 GEMV about 9 per
+weight. With dp4a the weights stay integers: an int8 word of four weights is one load and two dp4a (1.3
+instructions per byte in all), an int4 word of eight is three bit operations and four dp4a. In CUDA graphs on an
+H100 (bench/dp4a_bench.py) that took a step's int4 projections from 3.30 to 2.54 ms; int8's float GEMV was
+already near the copy bandwidth there, and dp4a only matches it. llama.cpp's MMVQ kernels work this way.
 
 The activations, in two int8 parts so that they keep bf16's precision (quantize_row): with s = max|x| / 127,
 x / s = hi + lo / 254 + e, hi and lo in [-127, 127], |e| <= 1 / 508: an error of at most max|x| / 64,516 per value,
@@ -31,7 +32,6 @@ import triton.language as tl
 
 # Triton's interpreter has no inline PTX: there dp4a is computed from the bytes (same result).
 EMULATE = os.environ.get("TRITON_INTERPRET", "0") == "1"
-LO_STEPS = 254  # lo counts 1/254ths of hi's unit
 INT4_GROUP_WORDS = 16  # 128 weights of a group, eight per int32 word
 # (rows per program, words per step, num_warps) for int8 and (rows per program, groups per step, num_warps) for
 # int4: within 2% of the best of 36 and 48 block shapes on each of XVERSE-7B's projections (bench/dp4a_bench.py,
