@@ -162,6 +162,7 @@ def _int4_kernel(words_ptr, x_scale_ptr, sums_ptr, w_ptr, scale_ptr, offset_ptr,
     s_rows = rows[:, None].to(tl.int64) * stride_sn
     acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
     zero = tl.zeros([BLOCK_N, BLOCK_G, GROUP_WORDS], dtype=tl.int32)
+    x_scale = tl.load(x_scale_ptr)
     for start in range(0, GROUPS, BLOCK_G):
         groups = start + tl.arange(0, BLOCK_G)
         group_ok = groups < GROUPS
@@ -180,7 +181,7 @@ def _int4_kernel(words_ptr, x_scale_ptr, sums_ptr, w_ptr, scale_ptr, offset_ptr,
         scale = tl.load(scale_ptr + s_rows + groups[None, :], mask=ok, other=0.0).to(tl.float32)
         offset = tl.load(offset_ptr + s_rows + groups[None, :], mask=ok, other=0.0).to(tl.float32)
         sums = tl.load(sums_ptr + groups, mask=group_ok, other=0.0)[None, :]
-        acc += dot * scale * tl.load(x_scale_ptr) + offset * sums
+        acc += dot * scale * x_scale + offset * sums
     tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
