@@ -221,29 +221,38 @@ def one_row_gemv_kernels() -> Iterator[tuple]:
 
 
 def dp4a_gemv_kernels() -> Iterator[tuple]:
-    """kernels.dp4a_gemv as the tuner runs it, on XVERSE-7B's two K (its dp4a instructions are only assembled
-    here: the interpreter computes them from the bytes): the activation quantizer and the int8 and int4 GEMVs."""
+    """kernels.dp4a_gemv as the tuner and the one-row path run it, on XVERSE-7B's two K (its dp4a instructions
+    are only assembled here: the interpreter computes them from the bytes): the activation quantizer (with the norm
+    before qkv_proj and gate_up_proj, K = 4096), and the int8 and int4 GEMVs, plain, gated (gate_up_proj) and with
+    the residual add (o_proj, down_proj)."""
     from xverse_serve.kernels import dp4a_gemv
 
     for k in (4096, 11008):
         block = 1 << (k - 1).bit_length()
         for int4 in (False, True):
-            yield f"quantize_row K={k}{' int4' if int4 else ''}", dp4a_gemv._quantize_kernel, {
-                "x_ptr": "*bf16", "words_ptr": "*i32", "scale_ptr": "*fp32", "sums_ptr": "*fp32",
-                "stride_xm": "i32"}, {"K": k, "BLOCK": block, "INT4": int4, "GROUP": 128}, {
-                "num_warps": 4 if block <= 4096 else 8, "num_stages": 1}
-        block_n, block_kw, num_warps = dp4a_gemv.INT8_CONFIG
-        yield f"int8 dp4a K={k}", dp4a_gemv._int8_kernel, {
-            "words_ptr": "*i32", "x_scale_ptr": "*fp32", "w_ptr": "*i32", "w_scale_ptr": "*fp32", "y_ptr": "*bf16",
-            "N": "i32", "stride_wn": "i32"}, {
-            "KW": k // 4, "BLOCK_N": block_n, "BLOCK_KW": block_kw, "EMULATE": False}, {
-            "num_warps": num_warps, "num_stages": 1}
-        block_n, block_g, num_warps = dp4a_gemv.INT4_CONFIG
-        yield f"int4 dp4a K={k}", dp4a_gemv._int4_kernel, {
-            "words_ptr": "*i32", "x_scale_ptr": "*fp32", "sums_ptr": "*fp32", "w_ptr": "*i32", "scale_ptr": "*fp16",
-            "offset_ptr": "*fp16", "y_ptr": "*bf16", "N": "i32", "stride_wn": "i32", "stride_sn": "i32"}, {
-            "GROUPS": k // 128, "BLOCK_N": block_n, "BLOCK_G": block_g, "GROUP_WORDS": dp4a_gemv.INT4_GROUP_WORDS,
-            "EMULATE": False}, {"num_warps": num_warps, "num_stages": 1}
+            for normed in (False, True) if k == 4096 else (False,):
+                yield f"quantize_row K={k}{' int4' if int4 else ''}{' normed' if normed else ''}", \
+                    dp4a_gemv._quantize_kernel, {
+                        "x_ptr": "*bf16", "words_ptr": "*i32", "scale_ptr": "*fp32", "sums_ptr": "*fp32",
+                        "norm_w_ptr": "*bf16", "eps": "fp32", "stride_xm": "i32"}, {
+                        "K": k, "BLOCK": block, "INT4": int4, "GROUP": 128, "NORMED": normed}, {
+                        "num_warps": 4 if block <= 4096 else 8, "num_stages": 1}
+        epilogue = {"y_ptr": "*bf16", "residual_ptr": "*bf16", "squares_ptr": "*fp32"}
+        for form in ("", " gated", " residual") if k == 4096 else ("", " residual"):
+            forms = {"GATED": form == " gated", "ADD_RESIDUAL": form == " residual", "EMULATE": False}
+            block_n, block_kw, num_warps = dp4a_gemv.INT8_CONFIG
+            yield f"int8 dp4a K={k}{form}", dp4a_gemv._int8_kernel, {
+                "words_ptr": "*i32", "x_scale_ptr": "*fp32", "w_ptr": "*i32", "w_scale_ptr": "*fp32", **epilogue,
+                "N": "i32", "stride_wn": "i32"}, {
+                "KW": k // 4, "BLOCK_N": block_n, "BLOCK_KW": block_kw, **forms}, {
+                "num_warps": num_warps, "num_stages": 1}
+            block_n, block_g, num_warps = dp4a_gemv.INT4_CONFIG
+            yield f"int4 dp4a K={k}{form}", dp4a_gemv._int4_kernel, {
+                "words_ptr": "*i32", "x_scale_ptr": "*fp32", "sums_ptr": "*fp32", "w_ptr": "*i32",
+                "scale_ptr": "*fp16", "offset_ptr": "*fp16", **epilogue, "N": "i32", "stride_wn": "i32",
+                "stride_sn": "i32"}, {
+                "GROUPS": k // 128, "BLOCK_N": block_n, "BLOCK_G": block_g, "GROUP_WORDS": dp4a_gemv.INT4_GROUP_WORDS,
+                **forms}, {"num_warps": num_warps, "num_stages": 1}
 
 
 def main() -> None:

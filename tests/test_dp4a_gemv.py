@@ -22,6 +22,7 @@ DEVICE = torch.device("cpu" if INTERPRET else "cuda")
 pytest.importorskip("triton")
 
 from test_quantization import compile_for_hopper, gaussian, quantized_layer  # noqa: E402
+from test_triton_ops import interpreter_rounds_bfloat16  # noqa: E402,F401  (autouse: bf16 rounding as on GPUs)
 
 from xverse_serve.kernels import dp4a_gemv  # noqa: E402
 from xverse_serve.model.quantization import (  # noqa: E402
@@ -32,6 +33,7 @@ from xverse_serve.model.quantization import (  # noqa: E402
     reference_matmul,
     relative_error,
 )
+from xverse_serve.model.xverse import rms_norm_reference  # noqa: E402
 
 BOUND = 1 / 64516  # of max|x|, per activation
 
@@ -114,6 +116,63 @@ def test_the_dp4a_kernel_equals_the_float32_reference(scheme: str) -> None:
         assert relative_error(y.view(1, 70), reference_matmul(xd, layer)) < bound
 
 
+@pytest.mark.parametrize("int4", [False, True], ids=["int8 order", "int4 order"])
+def test_quantize_row_with_a_norm_quantizes_the_rows_rms_norm(int4: bool) -> None:
+    k = 3 * INT4_GROUP
+    x = (gaussian(2, k, seed=11) * 3).to(torch.bfloat16)
+    weight = (1 + gaussian(k, seed=12) / 4).to(torch.bfloat16)
+    normed = rms_norm_reference(x, weight, 1e-6).float()  # rounded to bf16 as the norm kernel rounds
+    words, scale, sums = dp4a_gemv.quantize_row(x.to(DEVICE), int4=int4, norm_weight=weight.to(DEVICE), eps=1e-6)
+    for row in range(2):
+        largest = normed[row].abs().max()
+        assert scale[row].item() == pytest.approx(largest.item() / 127, rel=1e-2)
+        error = (decode(words[row].cpu(), scale[row].cpu(), k, int4) - normed[row]).abs().max()
+        # the activations' bound, and a bf16 rounding where the variance's last bit differs from the reference's
+        assert error <= largest * BOUND * 1.001 + normed[row].abs().max() * 2 ** -8, row
+    if int4:
+        assert torch.allclose(sums.cpu(), normed.view(2, -1, INT4_GROUP).sum(-1), rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="norm's weight"):
+        dp4a_gemv.quantize_row(x.to(DEVICE), norm_weight=weight[:-4].to(DEVICE))
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_the_fused_forms_equal_their_unfused_references(scheme: str) -> None:
+    """What the one-row path runs (one_row.py): the norm in the quantizing kernel, silu(gate) * up and the
+    residual add with its sums of squares in the GEMV's epilogue."""
+    k, n = 3 * INT4_GROUP, 70  # rows that fill no whole block
+    layer = quantized_layer(scheme, 2 * n, k, seed=13, device=DEVICE)
+    operands = (layer.weight, layer.weight_scale, layer.weight_offset)
+    x = (gaussian(1, k, seed=14) * 2).to(torch.bfloat16)
+    norm_weight = (1 + gaussian(k, seed=15) / 4).to(torch.bfloat16)
+    residual = gaussian(n, seed=16).to(torch.bfloat16)
+    normed = rms_norm_reference(x, norm_weight, 1e-5)
+    products = reference_matmul(normed, layer)  # [1, 2n]: the gate's rows, then the up's
+
+    y, squares = dp4a_gemv.fused_gemv(x.to(DEVICE), *operands, norm=(norm_weight.to(DEVICE), 1e-5))
+    assert squares is None and y.dtype == torch.bfloat16
+    assert relative_error(y.cpu(), products) < 5e-3
+
+    gated, _ = dp4a_gemv.fused_gemv(x.to(DEVICE), *operands, norm=(norm_weight.to(DEVICE), 1e-5), gated=True)
+    assert gated.shape == (1, n)
+    assert relative_error(gated.cpu(), silu_and_mul(products)) < 1e-2
+
+    half = quantized_layer(scheme, n, k, seed=17, device=DEVICE)
+    summed, squares = dp4a_gemv.fused_gemv(x.to(DEVICE), half.weight, half.weight_scale, half.weight_offset,
+                                           residual=residual.to(DEVICE))
+    expected = reference_matmul(x, half)[0] + residual.float()
+    assert relative_error(summed.cpu().view(n), expected) < 5e-3
+    block_n = (dp4a_gemv.INT4_CONFIG if scheme == "int4" else dp4a_gemv.INT8_CONFIG)[0]
+    assert squares.shape == (-(-n // block_n),)  # one per program, as kernels.gemv.add_gemv leaves them
+    assert squares.sum().item() == pytest.approx(summed.float().pow(2).sum().item(), rel=1e-4)
+    with pytest.raises(ValueError, match="residual"):
+        dp4a_gemv.fused_gemv(x.to(DEVICE), *operands, residual=residual.to(DEVICE))  # 2n rows, n residuals
+
+
 def test_the_tuner_offers_dp4a_at_one_row_of_bf16_or_fp16_for_int8_and_int4() -> None:
     for scheme in ("int8", "int4"):
         layer = QuantizedLinear(4096, 4096, scheme)
@@ -134,6 +193,7 @@ def test_bad_shapes_are_clear_errors() -> None:
 
 def test_the_dp4a_kernels_compile_for_hopper_with_dp4a_and_without_register_spills() -> None:
     reports = {r["kernel"]: r for r in compile_for_hopper("dp4a")}
-    assert len(reports) == 8 and [r for r in reports.values() if r["spilled_bytes"]] == []
+    assert len(reports) == 16 and [r for r in reports.values() if r["spilled_bytes"]] == []
     assert {name for name, r in reports.items() if r["dp4a"]} == {
-        f"{scheme} dp4a K={k}" for scheme in ("int8", "int4") for k in (4096, 11008)}
+        f"{scheme} dp4a K={k}{form}" for scheme in ("int8", "int4") for k, forms in (
+            (4096, ("", " gated", " residual")), (11008, ("", " residual"))) for form in forms}

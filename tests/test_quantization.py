@@ -51,7 +51,7 @@ from xverse_serve.model.quantization import (
     dequantize_fp8,
     dequantize_int4,
     dequantize_int8,
-    fused_one_row_pays,
+    one_row_family,
     quantize_fp8,
     quantize_int4,
     quantize_int8,
@@ -252,8 +252,8 @@ def test_int8_and_fp8_take_the_bf16_models_gemv_kernels(triton_kernels, scheme: 
         y = MatmulKernel(backend, options)(x, layer)
         assert y.shape == (m, 70) and y.dtype == dtype
         assert relative_error(y, reference_matmul(x, layer)) < 5e-3
-    assert layer.gemv_operands() == (layer.weight, layer.weight_scale)
-    assert quantized_layer("int4", 70, 3 * INT4_GROUP, seed=6, device=DEVICE).gemv_operands() is None
+    assert layer.gemv_operands() == (layer.weight, layer.weight_scale) and layer.one_row == "gemv"
+    assert quantized_layer("int4", 70, 3 * INT4_GROUP, seed=6, device=DEVICE).one_row is None  # until tuned
 
 
 @pytest.mark.skipif(INTERPRET or not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
@@ -325,16 +325,28 @@ def test_candidates_cover_every_batch_size_and_the_torch_op_only_for_int8() -> N
     assert "imma_rows" not in {k.backend for k in candidates(QuantizedLinear(4000, 4096, "int8"), 512)}  # K % 128
 
 
-def test_one_row_steps_keep_the_fused_gemvs_unless_the_tuned_kernels_are_clearly_faster() -> None:
+def test_one_row_steps_take_the_faster_fused_family_unless_the_tuned_kernels_are_clearly_faster() -> None:
     """Summed over the projections: the fused path saves its separate norm, residual and SiLU kernels, worth
     ONE_ROW_MARGIN on the projections' time; beyond that the tuned kernels take one-row steps."""
     close = [{"rowgemv": 1.1, "split(block_n=64, two_part=1)": 1.0}, {"rowgemv": 2.2, "split(block_n=64)": 2.0}]
-    assert fused_one_row_pays(close)
+    assert one_row_family(close, "gemv") == "gemv"
     far = [{"rowgemv": 1.5, "split(block_n=64, two_part=1)": 1.0}, {"rowgemv": 2.2, "split(block_n=64)": 2.0}]
-    assert not fused_one_row_pays(far)  # 3.7 ms against 3.0
+    assert one_row_family(far, "gemv") is None  # 3.7 ms against 3.0
     failed = [{"rowgemv": "failed: OutOfMemoryError", "split(block_n=64, two_part=1)": 1.0}]
-    assert not fused_one_row_pays(failed)
-    assert fused_one_row_pays([{}])  # nothing measured: the path stays
+    assert one_row_family(failed, "gemv") is None
+    assert one_row_family([{}], "gemv") == "gemv"  # nothing measured: the path stays
+    assert one_row_family([{}], None) is None
+    # int8: dp4a's GEMVs (with their quantizing kernel) against the float ones, over all projections.
+    both = [{"rowgemv": 1.0, "dp4a": 0.9}, {"rowgemv": 2.0, "dp4a": 2.2, "split(block_n=64)": 1.9}]
+    assert one_row_family(both, "gemv") == "gemv"  # 3.0 ms against 3.1
+    both[1]["dp4a"] = 1.9
+    assert one_row_family(both, "gemv") == "dp4a"
+    # int4 has no float GEMV at one row: dp4a's, unless it failed anywhere.
+    int4 = [{"dp4a": 1.0, "split(block_n=64)": 1.1}, {"dp4a": 0.5}]
+    assert one_row_family(int4, None) == "dp4a"
+    int4[1]["dp4a"] = "rejected: relative error 1.00e+00"
+    int4[1]["split(block_n=64)"] = 0.6
+    assert one_row_family(int4, None) is None
 
 
 # ---------------------------------------------------------------- the model
@@ -369,6 +381,45 @@ def greedy(model: XverseForCausalLM, prompts: list[list[int]], max_tokens: int =
 
 def random_ids(count: int, config: ModelConfig, seed: int) -> list[int]:
     return torch.randint(4, config.vocab_size, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.skipif(INTERPRET, reason="the one-row path runs on CUDA only")
+@pytest.mark.parametrize(("scheme", "family"), [("int8", "gemv"), ("int8", "dp4a"), ("int4", "dp4a")])
+def test_one_row_decode_steps_run_either_family_of_fused_gemvs(scheme: str, family: str, tiny_model_dir: Path,
+                                                               tiny_int4_dir: Path, monkeypatch) -> None:
+    """The one-row path (one_row.py) with kernels.gemv's GEMVs or dp4a_gemv's: the norms inside the GEMVs or the
+    quantizing kernels (no norm kernel but the first and final ones), logits as the general path's."""
+    from collections import Counter
+
+    from xverse_serve.kernels import fused_ops
+    from xverse_serve.model.xverse import Linear
+
+    model_dir = model_dir_for(scheme, tiny_model_dir, tiny_int4_dir)
+    config = load_config(model_dir)
+    model = load_model(model_dir, config, DEVICE, torch.bfloat16, MAX_POSITIONS, scheme)
+    for layer in model.model.layers:
+        for projection in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                           layer.mlp.down_proj):
+            projection.one_row = family
+    assert model.one_row_ready
+    calls: Counter[str] = Counter()
+    for name in ("rms_norm", "fused_add_rms_norm"):
+        original = getattr(fused_ops, name)
+        monkeypatch.setattr(fused_ops, name, lambda *args, _f=original, _n=name: calls.update([_n]) or _f(*args))
+    token_ids, chunks = list(range(5, 29)), [20, 1, 1, 1, 1]
+    fused = paged_logits(model, token_ids, chunks)
+    layers = config.num_layers
+    # The prefill: the first norm alone, every other one with its residual add. Each of the four decodes: the final
+    # norm, and with kernels.gemv the first layer's input norm and every post-attention norm.
+    per_decode = 1 + (layers + 1) * (family == "gemv")
+    assert calls == {"rms_norm": 1 + 4 * per_decode, "fused_add_rms_norm": 2 * layers}
+    monkeypatch.setattr(Linear, "runs_one_row", classmethod(lambda cls, x: False))
+    unfused = paged_logits(model, token_ids, chunks)
+    torch.testing.assert_close(fused[:20], unfused[:20], rtol=0, atol=0)
+    # Other kernels (sums in other orders, dp4a's activations in two int8 parts): the logits agree to bf16
+    # roundings, the greedy tokens exactly.
+    assert relative_error(fused[20:], unfused[20:].float()) < 2e-2
+    assert torch.equal(fused.argmax(dim=-1), unfused.argmax(dim=-1))
 
 
 def test_a_quantized_model_quantizes_the_projections_lm_head_and_embeddings_only(tiny_int4_dir: Path) -> None:

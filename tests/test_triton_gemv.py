@@ -195,6 +195,7 @@ def test_gemv_refuses_a_norm_or_residual_of_the_wrong_size() -> None:
 @pytest.mark.parametrize("quantize", ["none", "int8"])
 def test_one_bf16_row_goes_through_the_decoder_without_norm_kernels(tiny_model_dir, monkeypatch,
                                                                     quantize: str) -> None:
+    """kernels.gemv's family (int8: chosen here, whatever the tuner chose; tests/test_quantization.py has both)."""
     from collections import Counter
 
     from paged import paged_logits
@@ -205,7 +206,11 @@ def test_one_bf16_row_goes_through_the_decoder_without_norm_kernels(tiny_model_d
 
     config = load_config(tiny_model_dir)
     model = load_model(tiny_model_dir, config, DEVICE, torch.bfloat16, 256, quantize)
-    assert model.one_row_ready  # int8 weights too: the GEMVs read them with their scales
+    for layer in model.model.layers:
+        for projection in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                           layer.mlp.down_proj):
+            projection.one_row = "gemv"  # int8 weights too: the GEMVs read them with their scales
+    assert model.one_row_ready
     calls: Counter[str] = Counter()
     for name in ("rms_norm", "fused_add_rms_norm"):
         original = getattr(triton_ops, name)

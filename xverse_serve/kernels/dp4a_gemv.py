@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .gemv import store_row
+
 # Triton's interpreter has no inline PTX: there dp4a is computed from the bytes (same result).
 EMULATE = os.environ.get("TRITON_INTERPRET", "0") == "1"
 INT4_GROUP_WORDS = 16  # 128 weights of a group, eight per int32 word
@@ -70,11 +72,12 @@ def _pack(q, axis: tl.constexpr):
 
 
 @triton.jit
-def _quantize_kernel(x_ptr, words_ptr, scale_ptr, sums_ptr, stride_xm, K: tl.constexpr, BLOCK: tl.constexpr,
-                     INT4: tl.constexpr, GROUP: tl.constexpr):
+def _quantize_kernel(x_ptr, words_ptr, scale_ptr, sums_ptr, norm_w_ptr, eps, stride_xm, K: tl.constexpr,
+                     BLOCK: tl.constexpr, INT4: tl.constexpr, GROUP: tl.constexpr, NORMED: tl.constexpr):
     # One program per row of x, the whole row at once (BLOCK >= K): its scale, the words (hi part, then lo part,
     # K / 4 words each; in INT4 order each part is its even words then its odd words, K / 8 each), and (INT4) the
-    # float32 sum of each group. One pass: it runs before every GEMV, so its latency counts.
+    # float32 sum of each group. NORMED: the row's RMSNorm is quantized instead, computed and rounded as
+    # fused_ops' norm kernel does. One pass: it runs before every GEMV, so its latency counts.
     row = tl.program_id(0)
     x_row = x_ptr + row * stride_xm
     if INT4:  # [words, parity, byte]: element 8 * word + 2 * byte + parity
@@ -84,6 +87,12 @@ def _quantize_kernel(x_ptr, words_ptr, scale_ptr, sums_ptr, stride_xm, K: tl.con
         word = tl.arange(0, BLOCK // 4)
         cols = (word * 4)[:, None] + tl.arange(0, 4)[None, :]
     x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
+    if NORMED:
+        dtype = x_ptr.dtype.element_ty
+        variance = tl.math.div_rn(tl.sum(x * x), tl.cast(K, tl.float32))
+        inv_rms = tl.math.div_rn(1.0, tl.sqrt_rn(variance + eps))
+        norm_w = tl.load(norm_w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+        x = (norm_w * (x * inv_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     largest = tl.max(tl.abs(x))
     tl.store(scale_ptr + row, largest / 127.0)
     t = x * (127.0 / tl.maximum(largest, 1e-30))  # a row of zeros: t = 0
@@ -96,47 +105,56 @@ def _quantize_kernel(x_ptr, words_ptr, scale_ptr, sums_ptr, stride_xm, K: tl.con
         ok = (word < K // 8)[:, None] & (parity >= 0)
         tl.store(words + parity + word[:, None], _pack(hi, 2), mask=ok)
         tl.store(words + K // 4 + parity + word[:, None], _pack(lo, 2), mask=ok)
+        # A group is GROUP // 8 consecutive words: their sums, from the values already loaded.
+        word_sums = tl.reshape(tl.sum(tl.sum(x, axis=2), axis=1), [BLOCK // GROUP, GROUP // 8])
         group = tl.arange(0, BLOCK // GROUP)
-        cols = (group * GROUP)[:, None] + tl.arange(0, GROUP)[None, :]
-        values = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
-        tl.store(sums_ptr + row * (K // GROUP) + group, tl.sum(values, axis=1), mask=group < K // GROUP)
+        tl.store(sums_ptr + row * (K // GROUP) + group, tl.sum(word_sums, axis=1), mask=group < K // GROUP)
     else:
         tl.store(words + word, _pack(hi, 1), mask=word < K // 4)
         tl.store(words + K // 4 + word, _pack(lo, 1), mask=word < K // 4)
 
 
-def quantize_row(x: torch.Tensor, int4: bool = False, group: int = 128
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def quantize_row(x: torch.Tensor, int4: bool = False, group: int = 128, norm_weight: torch.Tensor | None = None,
+                 eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """x [M, K] (float) -> (words int32 [M, K // 2], scale float32 [M], group sums float32 [M, K // group] or None):
-    the two int8 parts of each row, packed for int8 weights or (int4) for int4 weights."""
+    the two int8 parts of each row, packed for int8 weights or (int4) for int4 weights. With `norm_weight`, of the
+    rows' RMSNorm (fused_ops.rms_norm with that weight and eps) instead: the norm kernel and this one in one."""
     m, k = x.shape
     if k % (group if int4 else 4):
         raise ValueError(f"quantize_row takes rows of a multiple of {group if int4 else 4} values, got {k}")
+    if norm_weight is not None and norm_weight.shape != (k,):
+        raise ValueError(f"the norm's weight must be [{k}], got {tuple(norm_weight.shape)}")
     if x.stride(1) != 1:
         x = x.contiguous()
     words = torch.empty(m, k // 2, dtype=torch.int32, device=x.device)
     scale = torch.empty(m, dtype=torch.float32, device=x.device)
     sums = torch.empty(m, k // group, dtype=torch.float32, device=x.device) if int4 else None
     block = triton.next_power_of_2(k)
-    _quantize_kernel[(m,)](x, words, scale, sums if sums is not None else scale, x.stride(0), K=k, BLOCK=block,
-                           INT4=int4, GROUP=group, num_warps=4 if block <= 4096 else 8)
+    _quantize_kernel[(m,)](x, words, scale, sums if sums is not None else scale,
+                           norm_weight if norm_weight is not None else x, float(eps), x.stride(0), K=k, BLOCK=block,
+                           INT4=int4, GROUP=group, NORMED=norm_weight is not None,
+                           num_warps=4 if block <= 4096 else 8)
     return words, scale, sums
 
 
 @triton.jit
-def _int8_kernel(words_ptr, x_scale_ptr, w_ptr, w_scale_ptr, y_ptr, N, stride_wn,
-                 KW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, EMULATE: tl.constexpr):
-    # w: int32 words [N, KW] (four int8 weights each); words: the row's hi words then its lo words.
+def _int8_kernel(words_ptr, x_scale_ptr, w_ptr, w_scale_ptr, y_ptr, residual_ptr, squares_ptr, N, stride_wn,
+                 KW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, GATED: tl.constexpr,
+                 ADD_RESIDUAL: tl.constexpr, EMULATE: tl.constexpr):
+    # w: int32 words [N, KW] (four int8 weights each; GATED: 2N rows, the gate's then the up's); words: the row's hi
+    # words then its lo words. The epilogue is kernels.gemv's (store_row).
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
     acc_hi = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.int32)
     acc_lo = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.int32)
+    up_hi = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.int32)
+    up_lo = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.int32)
     for start in range(0, KW, BLOCK_KW):
         cols = start + tl.arange(0, BLOCK_KW)
         col_ok = cols < KW
-        w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0,
-                    eviction_policy="evict_first")
+        mask = row_ok[:, None] & col_ok[None, :]
+        w = tl.load(w_rows + cols[None, :], mask=mask, other=0, eviction_policy="evict_first")
         # Loaded at the weights' shape (each thread the words its weights meet, from L1): a [BLOCK_KW] load
         # broadcast over the rows would go through shared memory and a barrier every step.
         x_words = words_ptr + cols[None, :] + 0 * rows[:, None]
@@ -144,82 +162,131 @@ def _int8_kernel(words_ptr, x_scale_ptr, w_ptr, w_scale_ptr, y_ptr, N, stride_wn
         lo = tl.load(x_words + KW, mask=col_ok[None, :], other=0)
         acc_hi = _dp4a(w, hi, acc_hi, True, EMULATE)
         acc_lo = _dp4a(w, lo, acc_lo, True, EMULATE)
-    dot = tl.sum(acc_hi, axis=1).to(tl.float32) + tl.sum(acc_lo, axis=1).to(tl.float32) * (1.0 / 254.0)
-    out = dot * tl.load(x_scale_ptr) * tl.load(w_scale_ptr + rows, mask=row_ok, other=0.0)
-    tl.store(y_ptr + rows, out.to(y_ptr.dtype.element_ty), mask=row_ok)
+        if GATED:
+            w_up = tl.load(w_rows + N * stride_wn + cols[None, :], mask=mask, other=0, eviction_policy="evict_first")
+            up_hi = _dp4a(w_up, hi, up_hi, True, EMULATE)
+            up_lo = _dp4a(w_up, lo, up_lo, True, EMULATE)
+    x_scale = tl.load(x_scale_ptr)
+    out = _int8_dot(acc_hi, acc_lo) * x_scale * tl.load(w_scale_ptr + rows, mask=row_ok, other=0.0)
+    up = out
+    if GATED:
+        up = _int8_dot(up_hi, up_lo) * x_scale * tl.load(w_scale_ptr + N + rows, mask=row_ok, other=0.0)
+    store_row(y_ptr, rows, row_ok, out, up, residual_ptr, squares_ptr, GATED, ADD_RESIDUAL)
 
 
 @triton.jit
-def _int4_kernel(words_ptr, x_scale_ptr, sums_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, N, stride_wn, stride_sn,
-                 GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, GROUP_WORDS: tl.constexpr,
-                 EMULATE: tl.constexpr):
-    # w: int32 words [N, GROUPS * GROUP_WORDS] (eight int4 weights each); words: hi even, hi odd, lo even, lo odd,
-    # GROUPS * GROUP_WORDS words each; scale, offset: float16 [N, GROUPS]; sums: the row's group sums.
+def _int8_dot(acc_hi, acc_lo):
+    """The float32 dot of each row with the activations in units of their scale: hi + lo / 254."""
+    return tl.sum(acc_hi, axis=1).to(tl.float32) + tl.sum(acc_lo, axis=1).to(tl.float32) * (1.0 / 254.0)
+
+
+@triton.jit
+def _int4_groups(w_rows, s_rows, cols, groups, row_ok, group_ok, words_ptr, sums, scale_ptr, offset_ptr, x_scale,
+                 KW: tl.constexpr, EMULATE: tl.constexpr):
+    """[BLOCK_N, BLOCK_G]: each row's products with the activations over a step's groups (float32)."""
+    col_ok = group_ok[:, None]
+    w = tl.load(w_rows + cols[None, :, :], mask=row_ok[:, None, None] & col_ok[None, :, :], other=0,
+                eviction_policy="evict_first")
+    even = w & 0x0F0F0F0F
+    odd = (w >> 4) & 0x0F0F0F0F
+    zero = tl.zeros(w.shape, dtype=tl.int32)
+    hi = _dp4a(even, tl.load(words_ptr + cols, mask=col_ok, other=0)[None, :, :], zero, False, EMULATE)
+    hi = _dp4a(odd, tl.load(words_ptr + KW + cols, mask=col_ok, other=0)[None, :, :], hi, False, EMULATE)
+    lo = _dp4a(even, tl.load(words_ptr + 2 * KW + cols, mask=col_ok, other=0)[None, :, :], zero, False, EMULATE)
+    lo = _dp4a(odd, tl.load(words_ptr + 3 * KW + cols, mask=col_ok, other=0)[None, :, :], lo, False, EMULATE)
+    dot = tl.sum(hi, axis=2).to(tl.float32) + tl.sum(lo, axis=2).to(tl.float32) * (1.0 / 254.0)
+    ok = row_ok[:, None] & group_ok[None, :]
+    scale = tl.load(scale_ptr + s_rows + groups[None, :], mask=ok, other=0.0).to(tl.float32)
+    offset = tl.load(offset_ptr + s_rows + groups[None, :], mask=ok, other=0.0).to(tl.float32)
+    return dot * scale * x_scale + offset * sums
+
+
+@triton.jit
+def _int4_kernel(words_ptr, x_scale_ptr, sums_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, residual_ptr, squares_ptr,
+                 N, stride_wn, stride_sn, GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+                 GROUP_WORDS: tl.constexpr, GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr, EMULATE: tl.constexpr):
+    # w: int32 words [N, GROUPS * GROUP_WORDS] (eight int4 weights each; GATED: 2N rows, the gate's then the up's);
+    # words: hi even, hi odd, lo even, lo odd, GROUPS * GROUP_WORDS words each; scale, offset: float16 [N, GROUPS];
+    # sums: the row's group sums. The epilogue is kernels.gemv's (store_row).
     KW: tl.constexpr = GROUPS * GROUP_WORDS
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows[:, None, None].to(tl.int64) * stride_wn
     s_rows = rows[:, None].to(tl.int64) * stride_sn
     acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
-    zero = tl.zeros([BLOCK_N, BLOCK_G, GROUP_WORDS], dtype=tl.int32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
     x_scale = tl.load(x_scale_ptr)
     for start in range(0, GROUPS, BLOCK_G):
         groups = start + tl.arange(0, BLOCK_G)
         group_ok = groups < GROUPS
         cols = (groups * GROUP_WORDS)[:, None] + tl.arange(0, GROUP_WORDS)[None, :]  # [BLOCK_G, GROUP_WORDS]
-        col_ok = group_ok[:, None]
-        w = tl.load(w_rows + cols[None, :, :], mask=row_ok[:, None, None] & col_ok[None, :, :], other=0,
-                    eviction_policy="evict_first")
-        even = w & 0x0F0F0F0F
-        odd = (w >> 4) & 0x0F0F0F0F
-        hi = _dp4a(even, tl.load(words_ptr + cols, mask=col_ok, other=0)[None, :, :], zero, False, EMULATE)
-        hi = _dp4a(odd, tl.load(words_ptr + KW + cols, mask=col_ok, other=0)[None, :, :], hi, False, EMULATE)
-        lo = _dp4a(even, tl.load(words_ptr + 2 * KW + cols, mask=col_ok, other=0)[None, :, :], zero, False, EMULATE)
-        lo = _dp4a(odd, tl.load(words_ptr + 3 * KW + cols, mask=col_ok, other=0)[None, :, :], lo, False, EMULATE)
-        dot = tl.sum(hi, axis=2).to(tl.float32) + tl.sum(lo, axis=2).to(tl.float32) * (1.0 / 254.0)
-        ok = row_ok[:, None] & group_ok[None, :]
-        scale = tl.load(scale_ptr + s_rows + groups[None, :], mask=ok, other=0.0).to(tl.float32)
-        offset = tl.load(offset_ptr + s_rows + groups[None, :], mask=ok, other=0.0).to(tl.float32)
         sums = tl.load(sums_ptr + groups, mask=group_ok, other=0.0)[None, :]
-        acc += dot * scale * x_scale + offset * sums
-    tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
+        acc += _int4_groups(w_rows, s_rows, cols, groups, row_ok, group_ok, words_ptr, sums, scale_ptr, offset_ptr,
+                            x_scale, KW, EMULATE)
+        if GATED:
+            acc_up += _int4_groups(w_rows + N * stride_wn, s_rows + N * stride_sn, cols, groups, row_ok, group_ok,
+                                   words_ptr, sums, scale_ptr, offset_ptr, x_scale, KW, EMULATE)
+    store_row(y_ptr, rows, row_ok, tl.sum(acc, axis=1), tl.sum(acc_up, axis=1), residual_ptr, squares_ptr, GATED,
+              ADD_RESIDUAL)
 
 
 def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
               config: tuple[int, int, int] = INT8_CONFIG) -> torch.Tensor:
     """x [..., K] holding one row (float), weight int8 [N, K], scale float32 [N] -> x @ (weight * scale[:, None]).T,
     shaped [..., N], in x's dtype (quantize_row, then the dp4a GEMV)."""
-    n, k = weight.shape
-    _check(x, k, 4)
-    words, x_scale, _ = quantize_row(x.reshape(1, k))
-    block_n, block_kw, num_warps = config
-    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    w = weight.view(torch.int32)
-    _int8_kernel[(triton.cdiv(n, block_n),)](words, x_scale, w, scale, out, n, w.stride(0), KW=k // 4,
-                                             BLOCK_N=block_n, BLOCK_KW=block_kw, EMULATE=EMULATE,
-                                             num_warps=num_warps, num_stages=1)
-    return out.view(*x.shape[:-1], n)
+    out, _ = fused_gemv(x, weight, scale, config=config)
+    return out
 
 
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
               config: tuple[int, int, int] = INT4_CONFIG) -> torch.Tensor:
     """x [..., K] holding one row (float), packed uint8 [N, K // 2], scale and offset float16 [N, K // 128]
     (quantize_int4's layout) -> x @ W.T, shaped [..., N], in x's dtype."""
-    n, half = packed.shape
-    k = 2 * half
-    groups = scale.shape[1]
-    if k != groups * 8 * INT4_GROUP_WORDS:
-        raise ValueError(f"int4_gemv takes groups of {8 * INT4_GROUP_WORDS} weights; got K={k} and {groups} groups")
-    _check(x, k, 8 * INT4_GROUP_WORDS)
-    words, x_scale, sums = quantize_row(x.reshape(1, k), int4=True, group=8 * INT4_GROUP_WORDS)
-    block_n, block_g, num_warps = config
-    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    w = packed.view(torch.int32)
-    _int4_kernel[(triton.cdiv(n, block_n),)](words, x_scale, sums, w, scale, offset, out, n, w.stride(0),
-                                             scale.stride(0), GROUPS=groups, BLOCK_N=block_n, BLOCK_G=block_g,
-                                             GROUP_WORDS=INT4_GROUP_WORDS, EMULATE=EMULATE,
-                                             num_warps=num_warps, num_stages=1)
-    return out.view(*x.shape[:-1], n)
+    out, _ = fused_gemv(x, packed, scale, offset, config=config)
+    return out
+
+
+def fused_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None, *,
+               norm: tuple[torch.Tensor, float] | None = None, gated: bool = False,
+               residual: torch.Tensor | None = None, config: tuple[int, int, int] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The one-row path's projection on dp4a (the fusions of kernels.gemv's): x [..., K] holding one row, int8
+    weights [N, K] with float32 scales [N], or (with `offset`) int4 ones in quantize_int4's layout, groups of 128.
+    norm (weight, eps): the product is taken with x's RMSNorm, computed while quantizing x. gated: the weight holds
+    2N rows, the gate's then the up's, and the result is silu(gate) * up. residual [N]: the result is residual +
+    the product, and the float32 sums of squares of its slices come with it (kernels.gemv.add_gemv's). Returns
+    (the result shaped [..., N] in x's dtype, the sums of squares or None)."""
+    int4 = offset is not None
+    rows, k = weight.shape[0], weight.shape[1] * (2 if int4 else 1)
+    n = rows // 2 if gated else rows
+    if gated and rows % 2:
+        raise ValueError(f"a gated dp4a GEMV takes an even number of weight rows (gate, then up), got {rows}")
+    if int4 and k != scale.shape[1] * 8 * INT4_GROUP_WORDS:
+        raise ValueError(f"the dp4a GEMV takes int4 groups of {8 * INT4_GROUP_WORDS} weights; got K={k} and "
+                         f"{scale.shape[1]} groups")
+    _check(x, k, 8 * INT4_GROUP_WORDS if int4 else 4)
+    if residual is not None and (residual.numel() != n or residual.dtype != x.dtype):
+        raise ValueError(f"the residual must be {n} values of {x.dtype}, got {tuple(residual.shape)} of "
+                         f"{residual.dtype}")
+    norm_weight, eps = norm if norm is not None else (None, 0.0)
+    words, x_scale, sums = quantize_row(x.reshape(1, k), int4, 8 * INT4_GROUP_WORDS, norm_weight, eps)
+    block_n, block, num_warps = config or (INT4_CONFIG if int4 else INT8_CONFIG)
+    programs = triton.cdiv(n, block_n)
+    out = torch.empty(n, dtype=x.dtype, device=x.device)
+    squares = torch.empty(programs, dtype=torch.float32, device=x.device) if residual is not None else None
+    epilogue = dict(GATED=gated, ADD_RESIDUAL=residual is not None, EMULATE=EMULATE, num_warps=num_warps,
+                    num_stages=1)
+    residual_arg = residual.reshape(n) if residual is not None else out
+    squares_arg = squares if squares is not None else out
+    w = weight.view(torch.int32)
+    if int4:
+        _int4_kernel[(programs,)](words, x_scale, sums, w, scale, offset, out, residual_arg, squares_arg, n,
+                                  w.stride(0), scale.stride(0), GROUPS=scale.shape[1], BLOCK_N=block_n,
+                                  BLOCK_G=block, GROUP_WORDS=INT4_GROUP_WORDS, **epilogue)
+    else:
+        _int8_kernel[(programs,)](words, x_scale, w, scale, out, residual_arg, squares_arg, n, w.stride(0),
+                                  KW=k // 4, BLOCK_N=block_n, BLOCK_KW=block, **epilogue)
+    return out.view(*x.shape[:-1], n), squares
 
 
 def _check(x: torch.Tensor, k: int, multiple: int) -> None:

@@ -136,17 +136,29 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, stride_wn,
     out = tl.sum(acc, axis=1)
     if SCALED:
         out *= tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
+    up = out
     if GATED:
         up = tl.sum(acc_up, axis=1)
         if SCALED:
             up *= tl.load(scale_ptr + N + rows, mask=row_ok, other=0.0)
-        # Rounded where the unfused path stores: the projection's output, then silu (fused_ops.silu_and_mul).
+    store_row(y_ptr, rows, row_ok, out, up, residual_ptr, squares_out_ptr, GATED, ADD_RESIDUAL)
+
+
+@triton.jit
+def store_row(y_ptr, rows, row_ok, out, up, residual_ptr, squares_out_ptr, GATED: tl.constexpr,
+              ADD_RESIDUAL: tl.constexpr):
+    """The one-row GEMVs' epilogue (here and in kernels.dp4a_gemv), `out` and `up` the float32 products of this
+    program's rows: stores silu(out) * up (GATED), residual + out and the sum of squares of this program's rows of
+    it at squares_out[pid] (ADD_RESIDUAL), or out; each rounded where the unfused path rounds."""
+    dtype = y_ptr.dtype.element_ty
+    if GATED:
+        # The projection's output, then silu, rounded as fused_ops.silu_and_mul rounds them.
         gate = out.to(dtype).to(tl.float32)
         up = up.to(dtype).to(tl.float32)
         silu = tl.math.div_rn(gate, 1.0 + tl.exp(-gate)).to(dtype).to(tl.float32)
         tl.store(y_ptr + rows, (silu * up).to(dtype), mask=row_ok)
     elif ADD_RESIDUAL:
-        # Rounded where the unfused path rounds: the projection's output, then the sum (fused_ops' residual add).
+        # The projection's output, then the sum, rounded as fused_ops' residual add rounds them.
         residual = tl.load(residual_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         y = (out.to(dtype).to(tl.float32) + residual).to(dtype).to(tl.float32)
         tl.store(y_ptr + rows, y.to(dtype), mask=row_ok)

@@ -1,7 +1,12 @@
-"""The one-row path's projections: a decode step of one sequence runs each projection as one of kernels.gemv's
-fused GEMVs, with the RMSNorm in its prologue, the residual add or SiLU * up in its epilogue
-(DecoderLayer.forward_one_row). A projection takes part through `gemv_operands`: a dense weight, or int8 rows
-with their float32 scales, which the same kernels stream at half the bytes.
+"""The one-row path's projections: a decode step of one sequence runs each projection as a fused GEMV, with the
+RMSNorm in its prologue, the residual add or SiLU * up in its epilogue (DecoderLayer.forward_one_row).
+
+Two kernel families do it, and a projection says which reads its weight (`one_row`):
+- "gemv": kernels.gemv's float GEMVs, for dense weights and for int8 or fp8 rows with their float32 scales
+  (`gemv_operands`), which they stream at half the bytes. The norm is taken inside the GEMV.
+- "dp4a": kernels.dp4a_gemv's integer GEMVs, for int8 and int4 weights (`dp4a_operands`). Their activations are
+  quantized first; the norm is taken by the kernel that quantizes them, so it costs no kernel of its own.
+A projection with `one_row` None has no one-row path (the model then takes its general path).
 """
 
 from __future__ import annotations
@@ -25,41 +30,67 @@ def gemv_kernels(x: torch.Tensor) -> ModuleType | None:
 
 
 class Norm(Protocol):
-    """An RMSNorm's parameters (xverse.RMSNorm)."""
+    """An RMSNorm (xverse.RMSNorm): its parameters, and the norm itself."""
 
     weight: torch.Tensor
     eps: float
 
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
 
 class OneRowProjection:
-    """What a projection needs for the one-row path, given its gemv_operands."""
+    """What a projection needs for the one-row path, given its `one_row` family and that family's operands."""
 
     in_features: int
+    one_row: str | None = "gemv"
 
-    def gemv_operands(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """(weight, int8 scales or None) for kernels.gemv, or None if its kernels cannot read this weight."""
+    def gemv_operands(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, int8 or fp8 scales or None) for kernels.gemv."""
+        raise NotImplementedError
+
+    def dp4a_operands(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(int8 or packed int4 weight, its scales, int4's offsets or None) for kernels.dp4a_gemv."""
         raise NotImplementedError
 
     def gated(self, x: torch.Tensor) -> torch.Tensor | None:
-        """For a gate_up projection: silu(gate) * up of one row in one kernel (gemv.gated_gemv) where the GEMV
-        runs; None elsewhere, where the caller computes the projection and then the activation."""
-        operands = self.gemv_operands()
-        if operands is not None and (gemv := gemv_kernels(x)) is not None and x.numel() == self.in_features:
-            weight, scale = operands
-            return gemv.gated_gemv(x, weight, scale=scale)
-        return None
+        """For a gate_up projection: silu(gate) * up of one row in one kernel where a one-row GEMV reads this
+        weight; None elsewhere, where the caller computes the projection and then the activation."""
+        if self.one_row is None or gemv_kernels(x) is None or x.numel() != self.in_features:
+            return None
+        return self._fused(x, gated=True)[0]
+
+    def gated_normed(self, stream: torch.Tensor, norm: Norm) -> torch.Tensor:
+        """silu(gate) * up of norm(stream), one row: the norm is the quantizing kernel (dp4a) or a kernel of its
+        own before the gated GEMV (gemv: taken inside the GEMV, every program would normalise the whole row, which
+        measured slower, docs/benchmarks.md)."""
+        if self.one_row == "dp4a":
+            return self._fused(stream, gated=True, norm=norm)[0]
+        return self._fused(norm(stream), gated=True)[0]
 
     def add_to(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(residual + self(x), the sums of squares of its slices) in one kernel: gemv.add_gemv."""
+        """(residual + self(x), the sums of squares of its slices) in one GEMV."""
+        return self._fused(x, residual=residual)
+
+    def normed(self, stream: torch.Tensor, squares: torch.Tensor | None, norm: Norm) -> torch.Tensor:
+        """self(norm(stream)). gemv: the norm taken inside the GEMV from the sums of squares add_to left beside the
+        stream (with squares None, the embeddings, by a norm kernel first); dp4a: by the quantizing kernel."""
+        if self.one_row == "gemv" and squares is None:
+            return self._fused(norm(stream))[0]
+        return self._fused(stream, norm=norm, squares=squares)[0]
+
+    def _fused(self, x: torch.Tensor, gated: bool = False, norm: Norm | None = None,
+               squares: torch.Tensor | None = None, residual: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.one_row == "dp4a":
+            from ..kernels import dp4a_gemv
+
+            return dp4a_gemv.fused_gemv(x, *self.dp4a_operands(), gated=gated, residual=residual,
+                                        norm=(norm.weight, norm.eps) if norm is not None else None)
         from ..kernels import gemv
 
         weight, scale = self.gemv_operands()
-        return gemv.add_gemv(x, weight, residual, scale=scale)
-
-    def normed(self, stream: torch.Tensor, squares: torch.Tensor, norm: Norm) -> torch.Tensor:
-        """self(norm(stream)) with the norm taken inside the GEMV, from the sums of squares add_to left beside the
-        stream."""
-        from ..kernels import gemv
-
-        weight, scale = self.gemv_operands()
-        return gemv.gemv(stream, weight, norm=gemv.RowNorm(norm.weight, norm.eps, squares), scale=scale)
+        if residual is not None:
+            return gemv.add_gemv(x, weight, residual, scale=scale)
+        row_norm = gemv.RowNorm(norm.weight, norm.eps, squares) if norm is not None else None
+        run = gemv.gated_gemv if gated else gemv.gemv
+        return run(x, weight, norm=row_norm, scale=scale), None

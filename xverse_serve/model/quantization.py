@@ -14,8 +14,8 @@ tensor cores) and kernels.dp4a_gemv (one row, on integer dot products) run, and 
 GEMVs of kernels.gemv (one row, and 2-64 rows), which read int8 rows with their scales; which one depends on the
 number of rows M: `tune` times the candidates for each layer shape at M = 1, 2, 4, ... at start-up, checks each
 against the float32 reference, and keeps the fastest per M. The one-row path of the decoder (one_row.py) takes
-kernels.gemv's fused GEMVs for int8 and fp8 unless the tuned kernels are faster by more than what its fusions save
-(fused_one_row_pays).
+fused GEMVs, kernels.gemv's (int8, fp8) or kernels.dp4a_gemv's (int8, int4), whichever family is faster, unless the
+tuned kernels are faster by more than what its fusions save (one_row_family).
 """
 
 from __future__ import annotations
@@ -220,13 +220,18 @@ class QuantizedLinear(nn.Module, OneRowProjection):
             self.register_buffer("weight_scale", torch.empty(out_features, groups, dtype=torch.float16))
             self.register_buffer("weight_offset", torch.empty(out_features, groups, dtype=torch.float16))
         self.plan: MatmulPlan | None = None  # set by `tune`; until then default_plan
-        self.one_row = True  # whether the one-row path's fused GEMVs read this weight (tune may decide not)
+        # The one-row path's kernel family (one_row.py): int8 and fp8 start with kernels.gemv's; `tune` may choose
+        # dp4a (int8, int4) or none (the tuned kernels).
+        self.one_row: str | None = "gemv" if self.bits == 8 else None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"
 
-    def gemv_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return (self.weight, self.weight_scale) if self.bits == 8 and self.one_row else None  # int8, fp8
+    def gemv_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.weight, self.weight_scale
+
+    def dp4a_operands(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        return self.weight, self.weight_scale, self.weight_offset
 
     @torch.no_grad()
     def load_rows(self, start: int, w: torch.Tensor) -> None:
@@ -549,8 +554,8 @@ def measure_plan(layer: QuantizedLinear, dtype: torch.dtype) -> tuple[MatmulPlan
 
 def tune(model: nn.Module, dtype: torch.dtype) -> None:
     """Gives every QuantizedLinear of a CUDA model the fastest kernel per M for its shape (measured once
-    per shape and process), and decides whether one-row steps keep the fused GEMVs (fused_one_row_pays)."""
-    one_row_layers = []
+    per shape and process), and chooses the kernels of its one-row steps (one_row_family)."""
+    decoder_layers = []
     for name, layer in model.named_modules():
         if not isinstance(layer, QuantizedLinear) or not layer.weight.is_cuda:
             continue
@@ -560,37 +565,45 @@ def tune(model: nn.Module, dtype: torch.dtype) -> None:
             described = ", ".join(f"M<={m}: {kernel}" for m, kernel in _PLANS[key])
             log.info("%s %dx%d matmul: %s", layer.scheme, layer.out_features, layer.in_features, described)
         layer.plan = _PLANS[key]
-        if layer.bits == 8 and not name.endswith("lm_head"):  # the decoder's int8 or fp8 projections
-            one_row_layers.append((layer, TIMINGS[key].get(1, {})))
+        if not name.endswith("lm_head"):  # the decoder's projections
+            decoder_layers.append((layer, TIMINGS[key].get(1, {})))
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the timing graphs' memory, before the KV pool is planned
-    if one_row_layers and not fused_one_row_pays([timings for _, timings in one_row_layers]):
-        for layer, _ in one_row_layers:
-            layer.one_row = False
+    if decoder_layers:
+        family = one_row_family([timings for _, timings in decoder_layers], decoder_layers[0][0].one_row)
+        for layer, _ in decoder_layers:
+            layer.one_row = family
 
 
-# The one-row path's fusions (the norm in the GEMV's prologue, the residual add and SiLU * up in its epilogue)
-# save the separate kernels of the general path: worth about this factor on the projections' own time.
+# The one-row path's fusions (the norm in the GEMV's prologue or the quantizing kernel, the residual add and
+# SiLU * up in its epilogue) save the separate kernels of the general path: worth about this factor on the
+# projections' own time.
 ONE_ROW_MARGIN = 1.15
+# Each one-row family, by the tuning candidate that times its GEMV at M = 1 (dp4a's with its quantizing kernel).
+ONE_ROW_CANDIDATES = {"gemv": "rowgemv", "dp4a": "dp4a"}
 
 
-def fused_one_row_pays(timings: list[dict[str, float | str]]) -> bool:
-    """Whether one-row decode steps of an 8-bit model (int8, fp8) keep the fused GEMVs: unless the plain GEMV
-    (rowgemv) took over ONE_ROW_MARGIN times the fastest tuned kernel's time at M = 1, summed over the decoder's
-    projections (`timings`: each one's milliseconds by kernel at M = 1). Otherwise its one-row steps take the
-    tuned kernels, as int4's do: all or none, since the path runs whole."""
-    fused = fastest = 0.0
+def one_row_family(timings: list[dict[str, float | str]], default: str | None) -> str | None:
+    """The kernels one-row decode steps of a quantized model take (one_row.py), from its decoder projections'
+    `timings` (each one's milliseconds by kernel at M = 1): the faster family of fused GEMVs over all of them,
+    unless even that took over ONE_ROW_MARGIN times the fastest tuned kernels' time; then None, and one-row steps
+    take each projection's tuned kernel. All or none, since the path runs whole. Nothing measured: `default`."""
+    totals = dict.fromkeys(ONE_ROW_CANDIDATES, 0.0)
+    fastest = 0.0
     for one_row in timings:
         times = [ms for ms in one_row.values() if isinstance(ms, float)]
         if not times:
-            return True
-        fused += one_row["rowgemv"] if isinstance(one_row.get("rowgemv"), float) else float("inf")
+            return default
         fastest += min(times)
-    if fused <= ONE_ROW_MARGIN * fastest:
-        return True
+        for family, candidate in ONE_ROW_CANDIDATES.items():
+            ms = one_row.get(candidate)
+            totals[family] += ms if isinstance(ms, float) else float("inf")
+    family = min(totals, key=totals.get)
+    if totals[family] <= ONE_ROW_MARGIN * fastest:
+        return family
     log.info("one-row decode steps take the tuned kernels: %.3f ms of projections per step against the fused "
-             "GEMVs' %.3f ms", fastest, fused)
-    return False
+             "GEMVs' %.3f ms", fastest, totals[family])
+    return None
 
 
 def quantized_bytes(model: nn.Module) -> int:

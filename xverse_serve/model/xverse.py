@@ -86,7 +86,8 @@ class RMSNorm(nn.Module):
         return rms_norm_reference(residual, self.weight, self.eps), residual
 
 
-def rope_tables(head_dim: int, max_positions: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(head_dim: int, max_positions: int, theta: float,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin, [max_positions, head_dim] in float32, in the rotate-half layout."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
     angles = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=device), inv_freq)
@@ -209,20 +210,15 @@ class DecoderLayer(nn.Module):
 
     def forward_one_row(self, stream: torch.Tensor, squares: torch.Tensor | None, rotary: Rotary, kv: LayerCache,
                         batch: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """forward for one row on CUDA (a one-sequence decode step) with one norm kernel instead of two: each
-        residual add runs in the GEMV before it (o_proj, down_proj: Linear.add_to), which also sums the squares
-        of its slices, and the input norm in qkv_proj's GEMV (Linear.normed). The post-attention norm keeps its
-        kernel: taken in the gated gate_up GEMV, every program would normalise the whole row, which measured slower
-        (docs/benchmarks.md). stream: the residual stream entering the layer, with its
-        slices' squares (None in the first layer: the embeddings, normed by the norm kernel). Returns the stream
-        leaving the layer and its squares."""
+        """forward for one row on CUDA (a one-sequence decode step) in fused GEMVs (one_row.py): each residual add
+        runs in the GEMV before it (o_proj, down_proj: add_to), which also sums the squares of its slices, and each
+        norm in the GEMV after it or in the kernel that quantizes its output (normed, gated_normed). stream: the
+        residual stream entering the layer, with its slices' squares (None in the first layer: the embeddings).
+        Returns the stream leaving the layer and its squares."""
         attn, mlp = self.self_attn, self.mlp
-        if squares is None:
-            qkv = attn.qkv_proj(self.input_layernorm(stream))
-        else:
-            qkv = attn.qkv_proj.normed(stream, squares, self.input_layernorm)
+        qkv = attn.qkv_proj.normed(stream, squares, self.input_layernorm)
         stream, _ = attn.o_proj.add_to(attn.attend(qkv, rotary, kv, batch), stream)
-        hidden = mlp.gate_up_proj.gated(self.post_attention_layernorm(stream))
+        hidden = mlp.gate_up_proj.gated_normed(stream, self.post_attention_layernorm)
         return mlp.down_proj.add_to(hidden, stream)
 
 
@@ -275,8 +271,8 @@ class XverseForCausalLM(nn.Module):
 
     @cached_property
     def one_row_ready(self) -> bool:
-        """Whether the one-row path's GEMVs read every projection of every layer (dense or int8 weights)."""
-        return all(proj.gemv_operands() is not None for layer in self.model.layers
+        """Whether one-row GEMVs read every projection of every layer (one_row.py)."""
+        return all(proj.one_row is not None for layer in self.model.layers
                    for proj in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
                                 layer.mlp.down_proj))
 

@@ -1,0 +1,101 @@
+"""One-sequence decode steps of each weight format under each family of one-row kernels (model/one_row.py):
+kernels.gemv's fused float GEMVs ("gemv"), kernels.dp4a_gemv's fused integer ones ("dp4a"), or each projection's
+tuned kernel through the general path ("tuned"), against bf16, on an XVERSE-7B-shaped checkpoint (the one
+quant_bench.py writes: random_checkpoint.py's). Each row: the decode graph's replay and a whole engine step at a
+512-token context, and whether the start-up tuner chose that family.
+
+    python bench/one_row_bench.py --out bench/results/one_row_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from common import (
+    BLOCK_SIZE,
+    GREEDY,
+    abort_all,
+    prompts,
+    replay_ms,
+    start_decoding,
+    wall_ms,
+    write_results,
+)
+from quant_bench import free_memory, write_random_checkpoint
+
+from xverse_serve.engine.config import CacheConfig, SchedulerConfig
+from xverse_serve.engine.loader import assemble_engine
+from xverse_serve.model.checkpoint import load_config
+from xverse_serve.model.xverse import XverseForCausalLM, load_model
+
+FAMILIES = {"none": ("gemv",), "int8": ("gemv", "dp4a", "tuned"), "int4": ("dp4a", "tuned"), "fp8": ("gemv", "tuned")}
+MAX_MODEL_LEN = 2048
+
+
+def projections(model: XverseForCausalLM) -> list:
+    return [p for layer in model.model.layers for p in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                                         layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+
+
+def decode_step(model: XverseForCausalLM, family: str, context: int, steps: int) -> dict:
+    """The decode graph's replay and an engine step, in ms, with every projection's one-row family set."""
+    for projection in projections(model):
+        projection.one_row = None if family == "tuned" else family
+    model.__dict__.pop("one_row_ready", None)  # a cached_property
+    engine = assemble_engine(model, CacheConfig(MAX_MODEL_LEN // BLOCK_SIZE + 64, BLOCK_SIZE),
+                             SchedulerConfig(max_num_seqs=1, max_batched_tokens=4096), MAX_MODEL_LEN,
+                             cuda_graphs=True)
+    start_decoding(engine, prompts(1, context, model.config.vocab_size, 0), GREEDY, "decode-")
+    wall_ms(engine.step, 3)
+    step_ms = wall_ms(engine.step, steps)
+    graph_ms = replay_ms(engine.runner.graphs.graphs[1])  # still holding the last step's inputs
+    abort_all(engine)
+    del engine
+    free_memory(model.device)
+    return {"graph_ms": graph_ms, "step_ms": step_ms, "tok_s": 1e3 / step_ms}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint-dir", type=Path, default=Path("/tmp/xverse-random-7b"))
+    parser.add_argument("--formats", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    if not (args.checkpoint_dir / "config.json").is_file():
+        write_random_checkpoint(args.checkpoint_dir, False, device)
+    config = load_config(args.checkpoint_dir)
+    results = {"device": torch.cuda.get_device_name(device), "context": args.context, "rows": []}
+    print(f"{results['device']}, one sequence at {args.context} tokens")
+    print("| weights | one-row kernels | tuner's choice | graph replay ms | engine step ms | tok/s | vs bf16 |")
+    print("|---|---|---|---|---|---|---|")
+    bf16_step = None
+    for quantize in args.formats:
+        model = load_model(args.checkpoint_dir, config, device, torch.bfloat16, MAX_MODEL_LEN, quantize)
+        chosen = projections(model)[0].one_row or "tuned"
+        for family in FAMILIES[quantize]:
+            row = {"quantize": quantize, "family": family, "tuner_chose": family == chosen}
+            try:
+                row.update(decode_step(model, family, args.context, args.steps))
+            except Exception as exc:  # one family failing leaves the others to measure
+                row["error"] = f"{type(exc).__name__}: {exc}"
+                print(f"| {quantize} | {family} | {row['error'][:200]} |", flush=True)
+                results["rows"].append(row)
+                continue
+            bf16_step = row["step_ms"] if quantize == "none" else bf16_step
+            row["vs_bf16"] = bf16_step / row["step_ms"] if bf16_step else None
+            results["rows"].append(row)
+            ratio = f"{row['vs_bf16']:.2f}x" if row["vs_bf16"] else "-"
+            print(f"| {quantize} | {family} | {'yes' if row['tuner_chose'] else ''} | {row['graph_ms']:.3f} "
+                  f"| {row['step_ms']:.3f} | {row['tok_s']:.1f} | {ratio} |", flush=True)
+        del model
+        free_memory(device)
+    write_results(results, args.out)
+
+
+if __name__ == "__main__":
+    main()
