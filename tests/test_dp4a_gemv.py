@@ -151,7 +151,7 @@ def test_the_fused_forms_equal_their_unfused_references(scheme: str) -> None:
     norm_weight = (1 + gaussian(k, seed=15) / 4).to(torch.bfloat16)
     residual = gaussian(n, seed=16).to(torch.bfloat16)
     normed = rms_norm_reference(x, norm_weight, 1e-5)
-    products = reference_matmul(normed, layer)  # [1, 2n]: the gate's rows, then the up's
+    products = reference_matmul(normed.to(DEVICE), layer).cpu()  # [1, 2n]: the gate's rows, then the up's
 
     y, squares = dp4a_gemv.fused_gemv(x.to(DEVICE), *operands, norm=(norm_weight.to(DEVICE), 1e-5))
     assert squares is None and y.dtype == torch.bfloat16
@@ -164,7 +164,7 @@ def test_the_fused_forms_equal_their_unfused_references(scheme: str) -> None:
     half = quantized_layer(scheme, n, k, seed=17, device=DEVICE)
     summed, squares = dp4a_gemv.fused_gemv(x.to(DEVICE), half.weight, half.weight_scale, half.weight_offset,
                                            residual=residual.to(DEVICE))
-    expected = reference_matmul(x, half)[0] + residual.float()
+    expected = reference_matmul(x.to(DEVICE), half)[0].cpu() + residual.float()
     assert relative_error(summed.cpu().view(n), expected) < 5e-3
     block_n = (dp4a_gemv.INT4_CONFIG if scheme == "int4" else dp4a_gemv.INT8_CONFIG)[0]
     assert squares.shape == (-(-n // block_n),)  # one per program, as kernels.gemv.add_gemv leaves them

@@ -166,14 +166,25 @@ def _split_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, partial_ptr, ticket_ptr, M, N,
             BLOCK_M, BLOCK_N, SPLIT, MAX_M)
 
 
+@triton.jit
+def _nibbles_plus_128(q, dtype: tl.constexpr):
+    """Values 0..15 as 128 + q in bf16 or fp16, by their bits (128's exponent, q in the mantissa's bits of the
+    units, where both formats hold 128..143 exactly): two or three integer operations instead of an int-to-float
+    conversion and a narrowing, which bound the kernel. The dot's extra 128 * sum(x) goes with the group's offset."""
+    if dtype == tl.bfloat16:
+        return (q.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
+    return ((q.to(tl.uint16) << 3) | 0x5800).to(tl.float16, bitcast=True)  # 128's spacing is 1/8 in fp16
+
+
 @triton.jit(do_not_specialize=["M"])
 def _split_int4_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, offset_ptr, partial_ptr, ticket_ptr, M, N, stride_xm,
                        stride_wn, stride_sn, stride_ym, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PER_SPLIT: tl.constexpr, EVEN: tl.constexpr,
                        MAX_M: tl.constexpr, TWO_PART: tl.constexpr):
-    # int4 (quantization.quantize_int4's layout): one group of K per step. The nibbles go into the dots as their
-    # integer values (exact in bf16 and fp16), against x's even and odd columns; the group's scale and offset
-    # apply to the float32 sums: sum_k x_k W_nk = scale_ng * sum_k x_k q_nk + offset_ng * sum_k x_k.
+    # int4 (quantization.quantize_int4's layout): one group of K per step. The nibbles go into the dots as
+    # 128 + q (exact in bf16 and fp16, _nibbles_plus_128), against x's even and odd columns; the group's scale and
+    # offset apply to the float32 sums: sum_k x_k W_nk = scale_ng * sum_k x_k (128 + q_nk) + (offset_ng - 128 *
+    # scale_ng) * sum_k x_k.
     tile = tl.program_id(0)
     split = tl.program_id(1)
     outs = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -197,13 +208,19 @@ def _split_int4_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, offset_ptr, partial_ptr, 
         x_odd = tl.load(x_ptrs + 1, mask=x_ok[None, :], other=0.0)
         if TWO_PART:
             part = _two_part_dot_int4(packed, x_even.to(tl.float32), x_odd.to(tl.float32))
+            bias = 0.0
+        elif x_even.dtype == tl.float32:  # the exact comparisons, not a speed path: no offset to cancel
+            part = tl.dot((packed & 0xF).to(tl.float32), x_even)
+            part = tl.dot((packed >> 4).to(tl.float32), x_odd, part)
+            bias = 0.0
         else:
-            part = tl.dot((packed & 0xF).to(x_even.dtype), x_even)
-            part = tl.dot((packed >> 4).to(x_even.dtype), x_odd, part)
+            part = tl.dot(_nibbles_plus_128(packed & 0xF, x_even.dtype), x_even)
+            part = tl.dot(_nibbles_plus_128(packed >> 4, x_even.dtype), x_odd, part)
+            bias = 128.0
         scale = tl.load(scale_ptr + s_offsets, mask=w_ok, other=0.0).to(tl.float32)
         offset = tl.load(offset_ptr + s_offsets, mask=w_ok, other=0.0).to(tl.float32)
         x_sum = tl.sum(x_even.to(tl.float32) + x_odd.to(tl.float32), axis=0)
-        acc += part * scale[:, None] + offset[:, None] * x_sum[None, :]
+        acc += part * scale[:, None] + (offset - bias * scale)[:, None] * x_sum[None, :]
         w_ptrs += GROUP // 2
         x_ptrs += GROUP
         s_offsets += 1
