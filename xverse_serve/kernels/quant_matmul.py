@@ -142,8 +142,8 @@ def _gemm_kernel(
             packed = tl.load(w_ptrs, mask=col_ok[None, :], other=0)
             scale = tl.load(scale_ptr + s_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             offset = tl.load(offset_ptr + s_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            low = ((packed & 0xF).to(tl.float32) * scale + offset).to(dtype)
-            high = ((packed >> 4).to(tl.float32) * scale + offset).to(dtype)
+            low = (_nibble_float(packed & 0xF) * scale + offset).to(dtype)
+            high = (_nibble_float(packed >> 4) * scale + offset).to(dtype)
             x = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)  # contiguous, then split into even and odd k
             x_even, x_odd = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_K // 2, 2]))
             acc = _dot(x_even, low, acc, IEEE)
@@ -153,6 +153,13 @@ def _gemm_kernel(
             s_ptrs += 1
     out = out_ptr + split * stride_osplit + rows[:, None] * stride_om + cols[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _nibble_float(q):
+    """Integers 0..15 as float32 by their bits, 2^23 + q minus 2^23: an or and an add at full rate, where an
+    int-to-float conversion runs at a quarter of it (the same exact values)."""
+    return (q.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
 @triton.jit
@@ -179,8 +186,7 @@ def _dequantize_kernel(
         s_offsets = rows[:, None] * stride_sn + ((8 * words) // GROUP)[None, :]
         scale = tl.load(scale_ptr + s_offsets, mask=ok, other=0.0).to(tl.float32)[:, :, None]
         offset = tl.load(offset_ptr + s_offsets, mask=ok, other=0.0).to(tl.float32)[:, :, None]
-        nibbles = (packed[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF
-        q = (nibbles | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        q = _nibble_float((packed[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF)
         w = tl.reshape((q * scale + offset).to(out_ptr.dtype.element_ty), [BLOCK_N, BLOCK_K])
     tl.store(out_ptr + rows[:, None] * stride_on + ks[None, :], w, mask=store_ok)
 

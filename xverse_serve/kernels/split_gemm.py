@@ -172,8 +172,10 @@ def _nibbles_plus_128(q, dtype: tl.constexpr):
     units, where both formats hold 128..143 exactly): two or three integer operations instead of an int-to-float
     conversion and a narrowing, which bound the kernel. The dot's extra 128 * sum(x) goes with the group's offset."""
     if dtype == tl.bfloat16:
-        return (q.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
-    return ((q.to(tl.uint16) << 3) | 0x5800).to(tl.float16, bitcast=True)  # 128's spacing is 1/8 in fp16
+        w = (q.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
+    else:
+        w = ((q.to(tl.uint16) << 3) | 0x5800).to(tl.float16, bitcast=True)  # 128's spacing is 1/8 in fp16
+    return w
 
 
 @triton.jit(do_not_specialize=["M"])
