@@ -2,7 +2,8 @@
 kernels.gemv's fused float GEMVs ("gemv"), kernels.dp4a_gemv's fused integer ones ("dp4a"), or each projection's
 tuned kernel through the general path ("tuned"), against bf16, on an XVERSE-7B-shaped checkpoint (the one
 quant_bench.py writes: random_checkpoint.py's). Each row: the decode graph's replay and a whole engine step at a
-512-token context, and whether the start-up tuner chose that family.
+512-token context, and whether the start-up tuner chose that family; with --profile, the kernels of the graph by
+name (calls and µs per step).
 
     python bench/one_row_bench.py --out bench/results/one_row_h200.json
 """
@@ -23,7 +24,9 @@ from common import (
     wall_ms,
     write_results,
 )
+from kernel_profile import kernel_table
 from quant_bench import free_memory, write_random_checkpoint
+from torch.profiler import ProfilerActivity, profile
 
 from xverse_serve.engine.config import CacheConfig, SchedulerConfig
 from xverse_serve.engine.loader import assemble_engine
@@ -32,6 +35,7 @@ from xverse_serve.model.xverse import XverseForCausalLM, load_model
 
 FAMILIES = {"none": ("gemv",), "int8": ("gemv", "dp4a", "tuned"), "int4": ("dp4a", "tuned"), "fp8": ("gemv", "tuned")}
 MAX_MODEL_LEN = 2048
+PROFILED_REPLAYS = 20
 
 
 def projections(model: XverseForCausalLM) -> list:
@@ -39,8 +43,9 @@ def projections(model: XverseForCausalLM) -> list:
                                                          layer.mlp.gate_up_proj, layer.mlp.down_proj)]
 
 
-def decode_step(model: XverseForCausalLM, family: str, context: int, steps: int) -> dict:
-    """The decode graph's replay and an engine step, in ms, with every projection's one-row family set."""
+def decode_step(model: XverseForCausalLM, family: str, context: int, steps: int, profiled: bool) -> dict:
+    """The decode graph's replay and an engine step, in ms, with every projection's one-row family set; with
+    `profiled`, the kernels of the graph's replays by name (torch.profiler sees each kernel a graph launches)."""
     for projection in projections(model):
         projection.one_row = None if family == "tuned" else family
     model.__dict__.pop("one_row_ready", None)  # a cached_property
@@ -50,11 +55,17 @@ def decode_step(model: XverseForCausalLM, family: str, context: int, steps: int)
     start_decoding(engine, prompts(1, context, model.config.vocab_size, 0), GREEDY, "decode-")
     wall_ms(engine.step, 3)
     step_ms = wall_ms(engine.step, steps)
-    graph_ms = replay_ms(engine.runner.graphs.graphs[1])  # still holding the last step's inputs
+    graph = engine.runner.graphs.graphs[1]  # still holding the last step's inputs
+    graph_ms = replay_ms(graph)
+    kernels = None
+    if profiled:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            wall_ms(graph.replay, PROFILED_REPLAYS)
+        kernels = kernel_table(prof, PROFILED_REPLAYS)
     abort_all(engine)
     del engine
     free_memory(model.device)
-    return {"graph_ms": graph_ms, "step_ms": step_ms, "tok_s": 1e3 / step_ms}
+    return {"graph_ms": graph_ms, "step_ms": step_ms, "tok_s": 1e3 / step_ms, "kernels": kernels}
 
 
 def main() -> None:
@@ -63,6 +74,7 @@ def main() -> None:
     parser.add_argument("--formats", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--profile", action="store_true", help="each graph's kernels by name, µs per step")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -80,7 +92,7 @@ def main() -> None:
         for family in FAMILIES[quantize]:
             row = {"quantize": quantize, "family": family, "tuner_chose": family == chosen}
             try:
-                row.update(decode_step(model, family, args.context, args.steps))
+                row.update(decode_step(model, family, args.context, args.steps, args.profile))
             except Exception as exc:  # one family failing leaves the others to measure
                 row["error"] = f"{type(exc).__name__}: {exc}"
                 print(f"| {quantize} | {family} | {row['error'][:200]} |", flush=True)
@@ -92,6 +104,9 @@ def main() -> None:
             ratio = f"{row['vs_bf16']:.2f}x" if row["vs_bf16"] else "-"
             print(f"| {quantize} | {family} | {'yes' if row['tuner_chose'] else ''} | {row['graph_ms']:.3f} "
                   f"| {row['step_ms']:.3f} | {row['tok_s']:.1f} | {ratio} |", flush=True)
+            for kernel in (row["kernels"] or [])[:16]:
+                print(f"|  | {kernel['kernel'][:60]} | {kernel['calls']:.0f} calls | {kernel['us']:.1f} µs |",
+                      flush=True)
         del model
         free_memory(device)
     write_results(results, args.out)
