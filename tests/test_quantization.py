@@ -384,11 +384,12 @@ def random_ids(count: int, config: ModelConfig, seed: int) -> list[int]:
 
 
 @pytest.mark.skipif(INTERPRET, reason="the one-row path runs on CUDA only")
-@pytest.mark.parametrize(("scheme", "family"), [("int8", "gemv"), ("int8", "dp4a"), ("int4", "dp4a")])
+@pytest.mark.parametrize(("scheme", "family"), [("none", "gemv"), ("int8", "gemv"), ("int8", "dp4a"), ("int4", "dp4a")])
 def test_one_row_decode_steps_run_either_family_of_fused_gemvs(scheme: str, family: str, tiny_model_dir: Path,
                                                                tiny_int4_dir: Path, monkeypatch) -> None:
-    """The one-row path (one_row.py) with kernels.gemv's GEMVs or dp4a_gemv's: the norms inside the GEMVs or the
-    quantizing kernels (no norm kernel but the first and final ones), logits as the general path's."""
+    """The one-row path (one_row.py) with kernels.gemv's GEMVs (bf16 weights too) or dp4a_gemv's: no residual add
+    and no norm kernel but the first and final ones and (gemv) the post-attention one; logits as the general
+    path's."""
     from collections import Counter
 
     from xverse_serve.kernels import fused_ops

@@ -191,45 +191,6 @@ def test_gemv_refuses_a_norm_or_residual_of_the_wrong_size() -> None:
         triton_gemv.add_gemv(x, weight, torch.randn(1, 64).to(DEVICE))
 
 
-@pytest.mark.skipif(INTERPRET, reason="the one-row path runs on CUDA only")
-@pytest.mark.parametrize("quantize", ["none", "int8"])
-def test_one_bf16_row_goes_through_the_decoder_without_norm_kernels(tiny_model_dir, monkeypatch,
-                                                                    quantize: str) -> None:
-    """kernels.gemv's family (int8: chosen here, whatever the tuner chose; tests/test_quantization.py has both)."""
-    from collections import Counter
-
-    from paged import paged_logits
-
-    from xverse_serve.kernels import fused_ops as triton_ops
-    from xverse_serve.model.checkpoint import load_config
-    from xverse_serve.model.xverse import load_model
-
-    config = load_config(tiny_model_dir)
-    model = load_model(tiny_model_dir, config, DEVICE, torch.bfloat16, 256, quantize)
-    for layer in model.model.layers:
-        for projection in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
-                           layer.mlp.down_proj):
-            projection.one_row = "gemv"  # int8 weights too: the GEMVs read them with their scales
-    assert model.one_row_ready
-    calls: Counter[str] = Counter()
-    for name in ("rms_norm", "fused_add_rms_norm"):
-        original = getattr(triton_ops, name)
-        monkeypatch.setattr(triton_ops, name, lambda *args, _f=original, _n=name: calls.update([_n]) or _f(*args))
-    token_ids, chunks = list(range(5, 29)), [20, 1, 1, 1, 1]
-    fused = paged_logits(model, token_ids, chunks)
-    layers = config.num_layers
-    # The 20-token prefill: the first norm alone, every other one with its residual add. Each of the 4 one-row
-    # decodes: the first layer's input norm, every post-attention norm and the final norm as kernels of their own,
-    # none with a residual add.
-    assert calls == {"rms_norm": 1 + 4 * (layers + 2), "fused_add_rms_norm": 2 * layers}
-    monkeypatch.setattr(Linear, "runs_one_row", classmethod(lambda cls, x: False))
-    unfused = paged_logits(model, token_ids, chunks)
-    torch.testing.assert_close(fused[:20], unfused[:20], rtol=0, atol=0)
-    # Sums of squares taken in another order: the logits agree to bf16 roundings, the greedy tokens exactly.
-    assert ((fused - unfused).norm() / unfused.norm()).item() < 2e-2
-    assert torch.equal(fused.argmax(dim=-1), unfused.argmax(dim=-1))
-
-
 def int8_weight(n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """An int8 weight with its float32 row scales (model/quantization.py's layout), and W dequantized in float32."""
     from xverse_serve.model.quantization import dequantize_int8, quantize_int8
