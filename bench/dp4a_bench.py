@@ -39,9 +39,8 @@ def make_layer(n: int, k: int, scheme: str, device: torch.device, seed: int) -> 
 
 
 def dp4a(layer: QuantizedLinear, x: torch.Tensor, config: tuple[int, int, int]) -> torch.Tensor:
-    if layer.bits == 8:
-        return dp4a_gemv.int8_gemv(x, layer.weight, layer.weight_scale, config)
-    return dp4a_gemv.int4_gemv(x, layer.weight, layer.weight_scale, layer.weight_offset, config)
+    """MatmulKernel("dp4a") with a block shape of the sweep's."""
+    return dp4a_gemv.fused_gemv(x, *layer.dp4a_operands(), config=config)[0]
 
 
 def sweep_shapes(device: torch.device, results: dict) -> dict:

@@ -162,9 +162,7 @@ class MatmulKernel:
         if self.backend == "dp4a":
             from ..kernels import dp4a_gemv
 
-            if layer.bits == 8:
-                return dp4a_gemv.int8_gemv(x, layer.weight, layer.weight_scale)
-            return dp4a_gemv.int4_gemv(x, layer.weight, layer.weight_scale, layer.weight_offset)
+            return dp4a_gemv.fused_gemv(x, *layer.dp4a_operands())[0]
         if self.backend == "scaled_mm":
             return scaled_mm(x, layer.weight, layer.weight_scale)
         if self.backend == "gemv" and layer.bits == 8:
