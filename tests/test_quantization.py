@@ -239,6 +239,29 @@ def test_int8_and_int4_take_the_int8_tensor_core_kernels(triton_kernels, scheme:
         assert relative_error(y.view(m, 70), reference_matmul(x, layer)) < 5e-3
 
 
+def test_int8_takes_cublas_int8_gemm_on_the_two_parts(triton_kernels) -> None:
+    """imma_gemm.cublas_rows_matmul: both parts in one torch._int_mm call, the scales applied by one kernel."""
+    layer = quantized_layer("int8", 72, 3 * INT4_GROUP, seed=9, device=DEVICE)
+    kernel = MatmulKernel("cublas_int8")
+    for dtype in [torch.float16] + ([] if INTERPRET else [torch.bfloat16]):
+        x = gaussian(40, 3 * INT4_GROUP, seed=40).to(dtype).to(DEVICE)
+        y = kernel(x.view(40, 1, -1), layer)  # any leading shape
+        assert y.shape == (40, 1, 72) and y.dtype == dtype
+        assert relative_error(y.view(40, 72), reference_matmul(x, layer)) < 5e-3
+    with pytest.raises(ValueError, match="multiples of 8"):
+        kernel(x, quantized_layer("int8", 70, 3 * INT4_GROUP, seed=9, device=DEVICE))
+    with pytest.raises(ValueError, match="more than 8 rows"):
+        kernel(x[:8], layer)
+    offered = {m: "cublas_int8" in {k.backend for k in candidates(QuantizedLinear(4096, 4096, "int8"), m)}
+               for m in (32, 64, 512, 1024, 2048)}
+    assert offered == {32: False, 64: True, 512: True, 1024: True, 2048: False}
+    for other in (QuantizedLinear(4096, 4096, "int4"), QuantizedLinear(4096, 4096, "fp8"),
+                  QuantizedLinear(4096, 4004, "int8")):  # N not a multiple of 8
+        assert "cublas_int8" not in {k.backend for k in candidates(other, 512)}
+    assert "cublas_int8" not in {k.backend for k in candidates(QuantizedLinear(4096, 4096, "int8"), 512,
+                                                                torch.float32)}
+
+
 @pytest.mark.parametrize("scheme", ["int8", "fp8"])
 @pytest.mark.parametrize(("backend", "m"), [("rowgemv", 1), ("skinny", 5), ("skinny", 32), ("skinny", 64),
                                           ("split", 1), ("split", 17), ("split", 64)])
@@ -563,5 +586,6 @@ def test_every_quantized_matmul_kernel_compiles_for_hopper_without_register_spil
                                                             "int4 gemm", "int4 dequantize", "i8 split", "fp8e4nv split",
                                                             "u4 split", "fp8 activations", "split rows",
                                                             "i8 imma_rows", "u4 imma_rows", "i8 two-part split",
-                                                            "u4 two-part split", "fp8e4nv two-part split"}
+                                                            "u4 two-part split", "fp8e4nv two-part split",
+                                                            "cublas_int8 combine"}
     assert [r for r in reports if r["spilled_bytes"]] == []

@@ -31,6 +31,9 @@ from .gemv import check_scale
 from .split_gemm import FIXED, _round
 
 SPLIT_BLOCK = 1024  # elements of a row per step of the split kernel; a multiple of int4's group
+COMBINE_BLOCK = 1024  # outputs per program of cublas_rows_matmul's scaling kernel
+# cublas_rows_matmul's int32 sums take 8 bytes per output (a bf16 output takes 2): offered up to this many rows.
+CUBLAS_MAX_ROWS = 1024
 # (block_m, block_n, block_k, num_warps, num_stages) for rows_matmul; no register spills on sm_90 (ptxas -v).
 ROWS_CONFIGS = ((128, 128, 128, 8, 3), (64, 128, 128, 4, 4))
 # (block_m, block_n, num_warps, num_stages) for rows_matmul_int4: one group of K per step ((128, 64, 4, 3) was
@@ -74,16 +77,22 @@ def _split_rows_kernel(x_ptr, hi_ptr, lo_ptr, s_ptr, sum_ptr, stride_xm, K: tl.c
 def split_rows(x: torch.Tensor, group: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [M, K] -> (hi, lo int8 [M, K], s float32 [M], sums float32 [M, K // group]) with x ~= s * (256 * hi +
     lo) per row; with a group (int4), each group's columns reordered evens first and its sum of x / s."""
+    parts, s, sums = _split_parts(x, group)
+    m = x.shape[0]
+    return parts[:m], parts[m:], s, sums
+
+
+def _split_parts(x: torch.Tensor, group: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """split_rows with hi's rows and lo's in one int8 buffer [2M, K], as cuBLAS multiplies them in one call."""
     m, k = x.shape
     if group and (k % group or SPLIT_BLOCK % group):
         raise ValueError(f"int4's activations split in groups of {group} dividing both K ({k}) and {SPLIT_BLOCK}")
-    hi = torch.empty(m, k, dtype=torch.int8, device=x.device)
-    lo = torch.empty_like(hi)
+    parts = torch.empty(2 * m, k, dtype=torch.int8, device=x.device)
     s = torch.empty(m, dtype=torch.float32, device=x.device)
     sums = torch.empty(m, k // group if group else 1, dtype=torch.float32, device=x.device)
-    _split_rows_kernel[(m,)](x, hi, lo, s, sums, x.stride(0), K=k, GROUP=group or SPLIT_BLOCK, BLOCK=SPLIT_BLOCK,
-                             INT4=bool(group), num_warps=4)
-    return hi, lo, s, sums
+    _split_rows_kernel[(m,)](x, parts, parts[m:], s, sums, x.stride(0), K=k, GROUP=group or SPLIT_BLOCK,
+                             BLOCK=SPLIT_BLOCK, INT4=bool(group), num_warps=4)
+    return parts, s, sums
 
 
 @triton.jit
@@ -177,6 +186,40 @@ def rows_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     _rows_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](
         hi, lo, s, weight, scale, y, m, n, weight.stride(0), y.stride(0), K=k, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=block_k, GROUP_M=8, num_warps=num_warps, num_stages=num_stages)
+    return y.view(*x.shape[:-1], n)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _combine_kernel(acc_ptr, s_ptr, ws_ptr, y_ptr, M, N, stride_ym, BLOCK: tl.constexpr):
+    # acc: int32 [2M, N], the high parts' products then the low parts'; one row of y per program along axis 0.
+    row = tl.program_id(0).to(tl.int64)
+    outs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = outs < N
+    hi = tl.load(acc_ptr + row * N + outs, mask=ok, other=0).to(tl.float32)
+    lo = tl.load(acc_ptr + (row + M) * N + outs, mask=ok, other=0).to(tl.float32)
+    y = (hi * 256.0 + lo) * tl.load(s_ptr + row) * tl.load(ws_ptr + outs, mask=ok, other=0.0)
+    tl.store(y_ptr + row * stride_ym + outs, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def cublas_rows_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """rows_matmul's product through cuBLAS's int8 GEMM (torch._int_mm): both parts of x in one call of 2M rows
+    (int32 sums, exact: |sum| <= 128 * 127 * K < 2^31 for K < 132,000), then one kernel applies the scales. The
+    int32 sums take 8 bytes per output, so the tuner offers it up to CUBLAS_MAX_ROWS rows. cuBLAS wants M over
+    16 and K and N multiples of 8."""
+    check_scale(weight, scale)
+    n, k = weight.shape
+    if weight.dtype != torch.int8 or weight.stride(1) != 1 or n % 8 or k % 8:
+        raise ValueError(f"cublas_rows_matmul takes an int8 weight with contiguous rows and N, K multiples of 8; "
+                         f"got {weight.dtype} {tuple(weight.shape)}")
+    x2 = _as_rows(x, k)
+    m = x2.shape[0]
+    if 2 * m <= 16:
+        raise ValueError(f"cublas_rows_matmul takes more than 8 rows, got {m}")
+    parts, s, _ = _split_parts(x2)
+    sums = torch._int_mm(parts, weight.t())
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    _combine_kernel[(m, triton.cdiv(n, COMBINE_BLOCK))](sums, s, scale, y, m, n, y.stride(0), BLOCK=COMBINE_BLOCK,
+                                                        num_warps=4)
     return y.view(*x.shape[:-1], n)
 
 
