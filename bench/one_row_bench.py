@@ -39,8 +39,7 @@ PROFILED_REPLAYS = 20
 
 
 def projections(model: XverseForCausalLM) -> list:
-    return [p for layer in model.model.layers for p in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
-                                                         layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+    return [projection for layer in model.model.layers for projection in layer.projections()]
 
 
 def decode_step(model: XverseForCausalLM, family: str, context: int, steps: int, profiled: bool) -> dict:

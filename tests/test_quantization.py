@@ -422,8 +422,7 @@ def test_one_row_decode_steps_run_either_family_of_fused_gemvs(scheme: str, fami
     config = load_config(model_dir)
     model = load_model(model_dir, config, DEVICE, torch.bfloat16, MAX_POSITIONS, scheme)
     for layer in model.model.layers:
-        for projection in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
-                           layer.mlp.down_proj):
+        for projection in layer.projections():
             projection.one_row = family
     assert model.one_row_ready
     calls: Counter[str] = Counter()
@@ -463,7 +462,7 @@ def test_a_quantized_model_quantizes_the_projections_lm_head_and_embeddings_only
         error = (embed.dequantized() - dense.model.embed_tokens.weight.float()).abs()
         assert (error <= embed.weight_scale[:, None] / 2 + 1e-3 * embed.weight_scale[:, None]).all()
         for layer in model.model.layers:
-            for proj in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+            for proj in layer.projections():
                 assert isinstance(proj, QuantizedLinear) and proj.scheme == scheme
         projections = [proj for layer in model.model.layers for proj in (layer.self_attn, layer.mlp)]
         for proj in (module for module in model.modules() if isinstance(module, QuantizedLinear)):

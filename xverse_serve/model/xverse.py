@@ -190,6 +190,10 @@ class DecoderLayer(nn.Module):
         q, residual = self.attention_input(x, residual, rotary, kv, batch.slot_mapping)
         return self.attention_output(self.self_attn.paged(q, kv, batch), residual)
 
+    def projections(self) -> tuple[OneRowProjection, ...]:
+        """The layer's four projections, in the order a step runs them."""
+        return self.self_attn.qkv_proj, self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj
+
     # forward's two halves around the attention, which piecewise_graphs runs between CUDA graphs of the rest.
 
     def attention_input(self, x: torch.Tensor, residual: torch.Tensor | None, rotary: Rotary, kv: LayerCache,
@@ -272,9 +276,7 @@ class XverseForCausalLM(nn.Module):
     @cached_property
     def one_row_ready(self) -> bool:
         """Whether one-row GEMVs read every projection of every layer (one_row.py)."""
-        return all(proj.one_row is not None for layer in self.model.layers
-                   for proj in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
-                                layer.mlp.down_proj))
+        return all(proj.one_row is not None for layer in self.model.layers for proj in layer.projections())
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
