@@ -126,10 +126,9 @@ class MatmulKernel:
     activations in two parts; imma_rows: kernels.imma_gemm's int8 tensor-core GEMM for prefill-sized batches
     (int8 and int4); cublas_int8: the same two-part activations through cuBLAS's int8 GEMM (int8, 64 to
     imma_gemm.CUBLAS_MAX_ROWS rows); dp4a: kernels.dp4a_gemv's one-row GEMV on integer dot products (int8 and int4);
-    scaled_mm:
-    FP8 tensor cores with the activations quantized per token (fp8 only); torch: torch._weight_int8pack_mm (int8
-    only); reference: the weight dequantized by PyTorch, then F.linear (slow and memory-hungry: only where no other
-    kernel works)."""
+    scaled_mm: FP8 tensor cores with the activations quantized per token (fp8 only); torch:
+    torch._weight_int8pack_mm (int8 only); reference: the weight dequantized by PyTorch, then F.linear (slow and
+    memory-hungry: only where no other kernel works)."""
 
     backend: str
     options: tuple[tuple[str, int], ...] = ()
