@@ -183,3 +183,36 @@ def test_gpu_log_probs_penalties_and_shared_choices_equal_the_cpu_reference(tiny
                     assert a.logprob == pytest.approx(b.logprob, abs=1e-3)
                     assert [i for i, _ in a.top] == [i for i, _ in b.top]
     assert gpu["prompt only"][0].prompt_logprobs[0] is None and len(gpu["prompt only"][0].prompt_logprobs) == 100
+
+
+# ---------------------------------------------------------------- programmatic dependent launch (Hopper and newer)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="programmatic dependent launch needs compute capability 9.0")
+@pytest.mark.parametrize("scheme", ["none", "int8", "int4"])
+def test_gpu_programmatic_dependent_launch_changes_no_token(scheme: str, tiny_model_dir: Path, tiny_int4_dir: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """kernels.pdl at each level (off; launched early; launched early with the GEMVs' weight prefetch) gives the
+    same greedy tokens in bf16, through CUDA graphs and the one-row path: a kernel reading its input before the
+    kernel that writes it has finished would show here. The launches do take PDL."""
+    from xverse_serve.kernels import pdl
+
+    model_dir = tiny_int4_dir if scheme == "int4" else tiny_model_dir
+    flags = ("--dtype", "bfloat16", "--quantize", scheme)
+    launched: list[int] = []
+    launch = pdl.launch
+
+    def recording(t: torch.Tensor) -> dict:
+        options = launch(t)
+        launched.append(options["PDL"])
+        return options
+
+    monkeypatch.setattr(pdl, "launch", recording)
+    tokens = {}
+    for level in (0, 1, 2):
+        monkeypatch.setattr(pdl, "LEVEL", level)
+        launched.clear()
+        tokens[level] = greedy_tokens(model_dir, "cuda", *flags)
+        assert set(launched) == {level}
+    assert tokens[1] == tokens[0] and tokens[2] == tokens[0]

@@ -288,3 +288,4 @@ def test_8bit_cache_kernels_compile_for_hopper_without_register_spills() -> None
     reports = compile_for_hopper("kv")
     assert len(reports) == 6  # decode attention (two loop forms) and the cache write, for int8 and fp8
     assert [r for r in reports if r["spilled_bytes"]] == []
+    assert {r["pdl_waits"] for r in reports} == {1}  # launched early, each waiting for the kernel before (kernels.pdl)

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
 from .gemv import store_row
 
 # Triton's interpreter has no inline PTX: there dp4a is computed from the bytes (same result).
@@ -73,11 +74,13 @@ def _pack(q, axis: tl.constexpr):
 
 @triton.jit
 def _quantize_kernel(x_ptr, words_ptr, scale_ptr, sums_ptr, norm_w_ptr, eps, stride_xm, K: tl.constexpr,
-                     BLOCK: tl.constexpr, INT4: tl.constexpr, GROUP: tl.constexpr, NORMED: tl.constexpr):
+                     BLOCK: tl.constexpr, INT4: tl.constexpr, GROUP: tl.constexpr, NORMED: tl.constexpr,
+                     PDL: tl.constexpr):
     # One program per row of x, the whole row at once (BLOCK >= K): its scale, the words (hi part, then lo part,
     # K / 4 words each; in INT4 order each part is its even words then its odd words, K / 8 each), and (INT4) the
     # float32 sum of each group. NORMED: the row's RMSNorm is quantized instead, computed and rounded as
     # fused_ops' norm kernel does. One pass: it runs before every GEMV, so its latency counts.
+    pdl.begin(PDL)
     row = tl.program_id(0)
     x_row = x_ptr + row * stride_xm
     if INT4:  # [words, parity, byte]: element 8 * word + 2 * byte + parity
@@ -133,17 +136,22 @@ def quantize_row(x: torch.Tensor, int4: bool = False, group: int = 128, norm_wei
     _quantize_kernel[(m,)](x, words, scale, sums if sums is not None else scale,
                            norm_weight if norm_weight is not None else x, float(eps), x.stride(0), K=k, BLOCK=block,
                            INT4=int4, GROUP=group, NORMED=norm_weight is not None,
-                           num_warps=4 if block <= 4096 else 8)
+                           num_warps=4 if block <= 4096 else 8, **pdl.launch(x))
     return words, scale, sums
 
 
 @triton.jit
 def _int8_kernel(words_ptr, x_scale_ptr, w_ptr, w_scale_ptr, y_ptr, residual_ptr, squares_ptr, N, stride_wn,
                  KW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, GATED: tl.constexpr,
-                 ADD_RESIDUAL: tl.constexpr, EMULATE: tl.constexpr):
+                 ADD_RESIDUAL: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr):
     # w: int32 words [N, KW] (four int8 weights each; GATED: 2N rows, the gate's then the up's); words: the row's hi
-    # words then its lo words. The epilogue is kernels.gemv's (store_row).
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # words then its lo words. The epilogue is kernels.gemv's (store_row). PDL: as kernels.gemv's.
+    row0 = tl.program_id(0) * BLOCK_N
+    pdl.prefetch_rows(w_ptr, row0, tl.minimum(BLOCK_N, N - row0), stride_wn, PDL)
+    if GATED:
+        pdl.prefetch_rows(w_ptr, N + row0, tl.minimum(BLOCK_N, N - row0), stride_wn, PDL)
+    pdl.begin(PDL)
+    rows = row0 + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
     acc_hi = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.int32)
@@ -204,12 +212,23 @@ def _int4_groups(w_rows, s_rows, cols, groups, row_ok, group_ok, words_ptr, sums
 @triton.jit
 def _int4_kernel(words_ptr, x_scale_ptr, sums_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, residual_ptr, squares_ptr,
                  N, stride_wn, stride_sn, GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-                 GROUP_WORDS: tl.constexpr, GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr, EMULATE: tl.constexpr):
+                 GROUP_WORDS: tl.constexpr, GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr, EMULATE: tl.constexpr,
+                 PDL: tl.constexpr):
     # w: int32 words [N, GROUPS * GROUP_WORDS] (eight int4 weights each; GATED: 2N rows, the gate's then the up's);
     # words: hi even, hi odd, lo even, lo odd, GROUPS * GROUP_WORDS words each; scale, offset: float16 [N, GROUPS];
-    # sums: the row's group sums. The epilogue is kernels.gemv's (store_row).
+    # sums: the row's group sums. The epilogue is kernels.gemv's (store_row). PDL: as kernels.gemv's.
     KW: tl.constexpr = GROUPS * GROUP_WORDS
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row0 = tl.program_id(0) * BLOCK_N
+    count = tl.minimum(BLOCK_N, N - row0)
+    pdl.prefetch_rows(w_ptr, row0, count, stride_wn, PDL)
+    pdl.prefetch_rows(scale_ptr, row0, count, stride_sn, PDL)
+    pdl.prefetch_rows(offset_ptr, row0, count, stride_sn, PDL)
+    if GATED:
+        pdl.prefetch_rows(w_ptr, N + row0, count, stride_wn, PDL)
+        pdl.prefetch_rows(scale_ptr, N + row0, count, stride_sn, PDL)
+        pdl.prefetch_rows(offset_ptr, N + row0, count, stride_sn, PDL)
+    pdl.begin(PDL)
+    rows = row0 + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows[:, None, None].to(tl.int64) * stride_wn
     s_rows = rows[:, None].to(tl.int64) * stride_sn
@@ -275,7 +294,7 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offse
     out = torch.empty(n, dtype=x.dtype, device=x.device)
     squares = torch.empty(programs, dtype=torch.float32, device=x.device) if residual is not None else None
     epilogue = dict(GATED=gated, ADD_RESIDUAL=residual is not None, EMULATE=EMULATE, num_warps=num_warps,
-                    num_stages=1)
+                    num_stages=1, **pdl.launch(x))
     residual_arg = residual.reshape(n) if residual is not None else out
     squares_arg = squares if squares is not None else out
     w = weight.view(torch.int32)

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
 from .kv_format import KV_MIN_AMAX, KV_QMAX, check_kv_scales
 
 MAX_NORM_BLOCK = 65536  # RMSNorm keeps one row in registers; XVERSE's is 4096 wide
@@ -49,7 +50,9 @@ def _rms_norm_kernel(
     stride_x, stride_r, stride_o, stride_ro,
     BLOCK: tl.constexpr,  # next power of two >= hidden: the whole row in one block
     HAS_RESIDUAL: tl.constexpr,
+    PDL: tl.constexpr,  # launched early (kernels.pdl)
 ):
+    pdl.begin(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -98,7 +101,7 @@ def _launch_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
             x2, r2, weight, out, residual_out,
             hidden, float(eps),
             x2.stride(0), r2.stride(0), out.stride(0), residual_out.stride(0),
-            BLOCK=block, HAS_RESIDUAL=residual is not None, num_warps=_norm_num_warps(block),
+            BLOCK=block, HAS_RESIDUAL=residual is not None, num_warps=_norm_num_warps(block), **pdl.launch(x),
         )
     out = out.view(*x.shape[:-1], hidden)
     return out, (residual_out.view(x.shape) if residual is not None else None)
@@ -170,7 +173,9 @@ def _rope_kv_kernel(
     QMAX: tl.constexpr,  # 0: the cache holds the model dtype; 127 (int8) or 448 (fp8): an 8-bit cache
     INT8: tl.constexpr,  # the 8-bit cache is int8 (values rounded to integers), not fp8
     MIN_AMAX: tl.constexpr,
+    PDL: tl.constexpr,  # launched early (kernels.pdl)
 ):
+    pdl.begin(PDL)
     token = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
     dims = tl.arange(0, BLOCK_HALF)
@@ -306,6 +311,7 @@ def rope_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, p
         INT8=k_cache.dtype == torch.int8, MIN_AMAX=KV_MIN_AMAX,
         num_warps=num_warps,
         enable_fp_fusion=False,  # no FMA: in float32 too, each product is rounded as in PyTorch
+        **pdl.launch(qkv),
     )
     return out
 

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+
 # (rows, K) of a weight -> (block_n, block_k, num_warps, num_stages), the fastest of a sweep on an H200 for
 # XVERSE-7B's projections (bench/gemv_bench.py); other shapes take DEFAULT_CONFIG.
 CONFIGS = {
@@ -92,15 +94,21 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, stride_wn,
                  scale_ptr,  # SCALED
                  K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                  GATED: tl.constexpr, NORMED: tl.constexpr, SQUARES_BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
-                 SCALED: tl.constexpr, VIA_BITS: tl.constexpr):
+                 SCALED: tl.constexpr, VIA_BITS: tl.constexpr, PDL: tl.constexpr):
     # K is a compile-time constant (a model has two: hidden and intermediate size), so the loop is fixed.
     # GATED: W holds 2N rows, the gate's then the up's; a program takes rows j of both, and stores silu(gate) * up.
     # NORMED: x is a residual stream whose RMSNorm is the real input: every program takes the norm of each slice
     # of x it reads, from the sums of squares of x's slices, summed in one fixed order (the same in every program).
     # ADD_RESIDUAL: stores residual + W x, and the sum of squares of this program's rows of it at squares_out[pid].
     # SCALED: W is int8 and row n of the product is multiplied by scale[n] (gated: the up's rows are N + n).
+    # PDL: launched early (kernels.pdl); the program's weights are asked into L2 while the kernel before ends.
     dtype = y_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row0 = tl.program_id(0) * BLOCK_N
+    pdl.prefetch_rows(w_ptr, row0, tl.minimum(BLOCK_N, N - row0), stride_wn, PDL)
+    if GATED:
+        pdl.prefetch_rows(w_ptr, N + row0, tl.minimum(BLOCK_N, N - row0), stride_wn, PDL)
+    pdl.begin(PDL)
+    rows = row0 + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -251,7 +259,7 @@ def _one_row(x: torch.Tensor, weight: torch.Tensor, n: int, config: tuple[int, i
                               NORMED=norm is not None,
                               SQUARES_BLOCK=triton.next_power_of_2(norm.squares.numel()) if norm else 1,
                               ADD_RESIDUAL=residual is not None, SCALED=scale is not None, VIA_BITS=INT8_VIA_BITS,
-                              num_warps=num_warps, num_stages=num_stages)
+                              num_warps=num_warps, num_stages=num_stages, **pdl.launch(x))
     return out.view(*x.shape[:-1], n), squares_out
 
 

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
 from .kv_format import check_kv_scales
 
 LOG2E = 1.4426950408889634
@@ -98,7 +99,9 @@ def _partition_kernel(
     SINGLE: tl.constexpr,  # only one partition: write the normalised output directly
     SCALED: tl.constexpr,  # an 8-bit cache: keys and values come with per-token-and-head scales
     REDUCE_CHUNK: tl.constexpr,  # partitions combined per iteration by the last program
+    PDL: tl.constexpr,  # launched early (kernels.pdl)
 ):
+    pdl.begin(PDL)
     part = tl.program_id(0)
     head_group = tl.program_id(1)
     seq = tl.program_id(2)
@@ -349,7 +352,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         k_scale.stride(0) if scaled else 0, k_scale.stride(1) if scaled else 0,
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEADS=heads_per_program,
         PARTITION=partition_size, BLOCK_N=block_n, LANES=lanes, SINGLE=single, SCALED=scaled,
-        REDUCE_CHUNK=REDUCE_CHUNK, num_warps=num_warps,
+        REDUCE_CHUNK=REDUCE_CHUNK, num_warps=num_warps, **pdl.launch(q),
     )
     return out
 
