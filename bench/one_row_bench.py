@@ -3,8 +3,8 @@ kernels.gemv's fused float GEMVs ("gemv"), kernels.dp4a_gemv's fused integer one
 tuned kernel through the general path ("tuned"), against bf16, on an XVERSE-7B-shaped checkpoint (the one
 quant_bench.py writes: random_checkpoint.py's). Each row: the decode graph's replay and a whole engine step at a
 512-token context, and whether the start-up tuner chose that family; with --profile, the kernels of the graph by
-name (calls and µs per step); with --pdl 0 1 2, each family at each level of programmatic dependent launch
-(kernels.pdl: off, on, on with the GEMVs' weight prefetch), in the same process.
+name (calls and µs per step); with --pdl both, each family with and without programmatic dependent launch
+(kernels.pdl), in the same process.
 
     python bench/one_row_bench.py --out bench/results/one_row_h200.json
 """
@@ -76,8 +76,8 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--profile", action="store_true", help="each graph's kernels by name, µs per step")
-    parser.add_argument("--pdl", type=int, nargs="+", choices=(0, 1, 2), default=[pdl.LEVEL],
-                        help="levels of programmatic dependent launch to time (kernels.pdl; Hopper and newer)")
+    parser.add_argument("--pdl", choices=("on", "off", "both"), default="on",
+                        help="programmatic dependent launch (kernels.pdl; Hopper and newer): on, off, or both")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -88,27 +88,28 @@ def main() -> None:
     print(f"{results['device']}, one sequence at {args.context} tokens")
     print("| weights | one-row kernels | PDL | tuner's choice | graph replay ms | engine step ms | tok/s | vs bf16 |")
     print("|---|---|---|---|---|---|---|---|")
-    bf16_step: dict[int, float] = {}
+    bf16_step: dict[bool, float] = {}
+    launches = {"on": (True,), "off": (False,), "both": (False, True)}[args.pdl]
     for quantize in args.formats:
         model = load_model(args.checkpoint_dir, config, device, torch.bfloat16, MAX_MODEL_LEN, quantize)
         chosen = projections(model)[0].one_row or "tuned"
-        for family, level in [(family, level) for family in FAMILIES[quantize] for level in args.pdl]:
-            pdl.LEVEL = level  # read at each launch, so the graphs captured next take it
-            row = {"quantize": quantize, "family": family, "pdl": level, "tuner_chose": family == chosen}
+        for family, on in [(family, on) for family in FAMILIES[quantize] for on in launches]:
+            pdl.ENABLED = on  # read at each launch, so the graphs captured next take it
+            row = {"quantize": quantize, "family": family, "pdl": on, "tuner_chose": family == chosen}
             try:
                 row.update(decode_step(model, family, args.context, args.steps, args.profile))
             except Exception as exc:  # one family failing leaves the others to measure
                 row["error"] = f"{type(exc).__name__}: {exc}"
-                print(f"| {quantize} | {family} | {level} | {row['error'][:200]} |", flush=True)
+                print(f"| {quantize} | {family} | {'on' if on else 'off'} | {row['error'][:200]} |", flush=True)
                 results["rows"].append(row)
                 continue
             if quantize == "none":
-                bf16_step[level] = row["step_ms"]
-            baseline = bf16_step.get(level)  # bf16 launched the same way
+                bf16_step[on] = row["step_ms"]
+            baseline = bf16_step.get(on)  # bf16 launched the same way
             row["vs_bf16"] = baseline / row["step_ms"] if baseline else None
             results["rows"].append(row)
             ratio = f"{row['vs_bf16']:.2f}x" if row["vs_bf16"] else "-"
-            print(f"| {quantize} | {family} | {level} | {'yes' if row['tuner_chose'] else ''} "
+            print(f"| {quantize} | {family} | {'on' if on else 'off'} | {'yes' if row['tuner_chose'] else ''} "
                   f"| {row['graph_ms']:.3f} "
                   f"| {row['step_ms']:.3f} | {row['tok_s']:.1f} | {ratio} |", flush=True)
             for kernel in (row["kernels"] or [])[:16]:

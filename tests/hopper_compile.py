@@ -47,8 +47,7 @@ def compile_for_hopper(fn, signature: dict[str, str], constexprs: dict, num_warp
     registers = re.search(r"Used (\d+) registers", report)
     ptx = kernel.asm["ptx"]
     return {"spilled_bytes": int(spills[1]) + int(spills[2]), "registers": int(registers[1]),
-            "dp4a": ptx.count("dp4a."), "pdl_waits": ptx.count("griddepcontrol.wait"),
-            "prefetches": ptx.count("cp.async.bulk.prefetch")}
+            "dp4a": ptx.count("dp4a."), "pdl_waits": ptx.count("griddepcontrol.wait")}
 
 
 def quantized_matmul_kernels() -> Iterator[tuple]:
@@ -192,7 +191,7 @@ def eight_bit_cache_kernels() -> Iterator[tuple]:
                 "stride_bts": "i32", "stride_btb": "i32", "stride_os": "i32", "stride_oh": "i32", "stride_sb": "i32",
                 "stride_st": "i32"}, {
                 "BLOCK_SIZE": 16, "HEAD_DIM": 128, "HEADS": 1, "PARTITION": 512, "BLOCK_N": 32 if lanes else 128,
-                "LANES": lanes, "SINGLE": False, "SCALED": True, "REDUCE_CHUNK": 16, "PDL": 2}, {}
+                "LANES": lanes, "SINGLE": False, "SCALED": True, "REDUCE_CHUNK": 16, "PDL": True}, {}
         yield f"rope + cache write, {cache} cache", fused_ops._rope_kv_kernel, {
             "qkv_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "positions_ptr": "*i64", "slots_ptr": "*i64",
             "q_out_ptr": "*bf16", "k_cache_ptr": f"*{cache}", "v_cache_ptr": f"*{cache}", "k_scale_ptr": "*fp32",
@@ -201,7 +200,7 @@ def eight_bit_cache_kernels() -> Iterator[tuple]:
             "stride_kh": "i32", "stride_vb": "i32", "stride_vt": "i32", "stride_vh": "i32", "stride_sb": "i32",
             "stride_st": "i32"}, {
             "HALF": 64, "BLOCK_HALF": 64, "HEADS": 1, "QMAX": qmax, "INT8": cache == "i8", "MIN_AMAX": 1e-8,
-            "PDL": 2}, {
+            "PDL": True}, {
             "num_warps": 1, "enable_fp_fusion": False}
 
 
@@ -220,7 +219,7 @@ def one_row_gemv_kernels() -> Iterator[tuple]:
             block_n, block_k, num_warps, num_stages = (4, 1024, 8, 3) if weight == "bf16" else (4, 2048, 8, 3)
             constexprs = {"K": 4096, "BLOCK_N": block_n, "BLOCK_K": block_k, "EVEN_K": True, "GATED": False,
                           "NORMED": False, "SQUARES_BLOCK": 1, "ADD_RESIDUAL": False, "SCALED": weight == "i8",
-                          "VIA_BITS": True, "PDL": 2, **flags}
+                          "VIA_BITS": True, "PDL": True, **flags}
             yield f"{weight} gemv {mode}", gemv._gemv_kernel, {**signature, "w_ptr": f"*{weight}"}, constexprs, {
                 "num_warps": num_warps, "num_stages": num_stages}
 
@@ -240,11 +239,11 @@ def dp4a_gemv_kernels() -> Iterator[tuple]:
                     dp4a_gemv._quantize_kernel, {
                         "x_ptr": "*bf16", "words_ptr": "*i32", "scale_ptr": "*fp32", "sums_ptr": "*fp32",
                         "norm_w_ptr": "*bf16", "eps": "fp32", "stride_xm": "i32"}, {
-                        "K": k, "BLOCK": block, "INT4": int4, "GROUP": 128, "NORMED": normed, "PDL": 2}, {
+                        "K": k, "BLOCK": block, "INT4": int4, "GROUP": 128, "NORMED": normed, "PDL": True}, {
                         "num_warps": 4 if block <= 4096 else 8, "num_stages": 1}
         epilogue = {"y_ptr": "*bf16", "residual_ptr": "*bf16", "squares_ptr": "*fp32"}
         for form in ("", " gated", " residual") if k == 4096 else ("", " residual"):
-            forms = {"GATED": form == " gated", "ADD_RESIDUAL": form == " residual", "EMULATE": False, "PDL": 2}
+            forms = {"GATED": form == " gated", "ADD_RESIDUAL": form == " residual", "EMULATE": False, "PDL": True}
             block_n, block_kw, num_warps = dp4a_gemv.INT8_CONFIG
             yield f"int8 dp4a K={k}{form}", dp4a_gemv._int8_kernel, {
                 "words_ptr": "*i32", "x_scale_ptr": "*fp32", "w_ptr": "*i32", "w_scale_ptr": "*fp32", **epilogue,

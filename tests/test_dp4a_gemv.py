@@ -197,8 +197,4 @@ def test_the_dp4a_kernels_compile_for_hopper_with_dp4a_and_without_register_spil
     assert {name for name, r in reports.items() if r["dp4a"]} == {
         f"{scheme} dp4a K={k}{form}" for scheme in ("int8", "int4") for k, forms in (
             (4096, ("", " gated", " residual")), (11008, ("", " residual"))) for form in forms}
-    # Launched early (kernels.pdl): each waits once for the kernel before; a GEMV prefetches its weights first
-    # (int4: the words, scales and offsets; gated: of the gate's rows and the up's).
-    assert {r["pdl_waits"] for r in reports.values()} == {1}
-    assert {name: r["prefetches"] for name, r in reports.items() if r["dp4a"]} == {
-        name: (3 if "int4" in name else 1) * (2 if "gated" in name else 1) for name, r in reports.items() if r["dp4a"]}
+    assert {r["pdl_waits"] for r in reports.values()} == {1}  # launched early, each waiting for the one before

@@ -577,9 +577,7 @@ def compile_for_hopper(family: str) -> list[dict]:
 def test_the_one_row_gemvs_compile_for_hopper_without_register_spills() -> None:
     reports = compile_for_hopper("gemv")
     assert len(reports) == 8 and [r for r in reports if r["spilled_bytes"]] == []
-    # Launched early (kernels.pdl): one wait for the kernel before, after prefetching the weights (gated: two ranges).
-    assert [(r["pdl_waits"], r["prefetches"]) for r in reports] == [(1, 2 if "gated" in r["kernel"] else 1)
-                                                                     for r in reports]
+    assert {r["pdl_waits"] for r in reports} == {1}  # launched early, each waiting for the kernel before (kernels.pdl)
 
 
 def test_every_quantized_matmul_kernel_compiles_for_hopper_without_register_spills() -> None:

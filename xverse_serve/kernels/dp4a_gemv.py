@@ -148,13 +148,9 @@ def _int8_kernel(words_ptr, x_scale_ptr, w_ptr, w_scale_ptr, y_ptr, residual_ptr
                  KW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, GATED: tl.constexpr,
                  ADD_RESIDUAL: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr):
     # w: int32 words [N, KW] (four int8 weights each; GATED: 2N rows, the gate's then the up's); words: the row's hi
-    # words then its lo words. The epilogue is kernels.gemv's (store_row). PDL: as kernels.gemv's.
-    row0 = tl.program_id(0) * BLOCK_N
-    pdl.prefetch_rows(w_ptr, row0, tl.minimum(BLOCK_N, N - row0), stride_wn, PDL)
-    if GATED:
-        pdl.prefetch_rows(w_ptr, N + row0, tl.minimum(BLOCK_N, N - row0), stride_wn, PDL)
+    # words then its lo words. The epilogue is kernels.gemv's (store_row). PDL: launched early (kernels.pdl).
     pdl.begin(PDL)
-    rows = row0 + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
     acc_hi = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.int32)
@@ -219,19 +215,10 @@ def _int4_kernel(words_ptr, x_scale_ptr, sums_ptr, w_ptr, scale_ptr, offset_ptr,
                  PDL: tl.constexpr):
     # w: int32 words [N, GROUPS * GROUP_WORDS] (eight int4 weights each; GATED: 2N rows, the gate's then the up's);
     # words: hi even, hi odd, lo even, lo odd, GROUPS * GROUP_WORDS words each; scale, offset: float16 [N, GROUPS];
-    # sums: the row's group sums. The epilogue is kernels.gemv's (store_row). PDL: as kernels.gemv's.
-    KW: tl.constexpr = GROUPS * GROUP_WORDS
-    row0 = tl.program_id(0) * BLOCK_N
-    count = tl.minimum(BLOCK_N, N - row0)
-    pdl.prefetch_rows(w_ptr, row0, count, stride_wn, PDL)
-    pdl.prefetch_rows(scale_ptr, row0, count, stride_sn, PDL)
-    pdl.prefetch_rows(offset_ptr, row0, count, stride_sn, PDL)
-    if GATED:
-        pdl.prefetch_rows(w_ptr, N + row0, count, stride_wn, PDL)
-        pdl.prefetch_rows(scale_ptr, N + row0, count, stride_sn, PDL)
-        pdl.prefetch_rows(offset_ptr, N + row0, count, stride_sn, PDL)
+    # sums: the row's group sums. The epilogue is kernels.gemv's (store_row). PDL: launched early (kernels.pdl).
     pdl.begin(PDL)
-    rows = row0 + tl.arange(0, BLOCK_N)
+    KW: tl.constexpr = GROUPS * GROUP_WORDS
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows[:, None, None].to(tl.int64) * stride_wn
     s_rows = rows[:, None].to(tl.int64) * stride_sn

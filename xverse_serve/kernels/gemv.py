@@ -101,14 +101,10 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, stride_wn,
     # of x it reads, from the sums of squares of x's slices, summed in one fixed order (the same in every program).
     # ADD_RESIDUAL: stores residual + W x, and the sum of squares of this program's rows of it at squares_out[pid].
     # SCALED: W is int8 and row n of the product is multiplied by scale[n] (gated: the up's rows are N + n).
-    # PDL: launched early (kernels.pdl); the program's weights are asked into L2 while the kernel before ends.
-    dtype = y_ptr.dtype.element_ty
-    row0 = tl.program_id(0) * BLOCK_N
-    pdl.prefetch_rows(w_ptr, row0, tl.minimum(BLOCK_N, N - row0), stride_wn, PDL)
-    if GATED:
-        pdl.prefetch_rows(w_ptr, N + row0, tl.minimum(BLOCK_N, N - row0), stride_wn, PDL)
+    # PDL: launched early (kernels.pdl).
     pdl.begin(PDL)
-    rows = row0 + tl.arange(0, BLOCK_N)
+    dtype = y_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)

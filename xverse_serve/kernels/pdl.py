@@ -3,11 +3,16 @@
 A one-sequence decode step is a chain of short kernels, ten a layer with quantized weights. Between two kernels of
 a stream the GPU lets the first drain (its last programs finishing while other multiprocessors idle) before it
 starts the second, whose first loads then wait a memory latency: microseconds a kernel, in a step of a few
-milliseconds. Launched with PDL, a kernel starts while the one before it is still running. Each kernel here first
-lets the next one launch (gdc_launch_dependents), then waits until the one before it has finished and its writes
-are visible (gdc_wait), and only then reads or writes anything; a GEMV first asks for its program's slice of the
-weights to be brought into L2 (prefetch), so that the next projection's weights stream in while the kernels before
-it end. Weights are written by no kernel, so reading them early is safe.
+milliseconds. Launched with PDL, a kernel is set up while the one before it is still running. Each kernel here
+first lets the next one launch (gdc_launch_dependents), then waits until the one before it has finished and its
+writes are visible (gdc_wait), and only then reads or writes anything. On an H100 (bench/one_row_bench.py --pdl
+both, bench/results/one_row_pdl_h100.json) that took a one-sequence decode step from 5.27 to 5.12 ms in bf16, 3.46
+to 3.25 with int8 weights and 3.01 to 2.84 with int4.
+
+Tried and dropped: each GEMV program bulk-prefetching its slice of the weights into L2 before its wait (weights are
+written by no kernel, so that is safe), so that the next projection's weights would stream in while the kernels
+before it end: the same steps took 5.60, 3.77 and 3.22 ms, slower than without PDL (an earlier try with a prefetch
+per cache line was slower too: gemv_chain_pdl_h100.json).
 
 Why the chain stays correct: every kernel finishes only after its wait returned, so when a kernel's wait returns,
 every kernel before it in the stream has finished. A kernel launched without PDL (PyTorch's, cuBLAS's) waits for
@@ -24,8 +29,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-# 0: off; 1: launched early, no prefetch; 2: launched early, GEMVs prefetching their weights (read at each launch)
-LEVEL = int(os.environ.get("XVERSE_PDL", "0"))  # off until timed on a GPU
+ENABLED = os.environ.get("XVERSE_PDL", "1") != "0"  # read at each launch
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -36,10 +40,10 @@ def _has_pdl(device: torch.device) -> bool:
 
 def launch(t: torch.Tensor) -> dict:
     """The launch arguments of a kernel that reads `t`: with PDL where its device has it (the kernel's constexpr
-    PDL, the level, and Triton's launch_pdl), else PDL=0, which compiles the kernel as it was."""
-    if LEVEL and not INTERPRET and t.is_cuda and _has_pdl(t.device):
-        return {"PDL": LEVEL, "launch_pdl": True}
-    return {"PDL": 0}
+    PDL and Triton's launch_pdl), else PDL=False, which compiles the kernel as it was."""
+    if ENABLED and not INTERPRET and t.is_cuda and _has_pdl(t.device):
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}
 
 
 @triton.jit
@@ -48,25 +52,3 @@ def begin(PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
-
-
-@triton.jit
-def prefetch(start_ptr, nbytes, PDL: tl.constexpr):
-    """Asks for the bytes [start_ptr, start_ptr + nbytes) to be brought into L2, once per program: thread 0 issues
-    one bulk prefetch (a hint: no result, no wait) of the range's ends rounded inwards to 16 bytes (the bulk
-    copy's unit), so that no byte outside it is touched. Only at level 2."""
-    if PDL >= 2:
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; .reg .u32 t, n; .reg .b64 a, e; "
-            "mov.u32 t, %tid.x; add.s64 a, $1, 15; and.b64 a, a, -16; cvt.u64.u32 e, $2; add.s64 e, e, $1; "
-            "and.b64 e, e, -16; sub.s64 e, e, a; cvt.u32.u64 n, e; setp.eq.u32 p, t, 0; setp.gt.and.s64 p, e, 0, p; "
-            "@p cp.async.bulk.prefetch.L2.global [a], n; mov.u32 $0, 0; }",
-            "=r,l,r", [start_ptr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def prefetch_rows(w_ptr, row0, rows, stride, PDL: tl.constexpr):
-    """prefetch of a program's weights: `rows` rows of a row-major matrix from row0 on (stride in elements), one
-    contiguous range."""
-    element_bytes: tl.constexpr = w_ptr.dtype.element_ty.primitive_bitwidth // 8
-    prefetch(w_ptr + row0.to(tl.int64) * stride, rows * stride * element_bytes, PDL)
