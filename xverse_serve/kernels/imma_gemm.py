@@ -32,8 +32,9 @@ from .split_gemm import FIXED, _round
 
 SPLIT_BLOCK = 1024  # elements of a row per step of the split kernel; a multiple of int4's group
 COMBINE_BLOCK = 1024  # outputs per program of cublas_rows_matmul's scaling kernel
-# cublas_rows_matmul's int32 sums take 8 bytes per output (a bf16 output takes 2): offered up to this many rows.
-CUBLAS_MAX_ROWS = 1024
+# cublas_rows_matmul is offered up to this many rows: on an H100 it was the fastest at 64 rows for three of int8's
+# four decoder shapes and at none of 128-1,024, where imma_rows took 0.6-0.8 of its time (quant_h100_pdl.json).
+CUBLAS_MAX_ROWS = 64
 # (block_m, block_n, block_k, num_warps, num_stages) for rows_matmul; no register spills on sm_90 (ptxas -v).
 ROWS_CONFIGS = ((128, 128, 128, 8, 3), (64, 128, 128, 4, 4))
 # (block_m, block_n, num_warps, num_stages) for rows_matmul_int4: one group of K per step ((128, 64, 4, 3) was
@@ -204,8 +205,7 @@ def _combine_kernel(acc_ptr, s_ptr, ws_ptr, y_ptr, M, N, stride_ym, BLOCK: tl.co
 def cublas_rows_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """rows_matmul's product through cuBLAS's int8 GEMM (torch._int_mm): both parts of x in one call of 2M rows
     (int32 sums, exact: |sum| <= 128 * 127 * K < 2^31 for K < 132,000), then one kernel applies the scales. The
-    int32 sums take 8 bytes per output, so the tuner offers it up to CUBLAS_MAX_ROWS rows. cuBLAS wants M over
-    16 and K and N multiples of 8."""
+    tuner offers it up to CUBLAS_MAX_ROWS rows. cuBLAS wants M over 16 and K and N multiples of 8."""
     check_scale(weight, scale)
     n, k = weight.shape
     if weight.dtype != torch.int8 or weight.stride(1) != 1 or n % 8 or k % 8:

@@ -124,8 +124,8 @@ class MatmulKernel:
     rowgemv, skinny: kernels.gemv's one-row GEMV and 2-64-row GEMM (int8 and fp8); split: kernels.split_gemm's
     swap-AB, split-K GEMM for 1-64 rows (int8, fp8 and int4), with two_part=1 on int8 or FP8 tensor cores with the
     activations in two parts; imma_rows: kernels.imma_gemm's int8 tensor-core GEMM for prefill-sized batches
-    (int8 and int4); cublas_int8: the same two-part activations through cuBLAS's int8 GEMM (int8, 64 to
-    imma_gemm.CUBLAS_MAX_ROWS rows); dp4a: kernels.dp4a_gemv's one-row GEMV on integer dot products (int8 and int4);
+    (int8 and int4); cublas_int8: the same two-part activations through cuBLAS's int8 GEMM (int8, 64 rows:
+    imma_gemm.CUBLAS_MAX_ROWS); dp4a: kernels.dp4a_gemv's one-row GEMV on integer dot products (int8 and int4);
     scaled_mm: FP8 tensor cores with the activations quantized per token (fp8 only); torch:
     torch._weight_int8pack_mm (int8 only); reference: the weight dequantized by PyTorch, then F.linear (slow and
     memory-hungry: only where no other kernel works)."""
@@ -414,7 +414,7 @@ def _dp4a_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> list
 def _two_part_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> list[MatmulKernel]:
     """The weights on int8 (int8, int4) or FP8 (fp8) tensor cores as stored, bf16 or fp16 activations in two parts:
     split_gemm's split-K GEMM for up to 64 rows, and for int8 and int4 imma_gemm's output-tiled one from 64 rows
-    (where K is a multiple of its block), for int8 also cuBLAS's int8 GEMM from 64 rows up to CUBLAS_MAX_ROWS."""
+    (where K is a multiple of its block), for int8 also cuBLAS's int8 GEMM at 64 rows (CUBLAS_MAX_ROWS)."""
     from ..kernels import imma_gemm, split_gemm
 
     if dtype not in (torch.bfloat16, torch.float16):
