@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -152,14 +153,23 @@ def serve(model: XverseForCausalLM, settings: Settings) -> tuple[Engine, dict]:
 
 
 def measure_speed(engine: Engine, vocab: int, args: argparse.Namespace) -> dict:
+    """One request, then `requests` at once, `repeats` times over (new prompts each time, so that no prefix is
+    cached): the medians, and every run's figure beside them (a 64-request run is a few seconds, and one alone
+    moved by up to 15% between runs of the same code)."""
     device = engine.runner.device
     reset_peak(device)
-    single = run_engine(engine, prompts(1, args.prompt_len, vocab, 1), args.output_len)
-    decode_seconds = single["last"][0] - single["ttft"][0]
-    many = run_engine(engine, prompts(args.requests, args.prompt_len, vocab, args.requests), args.output_len)
-    return {"ttft_ms": single["ttft"][0] * 1e3, "decode_tok_s": (args.output_len - 1) / decode_seconds,
-            f"throughput_{args.requests}_tok_s": many["tokens"] / many["seconds"],
-            "preemptions": engine.scheduler.num_preemptions, "peak_serving_GiB": peak(device)}
+    runs: dict[str, list[float]] = {"ttft_ms": [], "decode_tok_s": [], f"throughput_{args.requests}_tok_s": []}
+    for run in range(args.repeats):
+        seed = 1 + 1000 * run
+        single = run_engine(engine, prompts(1, args.prompt_len, vocab, seed), args.output_len)
+        many = run_engine(engine, prompts(args.requests, args.prompt_len, vocab, seed + args.requests),
+                          args.output_len)
+        runs["ttft_ms"].append(single["ttft"][0] * 1e3)
+        runs["decode_tok_s"].append((args.output_len - 1) / (single["last"][0] - single["ttft"][0]))
+        runs[f"throughput_{args.requests}_tok_s"].append(many["tokens"] / many["seconds"])
+    facts = {key: statistics.median(values) for key, values in runs.items()}
+    facts.update({f"{key}_runs": values for key, values in runs.items()})
+    return {**facts, "preemptions": engine.scheduler.num_preemptions, "peak_serving_GiB": peak(device)}
 
 
 def run_configs(model_dir: Path, device: torch.device, args: argparse.Namespace, results: dict) -> None:
@@ -388,6 +398,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="speed runs per configuration (medians reported)")
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--capped-max-batched-tokens", type=int, default=2048)
