@@ -39,9 +39,9 @@ INT4_GROUP_WORDS = 16  # 128 weights of a group, eight per int32 word
 # (rows per program, words per step, num_warps) for int8 and (rows per program, groups per step, num_warps) for
 # int4: within 2% of the best of 36 and 48 block shapes on each of XVERSE-7B's projections (bench/dp4a_bench.py,
 # H100: bench/results/dp4a_h100.json). K's loop is unrolled whole (static_range), so that a thread has many loads in
-# flight: left to the compiler, int4's 22 steps at K = 11,008 stayed a loop with one load in flight, and down_proj
-# streamed at 1.0 TB/s where gate_up_proj's unrolled 8 steps streamed at 1.9 (H100). Software pipelining
-# (num_stages) timed the same.
+# flight: left to the compiler, int4's 22 steps at K = 11,008 stayed a loop (one weight load per thread a step), and
+# down_proj streamed at 1.0 TB/s where gate_up_proj's unrolled 8 steps streamed at 1.9; unrolled, int4's one-sequence
+# step took 3.01 ms against 3.29 (H100, one_row_pdl_h100.json against one_row_h100.json). num_stages timed the same.
 INT8_CONFIG = (8, 64, 8)
 INT4_CONFIG = (8, 4, 4)
 
