@@ -1,6 +1,6 @@
 """Compiles the quantized-matmul and 8-bit-cache kernels for sm_90 (Hopper) without a GPU, with the ptxas that
-Triton's wheel brings, and prints one JSON line per kernel: its name, registers and bytes spilled, and how many
-integer dot-product instructions (dp4a) its PTX has.
+Triton's wheel brings, and prints one JSON line per kernel: its name, registers and bytes spilled, how many integer
+dot-product instructions (dp4a) and grid-dependency waits its PTX has, and its machine instructions (nvdisasm).
 
     python tests/hopper_compile.py quant|kv|gemv|dp4a
 
@@ -27,6 +27,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+NVDISASM = PTXAS.with_name("nvdisasm")
 
 
 def compile_for_hopper(fn, signature: dict[str, str], constexprs: dict, num_warps: int = 4, num_stages: int = 3,
@@ -46,8 +47,13 @@ def compile_for_hopper(fn, signature: dict[str, str], constexprs: dict, num_warp
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     registers = re.search(r"Used (\d+) registers", report)
     ptx = kernel.asm["ptx"]
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        sass = subprocess.run([str(NVDISASM), "-c", cubin.name], capture_output=True, text=True, check=True).stdout
     return {"spilled_bytes": int(spills[1]) + int(spills[2]), "registers": int(registers[1]),
-            "dp4a": ptx.count("dp4a."), "pdl_waits": ptx.count("griddepcontrol.wait")}
+            "dp4a": ptx.count("dp4a."), "pdl_waits": ptx.count("griddepcontrol.wait"),
+            "instructions": len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", sass, flags=re.MULTILINE))}
 
 
 def quantized_matmul_kernels() -> Iterator[tuple]:
@@ -228,18 +234,20 @@ def dp4a_gemv_kernels() -> Iterator[tuple]:
     """kernels.dp4a_gemv as the tuner and the one-row path run it, on XVERSE-7B's two K (its dp4a instructions
     are only assembled here: the interpreter computes them from the bytes): the activation quantizer (with the norm
     before qkv_proj and gate_up_proj, K = 4096), and the int8 and int4 GEMVs, plain, gated (gate_up_proj) and with
-    the residual add (o_proj, down_proj)."""
+    the residual add (o_proj, down_proj); for int4 also with one-part activations in blocks of 32 ("act32")."""
     from xverse_serve.kernels import dp4a_gemv
 
     for k in (4096, 11008):
         block = 1 << (k - 1).bit_length()
         for int4 in (False, True):
             for normed in (False, True) if k == 4096 else (False,):
-                yield f"quantize_row K={k}{' int4' if int4 else ''}{' normed' if normed else ''}", \
-                    dp4a_gemv._quantize_kernel, {
+                for act_block in (0, 32) if int4 else (0,):
+                    name = f"quantize_row K={k}{' int4' if int4 else ''}{' act32' if act_block else ''}"
+                    yield f"{name}{' normed' if normed else ''}", dp4a_gemv._quantize_kernel, {
                         "x_ptr": "*bf16", "words_ptr": "*i32", "scale_ptr": "*fp32", "sums_ptr": "*fp32",
                         "norm_w_ptr": "*bf16", "eps": "fp32", "stride_xm": "i32"}, {
-                        "K": k, "BLOCK": block, "INT4": int4, "GROUP": 128, "NORMED": normed, "PDL": True}, {
+                        "K": k, "BLOCK": block, "INT4": int4, "GROUP": 128, "NORMED": normed, "ACT_BLOCK": act_block,
+                        "PDL": True}, {
                         "num_warps": 4 if block <= 4096 else 8, "num_stages": 1}
         epilogue = {"y_ptr": "*bf16", "residual_ptr": "*bf16", "squares_ptr": "*fp32"}
         for form in ("", " gated", " residual") if k == 4096 else ("", " residual"):
@@ -251,12 +259,14 @@ def dp4a_gemv_kernels() -> Iterator[tuple]:
                 "KW": k // 4, "BLOCK_N": block_n, "BLOCK_KW": block_kw, **forms}, {
                 "num_warps": num_warps, "num_stages": 1}
             block_n, block_g, num_warps = dp4a_gemv.INT4_CONFIG
-            yield f"int4 dp4a K={k}{form}", dp4a_gemv._int4_kernel, {
-                "words_ptr": "*i32", "x_scale_ptr": "*fp32", "sums_ptr": "*fp32", "w_ptr": "*i32",
-                "scale_ptr": "*fp16", "offset_ptr": "*fp16", **epilogue, "N": "i32", "stride_wn": "i32",
-                "stride_sn": "i32"}, {
-                "GROUPS": k // 128, "BLOCK_N": block_n, "BLOCK_G": block_g, "GROUP_WORDS": dp4a_gemv.INT4_GROUP_WORDS,
-                **forms}, {"num_warps": num_warps, "num_stages": 1}
+            for act_block in (0, 32):
+                yield f"int4 dp4a{' act32' if act_block else ''} K={k}{form}", dp4a_gemv._int4_kernel, {
+                    "words_ptr": "*i32", "x_scale_ptr": "*fp32", "sums_ptr": "*fp32", "w_ptr": "*i32",
+                    "scale_ptr": "*fp16", "offset_ptr": "*fp16", **epilogue, "N": "i32", "stride_wn": "i32",
+                    "stride_sn": "i32"}, {
+                    "GROUPS": k // 128, "BLOCK_N": block_n, "BLOCK_G": block_g,
+                    "GROUP_WORDS": dp4a_gemv.INT4_GROUP_WORDS, "ACT_BLOCK": act_block, **forms}, {
+                    "num_warps": num_warps, "num_stages": 1}
 
 
 def main() -> None:

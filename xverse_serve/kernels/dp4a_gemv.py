@@ -78,11 +78,12 @@ def _pack(q, axis: tl.constexpr):
 @triton.jit
 def _quantize_kernel(x_ptr, words_ptr, scale_ptr, sums_ptr, norm_w_ptr, eps, stride_xm, K: tl.constexpr,
                      BLOCK: tl.constexpr, INT4: tl.constexpr, GROUP: tl.constexpr, NORMED: tl.constexpr,
-                     PDL: tl.constexpr):
+                     ACT_BLOCK: tl.constexpr, PDL: tl.constexpr):
     # One program per row of x, the whole row at once (BLOCK >= K): its scale, the words (hi part, then lo part,
     # K / 4 words each; in INT4 order each part is its even words then its odd words, K / 8 each), and (INT4) the
-    # float32 sum of each group. NORMED: the row's RMSNorm is quantized instead, computed and rounded as
-    # fused_ops' norm kernel does. One pass: it runs before every GEMV, so its latency counts.
+    # float32 sum of each group. ACT_BLOCK (INT4 only; 0: two parts per row): one part, a scale per ACT_BLOCK
+    # values. NORMED: the row's RMSNorm is quantized instead, computed and rounded as fused_ops' norm kernel does.
+    # One pass: it runs before every GEMV, so its latency counts.
     pdl.begin(PDL)
     row = tl.program_id(0)
     x_row = x_ptr + row * stride_xm
@@ -99,46 +100,76 @@ def _quantize_kernel(x_ptr, words_ptr, scale_ptr, sums_ptr, norm_w_ptr, eps, str
         inv_rms = tl.math.div_rn(1.0, tl.sqrt_rn(variance + eps))
         norm_w = tl.load(norm_w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
         x = (norm_w * (x * inv_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-    largest = tl.max(tl.abs(x))
-    tl.store(scale_ptr + row, largest / 127.0)
-    t = x * (127.0 / tl.maximum(largest, 1e-30))  # a row of zeros: t = 0
-    hi = tl.floor(t + 0.5)
-    lo = tl.floor((t - hi) * 254.0 + 0.5)
-    hi, lo = hi.to(tl.int32), tl.minimum(tl.maximum(lo, -127.0), 127.0).to(tl.int32)
-    words = words_ptr + row * (K // 2)
+    if ACT_BLOCK:
+        # Each block of ACT_BLOCK // 8 words: its largest magnitude sets its scale.
+        blocks = tl.arange(0, BLOCK // ACT_BLOCK)
+        largest = tl.max(tl.reshape(tl.max(tl.max(tl.abs(x), axis=2), axis=1), [BLOCK // ACT_BLOCK, ACT_BLOCK // 8]),
+                         axis=1)
+        block_scale = largest / 127.0
+        tl.store(scale_ptr + row * (K // ACT_BLOCK) + blocks, block_scale, mask=blocks < K // ACT_BLOCK)
+        factor = tl.broadcast_to((127.0 / tl.maximum(largest, 1e-30))[:, None], [BLOCK // ACT_BLOCK, ACT_BLOCK // 8])
+        q = tl.floor(x * tl.reshape(factor, [BLOCK // 8])[:, None, None] + 0.5).to(tl.int32)  # zeros stay 0
+        parity = tl.arange(0, 2)[None, :] * (K // 8)
+        ok = (word < K // 8)[:, None] & (parity >= 0)
+        tl.store(words_ptr + row * (K // 4) + parity + word[:, None], _pack(q, 2), mask=ok)
+        # The groups' sums of the activations as quantized, so that the GEMV takes the exact product of the weights
+        # with them: with the sums of x, each group's rounding errors times its offset would shift every output
+        # alike (the offsets of a group are alike across rows), a bias instead of noise.
+        block_sums = tl.sum(tl.reshape(tl.sum(tl.sum(q, axis=2), axis=1), [BLOCK // ACT_BLOCK, ACT_BLOCK // 8]),
+                            axis=1).to(tl.float32) * block_scale
+        group_sums = tl.sum(tl.reshape(block_sums, [BLOCK // GROUP, GROUP // ACT_BLOCK]), axis=1)
+        group = tl.arange(0, BLOCK // GROUP)
+        tl.store(sums_ptr + row * (K // GROUP) + group, group_sums, mask=group < K // GROUP)
+    else:
+        if INT4:  # a group is GROUP // 8 consecutive words: their sums, from the values already loaded
+            group = tl.arange(0, BLOCK // GROUP)
+            word_sums = tl.reshape(tl.sum(tl.sum(x, axis=2), axis=1), [BLOCK // GROUP, GROUP // 8])
+            tl.store(sums_ptr + row * (K // GROUP) + group, tl.sum(word_sums, axis=1), mask=group < K // GROUP)
+        largest = tl.max(tl.abs(x))
+        tl.store(scale_ptr + row, largest / 127.0)
+        t = x * (127.0 / tl.maximum(largest, 1e-30))  # a row of zeros: t = 0
+        hi = tl.floor(t + 0.5)
+        lo = tl.floor((t - hi) * 254.0 + 0.5)
+        hi, lo = hi.to(tl.int32), tl.minimum(tl.maximum(lo, -127.0), 127.0).to(tl.int32)
+        _store_parts(words_ptr + row * (K // 2), word, hi, lo, K, INT4)
+
+
+@triton.jit
+def _store_parts(words, word, hi, lo, K: tl.constexpr, INT4: tl.constexpr):
+    """The two parts' words of a row: hi's, then lo's (INT4 order: each part's even words, then its odd words)."""
     if INT4:
         parity = tl.arange(0, 2)[None, :] * (K // 8)
         ok = (word < K // 8)[:, None] & (parity >= 0)
         tl.store(words + parity + word[:, None], _pack(hi, 2), mask=ok)
         tl.store(words + K // 4 + parity + word[:, None], _pack(lo, 2), mask=ok)
-        # A group is GROUP // 8 consecutive words: their sums, from the values already loaded.
-        word_sums = tl.reshape(tl.sum(tl.sum(x, axis=2), axis=1), [BLOCK // GROUP, GROUP // 8])
-        group = tl.arange(0, BLOCK // GROUP)
-        tl.store(sums_ptr + row * (K // GROUP) + group, tl.sum(word_sums, axis=1), mask=group < K // GROUP)
     else:
         tl.store(words + word, _pack(hi, 1), mask=word < K // 4)
         tl.store(words + K // 4 + word, _pack(lo, 1), mask=word < K // 4)
 
 
 def quantize_row(x: torch.Tensor, int4: bool = False, group: int = 128, norm_weight: torch.Tensor | None = None,
-                 eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                 eps: float = 0.0, act_block: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """x [M, K] (float) -> (words int32 [M, K // 2], scale float32 [M], group sums float32 [M, K // group] or None):
     the two int8 parts of each row, packed for int8 weights or (int4) for int4 weights. With `norm_weight`, of the
-    rows' RMSNorm (fused_ops.rms_norm with that weight and eps) instead: the norm kernel and this one in one."""
+    rows' RMSNorm (fused_ops.rms_norm with that weight and eps) instead: the norm kernel and this one in one.
+    act_block (int4 only; a power of two from 8 to `group`): one int8 part with a scale per act_block values
+    instead, words [M, K // 4] and scale [M, K // act_block]."""
     m, k = x.shape
     if k % (group if int4 else 4):
         raise ValueError(f"quantize_row takes rows of a multiple of {group if int4 else 4} values, got {k}")
+    if act_block and not (int4 and 8 <= act_block <= group and not act_block & (act_block - 1)):
+        raise ValueError(f"one-part activations are for int4 weights, in blocks of a power of two from 8 to {group}")
     if norm_weight is not None and norm_weight.shape != (k,):
         raise ValueError(f"the norm's weight must be [{k}], got {tuple(norm_weight.shape)}")
     if x.stride(1) != 1:
         x = x.contiguous()
-    words = torch.empty(m, k // 2, dtype=torch.int32, device=x.device)
-    scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    words = torch.empty(m, k // 4 if act_block else k // 2, dtype=torch.int32, device=x.device)
+    scale = torch.empty((m, k // act_block) if act_block else (m,), dtype=torch.float32, device=x.device)
     sums = torch.empty(m, k // group, dtype=torch.float32, device=x.device) if int4 else None
     block = triton.next_power_of_2(k)
     _quantize_kernel[(m,)](x, words, scale, sums if sums is not None else scale,
                            norm_weight if norm_weight is not None else x, float(eps), x.stride(0), K=k, BLOCK=block,
-                           INT4=int4, GROUP=group, NORMED=norm_weight is not None,
+                           INT4=int4, GROUP=group, NORMED=norm_weight is not None, ACT_BLOCK=act_block,
                            num_warps=4 if block <= 4096 else 8, **pdl.launch(x))
     return words, scale, sums
 
@@ -189,8 +220,9 @@ def _int8_dot(acc_hi, acc_lo):
 
 @triton.jit
 def _int4_groups(w_rows, s_rows, cols, groups, row_ok, group_ok, words_ptr, sums, scale_ptr, offset_ptr, x_scale,
-                 KW: tl.constexpr, EMULATE: tl.constexpr):
-    """[BLOCK_N, BLOCK_G]: each row's products with the activations over a step's groups (float32)."""
+                 x_scale_ptr, KW: tl.constexpr, EMULATE: tl.constexpr, ACT_BLOCK: tl.constexpr):
+    """[BLOCK_N, BLOCK_G]: each row's products with the activations over a step's groups (float32). ACT_BLOCK: the
+    activations are one part with a scale per ACT_BLOCK values (at x_scale_ptr) instead of two parts with x_scale."""
     col_ok = group_ok[:, None]
     w = tl.load(w_rows + cols[None, :, :], mask=row_ok[:, None, None] & col_ok[None, :, :], other=0,
                 eviction_policy="evict_first")
@@ -199,23 +231,39 @@ def _int4_groups(w_rows, s_rows, cols, groups, row_ok, group_ok, words_ptr, sums
     zero = tl.zeros(w.shape, dtype=tl.int32)
     hi = _dp4a(even, tl.load(words_ptr + cols, mask=col_ok, other=0)[None, :, :], zero, False, EMULATE)
     hi = _dp4a(odd, tl.load(words_ptr + KW + cols, mask=col_ok, other=0)[None, :, :], hi, False, EMULATE)
+    if ACT_BLOCK:  # each block's sum of products times its scale: a block is ACT_BLOCK // 8 consecutive words
+        blocks_per_group: tl.constexpr = w.shape[2] * 8 // ACT_BLOCK
+        blocks = groups[:, None] * blocks_per_group + tl.arange(0, blocks_per_group)[None, :]
+        block_scale = tl.load(x_scale_ptr + blocks, mask=col_ok, other=0.0)
+        per_block = tl.sum(tl.reshape(hi, [w.shape[0], w.shape[1], blocks_per_group, ACT_BLOCK // 8]), axis=3)
+        dot = tl.sum(per_block.to(tl.float32) * block_scale[None, :, :], axis=2)
+        scale, offset = _group_affine(s_rows, groups, row_ok, group_ok, scale_ptr, offset_ptr)
+        return dot * scale + offset * sums
     lo = _dp4a(even, tl.load(words_ptr + 2 * KW + cols, mask=col_ok, other=0)[None, :, :], zero, False, EMULATE)
     lo = _dp4a(odd, tl.load(words_ptr + 3 * KW + cols, mask=col_ok, other=0)[None, :, :], lo, False, EMULATE)
     dot = tl.sum(hi, axis=2).to(tl.float32) + tl.sum(lo, axis=2).to(tl.float32) * (1.0 / 254.0)
+    scale, offset = _group_affine(s_rows, groups, row_ok, group_ok, scale_ptr, offset_ptr)
+    return dot * scale * x_scale + offset * sums
+
+
+@triton.jit
+def _group_affine(s_rows, groups, row_ok, group_ok, scale_ptr, offset_ptr):
+    """[BLOCK_N, BLOCK_G] float32: the int4 weights' scale and offset of each row's groups."""
     ok = row_ok[:, None] & group_ok[None, :]
     scale = tl.load(scale_ptr + s_rows + groups[None, :], mask=ok, other=0.0).to(tl.float32)
     offset = tl.load(offset_ptr + s_rows + groups[None, :], mask=ok, other=0.0).to(tl.float32)
-    return dot * scale * x_scale + offset * sums
+    return scale, offset
 
 
 @triton.jit
 def _int4_kernel(words_ptr, x_scale_ptr, sums_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, residual_ptr, squares_ptr,
                  N, stride_wn, stride_sn, GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
                  GROUP_WORDS: tl.constexpr, GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr, EMULATE: tl.constexpr,
-                 PDL: tl.constexpr):
+                 ACT_BLOCK: tl.constexpr, PDL: tl.constexpr):
     # w: int32 words [N, GROUPS * GROUP_WORDS] (eight int4 weights each; GATED: 2N rows, the gate's then the up's);
     # words: hi even, hi odd, lo even, lo odd, GROUPS * GROUP_WORDS words each; scale, offset: float16 [N, GROUPS];
-    # sums: the row's group sums. The epilogue is kernels.gemv's (store_row). PDL: launched early (kernels.pdl).
+    # sums: the row's group sums; ACT_BLOCK: one part instead, as quantize_row's act_block. The epilogue is
+    # kernels.gemv's (store_row). PDL: launched early (kernels.pdl).
     pdl.begin(PDL)
     KW: tl.constexpr = GROUPS * GROUP_WORDS
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -231,10 +279,11 @@ def _int4_kernel(words_ptr, x_scale_ptr, sums_ptr, w_ptr, scale_ptr, offset_ptr,
         cols = (groups * GROUP_WORDS)[:, None] + tl.arange(0, GROUP_WORDS)[None, :]  # [BLOCK_G, GROUP_WORDS]
         sums = tl.load(sums_ptr + groups, mask=group_ok, other=0.0)[None, :]
         acc += _int4_groups(w_rows, s_rows, cols, groups, row_ok, group_ok, words_ptr, sums, scale_ptr, offset_ptr,
-                            x_scale, KW, EMULATE)
+                            x_scale, x_scale_ptr, KW, EMULATE, ACT_BLOCK)
         if GATED:
             acc_up += _int4_groups(w_rows + N * stride_wn, s_rows + N * stride_sn, cols, groups, row_ok, group_ok,
-                                   words_ptr, sums, scale_ptr, offset_ptr, x_scale, KW, EMULATE)
+                                   words_ptr, sums, scale_ptr, offset_ptr, x_scale, x_scale_ptr, KW, EMULATE,
+                                   ACT_BLOCK)
     store_row(y_ptr, rows, row_ok, tl.sum(acc, axis=1), tl.sum(acc_up, axis=1), residual_ptr, squares_ptr, GATED,
               ADD_RESIDUAL)
 
@@ -257,14 +306,16 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset
 
 def fused_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None, *,
                norm: tuple[torch.Tensor, float] | None = None, gated: bool = False,
-               residual: torch.Tensor | None = None, config: tuple[int, int, int] | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+               residual: torch.Tensor | None = None, config: tuple[int, int, int] | None = None,
+               act_block: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The one-row path's projection on dp4a (the fusions of kernels.gemv's): x [..., K] holding one row, int8
     weights [N, K] with float32 scales [N], or (with `offset`) int4 ones in quantize_int4's layout, groups of 128.
     norm (weight, eps): the product is taken with x's RMSNorm, computed while quantizing x. gated: the weight holds
     2N rows, the gate's then the up's, and the result is silu(gate) * up. residual [N]: the result is residual +
-    the product, and the float32 sums of squares of its slices come with it (kernels.gemv.add_gemv's). Returns
-    (the result shaped [..., N] in x's dtype, the sums of squares or None)."""
+    the product, and the float32 sums of squares of its slices come with it (kernels.gemv.add_gemv's). act_block
+    (int4 only): the activations in one int8 part with a scale per act_block values (quantize_row's), two dp4a per
+    word of weights where two parts take four, at that part's precision. Returns (the result shaped [..., N] in x's
+    dtype, the sums of squares or None)."""
     int4 = offset is not None
     rows, k = weight.shape[0], weight.shape[1] * (2 if int4 else 1)
     n = rows // 2 if gated else rows
@@ -278,7 +329,7 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offse
         raise ValueError(f"the residual must be {n} values of {x.dtype}, got {tuple(residual.shape)} of "
                          f"{residual.dtype}")
     norm_weight, eps = norm if norm is not None else (None, 0.0)
-    words, x_scale, sums = quantize_row(x.reshape(1, k), int4, 8 * INT4_GROUP_WORDS, norm_weight, eps)
+    words, x_scale, sums = quantize_row(x.reshape(1, k), int4, 8 * INT4_GROUP_WORDS, norm_weight, eps, act_block)
     block_n, block, num_warps = config or (INT4_CONFIG if int4 else INT8_CONFIG)
     programs = triton.cdiv(n, block_n)
     out = torch.empty(n, dtype=x.dtype, device=x.device)
@@ -291,7 +342,7 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offse
     if int4:
         _int4_kernel[(programs,)](words, x_scale, sums, w, scale, offset, out, residual_arg, squares_arg, n,
                                   w.stride(0), scale.stride(0), GROUPS=scale.shape[1], BLOCK_N=block_n,
-                                  BLOCK_G=block, GROUP_WORDS=INT4_GROUP_WORDS, **epilogue)
+                                  BLOCK_G=block, GROUP_WORDS=INT4_GROUP_WORDS, ACT_BLOCK=act_block, **epilogue)
     else:
         _int8_kernel[(programs,)](words, x_scale, w, scale, out, residual_arg, squares_arg, n, w.stride(0),
                                   KW=k // 4, BLOCK_N=block_n, BLOCK_KW=block, **epilogue)

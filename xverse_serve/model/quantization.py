@@ -125,7 +125,8 @@ class MatmulKernel:
     swap-AB, split-K GEMM for 1-64 rows (int8, fp8 and int4), with two_part=1 on int8 or FP8 tensor cores with the
     activations in two parts; imma_rows: kernels.imma_gemm's int8 tensor-core GEMM for prefill-sized batches
     (int8 and int4); cublas_int8: the same two-part activations through cuBLAS's int8 GEMM (int8, 64 rows:
-    imma_gemm.CUBLAS_MAX_ROWS); dp4a: kernels.dp4a_gemv's one-row GEMV on integer dot products (int8 and int4);
+    imma_gemm.CUBLAS_MAX_ROWS); dp4a: kernels.dp4a_gemv's one-row GEMV on integer dot products (int8 and int4;
+    with act_block, int4's activations in one int8 part with a scale per act_block values);
     scaled_mm: FP8 tensor cores with the activations quantized per token (fp8 only); torch:
     torch._weight_int8pack_mm (int8 only); reference: the weight dequantized by PyTorch, then F.linear (slow and
     memory-hungry: only where no other kernel works)."""
@@ -167,7 +168,7 @@ class MatmulKernel:
         if self.backend == "dp4a":
             from ..kernels import dp4a_gemv
 
-            return dp4a_gemv.fused_gemv(x, *layer.dp4a_operands())[0]
+            return dp4a_gemv.fused_gemv(x, *layer.dp4a_operands(), act_block=options.get("act_block", 0))[0]
         if self.backend == "scaled_mm":
             return scaled_mm(x, layer.weight, layer.weight_scale)
         if self.backend == "gemv" and layer.bits == 8:
@@ -404,11 +405,16 @@ def _gemv_candidates(m: int, dtype: torch.dtype) -> list[MatmulKernel]:
 
 
 def _dp4a_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> list[MatmulKernel]:
-    """kernels.dp4a_gemv's one-row GEMV (int8, and int4 in groups of 128), for bf16 or fp16 activations."""
+    """kernels.dp4a_gemv's one-row GEMV (int8, and int4 in groups of 128), for bf16 or fp16 activations; for int4
+    also with the activations in one int8 part and a scale per 32 (llama.cpp's q8_1): half the dp4a, at a relative
+    error of about 5e-3 on Gaussian activations against the two parts' 3e-5 (docs/quantization.md), which the
+    tolerance check admits, against about 1e-1 from the int4 weights themselves."""
     from ..kernels import dp4a_gemv
 
     fits = layer.bits == 8 or layer.group_size == 8 * dp4a_gemv.INT4_GROUP_WORDS
-    return [MatmulKernel("dp4a")] if m == 1 and fits and dtype in (torch.bfloat16, torch.float16) else []
+    if m != 1 or not fits or dtype not in (torch.bfloat16, torch.float16):
+        return []
+    return [MatmulKernel("dp4a")] + ([MatmulKernel("dp4a", (("act_block", 32),))] if layer.bits == 4 else [])
 
 
 def _two_part_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> list[MatmulKernel]:
