@@ -35,7 +35,8 @@ from xverse_serve.kernels import pdl
 from xverse_serve.model.checkpoint import load_config
 from xverse_serve.model.xverse import XverseForCausalLM, load_model
 
-FAMILIES = {"none": ("gemv",), "int8": ("gemv", "dp4a", "tuned"), "int4": ("dp4a", "tuned"), "fp8": ("gemv", "tuned")}
+FAMILIES = {"none": ("gemv",), "int8": ("gemv", "dp4a", "tuned"), "int4": ("dp4a", "dp4a_one_part", "tuned"),
+            "fp8": ("gemv", "tuned")}
 MAX_MODEL_LEN = 2048
 PROFILED_REPLAYS = 20
 

@@ -367,6 +367,11 @@ def test_one_row_steps_take_the_faster_fused_family_unless_the_tuned_kernels_are
     # int4 has no float GEMV at one row: dp4a's, unless it failed anywhere.
     int4 = [{"dp4a": 1.0, "split(block_n=64)": 1.1}, {"dp4a": 0.5}]
     assert one_row_family(int4, None) == "dp4a"
+    # ... or its one-part activations where those are faster everywhere they ran (and not where one failed).
+    one_part = [{"dp4a": 1.0, "dp4a(act_block=32)": 0.95}, {"dp4a": 0.5, "dp4a(act_block=32)": 0.45}]
+    assert one_row_family(one_part, None) == "dp4a_one_part"
+    one_part[1]["dp4a(act_block=32)"] = "rejected: relative error 2.00e-02"
+    assert one_row_family(one_part, None) == "dp4a"
     int4[1]["dp4a"] = "rejected: relative error 1.00e+00"
     int4[1]["split(block_n=64)"] = 0.6
     assert one_row_family(int4, None) is None
@@ -407,7 +412,8 @@ def random_ids(count: int, config: ModelConfig, seed: int) -> list[int]:
 
 
 @pytest.mark.skipif(INTERPRET, reason="the one-row path runs on CUDA only")
-@pytest.mark.parametrize(("scheme", "family"), [("none", "gemv"), ("int8", "gemv"), ("int8", "dp4a"), ("int4", "dp4a")])
+@pytest.mark.parametrize(("scheme", "family"), [("none", "gemv"), ("int8", "gemv"), ("int8", "dp4a"), ("int4", "dp4a"),
+                                               ("int4", "dp4a_one_part")])
 def test_one_row_decode_steps_run_either_family_of_fused_gemvs(scheme: str, family: str, tiny_model_dir: Path,
                                                                tiny_int4_dir: Path, monkeypatch) -> None:
     """The one-row path (one_row.py) with kernels.gemv's GEMVs (bf16 weights too) or dp4a_gemv's: no residual add
@@ -440,9 +446,11 @@ def test_one_row_decode_steps_run_either_family_of_fused_gemvs(scheme: str, fami
     unfused = paged_logits(model, token_ids, chunks)
     torch.testing.assert_close(fused[:20], unfused[:20], rtol=0, atol=0)
     # Other kernels (sums in other orders, dp4a's activations in two int8 parts): the logits agree to bf16
-    # roundings, the greedy tokens exactly.
+    # roundings, the greedy tokens exactly. One-part activations round more (about 5e-3 of a product): a near tie
+    # may go the other way, so only the logits are held to the bound.
     assert relative_error(fused[20:], unfused[20:].float()) < 2e-2
-    assert torch.equal(fused.argmax(dim=-1), unfused.argmax(dim=-1))
+    if family != "dp4a_one_part":
+        assert torch.equal(fused.argmax(dim=-1), unfused.argmax(dim=-1))
 
 
 def test_a_quantized_model_quantizes_the_projections_lm_head_and_embeddings_only(tiny_int4_dir: Path) -> None:

@@ -1,11 +1,13 @@
 """The one-row path's projections: a decode step of one sequence runs each projection as a fused GEMV, with the
 RMSNorm in its prologue, the residual add or SiLU * up in its epilogue (DecoderLayer.forward_one_row).
 
-Two kernel families do it, and a projection says which reads its weight (`one_row`):
+Three kernel families do it, and a projection says which reads its weight (`one_row`):
 - "gemv": kernels.gemv's float GEMVs, for dense weights and for int8 or fp8 rows with their float32 scales
   (`gemv_operands`), which they stream at half the bytes. The norm is taken inside the GEMV.
 - "dp4a": kernels.dp4a_gemv's integer GEMVs, for int8 and int4 weights (`dp4a_operands`). Their activations are
   quantized first; the norm is taken by the kernel that quantizes them, so it costs no kernel of its own.
+- "dp4a_one_part": the same for int4 weights, the activations in one int8 part with a scale per 32 values instead
+  of two parts per row: half the dot products, at that part's precision (docs/quantization.md).
 A projection with `one_row` None has no one-row path (the model then takes its general path).
 """
 
@@ -18,6 +20,8 @@ from typing import Protocol
 import torch
 
 FUSED_KERNELS = os.environ.get("XVERSE_FUSED_KERNELS", "1") != "0"
+# The dp4a families, by the activations' blocks (kernels.dp4a_gemv's act_block; 0: two parts per row).
+DP4A_ACT_BLOCKS = {"dp4a": 0, "dp4a_one_part": 32}
 
 
 def gemv_kernels(x: torch.Tensor) -> ModuleType | None:
@@ -63,7 +67,7 @@ class OneRowProjection:
         """silu(gate) * up of norm(stream), one row: the norm is the quantizing kernel (dp4a) or a kernel of its
         own before the gated GEMV (gemv: taken inside the GEMV, every program would normalise the whole row, which
         measured slower, docs/benchmarks.md)."""
-        if self.one_row == "dp4a":
+        if self.one_row in DP4A_ACT_BLOCKS:
             return self._fused(stream, gated=True, norm=norm)[0]
         return self._fused(norm(stream), gated=True)[0]
 
@@ -81,11 +85,12 @@ class OneRowProjection:
     def _fused(self, x: torch.Tensor, gated: bool = False, norm: Norm | None = None,
                squares: torch.Tensor | None = None, residual: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.one_row == "dp4a":
+        if self.one_row in DP4A_ACT_BLOCKS:
             from ..kernels import dp4a_gemv
 
             return dp4a_gemv.fused_gemv(x, *self.dp4a_operands(), gated=gated, residual=residual,
-                                        norm=(norm.weight, norm.eps) if norm is not None else None)
+                                        norm=(norm.weight, norm.eps) if norm is not None else None,
+                                        act_block=DP4A_ACT_BLOCKS[self.one_row])
         from ..kernels import gemv
 
         weight, scale = self.gemv_operands()

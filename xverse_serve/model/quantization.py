@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .one_row import OneRowProjection
+from .one_row import DP4A_ACT_BLOCKS, OneRowProjection
 
 log = logging.getLogger(__name__)
 
@@ -414,7 +414,12 @@ def _dp4a_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> list
     fits = layer.bits == 8 or layer.group_size == 8 * dp4a_gemv.INT4_GROUP_WORDS
     if m != 1 or not fits or dtype not in (torch.bfloat16, torch.float16):
         return []
-    return [MatmulKernel("dp4a")] + ([MatmulKernel("dp4a", (("act_block", 32),))] if layer.bits == 4 else [])
+    return [dp4a_kernel(block) for block in DP4A_ACT_BLOCKS.values() if layer.bits == 4 or not block]
+
+
+def dp4a_kernel(act_block: int) -> MatmulKernel:
+    """The dp4a tuning candidate with the activations in two parts (0) or one part in blocks of act_block."""
+    return MatmulKernel("dp4a", (("act_block", act_block),) if act_block else ())
 
 
 def _two_part_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> list[MatmulKernel]:
@@ -592,7 +597,8 @@ def tune(model: nn.Module, dtype: torch.dtype) -> None:
 # projections' own time.
 ONE_ROW_MARGIN = 1.15
 # Each one-row family, by the tuning candidate that times its GEMV at M = 1 (dp4a's with its quantizing kernel).
-ONE_ROW_CANDIDATES = {"gemv": "rowgemv", "dp4a": "dp4a"}
+ONE_ROW_CANDIDATES = {"gemv": "rowgemv",
+                      **{family: str(dp4a_kernel(block)) for family, block in DP4A_ACT_BLOCKS.items()}}
 
 
 def one_row_family(timings: list[dict[str, float | str]], default: str | None) -> str | None:
