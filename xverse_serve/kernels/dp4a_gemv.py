@@ -109,9 +109,7 @@ def _quantize_kernel(x_ptr, words_ptr, scale_ptr, sums_ptr, norm_w_ptr, eps, str
         tl.store(scale_ptr + row * (K // ACT_BLOCK) + blocks, block_scale, mask=blocks < K // ACT_BLOCK)
         factor = tl.broadcast_to((127.0 / tl.maximum(largest, 1e-30))[:, None], [BLOCK // ACT_BLOCK, ACT_BLOCK // 8])
         q = tl.floor(x * tl.reshape(factor, [BLOCK // 8])[:, None, None] + 0.5).to(tl.int32)  # zeros stay 0
-        parity = tl.arange(0, 2)[None, :] * (K // 8)
-        ok = (word < K // 8)[:, None] & (parity >= 0)
-        tl.store(words_ptr + row * (K // 4) + parity + word[:, None], _pack(q, 2), mask=ok)
+        _store_int4_order(words_ptr + row * (K // 4), word, q, K)
         # The groups' sums of the activations as quantized, so that the GEMV takes the exact product of the weights
         # with them: with the sums of x, each group's rounding errors times its offset would shift every output
         # alike (the offsets of a group are alike across rows), a bias instead of noise.
@@ -136,15 +134,21 @@ def _quantize_kernel(x_ptr, words_ptr, scale_ptr, sums_ptr, norm_w_ptr, eps, str
 
 @triton.jit
 def _store_parts(words, word, hi, lo, K: tl.constexpr, INT4: tl.constexpr):
-    """The two parts' words of a row: hi's, then lo's (INT4 order: each part's even words, then its odd words)."""
+    """The two parts' words of a row: hi's, then lo's."""
     if INT4:
-        parity = tl.arange(0, 2)[None, :] * (K // 8)
-        ok = (word < K // 8)[:, None] & (parity >= 0)
-        tl.store(words + parity + word[:, None], _pack(hi, 2), mask=ok)
-        tl.store(words + K // 4 + parity + word[:, None], _pack(lo, 2), mask=ok)
+        _store_int4_order(words, word, hi, K)
+        _store_int4_order(words + K // 4, word, lo, K)
     else:
         tl.store(words + word, _pack(hi, 1), mask=word < K // 4)
         tl.store(words + K // 4 + word, _pack(lo, 1), mask=word < K // 4)
+
+
+@triton.jit
+def _store_int4_order(words, word, q, K: tl.constexpr):
+    """One part's words in INT4 order, q [words, parity, byte]: the even words, then the odd words, K / 8 each."""
+    parity = tl.arange(0, 2)[None, :] * (K // 8)
+    ok = (word < K // 8)[:, None] & (parity >= 0)
+    tl.store(words + parity + word[:, None], _pack(q, 2), mask=ok)
 
 
 def quantize_row(x: torch.Tensor, int4: bool = False, group: int = 128, norm_weight: torch.Tensor | None = None,
