@@ -125,8 +125,10 @@ class MatmulKernel:
     swap-AB, split-K GEMM for 1-64 rows (int8, fp8 and int4), with two_part=1 on int8 or FP8 tensor cores with the
     activations in two parts; imma_rows: kernels.imma_gemm's int8 tensor-core GEMM for prefill-sized batches
     (int8 and int4); cublas_int8: the same two-part activations through cuBLAS's int8 GEMM (int8, 64 rows:
-    imma_gemm.CUBLAS_MAX_ROWS); dp4a: kernels.dp4a_gemv's one-row GEMV on integer dot products (int8 and int4;
-    with act_block, int4's activations in one int8 part with a scale per act_block values);
+    imma_gemm.CUBLAS_MAX_ROWS); mixed: kernels.mixed_gemm's GEMM with the weights dequantized in registers as the
+    first operand of bf16 or fp16 tensor-core dots (int8 and int4, 2 rows and up); dp4a: kernels.dp4a_gemv's
+    one-row GEMV on integer dot products (int8 and int4; with act_block, int4's activations in one int8 part with a
+    scale per act_block values);
     scaled_mm: FP8 tensor cores with the activations quantized per token (fp8 only); torch:
     torch._weight_int8pack_mm (int8 only); reference: the weight dequantized by PyTorch, then F.linear (slow and
     memory-hungry: only where no other kernel works)."""
@@ -165,6 +167,12 @@ class MatmulKernel:
                 return imma_gemm.rows_matmul_int4(x, layer.weight, layer.weight_scale, layer.weight_offset,
                                                   layer.group_size, config)
             return imma_gemm.rows_matmul(x, layer.weight, layer.weight_scale, config)
+        if self.backend == "mixed":
+            from ..kernels import mixed_gemm
+
+            config = tuple(options[name] for name in ("block_m", "block_n", "block_k", "num_warps", "num_stages"))
+            return mixed_gemm.matmul(x, layer.weight, layer.weight_scale, layer.weight_offset, layer.group_size,
+                                     config, options.get("split_k", 1))
         if self.backend == "dp4a":
             from ..kernels import dp4a_gemv
 
@@ -374,6 +382,7 @@ def candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype = torch.bfloat
         return kernels + [MatmulKernel("torch")] * (layer.bits == 8)
     kernels = _gemv_candidates(m, dtype) if layer.bits == 8 else _int4_split_candidates(m, dtype)
     kernels += _dp4a_candidates(layer, m, dtype) + _two_part_candidates(layer, m, dtype)
+    kernels += _mixed_candidates(layer, m, dtype)
     if m <= 16:
         kernels += [_gemv(layer, config) for config in GEMV_CONFIGS[layer.bits]]
         kernels.append(_gemm(layer, m, "small"))
@@ -445,6 +454,29 @@ def _two_part_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> 
         configs = imma_gemm.ROWS_INT4_CONFIGS if int4 else [
             config for config in imma_gemm.ROWS_CONFIGS if layer.in_features % config[2] == 0]
         kernels += [MatmulKernel("imma_rows", tuple(zip(names, config))) for config in configs]
+    return kernels
+
+
+def _mixed_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> list[MatmulKernel]:
+    """kernels.mixed_gemm for 2 rows and up (bf16 or fp16): the configuration whose token tile is the smallest that
+    holds M (up to 128), and from 512 rows also the 256-token one; split along K until the tiles fill the SMs."""
+    from ..kernels import mixed_gemm
+
+    if m < 2 or dtype not in (torch.bfloat16, torch.float16):
+        return []
+    block_m = next(c[0] for c in mixed_gemm.CONFIGS if c[0] >= min(m, 128))
+    kernels = []
+    for config in mixed_gemm.CONFIGS:
+        block_m_, block_n, block_k, num_warps, num_stages = config
+        fits = layer.in_features % block_k == 0 and (layer.bits == 8 or layer.group_size % block_k == 0)
+        if not fits or not (block_m_ == block_m or (m >= 512 and block_m_ == 256)):
+            continue
+        tiles = -(-m // block_m_) * -(-layer.out_features // block_n)
+        steps, split = layer.in_features // block_k, 1
+        while tiles * split < _num_sms(layer.weight.device) and split * 2 * 4 <= steps:
+            split *= 2
+        kernels.append(MatmulKernel("mixed", (*zip(("block_m", "block_n", "block_k", "num_warps", "num_stages"),
+                                                   config), ("split_k", split))))
     return kernels
 
 

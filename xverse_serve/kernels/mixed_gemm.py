@@ -1,0 +1,124 @@
+"""y = x @ W^T for int8 and int4 weights with bf16 or fp16 activations on the bf16/fp16 tensor cores, the
+weights as the dot's first operand: the kernel computes the tile y^T = W x^T.
+
+Why the transposed product: Hopper's wgmma reads its second operand from shared memory but can take its first from
+registers. With the weights first, each weight tile goes from shared memory into registers in the dot's own
+layout, is dequantized there (int8: converted; int4: unpacked and scaled) and feeds the tensor cores directly, while
+the next tiles stream in; with the weights second (quant_matmul's gemm), every dequantized tile is written back to
+shared memory and the dot waits for it. It also makes the tokens the dot's narrow side, which wgmma allows down to
+8: a tile of 16-64 tokens still fills the tensor cores' 64-row side with weights, so the same kernel serves decode
+batches (split along K where the output tiles alone would leave SMs idle) and prefill.
+
+Layouts as quant_matmul's: int8 weight [N, K] with a float32 scale per row (applied to the float32 sums at the
+end); int4 weight [N, K // 2] uint8 (k = 2j in byte j's low nibble, 2j + 1 in its high one) with float16 scale and
+offset per group of K, dequantized in float32 and rounded to x's dtype as quant_matmul.dequantize rounds them, so
+the result is the dense matmul with the dequantized weight, summed in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .gemv import check_scale
+from .split_gemm import check_int4
+
+# (block_m tokens, block_n weight rows, block_k, num_warps, num_stages), no register spills on sm_90 (ptxas -v).
+CONFIGS = (
+    (16, 128, 128, 4, 4),
+    (32, 128, 128, 4, 4),
+    (64, 128, 128, 4, 4),
+    (128, 128, 64, 8, 4),
+    (256, 128, 64, 8, 3),
+)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, M, N, K, k_per_split, stride_xm, stride_wn, stride_sn,
+            stride_ym, stride_ysplit, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr):
+    # Programs in groups of GROUP_N weight tiles that share their token tiles in L2 (the weights are read once).
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    width = GROUP_N * tiles_m
+    first_n = (pid // width) * GROUP_N
+    size_n = min(tiles_n - first_n, GROUP_N)
+    outs = (first_n + (pid % width) % size_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = ((pid % width) // size_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    outs_in = tl.where(outs < N, outs, 0)  # clamped: every load in bounds, the store masks
+    rows_in = tl.where(rows < M, rows, 0)
+    k_begin = tl.program_id(1) * k_per_split
+    k_end = tl.minimum(K, k_begin + k_per_split)
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows_in[None, :] * stride_xm + (k_begin + ks)[:, None]  # [BLOCK_K, BLOCK_M]: x^T
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    if BITS == 8:
+        w_ptrs = w_ptr + outs_in[:, None] * stride_wn + (k_begin + ks)[None, :]
+        for _ in range(k_begin, k_end, BLOCK_K):
+            acc = tl.dot(tl.load(w_ptrs).to(x_ptr.dtype.element_ty), tl.load(x_ptrs), acc)
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+        acc = acc * tl.load(scale_ptr + outs_in)[:, None]
+    else:
+        pairs = tl.arange(0, BLOCK_K // 2)
+        w_ptrs = w_ptr + outs_in[:, None] * stride_wn + (k_begin // 2 + pairs)[None, :]
+        s_ptrs = outs_in * stride_sn
+        for k0 in range(k_begin, k_end, BLOCK_K):  # BLOCK_K divides GROUP: one scale and offset per row a step
+            packed = tl.load(w_ptrs)
+            scale = tl.load(scale_ptr + s_ptrs + k0 // GROUP).to(tl.float32)[:, None]
+            offset = tl.load(offset_ptr + s_ptrs + k0 // GROUP).to(tl.float32)[:, None]
+            low = (packed & 0xF).to(tl.float32) * scale + offset
+            high = (packed >> 4).to(tl.float32) * scale + offset
+            w = tl.reshape(tl.join(low, high), [BLOCK_N, BLOCK_K])  # k = 2j from the low nibble, 2j + 1 the high
+            acc = tl.dot(w.to(x_ptr.dtype.element_ty), tl.load(x_ptrs), acc)
+            w_ptrs += BLOCK_K // 2
+            x_ptrs += BLOCK_K
+    y = y_ptr + tl.program_id(1) * stride_ysplit + rows[None, :] * stride_ym + outs[:, None]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(rows < M)[None, :] & (outs < N)[:, None])
+
+
+def _operands(weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
+              group: int) -> tuple[int, int]:
+    """(N, K) of an int8 or packed int4 weight, checked with its scales."""
+    if offset is None:
+        check_scale(weight, scale)
+        if weight.dtype != torch.int8 or weight.stride(1) != 1:
+            raise ValueError("mixed_gemm takes an int8 weight with contiguous rows")
+        return weight.shape
+    return weight.shape[0], check_int4(weight, scale, offset, group)
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None,
+           group: int = 0, config: tuple[int, int, int, int, int] = CONFIGS[-1], split_k: int = 1) -> torch.Tensor:
+    """x [..., K] (bf16 or fp16) @ W^T in x's dtype, W int8 (offset None) or packed int4 in groups of `group`.
+    K must be a multiple of the config's block_k, and for int4 block_k must divide the group. With split_k > 1 the
+    K range is cut into that many parts whose float32 partial products are summed afterwards."""
+    n, k = _operands(weight, scale, offset, group)
+    block_m, block_n, block_k, num_warps, num_stages = config
+    if k % block_k or (offset is not None and group % block_k):
+        raise ValueError(f"mixed_gemm's K ({k}) must be a multiple of block_k ({block_k}), which must divide "
+                         f"int4's group ({group})")
+    x2 = x.reshape(-1, k)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if max(x2.stride(0) * m, weight.stride(0) * n, m * n) >= 2**31:
+        raise ValueError("mixed_gemm indexes with 32-bit offsets: split a matmul this large")
+    steps = k // block_k
+    split_k = max(1, min(split_k, steps))
+    k_per_split = triton.cdiv(steps, split_k) * block_k
+    split_k = triton.cdiv(k, k_per_split)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y.view(*x.shape[:-1], n)
+    target = y if split_k == 1 else torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
+    offset_arg = scale if offset is None else offset
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), split_k)
+    _kernel[grid](x2, weight, scale, offset_arg, target, m, n, k, k_per_split, x2.stride(0), weight.stride(0),
+                  0 if offset is None else offset.stride(0), target.stride(-2), target.stride(0) if split_k > 1 else 0,
+                  BITS=8 if offset is None else 4, GROUP=max(group, 1), BLOCK_M=block_m, BLOCK_N=block_n,
+                  BLOCK_K=block_k, GROUP_N=8, num_warps=num_warps, num_stages=num_stages)
+    if split_k > 1:
+        y.copy_(target.sum(dim=0))
+    return y.view(*x.shape[:-1], n)
