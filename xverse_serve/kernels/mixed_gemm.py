@@ -65,11 +65,14 @@ def _kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, M, N, K, k_per_split, st
         w_ptrs = w_ptr + outs_in[:, None] * stride_wn + (k_begin // 2 + pairs)[None, :]
         s_ptrs = outs_in * stride_sn
         for k0 in range(k_begin, k_end, BLOCK_K):  # BLOCK_K divides GROUP: one scale and offset per row a step
-            packed = tl.load(w_ptrs)
+            packed = tl.load(w_ptrs).to(tl.int32)
             scale = tl.load(scale_ptr + s_ptrs + k0 // GROUP).to(tl.float32)[:, None]
-            offset = tl.load(offset_ptr + s_ptrs + k0 // GROUP).to(tl.float32)[:, None]
-            low = (packed & 0xF).to(tl.float32) * scale + offset
-            high = (packed >> 4).to(tl.float32) * scale + offset
+            offset = tl.load(offset_ptr + s_ptrs + k0 // GROUP).to(tl.float32)[:, None] - 128.0 * scale
+            # A nibble q becomes the float 128 + q by its bits (q in the mantissa's bits 16-19 under the exponent
+            # of 128): an and, a shift and an or where an int-to-float conversion runs at a sixteenth of the FMA
+            # rate; the offset takes back the 128 scales (exact to float32's 24 bits, far finer than bf16's 8).
+            low = (((packed & 0xF) << 16) | 0x43000000).to(tl.float32, bitcast=True) * scale + offset
+            high = (((packed & 0xF0) << 12) | 0x43000000).to(tl.float32, bitcast=True) * scale + offset
             w = tl.reshape(tl.join(low, high), [BLOCK_N, BLOCK_K])  # k = 2j from the low nibble, 2j + 1 the high
             acc = tl.dot(w.to(x_ptr.dtype.element_ty), tl.load(x_ptrs), acc)
             w_ptrs += BLOCK_K // 2
