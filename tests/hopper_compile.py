@@ -1,6 +1,7 @@
 """Compiles the quantized-matmul and 8-bit-cache kernels for sm_90 (Hopper) without a GPU, with the ptxas that
 Triton's wheel brings, and prints one JSON line per kernel: its name, registers and bytes spilled, how many integer
-dot-product instructions (dp4a) and grid-dependency waits its PTX has, and its machine instructions (nvdisasm).
+dot-product instructions (dp4a), Hopper tensor-core dots (wgmma) and grid-dependency waits its PTX has, and its
+machine instructions (nvdisasm): how many, and how many int-to-float conversions (I2F) among them.
 
     python tests/hopper_compile.py quant|kv|gemv|dp4a
 
@@ -53,6 +54,7 @@ def compile_for_hopper(fn, signature: dict[str, str], constexprs: dict, num_warp
         sass = subprocess.run([str(NVDISASM), "-c", cubin.name], capture_output=True, text=True, check=True).stdout
     return {"spilled_bytes": int(spills[1]) + int(spills[2]), "registers": int(registers[1]),
             "dp4a": ptx.count("dp4a."), "pdl_waits": ptx.count("griddepcontrol.wait"),
+            "wgmma": ptx.count("wgmma.mma_async"), "int_to_float": len(re.findall(r"\bI2F\b", sass)),
             "instructions": len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", sass, flags=re.MULTILINE))}
 
 
@@ -97,6 +99,7 @@ def quantized_matmul_kernels() -> Iterator[tuple]:
             "BITS": layer.bits, "GROUP": INT4_GROUP, "BLOCK_N": 16, "BLOCK_K": 256}, {}
     yield from split_gemm_kernels()
     yield from imma_gemm_kernels()
+    yield from mixed_gemm_kernels()
     from xverse_serve.kernels import fused_ops
 
     for k in (4096, 11008):  # XVERSE's two widths of a projection's input
@@ -132,6 +135,20 @@ def split_gemm_kernels() -> Iterator[tuple]:
                 "K": 4096, "GROUP": 128, "BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT": split,
                 "PER_SPLIT": 32 // split, "EVEN": True, "MAX_M": split_gemm.MAX_ROWS, "TWO_PART": False}, {
                 "num_warps": num_warps, "num_stages": num_stages})
+
+
+def mixed_gemm_kernels() -> Iterator[tuple]:
+    """kernels.mixed_gemm in every configuration, for int8 and int4 weights."""
+    from xverse_serve.kernels import mixed_gemm
+
+    for weight, scales, bits in (("*i8", "*fp32", 8), ("*u8", "*fp16", 4)):
+        for block_m, block_n, block_k, num_warps, num_stages in mixed_gemm.CONFIGS:
+            yield f"{'i8' if bits == 8 else 'u4'} mixed(block_m={block_m}, block_n={block_n}, block_k={block_k})", mixed_gemm._kernel, {
+                "x_ptr": "*bf16", "w_ptr": weight, "scale_ptr": scales, "offset_ptr": scales, "y_ptr": "*bf16",
+                "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32", "stride_xm": "i32", "stride_wn": "i32",
+                "stride_sn": "i32", "stride_ym": "i32", "stride_ysplit": "i32"}, {
+                "BITS": bits, "GROUP": 128, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
+                "GROUP_N": 8}, {"num_warps": num_warps, "num_stages": num_stages}
 
 
 def imma_gemm_kernels() -> Iterator[tuple]:
