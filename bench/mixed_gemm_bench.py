@@ -1,5 +1,5 @@
 """kernels.mixed_gemm (the weights dequantized in registers as the first operand of bf16 tensor-core dots) against
-bf16 cuBLAS on the dense weight and against the fastest of the start-up tuner's other candidates, for int8 and
+bf16 cuBLAS on the dense weight and against the fastest of the start-up tuner's other candidates, for int8, fp8 and
 int4 on XVERSE-7B's projection shapes, from decode batches (16 rows) to prefill (2,048).
 
     python bench/mixed_gemm_bench.py --out bench/results/mixed_gemm_h100.json
@@ -43,7 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="*", default=[16, 32, 64, 128, 512, 2048])
     parser.add_argument("--shapes", nargs="*", default=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
-    parser.add_argument("--schemes", nargs="*", default=["int8", "int4"])
+    parser.add_argument("--schemes", nargs="*", default=["int8", "int4", "fp8"])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device("cuda")

@@ -138,12 +138,13 @@ def split_gemm_kernels() -> Iterator[tuple]:
 
 
 def mixed_gemm_kernels() -> Iterator[tuple]:
-    """kernels.mixed_gemm in every configuration, for int8 and int4 weights."""
+    """kernels.mixed_gemm in every configuration, for int8, fp8 and int4 weights."""
     from xverse_serve.kernels import mixed_gemm
 
-    for weight, scales, bits in (("*i8", "*fp32", 8), ("*u8", "*fp16", 4)):
+    for label, weight, scales, bits in (("i8", "*i8", "*fp32", 8), ("fp8e4nv", "*fp8e4nv", "*fp32", 8),
+                                        ("u4", "*u8", "*fp16", 4)):
         for block_m, block_n, block_k, num_warps, num_stages in mixed_gemm.CONFIGS:
-            yield f"{'i8' if bits == 8 else 'u4'} mixed(block_m={block_m}, block_n={block_n}, block_k={block_k})", mixed_gemm._kernel, {
+            yield f"{label} mixed(block_m={block_m}, block_n={block_n}, block_k={block_k})", mixed_gemm._kernel, {
                 "x_ptr": "*bf16", "w_ptr": weight, "scale_ptr": scales, "offset_ptr": scales, "y_ptr": "*bf16",
                 "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32", "stride_xm": "i32", "stride_wn": "i32",
                 "stride_sn": "i32", "stride_ym": "i32", "stride_ysplit": "i32"}, {

@@ -1,4 +1,4 @@
-"""kernels.mixed_gemm (int8 and int4 weights dequantized in registers as the first operand of the tensor-core dot)
+"""kernels.mixed_gemm (int8, fp8 and int4 weights dequantized in registers as the first operand of the tensor-core dot)
 against float32 products of the dequantized weights: in Triton's interpreter on the CPU, compiled on a GPU; and the
 tuner offering it."""
 
@@ -43,9 +43,9 @@ def activations(rows: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tenso
 def weights(scheme: str, n: int, k: int, seed: int) -> tuple[tuple, torch.Tensor]:
     """The kernel's operands (weight, scale, offset, group) and the dequantized weight, float32."""
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.02
-    if scheme == "int8":
-        q, scale = quantization.quantize_int8(w)
-        return (q.to(DEVICE), scale.to(DEVICE), None, 0), quantization.dequantize_int8(q, scale).to(DEVICE)
+    if scheme in ("int8", "fp8"):
+        q, scale = (quantization.quantize_int8 if scheme == "int8" else quantization.quantize_fp8)(w)
+        return (q.to(DEVICE), scale.to(DEVICE), None, 0), quantization.dequantize_rows(q, scale).to(DEVICE)
     group = quantization.INT4_GROUP
     w[:, :group] += 0.05  # a group far from zero: its offset matters
     packed, scale, offset = quantization.quantize_int4(w, group)
@@ -53,7 +53,7 @@ def weights(scheme: str, n: int, k: int, seed: int) -> tuple[tuple, torch.Tensor
     return (packed.to(DEVICE), scale.to(DEVICE), offset.to(DEVICE), group), dense.to(DEVICE)
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "fp8"])
 @pytest.mark.parametrize(("rows", "n", "config", "split_k"), [
     (1, 70, (16, 64, 64, 4, 1), 1),     # N not a multiple of the weight tile, one row
     (19, 128, (16, 64, 128, 4, 1), 2),  # rows over two token tiles, K split in two
@@ -67,8 +67,9 @@ def test_mixed_gemm_equals_the_product_of_the_dequantized_weight(scheme: str, ro
         x = activations(rows, k, dtype, seed=n)
         y = mixed_gemm.matmul(x, *operands, config=config, split_k=split_k)
         assert y.shape == (rows, n) and y.dtype == dtype
-        # int4's weights enter the dot rounded to x's dtype, as quant_matmul.dequantize rounds them
-        w = dense if scheme == "int8" or dtype == torch.float32 else dense.to(dtype).float()
+        # int4's weights enter the dot rounded to x's dtype, as quant_matmul.dequantize rounds them; int8's and
+        # fp8's values are exact in it
+        w = dense if scheme != "int4" or dtype == torch.float32 else dense.to(dtype).float()
         error = relative_error(y, x.float() @ w.T)
         assert error < TOLERANCE[dtype], (dtype, error)
 
@@ -96,7 +97,7 @@ def test_mixed_gemm_refuses_what_it_cannot_multiply() -> None:
 
 @pytest.mark.parametrize(("m", "block_m"), [(2, 16), (16, 16), (33, 64), (64, 64), (512, 128)])
 def test_the_tuner_offers_the_mixed_gemm_from_two_rows(m: int, block_m: int) -> None:
-    for scheme in ("int8", "int4"):
+    for scheme in ("int8", "int4", "fp8"):
         layer = quantization.QuantizedLinear(4096, 12288, scheme)
         mixed = [dict(k.options) for k in quantization.candidates(layer, m) if k.backend == "mixed"]
         assert mixed and mixed[0]["block_m"] == block_m
@@ -107,13 +108,11 @@ def test_the_tuner_offers_the_mixed_gemm_from_two_rows(m: int, block_m: int) -> 
         assert split == 1 or tiles * split // 2 < quantization._num_sms(layer.weight.device)
         assert (512 <= m) == any(options["block_m"] == 256 for options in mixed)
     assert not [k for k in quantization.candidates(layer, 1) if k.backend == "mixed"]
-    assert not [k for k in quantization.candidates(quantization.QuantizedLinear(4096, 4096, "fp8"), 64)
-                if k.backend == "mixed"]
     assert not [k for k in quantization.candidates(layer, 64, torch.float32) if k.backend == "mixed"]
 
 
 @pytest.mark.skipif(INTERPRET, reason="the tuner's candidates run on CUDA")
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "fp8"])
 def test_the_mixed_candidates_pass_the_tuners_check_on_the_gpu(scheme: str) -> None:
     layer = quantization.QuantizedLinear(1024, 640, scheme).to(DEVICE)
     layer.load_rows(0, torch.randn(640, 1024, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16) * 0.03)

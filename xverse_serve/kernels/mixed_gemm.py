@@ -9,8 +9,8 @@ shared memory and the dot waits for it. It also makes the tokens the dot's narro
 8: a tile of 16-64 tokens still fills the tensor cores' 64-row side with weights, so the same kernel serves decode
 batches (split along K where the output tiles alone would leave SMs idle) and prefill.
 
-Layouts as quant_matmul's: int8 weight [N, K] with a float32 scale per row (applied to the float32 sums at the
-end); int4 weight [N, K // 2] uint8 (k = 2j in byte j's low nibble, 2j + 1 in its high one) with float16 scale and
+Layouts as quant_matmul's: int8 (or fp8 e4m3) weight [N, K] with a float32 scale per row (applied to the float32
+sums at the end; the values convert exactly to bf16 and fp16); int4 weight [N, K // 2] uint8 (k = 2j in byte j's low nibble, 2j + 1 in its high one) with float16 scale and
 offset per group of K, dequantized in float32 and rounded to x's dtype as quant_matmul.dequantize rounds them, so
 the result is the dense matmul with the dequantized weight, summed in float32.
 """
@@ -83,18 +83,19 @@ def _kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, M, N, K, k_per_split, st
 
 def _operands(weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
               group: int) -> tuple[int, int]:
-    """(N, K) of an int8 or packed int4 weight, checked with its scales."""
+    """(N, K) of an int8, fp8 or packed int4 weight, checked with its scales."""
     if offset is None:
         check_scale(weight, scale)
-        if weight.dtype != torch.int8 or weight.stride(1) != 1:
-            raise ValueError("mixed_gemm takes an int8 weight with contiguous rows")
+        if weight.stride(1) != 1:
+            raise ValueError("mixed_gemm takes a weight with contiguous rows")
         return weight.shape
     return weight.shape[0], check_int4(weight, scale, offset, group)
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None,
            group: int = 0, config: tuple[int, int, int, int, int] = CONFIGS[-1], split_k: int = 1) -> torch.Tensor:
-    """x [..., K] (bf16 or fp16) @ W^T in x's dtype, W int8 (offset None) or packed int4 in groups of `group`.
+    """x [..., K] (bf16 or fp16) @ W^T in x's dtype, W int8 or fp8 e4m3 with a scale per row (offset None), or
+    packed int4 in groups of `group`.
     K must be a multiple of the config's block_k, and for int4 block_k must divide the group. With split_k > 1 the
     K range is cut into that many parts whose float32 partial products are summed afterwards."""
     n, k = _operands(weight, scale, offset, group)

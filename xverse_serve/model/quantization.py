@@ -126,7 +126,7 @@ class MatmulKernel:
     activations in two parts; imma_rows: kernels.imma_gemm's int8 tensor-core GEMM for prefill-sized batches
     (int8 and int4); cublas_int8: the same two-part activations through cuBLAS's int8 GEMM (int8, 64 rows:
     imma_gemm.CUBLAS_MAX_ROWS); mixed: kernels.mixed_gemm's GEMM with the weights dequantized in registers as the
-    first operand of bf16 or fp16 tensor-core dots (int8 and int4, 2 rows and up); dp4a: kernels.dp4a_gemv's
+    first operand of bf16 or fp16 tensor-core dots (int8, int4 and fp8, 2 rows and up); dp4a: kernels.dp4a_gemv's
     one-row GEMV on integer dot products (int8 and int4; with act_block, int4's activations in one int8 part with a
     scale per act_block values);
     scaled_mm: FP8 tensor cores with the activations quantized per token (fp8 only); torch:
@@ -495,7 +495,8 @@ def _fp8_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> list[
     dequantized weight for float32."""
     if dtype == torch.float32:
         return [MatmulKernel("reference")]
-    return _gemv_candidates(m, dtype) + _two_part_candidates(layer, m, dtype) + [MatmulKernel("scaled_mm")]
+    return (_gemv_candidates(m, dtype) + _two_part_candidates(layer, m, dtype) + [MatmulKernel("scaled_mm")]
+            + _mixed_candidates(layer, m, dtype))
 
 
 def default_plan(layer: QuantizedLinear) -> MatmulPlan:
