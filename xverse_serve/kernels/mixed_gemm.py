@@ -10,9 +10,10 @@ shared memory and the dot waits for it. It also makes the tokens the dot's narro
 batches (split along K where the output tiles alone would leave SMs idle) and prefill.
 
 Layouts as quant_matmul's: int8 (or fp8 e4m3) weight [N, K] with a float32 scale per row (applied to the float32
-sums at the end; the values convert exactly to bf16 and fp16); int4 weight [N, K // 2] uint8 (k = 2j in byte j's low nibble, 2j + 1 in its high one) with float16 scale and
-offset per group of K, dequantized in float32 and rounded to x's dtype as quant_matmul.dequantize rounds them, so
-the result is the dense matmul with the dequantized weight, summed in float32.
+sums at the end; the values convert exactly to bf16 and fp16); int4 weight [N, K // 2] uint8 (k = 2j in byte j's
+low nibble, 2j + 1 in its high one) with float16 scale and offset per group of K, dequantized in float32 and
+rounded to x's dtype as quant_matmul.dequantize rounds them, so the result is the dense matmul with the dequantized
+weight, summed in float32.
 """
 
 from __future__ import annotations
