@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .gemv import check_scale
+from .imma_gemm import _tile
 from .split_gemm import check_int4
 
 # (block_m tokens, block_n weight rows, block_k, num_warps, num_stages), no register spills on sm_90 (ptxas -v).
@@ -39,16 +40,9 @@ CONFIGS = (
 def _kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, M, N, K, k_per_split, stride_xm, stride_wn, stride_sn,
             stride_ym, stride_ysplit, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr):
-    # Programs in groups of GROUP_N weight tiles that share their token tiles in L2 (the weights are read once).
-    pid = tl.program_id(0)
-    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    width = GROUP_N * tiles_m
-    first_n = (pid // width) * GROUP_N
-    size_n = min(tiles_n - first_n, GROUP_N)
-    outs = (first_n + (pid % width) % size_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = ((pid % width) // size_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-    outs_in = tl.where(outs < N, outs, 0)  # clamped: every load in bounds, the store masks
-    rows_in = tl.where(rows < M, rows, 0)
+    # Programs in groups of GROUP_N weight tiles that share their token tiles in L2 (the weights are read once);
+    # indices past N or M clamped: every load in bounds, the store masks.
+    outs, rows, outs_in, rows_in = _tile(N, M, BLOCK_N, BLOCK_M, GROUP_N)
     k_begin = tl.program_id(1) * k_per_split
     k_end = tl.minimum(K, k_begin + k_per_split)
     ks = tl.arange(0, BLOCK_K)
