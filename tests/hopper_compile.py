@@ -146,10 +146,12 @@ def mixed_gemm_kernels() -> Iterator[tuple]:
         for block_m, block_n, block_k, num_warps, num_stages in mixed_gemm.CONFIGS:
             yield f"{label} mixed(block_m={block_m}, block_n={block_n}, block_k={block_k})", mixed_gemm._kernel, {
                 "x_ptr": "*bf16", "w_ptr": weight, "scale_ptr": scales, "offset_ptr": scales, "y_ptr": "*bf16",
-                "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32", "stride_xm": "i32", "stride_wn": "i32",
-                "stride_sn": "i32", "stride_ym": "i32", "stride_ysplit": "i32"}, {
+                "partial_ptr": "*fp32", "ticket_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
+                "k_per_split": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_ym": "i32",
+                "stride_ysplit": "i32"}, {
                 "BITS": bits, "GROUP": 128, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                "GROUP_N": 8}, {"num_warps": num_warps, "num_stages": num_stages}
+                "GROUP_N": 8, "TICKETS": block_m <= 64, "SPLIT": 4 if block_m <= 64 else 1, "MAX_M": 64}, {
+                "num_warps": num_warps, "num_stages": num_stages}
 
 
 def imma_gemm_kernels() -> Iterator[tuple]:

@@ -58,6 +58,7 @@ def weights(scheme: str, n: int, k: int, seed: int) -> tuple[tuple, torch.Tensor
     (1, 70, (16, 64, 64, 4, 1), 1),     # N not a multiple of the weight tile, one row
     (19, 128, (16, 64, 128, 4, 1), 2),  # rows over two token tiles, K split in two
     (37, 96, (32, 32, 64, 4, 1), 3),    # a split that does not divide the steps evenly
+    (5, 130, (16, 64, 64, 4, 1), 4),    # one token tile: the slices add up inside the kernel (tickets)
 ])
 def test_mixed_gemm_equals_the_product_of_the_dequantized_weight(scheme: str, rows: int, n: int, config: tuple,
                                                                  split_k: int) -> None:
@@ -67,6 +68,8 @@ def test_mixed_gemm_equals_the_product_of_the_dequantized_weight(scheme: str, ro
         x = activations(rows, k, dtype, seed=n)
         y = mixed_gemm.matmul(x, *operands, config=config, split_k=split_k)
         assert y.shape == (rows, n) and y.dtype == dtype
+        # again: the same sums (in slice order), and the tickets were reset for it
+        assert torch.equal(mixed_gemm.matmul(x, *operands, config=config, split_k=split_k), y)
         # int4's weights enter the dot rounded to x's dtype, as quant_matmul.dequantize rounds them; int8's and
         # fp8's values are exact in it
         w = dense if scheme != "int4" or dtype == torch.float32 else dense.to(dtype).float()

@@ -24,22 +24,23 @@ import triton.language as tl
 
 from .gemv import check_scale
 from .imma_gemm import _tile
-from .split_gemm import check_int4
+from .split_gemm import MAX_ROWS, _finish, _workspace, check_int4
 
 # (block_m tokens, block_n weight rows, block_k, num_warps, num_stages), no register spills on sm_90 (ptxas -v).
 CONFIGS = (
     (16, 128, 128, 4, 4),
     (32, 128, 128, 4, 4),
-    (64, 128, 128, 4, 4),
+    (64, 128, 128, 8, 4),
     (128, 128, 64, 8, 4),
     (256, 128, 64, 8, 3),
 )
 
 
 @triton.jit(do_not_specialize=["M"])
-def _kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, M, N, K, k_per_split, stride_xm, stride_wn, stride_sn,
-            stride_ym, stride_ysplit, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr):
+def _kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, partial_ptr, ticket_ptr, M, N, K, k_per_split, stride_xm,
+            stride_wn, stride_sn, stride_ym, stride_ysplit, BITS: tl.constexpr, GROUP: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+            TICKETS: tl.constexpr, SPLIT: tl.constexpr, MAX_M: tl.constexpr):
     # Programs in groups of GROUP_N weight tiles that share their token tiles in L2 (the weights are read once);
     # indices past N or M clamped: every load in bounds, the store masks.
     outs, rows, outs_in, rows_in = _tile(N, M, BLOCK_N, BLOCK_M, GROUP_N)
@@ -72,8 +73,12 @@ def _kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, M, N, K, k_per_split, st
             acc = tl.dot(w.to(x_ptr.dtype.element_ty), tl.load(x_ptrs), acc)
             w_ptrs += BLOCK_K // 2
             x_ptrs += BLOCK_K
-    y = y_ptr + tl.program_id(1) * stride_ysplit + rows[None, :] * stride_ym + outs[:, None]
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(rows < M)[None, :] & (outs < N)[:, None])
+    if TICKETS:  # one token tile, so program 0's index is the weight tile's: split_gemm's in-kernel reduction
+        _finish(acc, 1.0, y_ptr, partial_ptr, ticket_ptr, tl.program_id(0), tl.program_id(1), rows, outs, rows < M,
+                outs < N, N, stride_ym, BLOCK_M, BLOCK_N, SPLIT, MAX_M)
+    else:  # y itself, or slice program_id(1)'s float32 partial sums, added by the wrapper
+        y = y_ptr + tl.program_id(1) * stride_ysplit + rows[None, :] * stride_ym + outs[:, None]
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(rows < M)[None, :] & (outs < N)[:, None])
 
 
 def _operands(weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
@@ -92,7 +97,8 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: t
     """x [..., K] (bf16 or fp16) @ W^T in x's dtype, W int8 or fp8 e4m3 with a scale per row (offset None), or
     packed int4 in groups of `group`.
     K must be a multiple of the config's block_k, and for int4 block_k must divide the group. With split_k > 1 the
-    K range is cut into that many parts whose float32 partial products are summed afterwards."""
+    K range is cut into that many parts whose float32 partial products are added (in slice order, in the kernel
+    where the rows fit one token tile of at most split_gemm.MAX_ROWS)."""
     n, k = _operands(weight, scale, offset, group)
     block_m, block_n, block_k, num_warps, num_stages = config
     if k % block_k or (offset is not None and group % block_k):
@@ -111,13 +117,19 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: t
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y.view(*x.shape[:-1], n)
-    target = y if split_k == 1 else torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
+    # Split with one token tile (decode batches): the slices add up inside the kernel, through split_gemm's
+    # workspace (allocated by the tuner's first call, before any CUDA graph is captured). Larger: float32 partial
+    # sums, added here.
+    tickets = split_k > 1 and m <= min(block_m, MAX_ROWS)
+    target = y if split_k == 1 or tickets else torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
+    partial, ticket = _workspace(x.device, n, block_n, split_k) if tickets else (y, y)
     offset_arg = scale if offset is None else offset
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), split_k)
-    _kernel[grid](x2, weight, scale, offset_arg, target, m, n, k, k_per_split, x2.stride(0), weight.stride(0),
-                  0 if offset is None else offset.stride(0), target.stride(-2), target.stride(0) if split_k > 1 else 0,
-                  BITS=8 if offset is None else 4, GROUP=max(group, 1), BLOCK_M=block_m, BLOCK_N=block_n,
-                  BLOCK_K=block_k, GROUP_N=8, num_warps=num_warps, num_stages=num_stages)
-    if split_k > 1:
+    _kernel[grid](x2, weight, scale, offset_arg, target, partial, ticket, m, n, k, k_per_split, x2.stride(0),
+                  weight.stride(0), 0 if offset is None else offset.stride(0), target.stride(-2),
+                  target.stride(0) if target is not y else 0, BITS=8 if offset is None else 4, GROUP=max(group, 1),
+                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_N=8, TICKETS=tickets, SPLIT=split_k,
+                  MAX_M=MAX_ROWS, num_warps=num_warps, num_stages=num_stages)
+    if target is not y:
         y.copy_(target.sum(dim=0))
     return y.view(*x.shape[:-1], n)
