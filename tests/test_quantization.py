@@ -328,8 +328,8 @@ def test_candidates_cover_every_batch_size_and_the_torch_op_only_for_int8() -> N
     splits = ["split"] * len(split_gemm.TUNED_CONFIGS)
     two_part = ["split"] * len(split_gemm.TWO_PART_CONFIGS)
     assert [k.backend for k in candidates(fp8, 1)] == ["rowgemv", *splits, *two_part, "scaled_mm"]
-    assert [k.backend for k in candidates(fp8, 64)] == ["skinny", *splits, *two_part, "scaled_mm"]
-    assert [k.backend for k in candidates(fp8, 4096)] == ["scaled_mm"]
+    assert [k.backend for k in candidates(fp8, 64)] == ["skinny", *splits, *two_part, "scaled_mm", "mixed"]
+    assert [k.backend for k in candidates(fp8, 4096)] == ["scaled_mm", "mixed", "mixed"]
     assert [k.backend for k in candidates(fp8, 8, torch.float32)] == ["reference"]
     int4 = QuantizedLinear(4096, 4096, "int4")
     assert not {"rowgemv", "skinny"} & {k.backend for k in candidates(int4, 1)}
