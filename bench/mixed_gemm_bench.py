@@ -28,8 +28,7 @@ from xverse_serve.model.quantization import (
     time_call,
 )
 
-SMALL = [(bm, bn, bk, 8 if bm == 64 else 4, stages) for bm in (16, 32, 64) for bn in (64, 128)
-         for bk, stages in ((128, 4), (64, 6))]
+SMALL = [(bm, bn, 128, 8 if bm == 64 else 4, 4) for bm in (16, 32, 64) for bn in (64, 128)]
 LARGE = [(128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
          (64, 128, 64, 4, 5)]
 
