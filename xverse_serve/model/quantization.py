@@ -459,25 +459,22 @@ def _two_part_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> 
 
 def _mixed_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> list[MatmulKernel]:
     """kernels.mixed_gemm for 2 rows and up (bf16 or fp16): the configuration whose token tile is the smallest that
-    holds M (up to 128), and from 512 rows also the 256-token one; split along K until the tiles fill the SMs."""
+    holds M (up to 128), split along K while the tiles would not fill the SMs twice (on an H100 that was the
+    fastest split at 64 rows for qkv_proj and gate_up_proj: bench/results/mixed_gemm_h100.json)."""
     from ..kernels import mixed_gemm
 
     if m < 2 or dtype not in (torch.bfloat16, torch.float16):
         return []
-    block_m = next(c[0] for c in mixed_gemm.CONFIGS if c[0] >= min(m, 128))
-    kernels = []
-    for config in mixed_gemm.CONFIGS:
-        block_m_, block_n, block_k, num_warps, num_stages = config
-        fits = layer.in_features % block_k == 0 and (layer.bits == 8 or layer.group_size % block_k == 0)
-        if not fits or not (block_m_ == block_m or (m >= 512 and block_m_ == 256)):
-            continue
-        tiles = -(-m // block_m_) * -(-layer.out_features // block_n)
-        steps, split = layer.in_features // block_k, 1
-        while tiles * split < _num_sms(layer.weight.device) and split * 2 * 4 <= steps:
-            split *= 2
-        kernels.append(MatmulKernel("mixed", (*zip(("block_m", "block_n", "block_k", "num_warps", "num_stages"),
-                                                   config), ("split_k", split))))
-    return kernels
+    config = next(c for c in mixed_gemm.CONFIGS if c[0] >= min(m, mixed_gemm.CONFIGS[-1][0]))
+    block_m, block_n, block_k, num_warps, num_stages = config
+    if layer.in_features % block_k or (layer.bits == 4 and layer.group_size % block_k):
+        return []
+    tiles = -(-m // block_m) * -(-layer.out_features // block_n)
+    steps, split = layer.in_features // block_k, 1
+    while tiles * split < 2 * _num_sms(layer.weight.device) and split * 2 * 4 <= steps:
+        split *= 2
+    return [MatmulKernel("mixed", (*zip(("block_m", "block_n", "block_k", "num_warps", "num_stages"), config),
+                                   ("split_k", split)))]
 
 
 def _int4_split_candidates(m: int, dtype: torch.dtype) -> list[MatmulKernel]:
