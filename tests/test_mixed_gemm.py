@@ -119,7 +119,7 @@ def test_the_tuner_offers_the_mixed_gemm_from_two_rows(m: int, block_m: int) -> 
 def test_the_mixed_candidates_pass_the_tuners_check_on_the_gpu(scheme: str) -> None:
     layer = quantization.QuantizedLinear(1024, 640, scheme).to(DEVICE)
     layer.load_rows(0, torch.randn(640, 1024, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16) * 0.03)
-    for m in (2, 40, 300):
+    for m in (2, 40, 300, 600):  # decode batches, and prefill sizes past one token tile
         x = activations(m, 1024, torch.bfloat16, seed=m)
         for kernel in [k for k in quantization.candidates(layer, m) if k.backend == "mixed"]:
             error = quantization.relative_error(kernel(x, layer), quantization.reference_matmul(x, layer))
