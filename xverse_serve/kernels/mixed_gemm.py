@@ -1,4 +1,4 @@
-"""y = x @ W^T for int8 and int4 weights with bf16 or fp16 activations on the bf16/fp16 tensor cores, the
+"""y = x @ W^T for int8, fp8 and int4 weights with bf16 or fp16 activations on the bf16/fp16 tensor cores, the
 weights as the dot's first operand: the kernel computes the tile y^T = W x^T.
 
 Why the transposed product: Hopper's wgmma reads its second operand from shared memory but can take its first from
@@ -24,6 +24,7 @@ import triton.language as tl
 
 from .gemv import check_scale
 from .imma_gemm import _tile
+from .quant_matmul import _check, k_slices
 from .split_gemm import MAX_ROWS, _finish, _workspace, check_int4
 
 # (block_m tokens, block_n weight rows, block_k, num_warps, num_stages), no register spills on sm_90 (ptxas -v).
@@ -83,17 +84,6 @@ def _kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, partial_ptr, ticket_ptr,
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(rows < M)[None, :] & (outs < N)[:, None])
 
 
-def _operands(weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
-              group: int) -> tuple[int, int]:
-    """(N, K) of an int8, fp8 or packed int4 weight, checked with its scales."""
-    if offset is None:
-        check_scale(weight, scale)
-        if weight.stride(1) != 1:
-            raise ValueError("mixed_gemm takes a weight with contiguous rows")
-        return weight.shape
-    return weight.shape[0], check_int4(weight, scale, offset, group)
-
-
 def matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None,
            group: int = 0, config: tuple[int, int, int, int, int] = CONFIGS[-1], split_k: int = 1) -> torch.Tensor:
     """x [..., K] (bf16 or fp16) @ W^T in x's dtype, W int8 or fp8 e4m3 with a scale per row (offset None), or
@@ -101,21 +91,19 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: t
     K must be a multiple of the config's block_k, and for int4 block_k must divide the group. With split_k > 1 the
     K range is cut into that many parts whose float32 partial products are added (in slice order, in the kernel
     where the rows fit one token tile of at most split_gemm.MAX_ROWS)."""
-    n, k = _operands(weight, scale, offset, group)
+    if offset is None:
+        check_scale(weight, scale)
+    else:
+        check_int4(weight, scale, offset, group)
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    m, n, k = _check(x2, weight, 8 if offset is None else 4)  # the shapes, and offsets within 32 bits
     block_m, block_n, block_k, num_warps, num_stages = config
     if k % block_k or (offset is not None and group % block_k):
         raise ValueError(f"mixed_gemm's K ({k}) must be a multiple of block_k ({block_k}), which must divide "
                          f"int4's group ({group})")
-    x2 = x.reshape(-1, k)
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
-    m = x2.shape[0]
-    if max(x2.stride(0) * m, weight.stride(0) * n, m * n) >= 2**31:
-        raise ValueError("mixed_gemm indexes with 32-bit offsets: split a matmul this large")
-    steps = k // block_k
-    split_k = max(1, min(split_k, steps))
-    k_per_split = triton.cdiv(steps, split_k) * block_k
-    split_k = triton.cdiv(k, k_per_split)
+    k_per_split, split_k = k_slices(k, block_k, split_k)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y.view(*x.shape[:-1], n)

@@ -207,6 +207,13 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bits: int) -> tuple[int, int, 
     return m, n, k
 
 
+def k_slices(k: int, block_k: int, split_k: int) -> tuple[int, int]:
+    """(elements of K per slice, slices) for cutting K into at most split_k slices of whole block_k steps."""
+    steps = triton.cdiv(k, block_k)
+    k_per_split = triton.cdiv(steps, max(1, min(split_k, steps))) * block_k
+    return k_per_split, triton.cdiv(k, k_per_split)
+
+
 def _output(x: torch.Tensor, n: int, out: torch.Tensor | None) -> torch.Tensor:
     if out is None:
         return torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
@@ -252,10 +259,7 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: tor
     out = _output(x, n, out)
     if bits == 4:
         block_k = group  # one group per iteration: its scale and offset are a vector over the tile's columns
-    steps = triton.cdiv(k, block_k)
-    split_k = max(1, min(split_k, steps))
-    k_per_split = triton.cdiv(steps, split_k) * block_k
-    split_k = triton.cdiv(k, k_per_split)
+    k_per_split, split_k = k_slices(k, block_k, split_k)
     if m == 0:
         return out
     target = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)

@@ -354,13 +354,20 @@ TORCH_INT8_MAX_ROWS = 4
 def _gemm(layer: QuantizedLinear, m: int, size: str) -> MatmulKernel:
     """A gemm configuration for M rows, split along K when its output tiles alone would leave SMs idle."""
     block_m, block_n, block_k, num_warps, num_stages = GEMM_CONFIGS[layer.bits][size]
+    return MatmulKernel("gemm", (("block_m", block_m), ("block_n", block_n), ("block_k", block_k),
+                                 ("split_k", _split_k(layer, m, block_m, block_n, block_k)),
+                                 ("num_warps", num_warps), ("num_stages", num_stages)))
+
+
+def _split_k(layer: QuantizedLinear, m: int, block_m: int, block_n: int, block_k: int) -> int:
+    """Slices of K for an output-tiled GEMM: doubled while its tiles would not fill the SMs twice, keeping at least
+    four steps of K a slice."""
     tiles = -(-m // block_m) * -(-layer.out_features // block_n)
     steps = -(-layer.in_features // block_k)
     split = 1
     while tiles * split < 2 * _num_sms(layer.weight.device) and split * 2 * 4 <= steps:
         split *= 2
-    return MatmulKernel("gemm", (("block_m", block_m), ("block_n", block_n), ("block_k", block_k),
-                                 ("split_k", split), ("num_warps", num_warps), ("num_stages", num_stages)))
+    return split
 
 
 def _gemv(layer: QuantizedLinear, config: tuple[int, int, int]) -> MatmulKernel:
@@ -459,8 +466,8 @@ def _two_part_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> 
 
 def _mixed_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> list[MatmulKernel]:
     """kernels.mixed_gemm for 2 rows and up (bf16 or fp16): the configuration whose token tile is the smallest that
-    holds M (up to 128), split along K while the tiles would not fill the SMs twice (on an H100 that was the
-    fastest split at 64 rows for qkv_proj and gate_up_proj: bench/results/mixed_gemm_h100.json)."""
+    holds M (up to 128), split along K as the gemm is (_split_k: on an H100 that was the fastest split at 64 rows
+    for qkv_proj and gate_up_proj, bench/results/mixed_gemm_h100.json)."""
     from ..kernels import mixed_gemm
 
     if m < 2 or dtype not in (torch.bfloat16, torch.float16):
@@ -469,12 +476,8 @@ def _mixed_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> lis
     block_m, block_n, block_k, num_warps, num_stages = config
     if layer.in_features % block_k or (layer.bits == 4 and layer.group_size % block_k):
         return []
-    tiles = -(-m // block_m) * -(-layer.out_features // block_n)
-    steps, split = layer.in_features // block_k, 1
-    while tiles * split < 2 * _num_sms(layer.weight.device) and split * 2 * 4 <= steps:
-        split *= 2
     return [MatmulKernel("mixed", (*zip(("block_m", "block_n", "block_k", "num_warps", "num_stages"), config),
-                                   ("split_k", split)))]
+                                   ("split_k", _split_k(layer, m, block_m, block_n, block_k))))]
 
 
 def _int4_split_candidates(m: int, dtype: torch.dtype) -> list[MatmulKernel]:
