@@ -1,7 +1,7 @@
 """Compiles the quantized-matmul and 8-bit-cache kernels for sm_90 (Hopper) without a GPU, with the ptxas that
 Triton's wheel brings, and prints one JSON line per kernel: its name, registers and bytes spilled, how many integer
-dot-product instructions (dp4a), Hopper tensor-core dots (wgmma) and grid-dependency waits its PTX has, and its
-machine instructions (nvdisasm): how many, and how many int-to-float conversions (I2F) among them.
+dot-product instructions (dp4a), Hopper tensor-core dots (wgmma), TMA copies and grid-dependency waits its PTX
+has, and its machine instructions (nvdisasm): how many, and how many int-to-float conversions (I2F) among them.
 
     python tests/hopper_compile.py quant|kv|gemv|dp4a
 
@@ -54,7 +54,8 @@ def compile_for_hopper(fn, signature: dict[str, str], constexprs: dict, num_warp
         sass = subprocess.run([str(NVDISASM), "-c", cubin.name], capture_output=True, text=True, check=True).stdout
     return {"spilled_bytes": int(spills[1]) + int(spills[2]), "registers": int(registers[1]),
             "dp4a": ptx.count("dp4a."), "pdl_waits": ptx.count("griddepcontrol.wait"),
-            "wgmma": ptx.count("wgmma.mma_async"), "int_to_float": len(re.findall(r"\bI2F\b", sass)),
+            "wgmma": ptx.count("wgmma.mma_async"), "tma": ptx.count("cp.async.bulk.tensor"),
+            "int_to_float": len(re.findall(r"\bI2F\b", sass)),
             "instructions": len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", sass, flags=re.MULTILINE))}
 
 
@@ -138,7 +139,8 @@ def split_gemm_kernels() -> Iterator[tuple]:
 
 
 def mixed_gemm_kernels() -> Iterator[tuple]:
-    """kernels.mixed_gemm in every configuration, for int8, fp8 and int4 weights."""
+    """kernels.mixed_gemm in every configuration, for int8, fp8 and int4 weights: the cp.async kernel and the TMA
+    one."""
     from xverse_serve.kernels import mixed_gemm
 
     for label, weight, scales, bits in (("i8", "*i8", "*fp32", 8), ("fp8e4nv", "*fp8e4nv", "*fp32", 8),
@@ -152,6 +154,15 @@ def mixed_gemm_kernels() -> Iterator[tuple]:
                 "BITS": bits, "GROUP": 128, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
                 "GROUP_N": 8, "TICKETS": block_m <= 64, "SPLIT": 4 if block_m <= 64 else 1, "MAX_M": 64}, {
                 "num_warps": num_warps, "num_stages": num_stages}
+        for block_m, block_n, block_k, num_warps, num_stages in mixed_gemm.TMA_CONFIGS:
+            w_block = f"{block_n}, {block_k // 2 if bits == 4 else block_k}"
+            name = f"{label} mixed_tma(block_m={block_m}, block_n={block_n}, block_k={block_k})"
+            yield name, mixed_gemm._tma_kernel, {
+                "x_desc": f"tensordesc<bf16[{block_m}, {block_k}]>", "w_desc": f"tensordesc<{weight[1:]}[{w_block}]>",
+                "scale_ptr": scales, "offset_ptr": scales, "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
+                "stride_sn": "i32", "stride_ym": "i32"}, {
+                "BITS": bits, "GROUP": 128, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
+                "STAGES": num_stages}, {"num_warps": num_warps, "num_stages": num_stages}
 
 
 def imma_gemm_kernels() -> Iterator[tuple]:

@@ -77,6 +77,25 @@ def test_mixed_gemm_equals_the_product_of_the_dequantized_weight(scheme: str, ro
         assert error < TOLERANCE[dtype], (dtype, error)
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4", "fp8"])
+@pytest.mark.parametrize(("rows", "n", "config"), [
+    (70, 200, (64, 64, 64, 4, 2)),  # rows and N past whole tiles: the TMA copies read zeros there
+    (3, 64, (16, 64, 128, 4, 1)),   # one token tile, int4 a group per step
+])
+def test_the_tma_kernel_equals_the_product_of_the_dequantized_weight(scheme: str, rows: int, n: int,
+                                                                     config: tuple) -> None:
+    k = 3 * quantization.INT4_GROUP
+    operands, dense = weights(scheme, n, k, seed=rows)
+    for dtype in DTYPES:
+        x = activations(rows, k + 1, dtype, seed=n)
+        for view in (x[:, :k].contiguous(), x[:, 1:]):  # a view whose start and rows are off 16-byte boundaries
+            y = mixed_gemm.matmul(view, *operands, config=config, tma=True)
+            assert y.shape == (rows, n) and y.dtype == dtype
+            w = dense if scheme != "int4" or dtype == torch.float32 else dense.to(dtype).float()
+            error = relative_error(y, view.float() @ w.T)
+            assert error < TOLERANCE[dtype], (dtype, error)
+
+
 def test_mixed_gemm_keeps_leading_dimensions_and_takes_no_rows() -> None:
     operands, dense = weights("int8", 64, 256, seed=3)
     x = activations(6, 256, torch.float16, seed=4).view(2, 3, 256)
@@ -96,6 +115,10 @@ def test_mixed_gemm_refuses_what_it_cannot_multiply() -> None:
         mixed_gemm.matmul(activations(2, 256, torch.float16, 1), packed, s, o, group, config=(16, 64, 256, 4, 1))
     with pytest.raises(ValueError, match="int8"):
         mixed_gemm.matmul(x, q.to(torch.int16), scale)
+    (q, scale, _, _), _ = weights("int8", 64, 256, seed=1)
+    with pytest.raises(ValueError, match="one slice"):
+        mixed_gemm.matmul(activations(2, 256, torch.float16, 1), q, scale, config=(16, 64, 64, 4, 1), split_k=2,
+                          tma=True)
 
 
 @pytest.mark.parametrize(("m", "block_m"), [(2, 16), (16, 16), (33, 64), (64, 64), (512, 128)])
@@ -112,6 +135,18 @@ def test_the_tuner_offers_the_mixed_gemm_from_two_rows(m: int, block_m: int) -> 
         assert len(mixed) == 1
     assert not [k for k in quantization.candidates(layer, 1) if k.backend == "mixed"]
     assert not [k for k in quantization.candidates(layer, 64, torch.float32) if k.backend == "mixed"]
+
+
+def test_the_tuner_offers_the_tma_kernel_for_prefills_on_hopper(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quantization, "_has_tma", lambda device: True)
+    for scheme in ("int8", "int4", "fp8"):
+        layer = quantization.QuantizedLinear(4096, 12288, scheme)
+        tma = [dict(k.options) for k in quantization.candidates(layer, 512) if dict(k.options).get("tma")]
+        assert [tuple(o[name] for name in ("block_m", "block_n", "block_k", "num_warps", "num_stages"))
+                for o in tma] == list(mixed_gemm.TMA_CONFIGS)
+        assert all(o["split_k"] == 1 for o in tma)
+        assert not [k for k in quantization.candidates(layer, mixed_gemm.TMA_MIN_ROWS // 2)
+                    if dict(k.options).get("tma")]
 
 
 @pytest.mark.skipif(INTERPRET, reason="the tuner's candidates run on CUDA")

@@ -596,7 +596,8 @@ def test_every_quantized_matmul_kernel_compiles_for_hopper_without_register_spil
                                                             "i8 imma_rows", "u4 imma_rows", "i8 two-part split",
                                                             "u4 two-part split", "fp8e4nv two-part split",
                                                             "cublas_int8 combine", "i8 mixed", "u4 mixed",
-                                                            "fp8e4nv mixed"}
+                                                            "fp8e4nv mixed", "i8 mixed_tma", "u4 mixed_tma",
+                                                            "fp8e4nv mixed_tma"}
     assert [r for r in reports if r["spilled_bytes"]] == []
     # mixed_gemm: the weights reach Hopper's tensor cores as wgmma's register operand, int4's nibbles made floats
     # by their bits: no more int-to-float conversions (a sixteenth of the FMA rate) than int8's, whose weights the
@@ -605,3 +606,7 @@ def test_every_quantized_matmul_kernel_compiles_for_hopper_without_register_spil
     assert len(mixed) == 12 and all(r["wgmma"] > 0 for r in mixed)
     conversions = {r["kernel"]: r["int_to_float"] for r in mixed}
     assert all(conversions[name] <= conversions["i8" + name[2:]] <= 2 for name in conversions if name[:2] == "u4")
+    # its TMA kernel: the tiles copied by the tensor memory accelerator, into the same register-operand dots
+    tma = [r for r in reports if " mixed_tma(" in r["kernel"]]
+    assert len(tma) == 6 and all(r["wgmma"] > 0 and r["tma"] > 0 for r in tma)
+    assert all(r["int_to_float"] <= 1 for r in tma if r["kernel"].startswith("u4"))

@@ -37,6 +37,13 @@ CONFIGS = (
     (64, 128, 128, 8, 4),
     (128, 128, 64, 8, 4),
 )
+# The TMA kernel's, for prefill-sized batches (from TMA_MIN_ROWS rows): (block_m, block_n, block_k, num_warps,
+# num_stages), no register spills on sm_90.
+TMA_CONFIGS = (
+    (128, 128, 64, 8, 4),
+    (256, 128, 64, 8, 3),
+)
+TMA_MIN_ROWS = 128
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -64,15 +71,7 @@ def _kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, partial_ptr, ticket_ptr,
         w_ptrs = w_ptr + outs_in[:, None] * stride_wn + (k_begin // 2 + pairs)[None, :]
         s_ptrs = outs_in * stride_sn
         for k0 in range(k_begin, k_end, BLOCK_K):  # BLOCK_K divides GROUP: one scale and offset per row a step
-            packed = tl.load(w_ptrs).to(tl.int32)
-            scale = tl.load(scale_ptr + s_ptrs + k0 // GROUP).to(tl.float32)[:, None]
-            offset = tl.load(offset_ptr + s_ptrs + k0 // GROUP).to(tl.float32)[:, None] - 128.0 * scale
-            # A nibble q becomes the float 128 + q by its bits (q in the mantissa's bits 16-19 under the exponent
-            # of 128): an and, a shift and an or where an int-to-float conversion runs at a sixteenth of the FMA
-            # rate; the offset takes back the 128 scales (exact to float32's 24 bits, far finer than bf16's 8).
-            low = (((packed & 0xF) << 16) | 0x43000000).to(tl.float32, bitcast=True) * scale + offset
-            high = (((packed & 0xF0) << 12) | 0x43000000).to(tl.float32, bitcast=True) * scale + offset
-            w = tl.reshape(tl.join(low, high), [BLOCK_N, BLOCK_K])  # k = 2j from the low nibble, 2j + 1 the high
+            w = _int4_floats(tl.load(w_ptrs), scale_ptr + s_ptrs, offset_ptr + s_ptrs, k0 // GROUP, BLOCK_N, BLOCK_K)
             acc = tl.dot(w.to(x_ptr.dtype.element_ty), tl.load(x_ptrs), acc)
             w_ptrs += BLOCK_K // 2
             x_ptrs += BLOCK_K
@@ -84,13 +83,57 @@ def _kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, partial_ptr, ticket_ptr,
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(rows < M)[None, :] & (outs < N)[:, None])
 
 
+@triton.jit
+def _int4_floats(packed, scale_ptrs, offset_ptrs, group, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A [BLOCK_N, BLOCK_K // 2] tile of packed int4 weights (one group per row) -> [BLOCK_N, BLOCK_K] float32."""
+    packed = packed.to(tl.int32)
+    scale = tl.load(scale_ptrs + group).to(tl.float32)[:, None]
+    offset = tl.load(offset_ptrs + group).to(tl.float32)[:, None] - 128.0 * scale
+    # A nibble q becomes the float 128 + q by its bits (q in the mantissa's bits 16-19 under the exponent of 128):
+    # an and, a shift and an or where an int-to-float conversion runs at a sixteenth of the FMA rate; the offset
+    # takes back the 128 scales (exact to float32's 24 bits, far finer than bf16's 8).
+    low = (((packed & 0xF) << 16) | 0x43000000).to(tl.float32, bitcast=True) * scale + offset
+    high = (((packed & 0xF0) << 12) | 0x43000000).to(tl.float32, bitcast=True) * scale + offset
+    return tl.reshape(tl.join(low, high), [BLOCK_N, BLOCK_K])  # k = 2j from the low nibble, 2j + 1 the high
+
+
+@triton.jit(do_not_specialize=["M"])
+def _tma_kernel(x_desc, w_desc, scale_ptr, offset_ptr, y_ptr, M, N, K, stride_sn, stride_ym, BITS: tl.constexpr,
+                GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                STAGES: tl.constexpr):
+    # _kernel's product for prefill-sized batches, each tile brought into shared memory by a TMA copy (one thread
+    # issues it; tiles past N or M read as zeros) instead of every thread's addresses and cp.async. Token tiles
+    # fastest: the programs that share a weight tile run together, so it is read from memory once.
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    pid_m = tl.program_id(0) % tiles_m
+    pid_n = tl.program_id(0) // tiles_m
+    outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    s_ptrs = tl.minimum(outs, N - 1) * stride_sn
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        x = x_desc.load([pid_m * BLOCK_M, k0])
+        if BITS == 8:
+            w = w_desc.load([pid_n * BLOCK_N, k0]).to(x.dtype)
+        else:
+            w = _int4_floats(w_desc.load([pid_n * BLOCK_N, k0 // 2]), scale_ptr + s_ptrs, offset_ptr + s_ptrs,
+                             k0 // GROUP, BLOCK_N, BLOCK_K).to(x.dtype)
+        acc = tl.dot(w, tl.trans(x), acc)
+    if BITS == 8:
+        acc = acc * tl.load(scale_ptr + s_ptrs)[:, None]
+    tl.store(y_ptr + rows[None, :] * stride_ym + outs[:, None], acc.to(y_ptr.dtype.element_ty),
+             mask=(rows < M)[None, :] & (outs < N)[:, None])
+
+
 def matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None,
-           group: int = 0, config: tuple[int, int, int, int, int] = CONFIGS[-1], split_k: int = 1) -> torch.Tensor:
+           group: int = 0, config: tuple[int, int, int, int, int] = CONFIGS[-1], split_k: int = 1,
+           tma: bool = False) -> torch.Tensor:
     """x [..., K] (bf16 or fp16) @ W^T in x's dtype, W int8 or fp8 e4m3 with a scale per row (offset None), or
     packed int4 in groups of `group`.
     K must be a multiple of the config's block_k, and for int4 block_k must divide the group. With split_k > 1 the
     K range is cut into that many parts whose float32 partial products are added (in slice order, in the kernel
-    where the rows fit one token tile of at most split_gemm.MAX_ROWS)."""
+    where the rows fit one token tile of at most split_gemm.MAX_ROWS). tma: the tiles come by TMA copies (Hopper
+    and newer; one slice of K), for prefill-sized batches (TMA_CONFIGS)."""
     if offset is None:
         check_scale(weight, scale)
     else:
@@ -104,8 +147,13 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: t
         raise ValueError(f"mixed_gemm's K ({k}) must be a multiple of block_k ({block_k}), which must divide "
                          f"int4's group ({group})")
     k_per_split, split_k = k_slices(k, block_k, split_k)
+    if tma and split_k > 1:
+        raise ValueError("mixed_gemm's TMA kernel takes K in one slice (split_k=1)")
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
+        return y.view(*x.shape[:-1], n)
+    if tma:
+        _matmul_tma(x2, weight, scale, offset, group, config, y)
         return y.view(*x.shape[:-1], n)
     # Split with one token tile (decode batches): the slices add up inside the kernel, through split_gemm's
     # workspace (allocated by the tuner's first call, before any CUDA graph is captured). Larger: float32 partial
@@ -123,3 +171,25 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: t
     if target is not y:
         y.copy_(target.sum(dim=0))
     return y.view(*x.shape[:-1], n)
+
+
+def _matmul_tma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, group: int,
+                config: tuple[int, int, int, int, int], y: torch.Tensor) -> None:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    block_m, block_n, block_k, num_warps, num_stages = config
+    # A TMA copy needs its tensor's start and row stride on 16 bytes: the weights' are fixed (K a multiple of 32
+    # for int4, of 16 otherwise), x is copied where a view left it misaligned.
+    if weight.stride(0) * weight.element_size() % 16 or weight.data_ptr() % 16:
+        raise ValueError("mixed_gemm's TMA kernel needs the weight's rows on 16-byte boundaries")
+    if x.data_ptr() % 16 or x.stride(0) * x.element_size() % 16:
+        x = x.clone()
+    m, k = x.shape
+    n = weight.shape[0]
+    x_desc = TensorDescriptor.from_tensor(x, [block_m, block_k])
+    w_desc = TensorDescriptor.from_tensor(weight, [block_n, block_k // 2 if offset is not None else block_k])
+    _tma_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](
+        x_desc, w_desc, scale, offset if offset is not None else scale, y, m, n, k,
+        offset.stride(0) if offset is not None else 1, y.stride(0), BITS=8 if offset is None else 4,
+        GROUP=max(group, 1), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=num_stages,
+        num_warps=num_warps, num_stages=num_stages)

@@ -172,7 +172,7 @@ class MatmulKernel:
 
             config = tuple(options[name] for name in ("block_m", "block_n", "block_k", "num_warps", "num_stages"))
             return mixed_gemm.matmul(x, layer.weight, layer.weight_scale, layer.weight_offset, layer.group_size,
-                                     config, options.get("split_k", 1))
+                                     config, options.get("split_k", 1), tma=bool(options.get("tma", 0)))
         if self.backend == "dp4a":
             from ..kernels import dp4a_gemv
 
@@ -472,12 +472,19 @@ def _mixed_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> lis
 
     if m < 2 or dtype not in (torch.bfloat16, torch.float16):
         return []
+    names = ("block_m", "block_n", "block_k", "num_warps", "num_stages")
     config = next(c for c in mixed_gemm.CONFIGS if c[0] >= min(m, mixed_gemm.CONFIGS[-1][0]))
-    block_m, block_n, block_k, num_warps, num_stages = config
-    if layer.in_features % block_k or (layer.bits == 4 and layer.group_size % block_k):
-        return []
-    return [MatmulKernel("mixed", (*zip(("block_m", "block_n", "block_k", "num_warps", "num_stages"), config),
-                                   ("split_k", _split_k(layer, m, block_m, block_n, block_k))))]
+    kernels = [MatmulKernel("mixed", (*zip(names, config), ("split_k", _split_k(layer, m, *config[:3]))))]
+    if m >= mixed_gemm.TMA_MIN_ROWS and _has_tma(layer.weight.device):
+        kernels += [MatmulKernel("mixed", (*zip(names, config), ("split_k", 1), ("tma", 1)))
+                    for config in mixed_gemm.TMA_CONFIGS]
+    return [kernel for kernel in kernels if layer.in_features % dict(kernel.options)["block_k"] == 0
+            and (layer.bits == 8 or layer.group_size % dict(kernel.options)["block_k"] == 0)]
+
+
+def _has_tma(device: torch.device) -> bool:
+    """Whether the card copies tiles by TMA (Hopper, compute capability 9.0, and newer)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _int4_split_candidates(m: int, dtype: torch.dtype) -> list[MatmulKernel]:
