@@ -96,8 +96,7 @@ def tma_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None
     return y
 
 
-CONFIGS = [(128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3), (128, 256, 64, 8, 3),
-           (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 256, 64, 8, 4)]
+CONFIGS = [(128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3), (128, 256, 64, 8, 3)]
 
 
 def set_allocator() -> None:
