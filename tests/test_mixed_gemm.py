@@ -138,6 +138,8 @@ def test_the_tuner_offers_the_mixed_gemm_from_two_rows(m: int, block_m: int) -> 
 
 
 def test_the_tuner_offers_the_tma_kernel_for_prefills_on_hopper(monkeypatch: pytest.MonkeyPatch) -> None:
+    layer = quantization.QuantizedLinear(4096, 12288, "int8")
+    assert not [k for k in quantization.candidates(layer, 512) if dict(k.options).get("tma")]  # no CUDA here
     monkeypatch.setattr(quantization, "_has_tma", lambda device: True)
     for scheme in ("int8", "int4", "fp8"):
         layer = quantization.QuantizedLinear(4096, 12288, scheme)
@@ -151,7 +153,8 @@ def test_the_tuner_offers_the_tma_kernel_for_prefills_on_hopper(monkeypatch: pyt
 
 @pytest.mark.skipif(INTERPRET, reason="the tuner's candidates run on CUDA")
 @pytest.mark.parametrize("scheme", ["int8", "int4", "fp8"])
-def test_the_mixed_candidates_pass_the_tuners_check_on_the_gpu(scheme: str) -> None:
+def test_the_mixed_candidates_pass_the_tuners_check_on_the_gpu(scheme: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quantization, "MIXED_TMA", True)  # the TMA kernel too, where the card has TMA
     layer = quantization.QuantizedLinear(1024, 640, scheme).to(DEVICE)
     layer.load_rows(0, torch.randn(640, 1024, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16) * 0.03)
     for m in (2, 40, 300, 600):  # decode batches, and prefill sizes past one token tile

@@ -21,6 +21,7 @@ tuned kernels are faster by more than what its fusions save (one_row_family).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -467,7 +468,8 @@ def _two_part_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> 
 def _mixed_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> list[MatmulKernel]:
     """kernels.mixed_gemm for 2 rows and up (bf16 or fp16): the configuration whose token tile is the smallest that
     holds M (up to 128), split along K as the gemm is (_split_k: on an H100 that was the fastest split at 64 rows
-    for qkv_proj and gate_up_proj, bench/results/mixed_gemm_h100.json)."""
+    for qkv_proj and gate_up_proj, bench/results/mixed_gemm_h100.json); and from TMA_MIN_ROWS its TMA kernel in
+    each of TMA_CONFIGS where _has_tma."""
     from ..kernels import mixed_gemm
 
     if m < 2 or dtype not in (torch.bfloat16, torch.float16):
@@ -482,9 +484,15 @@ def _mixed_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> lis
             and (layer.bits == 8 or layer.group_size % dict(kernel.options)["block_k"] == 0)]
 
 
+# mixed_gemm's TMA kernel is offered only with XVERSE_MIXED_TMA=1 until it has been timed on a Hopper GPU: it was
+# written and tested in Triton's interpreter and compiled for sm_90 on the CPU, with no GPU to run it on.
+MIXED_TMA = os.environ.get("XVERSE_MIXED_TMA", "0") == "1"
+
+
 def _has_tma(device: torch.device) -> bool:
-    """Whether the card copies tiles by TMA (Hopper, compute capability 9.0, and newer)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    """Whether to offer the TMA kernel: asked for (MIXED_TMA), and the card copies tiles by TMA (Hopper, compute
+    capability 9.0, and newer)."""
+    return MIXED_TMA and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _int4_split_candidates(m: int, dtype: torch.dtype) -> list[MatmulKernel]:
