@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
-from common import PROJECTION_SHAPES, write_results
+from common import PROJECTION_SHAPES, graph_us, write_results
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from xverse_serve.kernels import quant_matmul
@@ -229,21 +229,9 @@ def overlap(args, gen: torch.Generator) -> dict:
     return out
 
 
-def graph_ms(fn, repeats: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
+def graph_ms(fn) -> float:
+    """fn's time as one CUDA graph, ms."""
+    return graph_us([fn], repeats=20) / 1000
 
 
 def main() -> None:
