@@ -134,7 +134,7 @@ def kernel_sweep(args, flush: torch.Tensor, gen: torch.Generator) -> dict:
                                  layer.weight_offset if scheme == "int4" else None, layer.bits,
                                  layer.group_size if scheme == "int4" else 0, reference_matmul(x, layer)))
             for label, w, scale, offset, bits, group, reference in variants:
-                for wx in (True, False):
+                for wx in (True,) if args.wx_only else (True, False):
                     for config in CONFIGS:
                         key = f"{label} {'WX' if wx else 'XW'} {config}"
                         try:
@@ -239,6 +239,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="*", default=[512, 2048])
     parser.add_argument("--shapes", nargs="*", default=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
     parser.add_argument("--overlap-rows", type=int, default=512)
+    parser.add_argument("--wx-only", action="store_true", help="only the weights-first kernels (mixed_gemm's shape)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["kernels", "overlap"])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
