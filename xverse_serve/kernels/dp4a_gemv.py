@@ -276,7 +276,7 @@ def _int4_kernel(words_ptr, x_scale_ptr, sums_ptr, w_ptr, scale_ptr, offset_ptr,
     s_rows = rows[:, None].to(tl.int64) * stride_sn
     acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
-    x_scale = tl.load(x_scale_ptr)
+    x_scale = 1.0 if ACT_BLOCK else tl.load(x_scale_ptr)  # one-part activations: a scale per block, read per step
     for start in tl.static_range(0, GROUPS, BLOCK_G):
         groups = start + tl.arange(0, BLOCK_G)
         group_ok = groups < GROUPS
