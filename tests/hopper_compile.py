@@ -286,7 +286,7 @@ def dp4a_gemv_kernels() -> Iterator[tuple]:
             block_n, block_kw, num_warps = dp4a_gemv.INT8_CONFIG
             yield f"int8 dp4a K={k}{form}", dp4a_gemv._int8_kernel, {
                 "words_ptr": "*i32", "x_scale_ptr": "*fp32", "w_ptr": "*i32", "w_scale_ptr": "*fp32", **epilogue,
-                "N": "i32", "stride_wn": "i32"}, {
+                "N": "i32", "stride_wn": "i32", "stride_words_m": "i32", "stride_xs_m": "i32", "stride_ym": "i32"}, {
                 "KW": k // 4, "BLOCK_N": block_n, "BLOCK_KW": block_kw, **forms}, {
                 "num_warps": num_warps, "num_stages": 1}
             block_n, block_g, num_warps = dp4a_gemv.INT4_CONFIG
@@ -294,7 +294,8 @@ def dp4a_gemv_kernels() -> Iterator[tuple]:
                 yield f"int4 dp4a{' act32' if act_block else ''} K={k}{form}", dp4a_gemv._int4_kernel, {
                     "words_ptr": "*i32", "x_scale_ptr": "*fp32", "sums_ptr": "*fp32", "w_ptr": "*i32",
                     "scale_ptr": "*fp16", "offset_ptr": "*fp16", **epilogue, "N": "i32", "stride_wn": "i32",
-                    "stride_sn": "i32"}, {
+                    "stride_sn": "i32", "stride_words_m": "i32", "stride_xs_m": "i32", "stride_sums_m": "i32",
+                    "stride_ym": "i32"}, {
                     "GROUPS": k // 128, "BLOCK_N": block_n, "BLOCK_G": block_g,
                     "GROUP_WORDS": dp4a_gemv.INT4_GROUP_WORDS, "ACT_BLOCK": act_block, **forms}, {
                     "num_warps": num_warps, "num_stages": 1}

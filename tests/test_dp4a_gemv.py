@@ -4,7 +4,8 @@ What is specified here: quantize_row keeps every activation within max|x| / 64,5
 weights with act_block within max|x_b| / 254 of its block b (one part, a scale per block), packed in the order each
 weight format's words need; where the activations are exactly representable the GEMVs are exact
 (which pins the byte and nibble order); otherwise they equal the float32 reference to the activations' rounding;
-the tuner offers them at one row of bf16 or fp16 only; they compile for sm_90 with dp4a and without spills.
+the tuner offers them for 1 to MAX_ROWS rows of bf16 or fp16 only; several rows are each computed as one row
+alone is; they compile for sm_90 with dp4a and without spills.
 Runs in Triton's interpreter on CPU (dp4a computed from the bytes) and compiled on a GPU.
 """
 
@@ -144,6 +145,26 @@ def test_the_dp4a_kernel_equals_the_float32_reference(scheme: str, act_block: in
         assert relative_error(y.view(1, 70), reference_matmul(xd, layer)) < bound
 
 
+@pytest.mark.parametrize(("scheme", "act_block"), [("int8", 0), ("int4", 0), ("int4", 32)])
+@pytest.mark.parametrize("rows", [2, 5])
+def test_several_rows_each_equal_their_one_row_product(scheme: str, act_block: int, rows: int) -> None:
+    """matmul: each row of x quantized and multiplied as one row alone is (one launch for them all)."""
+    k, n = 3 * INT4_GROUP, 70
+    layer = quantized_layer(scheme, n, k, seed=21, device=DEVICE)
+    operands = (layer.weight, layer.weight_scale, layer.weight_offset)
+    x = (gaussian(rows, k, seed=rows) * 2).to(torch.bfloat16).to(DEVICE)
+    x[-1, 3] = 40.0  # an outlier in one row changes no other row's scale
+    y = dp4a_gemv.matmul(x.view(1, rows, k), *operands, act_block=act_block)
+    assert y.shape == (1, rows, n) and y.dtype == torch.bfloat16
+    for row in range(rows):
+        alone, _ = dp4a_gemv.fused_gemv(x[row], *operands, act_block=act_block)
+        assert torch.equal(y[0, row], alone), row
+    bound = 2e-2 if act_block else 5e-3
+    assert relative_error(y.view(rows, n), reference_matmul(x, layer)) < bound
+    with pytest.raises(ValueError, match="rows"):
+        dp4a_gemv.matmul(gaussian(dp4a_gemv.MAX_ROWS + 1, k, seed=1).to(DEVICE), *operands)
+
+
 @pytest.mark.parametrize("int4", [False, True], ids=["int8 order", "int4 order"])
 def test_quantize_row_with_a_norm_quantizes_the_rows_rms_norm(int4: bool) -> None:
     k = 3 * INT4_GROUP
@@ -204,14 +225,15 @@ def test_the_fused_forms_equal_their_unfused_references(scheme: str, act_block: 
         dp4a_gemv.fused_gemv(x.to(DEVICE), *operands, residual=residual.to(DEVICE))  # 2n rows, n residuals
 
 
-def test_the_tuner_offers_dp4a_at_one_row_of_bf16_or_fp16_for_int8_and_int4() -> None:
+def test_the_tuner_offers_dp4a_up_to_max_rows_of_bf16_or_fp16_for_int8_and_int4() -> None:
     assert "dp4a(act_block=32)" in {str(k) for k in candidates(QuantizedLinear(4096, 4096, "int4"), 1)}
     assert "dp4a(act_block=32)" not in {str(k) for k in candidates(QuantizedLinear(4096, 4096, "int8"), 1)}
     for scheme in ("int8", "int4"):
         layer = QuantizedLinear(4096, 4096, scheme)
         assert "dp4a" in {k.backend for k in candidates(layer, 1)}
         assert "dp4a" in {k.backend for k in candidates(layer, 1, torch.float16)}
-        assert "dp4a" not in {k.backend for k in candidates(layer, 2)}
+        assert "dp4a" in {k.backend for k in candidates(layer, dp4a_gemv.MAX_ROWS)}
+        assert "dp4a" not in {k.backend for k in candidates(layer, dp4a_gemv.MAX_ROWS + 1)}
         assert "dp4a" not in {k.backend for k in candidates(layer, 1, torch.float32)}
     assert "dp4a" not in {k.backend for k in candidates(QuantizedLinear(4096, 4096, "fp8"), 1)}
     assert "dp4a" not in {k.backend for k in candidates(QuantizedLinear(4096, 4096, "int4", 64), 1)}

@@ -1,5 +1,7 @@
 """One-row projections on int8 and int4 weights through the integer dot-product instruction (dp4a): the row of
-activations is quantized first, then the GEMV multiplies four weights by four activations per instruction.
+activations is quantized first, then the GEMV multiplies four weights by four activations per instruction. For a
+few rows (matmul, up to MAX_ROWS) each row of activations gets its own programs over the same weights, which the
+later rows read mostly from L2.
 
 Why: a float GEMV widens every weight and multiplies it in float32: compiled for sm_90, kernels.gemv spends 7.9
 instructions per byte of int8 weights (3.25 per byte of bf16), kernels.quant_matmul's int4 GEMV about 9 per
@@ -180,11 +182,16 @@ def quantize_row(x: torch.Tensor, int4: bool = False, group: int = 128, norm_wei
 
 @triton.jit
 def _int8_kernel(words_ptr, x_scale_ptr, w_ptr, w_scale_ptr, y_ptr, residual_ptr, squares_ptr, N, stride_wn,
-                 KW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, GATED: tl.constexpr,
-                 ADD_RESIDUAL: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr):
+                 stride_words_m, stride_xs_m, stride_ym, KW: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_KW: tl.constexpr, GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr, EMULATE: tl.constexpr,
+                 PDL: tl.constexpr):
     # w: int32 words [N, KW] (four int8 weights each; GATED: 2N rows, the gate's then the up's); words: the row's hi
     # words then its lo words. The epilogue is kernels.gemv's (store_row). PDL: launched early (kernels.pdl).
+    # program_id(1): the row of activations (several only without GATED and ADD_RESIDUAL).
     pdl.begin(PDL)
+    words_ptr += tl.program_id(1) * stride_words_m
+    x_scale_ptr += tl.program_id(1) * stride_xs_m
+    y_ptr += tl.program_id(1) * stride_ym
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
@@ -261,14 +268,20 @@ def _group_affine(s_rows, groups, row_ok, group_ok, scale_ptr, offset_ptr):
 
 @triton.jit
 def _int4_kernel(words_ptr, x_scale_ptr, sums_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, residual_ptr, squares_ptr,
-                 N, stride_wn, stride_sn, GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-                 GROUP_WORDS: tl.constexpr, GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr, EMULATE: tl.constexpr,
-                 ACT_BLOCK: tl.constexpr, PDL: tl.constexpr):
+                 N, stride_wn, stride_sn, stride_words_m, stride_xs_m, stride_sums_m, stride_ym,
+                 GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, GROUP_WORDS: tl.constexpr,
+                 GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr, EMULATE: tl.constexpr, ACT_BLOCK: tl.constexpr,
+                 PDL: tl.constexpr):
     # w: int32 words [N, GROUPS * GROUP_WORDS] (eight int4 weights each; GATED: 2N rows, the gate's then the up's);
     # words: hi even, hi odd, lo even, lo odd, GROUPS * GROUP_WORDS words each; scale, offset: float16 [N, GROUPS];
     # sums: the row's group sums; ACT_BLOCK: one part instead, as quantize_row's act_block. The epilogue is
-    # kernels.gemv's (store_row). PDL: launched early (kernels.pdl).
+    # kernels.gemv's (store_row). PDL: launched early (kernels.pdl). program_id(1): the row of activations (several
+    # only without GATED and ADD_RESIDUAL).
     pdl.begin(PDL)
+    words_ptr += tl.program_id(1) * stride_words_m
+    x_scale_ptr += tl.program_id(1) * stride_xs_m
+    sums_ptr += tl.program_id(1) * stride_sums_m
+    y_ptr += tl.program_id(1) * stride_ym
     KW: tl.constexpr = GROUPS * GROUP_WORDS
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -308,6 +321,27 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset
     return out
 
 
+# matmul's largest batch: each row of activations reads the weights again (from L2 where they fit), so beyond a few
+# rows the tensor-core kernels are faster.
+MAX_ROWS = 8
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None, *,
+           act_block: int = 0, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """x [..., K] of up to MAX_ROWS rows @ W^T, W as fused_gemv takes it, without the fusions: each row quantized
+    (one kernel for all), then one GEMV launch whose programs take one block of weight rows and one row of x
+    each."""
+    k = weight.shape[1] * (2 if offset is not None else 1)
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[1] != k or not 1 <= x2.shape[0] <= MAX_ROWS:
+        raise ValueError(f"dp4a_gemv.matmul takes 1 to {MAX_ROWS} rows of {k} values, got {tuple(x.shape)}")
+    _check_k(k, offset, scale)
+    words, x_scale, sums = quantize_row(x2, offset is not None, 8 * INT4_GROUP_WORDS, act_block=act_block)
+    out = torch.empty(x2.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    _launch(words, x_scale, sums, weight, scale, offset, out, None, None, False, config, act_block)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
 def fused_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None, *,
                norm: tuple[torch.Tensor, float] | None = None, gated: bool = False,
                residual: torch.Tensor | None = None, config: tuple[int, int, int] | None = None,
@@ -325,32 +359,50 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offse
     n = rows // 2 if gated else rows
     if gated and rows % 2:
         raise ValueError(f"a gated dp4a GEMV takes an even number of weight rows (gate, then up), got {rows}")
-    if int4 and k != scale.shape[1] * 8 * INT4_GROUP_WORDS:
-        raise ValueError(f"the dp4a GEMV takes int4 groups of {8 * INT4_GROUP_WORDS} weights; got K={k} and "
-                         f"{scale.shape[1]} groups")
+    _check_k(k, offset, scale)
     _check(x, k, 8 * INT4_GROUP_WORDS if int4 else 4)
     if residual is not None and (residual.numel() != n or residual.dtype != x.dtype):
         raise ValueError(f"the residual must be {n} values of {x.dtype}, got {tuple(residual.shape)} of "
                          f"{residual.dtype}")
     norm_weight, eps = norm if norm is not None else (None, 0.0)
     words, x_scale, sums = quantize_row(x.reshape(1, k), int4, 8 * INT4_GROUP_WORDS, norm_weight, eps, act_block)
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    squares = _launch(words, x_scale, sums, weight, scale, offset, out, residual, x, gated, config, act_block)
+    return out.view(*x.shape[:-1], n), squares
+
+
+def _launch(words: torch.Tensor, x_scale: torch.Tensor, sums: torch.Tensor | None, weight: torch.Tensor,
+            scale: torch.Tensor, offset: torch.Tensor | None, out: torch.Tensor, residual: torch.Tensor | None,
+            x: torch.Tensor | None, gated: bool, config: tuple[int, int, int] | None,
+            act_block: int) -> torch.Tensor | None:
+    """The GEMV over quantize_row's output for out's rows [M, N]; returns the sums of squares with a residual."""
+    int4 = offset is not None
+    m, n = out.shape
     block_n, block, num_warps = config or (INT4_CONFIG if int4 else INT8_CONFIG)
     programs = triton.cdiv(n, block_n)
-    out = torch.empty(n, dtype=x.dtype, device=x.device)
-    squares = torch.empty(programs, dtype=torch.float32, device=x.device) if residual is not None else None
+    squares = torch.empty(programs, dtype=torch.float32, device=out.device) if residual is not None else None
     epilogue = dict(GATED=gated, ADD_RESIDUAL=residual is not None, EMULATE=EMULATE, num_warps=num_warps,
-                    num_stages=1, **pdl.launch(x))
+                    num_stages=1, **pdl.launch(out))
     residual_arg = residual.reshape(n) if residual is not None else out
     squares_arg = squares if squares is not None else out
     w = weight.view(torch.int32)
+    rows = (words.stride(0), x_scale.stride(0))
     if int4:
-        _int4_kernel[(programs,)](words, x_scale, sums, w, scale, offset, out, residual_arg, squares_arg, n,
-                                  w.stride(0), scale.stride(0), GROUPS=scale.shape[1], BLOCK_N=block_n,
-                                  BLOCK_G=block, GROUP_WORDS=INT4_GROUP_WORDS, ACT_BLOCK=act_block, **epilogue)
+        _int4_kernel[(programs, m)](words, x_scale, sums, w, scale, offset, out, residual_arg, squares_arg, n,
+                                    w.stride(0), scale.stride(0), *rows, sums.stride(0), out.stride(0),
+                                    GROUPS=scale.shape[1], BLOCK_N=block_n, BLOCK_G=block,
+                                    GROUP_WORDS=INT4_GROUP_WORDS, ACT_BLOCK=act_block, **epilogue)
     else:
-        _int8_kernel[(programs,)](words, x_scale, w, scale, out, residual_arg, squares_arg, n, w.stride(0),
-                                  KW=k // 4, BLOCK_N=block_n, BLOCK_KW=block, **epilogue)
-    return out.view(*x.shape[:-1], n), squares
+        _int8_kernel[(programs, m)](words, x_scale, w, scale, out, residual_arg, squares_arg, n, w.stride(0), *rows,
+                                    out.stride(0), KW=weight.shape[1] // 4, BLOCK_N=block_n, BLOCK_KW=block,
+                                    **epilogue)
+    return squares
+
+
+def _check_k(k: int, offset: torch.Tensor | None, scale: torch.Tensor) -> None:
+    if offset is not None and k != scale.shape[1] * 8 * INT4_GROUP_WORDS:
+        raise ValueError(f"the dp4a GEMV takes int4 groups of {8 * INT4_GROUP_WORDS} weights; got K={k} and "
+                         f"{scale.shape[1]} groups")
 
 
 def _check(x: torch.Tensor, k: int, multiple: int) -> None:

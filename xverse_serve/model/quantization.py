@@ -177,7 +177,7 @@ class MatmulKernel:
         if self.backend == "dp4a":
             from ..kernels import dp4a_gemv
 
-            return dp4a_gemv.fused_gemv(x, *layer.dp4a_operands(), act_block=options.get("act_block", 0))[0]
+            return dp4a_gemv.matmul(x, *layer.dp4a_operands(), act_block=options.get("act_block", 0))
         if self.backend == "scaled_mm":
             return scaled_mm(x, layer.weight, layer.weight_scale)
         if self.backend == "gemv" and layer.bits == 8:
@@ -422,14 +422,15 @@ def _gemv_candidates(m: int, dtype: torch.dtype) -> list[MatmulKernel]:
 
 
 def _dp4a_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> list[MatmulKernel]:
-    """kernels.dp4a_gemv's one-row GEMV (int8, and int4 in groups of 128), for bf16 or fp16 activations; for int4
-    also with the activations in one int8 part and a scale per 32 (llama.cpp's q8_1): half the dp4a, at a relative
-    error of about 5e-3 on Gaussian activations against the two parts' 3e-5 (docs/quantization.md), which the
-    tolerance check admits, against about 1e-1 from the int4 weights themselves."""
+    """kernels.dp4a_gemv's GEMV (int8, and int4 in groups of 128) for 1 to dp4a_gemv.MAX_ROWS rows of bf16 or fp16
+    activations; for int4 also with the activations in one int8 part and a scale per 32 (llama.cpp's q8_1): half
+    the dp4a, at a relative error of about 5e-3 on Gaussian activations against the two parts' 3e-5
+    (docs/quantization.md), which the tolerance check admits, against about 1e-1 from the int4 weights themselves.
+    Beyond one row each row's programs read the weights again, mostly from L2."""
     from ..kernels import dp4a_gemv
 
     fits = layer.bits == 8 or layer.group_size == 8 * dp4a_gemv.INT4_GROUP_WORDS
-    if m != 1 or not fits or dtype not in (torch.bfloat16, torch.float16):
+    if not 1 <= m <= dp4a_gemv.MAX_ROWS or not fits or dtype not in (torch.bfloat16, torch.float16):
         return []
     return [dp4a_kernel(block) for block in DP4A_ACT_BLOCKS.values() if layer.bits == 4 or not block]
 
