@@ -338,7 +338,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: t
     _check_k(k, offset, scale)
     words, x_scale, sums = quantize_row(x2, offset is not None, 8 * INT4_GROUP_WORDS, act_block=act_block)
     out = torch.empty(x2.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    _launch(words, x_scale, sums, weight, scale, offset, out, None, None, False, config, act_block)
+    _launch(words, x_scale, sums, weight, scale, offset, out, None, False, config, act_block)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -367,14 +367,13 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offse
     norm_weight, eps = norm if norm is not None else (None, 0.0)
     words, x_scale, sums = quantize_row(x.reshape(1, k), int4, 8 * INT4_GROUP_WORDS, norm_weight, eps, act_block)
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    squares = _launch(words, x_scale, sums, weight, scale, offset, out, residual, x, gated, config, act_block)
+    squares = _launch(words, x_scale, sums, weight, scale, offset, out, residual, gated, config, act_block)
     return out.view(*x.shape[:-1], n), squares
 
 
 def _launch(words: torch.Tensor, x_scale: torch.Tensor, sums: torch.Tensor | None, weight: torch.Tensor,
             scale: torch.Tensor, offset: torch.Tensor | None, out: torch.Tensor, residual: torch.Tensor | None,
-            x: torch.Tensor | None, gated: bool, config: tuple[int, int, int] | None,
-            act_block: int) -> torch.Tensor | None:
+            gated: bool, config: tuple[int, int, int] | None, act_block: int) -> torch.Tensor | None:
     """The GEMV over quantize_row's output for out's rows [M, N]; returns the sums of squares with a residual."""
     int4 = offset is not None
     m, n = out.shape
