@@ -178,16 +178,12 @@ def overlap(args, gen: torch.Generator) -> dict:
         largest = max(layer.out_features * layer.in_features for layer in weights)
         buffers = [torch.empty(largest, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
 
+        def slot(layer, buffer):  # the layer's dense weight in one of the two buffers
+            return buffer[:layer.out_features * layer.in_features].view(layer.out_features, layer.in_features)
+
         def dequantized(layer, buffer):
-            view = buffer[:layer.out_features * layer.in_features].view(layer.out_features, layer.in_features)
-            quant_matmul._dequantize_kernel[(triton.cdiv(layer.out_features, 16),
-                                             triton.cdiv(layer.in_features, 256))](
-                layer.weight.view(torch.int32) if layer.bits == 4 else layer.weight, layer.weight_scale,
-                layer.weight_offset if layer.bits == 4 else layer.weight_scale, view, layer.out_features,
-                layer.in_features, layer.weight.stride(0) // (4 if layer.bits == 4 else 1),
-                layer.weight_offset.stride(0) if layer.bits == 4 else 0, view.stride(0), BITS=layer.bits,
-                GROUP=layer.group_size, BLOCK_N=16, BLOCK_K=256)
-            return view
+            return quant_matmul.dequantize(layer.weight, layer.weight_scale, layer.weight_offset, layer.bits,
+                                           layer.group_size, torch.bfloat16, out=slot(layer, buffer))
 
         def serial():
             for layer in weights:
@@ -211,9 +207,7 @@ def overlap(args, gen: torch.Generator) -> dict:
                         dequantized(weights[i + 1], buffers[(i + 1) % 2])
                         ready[i + 1].record(side)
                 main.wait_event(ready[i])
-                view = buffers[i % 2][:layer.out_features * layer.in_features].view(layer.out_features,
-                                                                                     layer.in_features)
-                torch.nn.functional.linear(xs[layer.in_features], view)
+                torch.nn.functional.linear(xs[layer.in_features], slot(layer, buffers[i % 2]))
                 used[i].record(main)
             main.wait_stream(side)
 

@@ -209,6 +209,21 @@ def test_triton_kernels_equal_the_float32_reference(triton_kernels, scheme: str,
         assert error < (2e-6 if dtype == torch.float32 else 5e-3), (dtype, error)
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_dequantize_writes_into_a_given_buffer(triton_kernels, scheme: str) -> None:
+    from xverse_serve.kernels import quant_matmul
+
+    layer = quantized_layer(scheme, 70, 3 * INT4_GROUP, seed=9, device=DEVICE)
+    operands = (layer.weight, layer.weight_scale, layer.weight_offset, layer.bits, layer.group_size, torch.float32)
+    buffer = torch.zeros(80 * 3 * INT4_GROUP, device=DEVICE)
+    out = buffer[:70 * 3 * INT4_GROUP].view(70, 3 * INT4_GROUP)
+    assert quant_matmul.dequantize(*operands, out=out) is out
+    assert torch.equal(out, quant_matmul.dequantize(*operands))
+    assert not buffer[70 * 3 * INT4_GROUP:].any()  # nothing written past it
+    with pytest.raises(ValueError, match="out must be"):
+        quant_matmul.dequantize(*operands, out=out.to(torch.float16))
+
+
 @pytest.mark.parametrize("m", [1, 17, 64])
 def test_int4_takes_the_split_k_gemm(triton_kernels, m: int) -> None:
     layer = quantized_layer("int4", 70, 3 * INT4_GROUP, seed=7, device=DEVICE)

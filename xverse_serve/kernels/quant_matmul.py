@@ -278,11 +278,16 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: tor
 
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int, group: int,
-               dtype: torch.dtype, *, block_n: int = 16, block_k: int = 256) -> torch.Tensor:
-    """The weight as a dense [N, K] tensor of `dtype`."""
+               dtype: torch.dtype, *, block_n: int = 16, block_k: int = 256,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight as a dense [N, K] tensor of `dtype` (written into `out` where given)."""
     n = weight.shape[0]
     k = weight.shape[1] * (2 if bits == 4 else 1)
-    out = torch.empty((n, k), dtype=dtype, device=weight.device)
+    if out is None:
+        out = torch.empty((n, k), dtype=dtype, device=weight.device)
+    elif out.shape != (n, k) or out.dtype != dtype or out.stride(1) != 1:
+        raise ValueError(f"dequantize's out must be [{n}, {k}] {dtype}, rows contiguous; got {tuple(out.shape)} "
+                         f"{out.dtype}")
     offset_arg = offset if offset is not None else scale
     words = weight.view(torch.int32) if bits == 4 else weight  # int4: K is a multiple of the group, so of 8
     _dequantize_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
