@@ -25,6 +25,7 @@ from common import PROJECTION_SHAPES, graph_us, write_results
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from xverse_serve.kernels import quant_matmul
+from xverse_serve.kernels.mixed_gemm import _int4_floats
 from xverse_serve.model import quantization
 from xverse_serve.model.quantization import (
     QuantizedLinear,
@@ -53,12 +54,8 @@ def _tma_kernel(x_desc, w_desc, scale_ptr, offset_ptr, y_ptr, M, N, K, stride_sn
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         x = x_desc.load([pid_m * BLOCK_M, k0])
         if BITS == 4:
-            packed = w_desc.load([pid_n * BLOCK_N, k0 // 2]).to(tl.int32)
-            scale = tl.load(scale_ptr + outs_in * stride_sn + k0 // GROUP).to(tl.float32)[:, None]
-            offset = tl.load(offset_ptr + outs_in * stride_sn + k0 // GROUP).to(tl.float32)[:, None] - 128.0 * scale
-            low = (((packed & 0xF) << 16) | 0x43000000).to(tl.float32, bitcast=True) * scale + offset
-            high = (((packed & 0xF0) << 12) | 0x43000000).to(tl.float32, bitcast=True) * scale + offset
-            w = tl.reshape(tl.join(low, high), [BLOCK_N, BLOCK_K]).to(x.dtype)
+            w = _int4_floats(w_desc.load([pid_n * BLOCK_N, k0 // 2]), scale_ptr + outs_in * stride_sn,
+                             offset_ptr + outs_in * stride_sn, k0 // GROUP, BLOCK_N, BLOCK_K).to(x.dtype)
         else:
             w = w_desc.load([pid_n * BLOCK_N, k0]).to(x.dtype)
         if WX:
