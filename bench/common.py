@@ -30,6 +30,13 @@ from xverse_serve.engine.loader import assemble_engine, resolve_kv_cache_dtype  
 from xverse_serve.engine.memory_plan import StepPeaks, kv_cache_tokens_for_card, measure_step_peaks  # noqa: E402
 from xverse_serve.engine.messages import SamplingParams  # noqa: E402
 from xverse_serve.model.checkpoint import GenerationDefaults, ModelConfig  # noqa: E402
+from xverse_serve.model.quantization import (  # noqa: E402
+    QuantizedLinear,
+    candidates,
+    reference_matmul,
+    relative_error,
+    time_call,
+)
 from xverse_serve.model.xverse import XverseForCausalLM  # noqa: E402
 from xverse_serve.settings import Settings  # noqa: E402
 
@@ -221,6 +228,24 @@ def cold_time_us(fn: Callable[[], object], flush: torch.Tensor, repeats: int = 3
         end.record()
     torch.cuda.synchronize()
     return sorted(start.elapsed_time(end) * 1000 for start, end in events)[repeats // 2]
+
+
+def time_candidates(layer: QuantizedLinear, x: torch.Tensor, flush: torch.Tensor, graph: bool,
+                    skip: tuple[str, ...] = ()) -> dict[str, float]:
+    """ms by kernel of the start-up tuner's candidates for x's rows (those of a backend in `skip` left out), each
+    timed as the tuner times it (quantization.time_call, 30 calls) if its product is right (relative error under
+    1e-2); a candidate the card cannot run is left out."""
+    reference = reference_matmul(x, layer)
+    timed: dict[str, float] = {}
+    for kernel in candidates(layer, x.shape[0]):
+        if kernel.backend in skip:
+            continue
+        try:
+            if relative_error(kernel(x, layer), reference) < 1e-2:
+                timed[str(kernel)] = time_call(partial(kernel, x, layer), flush, 30, graph)
+        except Exception:  # noqa: BLE001 - a candidate this card lacks
+            torch.cuda.empty_cache()
+    return timed
 
 
 def graph_us(calls: list[Callable[[], object]], repeats: int = 10) -> float:

@@ -16,17 +16,11 @@ import time
 from pathlib import Path
 
 import torch
-from common import PROJECTION_SHAPES, write_results
+from common import PROJECTION_SHAPES, time_candidates, write_results
 
 from xverse_serve.kernels import mixed_gemm
 from xverse_serve.model import quantization
-from xverse_serve.model.quantization import (
-    QuantizedLinear,
-    candidates,
-    reference_matmul,
-    relative_error,
-    time_call,
-)
+from xverse_serve.model.quantization import QuantizedLinear, reference_matmul, relative_error, time_call
 
 SMALL = [(bm, bn, 128, 8 if bm == 64 else 4, 4) for bm in (16, 32, 64) for bn in (64, 128)]
 LARGE = [(128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
@@ -64,15 +58,7 @@ def main() -> None:
                 reference = reference_matmul(x, layer)
                 graph = m <= quantization.GRAPH_TIMING_MAX_ROWS
                 row: dict = {"bf16 cuBLAS": time_call(lambda: torch.nn.functional.linear(x, dense), flush, 30, graph)}
-                others: dict[str, float] = {}
-                for kernel in candidates(layer, m):
-                    if kernel.backend == "mixed":
-                        continue
-                    try:
-                        if relative_error(kernel(x, layer), reference) < 1e-2:
-                            others[str(kernel)] = time_call(lambda kernel=kernel: kernel(x, layer), flush, 30, graph)
-                    except Exception:  # noqa: BLE001 - a candidate this card lacks
-                        torch.cuda.empty_cache()
+                others = time_candidates(layer, x, flush, graph, skip=("mixed",))
                 mixed: dict[str, float | str] = {}
                 for config, split in sweep(m):
                     if k % config[2] or (group and group % config[2]):

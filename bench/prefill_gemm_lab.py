@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
-from common import PROJECTION_SHAPES, graph_us, write_results
+from common import PROJECTION_SHAPES, graph_us, time_candidates, write_results
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from xverse_serve.kernels import quant_matmul
@@ -29,7 +29,6 @@ from xverse_serve.kernels.mixed_gemm import _int4_floats
 from xverse_serve.model import quantization
 from xverse_serve.model.quantization import (
     QuantizedLinear,
-    candidates,
     reference_matmul,
     relative_error,
     time_call,
@@ -114,14 +113,7 @@ def kernel_sweep(args, flush: torch.Tensor, gen: torch.Generator) -> dict:
             x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
             row: dict = {"bf16 cuBLAS": time_call(lambda: torch.nn.functional.linear(x, dense), flush, 30, False)}
             for scheme, layer in layers.items():  # the start-up tuner's candidates, the best of them
-                reference = reference_matmul(x, layer)
-                timed = {}
-                for kernel in candidates(layer, m):
-                    try:
-                        if relative_error(kernel(x, layer), reference) < 1e-2:
-                            timed[str(kernel)] = time_call(lambda kernel=kernel: kernel(x, layer), flush, 30, False)
-                    except Exception:  # noqa: BLE001 - a candidate this card lacks
-                        torch.cuda.empty_cache()
+                timed = time_candidates(layer, x, flush, False)
                 if timed:
                     key = min(timed, key=timed.get)
                     row[f"{scheme} tuned {key}"] = timed[key]
