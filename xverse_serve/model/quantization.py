@@ -127,9 +127,9 @@ class MatmulKernel:
     activations in two parts; imma_rows: kernels.imma_gemm's int8 tensor-core GEMM for prefill-sized batches
     (int8 and int4); cublas_int8: the same two-part activations through cuBLAS's int8 GEMM (int8, 64 rows:
     imma_gemm.CUBLAS_MAX_ROWS); mixed: kernels.mixed_gemm's GEMM with the weights dequantized in registers as the
-    first operand of bf16 or fp16 tensor-core dots (int8, int4 and fp8, 2 rows and up); dp4a: kernels.dp4a_gemv's
-    one-row GEMV on integer dot products (int8 and int4; with act_block, int4's activations in one int8 part with a
-    scale per act_block values);
+    first operand of bf16 or fp16 tensor-core dots (int8, int4 and fp8, 2 rows and up; with tma=1 its TMA kernel,
+    for prefills); dp4a: kernels.dp4a_gemv's GEMV on integer dot products, 1 to dp4a_gemv.MAX_ROWS rows (int8 and
+    int4; with act_block, int4's activations in one int8 part with a scale per act_block values);
     scaled_mm: FP8 tensor cores with the activations quantized per token (fp8 only); torch:
     torch._weight_int8pack_mm (int8 only); reference: the weight dequantized by PyTorch, then F.linear (slow and
     memory-hungry: only where no other kernel works)."""
@@ -475,14 +475,18 @@ def _mixed_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> lis
 
     if m < 2 or dtype not in (torch.bfloat16, torch.float16):
         return []
+    def fits(config: tuple[int, ...]) -> bool:  # K in whole steps; int4 one group's scale and offset a step
+        return layer.in_features % config[2] == 0 and (layer.bits == 8 or layer.group_size % config[2] == 0)
+
     names = ("block_m", "block_n", "block_k", "num_warps", "num_stages")
     config = next(c for c in mixed_gemm.CONFIGS if c[0] >= min(m, mixed_gemm.CONFIGS[-1][0]))
-    kernels = [MatmulKernel("mixed", (*zip(names, config), ("split_k", _split_k(layer, m, *config[:3]))))]
+    kernels = []
+    if fits(config):
+        kernels.append(MatmulKernel("mixed", (*zip(names, config), ("split_k", _split_k(layer, m, *config[:3])))))
     if m >= mixed_gemm.TMA_MIN_ROWS and _has_tma(layer.weight.device):
         kernels += [MatmulKernel("mixed", (*zip(names, config), ("split_k", 1), ("tma", 1)))
-                    for config in mixed_gemm.TMA_CONFIGS]
-    return [kernel for kernel in kernels if layer.in_features % dict(kernel.options)["block_k"] == 0
-            and (layer.bits == 8 or layer.group_size % dict(kernel.options)["block_k"] == 0)]
+                    for config in mixed_gemm.TMA_CONFIGS if fits(config)]
+    return kernels
 
 
 # mixed_gemm's TMA kernel is offered only with XVERSE_MIXED_TMA=1 until it has been timed on a Hopper GPU: it was
