@@ -54,6 +54,7 @@ def compile_for_hopper(fn, signature: dict[str, str], constexprs: dict, num_warp
         sass = subprocess.run([str(NVDISASM), "-c", cubin.name], capture_output=True, text=True, check=True).stdout
     return {"spilled_bytes": int(spills[1]) + int(spills[2]), "registers": int(registers[1]),
             "dp4a": ptx.count("dp4a."), "pdl_waits": ptx.count("griddepcontrol.wait"),
+            "atomics": len(re.findall(r"\b(?:atom|red)\.", ptx)),
             "wgmma": ptx.count("wgmma.mma_async"), "tma": ptx.count("cp.async.bulk.tensor"),
             "int_to_float": len(re.findall(r"\bI2F\b", sass)),
             "instructions": len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", sass, flags=re.MULTILINE))}
@@ -265,7 +266,8 @@ def dp4a_gemv_kernels() -> Iterator[tuple]:
     """kernels.dp4a_gemv as the tuner and the one-row path run it, on XVERSE-7B's two K (its dp4a instructions
     are only assembled here: the interpreter computes them from the bytes): the activation quantizer (with the norm
     before qkv_proj and gate_up_proj, K = 4096), and the int8 and int4 GEMVs, plain, gated (gate_up_proj) and with
-    the residual add (o_proj, down_proj); for int4 also with one-part activations in blocks of 32 ("act32")."""
+    the residual add (o_proj, down_proj); for int4 also with one-part activations in blocks of 32 ("act32"); and
+    the gated and residual forms with K in four slices (" split4": split_k, summed by atomics)."""
     from xverse_serve.kernels import dp4a_gemv
 
     for k in (4096, 11008):
@@ -280,25 +282,39 @@ def dp4a_gemv_kernels() -> Iterator[tuple]:
                         "K": k, "BLOCK": block, "INT4": int4, "GROUP": 128, "NORMED": normed, "ACT_BLOCK": act_block,
                         "PDL": True}, {
                         "num_warps": 4 if block <= 4096 else 8, "num_stages": 1}
-        epilogue = {"y_ptr": "*bf16", "residual_ptr": "*bf16", "squares_ptr": "*fp32"}
-        for form in ("", " gated", " residual") if k == 4096 else ("", " residual"):
-            forms = {"GATED": form == " gated", "ADD_RESIDUAL": form == " residual", "EMULATE": False, "PDL": True}
+        epilogue = {"y_ptr": "*bf16", "residual_ptr": "*bf16", "squares_ptr": "*fp32", "partial_ptr": "*fp32",
+                    "count_ptr": "*i32"}
+        scratch = {"stride_partial_m": "i32", "stride_count_m": "i32"}
+        forms = [(form, 1) for form in (("", " gated", " residual") if k == 4096 else ("", " residual"))]
+        for form, split_k in forms + [(form, 4) for form in ((" gated", " residual") if k == 4096 else (" residual",))]:
+            flags = {"GATED": form == " gated", "ADD_RESIDUAL": form == " residual", "EMULATE": False, "PDL": True,
+                     "SPLIT_K": split_k}
+            form += " split4" if split_k > 1 else ""
             block_n, block_kw, num_warps = dp4a_gemv.INT8_CONFIG
+            kw = k // 4
             yield f"int8 dp4a K={k}{form}", dp4a_gemv._int8_kernel, {
                 "words_ptr": "*i32", "x_scale_ptr": "*fp32", "w_ptr": "*i32", "w_scale_ptr": "*fp32", **epilogue,
-                "N": "i32", "stride_wn": "i32", "stride_words_m": "i32", "stride_xs_m": "i32", "stride_ym": "i32"}, {
-                "KW": k // 4, "BLOCK_N": block_n, "BLOCK_KW": block_kw, **forms}, {
+                "N": "i32", "stride_wn": "i32", "stride_words_m": "i32", "stride_xs_m": "i32", "stride_ym": "i32",
+                **scratch}, {
+                "KW": kw, "KW_SPLIT": _per_split(kw, block_kw, split_k), "BLOCK_N": block_n, "BLOCK_KW": block_kw,
+                **flags}, {
                 "num_warps": num_warps, "num_stages": 1}
             block_n, block_g, num_warps = dp4a_gemv.INT4_CONFIG
-            for act_block in (0, 32):
+            for act_block in (0, 32) if split_k == 1 else (32,):
                 yield f"int4 dp4a{' act32' if act_block else ''} K={k}{form}", dp4a_gemv._int4_kernel, {
                     "words_ptr": "*i32", "x_scale_ptr": "*fp32", "sums_ptr": "*fp32", "w_ptr": "*i32",
                     "scale_ptr": "*fp16", "offset_ptr": "*fp16", **epilogue, "N": "i32", "stride_wn": "i32",
                     "stride_sn": "i32", "stride_words_m": "i32", "stride_xs_m": "i32", "stride_sums_m": "i32",
-                    "stride_ym": "i32"}, {
-                    "GROUPS": k // 128, "BLOCK_N": block_n, "BLOCK_G": block_g,
-                    "GROUP_WORDS": dp4a_gemv.INT4_GROUP_WORDS, "ACT_BLOCK": act_block, **forms}, {
+                    "stride_ym": "i32", **scratch}, {
+                    "GROUPS": k // 128, "GROUPS_SPLIT": _per_split(k // 128, block_g, split_k), "BLOCK_N": block_n,
+                    "BLOCK_G": block_g, "GROUP_WORDS": dp4a_gemv.INT4_GROUP_WORDS, "ACT_BLOCK": act_block,
+                    **flags}, {
                     "num_warps": num_warps, "num_stages": 1}
+
+
+def _per_split(length: int, block: int, split_k: int) -> int:
+    """dp4a_gemv's slice of K for split_k slices: whole steps of `block`."""
+    return triton.cdiv(triton.cdiv(length, block), split_k) * block
 
 
 def main() -> None:

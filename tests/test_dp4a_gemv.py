@@ -32,6 +32,7 @@ from xverse_serve.model.quantization import (  # noqa: E402
     MatmulKernel,
     QuantizedLinear,
     candidates,
+    dp4a_kernel,
     reference_matmul,
     relative_error,
 )
@@ -225,6 +226,35 @@ def test_the_fused_forms_equal_their_unfused_references(scheme: str, act_block: 
         dp4a_gemv.fused_gemv(x.to(DEVICE), *operands, residual=residual.to(DEVICE))  # 2n rows, n residuals
 
 
+@pytest.mark.parametrize(("scheme", "act_block"), [("int8", 0), ("int4", 0), ("int4", 32)])
+def test_split_k_sums_the_slices_of_k_as_one_launch_would(scheme: str, act_block: int) -> None:
+    """split_k: each slice's programs add their sums, the last to arrive stores, with every fusion; the scratch is
+    left zero, so launches one after another (as a decode step's are) stay right. K of 7 groups (int4: 2 steps of 4
+    groups) or 232 words (int8: 4 steps of 64): slices of unequal and masked steps."""
+    k, n = 7 * INT4_GROUP + (32 if scheme == "int8" else 0), 70
+    layer = quantized_layer(scheme, 2 * n, k, seed=31, device=DEVICE)
+    operands = (layer.weight, layer.weight_scale, layer.weight_offset)
+    half = quantized_layer(scheme, n, k, seed=32, device=DEVICE)
+    x = (gaussian(1, k, seed=33) * 2).to(torch.bfloat16).to(DEVICE)
+    norm = ((1 + gaussian(k, seed=34) / 4).to(torch.bfloat16).to(DEVICE), 1e-5)
+    residual = gaussian(n, seed=35).to(torch.bfloat16).to(DEVICE)
+    for split_k in (1, 3, 8):  # 8: more slices than steps, so fewer are launched
+        plain, _ = dp4a_gemv.fused_gemv(x, *operands, norm=norm, act_block=act_block, split_k=split_k)
+        gated, _ = dp4a_gemv.fused_gemv(x, *operands, norm=norm, gated=True, act_block=act_block, split_k=split_k)
+        summed, squares = dp4a_gemv.fused_gemv(x, half.weight, half.weight_scale, half.weight_offset,
+                                               residual=residual, act_block=act_block, split_k=split_k)
+        rows = dp4a_kernel(act_block, split_k)(x.expand(3, k), layer)  # the tuner's candidate: dp4a_gemv.matmul
+        if split_k == 1:
+            expected = (plain, gated, summed, rows, squares)
+            continue
+        # float32 sums in another order: within a rounding of bf16 outputs
+        for got, want in zip((plain, gated, summed, rows), expected):
+            assert relative_error(got.float(), want.float()) < 1e-2, split_k
+        assert torch.allclose(squares, expected[-1], rtol=2e-2)
+        partial, count = dp4a_gemv._SCRATCH[x.device]
+        assert not partial.any() and not count.any(), split_k
+
+
 def test_the_tuner_offers_dp4a_up_to_max_rows_of_bf16_or_fp16_for_int8_and_int4() -> None:
     assert "dp4a(act_block=32)" in {str(k) for k in candidates(QuantizedLinear(4096, 4096, "int4"), 1)}
     assert "dp4a(act_block=32)" not in {str(k) for k in candidates(QuantizedLinear(4096, 4096, "int8"), 1)}
@@ -248,11 +278,16 @@ def test_bad_shapes_are_clear_errors() -> None:
 
 def test_the_dp4a_kernels_compile_for_hopper_with_dp4a_and_without_register_spills() -> None:
     reports = {r["kernel"]: r for r in compile_for_hopper("dp4a")}
-    assert len(reports) == 24 and [r for r in reports.values() if r["spilled_bytes"]] == []
+    assert len(reports) == 30 and [r for r in reports.values() if r["spilled_bytes"]] == []
     shapes = [(k, form) for k, forms in ((4096, ("", " gated", " residual")), (11008, ("", " residual")))
               for form in forms]
+    split = [(4096, " gated split4"), (4096, " residual split4"), (11008, " residual split4")]
     assert {name for name, r in reports.items() if r["dp4a"]} == {
-        f"{kind} K={k}{form}" for kind in ("int8 dp4a", "int4 dp4a", "int4 dp4a act32") for k, form in shapes}
+        f"{kind} K={k}{form}" for kind in ("int8 dp4a", "int4 dp4a", "int4 dp4a act32") for k, form in shapes} | {
+        f"{kind} K={k}{form}" for kind in ("int8 dp4a", "int4 dp4a act32") for k, form in split}
+    # split-K: the sums and the count by atomics (the gated form: the gate's and the up's sums); K whole: none
+    assert {name for name, r in reports.items() if r["atomics"]} == {
+        f"{kind} K={k}{form}" for kind in ("int8 dp4a", "int4 dp4a act32") for k, form in split}
     for k, form in shapes:  # one part: half the dp4a, and fewer instructions in all
         two, one = reports[f"int4 dp4a K={k}{form}"], reports[f"int4 dp4a act32 K={k}{form}"]
         assert one["dp4a"] * 2 == two["dp4a"] and one["instructions"] < 0.9 * two["instructions"]

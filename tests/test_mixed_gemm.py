@@ -154,7 +154,7 @@ def test_the_tuner_offers_the_tma_kernel_for_prefills_on_hopper(monkeypatch: pyt
 @pytest.mark.skipif(INTERPRET, reason="the tuner's candidates run on CUDA")
 @pytest.mark.parametrize("scheme", ["int8", "int4", "fp8"])
 def test_the_mixed_candidates_pass_the_tuners_check_on_the_gpu(scheme: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(quantization, "MIXED_TMA", True)  # the TMA kernel too, where the card has TMA
+    monkeypatch.setattr(quantization, "MIXED_TMA", True)  # the TMA kernel too (even with XVERSE_MIXED_TMA=0)
     layer = quantization.QuantizedLinear(1024, 640, scheme).to(DEVICE)
     layer.load_rows(0, torch.randn(640, 1024, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16) * 0.03)
     for m in (2, 40, 300, 600):  # decode batches, and prefill sizes past one token tile

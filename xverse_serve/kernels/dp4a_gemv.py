@@ -181,17 +181,20 @@ def quantize_row(x: torch.Tensor, int4: bool = False, group: int = 128, norm_wei
 
 
 @triton.jit
-def _int8_kernel(words_ptr, x_scale_ptr, w_ptr, w_scale_ptr, y_ptr, residual_ptr, squares_ptr, N, stride_wn,
-                 stride_words_m, stride_xs_m, stride_ym, KW: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_KW: tl.constexpr, GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr, EMULATE: tl.constexpr,
+def _int8_kernel(words_ptr, x_scale_ptr, w_ptr, w_scale_ptr, y_ptr, residual_ptr, squares_ptr, partial_ptr, count_ptr,
+                 N, stride_wn, stride_words_m, stride_xs_m, stride_ym, stride_partial_m, stride_count_m,
+                 KW: tl.constexpr, KW_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+                 SPLIT_K: tl.constexpr, GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr, EMULATE: tl.constexpr,
                  PDL: tl.constexpr):
     # w: int32 words [N, KW] (four int8 weights each; GATED: 2N rows, the gate's then the up's); words: the row's hi
-    # words then its lo words. The epilogue is kernels.gemv's (store_row). PDL: launched early (kernels.pdl).
-    # program_id(1): the row of activations (several only without GATED and ADD_RESIDUAL).
+    # words then its lo words. The epilogue is kernels.gemv's (store_row), after the split-K sum (_store_split).
+    # PDL: launched early (kernels.pdl). program_id(1): the row of activations (several only without GATED and
+    # ADD_RESIDUAL); program_id(2): the slice of K, KW_SPLIT words.
     pdl.begin(PDL)
     words_ptr += tl.program_id(1) * stride_words_m
     x_scale_ptr += tl.program_id(1) * stride_xs_m
     y_ptr += tl.program_id(1) * stride_ym
+    first_word = _split_start(KW_SPLIT, SPLIT_K)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
@@ -199,8 +202,8 @@ def _int8_kernel(words_ptr, x_scale_ptr, w_ptr, w_scale_ptr, y_ptr, residual_ptr
     acc_lo = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.int32)
     up_hi = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.int32)
     up_lo = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.int32)
-    for start in tl.static_range(0, KW, BLOCK_KW):
-        cols = start + tl.arange(0, BLOCK_KW)
+    for start in tl.static_range(0, KW_SPLIT, BLOCK_KW):
+        cols = first_word + start + tl.arange(0, BLOCK_KW)
         col_ok = cols < KW
         mask = row_ok[:, None] & col_ok[None, :]
         w = tl.load(w_rows + cols[None, :], mask=mask, other=0, eviction_policy="evict_first")
@@ -220,7 +223,47 @@ def _int8_kernel(words_ptr, x_scale_ptr, w_ptr, w_scale_ptr, y_ptr, residual_ptr
     up = out
     if GATED:
         up = _int8_dot(up_hi, up_lo) * x_scale * tl.load(w_scale_ptr + N + rows, mask=row_ok, other=0.0)
-    store_row(y_ptr, rows, row_ok, out, up, residual_ptr, squares_ptr, GATED, ADD_RESIDUAL)
+    _store_split(y_ptr, rows, row_ok, out, up, residual_ptr, squares_ptr, partial_ptr + tl.program_id(1) *
+                 stride_partial_m, count_ptr + tl.program_id(1) * stride_count_m, N, SPLIT_K, GATED, ADD_RESIDUAL)
+
+
+@triton.jit
+def _split_start(PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Where this program's slice of K starts (program_id(2)); 0 as a constant without split-K, so that the masks
+    of whole steps fold away as before."""
+    if SPLIT_K > 1:
+        return tl.program_id(2) * PER_SPLIT
+    else:
+        return 0
+
+
+@triton.jit
+def _store_split(y_ptr, rows, row_ok, out, up, residual_ptr, squares_ptr, partial_ptr, count_ptr, N,
+                 SPLIT_K: tl.constexpr, GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr):
+    """store_row once the SPLIT_K programs of these rows have each added their part of K: each adds its float32
+    sums into partial (N values, GATED: the gate's then the up's), then counts itself in at count[program_id(0)];
+    the last to arrive takes the sums, leaves partial and count zero again for the next launch, and stores. One
+    launch, where a second kernel to add the parts would cost a launch of its own."""
+    if SPLIT_K == 1:
+        store_row(y_ptr, rows, row_ok, out, up, residual_ptr, squares_ptr, GATED, ADD_RESIDUAL)
+    else:
+        tl.atomic_add(partial_ptr + rows, out, mask=row_ok, sem="relaxed")
+        if GATED:
+            tl.atomic_add(partial_ptr + N + rows, up, mask=row_ok, sem="relaxed")
+        tl.debug_barrier()  # every thread's sums are in before the count says so (the count's release covers them)
+        arrived = tl.atomic_add(count_ptr + tl.program_id(0), 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            # Read where the adds were made (an atomic add of 0: L2), then zeroed by plain stores, as no other
+            # program of this launch touches these rows any more.
+            # Rows past N read 0 (a masked atomic's result is undefined), as store_row's sum of squares needs.
+            zero = tl.zeros_like(out)
+            out = tl.where(row_ok, tl.atomic_add(partial_ptr + rows, zero, mask=row_ok, sem="relaxed"), 0.0)
+            tl.store(partial_ptr + rows, zero, mask=row_ok)
+            if GATED:
+                up = tl.where(row_ok, tl.atomic_add(partial_ptr + N + rows, zero, mask=row_ok, sem="relaxed"), 0.0)
+                tl.store(partial_ptr + N + rows, zero, mask=row_ok)
+            tl.store(count_ptr + tl.program_id(0), 0)
+            store_row(y_ptr, rows, row_ok, out, up, residual_ptr, squares_ptr, GATED, ADD_RESIDUAL)
 
 
 @triton.jit
@@ -268,15 +311,17 @@ def _group_affine(s_rows, groups, row_ok, group_ok, scale_ptr, offset_ptr):
 
 @triton.jit
 def _int4_kernel(words_ptr, x_scale_ptr, sums_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, residual_ptr, squares_ptr,
-                 N, stride_wn, stride_sn, stride_words_m, stride_xs_m, stride_sums_m, stride_ym,
-                 GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, GROUP_WORDS: tl.constexpr,
+                 partial_ptr, count_ptr, N, stride_wn, stride_sn, stride_words_m, stride_xs_m, stride_sums_m,
+                 stride_ym, stride_partial_m, stride_count_m, GROUPS: tl.constexpr, GROUPS_SPLIT: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, GROUP_WORDS: tl.constexpr, SPLIT_K: tl.constexpr,
                  GATED: tl.constexpr, ADD_RESIDUAL: tl.constexpr, EMULATE: tl.constexpr, ACT_BLOCK: tl.constexpr,
                  PDL: tl.constexpr):
     # w: int32 words [N, GROUPS * GROUP_WORDS] (eight int4 weights each; GATED: 2N rows, the gate's then the up's);
     # words: hi even, hi odd, lo even, lo odd, GROUPS * GROUP_WORDS words each; scale, offset: float16 [N, GROUPS];
     # sums: the row's group sums; ACT_BLOCK: one part instead, as quantize_row's act_block. The epilogue is
-    # kernels.gemv's (store_row). PDL: launched early (kernels.pdl). program_id(1): the row of activations (several
-    # only without GATED and ADD_RESIDUAL).
+    # kernels.gemv's (store_row), after the split-K sum (_store_split). PDL: launched early (kernels.pdl).
+    # program_id(1): the row of activations (several only without GATED and ADD_RESIDUAL); program_id(2): the slice
+    # of K, GROUPS_SPLIT groups.
     pdl.begin(PDL)
     words_ptr += tl.program_id(1) * stride_words_m
     x_scale_ptr += tl.program_id(1) * stride_xs_m
@@ -290,8 +335,9 @@ def _int4_kernel(words_ptr, x_scale_ptr, sums_ptr, w_ptr, scale_ptr, offset_ptr,
     acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
     x_scale = 1.0 if ACT_BLOCK else tl.load(x_scale_ptr)  # one-part activations: a scale per block, read per step
-    for start in tl.static_range(0, GROUPS, BLOCK_G):
-        groups = start + tl.arange(0, BLOCK_G)
+    first_group = _split_start(GROUPS_SPLIT, SPLIT_K)
+    for start in tl.static_range(0, GROUPS_SPLIT, BLOCK_G):
+        groups = first_group + start + tl.arange(0, BLOCK_G)
         group_ok = groups < GROUPS
         cols = (groups * GROUP_WORDS)[:, None] + tl.arange(0, GROUP_WORDS)[None, :]  # [BLOCK_G, GROUP_WORDS]
         sums = tl.load(sums_ptr + groups, mask=group_ok, other=0.0)[None, :]
@@ -301,8 +347,9 @@ def _int4_kernel(words_ptr, x_scale_ptr, sums_ptr, w_ptr, scale_ptr, offset_ptr,
             acc_up += _int4_groups(w_rows + N * stride_wn, s_rows + N * stride_sn, cols, groups, row_ok, group_ok,
                                    words_ptr, sums, scale_ptr, offset_ptr, x_scale, x_scale_ptr, KW, EMULATE,
                                    ACT_BLOCK)
-    store_row(y_ptr, rows, row_ok, tl.sum(acc, axis=1), tl.sum(acc_up, axis=1), residual_ptr, squares_ptr, GATED,
-              ADD_RESIDUAL)
+    _store_split(y_ptr, rows, row_ok, tl.sum(acc, axis=1), tl.sum(acc_up, axis=1), residual_ptr, squares_ptr,
+                 partial_ptr + tl.program_id(1) * stride_partial_m, count_ptr + tl.program_id(1) * stride_count_m, N,
+                 SPLIT_K, GATED, ADD_RESIDUAL)
 
 
 def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -327,10 +374,10 @@ MAX_ROWS = 8
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None, *,
-           act_block: int = 0, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+           act_block: int = 0, config: tuple[int, int, int] | None = None, split_k: int = 1) -> torch.Tensor:
     """x [..., K] of up to MAX_ROWS rows @ W^T, W as fused_gemv takes it, without the fusions: each row quantized
     (one kernel for all), then one GEMV launch whose programs take one block of weight rows and one row of x
-    each."""
+    each (and with split_k, one slice of K: fused_gemv's)."""
     k = weight.shape[1] * (2 if offset is not None else 1)
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[1] != k or not 1 <= x2.shape[0] <= MAX_ROWS:
@@ -338,22 +385,24 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: t
     _check_k(k, offset, scale)
     words, x_scale, sums = quantize_row(x2, offset is not None, 8 * INT4_GROUP_WORDS, act_block=act_block)
     out = torch.empty(x2.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    _launch(words, x_scale, sums, weight, scale, offset, out, None, False, config, act_block)
+    _launch(words, x_scale, sums, weight, scale, offset, out, None, False, config, act_block, split_k)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
 def fused_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None, *,
                norm: tuple[torch.Tensor, float] | None = None, gated: bool = False,
                residual: torch.Tensor | None = None, config: tuple[int, int, int] | None = None,
-               act_block: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+               act_block: int = 0, split_k: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The one-row path's projection on dp4a (the fusions of kernels.gemv's): x [..., K] holding one row, int8
     weights [N, K] with float32 scales [N], or (with `offset`) int4 ones in quantize_int4's layout, groups of 128.
     norm (weight, eps): the product is taken with x's RMSNorm, computed while quantizing x. gated: the weight holds
     2N rows, the gate's then the up's, and the result is silu(gate) * up. residual [N]: the result is residual +
     the product, and the float32 sums of squares of its slices come with it (kernels.gemv.add_gemv's). act_block
     (int4 only): the activations in one int8 part with a scale per act_block values (quantize_row's), two dp4a per
-    word of weights where two parts take four, at that part's precision. Returns (the result shaped [..., N] in x's
-    dtype, the sums of squares or None)."""
+    word of weights where two parts take four, at that part's precision. split_k: K in up to that many slices of
+    whole steps, each its own programs, the last of a block of rows to finish adding them up and storing (more
+    programs, each with fewer loads to wait on, where N alone makes few: o_proj's and down_proj's 4,096 rows are
+    512 programs). Returns (the result shaped [..., N] in x's dtype, the sums of squares or None)."""
     int4 = offset is not None
     rows, k = weight.shape[0], weight.shape[1] * (2 if int4 else 1)
     n = rows // 2 if gated else rows
@@ -367,35 +416,65 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offse
     norm_weight, eps = norm if norm is not None else (None, 0.0)
     words, x_scale, sums = quantize_row(x.reshape(1, k), int4, 8 * INT4_GROUP_WORDS, norm_weight, eps, act_block)
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    squares = _launch(words, x_scale, sums, weight, scale, offset, out, residual, gated, config, act_block)
+    squares = _launch(words, x_scale, sums, weight, scale, offset, out, residual, gated, config, act_block, split_k)
     return out.view(*x.shape[:-1], n), squares
 
 
 def _launch(words: torch.Tensor, x_scale: torch.Tensor, sums: torch.Tensor | None, weight: torch.Tensor,
             scale: torch.Tensor, offset: torch.Tensor | None, out: torch.Tensor, residual: torch.Tensor | None,
-            gated: bool, config: tuple[int, int, int] | None, act_block: int) -> torch.Tensor | None:
+            gated: bool, config: tuple[int, int, int] | None, act_block: int, split_k: int) -> torch.Tensor | None:
     """The GEMV over quantize_row's output for out's rows [M, N]; returns the sums of squares with a residual."""
     int4 = offset is not None
     m, n = out.shape
     block_n, block, num_warps = config or (INT4_CONFIG if int4 else INT8_CONFIG)
     programs = triton.cdiv(n, block_n)
+    # K in split_k slices of whole steps (fewer where K has fewer steps; none empty).
+    steps = triton.cdiv(scale.shape[1] if int4 else weight.shape[1] // 4, block)
+    per_split = triton.cdiv(steps, split_k) * block
+    split_k = triton.cdiv(steps * block, per_split)
+    partial, count = split_scratch(out.device, m, weight.shape[0], programs) if split_k > 1 else (out, out)
     squares = torch.empty(programs, dtype=torch.float32, device=out.device) if residual is not None else None
-    epilogue = dict(GATED=gated, ADD_RESIDUAL=residual is not None, EMULATE=EMULATE, num_warps=num_warps,
-                    num_stages=1, **pdl.launch(out))
+    epilogue = dict(SPLIT_K=split_k, GATED=gated, ADD_RESIDUAL=residual is not None, EMULATE=EMULATE,
+                    num_warps=num_warps, num_stages=1, **pdl.launch(out))
     residual_arg = residual.reshape(n) if residual is not None else out
     squares_arg = squares if squares is not None else out
     w = weight.view(torch.int32)
     rows = (words.stride(0), x_scale.stride(0))
+    scratch = (partial.stride(0), count.stride(0))
     if int4:
-        _int4_kernel[(programs, m)](words, x_scale, sums, w, scale, offset, out, residual_arg, squares_arg, n,
-                                    w.stride(0), scale.stride(0), *rows, sums.stride(0), out.stride(0),
-                                    GROUPS=scale.shape[1], BLOCK_N=block_n, BLOCK_G=block,
-                                    GROUP_WORDS=INT4_GROUP_WORDS, ACT_BLOCK=act_block, **epilogue)
+        _int4_kernel[(programs, m, split_k)](words, x_scale, sums, w, scale, offset, out, residual_arg, squares_arg,
+                                             partial, count, n, w.stride(0), scale.stride(0), *rows, sums.stride(0),
+                                             out.stride(0), *scratch, GROUPS=scale.shape[1], GROUPS_SPLIT=per_split,
+                                             BLOCK_N=block_n, BLOCK_G=block, GROUP_WORDS=INT4_GROUP_WORDS,
+                                             ACT_BLOCK=act_block, **epilogue)
     else:
-        _int8_kernel[(programs, m)](words, x_scale, w, scale, out, residual_arg, squares_arg, n, w.stride(0), *rows,
-                                    out.stride(0), KW=weight.shape[1] // 4, BLOCK_N=block_n, BLOCK_KW=block,
-                                    **epilogue)
+        _int8_kernel[(programs, m, split_k)](words, x_scale, w, scale, out, residual_arg, squares_arg, partial, count,
+                                             n, w.stride(0), *rows, out.stride(0), *scratch,
+                                             KW=weight.shape[1] // 4, KW_SPLIT=per_split, BLOCK_N=block_n,
+                                             BLOCK_KW=block, **epilogue)
     return squares
+
+
+# Per device: the split-K launches' float32 sums and arrival counts, zero between launches (each launch leaves them
+# so). Shared by every split-K launch on the device, which the stream runs one after another.
+_SCRATCH: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def split_scratch(device: torch.device, m: int, rows: int, programs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sums float32 [m, rows], counts int32 [m, programs]) of zeros for a split-K launch, views of the device's
+    scratch, grown where too small. Grown only outside a CUDA graph's capture: a graph's memory is its own (the
+    decode graphs' warm-up step, and the tuner's first call, run each shape eagerly first)."""
+    partial, count = _SCRATCH.get(device, (None, None))
+    if partial is None or partial.numel() < m * rows or count.numel() < m * programs:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the dp4a split-K scratch must be sized before a CUDA graph's capture: run the "
+                               "shape once outside it first")
+        size = max(m * rows, partial.numel() if partial is not None else 0)
+        counts = max(m * programs, count.numel() if count is not None else 0)
+        partial = torch.zeros(size, dtype=torch.float32, device=device)
+        count = torch.zeros(counts, dtype=torch.int32, device=device)
+        _SCRATCH[device] = (partial, count)
+    return partial[:m * rows].view(m, rows), count[:m * programs].view(m, programs)
 
 
 def _check_k(k: int, offset: torch.Tensor | None, scale: torch.Tensor) -> None:

@@ -47,6 +47,7 @@ class OneRowProjection:
 
     in_features: int
     one_row: str | None = "gemv"
+    one_row_split: int = 1  # the dp4a families' split_k (quantization.one_row_split)
 
     def gemv_operands(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight, int8 or fp8 scales or None) for kernels.gemv."""
@@ -90,7 +91,7 @@ class OneRowProjection:
 
             return dp4a_gemv.fused_gemv(x, *self.dp4a_operands(), gated=gated, residual=residual,
                                         norm=(norm.weight, norm.eps) if norm is not None else None,
-                                        act_block=DP4A_ACT_BLOCKS[self.one_row])
+                                        act_block=DP4A_ACT_BLOCKS[self.one_row], split_k=self.one_row_split)
         from ..kernels import gemv
 
         weight, scale = self.gemv_operands()

@@ -177,7 +177,8 @@ class MatmulKernel:
         if self.backend == "dp4a":
             from ..kernels import dp4a_gemv
 
-            return dp4a_gemv.matmul(x, *layer.dp4a_operands(), act_block=options.get("act_block", 0))
+            return dp4a_gemv.matmul(x, *layer.dp4a_operands(), act_block=options.get("act_block", 0),
+                                    split_k=options.get("split_k", 1))
         if self.backend == "scaled_mm":
             return scaled_mm(x, layer.weight, layer.weight_scale)
         if self.backend == "gemv" and layer.bits == 8:
@@ -432,12 +433,19 @@ def _dp4a_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> list
     fits = layer.bits == 8 or layer.group_size == 8 * dp4a_gemv.INT4_GROUP_WORDS
     if not 1 <= m <= dp4a_gemv.MAX_ROWS or not fits or dtype not in (torch.bfloat16, torch.float16):
         return []
-    return [dp4a_kernel(block) for block in DP4A_ACT_BLOCKS.values() if layer.bits == 4 or not block]
+    return [dp4a_kernel(block, split_k) for block in DP4A_ACT_BLOCKS.values() if layer.bits == 4 or not block
+            for split_k in DP4A_SPLITS]
 
 
-def dp4a_kernel(act_block: int) -> MatmulKernel:
-    """The dp4a tuning candidate with the activations in two parts (0) or one part in blocks of act_block."""
-    return MatmulKernel("dp4a", (("act_block", act_block),) if act_block else ())
+# dp4a_gemv's split_k candidates: K in slices, for projections whose rows alone make few programs.
+DP4A_SPLITS = (1, 2, 4)
+
+
+def dp4a_kernel(act_block: int, split_k: int = 1) -> MatmulKernel:
+    """The dp4a tuning candidate with the activations in two parts (0) or one part in blocks of act_block, K in
+    split_k slices."""
+    options = (("act_block", act_block),) if act_block else ()
+    return MatmulKernel("dp4a", options + ((("split_k", split_k),) if split_k > 1 else ()))
 
 
 def _two_part_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> list[MatmulKernel]:
@@ -489,14 +497,14 @@ def _mixed_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> lis
     return kernels
 
 
-# mixed_gemm's TMA kernel is offered only with XVERSE_MIXED_TMA=1 until it has been timed on a Hopper GPU: it was
-# written and tested in Triton's interpreter and compiled for sm_90 on the CPU, with no GPU to run it on.
-MIXED_TMA = os.environ.get("XVERSE_MIXED_TMA", "0") == "1"
+# mixed_gemm's TMA kernel among the candidates (XVERSE_MIXED_TMA=0 leaves it out). On an H100 the tuner chose it
+# for int4's qkv_proj and gate_up_proj at 512 rows (bench/results/prefill_gemm_lab_h100.json, quant_h100_tma.json).
+MIXED_TMA = os.environ.get("XVERSE_MIXED_TMA", "1") != "0"
 
 
 def _has_tma(device: torch.device) -> bool:
-    """Whether to offer the TMA kernel: asked for (MIXED_TMA), and the card copies tiles by TMA (Hopper, compute
-    capability 9.0, and newer)."""
+    """Whether to offer the TMA kernel: not turned off (MIXED_TMA), and the card copies tiles by TMA (Hopper,
+    compute capability 9.0, and newer)."""
     return MIXED_TMA and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
@@ -641,17 +649,20 @@ def tune(model: nn.Module, dtype: torch.dtype) -> None:
         torch.cuda.empty_cache()  # the timing graphs' memory, before the KV pool is planned
     if decoder_layers:
         family = one_row_family([timings for _, timings in decoder_layers], decoder_layers[0][0].one_row)
-        for layer, _ in decoder_layers:
+        for layer, timings in decoder_layers:
             layer.one_row = family
+            layer.one_row_split = one_row_split(timings, family)
 
 
 # The one-row path's fusions (the norm in the GEMV's prologue or the quantizing kernel, the residual add and
 # SiLU * up in its epilogue) save the separate kernels of the general path: worth about this factor on the
 # projections' own time.
 ONE_ROW_MARGIN = 1.15
-# Each one-row family, by the tuning candidate that times its GEMV at M = 1 (dp4a's with its quantizing kernel).
-ONE_ROW_CANDIDATES = {"gemv": "rowgemv",
-                      **{family: str(dp4a_kernel(block)) for family, block in DP4A_ACT_BLOCKS.items()}}
+# Each one-row family, by the tuning candidates that time its GEMV at M = 1 (dp4a's with its quantizing kernel, K
+# whole or in slices: a projection takes its family's fastest).
+ONE_ROW_CANDIDATES = {"gemv": ("rowgemv",),
+                      **{family: tuple(str(dp4a_kernel(block, split_k)) for split_k in DP4A_SPLITS)
+                         for family, block in DP4A_ACT_BLOCKS.items()}}
 
 
 def one_row_family(timings: list[dict[str, float | str]], default: str | None) -> str | None:
@@ -666,15 +677,29 @@ def one_row_family(timings: list[dict[str, float | str]], default: str | None) -
         if not times:
             return default
         fastest += min(times)
-        for family, candidate in ONE_ROW_CANDIDATES.items():
-            ms = one_row.get(candidate)
-            totals[family] += ms if isinstance(ms, float) else float("inf")
+        for family, names in ONE_ROW_CANDIDATES.items():
+            totals[family] += _fastest_of(one_row, names)[0]
     family = min(totals, key=totals.get)
     if totals[family] <= ONE_ROW_MARGIN * fastest:
         return family
     log.info("one-row decode steps take the tuned kernels: %.3f ms of projections per step against the fused "
              "GEMVs' %.3f ms", fastest, totals[family])
     return None
+
+
+def one_row_split(timings: dict[str, float | str], family: str | None) -> int:
+    """The split_k of a projection's one-row GEMV in `family`: its fastest candidate's at M = 1 (1 where the family
+    has no slices, or nothing was measured)."""
+    if family not in DP4A_ACT_BLOCKS:
+        return 1
+    ms, index = _fastest_of(timings, ONE_ROW_CANDIDATES[family])
+    return DP4A_SPLITS[index] if ms < float("inf") else 1
+
+
+def _fastest_of(timings: dict[str, float | str], names: tuple[str, ...]) -> tuple[float, int]:
+    """(the least milliseconds among `names` that ran, its index), or (inf, 0) where none did."""
+    times = [(ms, i) for i, name in enumerate(names) if isinstance(ms := timings.get(name), float)]
+    return min(times, default=(float("inf"), 0))
 
 
 def quantized_bytes(model: nn.Module) -> int:
