@@ -255,6 +255,18 @@ def test_split_k_sums_the_slices_of_k_as_one_launch_would(scheme: str, act_block
         assert not partial.any() and not count.any(), split_k
 
 
+def test_the_split_k_scratch_is_kept_when_outgrown(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CUDA graph keeps the scratch it was captured with: a larger launch gets a new one, the old stays alive."""
+    monkeypatch.setattr(dp4a_gemv, "_SCRATCH", {})
+    monkeypatch.setattr(dp4a_gemv, "_OUTGROWN", [])
+    partial, count = dp4a_gemv.split_scratch(DEVICE, 1, 100, 13)
+    assert partial.shape == (1, 100) and count.shape == (1, 13) and not partial.any() and not count.any()
+    assert dp4a_gemv.split_scratch(DEVICE, 8, 100, 13)[0].data_ptr() == partial.data_ptr()  # MAX_ROWS from the first
+    grown, _ = dp4a_gemv.split_scratch(DEVICE, 2, dp4a_gemv.SCRATCH_MIN_ROWS * dp4a_gemv.MAX_ROWS, 13)
+    assert grown.data_ptr() != partial.data_ptr()
+    assert dp4a_gemv._OUTGROWN[0][0].data_ptr() == partial.data_ptr()
+
+
 def test_the_tuner_offers_dp4a_up_to_max_rows_of_bf16_or_fp16_for_int8_and_int4() -> None:
     assert "dp4a(act_block=32)" in {str(k) for k in candidates(QuantizedLinear(4096, 4096, "int4"), 1)}
     assert "dp4a(act_block=32)" not in {str(k) for k in candidates(QuantizedLinear(4096, 4096, "int8"), 1)}

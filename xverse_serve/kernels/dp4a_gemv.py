@@ -456,23 +456,31 @@ def _launch(words: torch.Tensor, x_scale: torch.Tensor, sums: torch.Tensor | Non
 
 
 # Per device: the split-K launches' float32 sums and arrival counts, zero between launches (each launch leaves them
-# so). Shared by every split-K launch on the device, which the stream runs one after another.
+# so). Shared by every split-K launch on the device, which the stream runs one after another. A buffer outgrown is
+# kept, not freed: CUDA graphs captured with it still use it.
 _SCRATCH: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_OUTGROWN: list[tuple[torch.Tensor, torch.Tensor]] = []
+SCRATCH_MIN_ROWS = 32768  # weight rows: XVERSE-7B's largest split projection (gate_up_proj) has 22,016
+SCRATCH_MIN_PROGRAMS = 4096
 
 
 def split_scratch(device: torch.device, m: int, rows: int, programs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(sums float32 [m, rows], counts int32 [m, programs]) of zeros for a split-K launch, views of the device's
-    scratch, grown where too small. Grown only outside a CUDA graph's capture: a graph's memory is its own (the
-    decode graphs' warm-up step, and the tuner's first call, run each shape eagerly first)."""
+    scratch (MAX_ROWS rows of activations from the first, so that it seldom grows). Grown only outside a CUDA
+    graph's capture: a graph's memory is its own (the decode graphs' warm-up step, and the tuner's first call, run
+    each shape eagerly first)."""
     partial, count = _SCRATCH.get(device, (None, None))
     if partial is None or partial.numel() < m * rows or count.numel() < m * programs:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("the dp4a split-K scratch must be sized before a CUDA graph's capture: run the "
                                "shape once outside it first")
-        size = max(m * rows, partial.numel() if partial is not None else 0)
-        counts = max(m * programs, count.numel() if count is not None else 0)
-        partial = torch.zeros(size, dtype=torch.float32, device=device)
-        count = torch.zeros(counts, dtype=torch.int32, device=device)
+        if partial is not None:
+            _OUTGROWN.append((partial, count))
+        size = max(m, MAX_ROWS) * max(rows, SCRATCH_MIN_ROWS)
+        counts = max(m, MAX_ROWS) * max(programs, SCRATCH_MIN_PROGRAMS)
+        partial = torch.zeros(max(size, partial.numel() if partial is not None else 0), dtype=torch.float32,
+                              device=device)
+        count = torch.zeros(max(counts, count.numel() if count is not None else 0), dtype=torch.int32, device=device)
         _SCRATCH[device] = (partial, count)
     return partial[:m * rows].view(m, rows), count[:m * programs].view(m, programs)
 
