@@ -33,7 +33,7 @@ from xverse_serve.engine.config import CacheConfig, SchedulerConfig
 from xverse_serve.engine.loader import assemble_engine
 from xverse_serve.kernels import pdl
 from xverse_serve.model.checkpoint import load_config
-from xverse_serve.model.quantization import TIMINGS, QuantizedLinear, one_row_split, plan_key
+from xverse_serve.model.quantization import TIMINGS, QuantizedLinear, one_row_options, plan_key
 from xverse_serve.model.xverse import XverseForCausalLM, load_model
 
 FAMILIES = {"none": ("gemv",), "int8": ("gemv", "dp4a", "tuned"), "int4": ("dp4a", "dp4a_one_part", "tuned"),
@@ -51,9 +51,9 @@ def decode_step(model: XverseForCausalLM, family: str, context: int, steps: int,
     `profiled`, the kernels of the graph's replays by name (torch.profiler sees each kernel a graph launches)."""
     for projection in projections(model):
         projection.one_row = None if family == "tuned" else family
-        if isinstance(projection, QuantizedLinear):  # the family's fastest split of K for this projection, as tune sets
+        if isinstance(projection, QuantizedLinear):  # the family's fastest shape for this projection, as tune sets
             timings = TIMINGS.get(plan_key(projection, torch.bfloat16), {}).get(1, {})
-            projection.one_row_split = one_row_split(timings, projection.one_row)
+            projection.one_row_options = one_row_options(timings, projection.one_row)
     model.__dict__.pop("one_row_ready", None)  # a cached_property
     engine = assemble_engine(model, CacheConfig(MAX_MODEL_LEN // BLOCK_SIZE + 64, BLOCK_SIZE),
                              SchedulerConfig(max_num_seqs=1, max_batched_tokens=4096), MAX_MODEL_LEN,

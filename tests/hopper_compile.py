@@ -285,22 +285,26 @@ def dp4a_gemv_kernels() -> Iterator[tuple]:
         epilogue = {"y_ptr": "*bf16", "residual_ptr": "*bf16", "squares_ptr": "*fp32", "partial_ptr": "*fp32",
                     "count_ptr": "*i32"}
         scratch = {"stride_partial_m": "i32", "stride_count_m": "i32"}
-        forms = [(form, 1) for form in (("", " gated", " residual") if k == 4096 else ("", " residual"))]
-        for form, split_k in forms + [(form, 4) for form in ((" gated", " residual") if k == 4096 else (" residual",))]:
+        forms = [(form, 1, 0) for form in (("", " gated", " residual") if k == 4096 else ("", " residual"))]
+        forms += [(form, 4, 0) for form in ((" gated", " residual") if k == 4096 else (" residual",))]
+        forms += [(" gated", 1, 32)] if k == 4096 else [(" residual", 4, 32)]  # int4's 32 groups a step
+        for form, split_k, block_g in forms:
             flags = {"GATED": form == " gated", "ADD_RESIDUAL": form == " residual", "EMULATE": False, "PDL": True,
                      "SPLIT_K": split_k}
-            form += " split4" if split_k > 1 else ""
+            form += (" split4" if split_k > 1 else "") + (f" g{block_g}" if block_g else "")
             block_n, block_kw, num_warps = dp4a_gemv.INT8_CONFIG
             kw = k // 4
-            yield f"int8 dp4a K={k}{form}", dp4a_gemv._int8_kernel, {
-                "words_ptr": "*i32", "x_scale_ptr": "*fp32", "w_ptr": "*i32", "w_scale_ptr": "*fp32", **epilogue,
-                "N": "i32", "stride_wn": "i32", "stride_words_m": "i32", "stride_xs_m": "i32", "stride_ym": "i32",
-                **scratch}, {
-                "KW": kw, "KW_SPLIT": _per_split(kw, block_kw, split_k), "BLOCK_N": block_n, "BLOCK_KW": block_kw,
-                **flags}, {
-                "num_warps": num_warps, "num_stages": 1}
-            block_n, block_g, num_warps = dp4a_gemv.INT4_CONFIG
-            for act_block in (0, 32) if split_k == 1 else (32,):
+            if not block_g:  # (int8 has no groups)
+                yield f"int8 dp4a K={k}{form}", dp4a_gemv._int8_kernel, {
+                    "words_ptr": "*i32", "x_scale_ptr": "*fp32", "w_ptr": "*i32", "w_scale_ptr": "*fp32", **epilogue,
+                    "N": "i32", "stride_wn": "i32", "stride_words_m": "i32", "stride_xs_m": "i32", "stride_ym": "i32",
+                    **scratch}, {
+                    "KW": kw, "KW_SPLIT": _per_split(kw, block_kw, split_k), "BLOCK_N": block_n,
+                    "BLOCK_KW": block_kw, **flags}, {
+                    "num_warps": num_warps, "num_stages": 1}
+            block_n, default_g, num_warps = dp4a_gemv.INT4_CONFIG
+            block_g = block_g or default_g
+            for act_block in (0, 32) if split_k == 1 and block_g == default_g else (32,):
                 yield f"int4 dp4a{' act32' if act_block else ''} K={k}{form}", dp4a_gemv._int4_kernel, {
                     "words_ptr": "*i32", "x_scale_ptr": "*fp32", "sums_ptr": "*fp32", "w_ptr": "*i32",
                     "scale_ptr": "*fp16", "offset_ptr": "*fp16", **epilogue, "N": "i32", "stride_wn": "i32",

@@ -251,6 +251,10 @@ def test_split_k_sums_the_slices_of_k_as_one_launch_would(scheme: str, act_block
         for got, want in zip((plain, gated, summed, rows), expected):
             assert relative_error(got.float(), want.float()) < 1e-2, split_k
         assert torch.allclose(squares, expected[-1], rtol=2e-2)
+        if scheme == "int4":  # other groups a step (block_g): 2 (four steps, some slices masked), 32 (one step)
+            for block_g in (2, 32):
+                got = dp4a_kernel(act_block, split_k, block_g)(x, layer)
+                assert relative_error(got.float(), expected[3][0].float()) < 1e-2, (split_k, block_g)
         partial, count = dp4a_gemv._SCRATCH[x.device]
         assert not partial.any() and not count.any(), split_k
 
@@ -290,16 +294,19 @@ def test_bad_shapes_are_clear_errors() -> None:
 
 def test_the_dp4a_kernels_compile_for_hopper_with_dp4a_and_without_register_spills() -> None:
     reports = {r["kernel"]: r for r in compile_for_hopper("dp4a")}
-    assert len(reports) == 30 and [r for r in reports.values() if r["spilled_bytes"]] == []
+    assert len(reports) == 32 and [r for r in reports.values() if r["spilled_bytes"]] == []
     shapes = [(k, form) for k, forms in ((4096, ("", " gated", " residual")), (11008, ("", " residual")))
               for form in forms]
     split = [(4096, " gated split4"), (4096, " residual split4"), (11008, " residual split4")]
+    wide = ["int4 dp4a act32 K=4096 gated g32", "int4 dp4a act32 K=11008 residual split4 g32"]
     assert {name for name, r in reports.items() if r["dp4a"]} == {
         f"{kind} K={k}{form}" for kind in ("int8 dp4a", "int4 dp4a", "int4 dp4a act32") for k, form in shapes} | {
-        f"{kind} K={k}{form}" for kind in ("int8 dp4a", "int4 dp4a act32") for k, form in split}
+        f"{kind} K={k}{form}" for kind in ("int8 dp4a", "int4 dp4a act32") for k, form in split} | set(wide)
     # split-K: the sums and the count by atomics (the gated form: the gate's and the up's sums); K whole: none
     assert {name for name, r in reports.items() if r["atomics"]} == {
-        f"{kind} K={k}{form}" for kind in ("int8 dp4a", "int4 dp4a act32") for k, form in split}
+        f"{kind} K={k}{form}" for kind in ("int8 dp4a", "int4 dp4a act32") for k, form in split} | {wide[1]}
+    # 32 groups a step: all of a thread's weight loads in one step (K = 4,096), in fewer instructions a weight
+    assert reports[wide[0]]["instructions"] < reports["int4 dp4a act32 K=4096 gated"]["instructions"]
     for k, form in shapes:  # one part: half the dp4a, and fewer instructions in all
         two, one = reports[f"int4 dp4a K={k}{form}"], reports[f"int4 dp4a act32 K={k}{form}"]
         assert one["dp4a"] * 2 == two["dp4a"] and one["instructions"] < 0.9 * two["instructions"]

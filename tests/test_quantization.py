@@ -52,7 +52,7 @@ from xverse_serve.model.quantization import (
     dequantize_int4,
     dequantize_int8,
     one_row_family,
-    one_row_split,
+    one_row_options,
     quantize_fp8,
     quantize_int4,
     quantize_int8,
@@ -393,19 +393,24 @@ def test_one_row_steps_take_the_faster_fused_family_unless_the_tuned_kernels_are
     assert one_row_family(int4, None) is None
 
 
-def test_each_projection_takes_its_one_row_familys_fastest_split_of_k() -> None:
-    """A dp4a family's time on a projection is its fastest candidate's, K whole or in slices (split_k), and the
-    projection's one-row GEMV takes that candidate's slices."""
+def test_each_projection_takes_its_one_row_familys_fastest_shape() -> None:
+    """A dp4a family's time on a projection is its fastest candidate's (K whole or in slices, int4's groups a step),
+    and the projection's one-row GEMV takes that candidate's options."""
     timings = [{"dp4a": 1.0, "dp4a(split_k=2)": 0.7, "dp4a(split_k=4)": 0.8, "rowgemv": 0.9},
                {"dp4a": 2.0, "dp4a(split_k=2)": "failed: OutOfMemoryError", "dp4a(split_k=4)": 2.1, "rowgemv": 1.9}]
     assert one_row_family(timings, "gemv") == "dp4a"  # 2.7 ms against 2.8
-    assert [one_row_split(t, "dp4a") for t in timings] == [2, 1]
-    assert one_row_split(timings[0], "gemv") == 1 and one_row_split(timings[0], None) == 1
-    assert one_row_split({}, "dp4a") == 1  # nothing measured
-    one_part = {"dp4a(act_block=32)": 0.5, "dp4a(act_block=32, split_k=4)": 0.4, "dp4a(split_k=4)": 0.3}
-    assert one_row_split(one_part, "dp4a_one_part") == 4 and one_row_split(one_part, "dp4a") == 4
+    assert [one_row_options(t, "dp4a") for t in timings] == [(("split_k", 2),), ()]
+    assert one_row_options(timings[0], "gemv") == () and one_row_options(timings[0], None) == ()
+    assert one_row_options({}, "dp4a") == ()  # nothing measured
+    one_part = {"dp4a(act_block=32)": 0.5, "dp4a(act_block=32, split_k=4, block_g=32)": 0.4, "dp4a(split_k=4)": 0.3}
+    assert one_row_options(one_part, "dp4a_one_part") == (("act_block", 32), ("split_k", 4), ("block_g", 32))
+    assert one_row_options(one_part, "dp4a") == (("split_k", 4),)
     names = {str(k) for k in candidates(QuantizedLinear(4096, 11008, "int4"), 1)}
-    assert {"dp4a", "dp4a(split_k=2)", "dp4a(act_block=32, split_k=4)"} <= names
+    assert {"dp4a", "dp4a(split_k=2)", "dp4a(act_block=32, split_k=4)", "dp4a(block_g=32)",
+            "dp4a(act_block=32, split_k=2, block_g=16)"} <= names
+    assert not {n for n in map(str, candidates(QuantizedLinear(4096, 11008, "int8"), 1)) if "block_g" in n}
+    at_two = {str(k) for k in candidates(QuantizedLinear(4096, 11008, "int4"), 2) if k.backend == "dp4a"}
+    assert at_two == {"dp4a", "dp4a(act_block=32)"}  # the shapes are tried for the one-row path only
 
 
 # ---------------------------------------------------------------- the model

@@ -33,6 +33,15 @@ def gemv_kernels(x: torch.Tensor) -> ModuleType | None:
     return None
 
 
+def dp4a_arguments(options: dict[str, int]) -> dict:
+    """dp4a_gemv.matmul's and fused_gemv's keyword arguments for a dp4a candidate's options."""
+    from ..kernels import dp4a_gemv  # imported here, so a CPU-only install needs no Triton
+
+    block_g = options.get("block_g", 0)
+    config = (dp4a_gemv.INT4_CONFIG[0], block_g, dp4a_gemv.INT4_CONFIG[2]) if block_g else None
+    return {"act_block": options.get("act_block", 0), "split_k": options.get("split_k", 1), "config": config}
+
+
 class Norm(Protocol):
     """An RMSNorm (xverse.RMSNorm): its parameters, and the norm itself."""
 
@@ -47,7 +56,8 @@ class OneRowProjection:
 
     in_features: int
     one_row: str | None = "gemv"
-    one_row_split: int = 1  # the dp4a families' split_k (quantization.one_row_split)
+    # The dp4a families' GEMV shape (quantization.one_row_options, dp4a_arguments: split_k, block_g).
+    one_row_options: tuple[tuple[str, int], ...] = ()
 
     def gemv_operands(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight, int8 or fp8 scales or None) for kernels.gemv."""
@@ -89,9 +99,9 @@ class OneRowProjection:
         if self.one_row in DP4A_ACT_BLOCKS:
             from ..kernels import dp4a_gemv
 
+            arguments = dp4a_arguments({**dict(self.one_row_options), "act_block": DP4A_ACT_BLOCKS[self.one_row]})
             return dp4a_gemv.fused_gemv(x, *self.dp4a_operands(), gated=gated, residual=residual,
-                                        norm=(norm.weight, norm.eps) if norm is not None else None,
-                                        act_block=DP4A_ACT_BLOCKS[self.one_row], split_k=self.one_row_split)
+                                        norm=(norm.weight, norm.eps) if norm is not None else None, **arguments)
         from ..kernels import gemv
 
         weight, scale = self.gemv_operands()

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .one_row import DP4A_ACT_BLOCKS, OneRowProjection
+from .one_row import DP4A_ACT_BLOCKS, OneRowProjection, dp4a_arguments
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +177,7 @@ class MatmulKernel:
         if self.backend == "dp4a":
             from ..kernels import dp4a_gemv
 
-            return dp4a_gemv.matmul(x, *layer.dp4a_operands(), act_block=options.get("act_block", 0),
-                                    split_k=options.get("split_k", 1))
+            return dp4a_gemv.matmul(x, *layer.dp4a_operands(), **dp4a_arguments(options))
         if self.backend == "scaled_mm":
             return scaled_mm(x, layer.weight, layer.weight_scale)
         if self.backend == "gemv" and layer.bits == 8:
@@ -433,19 +432,33 @@ def _dp4a_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> list
     fits = layer.bits == 8 or layer.group_size == 8 * dp4a_gemv.INT4_GROUP_WORDS
     if not 1 <= m <= dp4a_gemv.MAX_ROWS or not fits or dtype not in (torch.bfloat16, torch.float16):
         return []
-    return [dp4a_kernel(block, split_k) for block in DP4A_ACT_BLOCKS.values() if layer.bits == 4 or not block
-            for split_k in DP4A_SPLITS]
+    families = [family for family, block in DP4A_ACT_BLOCKS.items() if layer.bits == 4 or not block]
+    if m > 1:
+        return [dp4a_kernel(DP4A_ACT_BLOCKS[family]) for family in families]
+    return [kernel for family in families for kernel in dp4a_family(family, layer.bits)]
 
 
-# dp4a_gemv's split_k candidates: K in slices, for projections whose rows alone make few programs.
+# At one row (the one-row path's GEMVs), dp4a_gemv's shapes beyond its defaults: K in split_k slices (for
+# projections whose rows alone make few programs), and for int4 more groups a step (block_g; 0: INT4_CONFIG's 4).
+# Compiled for sm_90, 4 groups a step leave a thread one or two weight loads in flight (ptxas interleaves the
+# unrolled steps), 32 (K = 4,096 in one step) all eight of them, at 80 registers instead of 42, no spills; on an
+# H100 the groups per step tried so far (1, 2, 4: dp4a_h100.json) got faster with each doubling.
 DP4A_SPLITS = (1, 2, 4)
+DP4A_INT4_BLOCKS = (0, 16, 32)
 
 
-def dp4a_kernel(act_block: int, split_k: int = 1) -> MatmulKernel:
+def dp4a_kernel(act_block: int = 0, split_k: int = 1, block_g: int = 0) -> MatmulKernel:
     """The dp4a tuning candidate with the activations in two parts (0) or one part in blocks of act_block, K in
-    split_k slices."""
+    split_k slices, int4's groups a step block_g (0: dp4a_gemv's default)."""
     options = (("act_block", act_block),) if act_block else ()
-    return MatmulKernel("dp4a", options + ((("split_k", split_k),) if split_k > 1 else ()))
+    options += (("split_k", split_k),) if split_k > 1 else ()
+    return MatmulKernel("dp4a", options + ((("block_g", block_g),) if block_g else ()))
+
+
+def dp4a_family(family: str, bits: int) -> list[MatmulKernel]:
+    """A dp4a one-row family's candidates at one row, for int8 (bits 8) or int4 weights."""
+    return [dp4a_kernel(DP4A_ACT_BLOCKS[family], split_k, block_g) for split_k in DP4A_SPLITS
+            for block_g in (DP4A_INT4_BLOCKS if bits == 4 else (0,))]
 
 
 def _two_part_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> list[MatmulKernel]:
@@ -651,18 +664,17 @@ def tune(model: nn.Module, dtype: torch.dtype) -> None:
         family = one_row_family([timings for _, timings in decoder_layers], decoder_layers[0][0].one_row)
         for layer, timings in decoder_layers:
             layer.one_row = family
-            layer.one_row_split = one_row_split(timings, family)
+            layer.one_row_options = one_row_options(timings, family)
 
 
 # The one-row path's fusions (the norm in the GEMV's prologue or the quantizing kernel, the residual add and
 # SiLU * up in its epilogue) save the separate kernels of the general path: worth about this factor on the
 # projections' own time.
 ONE_ROW_MARGIN = 1.15
-# Each one-row family, by the tuning candidates that time its GEMV at M = 1 (dp4a's with its quantizing kernel, K
-# whole or in slices: a projection takes its family's fastest).
-ONE_ROW_CANDIDATES = {"gemv": ("rowgemv",),
-                      **{family: tuple(str(dp4a_kernel(block, split_k)) for split_k in DP4A_SPLITS)
-                         for family, block in DP4A_ACT_BLOCKS.items()}}
+# Each one-row family, by the tuning candidates that time its GEMV at M = 1 (dp4a's with its quantizing kernel, in
+# each of its shapes: a projection takes its family's fastest, one_row_options). Those a format lacks go unmeasured.
+ONE_ROW_CANDIDATES = {"gemv": (MatmulKernel("rowgemv"),),
+                      **{family: tuple(dp4a_family(family, 4)) for family in DP4A_ACT_BLOCKS}}
 
 
 def one_row_family(timings: list[dict[str, float | str]], default: str | None) -> str | None:
@@ -687,18 +699,18 @@ def one_row_family(timings: list[dict[str, float | str]], default: str | None) -
     return None
 
 
-def one_row_split(timings: dict[str, float | str], family: str | None) -> int:
-    """The split_k of a projection's one-row GEMV in `family`: its fastest candidate's at M = 1 (1 where the family
-    has no slices, or nothing was measured)."""
+def one_row_options(timings: dict[str, float | str], family: str | None) -> tuple[tuple[str, int], ...]:
+    """The options of a projection's one-row GEMV in `family` (dp4a_arguments'): its fastest candidate's at M = 1;
+    none where the family has no shapes to choose, or nothing was measured."""
     if family not in DP4A_ACT_BLOCKS:
-        return 1
+        return ()
     ms, index = _fastest_of(timings, ONE_ROW_CANDIDATES[family])
-    return DP4A_SPLITS[index] if ms < float("inf") else 1
+    return ONE_ROW_CANDIDATES[family][index].options if ms < float("inf") else ()
 
 
-def _fastest_of(timings: dict[str, float | str], names: tuple[str, ...]) -> tuple[float, int]:
-    """(the least milliseconds among `names` that ran, its index), or (inf, 0) where none did."""
-    times = [(ms, i) for i, name in enumerate(names) if isinstance(ms := timings.get(name), float)]
+def _fastest_of(timings: dict[str, float | str], kernels: tuple[MatmulKernel, ...]) -> tuple[float, int]:
+    """(the least milliseconds among `kernels` that ran, its index), or (inf, 0) where none did."""
+    times = [(ms, i) for i, kernel in enumerate(kernels) if isinstance(ms := timings.get(str(kernel)), float)]
     return min(times, default=(float("inf"), 0))
 
 
