@@ -409,6 +409,9 @@ def test_each_projection_takes_its_one_row_familys_fastest_shape() -> None:
     assert {"dp4a", "dp4a(split_k=2)", "dp4a(act_block=32, split_k=4)", "dp4a(block_g=32)",
             "dp4a(act_block=32, split_k=2, block_g=16)"} <= names
     assert not {n for n in map(str, candidates(QuantizedLinear(4096, 11008, "int8"), 1)) if "block_g" in n}
+    # K = 4,096 at 32 groups a step is one step: no slices of it to time
+    wide = {str(k) for k in candidates(QuantizedLinear(4096, 4096, "int4"), 1) if "block_g=32" in str(k)}
+    assert wide == {"dp4a(block_g=32)", "dp4a(act_block=32, block_g=32)"}
     at_two = {str(k) for k in candidates(QuantizedLinear(4096, 11008, "int4"), 2) if k.backend == "dp4a"}
     assert at_two == {"dp4a", "dp4a(act_block=32)"}  # the shapes are tried for the one-row path only
 

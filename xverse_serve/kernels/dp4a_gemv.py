@@ -428,10 +428,9 @@ def _launch(words: torch.Tensor, x_scale: torch.Tensor, sums: torch.Tensor | Non
     m, n = out.shape
     block_n, block, num_warps = config or (INT4_CONFIG if int4 else INT8_CONFIG)
     programs = triton.cdiv(n, block_n)
-    # K in split_k slices of whole steps (fewer where K has fewer steps; none empty).
     steps = triton.cdiv(scale.shape[1] if int4 else weight.shape[1] // 4, block)
+    split_k = slices(steps, split_k)
     per_split = triton.cdiv(steps, split_k) * block
-    split_k = triton.cdiv(steps * block, per_split)
     partial, count = split_scratch(out.device, m, weight.shape[0], programs) if split_k > 1 else (out, out)
     squares = torch.empty(programs, dtype=torch.float32, device=out.device) if residual is not None else None
     epilogue = dict(SPLIT_K=split_k, GATED=gated, ADD_RESIDUAL=residual is not None, EMULATE=EMULATE,
@@ -453,6 +452,12 @@ def _launch(words: torch.Tensor, x_scale: torch.Tensor, sums: torch.Tensor | Non
                                              KW=weight.shape[1] // 4, KW_SPLIT=per_split, BLOCK_N=block_n,
                                              BLOCK_KW=block, **epilogue)
     return squares
+
+
+def slices(steps: int, split_k: int) -> int:
+    """How many slices of whole steps split_k makes of K's `steps`: each cdiv(steps, split_k) steps long, so fewer
+    where the last would be empty (none is)."""
+    return triton.cdiv(steps, triton.cdiv(steps, split_k))
 
 
 # Per device: the split-K launches' float32 sums and arrival counts, zero between launches (each launch leaves them

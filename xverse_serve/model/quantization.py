@@ -435,7 +435,24 @@ def _dp4a_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> list
     families = [family for family, block in DP4A_ACT_BLOCKS.items() if layer.bits == 4 or not block]
     if m > 1:
         return [dp4a_kernel(DP4A_ACT_BLOCKS[family]) for family in families]
-    return [kernel for family in families for kernel in dp4a_family(family, layer.bits)]
+    launches: dict[tuple, MatmulKernel] = {}  # a split that K's steps make the same launch as a smaller one: once
+    for kernel in (kernel for family in families for kernel in dp4a_family(family, layer.bits)):
+        options = dict(kernel.options)
+        launches.setdefault((options.get("act_block"), options.get("block_g"), _dp4a_slices(layer, kernel)), kernel)
+    return list(launches.values())
+
+
+def _dp4a_slices(layer: QuantizedLinear, kernel: MatmulKernel) -> int:
+    """How many slices of K a dp4a candidate launches on this layer (fewer than its split_k where K has too few
+    steps)."""
+    from ..kernels import dp4a_gemv
+
+    options = dict(kernel.options)
+    if layer.bits == 4:
+        steps = -(-(layer.in_features // layer.group_size) // (options.get("block_g") or dp4a_gemv.INT4_CONFIG[1]))
+    else:
+        steps = -(-(layer.in_features // 4) // dp4a_gemv.INT8_CONFIG[1])
+    return dp4a_gemv.slices(steps, options.get("split_k", 1))
 
 
 # At one row (the one-row path's GEMVs), dp4a_gemv's shapes beyond its defaults: K in split_k slices (for
