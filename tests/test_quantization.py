@@ -413,7 +413,7 @@ def test_each_projection_takes_its_one_row_familys_fastest_shape() -> None:
     wide = {str(k) for k in candidates(QuantizedLinear(4096, 4096, "int4"), 1) if "block_g=32" in str(k)}
     assert wide == {"dp4a(block_g=32)", "dp4a(act_block=32, block_g=32)"}
     at_two = {str(k) for k in candidates(QuantizedLinear(4096, 11008, "int4"), 2) if k.backend == "dp4a"}
-    assert at_two == {"dp4a", "dp4a(act_block=32)"}  # the shapes are tried for the one-row path only
+    assert at_two == {"dp4a", "dp4a(act_block=32)", "dp4a(block_g=32)", "dp4a(act_block=32, block_g=32)"}
 
 
 # ---------------------------------------------------------------- the model

@@ -433,8 +433,9 @@ def _dp4a_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> list
     if not 1 <= m <= dp4a_gemv.MAX_ROWS or not fits or dtype not in (torch.bfloat16, torch.float16):
         return []
     families = [family for family, block in DP4A_ACT_BLOCKS.items() if layer.bits == 4 or not block]
-    if m > 1:
-        return [dp4a_kernel(DP4A_ACT_BLOCKS[family]) for family in families]
+    if m > 1:  # each row's programs stream the weights again: also the shape that has the most loads in flight
+        wide = (0, DP4A_INT4_BLOCKS[-1]) if layer.bits == 4 else (0,)
+        return [dp4a_kernel(DP4A_ACT_BLOCKS[family], 1, block_g) for family in families for block_g in wide]
     launches: dict[tuple, MatmulKernel] = {}  # a split that K's steps make the same launch as a smaller one: once
     for kernel in (kernel for family in families for kernel in dp4a_family(family, layer.bits)):
         options = dict(kernel.options)
