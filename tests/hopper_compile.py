@@ -289,36 +289,31 @@ def dp4a_gemv_kernels() -> Iterator[tuple]:
         forms += [(form, 4, 0) for form in ((" gated", " residual") if k == 4096 else (" residual",))]
         forms += [(" gated", 1, 32)] if k == 4096 else [(" residual", 4, 32)]  # int4's 32 groups a step
         for form, split_k, block_g in forms:
-            flags = {"GATED": form == " gated", "ADD_RESIDUAL": form == " residual", "EMULATE": False, "PDL": True,
-                     "SPLIT_K": split_k}
+            flags = {"GATED": form == " gated", "ADD_RESIDUAL": form == " residual", "EMULATE": False, "PDL": True}
             form += (" split4" if split_k > 1 else "") + (f" g{block_g}" if block_g else "")
             block_n, block_kw, num_warps = dp4a_gemv.INT8_CONFIG
-            kw = k // 4
             if not block_g:  # (int8 has no groups)
+                kw_split, slices = dp4a_gemv.split_shape(k, False, None, split_k)
                 yield f"int8 dp4a K={k}{form}", dp4a_gemv._int8_kernel, {
                     "words_ptr": "*i32", "x_scale_ptr": "*fp32", "w_ptr": "*i32", "w_scale_ptr": "*fp32", **epilogue,
                     "N": "i32", "stride_wn": "i32", "stride_words_m": "i32", "stride_xs_m": "i32", "stride_ym": "i32",
                     **scratch}, {
-                    "KW": kw, "KW_SPLIT": _per_split(kw, block_kw, split_k), "BLOCK_N": block_n,
-                    "BLOCK_KW": block_kw, **flags}, {
+                    "KW": k // 4, "KW_SPLIT": kw_split, "SPLIT_K": slices, "BLOCK_N": block_n, "BLOCK_KW": block_kw,
+                    **flags}, {
                     "num_warps": num_warps, "num_stages": 1}
             block_n, default_g, num_warps = dp4a_gemv.INT4_CONFIG
             block_g = block_g or default_g
+            groups_split, slices = dp4a_gemv.split_shape(k, True, (block_n, block_g, num_warps), split_k)
             for act_block in (0, 32) if split_k == 1 and block_g == default_g else (32,):
                 yield f"int4 dp4a{' act32' if act_block else ''} K={k}{form}", dp4a_gemv._int4_kernel, {
                     "words_ptr": "*i32", "x_scale_ptr": "*fp32", "sums_ptr": "*fp32", "w_ptr": "*i32",
                     "scale_ptr": "*fp16", "offset_ptr": "*fp16", **epilogue, "N": "i32", "stride_wn": "i32",
                     "stride_sn": "i32", "stride_words_m": "i32", "stride_xs_m": "i32", "stride_sums_m": "i32",
                     "stride_ym": "i32", **scratch}, {
-                    "GROUPS": k // 128, "GROUPS_SPLIT": _per_split(k // 128, block_g, split_k), "BLOCK_N": block_n,
+                    "GROUPS": k // 128, "GROUPS_SPLIT": groups_split, "SPLIT_K": slices, "BLOCK_N": block_n,
                     "BLOCK_G": block_g, "GROUP_WORDS": dp4a_gemv.INT4_GROUP_WORDS, "ACT_BLOCK": act_block,
                     **flags}, {
                     "num_warps": num_warps, "num_stages": 1}
-
-
-def _per_split(length: int, block: int, split_k: int) -> int:
-    """dp4a_gemv's slice of K for split_k slices: whole steps of `block`."""
-    return triton.cdiv(triton.cdiv(length, block), split_k) * block
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ import triton.language as tl
 
 from . import pdl
 from .gemv import store_row
+from .quant_matmul import k_slices
 
 # Triton's interpreter has no inline PTX: there dp4a is computed from the bytes (same result).
 EMULATE = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -428,9 +429,7 @@ def _launch(words: torch.Tensor, x_scale: torch.Tensor, sums: torch.Tensor | Non
     m, n = out.shape
     block_n, block, num_warps = config or (INT4_CONFIG if int4 else INT8_CONFIG)
     programs = triton.cdiv(n, block_n)
-    steps = triton.cdiv(scale.shape[1] if int4 else weight.shape[1] // 4, block)
-    split_k = slices(steps, split_k)
-    per_split = triton.cdiv(steps, split_k) * block
+    per_split, split_k = split_shape(weight.shape[1] * (2 if int4 else 1), int4, config, split_k)
     partial, count = split_scratch(out.device, m, weight.shape[0], programs) if split_k > 1 else (out, out)
     squares = torch.empty(programs, dtype=torch.float32, device=out.device) if residual is not None else None
     epilogue = dict(SPLIT_K=split_k, GATED=gated, ADD_RESIDUAL=residual is not None, EMULATE=EMULATE,
@@ -454,10 +453,11 @@ def _launch(words: torch.Tensor, x_scale: torch.Tensor, sums: torch.Tensor | Non
     return squares
 
 
-def slices(steps: int, split_k: int) -> int:
-    """How many slices of whole steps split_k makes of K's `steps`: each cdiv(steps, split_k) steps long, so fewer
-    where the last would be empty (none is)."""
-    return triton.cdiv(steps, triton.cdiv(steps, split_k))
+def split_shape(k: int, int4: bool, config: tuple[int, int, int] | None, split_k: int) -> tuple[int, int]:
+    """(K's length a slice, slices) of a launch on K weights a row with `config` (None: the format's default) and
+    split_k: whole steps a slice, in groups (int4) or words (int8), fewer slices where K has fewer steps."""
+    block = (config or (INT4_CONFIG if int4 else INT8_CONFIG))[1]
+    return k_slices(k // (8 * INT4_GROUP_WORDS) if int4 else k // 4, block, split_k)
 
 
 # Per device: the split-K launches' float32 sums and arrival counts, zero between launches (each launch leaves them

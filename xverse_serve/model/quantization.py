@@ -448,12 +448,8 @@ def _dp4a_slices(layer: QuantizedLinear, kernel: MatmulKernel) -> int:
     steps)."""
     from ..kernels import dp4a_gemv
 
-    options = dict(kernel.options)
-    if layer.bits == 4:
-        steps = -(-(layer.in_features // layer.group_size) // (options.get("block_g") or dp4a_gemv.INT4_CONFIG[1]))
-    else:
-        steps = -(-(layer.in_features // 4) // dp4a_gemv.INT8_CONFIG[1])
-    return dp4a_gemv.slices(steps, options.get("split_k", 1))
+    arguments = dp4a_arguments(dict(kernel.options))
+    return dp4a_gemv.split_shape(layer.in_features, layer.bits == 4, arguments["config"], arguments["split_k"])[1]
 
 
 # At one row (the one-row path's GEMVs), dp4a_gemv's shapes beyond its defaults: K in split_k slices (for
@@ -707,8 +703,8 @@ def one_row_family(timings: list[dict[str, float | str]], default: str | None) -
         if not times:
             return default
         fastest += min(times)
-        for family, names in ONE_ROW_CANDIDATES.items():
-            totals[family] += _fastest_of(one_row, names)[0]
+        for family, kernels in ONE_ROW_CANDIDATES.items():
+            totals[family] += _fastest_of(one_row, kernels)[0]
     family = min(totals, key=totals.get)
     if totals[family] <= ONE_ROW_MARGIN * fastest:
         return family
