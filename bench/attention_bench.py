@@ -76,6 +76,11 @@ CONFIGS = {
     "p512-g1-n128-w8": dict(partition_size=512, heads_per_program=1, block_n=128, num_warps=8),
     "p256-g1-n128-w8": dict(partition_size=256, heads_per_program=1, block_n=128, num_warps=8),
     "p512-g1-n64-w2": dict(partition_size=512, heads_per_program=1, block_n=64, num_warps=2),
+    # Shorter partitions for one sequence: more programs, each with fewer tokens to wait on.
+    "p64-g1-n64": dict(partition_size=64, heads_per_program=1, block_n=64),
+    "p64-g1-n64-w2": dict(partition_size=64, heads_per_program=1, block_n=64, num_warps=2),
+    "p32-g1-n32": dict(partition_size=32, heads_per_program=1, block_n=32),
+    "p32-g1-n32-w2": dict(partition_size=32, heads_per_program=1, block_n=32, num_warps=2),
 }
 MAX_REL_ERROR = 1e-2  # bf16 output rounding alone gives ~2e-3
 

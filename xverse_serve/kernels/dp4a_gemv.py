@@ -21,6 +21,11 @@ as words of eight weights: masking the low nibbles gives four weights at k = 8i,
 first the four at the odd k, so the activations are packed the same way (INT4 order: even word, then odd word).
 int4's groups: y = sum_g scale_g * (q_g . x_g) + offset_g * sum(x_g), with sum(x_g) taken in float32.
 
+With programmatic dependent launch (kernels.pdl) a GEMV reads its first step of weights (and int4's scales and
+offsets) before it waits for the kernel before it: the weights are written by no kernel, so the GEMV's programs,
+launched while the activations are being quantized (one program, the other multiprocessors idle), stream them in
+meanwhile. With K in one step (int4's block_g 32 or int8's block_kw 1,024 at K = 4,096), that is all of them.
+
 Every kernel runs in Triton's interpreter too (the tests), where dp4a is spelt out in shifts and multiplies.
 """
 
@@ -191,7 +196,7 @@ def _int8_kernel(words_ptr, x_scale_ptr, w_ptr, w_scale_ptr, y_ptr, residual_ptr
     # words then its lo words. The epilogue is kernels.gemv's (store_row), after the split-K sum (_store_split).
     # PDL: launched early (kernels.pdl). program_id(1): the row of activations (several only without GATED and
     # ADD_RESIDUAL); program_id(2): the slice of K, KW_SPLIT words.
-    pdl.begin(PDL)
+    pdl.launch_next(PDL)
     words_ptr += tl.program_id(1) * stride_words_m
     x_scale_ptr += tl.program_id(1) * stride_xs_m
     y_ptr += tl.program_id(1) * stride_ym
@@ -199,6 +204,16 @@ def _int8_kernel(words_ptr, x_scale_ptr, w_ptr, w_scale_ptr, y_ptr, residual_ptr
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
+    # The first step's weights are read before the wait: with PDL they stream in while the kernel before (the
+    # activations' quantization, one program) runs, instead of after it.
+    cols = first_word + tl.arange(0, BLOCK_KW)
+    w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & (cols < KW)[None, :], other=0,
+                eviction_policy="evict_first")
+    w_up = w
+    if GATED:
+        w_up = tl.load(w_rows + N * stride_wn + cols[None, :], mask=row_ok[:, None] & (cols < KW)[None, :], other=0,
+                       eviction_policy="evict_first")
+    pdl.wait(PDL)
     acc_hi = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.int32)
     acc_lo = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.int32)
     up_hi = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.int32)
@@ -207,7 +222,11 @@ def _int8_kernel(words_ptr, x_scale_ptr, w_ptr, w_scale_ptr, y_ptr, residual_ptr
         cols = first_word + start + tl.arange(0, BLOCK_KW)
         col_ok = cols < KW
         mask = row_ok[:, None] & col_ok[None, :]
-        w = tl.load(w_rows + cols[None, :], mask=mask, other=0, eviction_policy="evict_first")
+        if start > 0:
+            w = tl.load(w_rows + cols[None, :], mask=mask, other=0, eviction_policy="evict_first")
+            if GATED:
+                w_up = tl.load(w_rows + N * stride_wn + cols[None, :], mask=mask, other=0,
+                               eviction_policy="evict_first")
         # Loaded at the weights' shape (each thread the words its weights meet, from L1): a [BLOCK_KW] load
         # broadcast over the rows would go through shared memory and a barrier every step.
         x_words = words_ptr + cols[None, :] + 0 * rows[:, None]
@@ -216,7 +235,6 @@ def _int8_kernel(words_ptr, x_scale_ptr, w_ptr, w_scale_ptr, y_ptr, residual_ptr
         acc_hi = _dp4a(w, hi, acc_hi, True, EMULATE)
         acc_lo = _dp4a(w, lo, acc_lo, True, EMULATE)
         if GATED:
-            w_up = tl.load(w_rows + N * stride_wn + cols[None, :], mask=mask, other=0, eviction_policy="evict_first")
             up_hi = _dp4a(w_up, hi, up_hi, True, EMULATE)
             up_lo = _dp4a(w_up, lo, up_lo, True, EMULATE)
     x_scale = tl.load(x_scale_ptr)
@@ -274,13 +292,23 @@ def _int8_dot(acc_hi, acc_lo):
 
 
 @triton.jit
-def _int4_groups(w_rows, s_rows, cols, groups, row_ok, group_ok, words_ptr, sums, scale_ptr, offset_ptr, x_scale,
-                 x_scale_ptr, KW: tl.constexpr, EMULATE: tl.constexpr, ACT_BLOCK: tl.constexpr):
-    """[BLOCK_N, BLOCK_G]: each row's products with the activations over a step's groups (float32). ACT_BLOCK: the
-    activations are one part with a scale per ACT_BLOCK values (at x_scale_ptr) instead of two parts with x_scale."""
-    col_ok = group_ok[:, None]
-    w = tl.load(w_rows + cols[None, :, :], mask=row_ok[:, None, None] & col_ok[None, :, :], other=0,
+def _int4_step(w_rows, s_rows, groups, row_ok, group_ok, scale_ptr, offset_ptr, GROUP_WORDS: tl.constexpr):
+    """A step's weights (int32 words [BLOCK_N, BLOCK_G, GROUP_WORDS]) and their groups' scales and offsets
+    ([BLOCK_N, BLOCK_G] float32): what no kernel writes, so the first step's may be loaded before the PDL wait."""
+    cols = (groups * GROUP_WORDS)[:, None] + tl.arange(0, GROUP_WORDS)[None, :]  # [BLOCK_G, GROUP_WORDS]
+    w = tl.load(w_rows + cols[None, :, :], mask=row_ok[:, None, None] & group_ok[:, None][None, :, :], other=0,
                 eviction_policy="evict_first")
+    scale, offset = _group_affine(s_rows, groups, row_ok, group_ok, scale_ptr, offset_ptr)
+    return w, scale, offset
+
+
+@triton.jit
+def _int4_groups(w, scale, offset, cols, groups, group_ok, words_ptr, sums, x_scale, x_scale_ptr, KW: tl.constexpr,
+                 EMULATE: tl.constexpr, ACT_BLOCK: tl.constexpr):
+    """[BLOCK_N, BLOCK_G]: each row's products with the activations over a step's groups (float32), from the step's
+    weights, scales and offsets (_int4_step). ACT_BLOCK: the activations are one part with a scale per ACT_BLOCK
+    values (at x_scale_ptr) instead of two parts with x_scale."""
+    col_ok = group_ok[:, None]
     even = w & 0x0F0F0F0F
     odd = (w >> 4) & 0x0F0F0F0F
     zero = tl.zeros(w.shape, dtype=tl.int32)
@@ -292,12 +320,10 @@ def _int4_groups(w_rows, s_rows, cols, groups, row_ok, group_ok, words_ptr, sums
         block_scale = tl.load(x_scale_ptr + blocks, mask=col_ok, other=0.0)
         per_block = tl.sum(tl.reshape(hi, [w.shape[0], w.shape[1], blocks_per_group, ACT_BLOCK // 8]), axis=3)
         dot = tl.sum(per_block.to(tl.float32) * block_scale[None, :, :], axis=2)
-        scale, offset = _group_affine(s_rows, groups, row_ok, group_ok, scale_ptr, offset_ptr)
         return dot * scale + offset * sums
     lo = _dp4a(even, tl.load(words_ptr + 2 * KW + cols, mask=col_ok, other=0)[None, :, :], zero, False, EMULATE)
     lo = _dp4a(odd, tl.load(words_ptr + 3 * KW + cols, mask=col_ok, other=0)[None, :, :], lo, False, EMULATE)
     dot = tl.sum(hi, axis=2).to(tl.float32) + tl.sum(lo, axis=2).to(tl.float32) * (1.0 / 254.0)
-    scale, offset = _group_affine(s_rows, groups, row_ok, group_ok, scale_ptr, offset_ptr)
     return dot * scale * x_scale + offset * sums
 
 
@@ -323,7 +349,7 @@ def _int4_kernel(words_ptr, x_scale_ptr, sums_ptr, w_ptr, scale_ptr, offset_ptr,
     # kernels.gemv's (store_row), after the split-K sum (_store_split). PDL: launched early (kernels.pdl).
     # program_id(1): the row of activations (several only without GATED and ADD_RESIDUAL); program_id(2): the slice
     # of K, GROUPS_SPLIT groups.
-    pdl.begin(PDL)
+    pdl.launch_next(PDL)
     words_ptr += tl.program_id(1) * stride_words_m
     x_scale_ptr += tl.program_id(1) * stride_xs_m
     sums_ptr += tl.program_id(1) * stride_sums_m
@@ -333,21 +359,38 @@ def _int4_kernel(words_ptr, x_scale_ptr, sums_ptr, w_ptr, scale_ptr, offset_ptr,
     row_ok = rows < N
     w_rows = w_ptr + rows[:, None, None].to(tl.int64) * stride_wn
     s_rows = rows[:, None].to(tl.int64) * stride_sn
+    up_w_rows = w_rows + N * stride_wn
+    up_s_rows = s_rows + N * stride_sn
+    first_group = _split_start(GROUPS_SPLIT, SPLIT_K)
+    # The first step's weights are read before the wait: with PDL they stream in while the kernel before (the
+    # activations' quantization, one program) runs, instead of after it.
+    groups = first_group + tl.arange(0, BLOCK_G)
+    w, scale, offset = _int4_step(w_rows, s_rows, groups, row_ok, groups < GROUPS, scale_ptr, offset_ptr,
+                                  GROUP_WORDS)
+    w_up, scale_up, offset_up = w, scale, offset
+    if GATED:
+        w_up, scale_up, offset_up = _int4_step(up_w_rows, up_s_rows, groups, row_ok, groups < GROUPS, scale_ptr,
+                                               offset_ptr, GROUP_WORDS)
+    pdl.wait(PDL)
     acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
     x_scale = 1.0 if ACT_BLOCK else tl.load(x_scale_ptr)  # one-part activations: a scale per block, read per step
-    first_group = _split_start(GROUPS_SPLIT, SPLIT_K)
     for start in tl.static_range(0, GROUPS_SPLIT, BLOCK_G):
         groups = first_group + start + tl.arange(0, BLOCK_G)
         group_ok = groups < GROUPS
+        if start > 0:
+            w, scale, offset = _int4_step(w_rows, s_rows, groups, row_ok, group_ok, scale_ptr, offset_ptr,
+                                          GROUP_WORDS)
+            if GATED:
+                w_up, scale_up, offset_up = _int4_step(up_w_rows, up_s_rows, groups, row_ok, group_ok, scale_ptr,
+                                                       offset_ptr, GROUP_WORDS)
         cols = (groups * GROUP_WORDS)[:, None] + tl.arange(0, GROUP_WORDS)[None, :]  # [BLOCK_G, GROUP_WORDS]
         sums = tl.load(sums_ptr + groups, mask=group_ok, other=0.0)[None, :]
-        acc += _int4_groups(w_rows, s_rows, cols, groups, row_ok, group_ok, words_ptr, sums, scale_ptr, offset_ptr,
-                            x_scale, x_scale_ptr, KW, EMULATE, ACT_BLOCK)
+        acc += _int4_groups(w, scale, offset, cols, groups, group_ok, words_ptr, sums, x_scale, x_scale_ptr, KW,
+                            EMULATE, ACT_BLOCK)
         if GATED:
-            acc_up += _int4_groups(w_rows + N * stride_wn, s_rows + N * stride_sn, cols, groups, row_ok, group_ok,
-                                   words_ptr, sums, scale_ptr, offset_ptr, x_scale, x_scale_ptr, KW, EMULATE,
-                                   ACT_BLOCK)
+            acc_up += _int4_groups(w_up, scale_up, offset_up, cols, groups, group_ok, words_ptr, sums, x_scale,
+                                   x_scale_ptr, KW, EMULATE, ACT_BLOCK)
     _store_split(y_ptr, rows, row_ok, tl.sum(acc, axis=1), tl.sum(acc_up, axis=1), residual_ptr, squares_ptr,
                  partial_ptr + tl.program_id(1) * stride_partial_m, count_ptr + tl.program_id(1) * stride_count_m, N,
                  SPLIT_K, GATED, ADD_RESIDUAL)

@@ -14,6 +14,9 @@ written by no kernel, so that is safe), so that the next projection's weights wo
 before it end: the same steps took 5.60, 3.77 and 3.22 ms, slower than without PDL (an earlier try with a prefetch
 per cache line was slower too: gemv_chain_pdl_h100.json).
 
+What a kernel reads that no kernel writes it may read between the two (launch_next, then wait): the dp4a GEMVs
+load their first step of weights into registers there (kernels.dp4a_gemv), no extra traffic.
+
 Why the chain stays correct: every kernel finishes only after its wait returned, so when a kernel's wait returns,
 every kernel before it in the stream has finished. A kernel launched without PDL (PyTorch's, cuBLAS's) waits for
 the whole of the kernel before it, as always. CUDA graphs capture the launches with their programmatic edges.
@@ -49,6 +52,20 @@ def launch(t: torch.Tensor) -> dict:
 @triton.jit
 def begin(PDL: tl.constexpr):
     """A kernel's first step: let the next kernel launch, and wait for the one before to finish."""
+    launch_next(PDL)
+    wait(PDL)
+
+
+@triton.jit
+def launch_next(PDL: tl.constexpr):
+    """begin's first half: let the next kernel launch. A kernel may then read what no kernel writes (its weights)
+    before `wait`."""
     if PDL:
         gdc_launch_dependents()
+
+
+@triton.jit
+def wait(PDL: tl.constexpr):
+    """begin's second half: wait for the kernel before to finish, its writes visible."""
+    if PDL:
         gdc_wait()
