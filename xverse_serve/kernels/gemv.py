@@ -101,42 +101,31 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, stride_wn,
     # of x it reads, from the sums of squares of x's slices, summed in one fixed order (the same in every program).
     # ADD_RESIDUAL: stores residual + W x, and the sum of squares of this program's rows of it at squares_out[pid].
     # SCALED: W is int8 and row n of the product is multiplied by scale[n] (gated: the up's rows are N + n).
-    # PDL: launched early (kernels.pdl).
-    pdl.begin(PDL)
-    dtype = y_ptr.dtype.element_ty
+    # PDL: launched early (kernels.pdl); the first step's weights are read before the wait, so they stream in while
+    # the kernel before ends (they are written by no kernel).
+    pdl.launch_next(PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
+    cols = tl.arange(0, BLOCK_K)
+    w, up_w = _step_weights(w_rows, N * stride_wn, cols, row_ok, K, EVEN_K, GATED)
+    pdl.wait(PDL)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    inv_rms = 1.0
     if NORMED:
         # As fused_ops._rms_norm_kernel (and model.xverse.rms_norm_reference) computes the factor.
         parts = tl.arange(0, SQUARES_BLOCK)
         squares = tl.load(squares_ptr + parts, mask=parts < num_squares, other=0.0)
         variance = tl.math.div_rn(tl.sum(squares, axis=0), tl.cast(K, tl.float32))
         inv_rms = tl.math.div_rn(1.0, tl.sqrt_rn(variance + eps))
-    for start in range(0, K, BLOCK_K):
+    acc, acc_up = _step(acc, acc_up, w, up_w, x_ptr, norm_w_ptr, inv_rms, cols, y_ptr, K, EVEN_K, GATED, NORMED,
+                        VIA_BITS)
+    for start in range(BLOCK_K, K, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
-        if EVEN_K:
-            mask = row_ok[:, None]
-            w = tl.load(w_rows + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
-            x = tl.load(x_ptr + cols).to(tl.float32)
-            if NORMED:
-                norm_w = tl.load(norm_w_ptr + cols).to(tl.float32)
-        else:
-            col_ok = cols < K
-            mask = row_ok[:, None] & col_ok[None, :]
-            w = tl.load(w_rows + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
-            x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-            if NORMED:
-                norm_w = tl.load(norm_w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        if NORMED:  # rounded where the norm kernel rounds: the normalised value, then its product with the weight
-            x = (norm_w * (x * inv_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-        x = x[None, :]
-        acc += _widen(w, VIA_BITS) * x
-        if GATED:
-            up_w = tl.load(w_rows + N * stride_wn + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
-            acc_up += _widen(up_w, VIA_BITS) * x
+        w, up_w = _step_weights(w_rows, N * stride_wn, cols, row_ok, K, EVEN_K, GATED)
+        acc, acc_up = _step(acc, acc_up, w, up_w, x_ptr, norm_w_ptr, inv_rms, cols, y_ptr, K, EVEN_K, GATED,
+                            NORMED, VIA_BITS)
     out = tl.sum(acc, axis=1)
     if SCALED:
         out *= tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
@@ -146,6 +135,41 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, stride_wn,
         if SCALED:
             up *= tl.load(scale_ptr + N + rows, mask=row_ok, other=0.0)
     store_row(y_ptr, rows, row_ok, out, up, residual_ptr, squares_out_ptr, GATED, ADD_RESIDUAL)
+
+
+@triton.jit
+def _step_weights(w_rows, up_offset, cols, row_ok, K: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr):
+    """A step's tiles of weights, [BLOCK_N, BLOCK_K]: the rows', and (GATED) the up projection's rows' (else the
+    same tile again)."""
+    mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & (cols < K)[None, :]
+    w = tl.load(w_rows + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+    up_w = w
+    if GATED:
+        up_w = tl.load(w_rows + up_offset + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+    return w, up_w
+
+
+@triton.jit
+def _step(acc, acc_up, w, up_w, x_ptr, norm_w_ptr, inv_rms, cols, y_ptr, K: tl.constexpr, EVEN_K: tl.constexpr,
+          GATED: tl.constexpr, NORMED: tl.constexpr, VIA_BITS: tl.constexpr):
+    """The float32 lanes after one step of K: the step's activations (normalised with NORMED) times its weights."""
+    dtype = y_ptr.dtype.element_ty
+    if EVEN_K:
+        x = tl.load(x_ptr + cols).to(tl.float32)
+        if NORMED:
+            norm_w = tl.load(norm_w_ptr + cols).to(tl.float32)
+    else:
+        col_ok = cols < K
+        x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if NORMED:
+            norm_w = tl.load(norm_w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if NORMED:  # rounded where the norm kernel rounds: the normalised value, then its product with the weight
+        x = (norm_w * (x * inv_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    x = x[None, :]
+    acc += _widen(w, VIA_BITS) * x
+    if GATED:
+        acc_up += _widen(up_w, VIA_BITS) * x
+    return acc, acc_up
 
 
 @triton.jit

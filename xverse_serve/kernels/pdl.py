@@ -14,8 +14,8 @@ written by no kernel, so that is safe), so that the next projection's weights wo
 before it end: the same steps took 5.60, 3.77 and 3.22 ms, slower than without PDL (an earlier try with a prefetch
 per cache line was slower too: gemv_chain_pdl_h100.json).
 
-What a kernel reads that no kernel writes it may read between the two (launch_next, then wait): the dp4a GEMVs
-load their first step of weights into registers there (kernels.dp4a_gemv), no extra traffic.
+What a kernel reads that no kernel writes it may read between the two (launch_next, then wait): the one-row GEMVs
+(kernels.gemv, kernels.dp4a_gemv) load their first step of weights into registers there, no extra traffic.
 
 Why the chain stays correct: every kernel finishes only after its wait returned, so when a kernel's wait returns,
 every kernel before it in the stream has finished. A kernel launched without PDL (PyTorch's, cuBLAS's) waits for
