@@ -267,8 +267,7 @@ def dp4a_gemv_kernels() -> Iterator[tuple]:
     are only assembled here: the interpreter computes them from the bytes): the activation quantizer (with the norm
     before qkv_proj and gate_up_proj, K = 4096), and the int8 and int4 GEMVs, plain, gated (gate_up_proj) and with
     the residual add (o_proj, down_proj); for int4 also with one-part activations in blocks of 32 ("act32"); and
-    the gated and residual forms with K in four slices (" split4": split_k, summed by atomics); and a step of int4's
-    32 groups (" g32") or int8's 1,024 words (" w1024")."""
+    the gated and residual forms with K in four slices (" split4": split_k, summed by atomics)."""
     from xverse_serve.kernels import dp4a_gemv
 
     for k in (4096, 11008):
@@ -288,22 +287,20 @@ def dp4a_gemv_kernels() -> Iterator[tuple]:
         scratch = {"stride_partial_m": "i32", "stride_count_m": "i32"}
         forms = [(form, 1, 0) for form in (("", " gated", " residual") if k == 4096 else ("", " residual"))]
         forms += [(form, 4, 0) for form in ((" gated", " residual") if k == 4096 else (" residual",))]
-        # int4's 32 groups a step, int8's 1,024 words (K = 4,096 in one step)
-        forms += [(" gated", 1, 32)] if k == 4096 else [(" residual", 4, 32)]
+        forms += [(" gated", 1, 32)] if k == 4096 else [(" residual", 4, 32)]  # int4's 32 groups a step
         for form, split_k, block_g in forms:
             flags = {"GATED": form == " gated", "ADD_RESIDUAL": form == " residual", "EMULATE": False, "PDL": True}
             form += (" split4" if split_k > 1 else "") + (f" g{block_g}" if block_g else "")
             block_n, block_kw, num_warps = dp4a_gemv.INT8_CONFIG
-            block_kw = 1024 if block_g else block_kw
-            config = (block_n, block_kw, num_warps)
-            kw_split, slices = dp4a_gemv.split_shape(k, False, config, split_k)
-            yield f"int8 dp4a K={k}{form.replace(f' g{block_g}', f' w{block_kw}')}", dp4a_gemv._int8_kernel, {
-                "words_ptr": "*i32", "x_scale_ptr": "*fp32", "w_ptr": "*i32", "w_scale_ptr": "*fp32", **epilogue,
-                "N": "i32", "stride_wn": "i32", "stride_words_m": "i32", "stride_xs_m": "i32", "stride_ym": "i32",
-                **scratch}, {
-                "KW": k // 4, "KW_SPLIT": kw_split, "SPLIT_K": slices, "BLOCK_N": block_n, "BLOCK_KW": block_kw,
-                **flags}, {
-                "num_warps": num_warps, "num_stages": 1}
+            if not block_g:  # (int8 has no groups)
+                kw_split, slices = dp4a_gemv.split_shape(k, False, None, split_k)
+                yield f"int8 dp4a K={k}{form}", dp4a_gemv._int8_kernel, {
+                    "words_ptr": "*i32", "x_scale_ptr": "*fp32", "w_ptr": "*i32", "w_scale_ptr": "*fp32", **epilogue,
+                    "N": "i32", "stride_wn": "i32", "stride_words_m": "i32", "stride_xs_m": "i32", "stride_ym": "i32",
+                    **scratch}, {
+                    "KW": k // 4, "KW_SPLIT": kw_split, "SPLIT_K": slices, "BLOCK_N": block_n, "BLOCK_KW": block_kw,
+                    **flags}, {
+                    "num_warps": num_warps, "num_stages": 1}
             block_n, default_g, num_warps = dp4a_gemv.INT4_CONFIG
             block_g = block_g or default_g
             groups_split, slices = dp4a_gemv.split_shape(k, True, (block_n, block_g, num_warps), split_k)

@@ -402,19 +402,14 @@ def test_each_projection_takes_its_one_row_familys_fastest_shape() -> None:
     assert [one_row_options(t, "dp4a") for t in timings] == [(("split_k", 2),), ()]
     assert one_row_options(timings[0], "gemv") == () and one_row_options(timings[0], None) == ()
     assert one_row_options({}, "dp4a") == ()  # nothing measured
-    one_part = {"dp4a(act_block=32)": 0.5, "dp4a(act_block=32, split_k=4, block_g=32)": 0.4, "dp4a(split_k=4)": 0.3}
-    assert one_row_options(one_part, "dp4a_one_part") == (("act_block", 32), ("split_k", 4), ("block_g", 32))
-    assert one_row_options(one_part, "dp4a") == (("split_k", 4),)
+    one_part = {"dp4a(act_block=32)": 0.5, "dp4a(act_block=32, split_k=2, block_g=32)": 0.4, "dp4a(split_k=2)": 0.3}
+    assert one_row_options(one_part, "dp4a_one_part") == (("act_block", 32), ("split_k", 2), ("block_g", 32))
+    assert one_row_options(one_part, "dp4a") == (("split_k", 2),)
     names = {str(k) for k in candidates(QuantizedLinear(4096, 11008, "int4"), 1)}
-    assert {"dp4a", "dp4a(split_k=2)", "dp4a(act_block=32, split_k=4)", "dp4a(block_g=32)",
+    assert {"dp4a", "dp4a(split_k=2)", "dp4a(act_block=32, split_k=2)", "dp4a(block_g=32)",
             "dp4a(act_block=32, split_k=2, block_g=16)"} <= names
     int8_names = {str(k) for k in candidates(QuantizedLinear(11008, 4096, "int8"), 1) if k.backend == "dp4a"}
-    # int8's words a step: K = 11,008 is 2,752 words, three steps of 1,024: split 4 launches 3 slices, as 3 would
-    assert int8_names == {"dp4a", "dp4a(split_k=2)", "dp4a(split_k=4)", "dp4a(block_kw=1024)",
-                          "dp4a(split_k=2, block_kw=1024)", "dp4a(split_k=4, block_kw=1024)"}
-    int8_4096 = {str(k) for k in candidates(QuantizedLinear(4096, 4096, "int8"), 1) if "block_kw" in str(k)}
-    assert int8_4096 == {"dp4a(block_kw=1024)"}  # one step: no slices of it
-    assert one_row_options({"dp4a": 0.5, "dp4a(block_kw=1024)": 0.4}, "dp4a") == (("block_kw", 1024),)
+    assert int8_names == {"dp4a", "dp4a(split_k=2)"}
     # K = 4,096 at 32 groups a step is one step: no slices of it to time
     wide = {str(k) for k in candidates(QuantizedLinear(4096, 4096, "int4"), 1) if "block_g=32" in str(k)}
     assert wide == {"dp4a(block_g=32)", "dp4a(act_block=32, block_g=32)"}

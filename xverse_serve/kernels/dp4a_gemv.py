@@ -24,7 +24,7 @@ int4's groups: y = sum_g scale_g * (q_g . x_g) + offset_g * sum(x_g), with sum(x
 With programmatic dependent launch (kernels.pdl) a GEMV reads its first step of weights (and int4's scales and
 offsets) before it waits for the kernel before it: the weights are written by no kernel, so the GEMV's programs,
 launched while the activations are being quantized (one program, the other multiprocessors idle), stream them in
-meanwhile. With K in one step (int4's block_g 32 or int8's block_kw 1,024 at K = 4,096), that is all of them.
+meanwhile. With K in one step (int4's 32 groups a step at K = 4,096), that is all of them.
 
 Every kernel runs in Triton's interpreter too (the tests), where dp4a is spelt out in shifts and multiplies.
 """

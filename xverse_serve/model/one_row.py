@@ -37,12 +37,8 @@ def dp4a_arguments(options: dict[str, int]) -> dict:
     """dp4a_gemv.matmul's and fused_gemv's keyword arguments for a dp4a candidate's options."""
     from ..kernels import dp4a_gemv  # imported here, so a CPU-only install needs no Triton
 
-    block_g, block_kw = options.get("block_g", 0), options.get("block_kw", 0)  # int4's groups, int8's words a step
-    config = None
-    if block_g:
-        config = (dp4a_gemv.INT4_CONFIG[0], block_g, dp4a_gemv.INT4_CONFIG[2])
-    elif block_kw:
-        config = (dp4a_gemv.INT8_CONFIG[0], block_kw, dp4a_gemv.INT8_CONFIG[2])
+    block_g = options.get("block_g", 0)
+    config = (dp4a_gemv.INT4_CONFIG[0], block_g, dp4a_gemv.INT4_CONFIG[2]) if block_g else None
     return {"act_block": options.get("act_block", 0), "split_k": options.get("split_k", 1), "config": config}
 
 
@@ -60,7 +56,7 @@ class OneRowProjection:
 
     in_features: int
     one_row: str | None = "gemv"
-    # The dp4a families' GEMV shape (quantization.one_row_options, dp4a_arguments: split_k, block_g, block_kw).
+    # The dp4a families' GEMV shape (quantization.one_row_options, dp4a_arguments: split_k, block_g).
     one_row_options: tuple[tuple[str, int], ...] = ()
 
     def gemv_operands(self) -> tuple[torch.Tensor, torch.Tensor | None]:

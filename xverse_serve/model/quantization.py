@@ -439,8 +439,7 @@ def _dp4a_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> list
     launches: dict[tuple, MatmulKernel] = {}  # a split that K's steps make the same launch as a smaller one: once
     for kernel in (kernel for family in families for kernel in dp4a_family(family, layer.bits)):
         options = dict(kernel.options)
-        shape = (options.get("act_block"), options.get("block_g"), options.get("block_kw"))
-        launches.setdefault((*shape, _dp4a_slices(layer, kernel)), kernel)
+        launches.setdefault((options.get("act_block"), options.get("block_g"), _dp4a_slices(layer, kernel)), kernel)
     return list(launches.values())
 
 
@@ -454,33 +453,29 @@ def _dp4a_slices(layer: QuantizedLinear, kernel: MatmulKernel) -> int:
 
 
 # At one row (the one-row path's GEMVs), dp4a_gemv's shapes beyond its defaults: K in split_k slices (for
-# projections whose rows alone make few programs), and more of K a step: int4's groups (block_g; 0: INT4_CONFIG's
-# 4), int8's words (block_kw; 0: INT8_CONFIG's 64). Compiled for sm_90, 4 groups a step leave a thread one or two
-# weight loads in flight (ptxas interleaves the unrolled steps), 32 (K = 4,096 in one step) all eight of them, at 80
-# registers instead of 42, no spills; on an H100 the groups per step tried so far (1, 2, 4: dp4a_h100.json) got
-# faster with each doubling. A step's weights are also what the kernel reads before its PDL wait (dp4a_gemv): with
-# K = 4,096 in one step, all of them.
-DP4A_SPLITS = (1, 2, 4)
+# projections whose rows alone make few programs), and for int4 more groups a step (block_g; 0: INT4_CONFIG's 4).
+# Compiled for sm_90, 4 groups a step leave a thread one or two weight loads in flight (ptxas interleaves the
+# unrolled steps), 32 (K = 4,096 in one step) all eight of them, at 80 registers instead of 42, no spills. A step's
+# weights are also what the kernel reads before its PDL wait (dp4a_gemv). Timed on an H100
+# (quant_h100_preload.json): int4's fastest were 16 or 32 groups a step, K whole, on every projection (down_proj
+# 23.3 -> 16.0 us); four slices never won, two only int8's down_proj (by 2%); int8's whole K in one step (1,024 words)
+# never won either, and is not offered.
+DP4A_SPLITS = (1, 2)
 DP4A_INT4_BLOCKS = (0, 16, 32)
-DP4A_INT8_BLOCKS = (0, 1024)
 
 
-def dp4a_kernel(act_block: int = 0, split_k: int = 1, block_g: int = 0, block_kw: int = 0) -> MatmulKernel:
+def dp4a_kernel(act_block: int = 0, split_k: int = 1, block_g: int = 0) -> MatmulKernel:
     """The dp4a tuning candidate with the activations in two parts (0) or one part in blocks of act_block, K in
-    split_k slices, int4's groups a step block_g or int8's words a step block_kw (0: dp4a_gemv's default)."""
+    split_k slices, int4's groups a step block_g (0: dp4a_gemv's default)."""
     options = (("act_block", act_block),) if act_block else ()
     options += (("split_k", split_k),) if split_k > 1 else ()
-    options += (("block_g", block_g),) if block_g else ()
-    return MatmulKernel("dp4a", options + ((("block_kw", block_kw),) if block_kw else ()))
+    return MatmulKernel("dp4a", options + ((("block_g", block_g),) if block_g else ()))
 
 
 def dp4a_family(family: str, bits: int) -> list[MatmulKernel]:
     """A dp4a one-row family's candidates at one row, for int8 (bits 8) or int4 weights."""
-    if bits == 4:
-        return [dp4a_kernel(DP4A_ACT_BLOCKS[family], split_k, block_g) for split_k in DP4A_SPLITS
-                for block_g in DP4A_INT4_BLOCKS]
-    return [dp4a_kernel(DP4A_ACT_BLOCKS[family], split_k, block_kw=block_kw) for split_k in DP4A_SPLITS
-            for block_kw in DP4A_INT8_BLOCKS]
+    return [dp4a_kernel(DP4A_ACT_BLOCKS[family], split_k, block_g) for split_k in DP4A_SPLITS
+            for block_g in (DP4A_INT4_BLOCKS if bits == 4 else (0,))]
 
 
 def _two_part_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> list[MatmulKernel]:
@@ -696,8 +691,7 @@ ONE_ROW_MARGIN = 1.15
 # Each one-row family, by the tuning candidates that time its GEMV at M = 1 (dp4a's with its quantizing kernel, in
 # each of its shapes: a projection takes its family's fastest, one_row_options). Those a format lacks go unmeasured.
 ONE_ROW_CANDIDATES = {"gemv": (MatmulKernel("rowgemv"),),
-                      **{family: tuple(dict.fromkeys(dp4a_family(family, 4) + dp4a_family(family, 8)))
-                         for family in DP4A_ACT_BLOCKS}}
+                      **{family: tuple(dp4a_family(family, 4)) for family in DP4A_ACT_BLOCKS}}
 
 
 def one_row_family(timings: list[dict[str, float | str]], default: str | None) -> str | None:
