@@ -229,7 +229,8 @@ def eight_bit_cache_kernels() -> Iterator[tuple]:
                 "stride_bts": "i32", "stride_btb": "i32", "stride_os": "i32", "stride_oh": "i32", "stride_sb": "i32",
                 "stride_st": "i32"}, {
                 "BLOCK_SIZE": 16, "HEAD_DIM": 128, "HEADS": 1, "PARTITION": 512, "BLOCK_N": 32 if lanes else 128,
-                "LANES": lanes, "SINGLE": False, "SCALED": True, "REDUCE_CHUNK": 16, "PDL": True}, {}
+                "LANES": lanes, "PRELOAD": not lanes, "SINGLE": False, "SCALED": True, "REDUCE_CHUNK": 16,
+                "PDL": True}, {}
         yield f"rope + cache write, {cache} cache", fused_ops._rope_kv_kernel, {
             "qkv_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "positions_ptr": "*i64", "slots_ptr": "*i64",
             "q_out_ptr": "*bf16", "k_cache_ptr": f"*{cache}", "v_cache_ptr": f"*{cache}", "k_scale_ptr": "*fp32",

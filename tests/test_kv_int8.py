@@ -168,6 +168,20 @@ def test_triton_decode_kernel_reads_an_8bit_cache_as_the_reference(dtype: torch.
     assert (out.double() - reference.double()).abs().max().item() <= 2e-5
 
 
+@pytest.mark.parametrize("dtype", KV_DTYPES, ids=str)
+def test_triton_decode_kernel_reads_one_sequence_of_an_8bit_cache_as_the_reference(dtype: torch.dtype) -> None:
+    """One sequence: the context's last token (with its scales) apart from the tiles, as the kernel takes it."""
+    for n in (1, 17, 65, 129):
+        batch = PagedBatch([n], heads=4, head_dim=32, block_size=16, seed=n)
+        k, v, k_scale, v_scale = quantized(batch, dtype)
+        reference = decode_attention(batch.q.float(), k, v, batch.block_tables.long(), batch.context_lens.long(),
+                                     batch.scale, k_scale, v_scale)
+        for options in ({"partition_size": 16, "block_n": 16}, {"partition_size": 32, "block_n": 16}):
+            out = paged_decode_attention(batch.q, k, v, batch.block_tables, batch.context_lens, batch.scale,
+                                         k_scale=k_scale, v_scale=v_scale, **options)
+            assert (out.double() - reference.double()).abs().max().item() <= 2e-5, (n, options)
+
+
 def test_triton_decode_kernel_needs_the_scales_of_an_8bit_cache() -> None:
     batch = PagedBatch([5], heads=2, head_dim=16, block_size=4, seed=3)
     k, v, k_scale, v_scale = quantized(batch, torch.int8)

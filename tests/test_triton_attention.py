@@ -131,6 +131,22 @@ def test_matches_reference(partition_size: int, heads_per_program: int, block_n:
     assert_close(out, batch.reference())
 
 
+@pytest.mark.parametrize(("partition_size", "block_n", "num_parts"), [
+    (32, 16, None),  # two tiles a partition: the context's last token in the first or the second
+    (16, 16, None),  # one tile a partition: at 17, 65 and 129 tokens the last token is alone in its partition
+    (256, 64, None),  # one partition of several tiles
+    (16, 16, 3),  # fewer partitions than the table needs: each a multiple of 16 tokens
+])
+def test_one_sequence_takes_its_last_token_apart_from_the_tiles(partition_size: int, block_n: int,
+                                                                num_parts: int | None) -> None:
+    """One sequence (a one-request decode step): each partition's first tile is read without the context's last
+    token (on a GPU before the PDL wait, as the kernel before writes that token), which joins the softmax apart."""
+    for n in LENGTHS:
+        batch = PagedBatch([n], heads=4, head_dim=32, block_size=16, seed=n)
+        assert_close(batch.run(partition_size=partition_size, block_n=block_n, num_parts=num_parts),
+                     batch.reference())
+
+
 @pytest.mark.parametrize(("block_size", "head_dim", "block_n"), [
     (4, 16, 16),  # four cache blocks per iteration
     (8, 64, 8),

@@ -17,6 +17,12 @@ longest context; split by that width, a 512-token context had one busy program p
 one zeroed buffer per device, left at zero by every launch.
 Nothing here synchronises with the device.
 
+One sequence (a one-request decode step) with programmatic dependent launch (kernels.pdl): each program reads its
+partition's first tile of keys and values before it waits for the kernel before, RoPE and the cache write, so that
+they stream in while that kernel and the QKV projection before it end. Only the context's last token is written by
+that kernel; it is read after the wait and enters the softmax apart from the tiles (its state first, then the
+tiles without it). Batches take the loop as it was (the preloaded tile's registers would cost programs per SM).
+
 An 8-bit cache (int8 or fp8, model.kv_cache.QUANTIZED_KV_DTYPES) is read directly: each key's dot product with q
 is multiplied by the key's scale, and each value's softmax weight by the value's scale.
 
@@ -75,6 +81,52 @@ def _widen(x, VIA_BITS: tl.constexpr):
     return x.to(tl.float32)
 
 
+@triton.jit
+def _fresh_token(q, fresh, start, end, table, stride_btb, k_cache_ptr, v_cache_ptr, stride_kb, stride_kt, stride_vb,
+                 stride_vt, k_head, v_head, heads, head_ok, k_scale_ptr, v_scale_ptr, stride_sb, stride_st,
+                 BLOCK_SIZE: tl.constexpr, SCALED: tl.constexpr):
+    """The online softmax's state (max, sum, output per head) of the token at `fresh` alone where it lies in
+    [start, end); else the empty state (max -inf, sum 0, output 0)."""
+    here = (fresh >= start) & (fresh < end)
+    block = tl.load(table + (fresh // BLOCK_SIZE) * stride_btb).to(tl.int64)  # fresh < the context: in the table
+    offset = (fresh % BLOCK_SIZE).to(tl.int64)
+    ok = head_ok[:, None] & here
+    k_head = tl.reshape(k_head, [k_head.shape[1], k_head.shape[2]])  # [HEADS, HEAD_DIM]
+    v_head = tl.reshape(v_head, [v_head.shape[1], v_head.shape[2]])
+    k = tl.load(k_cache_ptr + (block * stride_kb + offset * stride_kt + k_head), mask=ok, other=0.0)
+    v = tl.load(v_cache_ptr + (block * stride_vb + offset * stride_vt + v_head), mask=ok, other=0.0)
+    score = tl.sum(_widen(k, False) * q, axis=1)  # [HEADS]
+    v = _widen(v, False)
+    if SCALED:
+        index = block * stride_sb + offset * stride_st + heads
+        score = score * tl.load(k_scale_ptr + index, mask=head_ok & here, other=0.0)
+        v = v * tl.load(v_scale_ptr + index, mask=head_ok & here, other=0.0)[:, None]
+    m_i = tl.where(here, score, float("-inf"))
+    l_i = tl.where(here, 1.0, 0.0) + tl.zeros_like(score)
+    return m_i, l_i, tl.where(here, v, 0.0)
+
+
+@triton.jit
+def _online_softmax(q, k, v, token_ok, blocks, offsets, heads, head_ok, m_i, l_i, acc, k_scale_ptr, v_scale_ptr,
+                    stride_sb, stride_st, SCALED: tl.constexpr):
+    """The classic online softmax's state (running max, sum, unnormalised output per head) after one tile."""
+    scores = tl.sum(_widen(k, False) * q[None, :, :], axis=2)  # [BLOCK_N, HEADS]
+    if SCALED:
+        k_scale, v_scale = _load_scales(k_scale_ptr, v_scale_ptr, blocks, offsets, heads, token_ok, head_ok,
+                                        stride_sb, stride_st)
+        scores = scores * k_scale
+    scores = tl.where(token_ok[:, None], scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(scores - m_new[None, :])
+    l_i = l_i * alpha + tl.sum(p, axis=0)
+    p_v = p
+    if SCALED:
+        p_v = p * v_scale
+    acc = acc * alpha[:, None] + tl.sum(p_v[:, :, None] * _widen(v, False), axis=0)
+    return m_new, l_i, acc
+
+
 # Sizes that vary with the batch's shapes are not specialised on (value 1, divisibility by 16), so each
 # configuration compiles once per SINGLE value instead of once per partition count.
 @triton.jit(do_not_specialize=["num_heads", "num_parts", "stride_bts"])
@@ -96,12 +148,16 @@ def _partition_kernel(
     PARTITION: tl.constexpr,  # the shortest partition (a multiple of BLOCK_N); every partition is a multiple of it
     BLOCK_N: tl.constexpr,  # tokens per loop iteration
     LANES: tl.constexpr,  # softmax state per token lane, combined once after the loop (no reductions in it)
+    PRELOAD: tl.constexpr,  # (without LANES) the first tile read before the PDL wait, the fresh token apart
     SINGLE: tl.constexpr,  # only one partition: write the normalised output directly
     SCALED: tl.constexpr,  # an 8-bit cache: keys and values come with per-token-and-head scales
     REDUCE_CHUNK: tl.constexpr,  # partitions combined per iteration by the last program
     PDL: tl.constexpr,  # launched early (kernels.pdl)
 ):
-    pdl.begin(PDL)
+    # With PDL, what no kernel of the step writes is read before the wait (kernels.pdl): the context lengths and
+    # block tables (copied in before the step's kernels) and, with PRELOAD, the first tile's keys and values of
+    # every token but the context's last, which the kernel before (RoPE and the cache write) writes this step.
+    pdl.launch_next(PDL)
     part = tl.program_id(0)
     head_group = tl.program_id(1)
     seq = tl.program_id(2)
@@ -109,21 +165,26 @@ def _partition_kernel(
     context_len = tl.load(context_lens_ptr + seq).to(tl.int32)
     part_len = _partition_length(context_len, num_parts, PARTITION)
     start = part * part_len
-    if start >= context_len:
-        return
-    end = tl.minimum(start + part_len, context_len)
+    end = tl.minimum(start + part_len, context_len)  # at most start where the partition is past the context
 
     heads = head_group * HEADS + tl.arange(0, HEADS)
     head_ok = heads < num_heads
     dims = tl.arange(0, HEAD_DIM)
+    k_head = (heads * stride_kh)[None, :, None] + dims[None, None, :]  # [1, HEADS, HEAD_DIM]
+    v_head = (heads * stride_vh)[None, :, None] + dims[None, None, :]
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bts
+    fresh = context_len - 1  # the token whose key and value the kernel before wrote
+    if PRELOAD:
+        k, v, token_ok, blocks, offsets = _load_tile(start, tl.minimum(end, fresh), table, stride_btb, k_cache_ptr,
+                                                     v_cache_ptr, stride_kb, stride_kt, stride_vb, stride_vt, k_head,
+                                                     v_head, head_ok, BLOCK_SIZE, BLOCK_N)
+    pdl.wait(PDL)
+    if start >= context_len:
+        return
 
     q = tl.load(q_ptr + seq.to(tl.int64) * stride_qs + heads[:, None] * stride_qh + dims[None, :],
                 mask=head_ok[:, None], other=0.0)
     q = q.to(tl.float32) * qk_scale  # [HEADS, HEAD_DIM]
-
-    k_head = (heads * stride_kh)[None, :, None] + dims[None, None, :]  # [1, HEADS, HEAD_DIM]
-    v_head = (heads * stride_vh)[None, :, None] + dims[None, None, :]
-    table = block_tables_ptr + seq.to(tl.int64) * stride_bts
 
     if LANES:
         # Lane n sees tokens start + n, start + n + BLOCK_N, ...: an online softmax per lane, all elementwise,
@@ -157,29 +218,28 @@ def _partition_kernel(
         acc = tl.sum(acc_lane * weight[:, :, None], axis=0)
     else:
         # Classic online softmax: one running max per head, rescaled every iteration.
-        m_i = tl.full([HEADS], float("-inf"), tl.float32)
-        l_i = tl.zeros([HEADS], tl.float32)
-        acc = tl.zeros([HEADS, HEAD_DIM], tl.float32)
-        # Every iteration holds at least one valid token (start < end), so m_i is finite after the first.
-        for first in range(start, end, BLOCK_N):
-            k, v, token_ok, blocks, offsets = _load_tile(first, end, table, stride_btb, k_cache_ptr, v_cache_ptr,
-                                                         stride_kb, stride_kt, stride_vb, stride_vt, k_head, v_head,
-                                                         head_ok, BLOCK_SIZE, BLOCK_N)
-            scores = tl.sum(_widen(k, False) * q[None, :, :], axis=2)  # [BLOCK_N, HEADS]
-            if SCALED:
-                k_scale, v_scale = _load_scales(k_scale_ptr, v_scale_ptr, blocks, offsets, heads, token_ok,
-                                                head_ok, stride_sb, stride_st)
-                scores = scores * k_scale
-            scores = tl.where(token_ok[:, None], scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=0))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(scores - m_new[None, :])
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            p_v = p
-            if SCALED:
-                p_v = p * v_scale
-            acc = acc * alpha[:, None] + tl.sum(p_v[:, :, None] * _widen(v, False), axis=0)
-            m_i = m_new
+        if PRELOAD:
+            # The fresh token first (where it lies in this partition the state starts from it, else empty), then
+            # the tiles without it, the first read before the wait. A tile with no token (the partition's only
+            # token was the fresh one) changes nothing; the first tile has one wherever the fresh token is not in
+            # the partition.
+            m_i, l_i, acc = _fresh_token(q, fresh, start, end, table, stride_btb, k_cache_ptr, v_cache_ptr,
+                                         stride_kb, stride_kt, stride_vb, stride_vt, k_head, v_head, heads, head_ok,
+                                         k_scale_ptr, v_scale_ptr, stride_sb, stride_st, BLOCK_SIZE, SCALED)
+            m_i, l_i, acc = _online_softmax(q, k, v, token_ok, blocks, offsets, heads, head_ok, m_i, l_i, acc,
+                                            k_scale_ptr, v_scale_ptr, stride_sb, stride_st, SCALED)
+            tiles_from, tiles_end = start + BLOCK_N, tl.minimum(end, fresh)
+        else:  # every iteration holds at least one valid token (start < end), so m_i is finite after the first
+            m_i = tl.full([HEADS], float("-inf"), tl.float32)
+            l_i = tl.zeros([HEADS], tl.float32)
+            acc = tl.zeros([HEADS, HEAD_DIM], tl.float32)
+            tiles_from, tiles_end = start, end
+        for first in range(tiles_from, tiles_end, BLOCK_N):
+            k, v, token_ok, blocks, offsets = _load_tile(first, tiles_end, table, stride_btb, k_cache_ptr,
+                                                         v_cache_ptr, stride_kb, stride_kt, stride_vb, stride_vt,
+                                                         k_head, v_head, head_ok, BLOCK_SIZE, BLOCK_N)
+            m_i, l_i, acc = _online_softmax(q, k, v, token_ok, blocks, offsets, heads, head_ok, m_i, l_i, acc,
+                                            k_scale_ptr, v_scale_ptr, stride_sb, stride_st, SCALED)
 
     out_at = out_ptr + seq.to(tl.int64) * stride_os + heads[:, None] * stride_oh + dims[None, :]
     if SINGLE:
@@ -351,7 +411,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         out.stride(0), out.stride(1),
         k_scale.stride(0) if scaled else 0, k_scale.stride(1) if scaled else 0,
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEADS=heads_per_program,
-        PARTITION=partition_size, BLOCK_N=block_n, LANES=lanes, SINGLE=single, SCALED=scaled,
+        PARTITION=partition_size, BLOCK_N=block_n, LANES=lanes, PRELOAD=not lanes and seqs == 1, SINGLE=single,
+        SCALED=scaled,
         REDUCE_CHUNK=REDUCE_CHUNK, num_warps=num_warps, **pdl.launch(q),
     )
     return out
