@@ -1,7 +1,8 @@
 """Compiles the quantized-matmul and 8-bit-cache kernels for sm_90 (Hopper) without a GPU, with the ptxas that
 Triton's wheel brings, and prints one JSON line per kernel: its name, registers and bytes spilled, how many integer
 dot-product instructions (dp4a), Hopper tensor-core dots (wgmma), TMA copies and grid-dependency waits its PTX
-has, and its machine instructions (nvdisasm): how many, and how many int-to-float conversions (I2F) among them.
+has, and its machine instructions (nvdisasm): how many, how many int-to-float conversions (I2F) among them, and
+how many global loads come before the grid-dependency wait.
 
     python tests/hopper_compile.py quant|kv|gemv|dp4a
 
@@ -52,7 +53,11 @@ def compile_for_hopper(fn, signature: dict[str, str], constexprs: dict, num_warp
         cubin.write(kernel.asm["cubin"])
         cubin.flush()
         sass = subprocess.run([str(NVDISASM), "-c", cubin.name], capture_output=True, text=True, check=True).stdout
+    # Global loads issued before the grid-dependency wait (ACQBULK in SASS): what a kernel reads while the one
+    # before it still runs (kernels.pdl).
+    before_wait = sass.split("ACQBULK")[0] if "ACQBULK" in sass else ""
     return {"spilled_bytes": int(spills[1]) + int(spills[2]), "registers": int(registers[1]),
+            "loads_before_wait": len(re.findall(r"\bLDG\.", before_wait)),
             "dp4a": ptx.count("dp4a."), "pdl_waits": ptx.count("griddepcontrol.wait"),
             "atomics": len(re.findall(r"\b(?:atom|red)\.", ptx)),
             "wgmma": ptx.count("wgmma.mma_async"), "tma": ptx.count("cp.async.bulk.tensor"),

@@ -311,3 +311,10 @@ def test_the_dp4a_kernels_compile_for_hopper_with_dp4a_and_without_register_spil
         two, one = reports[f"int4 dp4a K={k}{form}"], reports[f"int4 dp4a act32 K={k}{form}"]
         assert one["dp4a"] * 2 == two["dp4a"] and one["instructions"] < 0.9 * two["instructions"]
     assert {r["pdl_waits"] for r in reports.values()} == {1}  # launched early, each waiting for the one before
+    # Before that wait a GEMV reads its first step of weights (int4: with their scales and offsets), the quantize
+    # kernel nothing (it reads what the kernel before writes); at 32 groups a step all of a thread's weight loads
+    # (8 for the gate, 8 for the up: K = 4,096 in one step) go out before it.
+    early = {name: r["loads_before_wait"] for name, r in reports.items()}
+    assert all((early[name] == 0) == name.startswith("quantize_row") for name in early), early
+    assert early[wide[0]] >= 16  # at 4 groups a step, a weight load and the scales' and offsets' (gated: twice)
+    assert all(early[name] == (6 if "gated" in name else 3) for name in early if name.startswith("int4 dp4a K="))

@@ -303,3 +303,10 @@ def test_8bit_cache_kernels_compile_for_hopper_without_register_spills() -> None
     assert len(reports) == 6  # decode attention (two loop forms) and the cache write, for int8 and fp8
     assert [r for r in reports if r["spilled_bytes"]] == []
     assert {r["pdl_waits"] for r in reports} == {1}  # launched early, each waiting for the kernel before (kernels.pdl)
+    # Before the wait: the one-sequence form (lanes=False, its first tile preloaded) reads the tile's keys and values
+    # and block table; the lanes form only the context's length; the cache write nothing.
+    early = {r["kernel"]: r["loads_before_wait"] for r in reports}
+    for cache in ("i8", "fp8e4nv"):
+        attention = f"decode attention, {cache} cache, lanes="
+        assert early[attention + "False"] > early[attention + "True"]
+        assert early[f"rope + cache write, {cache} cache"] == 0

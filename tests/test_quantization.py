@@ -626,6 +626,9 @@ def test_the_one_row_gemvs_compile_for_hopper_without_register_spills() -> None:
     reports = compile_for_hopper("gemv")
     assert len(reports) == 8 and [r for r in reports if r["spilled_bytes"]] == []
     assert {r["pdl_waits"] for r in reports} == {1}  # launched early, each waiting for the kernel before (kernels.pdl)
+    # ... having read its first step of weights (the gated GEMV the gate's and the up's), which no kernel writes
+    early = {r["kernel"]: r["loads_before_wait"] for r in reports}
+    assert all(early[name] > 0 for name in early) and early["bf16 gemv gated"] == 2 * early["bf16 gemv plain"]
 
 
 def test_every_quantized_matmul_kernel_compiles_for_hopper_without_register_spills() -> None:
