@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
-from .gemv import store_row
+from .gemv import step_weights, store_row
 from .quant_matmul import k_slices
 
 # Triton's interpreter has no inline PTX: there dp4a is computed from the bytes (same result).
@@ -206,13 +206,7 @@ def _int8_kernel(words_ptr, x_scale_ptr, w_ptr, w_scale_ptr, y_ptr, residual_ptr
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
     # The first step's weights are read before the wait: with PDL they stream in while the kernel before (the
     # activations' quantization, one program) runs, instead of after it.
-    cols = first_word + tl.arange(0, BLOCK_KW)
-    w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & (cols < KW)[None, :], other=0,
-                eviction_policy="evict_first")
-    w_up = w
-    if GATED:
-        w_up = tl.load(w_rows + N * stride_wn + cols[None, :], mask=row_ok[:, None] & (cols < KW)[None, :], other=0,
-                       eviction_policy="evict_first")
+    w, w_up = step_weights(w_rows, N * stride_wn, first_word + tl.arange(0, BLOCK_KW), row_ok, KW, False, GATED)
     pdl.wait(PDL)
     acc_hi = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.int32)
     acc_lo = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.int32)
@@ -221,12 +215,8 @@ def _int8_kernel(words_ptr, x_scale_ptr, w_ptr, w_scale_ptr, y_ptr, residual_ptr
     for start in tl.static_range(0, KW_SPLIT, BLOCK_KW):
         cols = first_word + start + tl.arange(0, BLOCK_KW)
         col_ok = cols < KW
-        mask = row_ok[:, None] & col_ok[None, :]
         if start > 0:
-            w = tl.load(w_rows + cols[None, :], mask=mask, other=0, eviction_policy="evict_first")
-            if GATED:
-                w_up = tl.load(w_rows + N * stride_wn + cols[None, :], mask=mask, other=0,
-                               eviction_policy="evict_first")
+            w, w_up = step_weights(w_rows, N * stride_wn, cols, row_ok, KW, False, GATED)
         # Loaded at the weights' shape (each thread the words its weights meet, from L1): a [BLOCK_KW] load
         # broadcast over the rows would go through shared memory and a barrier every step.
         x_words = words_ptr + cols[None, :] + 0 * rows[:, None]
@@ -303,6 +293,18 @@ def _int4_step(w_rows, s_rows, groups, row_ok, group_ok, scale_ptr, offset_ptr, 
 
 
 @triton.jit
+def _int4_steps(w_rows, s_rows, up_offset, up_s_offset, groups, row_ok, group_ok, scale_ptr, offset_ptr,
+                GROUP_WORDS: tl.constexpr, GATED: tl.constexpr):
+    """_int4_step's weights, scales and offsets, and (GATED) the up projection's rows' (else the same again)."""
+    w, scale, offset = _int4_step(w_rows, s_rows, groups, row_ok, group_ok, scale_ptr, offset_ptr, GROUP_WORDS)
+    w_up, scale_up, offset_up = w, scale, offset
+    if GATED:
+        w_up, scale_up, offset_up = _int4_step(w_rows + up_offset, s_rows + up_s_offset, groups, row_ok, group_ok,
+                                               scale_ptr, offset_ptr, GROUP_WORDS)
+    return w, scale, offset, w_up, scale_up, offset_up
+
+
+@triton.jit
 def _int4_groups(w, scale, offset, cols, groups, group_ok, words_ptr, sums, x_scale, x_scale_ptr, KW: tl.constexpr,
                  EMULATE: tl.constexpr, ACT_BLOCK: tl.constexpr):
     """[BLOCK_N, BLOCK_G]: each row's products with the activations over a step's groups (float32), from the step's
@@ -359,18 +361,13 @@ def _int4_kernel(words_ptr, x_scale_ptr, sums_ptr, w_ptr, scale_ptr, offset_ptr,
     row_ok = rows < N
     w_rows = w_ptr + rows[:, None, None].to(tl.int64) * stride_wn
     s_rows = rows[:, None].to(tl.int64) * stride_sn
-    up_w_rows = w_rows + N * stride_wn
-    up_s_rows = s_rows + N * stride_sn
     first_group = _split_start(GROUPS_SPLIT, SPLIT_K)
     # The first step's weights are read before the wait: with PDL they stream in while the kernel before (the
     # activations' quantization, one program) runs, instead of after it.
     groups = first_group + tl.arange(0, BLOCK_G)
-    w, scale, offset = _int4_step(w_rows, s_rows, groups, row_ok, groups < GROUPS, scale_ptr, offset_ptr,
-                                  GROUP_WORDS)
-    w_up, scale_up, offset_up = w, scale, offset
-    if GATED:
-        w_up, scale_up, offset_up = _int4_step(up_w_rows, up_s_rows, groups, row_ok, groups < GROUPS, scale_ptr,
-                                               offset_ptr, GROUP_WORDS)
+    w, scale, offset, w_up, scale_up, offset_up = _int4_steps(w_rows, s_rows, N * stride_wn, N * stride_sn, groups,
+                                                              row_ok, groups < GROUPS, scale_ptr, offset_ptr,
+                                                              GROUP_WORDS, GATED)
     pdl.wait(PDL)
     acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
@@ -379,11 +376,9 @@ def _int4_kernel(words_ptr, x_scale_ptr, sums_ptr, w_ptr, scale_ptr, offset_ptr,
         groups = first_group + start + tl.arange(0, BLOCK_G)
         group_ok = groups < GROUPS
         if start > 0:
-            w, scale, offset = _int4_step(w_rows, s_rows, groups, row_ok, group_ok, scale_ptr, offset_ptr,
-                                          GROUP_WORDS)
-            if GATED:
-                w_up, scale_up, offset_up = _int4_step(up_w_rows, up_s_rows, groups, row_ok, group_ok, scale_ptr,
-                                                       offset_ptr, GROUP_WORDS)
+            w, scale, offset, w_up, scale_up, offset_up = _int4_steps(w_rows, s_rows, N * stride_wn, N * stride_sn,
+                                                                      groups, row_ok, group_ok, scale_ptr, offset_ptr,
+                                                                      GROUP_WORDS, GATED)
         cols = (groups * GROUP_WORDS)[:, None] + tl.arange(0, GROUP_WORDS)[None, :]  # [BLOCK_G, GROUP_WORDS]
         sums = tl.load(sums_ptr + groups, mask=group_ok, other=0.0)[None, :]
         acc += _int4_groups(w, scale, offset, cols, groups, group_ok, words_ptr, sums, x_scale, x_scale_ptr, KW,

@@ -108,7 +108,7 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, stride_wn,
     row_ok = rows < N
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
     cols = tl.arange(0, BLOCK_K)
-    w, up_w = _step_weights(w_rows, N * stride_wn, cols, row_ok, K, EVEN_K, GATED)
+    w, up_w = step_weights(w_rows, N * stride_wn, cols, row_ok, K, EVEN_K, GATED)
     pdl.wait(PDL)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -123,7 +123,7 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, stride_wn,
                         VIA_BITS)
     for start in range(BLOCK_K, K, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
-        w, up_w = _step_weights(w_rows, N * stride_wn, cols, row_ok, K, EVEN_K, GATED)
+        w, up_w = step_weights(w_rows, N * stride_wn, cols, row_ok, K, EVEN_K, GATED)
         acc, acc_up = _step(acc, acc_up, w, up_w, x_ptr, norm_w_ptr, inv_rms, cols, y_ptr, K, EVEN_K, GATED,
                             NORMED, VIA_BITS)
     out = tl.sum(acc, axis=1)
@@ -138,9 +138,9 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, stride_wn,
 
 
 @triton.jit
-def _step_weights(w_rows, up_offset, cols, row_ok, K: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr):
+def step_weights(w_rows, up_offset, cols, row_ok, K: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr):
     """A step's tiles of weights, [BLOCK_N, BLOCK_K]: the rows', and (GATED) the up projection's rows' (else the
-    same tile again)."""
+    same tile again). Also kernels.dp4a_gemv's, for int8 words."""
     mask = row_ok[:, None] if EVEN_K else row_ok[:, None] & (cols < K)[None, :]
     w = tl.load(w_rows + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
     up_w = w
