@@ -13,6 +13,12 @@ With --scaled int8 (or fp8), it sweeps the GEMV's block shapes on weights of tha
 (for int8 also the two ways of widening the integers, kernels.gemv.INT8_VIA_BITS), beside the bf16 GEMV:
 
     python bench/gemv_bench.py --scaled int8 --skip-sweep --out bench/results/gemv_int8_h200.json
+
+With --fused-format fp8 (or int8), it sweeps the fused GEMVs as the one-row path calls them on weights of that
+format (qkv_proj with the norm inside, o_proj and down_proj with the residual add, gate_up_proj gated), the source
+of kernels.gemv.FP8_TABLES:
+
+    python bench/gemv_bench.py --skip-sweep --fused-format fp8 --out bench/results/gemv_fp8_fused_h100.json
 """
 
 from __future__ import annotations
@@ -114,6 +120,60 @@ def scaled_sweep(device: torch.device, flush: torch.Tensor, fmt: str) -> dict:
     return results
 
 
+# Tiles in bytes for one-byte weights: rows per program, block_k, warps, stages (which timed alike in the bf16
+# sweeps; each tile is a kernel to compile).
+FUSED_SCALED_SWEEP = [(n, k, w, 2) for n in (2, 4, 8, 16) for k in (512, 1024, 2048) for w in (4, 8)
+                      if 2048 <= n * k <= 16384]
+
+
+def fused_scaled_sweep(device: torch.device, flush: torch.Tensor, fmt: str) -> dict:
+    """The one-row path's GEMVs (model/one_row.py, family "gemv") on int8 or fp8 weights with their row scales, each
+    called as the path calls it: the module's tile (kernels.gemv's tables) against each of FUSED_SCALED_SWEEP."""
+    quantize = {"int8": quantization.quantize_int8, "fp8": quantization.quantize_fp8}[fmt]
+    gen = torch.Generator(device=device).manual_seed(2)
+    hidden = torch.randn(1, HIDDEN, device=device, generator=gen).to(torch.bfloat16)
+    squares = torch.rand(1024, device=device, generator=gen) * 4
+    norm = gemv.RowNorm(torch.ones(HIDDEN, device=device, dtype=torch.bfloat16), XVERSE_7B.rms_norm_eps, squares)
+    cases = {  # name -> (weight shape, call taking (x, weight, scale, config))
+        "qkv_proj normed": (PROJECTION_SHAPES["qkv_proj"], lambda x, w, s, c: gemv.gemv(x, w, c, norm, scale=s)),
+        "o_proj + residual": (PROJECTION_SHAPES["o_proj"],
+                              lambda x, w, s, c: gemv.add_gemv(x, w, hidden, c, scale=s)),
+        "gate_up_proj gated": (PROJECTION_SHAPES["gate_up_proj"],
+                               lambda x, w, s, c: gemv.gated_gemv(x, w, c, scale=s)),
+        "down_proj + residual": (PROJECTION_SHAPES["down_proj"],
+                                 lambda x, w, s, c: gemv.add_gemv(x, w, hidden, c, scale=s)),
+    }
+    results, total_module, total_best = {}, 0.0, 0.0
+    print(f"| {fmt} one-row GEMV | module's tile µs (TB/s) | best of sweep µs (TB/s) | best tile |")
+    print("|---|---|---|---|")
+    for name, ((n, k), call) in cases.items():
+        q, scale = quantize((torch.randn(n, k, device=device, generator=gen) * 0.02).to(torch.bfloat16))
+        x = torch.randn(1, k, device=device, generator=gen).to(torch.bfloat16)
+        expected = call(x, q, scale, None)
+        expected = expected[0] if isinstance(expected, tuple) else expected
+        timings = {}
+        for config in [None, *FUSED_SCALED_SWEEP]:
+            try:
+                out = call(x, q, scale, config)
+            except Exception as exc:  # a tile this card cannot compile (registers, shared memory)
+                timings[str(config)] = f"failed: {type(exc).__name__}"
+                continue
+            out = out[0] if isinstance(out, tuple) else out
+            if not torch.allclose(out.float(), expected.float(), rtol=2e-2, atol=2e-2):
+                raise AssertionError(f"{name}: tile {config} disagrees with the module's")
+            timings[str(config)] = cold_time_us(lambda: call(x, q, scale, config), flush)
+        best = min((t, c) for c, t in timings.items() if c != "None" and isinstance(t, float))
+        gigabytes = (n * k + 4 * n) / 1e9
+        results[name] = {"n": n, "k": k, "module_us": timings["None"], "best_us": best[0], "best_config": best[1],
+                         "timings_us": timings}
+        total_module += timings["None"] * XVERSE_7B.num_layers
+        total_best += best[0] * XVERSE_7B.num_layers
+        print(f"| {name} {n}×{k} | {timings['None']:.1f} ({gigabytes / timings['None'] * 1e3:.2f}) | {best[0]:.1f} "
+              f"({gigabytes / best[0] * 1e3:.2f}) | {best[1]} |", flush=True)
+    print(f"per decode step: module's tiles {total_module / 1000:.3f} ms, best {total_best / 1000:.3f} ms")
+    return results
+
+
 def fused_sweep(device: torch.device, flush: torch.Tensor) -> dict:
     """The one-row path's GEMVs (DecoderLayer.forward_one_row in model/xverse.py): the RMSNorm in the prologue of
     qkv_proj and gate_up_proj (gated), the residual add in the epilogue of o_proj and down_proj; each against the
@@ -162,6 +222,8 @@ def main() -> None:
     parser.add_argument("--fused", action="store_true", help="also sweep the one-row path's fused GEMVs")
     parser.add_argument("--scaled", choices=("int8", "fp8"), default=None,
                         help="also sweep the GEMV on weights of this format with their row scales")
+    parser.add_argument("--fused-format", choices=("int8", "fp8"), default=None,
+                        help="also sweep the one-row path's fused GEMVs on weights of this format")
     args = parser.parse_args()
     device = torch.device("cuda")
     flush = torch.empty(64 * 1024 * 1024, device=device)
@@ -173,6 +235,8 @@ def main() -> None:
         results["chain_ms"] = chain_ms(device)
     if args.fused:
         results["fused"] = fused_sweep(device, flush)
+    if args.fused_format:
+        results[f"fused_{args.fused_format}"] = fused_scaled_sweep(device, flush, args.fused_format)
     if args.scaled:
         results[f"scaled_{args.scaled}"] = scaled_sweep(device, flush, args.scaled)
     for name, (n, k) in ({} if args.skip_sweep else PROJECTION_SHAPES).items():

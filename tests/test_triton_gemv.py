@@ -244,3 +244,32 @@ def test_a_scaled_weight_must_be_int8_with_a_float32_scale_per_row() -> None:
         triton_gemv.gemv(x, torch.randn(16, 64).to(DEVICE), scale=torch.ones(16).to(DEVICE))
     with pytest.raises(ValueError, match="float32 scale"):
         triton_gemv.gemv(x, torch.zeros(16, 64, dtype=torch.int8).to(DEVICE), scale=torch.ones(8).to(DEVICE))
+
+
+def test_fp8_weights_take_their_own_tile_where_the_table_has_one(monkeypatch) -> None:
+    """FP8_TABLES (a sweep of fp8's fused GEMVs) gives fp8 weights their tile, per kind of call and shape; int8 and
+    shapes the table lacks keep the bf16 table's tile in bytes; the product is the same with either."""
+    n, k = 48, 256
+    tile = (2, 128, 4, 1)
+    monkeypatch.setitem(triton_gemv.FP8_TABLES, "residual", {(n, k): tile})
+    monkeypatch.setitem(triton_gemv.RESIDUAL_CONFIGS, (n, k), (4, 64, 4, 1))
+    scale = torch.ones(n, device=DEVICE)
+    fp8 = torch.zeros(n, k, dtype=torch.float8_e4m3fn, device=DEVICE)
+    int8 = torch.zeros(n, k, dtype=torch.int8, device=DEVICE)
+    assert triton_gemv._config(None, "residual", fp8, scale) == tile
+    assert triton_gemv._config(None, "residual", int8, scale) == (4, 128, 4, 1)
+    assert triton_gemv._config(None, "plain", fp8, scale) == triton_gemv.int8_config(triton_gemv.DEFAULT_CONFIG)
+    assert triton_gemv._config((8, 64, 4, 1), "residual", fp8, scale) == (8, 64, 4, 1)
+
+    from xverse_serve.model.quantization import dequantize_fp8, quantize_fp8
+
+    gen = torch.Generator().manual_seed(5)
+    q, scale = quantize_fp8(torch.randn(n, k, generator=gen))
+    w = dequantize_fp8(q, scale).to(DEVICE)
+    q, scale = q.to(DEVICE), scale.to(DEVICE)
+    x = torch.randn(1, k, generator=gen).to(DEVICE)
+    residual = torch.randn(1, n, generator=gen).to(DEVICE)
+    reference = x @ w.T + residual
+    for config in (None, (4, 64, 4, 1)):
+        stream, _ = triton_gemv.add_gemv(x, q, residual, config, scale=scale)
+        assert ((stream - reference).norm() / reference.norm()).item() < 1e-5

@@ -43,6 +43,12 @@ GATED_CONFIGS = {(22016, 4096): (2, 512, 4, 3)}
 # residual add in the epilogue.
 NORMED_CONFIGS = {(12288, 4096): (16, 256, 4, 3), (22016, 4096): (16, 256, 8, 2)}
 RESIDUAL_CONFIGS = {(4096, 4096): (8, 512, 8, 3), (4096, 11008): (4, 1024, 8, 1)}
+TABLES = {"plain": CONFIGS, "gated": GATED_CONFIGS, "normed": NORMED_CONFIGS, "residual": RESIDUAL_CONFIGS}
+# fp8 weights' own tiles (block_k in bytes), as the one-row path calls each projection: the fastest of a sweep on an
+# H100 (bench/gemv_bench.py --fused-format fp8). Where a shape has none, and for int8, the bf16 table's tile in bytes
+# (int8_config).
+FP8_TABLES: dict[str, dict[tuple[int, int], tuple[int, int, int, int]]] = {
+    "plain": {}, "gated": {}, "normed": {}, "residual": {}}
 MAX_SKINNY_ROWS = 32
 # With int8 or fp8 weights the skinny GEMM streams half the bytes and is worth up to 64 rows (the tuner decides).
 MAX_SCALED_SKINNY_ROWS = 64
@@ -200,8 +206,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int
     """x [..., K] holding one row, weight [N, K] (row-major) -> x @ weight.T, shaped [..., N], in x's dtype.
     With `norm`, x is a residual stream from add_gemv and the product is taken with its RMSNorm instead. With
     `scale` [N] float32, weight is int8 and W = weight * scale[:, None]."""
-    table = NORMED_CONFIGS if norm is not None else CONFIGS
-    out, _ = _one_row(x, weight, weight.shape[0], _config(config, table, weight, scale), norm=norm, scale=scale)
+    kind = "normed" if norm is not None else "plain"
+    out, _ = _one_row(x, weight, weight.shape[0], _config(config, kind, weight, scale), norm=norm, scale=scale)
     return out
 
 
@@ -213,8 +219,8 @@ def gated_gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, in
     as in gemv."""
     if weight.shape[0] % 2:
         raise ValueError(f"gated_gemv takes an even number of weight rows (gate, then up), got {weight.shape[0]}")
-    table = NORMED_CONFIGS if norm is not None else GATED_CONFIGS
-    out, _ = _one_row(x, weight, weight.shape[0] // 2, _config(config, table, weight, scale), gated=True, norm=norm,
+    kind = "normed" if norm is not None else "gated"
+    out, _ = _one_row(x, weight, weight.shape[0] // 2, _config(config, kind, weight, scale), gated=True, norm=norm,
                       scale=scale)
     return out
 
@@ -228,16 +234,20 @@ def add_gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
     if residual.numel() != weight.shape[0] or residual.dtype != x.dtype:
         raise ValueError(f"the residual must be {weight.shape[0]} values of {x.dtype}, got {tuple(residual.shape)} "
                          f"of {residual.dtype}")
-    return _one_row(x, weight, weight.shape[0], _config(config, RESIDUAL_CONFIGS, weight, scale), residual=residual,
+    return _one_row(x, weight, weight.shape[0], _config(config, "residual", weight, scale), residual=residual,
                     scale=scale)
 
 
-def _config(config: tuple[int, int, int, int] | None, table: dict, weight: torch.Tensor,
+def _config(config: tuple[int, int, int, int] | None, kind: str, weight: torch.Tensor,
             scale: torch.Tensor | None) -> tuple[int, int, int, int]:
-    """The caller's configuration, else the table's for the weight's shape (in bytes, for int8 weights)."""
+    """The caller's configuration, else the kind's table's for the weight's shape (FP8_TABLES' for fp8; in bytes
+    for int8 weights)."""
     if config is not None:
         return config
-    config = table.get(tuple(weight.shape), DEFAULT_CONFIG)
+    shape = tuple(weight.shape)
+    if weight.dtype == torch.float8_e4m3fn and shape in FP8_TABLES[kind]:
+        return FP8_TABLES[kind][shape]
+    config = TABLES[kind].get(shape, DEFAULT_CONFIG)
     return int8_config(config) if scale is not None else config
 
 
