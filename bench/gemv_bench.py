@@ -123,7 +123,7 @@ def scaled_sweep(device: torch.device, flush: torch.Tensor, fmt: str) -> dict:
 # Tiles in bytes for one-byte weights: rows per program, block_k, warps, stages (which timed alike in the bf16
 # sweeps; each tile is a kernel to compile).
 FUSED_SCALED_SWEEP = [(n, k, w, 2) for n in (2, 4, 8, 16) for k in (512, 1024, 2048) for w in (4, 8)
-                      if 2048 <= n * k <= 16384]
+                      if 4096 <= n * k <= 16384 and n * k // (32 * w) >= 16]
 
 
 def fused_scaled_sweep(device: torch.device, flush: torch.Tensor, fmt: str) -> dict:
