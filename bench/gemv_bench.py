@@ -16,14 +16,15 @@ With --scaled int8 (or fp8), it sweeps the GEMV's block shapes on weights of tha
 
 With --fused-format fp8 (or int8), it sweeps the fused GEMVs as the one-row path calls them on weights of that
 format (qkv_proj with the norm inside, o_proj and down_proj with the residual add, gate_up_proj gated), the source
-of kernels.gemv.FP8_TABLES:
+of kernels.gemv.FP8_TABLES; --write-tables writes fp8's winners (2% or more faster than the module's tile) there:
 
-    python bench/gemv_bench.py --skip-sweep --fused-format fp8 --out bench/results/gemv_fp8_fused_h100.json
+    python bench/gemv_bench.py --skip-sweep --fused-format fp8 --write-tables --out bench/results/gemv_fp8_h100.json
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 from pathlib import Path
 
 import torch
@@ -134,19 +135,20 @@ def fused_scaled_sweep(device: torch.device, flush: torch.Tensor, fmt: str) -> d
     hidden = torch.randn(1, HIDDEN, device=device, generator=gen).to(torch.bfloat16)
     squares = torch.rand(1024, device=device, generator=gen) * 4
     norm = gemv.RowNorm(torch.ones(HIDDEN, device=device, dtype=torch.bfloat16), XVERSE_7B.rms_norm_eps, squares)
-    cases = {  # name -> (weight shape, call taking (x, weight, scale, config))
-        "qkv_proj normed": (PROJECTION_SHAPES["qkv_proj"], lambda x, w, s, c: gemv.gemv(x, w, c, norm, scale=s)),
-        "o_proj + residual": (PROJECTION_SHAPES["o_proj"],
+    cases = {  # name -> (weight shape, kind of call (kernels.gemv.TABLES), call taking (x, weight, scale, config))
+        "qkv_proj normed": (PROJECTION_SHAPES["qkv_proj"], "normed",
+                            lambda x, w, s, c: gemv.gemv(x, w, c, norm, scale=s)),
+        "o_proj + residual": (PROJECTION_SHAPES["o_proj"], "residual",
                               lambda x, w, s, c: gemv.add_gemv(x, w, hidden, c, scale=s)),
-        "gate_up_proj gated": (PROJECTION_SHAPES["gate_up_proj"],
+        "gate_up_proj gated": (PROJECTION_SHAPES["gate_up_proj"], "gated",
                                lambda x, w, s, c: gemv.gated_gemv(x, w, c, scale=s)),
-        "down_proj + residual": (PROJECTION_SHAPES["down_proj"],
+        "down_proj + residual": (PROJECTION_SHAPES["down_proj"], "residual",
                                  lambda x, w, s, c: gemv.add_gemv(x, w, hidden, c, scale=s)),
     }
     results, total_module, total_best = {}, 0.0, 0.0
     print(f"| {fmt} one-row GEMV | module's tile µs (TB/s) | best of sweep µs (TB/s) | best tile |")
     print("|---|---|---|---|")
-    for name, ((n, k), call) in cases.items():
+    for name, ((n, k), kind, call) in cases.items():
         q, scale = quantize((torch.randn(n, k, device=device, generator=gen) * 0.02).to(torch.bfloat16))
         x = torch.randn(1, k, device=device, generator=gen).to(torch.bfloat16)
         expected = call(x, q, scale, None)
@@ -164,14 +166,34 @@ def fused_scaled_sweep(device: torch.device, flush: torch.Tensor, fmt: str) -> d
             timings[str(config)] = cold_time_us(lambda: call(x, q, scale, config), flush)
         best = min((t, c) for c, t in timings.items() if c != "None" and isinstance(t, float))
         gigabytes = (n * k + 4 * n) / 1e9
-        results[name] = {"n": n, "k": k, "module_us": timings["None"], "best_us": best[0], "best_config": best[1],
-                         "timings_us": timings}
+        results[name] = {"n": n, "k": k, "kind": kind, "module_us": timings["None"], "best_us": best[0],
+                         "best_config": best[1], "timings_us": timings}
         total_module += timings["None"] * XVERSE_7B.num_layers
         total_best += best[0] * XVERSE_7B.num_layers
         print(f"| {name} {n}×{k} | {timings['None']:.1f} ({gigabytes / timings['None'] * 1e3:.2f}) | {best[0]:.1f} "
               f"({gigabytes / best[0] * 1e3:.2f}) | {best[1]} |", flush=True)
     print(f"per decode step: module's tiles {total_module / 1000:.3f} ms, best {total_best / 1000:.3f} ms")
     return results
+
+
+def winning_tables(sweep: dict, margin: float = 0.98) -> dict[str, dict[tuple[int, int], tuple[int, ...]]]:
+    """fused_scaled_sweep's results -> FP8_TABLES: each case's best tile where it beat the module's by 2% or more."""
+    tables: dict[str, dict[tuple[int, int], tuple[int, ...]]] = {kind: {} for kind in gemv.TABLES}
+    for case in sweep.values():
+        if case["best_us"] < margin * case["module_us"]:
+            tables[case["kind"]][(case["n"], case["k"])] = tuple(ast.literal_eval(case["best_config"]))
+    return tables
+
+
+def with_fp8_tables(source: str, tables: dict) -> str:
+    """kernels/gemv.py's source with its FP8_TABLES assignment replaced by `tables`, a kind a line."""
+    node = next(node for node in ast.parse(source).body
+                if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "FP8_TABLES")
+    lines = source.splitlines(keepends=True)
+    head = ast.get_source_segment(source, node.annotation)
+    body = "".join(f"    {kind!r}: {table!r},\n".replace("'", '"') for kind, table in tables.items())
+    assignment = f"FP8_TABLES: {head} = {{\n{body}}}\n"
+    return "".join(lines[:node.lineno - 1]) + assignment + "".join(lines[node.end_lineno:])
 
 
 def fused_sweep(device: torch.device, flush: torch.Tensor) -> dict:
@@ -224,7 +246,11 @@ def main() -> None:
                         help="also sweep the GEMV on weights of this format with their row scales")
     parser.add_argument("--fused-format", choices=("int8", "fp8"), default=None,
                         help="also sweep the one-row path's fused GEMVs on weights of this format")
+    parser.add_argument("--write-tables", action="store_true",
+                        help="with --fused-format fp8: write the winners into kernels/gemv.py's FP8_TABLES")
     args = parser.parse_args()
+    if args.write_tables and args.fused_format != "fp8":
+        parser.error("--write-tables writes fp8's tiles: it needs --fused-format fp8")
     device = torch.device("cuda")
     flush = torch.empty(64 * 1024 * 1024, device=device)
     results = {"device": torch.cuda.get_device_name(device), "shapes": {}}
@@ -237,6 +263,11 @@ def main() -> None:
         results["fused"] = fused_sweep(device, flush)
     if args.fused_format:
         results[f"fused_{args.fused_format}"] = fused_scaled_sweep(device, flush, args.fused_format)
+        if args.write_tables:
+            path = Path(gemv.__file__)
+            tables = winning_tables(results["fused_fp8"])
+            path.write_text(with_fp8_tables(path.read_text(), tables))
+            print(f"wrote FP8_TABLES = {tables} into {path}")
     if args.scaled:
         results[f"scaled_{args.scaled}"] = scaled_sweep(device, flush, args.scaled)
     for name, (n, k) in ({} if args.skip_sweep else PROJECTION_SHAPES).items():

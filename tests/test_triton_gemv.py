@@ -273,3 +273,27 @@ def test_fp8_weights_take_their_own_tile_where_the_table_has_one(monkeypatch) ->
     for config in (None, (4, 64, 4, 1)):
         stream, _ = triton_gemv.add_gemv(x, q, residual, config, scale=scale)
         assert ((stream - reference).norm() / reference.norm()).item() < 1e-5
+
+
+def test_the_fp8_sweep_writes_its_winners_into_fp8_tables() -> None:
+    """bench/gemv_bench.py --write-tables: a case's best tile enters FP8_TABLES under its kind and shape only where
+    it beat the module's tile by 2%, and the rest of kernels/gemv.py stays as it was."""
+    import ast
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import gemv_bench
+
+    sweep = {"o_proj + residual": {"n": 4096, "k": 4096, "kind": "residual", "module_us": 10.0, "best_us": 9.7,
+                                   "best_config": "(8, 1024, 8, 2)"},
+             "qkv_proj normed": {"n": 12288, "k": 4096, "kind": "normed", "module_us": 10.0, "best_us": 9.9,
+                                 "best_config": "(4, 1024, 4, 2)"}}
+    tables = gemv_bench.winning_tables(sweep)
+    assert tables == {"plain": {}, "gated": {}, "normed": {}, "residual": {(4096, 4096): (8, 1024, 8, 2)}}
+    source = Path(triton_gemv.__file__).read_text()
+    written = gemv_bench.with_fp8_tables(source, tables)
+    node = next(node for node in ast.parse(written).body
+                if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "FP8_TABLES")
+    assert ast.literal_eval(node.value) == tables
+    assert gemv_bench.with_fp8_tables(written, {kind: {} for kind in tables}) == source

@@ -44,11 +44,15 @@ GATED_CONFIGS = {(22016, 4096): (2, 512, 4, 3)}
 NORMED_CONFIGS = {(12288, 4096): (16, 256, 4, 3), (22016, 4096): (16, 256, 8, 2)}
 RESIDUAL_CONFIGS = {(4096, 4096): (8, 512, 8, 3), (4096, 11008): (4, 1024, 8, 1)}
 TABLES = {"plain": CONFIGS, "gated": GATED_CONFIGS, "normed": NORMED_CONFIGS, "residual": RESIDUAL_CONFIGS}
-# fp8 weights' own tiles (block_k in bytes), as the one-row path calls each projection: the fastest of a sweep on an
-# H100 (bench/gemv_bench.py --fused-format fp8). Where a shape has none, and for int8, the bf16 table's tile in bytes
-# (int8_config).
+# fp8 weights' own tiles (block_k in bytes), as the one-row path calls each projection: written by a sweep on a GPU
+# (bench/gemv_bench.py --fused-format fp8 --write-tables), where a tile beat the default by 2%. Where a shape has
+# none (all of them until that sweep has run), and for int8, the bf16 table's tile in bytes (int8_config).
 FP8_TABLES: dict[str, dict[tuple[int, int], tuple[int, int, int, int]]] = {
-    "plain": {}, "gated": {}, "normed": {}, "residual": {}}
+    "plain": {},
+    "gated": {},
+    "normed": {},
+    "residual": {},
+}
 MAX_SKINNY_ROWS = 32
 # With int8 or fp8 weights the skinny GEMM streams half the bytes and is worth up to 64 rows (the tuner decides).
 MAX_SCALED_SKINNY_ROWS = 64
