@@ -297,3 +297,33 @@ def test_the_fp8_sweep_writes_its_winners_into_fp8_tables() -> None:
                 if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "FP8_TABLES")
     assert ast.literal_eval(node.value) == tables
     assert gemv_bench.with_fp8_tables(written, {kind: {} for kind in tables}) == source
+
+
+def test_the_fp8_sweep_runs_each_tile_as_the_one_row_path_calls_it(monkeypatch) -> None:
+    """bench/gemv_bench.py's fused fp8 sweep on small shapes (timings faked, later tiles faster): every tile's output
+    agrees with the module's, and the winners land under each call's kind and shape."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import gemv_bench
+
+    hidden = 64
+    shapes = {"qkv_proj": (3 * hidden, hidden), "o_proj": (hidden, hidden), "gate_up_proj": (4 * hidden, hidden),
+              "down_proj": (hidden, 2 * hidden)}
+    monkeypatch.setattr(gemv_bench, "HIDDEN", hidden)
+    monkeypatch.setattr(gemv_bench, "PROJECTION_SHAPES", shapes)
+    monkeypatch.setattr(gemv_bench, "FUSED_SCALED_SWEEP", [(2, 32, 4, 2), (4, 64, 4, 2)])
+    calls = []
+
+    def faster_each_call(fn, flush, **_) -> float:
+        fn()
+        calls.append(None)
+        return 100.0 - len(calls)
+
+    monkeypatch.setattr(gemv_bench, "cold_time_us", faster_each_call)
+    sweep = gemv_bench.fused_scaled_sweep(DEVICE, torch.empty(1), "fp8")
+    assert len(calls) == 4 * 3
+    assert gemv_bench.winning_tables(sweep) == {
+        "plain": {}, "gated": {(4 * hidden, hidden): (4, 64, 4, 2)}, "normed": {(3 * hidden, hidden): (4, 64, 4, 2)},
+        "residual": {(hidden, hidden): (4, 64, 4, 2), (hidden, 2 * hidden): (4, 64, 4, 2)}}
