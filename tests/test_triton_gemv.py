@@ -275,15 +275,22 @@ def test_fp8_weights_take_their_own_tile_where_the_table_has_one(monkeypatch) ->
         assert ((stream - reference).norm() / reference.norm()).item() < 1e-5
 
 
-def test_the_fp8_sweep_writes_its_winners_into_fp8_tables() -> None:
+@pytest.fixture
+def gemv_bench(monkeypatch):
+    """bench/gemv_bench.py as a module, its folder on the path for this test only (it imports bench/common.py)."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "bench"))
+    import gemv_bench
+
+    return gemv_bench
+
+
+def test_the_fp8_sweep_writes_its_winners_into_fp8_tables(gemv_bench) -> None:
     """bench/gemv_bench.py --write-tables: a case's best tile enters FP8_TABLES under its kind and shape only where
     it beat the module's tile by 2%, and the rest of kernels/gemv.py stays as it was."""
     import ast
-    import sys
     from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    import gemv_bench
 
     sweep = {"o_proj + residual": {"n": 4096, "k": 4096, "kind": "residual", "module_us": 10.0, "best_us": 9.7,
                                    "best_config": "(8, 1024, 8, 2)"},
@@ -299,15 +306,9 @@ def test_the_fp8_sweep_writes_its_winners_into_fp8_tables() -> None:
     assert gemv_bench.with_fp8_tables(written, {kind: {} for kind in tables}) == source
 
 
-def test_the_fp8_sweep_runs_each_tile_as_the_one_row_path_calls_it(monkeypatch) -> None:
+def test_the_fp8_sweep_runs_each_tile_as_the_one_row_path_calls_it(gemv_bench, monkeypatch) -> None:
     """bench/gemv_bench.py's fused fp8 sweep on small shapes (timings faked, later tiles faster): every tile's output
     agrees with the module's, and the winners land under each call's kind and shape."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    import gemv_bench
-
     hidden = 64
     shapes = {"qkv_proj": (3 * hidden, hidden), "o_proj": (hidden, hidden), "gate_up_proj": (4 * hidden, hidden),
               "down_proj": (hidden, 2 * hidden)}
