@@ -49,9 +49,9 @@ TABLES = {"plain": CONFIGS, "gated": GATED_CONFIGS, "normed": NORMED_CONFIGS, "r
 # none (all of them until that sweep has run), and for int8, the bf16 table's tile in bytes (int8_config).
 FP8_TABLES: dict[str, dict[tuple[int, int], tuple[int, int, int, int]]] = {
     "plain": {},
-    "gated": {},
-    "normed": {},
-    "residual": {},
+    "gated": {(22016, 4096): (2, 2048, 8, 2)},
+    "normed": {(12288, 4096): (8, 1024, 4, 2)},
+    "residual": {(4096, 4096): (16, 1024, 8, 2), (4096, 11008): (8, 1024, 4, 2)},
 }
 MAX_SKINNY_ROWS = 32
 # With int8 or fp8 weights the skinny GEMM streams half the bytes and is worth up to 64 rows (the tuner decides).
