@@ -22,7 +22,9 @@ from xverse_serve.kernels import mixed_gemm
 from xverse_serve.model import quantization
 from xverse_serve.model.quantization import QuantizedLinear, reference_matmul, relative_error, time_call
 
-SMALL = [(bm, bn, 128, 8 if bm == 64 else 4, 4) for bm in (16, 32, 64) for bn in (64, 128)]
+# 64-token tiles with 4 warps as well as 8: one warpgroup's wgmma is 64 weight rows tall, so 8 warps on a 64-wide
+# weight tile cannot both use it.
+SMALL = [(bm, bn, 128, warps, 4) for bm in (16, 32, 64) for bn in (64, 128) for warps in ((4, 8) if bm == 64 else (4,))]
 LARGE = [(128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
          (64, 128, 64, 4, 5)]
 

@@ -122,17 +122,24 @@ def test_mixed_gemm_refuses_what_it_cannot_multiply() -> None:
 
 
 @pytest.mark.parametrize(("m", "block_m"), [(2, 16), (16, 16), (33, 64), (64, 64), (512, 128)])
-def test_the_tuner_offers_the_mixed_gemm_from_two_rows(m: int, block_m: int) -> None:
+@pytest.mark.parametrize("n", [12288, 4096])
+def test_the_tuner_offers_the_mixed_gemm_from_two_rows(m: int, block_m: int, n: int) -> None:
+    configs = [c for c in mixed_gemm.CONFIGS if c[0] == block_m]
+    assert len(configs) == (2 if block_m == 64 else 1)  # the 64-token tile also 64 weight rows wide
     for scheme in ("int8", "int4", "fp8"):
-        layer = quantization.QuantizedLinear(4096, 12288, scheme)
+        layer = quantization.QuantizedLinear(4096, n, scheme)
         mixed = [dict(k.options) for k in quantization.candidates(layer, m) if k.backend == "mixed"]
-        assert mixed and mixed[0]["block_m"] == block_m
-        assert all(4096 % options["block_k"] == 0 for options in mixed)
-        # split along K only while the output tiles would not fill the SMs twice (132 taken where there is no GPU)
-        tiles = -(-m // block_m) * -(-12288 // mixed[0]["block_n"])
-        split = mixed[0]["split_k"]
-        assert split == 1 or tiles * split // 2 < 2 * quantization._num_sms(layer.weight.device)
-        assert len(mixed) == 1
+        names = ("block_m", "block_n", "block_k", "num_warps", "num_stages")
+        offered = sorted({tuple(options[name] for name in names) for options in mixed})
+        assert offered == sorted(configs)
+        for config in configs:
+            splits = [o["split_k"] for o in mixed if tuple(o[name] for name in names) == config]
+            # split along K only while the output tiles would not fill the SMs twice (132 taken where there is no
+            # GPU); for decode batches in half as many slices too
+            tiles = -(-m // block_m) * -(-n // config[1])
+            split = splits[0]
+            assert split == 1 or tiles * split // 2 < 2 * quantization._num_sms(layer.weight.device)
+            assert splits == ([split, split // 2] if split > 1 and m <= 64 else [split])
     assert not [k for k in quantization.candidates(layer, 1) if k.backend == "mixed"]
     assert not [k for k in quantization.candidates(layer, 64, torch.float32) if k.backend == "mixed"]
 

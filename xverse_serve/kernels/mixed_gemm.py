@@ -27,14 +27,18 @@ from .imma_gemm import _tile
 from .quant_matmul import _check, k_slices
 from .split_gemm import MAX_ROWS, _finish, _workspace, check_int4
 
-# (block_m tokens, block_n weight rows, block_k, num_warps, num_stages), no register spills on sm_90 (ptxas -v).
-# A 256-token tile, (256, 128, 64, 8, 3), was dropped: on an H100 its int8 results were wrong (relative error
-# 0.16-0.18, the tuner rejected them; fp8 and int4 in the same tile were right), and it was never the fastest for
-# a decoder shape (bench/results/mixed_gemm_h100.json).
+# (block_m tokens, block_n weight rows, block_k, num_warps, num_stages), no register spills on sm_90 (ptxas -v);
+# the tuner times each configuration of the smallest token tile that holds M. A 256-token tile, (256, 128, 64, 8,
+# 3), was dropped: on an H100 its int8 results were wrong (relative error 0.16-0.18, the tuner rejected them; fp8
+# and int4 in the same tile were right), and it was never the fastest for a decoder shape
+# (bench/results/mixed_gemm_h100.json). The 64 x 64 tile on one warpgroup serves the N = 4,096 shapes at 64 rows:
+# twice the output tiles of the 128-wide one, so half the slices of K (int4 o_proj 22.1 µs at split 4 against the
+# tuner's 28.4, down_proj 43.2 against 51.3 on an H100: bench/results/mixed_gemm_int4_64_h100.json).
 CONFIGS = (
     (16, 128, 128, 4, 4),
     (32, 128, 128, 4, 4),
     (64, 128, 128, 8, 4),
+    (64, 64, 128, 4, 4),
     (128, 128, 64, 8, 4),
 )
 # The TMA kernel's, for prefill-sized batches (from TMA_MIN_ROWS rows): (block_m, block_n, block_k, num_warps,

@@ -82,7 +82,11 @@ def scaled_mm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor)
         xq, x_scale = quantize_rows_fp8(x)
     else:
         xq, x_scale = quantize_activations_fp8(x)
-    return torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale[None, :], out_dtype=x.dtype)
+    # Fast accumulation (FP8 tensor cores' own sums, not promoted to float32 every few steps, as vLLM's FP8 GEMMs
+    # run): on an H100 0.85-0.95 of the time at 16-512 rows, the error against the exact product unchanged (2.65%,
+    # the activations' e4m3 rounding; bench/results/fp8_gemm_lab_h100.json).
+    return torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale[None, :], out_dtype=x.dtype,
+                            use_fast_accum=True)
 
 
 def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -505,11 +509,13 @@ def _two_part_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> 
 
 
 def _mixed_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> list[MatmulKernel]:
-    """kernels.mixed_gemm for 2 rows and up (bf16 or fp16): the configuration whose token tile is the smallest that
-    holds M (up to 128), split along K as the gemm is (_split_k: on an H100 that was the fastest split at 64 rows
-    for qkv_proj and gate_up_proj, bench/results/mixed_gemm_h100.json); and from TMA_MIN_ROWS its TMA kernel in
-    each of TMA_CONFIGS where _has_tma."""
-    from ..kernels import mixed_gemm
+    """kernels.mixed_gemm for 2 rows and up (bf16 or fp16): the configurations whose token tile is the smallest
+    that holds M (up to 128), split along K as the gemm is (_split_k) and, for decode batches (up to
+    split_gemm.MAX_ROWS rows), in half as many slices too: on an H100 at 64 rows _split_k's split was the fastest
+    for qkv_proj and gate_up_proj (bench/results/mixed_gemm_h100.json), half of it for o_proj and down_proj
+    (mixed_gemm_int4_64_h100.json: int4's o_proj 23.8 µs at split 4 against 30.5 at 8). From TMA_MIN_ROWS, its TMA
+    kernel in each of TMA_CONFIGS where _has_tma."""
+    from ..kernels import mixed_gemm, split_gemm
 
     if m < 2 or dtype not in (torch.bfloat16, torch.float16):
         return []
@@ -517,10 +523,12 @@ def _mixed_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> lis
         return layer.in_features % config[2] == 0 and (layer.bits == 8 or layer.group_size % config[2] == 0)
 
     names = ("block_m", "block_n", "block_k", "num_warps", "num_stages")
-    config = next(c for c in mixed_gemm.CONFIGS if c[0] >= min(m, mixed_gemm.CONFIGS[-1][0]))
+    block_m = next(c[0] for c in mixed_gemm.CONFIGS if c[0] >= min(m, mixed_gemm.CONFIGS[-1][0]))
     kernels = []
-    if fits(config):
-        kernels.append(MatmulKernel("mixed", (*zip(names, config), ("split_k", _split_k(layer, m, *config[:3])))))
+    for config in [c for c in mixed_gemm.CONFIGS if c[0] == block_m and fits(c)]:
+        split = _split_k(layer, m, *config[:3])
+        splits = (split, split // 2) if split > 1 and m <= split_gemm.MAX_ROWS else (split,)
+        kernels += [MatmulKernel("mixed", (*zip(names, config), ("split_k", s))) for s in splits]
     if m >= mixed_gemm.TMA_MIN_ROWS and _has_tma(layer.weight.device):
         kernels += [MatmulKernel("mixed", (*zip(names, config), ("split_k", 1), ("tma", 1)))
                     for config in mixed_gemm.TMA_CONFIGS if fits(config)]
