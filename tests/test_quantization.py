@@ -657,3 +657,63 @@ def test_every_quantized_matmul_kernel_compiles_for_hopper_without_register_spil
     tma = [r for r in reports if " mixed_tma(" in r["kernel"]]
     assert len(tma) == 6 and all(r["wgmma"] > 0 and r["tma"] > 0 for r in tma)
     assert all(r["int_to_float"] <= 1 for r in tma if r["kernel"].startswith("u4"))
+
+
+def test_the_tuners_candidates_can_be_compiled_side_by_side_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    # quantization.compile_candidates calls every candidate once at each size from a pool of threads before the
+    # tuner times them: each call must happen, two at once (a barrier that one thread alone would never pass), a
+    # failing one must not stop the rest, and with fewer than two threads nothing is called.
+    import threading
+
+    from xverse_serve.model import quantization
+
+    layer = QuantizedLinear(256, 128, "int8")
+    calls: list[tuple[int, str]] = []
+    both_running = threading.Barrier(2, timeout=10)
+
+    class Recorder:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __call__(self, x: torch.Tensor, called: QuantizedLinear) -> torch.Tensor:
+            # recorded, not asserted here: compile_candidates swallows what a call raises
+            calls.append((x.shape[0], self.name, x.shape[1], x.dtype, called is layer))
+            if self.name == "first":
+                both_running.wait()  # returns only once another call waits beside it
+            if self.name == "failing":
+                raise RuntimeError("out of resources")
+            return x
+
+    monkeypatch.setattr(quantization, "candidates", lambda layer, m, dtype: [Recorder(n) for n in
+                                                                             ("first", "failing", "first")])
+    quantization.compile_candidates(layer, torch.bfloat16, [1, 8], threads=1)
+    assert calls == []
+    quantization.compile_candidates(layer, torch.bfloat16, [1, 8], threads=2)
+    assert sorted(call[:2] for call in calls) == sorted((m, name) for m in (1, 8)
+                                                        for name in ("first", "failing", "first"))
+    assert {call[2:] for call in calls} == {(256, torch.bfloat16, True)}
+    assert not both_running.broken  # the "first" calls ran two at a time
+    monkeypatch.setenv("XVERSE_COMPILE_THREADS", "eight")
+    with pytest.raises(ValueError, match="XVERSE_COMPILE_THREADS takes a number of threads"):
+        quantization._compile_threads()
+    monkeypatch.setenv("XVERSE_COMPILE_THREADS", "8")
+    assert quantization._compile_threads() == 8
+
+
+@pytest.mark.skipif(INTERPRET, reason="the tuner's candidates run on CUDA")
+@pytest.mark.parametrize("scheme", ["int8", "int4", "fp8"])
+def test_candidates_compiled_side_by_side_give_the_plans_products(scheme: str) -> None:
+    # After the threads' pass, each candidate the tuner keeps multiplies as the reference does.
+    from xverse_serve.model import quantization
+
+    if scheme == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 tensor cores: compute capability 8.9+")
+    layer = QuantizedLinear(1024, 640, scheme).to(DEVICE)
+    layer.load_rows(0, torch.randn(640, 1024, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16) * 0.03)
+    quantization.compile_candidates(layer, torch.bfloat16, [1, 2, 40], threads=4)
+    plan, _ = quantization.measure_plan(layer, torch.bfloat16)
+    for m in (1, 2, 40):
+        x = torch.randn(m, 1024, device=DEVICE).to(torch.bfloat16)
+        kernel = next(kernel for bound, kernel in plan if m <= bound)
+        error = quantization.relative_error(kernel(x, layer), reference_matmul(x, layer))
+        assert error < quantization.tolerance(torch.bfloat16, kernel), (str(kernel), error)
