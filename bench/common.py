@@ -31,6 +31,7 @@ from xverse_serve.engine.memory_plan import StepPeaks, kv_cache_tokens_for_card,
 from xverse_serve.engine.messages import SamplingParams  # noqa: E402
 from xverse_serve.model.checkpoint import GenerationDefaults, ModelConfig  # noqa: E402
 from xverse_serve.model.quantization import (  # noqa: E402
+    L2_FLUSH_BYTES,
     QuantizedLinear,
     candidates,
     reference_matmul,
@@ -228,6 +229,16 @@ def cold_time_us(fn: Callable[[], object], flush: torch.Tensor, repeats: int = 3
         end.record()
     torch.cuda.synchronize()
     return sorted(start.elapsed_time(end) * 1000 for start, end in events)[repeats // 2]
+
+
+def projection_bench_start() -> tuple[dict, torch.Tensor, torch.Generator]:
+    """What a projection benchmark on the GPU starts from: its results (the card, torch, shapes to fill), the
+    buffer whose read empties L2 before each timed call (as quantization.time_call takes it), and a generator
+    seeded 0 for its weights and activations."""
+    device = torch.device("cuda")
+    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": {}}
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
+    return results, flush, torch.Generator(device=device).manual_seed(0)
 
 
 def time_candidates(layer: QuantizedLinear, x: torch.Tensor, flush: torch.Tensor, graph: bool,

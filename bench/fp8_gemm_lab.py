@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import PROJECTION_SHAPES, write_results
+from common import PROJECTION_SHAPES, projection_bench_start, write_results
 
 from xverse_serve.kernels.fused_ops import quantize_rows_fp8
 from xverse_serve.model import quantization
@@ -53,11 +53,9 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="*", default=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    device = torch.device("cuda")
     started = time.perf_counter()
-    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": {}}
-    flush = torch.empty(quantization.L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
+    results, flush, gen = projection_bench_start()
+    device = flush.device
     for name in args.shapes:
         n, k = PROJECTION_SHAPES[name]
         dense = (torch.randn(n, k, device=device, generator=gen) * 0.02).to(torch.bfloat16)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import PROJECTION_SHAPES, time_candidates, write_results
+from common import PROJECTION_SHAPES, projection_bench_start, time_candidates, write_results
 
 from xverse_serve.kernels import mixed_gemm
 from xverse_serve.model import quantization
@@ -42,11 +42,9 @@ def main() -> None:
     parser.add_argument("--schemes", nargs="*", default=["int8", "int4", "fp8"])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    device = torch.device("cuda")
     started = time.perf_counter()
-    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": {}}
-    flush = torch.empty(quantization.L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
+    results, flush, gen = projection_bench_start()
+    device = flush.device
     for scheme in args.schemes:
         for name in args.shapes:
             n, k = PROJECTION_SHAPES[name]
