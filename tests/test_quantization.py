@@ -668,7 +668,7 @@ def test_the_tuners_candidates_can_be_compiled_side_by_side_first(monkeypatch: p
     from xverse_serve.model import quantization
 
     layer = QuantizedLinear(256, 128, "int8")
-    calls: list[tuple[int, str]] = []
+    calls: list[tuple] = []
     both_running = threading.Barrier(2, timeout=10)
 
     class Recorder:
