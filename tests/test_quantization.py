@@ -660,9 +660,9 @@ def test_every_quantized_matmul_kernel_compiles_for_hopper_without_register_spil
 
 
 def test_the_tuners_candidates_can_be_compiled_side_by_side_first(monkeypatch: pytest.MonkeyPatch) -> None:
-    # quantization.compile_candidates calls every candidate once at each size from a pool of threads before the
-    # tuner times them: each call must happen, two at once (a barrier that one thread alone would never pass), a
-    # failing one must not stop the rest, and with fewer than two threads nothing is called.
+    # quantization.compile_candidates calls every candidate but cuBLAS's once at each size from a pool of threads
+    # before the tuner times them: each call must happen, two at once (a barrier that one thread alone would never
+    # pass), a failing one must not stop the rest, and with fewer than two threads nothing is called.
     import threading
 
     from xverse_serve.model import quantization
@@ -672,8 +672,8 @@ def test_the_tuners_candidates_can_be_compiled_side_by_side_first(monkeypatch: p
     both_running = threading.Barrier(2, timeout=10)
 
     class Recorder:
-        def __init__(self, name: str) -> None:
-            self.name = name
+        def __init__(self, name: str, backend: str = "mixed") -> None:
+            self.name, self.backend = name, backend
 
         def __call__(self, x: torch.Tensor, called: QuantizedLinear) -> torch.Tensor:
             # recorded, not asserted here: compile_candidates swallows what a call raises
@@ -684,8 +684,11 @@ def test_the_tuners_candidates_can_be_compiled_side_by_side_first(monkeypatch: p
                 raise RuntimeError("out of resources")
             return x
 
-    monkeypatch.setattr(quantization, "candidates", lambda layer, m, dtype: [Recorder(n) for n in
-                                                                             ("first", "failing", "first")])
+    def candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> list[Recorder]:
+        return [Recorder("first"), Recorder("failing"), Recorder("cuBLAS", "scaled_mm"), Recorder("first"),
+                Recorder("cuBLAS", "dequantize")]
+
+    monkeypatch.setattr(quantization, "candidates", candidates)
     quantization.compile_candidates(layer, torch.bfloat16, [1, 8], threads=1)
     assert calls == []
     quantization.compile_candidates(layer, torch.bfloat16, [1, 8], threads=2)
@@ -696,8 +699,13 @@ def test_the_tuners_candidates_can_be_compiled_side_by_side_first(monkeypatch: p
     monkeypatch.setenv("XVERSE_COMPILE_THREADS", "eight")
     with pytest.raises(ValueError, match="XVERSE_COMPILE_THREADS takes a number of threads"):
         quantization._compile_threads()
-    monkeypatch.setenv("XVERSE_COMPILE_THREADS", "8")
+    monkeypatch.setenv("XVERSE_COMPILE_THREADS", "0")
+    assert quantization._compile_threads() == 0
+    monkeypatch.delenv("XVERSE_COMPILE_THREADS")
+    monkeypatch.setattr(quantization.os, "cpu_count", lambda: 16)
     assert quantization._compile_threads() == 8
+    monkeypatch.setattr(quantization.os, "cpu_count", lambda: 2)
+    assert quantization._compile_threads() == 2
 
 
 @pytest.mark.skipif(INTERPRET, reason="the tuner's candidates run on CUDA")

@@ -631,24 +631,30 @@ def plan_key(layer: QuantizedLinear, dtype: torch.dtype) -> tuple:
 
 
 def _compile_threads() -> int:
-    value = os.environ.get("XVERSE_COMPILE_THREADS", "0")
+    value = os.environ.get("XVERSE_COMPILE_THREADS")
+    if value is None:
+        return min(8, os.cpu_count() or 1)
     if not value.isdigit():
         raise ValueError(f"XVERSE_COMPILE_THREADS takes a number of threads (0: compile as timed), got {value!r}")
     return int(value)
 
 
 # Threads that call every tuning candidate once before the tuner times them one at a time, so that Triton
-# compiles them side by side: its compiler releases the GIL (on two CPU cores eight of mixed_gemm's kernels
-# compiled for sm_90 in 2.9 s on two threads, 6.6 s on one). 0 (the default): each kernel compiles on its first
-# timed call. Off until a GPU run has measured the first start with it and found the same plans.
+# compiles them side by side: its compiler releases the GIL. On an H100 machine with 16 CPU cores, int4's first
+# start (an empty Triton cache) took 37 s with 8 threads and 103 s with none, and the plans were the same but for
+# one near tie (bench/results/first_start_threads8_h100.json, first_start_threads0_h100.json). Default: 8, or
+# the CPU count if fewer; 0 or 1: none.
 COMPILE_THREADS = _compile_threads()
+# Candidates that call cuBLAS are left to the timing pass: PyTorch gives each thread its own cuBLAS handle and
+# workspace and keeps them after the thread ends (0.19 GiB more allocated after int4's load with 8 threads).
+CUBLAS_BACKENDS = frozenset({"cublas_int8", "scaled_mm", "dequantize", "reference"})
 
 
 def compile_candidates(layer: QuantizedLinear, dtype: torch.dtype, sizes: list[int],
                        threads: int | None = None) -> None:
-    """Calls each candidate once at each of `sizes` from `threads` threads (COMPILE_THREADS unless given; each call
-    compiles what it launches that is not compiled yet) and waits for them. A call that fails is left to the timing
-    pass, which calls it again and records why. Fewer than two threads: nothing to do."""
+    """Calls each candidate but cuBLAS's once at each of `sizes` from `threads` threads (COMPILE_THREADS unless
+    given; each call compiles what it launches that is not compiled yet) and waits for them. A call that fails is
+    left to the timing pass, which calls it again and records why. Fewer than two threads: nothing to do."""
     threads = COMPILE_THREADS if threads is None else threads
     if threads < 2:
         return
@@ -663,8 +669,10 @@ def compile_candidates(layer: QuantizedLinear, dtype: torch.dtype, sizes: list[i
         except Exception:  # noqa: BLE001 - timed (and its failure recorded) by measure_plan
             pass
 
+    jobs = [(m, kernel) for m in sizes for kernel in candidates(layer, m, dtype)
+            if kernel.backend not in CUBLAS_BACKENDS]
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(call, [(m, kernel) for m in sizes for kernel in candidates(layer, m, dtype)]))
+        list(pool.map(call, jobs))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
