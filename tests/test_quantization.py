@@ -702,10 +702,12 @@ def test_the_tuners_candidates_can_be_compiled_side_by_side_first(monkeypatch: p
     monkeypatch.setenv("XVERSE_COMPILE_THREADS", "0")
     assert quantization._compile_threads() == 0
     monkeypatch.delenv("XVERSE_COMPILE_THREADS")
-    monkeypatch.setattr(quantization.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(quantization, "_usable_cpus", lambda: 16)
     assert quantization._compile_threads() == 8
-    monkeypatch.setattr(quantization.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(quantization, "_usable_cpus", lambda: 2)
     assert quantization._compile_threads() == 2
+    monkeypatch.undo()
+    assert 1 <= quantization._usable_cpus() <= (os.cpu_count() or 1)
 
 
 @pytest.mark.skipif(INTERPRET, reason="the tuner's candidates run on CUDA")

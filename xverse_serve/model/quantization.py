@@ -630,10 +630,17 @@ def plan_key(layer: QuantizedLinear, dtype: torch.dtype) -> tuple:
             torch.cuda.get_device_name(layer.weight.device))
 
 
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, which a container's cpuset narrows), else all of them."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _compile_threads() -> int:
     value = os.environ.get("XVERSE_COMPILE_THREADS")
     if value is None:
-        return min(8, os.cpu_count() or 1)
+        return min(8, _usable_cpus())
     if not value.isdigit():
         raise ValueError(f"XVERSE_COMPILE_THREADS takes a number of threads (0: compile as timed), got {value!r}")
     return int(value)
@@ -643,7 +650,7 @@ def _compile_threads() -> int:
 # compiles them side by side: its compiler releases the GIL. On an H100 machine with 16 CPU cores, int4's first
 # start (an empty Triton cache) took 37 s with 8 threads and 103 s with none, and the plans were the same but for
 # one near tie (bench/results/first_start_threads8_h100.json, first_start_threads0_h100.json). Default: 8, or
-# the CPU count if fewer; 0 or 1: none.
+# the usable CPUs if fewer; 0 or 1: none.
 COMPILE_THREADS = _compile_threads()
 # Candidates that call cuBLAS are left to the timing pass: PyTorch gives each thread its own cuBLAS handle and
 # workspace and keeps them after the thread ends (0.19 GiB more allocated after int4's load with 8 threads).
