@@ -31,13 +31,12 @@ from xverse_serve.engine.memory_plan import StepPeaks, kv_cache_tokens_for_card,
 from xverse_serve.engine.messages import SamplingParams  # noqa: E402
 from xverse_serve.model.checkpoint import GenerationDefaults, ModelConfig  # noqa: E402
 from xverse_serve.model.quantization import (  # noqa: E402
-    L2_FLUSH_BYTES,
     QuantizedLinear,
     candidates,
     reference_matmul,
     relative_error,
-    time_call,
 )
+from xverse_serve.model.tuner import L2_FLUSH_BYTES, time_call  # noqa: E402
 from xverse_serve.model.xverse import XverseForCausalLM  # noqa: E402
 from xverse_serve.settings import Settings  # noqa: E402
 
@@ -233,7 +232,7 @@ def cold_time_us(fn: Callable[[], object], flush: torch.Tensor, repeats: int = 3
 
 def projection_bench_start() -> tuple[dict, torch.Tensor, torch.Generator]:
     """What a projection benchmark on the GPU starts from: its results (the card, torch, shapes to fill), the
-    buffer whose read empties L2 before each timed call (as quantization.time_call takes it), and a generator
+    buffer whose read empties L2 before each timed call (as tuner.time_call takes it), and a generator
     seeded 0 for its weights and activations."""
     device = torch.device("cuda")
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": {}}
@@ -244,7 +243,7 @@ def projection_bench_start() -> tuple[dict, torch.Tensor, torch.Generator]:
 def time_candidates(layer: QuantizedLinear, x: torch.Tensor, flush: torch.Tensor, graph: bool,
                     skip: tuple[str, ...] = ()) -> dict[str, float]:
     """ms by kernel of the start-up tuner's candidates for x's rows (those of a backend in `skip` left out), each
-    timed as the tuner times it (quantization.time_call, 30 calls) if its product is right (relative error under
+    timed as the tuner times it (tuner.time_call, 30 calls) if its product is right (relative error under
     1e-2); a candidate the card cannot run is left out."""
     reference = reference_matmul(x, layer)
     timed: dict[str, float] = {}

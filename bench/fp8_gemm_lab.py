@@ -3,7 +3,7 @@ batch sizes, on XVERSE-7B's projection shapes: the row-wise call the tuner's "sc
 the kernel, with and without fast accumulation) against cuBLAS's tensor-wise call (scales of 1) whose float32 or
 bf16 result is scaled per token and channel afterwards, and bf16 cuBLAS on the dense weight.
 
-Each call timed as the tuner times it (quantization.time_call: L2 emptied first, CUDA graphs up to 64 rows), the
+Each call timed as the tuner times it (tuner.time_call: L2 emptied first, CUDA graphs up to 64 rows), the
 activations' quantization included; each result checked against the float32 product of the dequantized weight.
 
     python bench/fp8_gemm_lab.py --out bench/results/fp8_gemm_lab_h100.json
@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from common import PROJECTION_SHAPES, projection_bench_start, write_results
 
 from xverse_serve.kernels.fused_ops import quantize_rows_fp8
-from xverse_serve.model import quantization
-from xverse_serve.model.quantization import relative_error, time_call
+from xverse_serve.model import quantization, tuner
+from xverse_serve.model.quantization import relative_error
+from xverse_serve.model.tuner import time_call
 
 
 def variants(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> dict:
@@ -64,7 +65,7 @@ def main() -> None:
         for m in args.rows:
             x = torch.randn(m, k, device=device, generator=gen).to(torch.bfloat16)
             reference = x.float() @ reference_weight.t()
-            graph = m <= quantization.GRAPH_TIMING_MAX_ROWS
+            graph = m <= tuner.GRAPH_TIMING_MAX_ROWS
             row: dict = {"bf16 cuBLAS": time_call(lambda: F.linear(x, dense), flush, 30, graph)}
             for label, fn in variants(x, weight, scale).items():
                 try:

@@ -4,7 +4,7 @@ int4 on XVERSE-7B's projection shapes, from decode batches (16 rows) to prefill 
 
     python bench/mixed_gemm_bench.py --out bench/results/mixed_gemm_h100.json
 
-Each call timed as the tuner times it (quantization.time_call: L2 emptied first, CUDA graphs up to 64 rows);
+Each call timed as the tuner times it (tuner.time_call: L2 emptied first, CUDA graphs up to 64 rows);
 every configuration of the sweep with split-K 1, 2, 4, 8 at up to 128 rows. Per shape and M: the bf16 time, the
 best other candidate and its time, the best mixed configuration and its time, and every mixed timing.
 """
@@ -19,8 +19,9 @@ import torch
 from common import PROJECTION_SHAPES, projection_bench_start, time_candidates, write_results
 
 from xverse_serve.kernels import mixed_gemm
-from xverse_serve.model import quantization
-from xverse_serve.model.quantization import QuantizedLinear, reference_matmul, relative_error, time_call
+from xverse_serve.model import tuner
+from xverse_serve.model.quantization import QuantizedLinear, reference_matmul, relative_error
+from xverse_serve.model.tuner import time_call
 
 # 64-token tiles with 4 warps as well as 8: one warpgroup's wgmma is 64 weight rows tall, so 8 warps on a 64-wide
 # weight tile cannot both use it.
@@ -56,7 +57,7 @@ def main() -> None:
             for m in args.rows:
                 x = torch.randn(m, k, device=device, generator=gen).to(torch.bfloat16)
                 reference = reference_matmul(x, layer)
-                graph = m <= quantization.GRAPH_TIMING_MAX_ROWS
+                graph = m <= tuner.GRAPH_TIMING_MAX_ROWS
                 row: dict = {"bf16 cuBLAS": time_call(lambda: torch.nn.functional.linear(x, dense), flush, 30, graph)}
                 others = time_candidates(layer, x, flush, graph, skip=("mixed",))
                 mixed: dict[str, float | str] = {}

@@ -33,7 +33,8 @@ from xverse_serve.engine.config import CacheConfig, SchedulerConfig
 from xverse_serve.engine.loader import assemble_engine
 from xverse_serve.kernels import pdl
 from xverse_serve.model.checkpoint import load_config
-from xverse_serve.model.quantization import TIMINGS, QuantizedLinear, one_row_options, plan_key
+from xverse_serve.model.quantization import QuantizedLinear
+from xverse_serve.model.tuner import TIMINGS, one_row_options, plan_key
 from xverse_serve.model.xverse import XverseForCausalLM, load_model
 
 FAMILIES = {"none": ("gemv",), "int8": ("gemv", "dp4a", "tuned"), "int4": ("dp4a", "dp4a_one_part", "tuned"),

@@ -26,13 +26,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from xverse_serve.kernels import quant_matmul
 from xverse_serve.kernels.mixed_gemm import _int4_floats
-from xverse_serve.model import quantization
-from xverse_serve.model.quantization import (
-    QuantizedLinear,
-    reference_matmul,
-    relative_error,
-    time_call,
-)
+from xverse_serve.model import tuner
+from xverse_serve.model.quantization import QuantizedLinear, reference_matmul, relative_error
+from xverse_serve.model.tuner import time_call
 
 
 @triton.jit
@@ -230,7 +226,7 @@ def main() -> None:
     started = time.perf_counter()
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                      "triton": triton.__version__, "configs": CONFIGS}
-    flush = torch.empty(quantization.L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    flush = torch.empty(tuner.L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
     gen = torch.Generator(device="cuda").manual_seed(0)
     if "overlap" not in args.skip:
         results["overlap"] = overlap(args, gen)

@@ -47,7 +47,7 @@ from xverse_serve.engine.memory_plan import kv_cache_tokens_for_card, measure_st
 from xverse_serve.engine.messages import SamplingParams
 from xverse_serve.engine.runner import ModelRunner
 from xverse_serve.engine.scheduler import ScheduledSequence, Sequence
-from xverse_serve.model import quantization
+from xverse_serve.model import quantization, tuner
 from xverse_serve.model.checkpoint import load_config
 from xverse_serve.model.kv_cache import KVCache
 from xverse_serve.model.quantization import (
@@ -56,8 +56,8 @@ from xverse_serve.model.quantization import (
     candidates,
     reference_matmul,
     relative_error,
-    time_call,
 )
+from xverse_serve.model.tuner import time_call
 from xverse_serve.model.xverse import XverseForCausalLM, load_model
 from xverse_serve.settings import Settings
 
@@ -221,14 +221,14 @@ def run_configs(model_dir: Path, device: torch.device, args: argparse.Namespace,
 def tuning_table(model: XverseForCausalLM) -> dict:
     """The start-up tuning's choices and timings for this model's layer shapes."""
     table = {}
-    for key, plan in quantization._PLANS.items():
+    for key, plan in tuner._PLANS.items():
         scheme, n, k = key[0], key[1], key[2]
         if not any(isinstance(m, QuantizedLinear) and (m.scheme, m.out_features, m.in_features) == (scheme, n, k)
                    for m in model.modules()):
             continue
         table[f"{scheme} {n}x{k} {key[4]}"] = {
             "plan": [[m, str(kernel)] for m, kernel in plan],
-            "timings_ms": {str(m): t for m, t in quantization.TIMINGS[key].items()},
+            "timings_ms": {str(m): t for m, t in tuner.TIMINGS[key].items()},
         }
     return table
 
@@ -298,7 +298,7 @@ def tinygemm(layer: QuantizedLinear):
 
 def bench_kernels(device: torch.device, args: argparse.Namespace, results: dict) -> None:
     """Each matmul candidate at M = 1, 64, 512 for each layer shape, with bf16 cuBLAS beside it."""
-    flush = torch.empty(quantization.L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
+    flush = torch.empty(tuner.L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
     shapes = PROJECTION_SHAPES
     if args.quick:
         shapes = {name: shapes[name] for name in ("o_proj", "gate_up_proj")}

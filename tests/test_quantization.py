@@ -51,8 +51,6 @@ from xverse_serve.model.quantization import (
     dequantize_fp8,
     dequantize_int4,
     dequantize_int8,
-    one_row_family,
-    one_row_options,
     quantize_fp8,
     quantize_int4,
     quantize_int8,
@@ -61,6 +59,7 @@ from xverse_serve.model.quantization import (
     relative_error,
     unpack_int4,
 )
+from xverse_serve.model.tuner import one_row_family, one_row_options  # noqa: E402
 from xverse_serve.model.xverse import XverseForCausalLM, load_model  # noqa: E402
 from xverse_serve.settings import parse_settings  # noqa: E402
 
@@ -660,12 +659,12 @@ def test_every_quantized_matmul_kernel_compiles_for_hopper_without_register_spil
 
 
 def test_the_tuners_candidates_can_be_compiled_side_by_side_first(monkeypatch: pytest.MonkeyPatch) -> None:
-    # quantization.compile_candidates calls every candidate but cuBLAS's once at each size from a pool of threads
+    # tuner.compile_candidates calls every candidate but cuBLAS's once at each size from a pool of threads
     # before the tuner times them: each call must happen, two at once (a barrier that one thread alone would never
     # pass), a failing one must not stop the rest, and with fewer than two threads nothing is called.
     import threading
 
-    from xverse_serve.model import quantization
+    from xverse_serve.model import tuner
 
     layer = QuantizedLinear(256, 128, "int8")
     calls: list[tuple] = []
@@ -688,40 +687,40 @@ def test_the_tuners_candidates_can_be_compiled_side_by_side_first(monkeypatch: p
         return [Recorder("first"), Recorder("failing"), Recorder("cuBLAS", "scaled_mm"), Recorder("first"),
                 Recorder("cuBLAS", "dequantize")]
 
-    monkeypatch.setattr(quantization, "candidates", candidates)
-    quantization.compile_candidates(layer, torch.bfloat16, [1, 8], threads=1)
+    monkeypatch.setattr(tuner, "candidates", candidates)
+    tuner.compile_candidates(layer, torch.bfloat16, [1, 8], threads=1)
     assert calls == []
-    quantization.compile_candidates(layer, torch.bfloat16, [1, 8], threads=2)
+    tuner.compile_candidates(layer, torch.bfloat16, [1, 8], threads=2)
     assert sorted(call[:2] for call in calls) == sorted((m, name) for m in (1, 8)
                                                         for name in ("first", "failing", "first"))
     assert {call[2:] for call in calls} == {(256, torch.bfloat16, True)}
     assert not both_running.broken  # the "first" calls ran two at a time
     monkeypatch.setenv("XVERSE_COMPILE_THREADS", "eight")
     with pytest.raises(ValueError, match="XVERSE_COMPILE_THREADS takes a number of threads"):
-        quantization._compile_threads()
+        tuner._compile_threads()
     monkeypatch.setenv("XVERSE_COMPILE_THREADS", "0")
-    assert quantization._compile_threads() == 0
+    assert tuner._compile_threads() == 0
     monkeypatch.delenv("XVERSE_COMPILE_THREADS")
-    monkeypatch.setattr(quantization, "_usable_cpus", lambda: 16)
-    assert quantization._compile_threads() == 8
-    monkeypatch.setattr(quantization, "_usable_cpus", lambda: 2)
-    assert quantization._compile_threads() == 2
+    monkeypatch.setattr(tuner, "_usable_cpus", lambda: 16)
+    assert tuner._compile_threads() == 8
+    monkeypatch.setattr(tuner, "_usable_cpus", lambda: 2)
+    assert tuner._compile_threads() == 2
     monkeypatch.undo()
-    assert 1 <= quantization._usable_cpus() <= (os.cpu_count() or 1)
+    assert 1 <= tuner._usable_cpus() <= (os.cpu_count() or 1)
 
 
 @pytest.mark.skipif(INTERPRET, reason="the tuner's candidates run on CUDA")
 @pytest.mark.parametrize("scheme", ["int8", "int4", "fp8"])
 def test_candidates_compiled_side_by_side_give_the_plans_products(scheme: str) -> None:
     # After the threads' pass, each candidate the tuner keeps multiplies as the reference does.
-    from xverse_serve.model import quantization
+    from xverse_serve.model import quantization, tuner
 
     if scheme == "fp8" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 tensor cores: compute capability 8.9+")
     layer = QuantizedLinear(1024, 640, scheme).to(DEVICE)
     layer.load_rows(0, torch.randn(640, 1024, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16) * 0.03)
-    quantization.compile_candidates(layer, torch.bfloat16, [1, 2, 40], threads=4)
-    plan, _ = quantization.measure_plan(layer, torch.bfloat16)
+    tuner.compile_candidates(layer, torch.bfloat16, [1, 2, 40], threads=4)
+    plan, _ = tuner.measure_plan(layer, torch.bfloat16)
     for m in (1, 2, 40):
         x = torch.randn(m, 1024, device=DEVICE).to(torch.bfloat16)
         kernel = next(kernel for bound, kernel in plan if m <= bound)

@@ -56,7 +56,7 @@ class OneRowProjection:
 
     in_features: int
     one_row: str | None = "gemv"
-    # The dp4a families' GEMV shape (quantization.one_row_options, dp4a_arguments: split_k, block_g).
+    # The dp4a families' GEMV shape (tuner.one_row_options, dp4a_arguments: split_k, block_g).
     one_row_options: tuple[tuple[str, int], ...] = ()
 
     def gemv_operands(self) -> tuple[torch.Tensor, torch.Tensor | None]:

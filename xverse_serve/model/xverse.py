@@ -26,7 +26,8 @@ from .attention import AttentionBatch, paged_attention, write_kv
 from .checkpoint import CheckpointError, ModelConfig, is_skipped_tensor, iter_shard_tensors
 from .kv_cache import LayerCache
 from .one_row import FUSED_KERNELS, OneRowProjection, gemv_kernels
-from .quantization import QuantizedEmbedding, QuantizedLinear, replace_linear, tune
+from .quantization import QuantizedEmbedding, QuantizedLinear, replace_linear
+from .tuner import tune
 
 
 def fused_ops(t: torch.Tensor) -> ModuleType | None:
@@ -351,7 +352,7 @@ def load_model(model_dir: Path, config: ModelConfig, device: torch.device, dtype
     """Builds the model on `device` and fills it shard by shard: no second full copy in host memory. With
     quantize int8/int4, each projection tensor is quantized on `device` as it arrives (a slice of rows at a
     time), so the device never holds the model in full precision; on CUDA the quantized matmul kernels are
-    then chosen by timing (quantization.tune)."""
+    then chosen by timing (tuner.tune)."""
     with torch.device("meta"):
         # The dtype is set while still on meta: a float32 copy would not fit where the bf16 model just does.
         model = XverseForCausalLM(config).to(dtype)
