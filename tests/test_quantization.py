@@ -51,6 +51,7 @@ from xverse_serve.model.quantization import (
     dequantize_fp8,
     dequantize_int4,
     dequantize_int8,
+    kernel_for,
     quantize_fp8,
     quantize_int4,
     quantize_int8,
@@ -707,6 +708,52 @@ def test_the_tuners_candidates_can_be_compiled_side_by_side_first(monkeypatch: p
     assert tuner._compile_threads() == 2
     monkeypatch.undo()
     assert 1 <= tuner._usable_cpus() <= (os.cpu_count() or 1)
+
+
+def test_the_tuner_keeps_the_fastest_right_kernel_per_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    # tuner.measure_plan with made-up kernels and timings: at each size the fastest kernel whose product is right,
+    # a faster wrong one rejected and a failing one recorded, neighbouring sizes with the same kernel merged into
+    # one entry (the largest M it serves), and the PyTorch reference where nothing works.
+    from xverse_serve.model import tuner
+
+    layer = QuantizedLinear(256, 128, "int8")
+    layer.load_rows(0, torch.randn(128, 256, generator=torch.Generator().manual_seed(5)) * 0.05)
+    last_call: list = [None, 0]  # the kernel and rows of the latest call, which the fake time_call times
+
+    class Fake:
+        backend = "mixed"
+
+        def __init__(self, name: str, ms: dict[int, float], wrong: bool = False) -> None:
+            self.name, self.ms, self.wrong = name, ms, wrong  # a size missing from ms: the kernel raises there
+
+        def __call__(self, x: torch.Tensor, called: QuantizedLinear) -> torch.Tensor:
+            last_call[:] = [self, x.shape[0]]
+            if x.shape[0] not in self.ms:
+                raise RuntimeError("out of resources\nmore")
+            y = reference_matmul(x, called)
+            return y * 1.5 if self.wrong else y
+
+        def __str__(self) -> str:
+            return self.name
+
+    def time_call(fn, flush: torch.Tensor, graph: bool = True) -> float:
+        fn()
+        kernel, m = last_call
+        return kernel.ms[m]
+
+    fast_wrong = Fake("fast_wrong", {1: 0.001, 2: 0.001, 4: 0.001, 8: 0.001}, wrong=True)
+    small = Fake("small", {1: 0.010, 2: 0.012, 4: 0.030})
+    large = Fake("large", {1: 0.020, 2: 0.020, 4: 0.020})
+    monkeypatch.setattr(tuner, "TUNE_SIZES", (1, 2, 4, 8))
+    monkeypatch.setattr(tuner, "L2_FLUSH_BYTES", 1024)
+    monkeypatch.setattr(tuner, "candidates", lambda layer, m, dtype: [fast_wrong, small, large])
+    monkeypatch.setattr(tuner, "time_call", time_call)
+    plan, timings = tuner.measure_plan(layer, torch.float32)
+    assert plan == ((2, small), (4, large), (8, MatmulKernel("reference")))
+    assert kernel_for(plan, 3) is large and kernel_for(plan, 100) == MatmulKernel("reference")
+    assert timings[1] == {"fast_wrong": timings[1]["fast_wrong"], "small": 0.010, "large": 0.020}
+    assert timings[1]["fast_wrong"] == "rejected: relative error 5.00e-01"
+    assert timings[8]["small"] == "failed: RuntimeError: out of resources"
 
 
 @pytest.mark.skipif(INTERPRET, reason="the tuner's candidates run on CUDA")
