@@ -35,7 +35,6 @@ from xverse_serve.model.tuner import time_call
 # consumer warpgroup's and Triton adds the others (12 warps in all); (128, 256, 64) spills without it.
 CONFIGS = [(128, 128, 128, 8, 3, 0), (128, 128, 64, 8, 4, 0), (64, 128, 128, 4, 4, 0), (128, 128, 128, 4, 3, 1),
            (64, 128, 128, 4, 4, 1), (128, 128, 64, 4, 4, 1), (64, 256, 128, 4, 3, 1)]
-HANG_S = 40  # a configuration's process is stopped after this long: compile, check and time take ~10 s
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -121,6 +120,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[64, 512, 2048])
     parser.add_argument("--shapes", nargs="+", default=["qkv_proj"], choices=sorted(PROJECTION_SHAPES))
+    parser.add_argument("--hang-s", type=float, default=40.0,
+                        help="a configuration's process is stopped after this long (compile, check and time: ~10 s)")
     parser.add_argument("--one", nargs=3, metavar=("SHAPE", "ROWS", "CONFIG"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -135,16 +136,16 @@ def main() -> None:
             for config in CONFIGS:
                 try:
                     done = subprocess.run([sys.executable, __file__, "--one", shape, str(m), json.dumps(config)],
-                                          capture_output=True, text=True, timeout=HANG_S)
+                                          capture_output=True, text=True, timeout=args.hang_s)
                     lines, errors = done.stdout.strip().splitlines(), done.stderr.strip().splitlines()
                     row[f"tma {config}"] = json.loads(lines[-1]) if done.returncode == 0 and lines else (
                         f"failed: {errors[-1][:200] if errors else done.returncode}")
                 except subprocess.TimeoutExpired:
-                    row[f"tma {config}"] = f"hung: no result in {HANG_S} s"
+                    row[f"tma {config}"] = f"hung: no result in {args.hang_s:g} s"
                 print(shape, m, config, row[f"tma {config}"], flush=True)
-            results["shapes"].setdefault(shape, {})[str(m)] = row
+                results["shapes"].setdefault(shape, {})[str(m)] = row
+                write_results(results, args.out)
             print(shape, m, {key: value for key, value in row.items() if not key.startswith("tma")}, flush=True)
-            write_results(results, args.out)
     write_results(results, args.out)
 
 
