@@ -1,0 +1,157 @@
+"""Lab: CUTLASS's Hopper mixed-input GEMM for our int8 and int4 weights (bench/cutlass_mixed/), against bf16 cuBLAS
+and the start-up tuner's best candidate, at decode and prefill sizes. Lab code: nothing here is served.
+
+    python bench/cutlass_mixed_lab.py [--rows 64 512 2048] [--shapes ...] [--skip-tuner] [--out FILE]
+
+Why: int8's and int4's first token of 512 (1.3-1.4x bf16's on an H100) is set by their prefill GEMMs, 1.4-1.8x
+cuBLAS's bf16 time, and Triton 3.6 does not warp-specialise a kernel that dequantizes in registers
+(docs/quantization.md). CUTLASS's mixed-input mainloop does: a producer warp copies the tiles by TMA while two
+consumer warpgroups convert (and scale) the weights in registers and run the MMAs.
+
+It needs a CUDA compiler (nvcc, with ninja) and CUTLASS's headers, which the `nvidia-cutlass` wheel carries
+(`cutlass_library/source/include`); torch's cpp_extension builds the extension for sm_90a on first use (a few
+minutes) into --build-dir. Its scales and zeros are bf16 and laid out [groups, N] (CUTLASS reads them along N),
+so this lab converts and transposes ours per call, outside the timing; int8's per-row scale is one group spanning K.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import time
+from pathlib import Path
+
+import torch
+from common import PROJECTION_SHAPES, projection_bench_start, time_candidates, write_results
+
+from xverse_serve.model.quantization import QuantizedLinear, reference_matmul, relative_error
+from xverse_serve.model.tuner import time_call
+
+SOURCES = Path(__file__).resolve().parent / "cutlass_mixed"
+# config id -> (weight rows, tokens, K) of the tile and its schedule, as cutlass_mixed/mixed_gemm.cuh lists them
+CONFIGS = {0: "128x128x64 cooperative", 1: "128x256x64 cooperative", 2: "64x128x64 pingpong",
+           3: "128x64x64 cooperative"}
+
+
+def cutlass_include() -> list[str]:
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("CUTLASS's headers come with the nvidia-cutlass wheel: pip install nvidia-cutlass")
+    source = Path(next(iter(spec.submodule_search_locations))) / "source"
+    return [str(source / "include"), str(source / "tools" / "util" / "include")]
+
+
+# Each (format, config) instantiated in a translation unit of its own, so that ninja compiles them side by side
+# (a CUTLASS Hopper GEMM takes about two minutes of one core).
+UNIT = {
+    "int8": "template void xverse_lab::int8_config<{c}>(at::Tensor const&, at::Tensor const&, at::Tensor const&, "
+            "at::Tensor&);\n",
+    "int4": "template void xverse_lab::int4_config<{c}>(at::Tensor const&, at::Tensor const&, at::Tensor const&, "
+            "at::Tensor const&, int64_t, at::Tensor&);\n",
+}
+
+
+# torch's extensions build with CUDA's half and bfloat16 operators and conversions turned off; CUTLASS uses them.
+CUDA_TYPES = [f"-U__CUDA_NO_{name}__" for name in ("HALF_OPERATORS", "HALF_CONVERSIONS", "HALF2_OPERATORS",
+                                                   "BFLOAT16_OPERATORS", "BFLOAT16_CONVERSIONS", "BFLOAT162_OPERATORS")]
+
+
+def build(build_dir: Path):
+    from torch.utils.cpp_extension import load
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")  # wgmma and setmaxnreg need the sm_90a target
+    os.environ.setdefault("MAX_JOBS", str(len(os.sched_getaffinity(0))))
+    units = build_dir / "units"
+    units.mkdir(parents=True, exist_ok=True)
+    sources = [str(SOURCES / "binding.cpp")]
+    for scheme, line in UNIT.items():
+        for config in CONFIGS:
+            unit = units / f"{scheme}_{config}.cu"
+            text = f'#include "{SOURCES / "mixed_gemm.cuh"}"\n\n' + line.format(c=config)
+            if not unit.exists() or unit.read_text() != text:  # unchanged units keep ninja's objects
+                unit.write_text(text)
+            sources.append(str(unit))
+    started = time.perf_counter()
+    module = load(name="xverse_cutlass_mixed", build_directory=str(build_dir), verbose=False, sources=sources,
+                  extra_include_paths=[str(SOURCES), *cutlass_include()],
+                  extra_cuda_cflags=["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG", *CUDA_TYPES])
+    return module, time.perf_counter() - started
+
+
+def operands(layer: QuantizedLinear) -> tuple[torch.Tensor, ...]:
+    """The layer's weight as stored, with its scales (and int4's zeros) in bf16 as [groups, N]."""
+    if layer.scheme == "int8":
+        return layer.weight, layer.weight_scale.reshape(1, -1).to(torch.bfloat16).contiguous()
+    return (layer.weight, layer.weight_scale.t().to(torch.bfloat16).contiguous(),
+            layer.weight_offset.t().to(torch.bfloat16).contiguous())
+
+
+def cutlass_matmul(module, layer: QuantizedLinear, ops: tuple[torch.Tensor, ...], x: torch.Tensor,
+                   config: int) -> torch.Tensor:
+    y = torch.empty(x.shape[0], layer.out_features, dtype=torch.bfloat16, device=x.device)
+    if layer.scheme == "int8":
+        module.int8_gemm(config, x, ops[0], ops[1], y)
+    else:
+        module.int4_gemm(config, x, ops[0], ops[1], ops[2], layer.group_size, y)
+    return y
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[64, 512, 2048])
+    parser.add_argument("--shapes", nargs="+", default=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+                        choices=sorted(PROJECTION_SHAPES))
+    parser.add_argument("--skip-tuner", action="store_true", help="leave out the tuner's candidates")
+    parser.add_argument("--build-dir", type=Path, default=Path("/tmp/xverse_cutlass_build"))
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    results, flush, gen = projection_bench_start()
+    module, results["build_s"] = build(args.build_dir)
+    print(f"built in {results['build_s']:.0f} s", flush=True)
+    for name in args.shapes:
+        n, k = PROJECTION_SHAPES[name]
+        dense = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
+        layers = {}
+        for scheme in ("int8", "int4"):
+            layers[scheme] = QuantizedLinear(k, n, scheme).cuda()
+            layers[scheme].load_rows(0, dense)
+        for m in args.rows:
+            x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
+            row: dict = {"bf16 cuBLAS": time_call(lambda: torch.nn.functional.linear(x, dense), flush, 30, False)}
+            for scheme, layer in layers.items():
+                reference = reference_matmul(x, layer)
+                ops = operands(layer)
+                for config, label in CONFIGS.items():
+                    key = f"{scheme} cutlass {label}"
+                    try:
+                        def run(layer=layer, ops=ops, config=config):
+                            return cutlass_matmul(module, layer, ops, x, config)
+                        error = relative_error(run(), reference)
+                        row[key] = time_call(run, flush, 30, False) if error < 1e-2 else f"wrong: {error:.3g}"
+                        row[key + " error"] = error
+                    except RuntimeError as exc:  # this tile cannot take the shape
+                        row[key] = f"failed: {str(exc).splitlines()[0][:160]}"
+                if not args.skip_tuner:
+                    timed = time_candidates(layer, x, flush, False)
+                    if timed:
+                        best = min(timed, key=timed.get)
+                        row[f"{scheme} tuned {best}"] = timed[best]
+            summary = {}
+            for scheme in ("int8", "int4"):
+                for kind in ("cutlass", "tuned"):
+                    timed = {key: v for key, v in row.items()
+                             if key.startswith(f"{scheme} {kind}") and isinstance(v, float) and "error" not in key}
+                    if timed:
+                        key = min(timed, key=timed.get)
+                        summary[f"{scheme} {kind}"] = (key, round(timed[key] * 1000, 1),
+                                                       round(timed[key] / row["bf16 cuBLAS"], 3))
+            row["best"] = summary
+            results["shapes"].setdefault(name, {})[str(m)] = row
+            print(name, m, f"cuBLAS {row['bf16 cuBLAS'] * 1000:.1f} us", summary, flush=True)
+            write_results(results, args.out)
+    write_results(results, args.out)
+
+
+if __name__ == "__main__":
+    main()
