@@ -12,6 +12,9 @@ template <int Config>
 void int8_config(at::Tensor const& x, at::Tensor const& weight, at::Tensor const& scale, at::Tensor& y);
 
 template <int Config>
+void fp8_config(at::Tensor const& x, at::Tensor const& weight, at::Tensor const& scale, at::Tensor& y);
+
+template <int Config>
 void int4_config(at::Tensor const& x, at::Tensor const& weight, at::Tensor const& scale, at::Tensor const& zero,
                  int64_t group, at::Tensor& y);
 

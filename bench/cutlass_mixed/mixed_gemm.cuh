@@ -25,7 +25,7 @@ namespace xverse_lab {
 
 using namespace cute;
 
-// Weight: int8_t (its scale per row: one group spanning K) or uint4b_t (scale and zero per group of K:
+// Weight: int8_t or float_e4m3_t (its scale per row: one group spanning K) or uint4b_t (scale and zero per group of K:
 // w = q * scale + zero, q in 0..15, our int4 format). Scales and zeros are bf16, the MMA's type, laid out
 // [groups, N] (N contiguous: CUTLASS reads them MN-major).
 template <class Weight, bool WithZero, class Tile, class Schedule, class EpilogueSchedule>
@@ -118,6 +118,11 @@ void run_config(at::Tensor const& x, at::Tensor const& weight, at::Tensor const&
 template <int Config>
 void int8_config(at::Tensor const& x, at::Tensor const& weight, at::Tensor const& scale, at::Tensor& y) {
   run_config<int8_t, false, Config>(x, weight, scale, c10::nullopt, x.size(1), y);
+}
+
+template <int Config>
+void fp8_config(at::Tensor const& x, at::Tensor const& weight, at::Tensor const& scale, at::Tensor& y) {
+  run_config<cutlass::float_e4m3_t, false, Config>(x, weight, scale, c10::nullopt, x.size(1), y);
 }
 
 template <int Config>
