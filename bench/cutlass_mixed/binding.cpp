@@ -1,36 +1,32 @@
+#include <type_traits>
+
 #include "api.h"
 
 namespace {
 
-void int8_gemm(int64_t config, at::Tensor const& x, at::Tensor const& weight, at::Tensor const& scale, at::Tensor& y) {
+// call(std::integral_constant<int, config>) for a config id given at run time
+template <class Call>
+void by_config(int64_t config, Call&& call) {
   switch (config) {
-    case 0: return xverse_lab::int8_config<0>(x, weight, scale, y);
-    case 1: return xverse_lab::int8_config<1>(x, weight, scale, y);
-    case 2: return xverse_lab::int8_config<2>(x, weight, scale, y);
-    case 3: return xverse_lab::int8_config<3>(x, weight, scale, y);
+    case 0: return call(std::integral_constant<int, 0>{});
+    case 1: return call(std::integral_constant<int, 1>{});
+    case 2: return call(std::integral_constant<int, 2>{});
+    case 3: return call(std::integral_constant<int, 3>{});
     default: TORCH_CHECK(false, "config ids are 0-", xverse_lab::kConfigs - 1, ", got ", config);
   }
 }
 
+void int8_gemm(int64_t config, at::Tensor const& x, at::Tensor const& weight, at::Tensor const& scale, at::Tensor& y) {
+  by_config(config, [&](auto c) { xverse_lab::int8_config<decltype(c)::value>(x, weight, scale, y); });
+}
+
 void fp8_gemm(int64_t config, at::Tensor const& x, at::Tensor const& weight, at::Tensor const& scale, at::Tensor& y) {
-  switch (config) {
-    case 0: return xverse_lab::fp8_config<0>(x, weight, scale, y);
-    case 1: return xverse_lab::fp8_config<1>(x, weight, scale, y);
-    case 2: return xverse_lab::fp8_config<2>(x, weight, scale, y);
-    case 3: return xverse_lab::fp8_config<3>(x, weight, scale, y);
-    default: TORCH_CHECK(false, "config ids are 0-", xverse_lab::kConfigs - 1, ", got ", config);
-  }
+  by_config(config, [&](auto c) { xverse_lab::fp8_config<decltype(c)::value>(x, weight, scale, y); });
 }
 
 void int4_gemm(int64_t config, at::Tensor const& x, at::Tensor const& weight, at::Tensor const& scale,
                at::Tensor const& zero, int64_t group, at::Tensor& y) {
-  switch (config) {
-    case 0: return xverse_lab::int4_config<0>(x, weight, scale, zero, group, y);
-    case 1: return xverse_lab::int4_config<1>(x, weight, scale, zero, group, y);
-    case 2: return xverse_lab::int4_config<2>(x, weight, scale, zero, group, y);
-    case 3: return xverse_lab::int4_config<3>(x, weight, scale, zero, group, y);
-    default: TORCH_CHECK(false, "config ids are 0-", xverse_lab::kConfigs - 1, ", got ", config);
-  }
+  by_config(config, [&](auto c) { xverse_lab::int4_config<decltype(c)::value>(x, weight, scale, zero, group, y); });
 }
 
 }  // namespace
