@@ -34,7 +34,7 @@ SOURCES = Path(__file__).resolve().parent / "cutlass_mixed"
 # config id -> (weight rows, tokens, K) of the tile and its schedule, as cutlass_mixed/mixed_gemm.cuh lists them
 SCHEMES = ("int8", "int4", "fp8")
 CONFIGS = {0: "128x128x64 cooperative", 1: "128x256x64 cooperative", 2: "64x128x64 pingpong",
-           3: "128x64x64 cooperative"}
+           3: "128x64x64 cooperative", 4: "128x64x64 cooperative stream-K"}
 
 
 def cutlass_include() -> list[str]:
@@ -80,7 +80,7 @@ def build(build_dir: Path):
     started = time.perf_counter()
     module = load(name="xverse_cutlass_mixed", build_directory=str(build_dir), verbose=False, sources=sources,
                   extra_include_paths=[str(SOURCES), *cutlass_include()],
-                  extra_cuda_cflags=["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG", *CUDA_TYPES])
+                  extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "-DNDEBUG", *CUDA_TYPES])
     return module, time.perf_counter() - started
 
 

@@ -6,7 +6,7 @@
 
 namespace xverse_lab {
 
-constexpr int kConfigs = 4;
+constexpr int kConfigs = 5;
 
 template <int Config>
 void int8_config(at::Tensor const& x, at::Tensor const& weight, at::Tensor const& scale, at::Tensor& y);

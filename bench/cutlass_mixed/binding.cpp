@@ -12,6 +12,7 @@ void by_config(int64_t config, Call&& call) {
     case 1: return call(std::integral_constant<int, 1>{});
     case 2: return call(std::integral_constant<int, 2>{});
     case 3: return call(std::integral_constant<int, 3>{});
+    case 4: return call(std::integral_constant<int, 4>{});
     default: TORCH_CHECK(false, "config ids are 0-", xverse_lab::kConfigs - 1, ", got ", config);
   }
 }

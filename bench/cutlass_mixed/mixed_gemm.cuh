@@ -28,7 +28,8 @@ using namespace cute;
 // Weight: int8_t or float_e4m3_t (its scale per row: one group spanning K) or uint4b_t (scale and zero per group of K:
 // w = q * scale + zero, q in 0..15, our int4 format). Scales and zeros are bf16, the MMA's type, laid out
 // [groups, N] (N contiguous: CUTLASS reads them MN-major).
-template <class Weight, bool WithZero, class Tile, class Schedule, class EpilogueSchedule>
+template <class Weight, bool WithZero, class Tile, class Schedule, class EpilogueSchedule,
+          class Scheduler = void>
 struct MixedGemm {
   using Act = cutlass::bfloat16_t;
   using Scale = cutlass::bfloat16_t;
@@ -54,7 +55,7 @@ struct MixedGemm {
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
       Schedule>::CollectiveOp;
 
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue>;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue, Scheduler>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
   // x [M, K] bf16, weight [N, K] int8 or [N, K / 2] uint8 (two nibbles a byte, k = 2j low), scale and zero
@@ -108,10 +109,14 @@ void run_config(at::Tensor const& x, at::Tensor const& weight, at::Tensor const&
   } else if constexpr (Config == 2) {
     MixedGemm<Weight, WithZero, Shape<_64, _128, _64>, Pingpong, PingpongEpilogue>::run(x, weight, scale, zero, group,
                                                                                          y);
-  } else {
-    static_assert(Config == 3, "config ids are 0-3");
+  } else if constexpr (Config == 3) {
     MixedGemm<Weight, WithZero, Shape<_128, _64, _64>, Cooperative, CooperativeEpilogue>::run(x, weight, scale, zero,
                                                                                                group, y);
+  } else {
+    // Stream-K: at 64 tokens an N of 4,096 makes 32 output tiles for 132 SMs; K is shared out among the CTAs.
+    static_assert(Config == 4, "config ids are 0-4");
+    MixedGemm<Weight, WithZero, Shape<_128, _64, _64>, Cooperative, CooperativeEpilogue,
+              cutlass::gemm::StreamKScheduler>::run(x, weight, scale, zero, group, y);
   }
 }
 
