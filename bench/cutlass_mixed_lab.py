@@ -31,8 +31,8 @@ from xverse_serve.model.quantization import QuantizedLinear, reference_matmul, r
 from xverse_serve.model.tuner import time_call
 
 SOURCES = Path(__file__).resolve().parent / "cutlass_mixed"
-# config id -> (weight rows, tokens, K) of the tile and its schedule, as cutlass_mixed/mixed_gemm.cuh lists them
 SCHEMES = ("int8", "int4", "fp8")
+# config id -> (weight rows, tokens, K) of the tile and its schedule, as cutlass_mixed/mixed_gemm.cuh lists them
 CONFIGS = {0: "128x128x64 cooperative", 1: "128x256x64 cooperative", 2: "64x128x64 pingpong",
            3: "128x64x64 cooperative", 4: "128x64x64 cooperative stream-K"}
 
