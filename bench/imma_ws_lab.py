@@ -43,30 +43,15 @@ def _rows_tma_kernel(parts_desc, w_desc, s_ptr, ws_ptr, y_ptr, M, N, stride_ym, 
                      STAGES: tl.constexpr, WS: tl.constexpr):
     # imma_gemm._rows_kernel's product. parts_desc: the high parts' rows, then the low parts' ([2M, K]); a high
     # tile past M reads low rows, whose products the store leaves out, and a low tile past 2M reads zeros.
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = imma_gemm._tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc_hi = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     acc_lo = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES, warp_specialize=WS):
         w = w_desc.load([pid_n * BLOCK_N, k0])
         acc_hi = tl.dot(parts_desc.load([pid_m * BLOCK_M, k0]), w.T, acc_hi, out_dtype=tl.int32)
         acc_lo = tl.dot(parts_desc.load([M + pid_m * BLOCK_M, k0]), w.T, acc_lo, out_dtype=tl.int32)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    scale = tl.load(s_ptr + tl.minimum(rows, M - 1))[:, None] * tl.load(ws_ptr + tl.minimum(outs, N - 1))[None, :]
-    y = (acc_hi.to(tl.float32) * 256.0 + acc_lo.to(tl.float32)) * scale
-    tl.store(y_ptr + rows[:, None] * stride_ym + outs[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=(rows < M)[:, None] & (outs < N)[None, :])
-
-
-@triton.jit
-def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    # imma_gemm._tile's order: groups of GROUP_M row tiles that share their weight tiles in L2
-    pid = tl.program_id(0)
-    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * tiles_n
-    first_m = (pid // width) * GROUP_M
-    size_m = min(tiles_m - first_m, GROUP_M)
-    return first_m + (pid % width) % size_m, (pid % width) // size_m
+    rows, outs, rows_in, outs_in = imma_gemm._tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    imma_gemm._store_rows(acc_hi, acc_lo, s_ptr, ws_ptr, y_ptr, rows, outs, rows_in, outs_in, M, N, stride_ym)
 
 
 def tma_matmul(x: torch.Tensor, layer: QuantizedLinear, config: tuple[int, ...]) -> tuple[torch.Tensor, object]:

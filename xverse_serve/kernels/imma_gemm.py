@@ -97,16 +97,24 @@ def _split_parts(x: torch.Tensor, group: int = 0) -> tuple[torch.Tensor, torch.T
 
 
 @triton.jit
-def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """This program's rows and output channels, in groups of GROUP_M row tiles that share their weight tiles in
-    L2; indices past M or N are clamped (loads stay in bounds; the store masks them)."""
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's row tile and output tile, in groups of GROUP_M row tiles that share their weight tiles in
+    L2."""
     pid = tl.program_id(0)
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     width = GROUP_M * tiles_n
     first_m = (pid // width) * GROUP_M
     size_m = min(tiles_m - first_m, GROUP_M)
-    rows = (first_m + (pid % width) % size_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-    outs = ((pid % width) // size_m) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return first_m + (pid % width) % size_m, (pid % width) // size_m
+
+
+@triton.jit
+def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's rows and output channels (_tile_ids' tiles); indices past M or N are clamped (loads stay in
+    bounds; the store masks them)."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     return rows, outs, tl.where(rows < M, rows, 0), tl.where(outs < N, outs, 0)
 
 
@@ -127,6 +135,13 @@ def _rows_kernel(hi_ptr, lo_ptr, s_ptr, w_ptr, ws_ptr, y_ptr, M, N, stride_wn, s
         acc_lo = tl.dot(tl.load(lo_ptr + a_offsets), w, acc_lo, out_dtype=tl.int32)
         a_offsets += BLOCK_K
         w_ptrs += BLOCK_K
+    _store_rows(acc_hi, acc_lo, s_ptr, ws_ptr, y_ptr, rows, outs, rows_in, outs_in, M, N, stride_ym)
+
+
+@triton.jit
+def _store_rows(acc_hi, acc_lo, s_ptr, ws_ptr, y_ptr, rows, outs, rows_in, outs_in, M, N, stride_ym):
+    """y = (256 * acc_hi + acc_lo) * each row's scale * each output's scale, stored where rows < M, outs < N
+    (rows_in, outs_in: the same indices clamped in bounds, _tile's)."""
     scale = tl.load(s_ptr + rows_in)[:, None] * tl.load(ws_ptr + outs_in)[None, :]
     y = (acc_hi.to(tl.float32) * 256.0 + acc_lo.to(tl.float32)) * scale
     tl.store(y_ptr + rows[:, None] * stride_ym + outs[None, :], y.to(y_ptr.dtype.element_ty),
