@@ -240,6 +240,19 @@ def projection_bench_start() -> tuple[dict, torch.Tensor, torch.Generator]:
     return results, flush, torch.Generator(device=device).manual_seed(0)
 
 
+def random_projection(name: str, schemes: tuple[str, ...], gen: torch.Generator
+                      ) -> tuple[torch.Tensor, dict[str, QuantizedLinear]]:
+    """A random bf16 weight of XVERSE-7B's projection `name` on the GPU (normal, deviation 0.02) and the same
+    weight quantized to each of `schemes`."""
+    n, k = PROJECTION_SHAPES[name]
+    dense = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
+    layers = {}
+    for scheme in schemes:
+        layers[scheme] = QuantizedLinear(k, n, scheme).cuda()
+        layers[scheme].load_rows(0, dense)
+    return dense, layers
+
+
 def time_candidates(layer: QuantizedLinear, x: torch.Tensor, flush: torch.Tensor, graph: bool,
                     skip: tuple[str, ...] = ()) -> dict[str, float]:
     """ms by kernel of the start-up tuner's candidates for x's rows (those of a backend in `skip` left out), each

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import PROJECTION_SHAPES, projection_bench_start, time_candidates, write_results
+from common import PROJECTION_SHAPES, projection_bench_start, random_projection, time_candidates, write_results
 
 from xverse_serve.model.quantization import QuantizedLinear, reference_matmul, relative_error
 from xverse_serve.model.tuner import time_call
@@ -116,12 +116,8 @@ def main() -> None:
     module, results["build_s"] = build(args.build_dir)
     print(f"built in {results['build_s']:.0f} s", flush=True)
     for name in args.shapes:
-        n, k = PROJECTION_SHAPES[name]
-        dense = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
-        layers = {}
-        for scheme in SCHEMES:
-            layers[scheme] = QuantizedLinear(k, n, scheme).cuda()
-            layers[scheme].load_rows(0, dense)
+        k = PROJECTION_SHAPES[name][1]
+        dense, layers = random_projection(name, SCHEMES, gen)
         for m in args.rows:
             x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
             row: dict = {"bf16 cuBLAS": time_call(lambda: torch.nn.functional.linear(x, dense), flush, 30, False)}

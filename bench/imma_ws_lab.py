@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
-from common import PROJECTION_SHAPES, projection_bench_start, write_results
+from common import PROJECTION_SHAPES, projection_bench_start, random_projection, write_results
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from xverse_serve.kernels import imma_gemm
@@ -70,10 +70,8 @@ def tma_matmul(x: torch.Tensor, layer: QuantizedLinear, config: tuple[int, ...])
 
 def setup(shape: str, m: int) -> tuple[QuantizedLinear, torch.Tensor, torch.Tensor, torch.Tensor]:
     _, flush, gen = projection_bench_start()
-    n, k = PROJECTION_SHAPES[shape]
-    layer = QuantizedLinear(k, n, "int8").cuda()
-    layer.load_rows(0, (torch.randn(n, k, device="cuda", generator=gen) * 0.02).to(torch.bfloat16))
-    x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
+    layer = random_projection(shape, ("int8",), gen)[1]["int8"]
+    x = torch.randn(m, layer.in_features, device="cuda", generator=gen).to(torch.bfloat16)
     return layer, x, reference_matmul(x, layer), flush
 
 

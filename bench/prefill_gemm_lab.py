@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
-from common import PROJECTION_SHAPES, graph_us, time_candidates, write_results
+from common import PROJECTION_SHAPES, graph_us, random_projection, time_candidates, write_results
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from xverse_serve.kernels import quant_matmul
@@ -99,12 +99,8 @@ def set_allocator() -> None:
 def kernel_sweep(args, flush: torch.Tensor, gen: torch.Generator) -> dict:
     out: dict = {}
     for name in args.shapes:
-        n, k = PROJECTION_SHAPES[name]
-        dense = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
-        layers = {}
-        for scheme in ("int8", "int4"):
-            layers[scheme] = QuantizedLinear(k, n, scheme).cuda()
-            layers[scheme].load_rows(0, dense)
+        k = PROJECTION_SHAPES[name][1]
+        dense, layers = random_projection(name, ("int8", "int4"), gen)
         for m in args.rows:
             x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
             row: dict = {"bf16 cuBLAS": time_call(lambda: torch.nn.functional.linear(x, dense), flush, 30, False)}
