@@ -9,17 +9,21 @@ cuBLAS's bf16 time, and Triton 3.6 does not warp-specialise a kernel that dequan
 consumer warpgroups convert (and scale) the weights in registers and run the MMAs.
 
 It needs a CUDA compiler (nvcc, with ninja) and CUTLASS's headers, which the `nvidia-cutlass` wheel carries
-(`cutlass_library/source/include`); torch's cpp_extension builds the extension for sm_90a on first use (a few
-minutes) into --build-dir. Its scales and zeros are bf16 and laid out [groups, N] (CUTLASS reads them along N),
-so this lab converts and transposes ours per call, outside the timing; int8's and fp8's per-row scale is one group
-spanning K. fp8 here keeps the activations in bf16, as mixed_gemm does (`scaled_mm` rounds them to e4m3): its
-64-row GEMMs take 126 µs a layer on an H100 against 68 µs of bytes, which bounds fp8's 64-request ratio.
+(`cutlass_library/source/include`); torch's cpp_extension builds the extension for sm_90a on first use (30
+translation units: a few minutes on 16 cores) into --build-dir. Each format runs with its weight as we store it
+and shuffled at load into the order CUTLASS's fast converters take (mixed_gemm.cuh, WeightLayout). int4's scales
+and zeros are applied as the mainloop converts the weight, in bf16 laid out [groups, N] (CUTLASS reads them along
+N), so the lab converts and transposes ours once, outside the timing; int8's and fp8's weights convert exactly to
+bf16 and their channel scales are applied in the epilogue in float32, as our kernels do. fp8 here keeps the
+activations in bf16, as mixed_gemm does (`scaled_mm` rounds them to e4m3): its 64-row GEMMs take 126 µs a layer on
+an H100 against 68 µs of bytes, which bounds fp8's 64-request ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import os
 import time
 from pathlib import Path
@@ -35,6 +39,8 @@ SCHEMES = ("int8", "int4", "fp8")
 # config id -> (weight rows, tokens, K) of the tile and its schedule, as cutlass_mixed/mixed_gemm.cuh lists them
 CONFIGS = {0: "128x128x64 cooperative", 1: "128x256x64 cooperative", 2: "64x128x64 pingpong",
            3: "128x64x64 cooperative", 4: "128x64x64 cooperative stream-K"}
+# The weight as we store it ([N, K] row-major), or shuffled once at load (mixed_gemm.cuh, WeightLayout)
+LAYOUTS = {False: "plain", True: "shuffled"}
 
 
 def cutlass_include() -> list[str]:
@@ -42,17 +48,28 @@ def cutlass_include() -> list[str]:
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("CUTLASS's headers come with the nvidia-cutlass wheel: pip install nvidia-cutlass")
     source = Path(next(iter(spec.submodule_search_locations))) / "source"
-    return [str(source / "include"), str(source / "tools" / "util" / "include")]
+    return [str(source / "include"), str(source / "tools" / "util" / "include"), *curand_include()]
 
 
-# Each (format, config) instantiated in a translation unit of its own, so that ninja compiles them side by side
-# (a CUTLASS Hopper GEMM takes about two minutes of one core).
+def curand_include() -> list[str]:
+    """Where curand_kernel.h is, if a pip package of CUDA's (nvidia-curand) holds it: CUTLASS's utilities include
+    it (the weight shuffle comes from cutlass/util/mixed_dtype_utils.hpp), and a CUDA toolkit from pip keeps it
+    beside, not in, nvcc's own include folder. None found: nvcc's own folder must have it."""
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        for header in sorted(Path(root).glob("*/include/curand_kernel.h")):
+            return [str(header.parent)]
+    return []
+
+
+# Each (format, layout, config) instantiated in a translation unit of its own, so that ninja compiles them side by
+# side (a CUTLASS Hopper GEMM takes one to two minutes of one core).
 UNIT = {
-    "int8": "template void xverse_lab::int8_config<{c}>(at::Tensor const&, at::Tensor const&, at::Tensor const&, "
+    "int8": "template void xverse_lab::int8_config<{s}, {c}>(at::Tensor const&, at::Tensor const&, at::Tensor const&, "
             "at::Tensor&);\n",
-    "fp8": "template void xverse_lab::fp8_config<{c}>(at::Tensor const&, at::Tensor const&, at::Tensor const&, "
+    "fp8": "template void xverse_lab::fp8_config<{s}, {c}>(at::Tensor const&, at::Tensor const&, at::Tensor const&, "
            "at::Tensor&);\n",
-    "int4": "template void xverse_lab::int4_config<{c}>(at::Tensor const&, at::Tensor const&, at::Tensor const&, "
+    "int4": "template void xverse_lab::int4_config<{s}, {c}>(at::Tensor const&, at::Tensor const&, at::Tensor const&, "
             "at::Tensor const&, int64_t, at::Tensor&);\n",
 }
 
@@ -69,14 +86,16 @@ def build(build_dir: Path):
     os.environ.setdefault("MAX_JOBS", str(len(os.sched_getaffinity(0))))
     units = build_dir / "units"
     units.mkdir(parents=True, exist_ok=True)
-    sources = [str(SOURCES / "binding.cpp")]
+    sources = [str(SOURCES / "binding.cpp"), str(SOURCES / "reorder.cu")]
     for scheme, line in UNIT.items():
-        for config in CONFIGS:
-            unit = units / f"{scheme}_{config}.cu"
-            text = f'#include "{SOURCES / "mixed_gemm.cuh"}"\n\n' + line.format(c=config)
-            if not unit.exists() or unit.read_text() != text:  # unchanged units keep ninja's objects
-                unit.write_text(text)
-            sources.append(str(unit))
+        for shuffled, layout in LAYOUTS.items():
+            for config in CONFIGS:
+                unit = units / f"{scheme}_{layout}_{config}.cu"
+                text = (f'#include "{SOURCES / "mixed_gemm.cuh"}"\n\n'
+                        + line.format(s=str(shuffled).lower(), c=config))
+                if not unit.exists() or unit.read_text() != text:  # unchanged units keep ninja's objects
+                    unit.write_text(text)
+                sources.append(str(unit))
     started = time.perf_counter()
     module = load(name="xverse_cutlass_mixed", build_directory=str(build_dir), verbose=False, sources=sources,
                   extra_include_paths=[str(SOURCES), *cutlass_include()],
@@ -84,21 +103,23 @@ def build(build_dir: Path):
     return module, time.perf_counter() - started
 
 
-def operands(layer: QuantizedLinear) -> tuple[torch.Tensor, ...]:
-    """The layer's weight as stored, with its scales (and int4's zeros) in bf16 as [groups, N]."""
+def operands(module, layer: QuantizedLinear, shuffled: bool) -> tuple[torch.Tensor, ...]:
+    """The layer's weight as stored or shuffled, with int8's and fp8's channel scales in float32 [N] (applied in the
+    epilogue) or int4's scales and zeros in bf16 as [groups, N] (applied in the mainloop)."""
+    weight = module.reorder(layer.scheme, layer.weight, layer.in_features) if shuffled else layer.weight
     if layer.scheme in ("int8", "fp8"):
-        return layer.weight, layer.weight_scale.reshape(1, -1).to(torch.bfloat16).contiguous()
-    return (layer.weight, layer.weight_scale.t().to(torch.bfloat16).contiguous(),
+        return weight, layer.weight_scale.reshape(-1).float().contiguous()
+    return (weight, layer.weight_scale.t().to(torch.bfloat16).contiguous(),
             layer.weight_offset.t().to(torch.bfloat16).contiguous())
 
 
-def cutlass_matmul(module, layer: QuantizedLinear, ops: tuple[torch.Tensor, ...], x: torch.Tensor,
+def cutlass_matmul(module, layer: QuantizedLinear, ops: tuple[torch.Tensor, ...], x: torch.Tensor, shuffled: bool,
                    config: int) -> torch.Tensor:
     y = torch.empty(x.shape[0], layer.out_features, dtype=torch.bfloat16, device=x.device)
     if layer.scheme in ("int8", "fp8"):
-        getattr(module, f"{layer.scheme}_gemm")(config, x, ops[0], ops[1], y)
+        getattr(module, f"{layer.scheme}_gemm")(shuffled, config, x, ops[0], ops[1], y)
     else:
-        module.int4_gemm(config, x, ops[0], ops[1], ops[2], layer.group_size, y)
+        module.int4_gemm(shuffled, config, x, ops[0], ops[1], ops[2], layer.group_size, y)
     return y
 
 
@@ -118,17 +139,18 @@ def main() -> None:
     for name in args.shapes:
         k = PROJECTION_SHAPES[name][1]
         dense, layers = random_projection(name, SCHEMES, gen)
+        stored = {(scheme, shuffled): operands(module, layer, shuffled)
+                  for scheme, layer in layers.items() for shuffled in LAYOUTS}
         for m in args.rows:
             x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
             row: dict = {"bf16 cuBLAS": time_call(lambda: torch.nn.functional.linear(x, dense), flush, 30, False)}
             for scheme, layer in layers.items():
                 reference = reference_matmul(x, layer)
-                ops = operands(layer)
-                for config, label in CONFIGS.items():
-                    key = f"{scheme} cutlass {label}"
+                for (shuffled, layout), (config, label) in itertools.product(LAYOUTS.items(), CONFIGS.items()):
+                    key = f"{scheme} cutlass {layout} {label}"
                     try:
-                        def run(layer=layer, ops=ops, config=config):
-                            return cutlass_matmul(module, layer, ops, x, config)
+                        def run(layer=layer, ops=stored[scheme, shuffled], shuffled=shuffled, config=config):
+                            return cutlass_matmul(module, layer, ops, x, shuffled, config)
                         error = relative_error(run(), reference)
                         row[key] = time_call(run, flush, 30, False) if error < 1e-2 else f"wrong: {error:.3g}"
                         row[key + " error"] = error
