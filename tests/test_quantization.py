@@ -756,6 +756,63 @@ def test_the_tuner_keeps_the_fastest_right_kernel_per_size(monkeypatch: pytest.M
     assert timings[8]["small"] == "failed: RuntimeError: out of resources"
 
 
+def test_the_tuner_leaves_out_disabled_kernels_and_names_one_that_hangs(monkeypatch: pytest.MonkeyPatch,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    # XVERSE_DISABLED_KERNELS: its backends are never called or timed; an unknown name or `reference` (the fallback)
+    # is refused with the list of names. A candidate still running after HANG_WARNING_S is named in the log, with
+    # the setting that leaves it out, and a quick one is not.
+    import logging
+    import time
+
+    from xverse_serve.model import tuner
+
+    monkeypatch.setenv("XVERSE_DISABLED_KERNELS", " imma_rows, mixed ,")
+    assert tuner._disabled_kernels() == {"imma_rows", "mixed"}
+    for wrong in ("mixd", "reference,split"):
+        monkeypatch.setenv("XVERSE_DISABLED_KERNELS", wrong)
+        with pytest.raises(ValueError, match=r"takes kernel backends separated by commas, of gemv, gemm, .*; got "):
+            tuner._disabled_kernels()
+    monkeypatch.delenv("XVERSE_DISABLED_KERNELS")
+    assert tuner._disabled_kernels() == frozenset()
+
+    layer = QuantizedLinear(256, 128, "int8")
+    layer.load_rows(0, torch.randn(128, 256, generator=torch.Generator().manual_seed(5)) * 0.05)
+    called: list[str] = []
+
+    class Fake:
+        def __init__(self, backend: str, seconds: float = 0.0) -> None:
+            self.backend, self.seconds = backend, seconds
+
+        def __call__(self, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+            called.append(self.backend)
+            time.sleep(self.seconds)
+            return reference_matmul(x, layer)
+
+        def __str__(self) -> str:
+            return f"{self.backend}(slow)" if self.seconds else self.backend
+
+    monkeypatch.setattr(tuner, "TUNE_SIZES", (1,))
+    monkeypatch.setattr(tuner, "L2_FLUSH_BYTES", 1024)
+    monkeypatch.setattr(tuner, "candidates", lambda layer, m, dtype: [Fake("mixed"), Fake("split", 0.5)])
+    monkeypatch.setattr(tuner, "time_call", lambda fn, flush, graph=True: fn() is None or 0.01)
+    monkeypatch.setattr(tuner, "HANG_WARNING_S", 0.2)
+    monkeypatch.setattr(tuner, "COMPILE_THREADS", 0)
+    monkeypatch.setattr(tuner, "DISABLED_KERNELS", frozenset({"mixed"}))
+    with caplog.at_level(logging.WARNING, logger=tuner.__name__):
+        plan, timings = tuner.measure_plan(layer, torch.float32)
+    assert set(called) == {"split"} and set(timings[1]) == {"split(slow)"}
+    assert plan[0][1].backend == "split"
+    warnings = [record.getMessage() for record in caplog.records]
+    assert warnings == ["tuning the int8 128x256 matmul at M=1: split(slow) has not finished after 0.2 s; if the "
+                        "start hangs here, XVERSE_DISABLED_KERNELS=split leaves it out"] * len(warnings)
+    assert len(warnings) in (1, 2)  # the check's call, and the timing's if this machine is slow
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=tuner.__name__), tuner.hang_warning("quick", "split", 0.2):
+        pass
+    time.sleep(0.3)
+    assert not caplog.records
+
+
 @pytest.mark.skipif(INTERPRET, reason="the tuner's candidates run on CUDA")
 @pytest.mark.parametrize("scheme", ["int8", "int4", "fp8"])
 def test_candidates_compiled_side_by_side_give_the_plans_products(scheme: str) -> None:

@@ -116,6 +116,11 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Ten
     return (q * scale.float()[..., None] + offset.float()[..., None]).view(n, -1).to(dtype)
 
 
+# MatmulKernel's backends, as its docstring describes them.
+BACKENDS = ("gemv", "gemm", "dequantize", "rowgemv", "skinny", "split", "imma_rows", "cublas_int8", "mixed", "dp4a",
+            "scaled_mm", "torch", "reference")
+
+
 @dataclass(frozen=True)
 class MatmulKernel:
     """One way to multiply by a quantized weight on CUDA: a backend and its options.

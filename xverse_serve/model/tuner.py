@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from .one_row import DP4A_ACT_BLOCKS
 from .quantization import (
+    BACKENDS,
     MatmulKernel,
     MatmulPlan,
     QuantizedLinear,
@@ -102,6 +106,45 @@ COMPILE_THREADS = _compile_threads()
 CUBLAS_BACKENDS = frozenset({"cublas_int8", "scaled_mm", "dequantize", "reference"})
 
 
+def _disabled_kernels() -> frozenset[str]:
+    value = os.environ.get("XVERSE_DISABLED_KERNELS", "")
+    names = frozenset(name.strip() for name in value.split(",") if name.strip())
+    allowed = [backend for backend in BACKENDS if backend != "reference"]  # what runs where nothing else does
+    if unknown := sorted(names - set(allowed)):
+        raise ValueError(f"XVERSE_DISABLED_KERNELS takes kernel backends separated by commas, of {', '.join(allowed)};"
+                         f" got {', '.join(unknown)}")
+    return names
+
+
+# Backends the tuner leaves out (XVERSE_DISABLED_KERNELS=mixed,imma_rows, as vLLM's VLLM_DISABLED_KERNELS): for a
+# kernel that fails or hangs on a card or driver we have not run, without waiting for a release.
+DISABLED_KERNELS = _disabled_kernels()
+# A candidate still running after this many seconds is named in the log: a kernel that hangs would otherwise hang
+# the start with no word (one of Triton's warp-specialised kernels did, in bench/imma_ws_lab.py). The slowest served
+# candidate takes well under a second a call, a first compilation up to about ten seconds.
+HANG_WARNING_S = 60.0
+
+
+def tuning_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> list[MatmulKernel]:
+    """quantization.candidates, less those whose backend is in DISABLED_KERNELS."""
+    return [kernel for kernel in candidates(layer, m, dtype) if kernel.backend not in DISABLED_KERNELS]
+
+
+@contextmanager
+def hang_warning(what: str, backends: str, seconds: float | None = None) -> Iterator[None]:
+    """Logs a warning if the block is still running after `seconds` (HANG_WARNING_S), naming `what` and how to leave
+    `backends` out; it cannot stop the block: a kernel that hangs holds the GPU until the process ends."""
+    seconds = HANG_WARNING_S if seconds is None else seconds
+    timer = threading.Timer(seconds, log.warning, ("%s has not finished after %g s; if the start hangs here, "
+                                                   "XVERSE_DISABLED_KERNELS=%s leaves it out", what, seconds, backends))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 def compile_candidates(layer: QuantizedLinear, dtype: torch.dtype, sizes: list[int],
                        threads: int | None = None) -> None:
     """Calls each candidate but cuBLAS's once at each of `sizes` from `threads` threads (COMPILE_THREADS unless
@@ -121,12 +164,15 @@ def compile_candidates(layer: QuantizedLinear, dtype: torch.dtype, sizes: list[i
         except Exception:  # noqa: BLE001 - timed (and its failure recorded) by measure_plan
             pass
 
-    jobs = [(m, kernel) for m in sizes for kernel in candidates(layer, m, dtype)
+    jobs = [(m, kernel) for m in sizes for kernel in tuning_candidates(layer, m, dtype)
             if kernel.backend not in CUBLAS_BACKENDS]
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(call, jobs))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    backends = ",".join(sorted({kernel.backend for _, kernel in jobs}))
+    with hang_warning(f"compiling the {layer.scheme} {layer.out_features}x{layer.in_features} matmul's candidates "
+                      f"({backends})", backends):
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(call, jobs))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
 
 def measure_plan(layer: QuantizedLinear, dtype: torch.dtype) -> tuple[MatmulPlan, dict]:
@@ -143,13 +189,16 @@ def measure_plan(layer: QuantizedLinear, dtype: torch.dtype) -> tuple[MatmulPlan
         reference = reference_matmul(x, layer)
         timings[m] = {}
         best: tuple[float, MatmulKernel] | None = None
-        for kernel in candidates(layer, m, dtype):
+        for kernel in tuning_candidates(layer, m, dtype):
             try:
-                error = relative_error(kernel(x, layer), reference)
-                if error > tolerance(dtype, kernel):
-                    timings[m][str(kernel)] = f"rejected: relative error {error:.2e}"
-                    continue
-                ms = time_call(lambda kernel=kernel, x=x: kernel(x, layer), flush, graph=m <= GRAPH_TIMING_MAX_ROWS)
+                with hang_warning(f"tuning the {layer.scheme} {layer.out_features}x{layer.in_features} matmul at "
+                                  f"M={m}: {kernel}", kernel.backend):
+                    error = relative_error(kernel(x, layer), reference)
+                    if error > tolerance(dtype, kernel):
+                        timings[m][str(kernel)] = f"rejected: relative error {error:.2e}"
+                        continue
+                    ms = time_call(lambda kernel=kernel, x=x: kernel(x, layer), flush,
+                                   graph=m <= GRAPH_TIMING_MAX_ROWS)
             except Exception as exc:  # a backend this build or card lacks, or out of memory: not a candidate
                 timings[m][str(kernel)] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                 torch.cuda.empty_cache()
