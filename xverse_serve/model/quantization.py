@@ -118,7 +118,7 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Ten
 
 # MatmulKernel's backends, as its docstring describes them.
 BACKENDS = ("gemv", "gemm", "dequantize", "rowgemv", "skinny", "split", "imma_rows", "cublas_int8", "mixed", "dp4a",
-            "scaled_mm", "torch", "reference")
+            "scaled_mm", "cutlass", "torch", "reference")
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,8 @@ class MatmulKernel:
     first operand of bf16 or fp16 tensor-core dots (int8, int4 and fp8, 2 rows and up; with tma=1 its TMA kernel,
     for prefills); dp4a: kernels.dp4a_gemv's GEMV on integer dot products, 1 to dp4a_gemv.MAX_ROWS rows (int8 and
     int4; with act_block, int4's activations in one int8 part with a scale per act_block values);
-    scaled_mm: FP8 tensor cores with the activations quantized per token (fp8 only); torch:
+    scaled_mm: FP8 tensor cores with the activations quantized per token (fp8 only); cutlass: kernels.cutlass_mixed's
+    CUTLASS mixed-input GEMM (Hopper, bf16, XVERSE_CUTLASS=1; option config: its tile); torch:
     torch._weight_int8pack_mm (int8 only); reference: the weight dequantized by PyTorch, then F.linear (slow and
     memory-hungry: only where no other kernel works)."""
 
@@ -182,6 +183,12 @@ class MatmulKernel:
             from ..kernels import dp4a_gemv
 
             return dp4a_gemv.matmul(x, *layer.dp4a_operands(), **dp4a_arguments(options))
+        if self.backend == "cutlass":
+            from ..kernels import cutlass_mixed
+
+            module = cutlass_mixed.served_module(layer.scheme, x.device.index)
+            return cutlass_mixed.matmul(module, layer.scheme, layer.cutlass_operands(), layer.group_size, x,
+                                        options["config"])
         if self.backend == "scaled_mm":
             return scaled_mm(x, layer.weight, layer.weight_scale)
         if self.backend == "gemv" and layer.bits == 8:
@@ -237,6 +244,7 @@ class QuantizedLinear(nn.Module, OneRowProjection):
             self.register_buffer("weight_scale", torch.empty(out_features, groups, dtype=torch.float16))
             self.register_buffer("weight_offset", torch.empty(out_features, groups, dtype=torch.float16))
         self.plan: MatmulPlan | None = None  # set by tuner.tune; until then default_plan
+        self._cutlass_operands: tuple | None = None  # cutlass_operands', kept only while a plan uses them
         # The one-row path's kernel family (one_row.py): int8 and fp8 start with kernels.gemv's; tuner.tune may choose
         # dp4a (int8, int4) or none (the tuned kernels).
         self.one_row: str | None = "gemv" if self.bits == 8 else None
@@ -249,6 +257,24 @@ class QuantizedLinear(nn.Module, OneRowProjection):
 
     def dp4a_operands(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         return self.weight, self.weight_scale, self.weight_offset
+
+    def cutlass_operands(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The weight, scale and offset as kernels.cutlass_mixed takes them (int4's scales and offsets in bf16 as
+        [groups, N]: 6% of its weight's bytes), made on first use."""
+        if self._cutlass_operands is None:
+            from ..kernels import cutlass_mixed
+
+            self._cutlass_operands = cutlass_mixed.operands(self.scheme, self.weight, self.weight_scale,
+                                                            self.weight_offset)
+        return self._cutlass_operands
+
+    def keep_cutlass_operands(self) -> None:
+        """Makes cutlass_operands now if the plan takes a CUTLASS kernel (before the KV cache is sized, not in a
+        request), else frees them."""
+        if any(kernel.backend == "cutlass" for _, kernel in self.plan or ()):
+            self.cutlass_operands()
+        else:
+            self._cutlass_operands = None
 
     @torch.no_grad()
     def load_rows(self, start: int, w: torch.Tensor) -> None:
@@ -394,7 +420,7 @@ def candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype = torch.bfloat
         return kernels + [MatmulKernel("torch")] * (layer.bits == 8)
     kernels = _gemv_candidates(m, dtype) if layer.bits == 8 else _int4_split_candidates(m, dtype)
     kernels += _dp4a_candidates(layer, m, dtype) + _two_part_candidates(layer, m, dtype)
-    kernels += _mixed_candidates(layer, m, dtype)
+    kernels += _mixed_candidates(layer, m, dtype) + _cutlass_candidates(layer, m, dtype)
     if m <= 16:
         kernels += [_gemv(layer, config) for config in GEMV_CONFIGS[layer.bits]]
         kernels.append(_gemm(layer, m, "small"))
@@ -546,6 +572,18 @@ def _has_tma(device: torch.device) -> bool:
     return MIXED_TMA and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
+def _cutlass_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> list[MatmulKernel]:
+    """kernels.cutlass_mixed's GEMMs, each tile, from cutlass_mixed.MIN_ROWS rows of bf16: where XVERSE_CUTLASS=1
+    and they build and run on this card (served_module builds them on the first call)."""
+    from ..kernels import cutlass_mixed
+
+    device = layer.weight.device
+    if (not cutlass_mixed.enabled() or m < cutlass_mixed.MIN_ROWS or dtype != torch.bfloat16
+            or device.type != "cuda" or cutlass_mixed.served_module(layer.scheme, device.index) is None):
+        return []
+    return [MatmulKernel("cutlass", (("config", config),)) for config in cutlass_mixed.CONFIGS]
+
+
 def _int4_split_candidates(m: int, dtype: torch.dtype) -> list[MatmulKernel]:
     """kernels.split_gemm's int4 kernel, for up to 64 rows of bf16 or fp16."""
     from ..kernels import split_gemm
@@ -562,7 +600,7 @@ def _fp8_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> list[
     if dtype == torch.float32:
         return [MatmulKernel("reference")]
     return (_gemv_candidates(m, dtype) + _two_part_candidates(layer, m, dtype) + [MatmulKernel("scaled_mm")]
-            + _mixed_candidates(layer, m, dtype))
+            + _mixed_candidates(layer, m, dtype) + _cutlass_candidates(layer, m, dtype))
 
 
 def default_plan(layer: QuantizedLinear) -> MatmulPlan:

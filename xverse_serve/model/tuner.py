@@ -102,8 +102,9 @@ def _compile_threads() -> int:
 # the usable CPUs if fewer; 0 or 1: none.
 COMPILE_THREADS = _compile_threads()
 # Candidates that call cuBLAS are left to the timing pass: PyTorch gives each thread its own cuBLAS handle and
-# workspace and keeps them after the thread ends (0.19 GiB more allocated after int4's load with 8 threads).
-CUBLAS_BACKENDS = frozenset({"cublas_int8", "scaled_mm", "dequantize", "reference"})
+# workspace and keeps them after the thread ends (0.19 GiB more allocated after int4's load with 8 threads). So are
+# CUTLASS's, compiled before the threads start (cutlass_mixed.served_module, when candidates() first offers them).
+UNTHREADED_BACKENDS = frozenset({"cublas_int8", "scaled_mm", "dequantize", "reference", "cutlass"})
 
 
 def _disabled_kernels() -> frozenset[str]:
@@ -147,9 +148,10 @@ def hang_warning(what: str, backends: str, seconds: float | None = None) -> Iter
 
 def compile_candidates(layer: QuantizedLinear, dtype: torch.dtype, sizes: list[int],
                        threads: int | None = None) -> None:
-    """Calls each candidate but cuBLAS's once at each of `sizes` from `threads` threads (COMPILE_THREADS unless
-    given; each call compiles what it launches that is not compiled yet) and waits for them. A call that fails is
-    left to the timing pass, which calls it again and records why. Fewer than two threads: nothing to do."""
+    """Calls each candidate (but UNTHREADED_BACKENDS') once at each of `sizes` from `threads` threads
+    (COMPILE_THREADS unless given; each call compiles what it launches that is not compiled yet) and waits for them.
+    A call that fails is left to the timing pass, which calls it again and records why. Fewer than two threads:
+    nothing to do."""
     threads = COMPILE_THREADS if threads is None else threads
     if threads < 2:
         return
@@ -165,7 +167,7 @@ def compile_candidates(layer: QuantizedLinear, dtype: torch.dtype, sizes: list[i
             pass
 
     jobs = [(m, kernel) for m in sizes for kernel in tuning_candidates(layer, m, dtype)
-            if kernel.backend not in CUBLAS_BACKENDS]
+            if kernel.backend not in UNTHREADED_BACKENDS]
     backends = ",".join(sorted({kernel.backend for _, kernel in jobs}))
     with hang_warning(f"compiling the {layer.scheme} {layer.out_features}x{layer.in_features} matmul's candidates "
                       f"({backends})", backends):
@@ -231,6 +233,7 @@ def tune(model: nn.Module, dtype: torch.dtype) -> None:
             described = ", ".join(f"M<={m}: {kernel}" for m, kernel in _PLANS[key])
             log.info("%s %dx%d matmul: %s", layer.scheme, layer.out_features, layer.in_features, described)
         layer.plan = _PLANS[key]
+        layer.keep_cutlass_operands()
         if not name.endswith("lm_head"):  # the decoder's projections
             decoder_layers.append((layer, TIMINGS[key].get(1, {})))
     if torch.cuda.is_available():

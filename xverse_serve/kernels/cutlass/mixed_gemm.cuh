@@ -1,5 +1,6 @@
-// y = x W^T for int8 and int4 weights on Hopper through CUTLASS's mixed-input GEMM (a lab: bench/cutlass_mixed_lab.py
-// builds and times it; nothing here is served).
+// y = x W^T for int8, int4 and fp8 weights on Hopper through CUTLASS's mixed-input GEMM. kernels/cutlass_mixed.py
+// builds it (one translation unit per weight format, layout and tile, each adding its GEMM to api.h's registry);
+// a start-up tuning candidate where XVERSE_CUTLASS=1, and bench/cutlass_mixed_lab.py's subject.
 //
 // CUTLASS's mixed-input mainloop takes the narrow operand through the registers, where it is converted (and scaled)
 // before warpgroup MMAs, with a producer warp copying tiles by TMA beside the consumers: what Triton could not do
@@ -10,6 +11,7 @@
 
 #include "api.h"
 
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
@@ -22,7 +24,7 @@
 #include "cutlass/util/mixed_dtype_utils.hpp"
 #include "cutlass/util/packed_stride.hpp"
 
-namespace xverse_lab {
+namespace xverse_cutlass {
 
 using namespace cute;
 
@@ -105,6 +107,12 @@ struct MixedGemm {
   // scale [N] float32 and no zero.
   static void run(at::Tensor const& x, at::Tensor const& weight, at::Tensor const& scale,
                   c10::optional<at::Tensor> const& zero, int64_t group, at::Tensor& y) {
+    TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.scalar_type() == at::kBFloat16 && x.dim() == 2,
+                "x must be a contiguous bf16 CUDA matrix");
+    TORCH_CHECK(y.is_contiguous() && y.scalar_type() == at::kBFloat16 && y.size(0) == x.size(0),
+                "y must be a contiguous bf16 [M, N] matrix");
+    TORCH_CHECK(weight.is_contiguous() && weight.device() == x.device(), "the weight must be contiguous, on x's device");
+    c10::cuda::CUDAGuard device(x.device());
     int const m = x.size(0), k = x.size(1), n = y.size(1);
     auto stride_w = WeightLayout<Weight, Shuffled>::of(n, k);
     auto stride_x = cutlass::make_cute_packed_stride(typename Kernel::StrideB{}, make_shape(m, k, 1));
@@ -142,8 +150,8 @@ using CooperativeEpilogue = cutlass::epilogue::TmaWarpSpecializedCooperative;
 using Pingpong = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
 using PingpongEpilogue = cutlass::epilogue::TmaWarpSpecialized;
 
-// The tiles the lab times, (weight rows, tokens, K), by config id (api.h). Each (format, layout, config) is
-// instantiated in a translation unit of its own, which cutlass_mixed_lab.py writes, so that they compile in parallel.
+// The tiles, (weight rows, tokens, K), by config id (cutlass_mixed.CONFIGS). Each (format, layout, config) is
+// instantiated in a translation unit of its own, which cutlass_mixed.py writes, so that they compile in parallel.
 template <int Config>
 struct TileConfig;
 template <>
@@ -174,6 +182,7 @@ struct TileConfig<4> : TileConfig<3> {
   using Scheduler = cutlass::gemm::StreamKScheduler;
 };
 
+// A GemmFn (api.h): the GEMM of one weight format, layout and tile.
 template <class Weight, bool GroupScales, bool Shuffled, int Config>
 void run_config(at::Tensor const& x, at::Tensor const& weight, at::Tensor const& scale,
                 c10::optional<at::Tensor> const& zero, int64_t group, at::Tensor& y) {
@@ -182,20 +191,4 @@ void run_config(at::Tensor const& x, at::Tensor const& weight, at::Tensor const&
             typename C::Scheduler>::run(x, weight, scale, zero, group, y);
 }
 
-template <bool Shuffled, int Config>
-void int8_config(at::Tensor const& x, at::Tensor const& weight, at::Tensor const& scale, at::Tensor& y) {
-  run_config<int8_t, false, Shuffled, Config>(x, weight, scale, c10::nullopt, x.size(1), y);
-}
-
-template <bool Shuffled, int Config>
-void fp8_config(at::Tensor const& x, at::Tensor const& weight, at::Tensor const& scale, at::Tensor& y) {
-  run_config<cutlass::float_e4m3_t, false, Shuffled, Config>(x, weight, scale, c10::nullopt, x.size(1), y);
-}
-
-template <bool Shuffled, int Config>
-void int4_config(at::Tensor const& x, at::Tensor const& weight, at::Tensor const& scale, at::Tensor const& zero,
-                 int64_t group, at::Tensor& y) {
-  run_config<cutlass::uint4b_t, true, Shuffled, Config>(x, weight, scale, zero, group, y);
-}
-
-}  // namespace xverse_lab
+}  // namespace xverse_cutlass

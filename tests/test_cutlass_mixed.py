@@ -1,0 +1,154 @@
+"""kernels.cutlass_mixed: CUTLASS's mixed-input GEMM as a start-up tuning candidate (XVERSE_CUTLASS=1, Hopper).
+On the CPU: the translation units it writes, the operands it takes and their PyTorch twin against the reference
+product, when it is offered, and the one line that says why not; on an H100 or H200 with nvcc and the nvidia-cutlass
+wheel (and XVERSE_CUTLASS=1, since the build takes minutes): every GEMM against the reference."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+import torch
+
+from xverse_serve.kernels import cutlass_mixed
+from xverse_serve.model.quantization import (
+    BACKENDS,
+    MatmulKernel,
+    QuantizedLinear,
+    candidates,
+    reference_matmul,
+    relative_error,
+    tolerance,
+    unpack_int4,
+)
+
+
+def layer_of(scheme: str, k: int, n: int, seed: int) -> QuantizedLinear:
+    layer = QuantizedLinear(k, n, scheme)
+    layer.load_rows(0, torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.02)
+    return layer
+
+
+def test_each_unit_adds_one_gemm_under_its_own_key() -> None:
+    # One translation unit per (format, layout, tile): each instantiates mixed_gemm.cuh's run_config with the format's
+    # CUTLASS type and adds it to the registry under the key that matmul asks for.
+    gemms = [(scheme, shuffled, config) for scheme in cutlass_mixed.SCHEMES for shuffled in cutlass_mixed.LAYOUTS
+             for config in cutlass_mixed.CONFIGS]
+    keys = {cutlass_mixed.key(*gemm) for gemm in gemms}
+    assert len(keys) == len(gemms) == 30
+    text = cutlass_mixed.unit_source("int4", False, 4)
+    assert f'#include "{cutlass_mixed.SOURCES / "mixed_gemm.cuh"}"' in text
+    assert ('xverse_cutlass::add_gemm("int4 plain 4", &xverse_cutlass::run_config<cutlass::uint4b_t, true, false, '
+            '4>)') in text
+    assert "run_config<cutlass::float_e4m3_t, false, true, 2>" in cutlass_mixed.unit_source("fp8", True, 2)
+    assert "run_config<int8_t, false, false, 0>" in cutlass_mixed.unit_source("int8", False, 0)
+    header = (cutlass_mixed.SOURCES / "mixed_gemm.cuh").read_text()
+    # every config id the Python side names has its tile in the header, and no other
+    assert {int(c) for c in re.findall(r"struct TileConfig<(\d+)>", header)} == set(cutlass_mixed.CONFIGS)
+    for name in ("binding.cpp", "reorder.cu", "api.h"):
+        assert (cutlass_mixed.SOURCES / name).is_file()
+
+
+@pytest.mark.parametrize("k", [4096, 11008])
+def test_the_int4_operands_multiply_as_the_reference_within_the_tuners_bound(k: int) -> None:
+    # int4's scale and offset go to bf16 [groups, N] (CUTLASS converts in the MMA's type): the twin of the mainloop's
+    # conversion (q * scale + zero, rounded once to bf16) stays within the tuner's bound of the exact product. The
+    # rounding of scale and zero to bf16 costs about 0.6% (our own kernels, the weight rounded to bf16: 0.17%).
+    layer = layer_of("int4", k, 256, seed=k)
+    weight, scale, zero = cutlass_mixed.operands("int4", layer.weight, layer.weight_scale, layer.weight_offset)
+    assert weight is layer.weight
+    groups = k // layer.group_size
+    assert scale.shape == zero.shape == (groups, 256) and scale.dtype == zero.dtype == torch.bfloat16
+    assert scale.is_contiguous() and zero.is_contiguous()
+    assert torch.equal(scale, layer.weight_scale.t().to(torch.bfloat16))
+    assert torch.equal(zero, layer.weight_offset.t().to(torch.bfloat16))
+    w = cutlass_mixed.dequantized_like_kernel("int4", unpack_int4(layer.weight), scale, zero)
+    x = torch.randn(64, k, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    error = relative_error(x.float() @ w.T, reference_matmul(x, layer))
+    assert 1e-3 < error < 0.7 * tolerance(torch.bfloat16)  # the bf16 rounding shows, with room under the bound
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_int8_and_fp8_operands_are_the_stored_weight_and_float32_scale(scheme: str) -> None:
+    layer = layer_of(scheme, 512, 128, seed=3)
+    weight, scale, zero = cutlass_mixed.operands(scheme, layer.weight, layer.weight_scale, layer.weight_offset)
+    assert weight is layer.weight and zero is None
+    assert scale.dtype == torch.float32 and scale.shape == (128,) and torch.equal(scale, layer.weight_scale)
+    # converted exactly, scaled after the sums: the twin is the reference's weight
+    w = cutlass_mixed.dequantized_like_kernel(scheme, layer.weight, scale, zero)
+    assert torch.equal(w, layer.dequantized(torch.float32))
+
+
+def test_offered_only_where_enabled_and_the_card_runs_it(monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    # XVERSE_CUTLASS=1 on a machine that cannot run sm_90a code: no candidates, and one warning naming the reason;
+    # off (the default): nothing is tried or logged. The missing wheel and compiler each get a line saying what to
+    # install. The backend is known to the tuner's XVERSE_DISABLED_KERNELS.
+    layer = layer_of("int8", 512, 128, seed=4)
+    assert "cutlass" in BACKENDS and str(MatmulKernel("cutlass", (("config", 2),))) == "cutlass(config=2)"
+    monkeypatch.delenv("XVERSE_CUTLASS", raising=False)
+    cutlass_mixed.served_module.cache_clear()
+    with caplog.at_level(logging.INFO, logger=cutlass_mixed.__name__):
+        assert cutlass_mixed.served_module("int8", 0) is None
+    assert not caplog.records
+
+    monkeypatch.setenv("XVERSE_CUTLASS", "1")
+    cutlass_mixed.served_module.cache_clear()
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):
+        pytest.skip("this card runs the CUTLASS GEMMs (test_the_cutlass_gemms_multiply_as_the_reference)")
+    with caplog.at_level(logging.INFO, logger=cutlass_mixed.__name__):
+        assert cutlass_mixed.served_module("int4", 0) is None
+        assert cutlass_mixed.served_module("int4", 0) is None  # decided once
+    assert [record.getMessage() for record in caplog.records] == [
+        "XVERSE_CUTLASS=1, but the int4 CUTLASS GEMMs are left out: the CUTLASS GEMMs are built for compute "
+        "capability 9.0 (Hopper: H100, H200)"]
+    assert "cutlass" not in {kernel.backend for kernel in candidates(layer, 512)}
+    cutlass_mixed.served_module.cache_clear()
+
+    monkeypatch.setattr(cutlass_mixed.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(cutlass_mixed.Unavailable, match=r"pip install nvidia-cutlass==4\.2\.0\.0"):
+        cutlass_mixed.include_dirs()
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+    with pytest.raises(cutlass_mixed.Unavailable, match=r"needs CUDA's compiler \(nvcc\)"):
+        cutlass_mixed.build("unused", [], cutlass_mixed.build_dir())
+
+
+def test_a_layer_keeps_the_operands_only_while_its_plan_takes_cutlass() -> None:
+    layer = layer_of("int4", 256, 64, seed=5)
+    layer.plan = ((64, MatmulKernel("rowgemv")), (4096, MatmulKernel("cutlass", (("config", 0),))))
+    layer.keep_cutlass_operands()
+    made = layer._cutlass_operands
+    assert made is not None and layer.cutlass_operands() is made  # made once, before any request
+    layer.plan = ((4096, MatmulKernel("mixed")),)
+    layer.keep_cutlass_operands()
+    assert layer._cutlass_operands is None
+
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.skipif(not HOPPER, reason="the CUTLASS GEMMs run on compute capability 9.0 only")
+@pytest.mark.parametrize("scheme", ["int8", "int4", "fp8"])
+def test_the_cutlass_gemms_multiply_as_the_reference(scheme: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every tile of the plain layout (served) and the shuffled one (the lab's), past whole tiles in M, against the
+    # float32 product of the dequantized weight.
+    import os
+
+    if os.environ.get("XVERSE_CUTLASS") != "1":
+        pytest.skip("building the CUTLASS GEMMs takes minutes: set XVERSE_CUTLASS=1 to run this test")
+    pytest.importorskip("cutlass_library", reason="pip install nvidia-cutlass==4.2.0.0")
+    gemms = [(scheme, shuffled, config) for shuffled in cutlass_mixed.LAYOUTS for config in cutlass_mixed.CONFIGS]
+    module = cutlass_mixed.build(f"xverse_cutlass_test_{scheme}", gemms, cutlass_mixed.build_dir() / f"test_{scheme}")
+    layer = layer_of(scheme, 1024, 640, seed=6).cuda()
+    plain = cutlass_mixed.operands(scheme, layer.weight, layer.weight_scale, layer.weight_offset)
+    shuffled = (module.reorder(scheme, layer.weight, layer.in_features), *plain[1:])
+    for m in (16, 64, 200, 512):
+        x = torch.randn(m, 1024, device="cuda", generator=torch.Generator("cuda").manual_seed(m)).to(torch.bfloat16)
+        reference = reference_matmul(x, layer)
+        for _, is_shuffled, config in gemms:
+            y = cutlass_mixed.matmul(module, scheme, shuffled if is_shuffled else plain, layer.group_size, x, config,
+                                     is_shuffled)
+            assert relative_error(y, reference) < tolerance(torch.bfloat16), (m, is_shuffled, config)
