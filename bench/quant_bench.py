@@ -12,6 +12,8 @@ by shard, quantizing each tensor as it arrives. For each configuration:
 - speed: one request's decode tokens/s (512-token prompt), and the output tokens/s of 64 requests at once;
 - error: relative error of the logits (float32, last 64 positions of a 512-token prompt) against bf16 weights
   with a bf16 cache, and how often the top token agrees.
+"int8 + CUTLASS", "int4 + CUTLASS" and "fp8 + CUTLASS" (only when named in --configs) load the format again with
+XVERSE_CUTLASS=1: CUTLASS's GEMMs among the tuning candidates (Hopper, nvcc and the nvidia-cutlass wheel).
 Then the capped runs: the process limited to 10 GiB (int8 weights) and 6 GiB (int4) with
 torch.cuda.set_per_process_memory_fraction, loading, planning and serving inside the cap with an int8 cache and
 --max-model-len 2048 (the cap covers the CUDA context too, as on a real card; the step limits are
@@ -30,7 +32,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -66,7 +70,10 @@ KV_DTYPES = {"auto": None, "int8": torch.int8, "fp8": torch.float8_e4m3fn}
 # (name, --quantize, --kv-cache-dtype); the first is the reference for the logit error.
 CONFIGS = [("bf16", "none", "auto"), ("bf16 + int8 KV", "none", "int8"), ("bf16 + fp8 KV", "none", "fp8"),
            ("int8", "int8", "auto"), ("int4", "int4", "auto"), ("fp8", "fp8", "auto"),
-           ("fp8 + fp8 KV", "fp8", "fp8")]  # against "bf16 + fp8 KV": the same cache dtype
+           ("fp8 + fp8 KV", "fp8", "fp8"),  # against "bf16 + fp8 KV": the same cache dtype
+           # loaded and tuned with XVERSE_CUTLASS=1: CUTLASS's GEMMs among the candidates (Hopper, nvcc, nvidia-cutlass)
+           ("int8 + CUTLASS", "int8", "auto"), ("int4 + CUTLASS", "int4", "auto"), ("fp8 + CUTLASS", "fp8", "auto")]
+CUTLASS = " + CUTLASS"
 CAPPED = [("int8, 10 GiB", "int8", 10.0), ("int4, 6 GiB", "int4", 6.0)]
 ERROR_PROMPT_LEN, ERROR_POSITIONS = 512, 64
 
@@ -176,10 +183,13 @@ def run_configs(model_dir: Path, device: torch.device, args: argparse.Namespace,
     vocab = load_config(model_dir).vocab_size
     error_ids = prompts(1, ERROR_PROMPT_LEN, vocab, 7)[0]
     reference: torch.Tensor | None = None
-    for quantize in ("none", "int8", "int4", "fp8"):
-        configs = [c for c in CONFIGS if c[1] == quantize and (args.configs is None or c[0] in args.configs)]
+    for quantize, with_cutlass in itertools.product(("none", "int8", "int4", "fp8"), (False, True)):
+        # the CUTLASS configurations only when named: they need nvcc and a Hopper card, and take minutes to build
+        configs = [c for c in CONFIGS if c[1] == quantize and c[0].endswith(CUTLASS) == with_cutlass
+                   and (c[0] in args.configs if args.configs is not None else not with_cutlass)]
         if not configs:
             continue
+        os.environ["XVERSE_CUTLASS"] = "1" if with_cutlass else "0"  # read as the tuner builds its candidates
         try:
             model, load_facts = load(model_dir, device, torch.bfloat16 if cuda(device) else torch.float32, quantize)
         except Exception as exc:
@@ -226,7 +236,7 @@ def tuning_table(model: XverseForCausalLM) -> dict:
         if not any(isinstance(m, QuantizedLinear) and (m.scheme, m.out_features, m.in_features) == (scheme, n, k)
                    for m in model.modules()):
             continue
-        table[f"{scheme} {n}x{k} {key[4]}"] = {
+        table[f"{scheme} {n}x{k} {key[4]}{CUTLASS if key[-1] else ''}"] = {
             "plan": [[m, str(kernel)] for m, kernel in plan],
             "timings_ms": {str(m): t for m, t in tuner.TIMINGS[key].items()},
         }

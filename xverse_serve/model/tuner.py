@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..kernels import cutlass_mixed
 from .one_row import DP4A_ACT_BLOCKS
 from .quantization import (
     BACKENDS,
@@ -75,8 +76,10 @@ TIMINGS: dict[tuple, dict[int, dict[str, float | str]]] = {}
 
 
 def plan_key(layer: QuantizedLinear, dtype: torch.dtype) -> tuple:
+    """What a plan depends on: the layer's format and shape, the activations' dtype, the card, and whether
+    CUTLASS's GEMMs are among the candidates (XVERSE_CUTLASS, which a benchmark may change between loads)."""
     return (layer.scheme, layer.out_features, layer.in_features, layer.group_size, str(dtype),
-            torch.cuda.get_device_name(layer.weight.device))
+            torch.cuda.get_device_name(layer.weight.device), cutlass_mixed.enabled())
 
 
 def _usable_cpus() -> int:
