@@ -1,6 +1,6 @@
 """Lab: CUTLASS's Hopper mixed-input GEMM for our int8, int4 and fp8 weights (xverse_serve/kernels/cutlass_mixed.py,
-served only where XVERSE_CUTLASS=1), against bf16 cuBLAS and the start-up tuner's own candidates, at decode and
-prefill sizes, with the weight as stored and shuffled.
+a tuning candidate on Hopper), against bf16 cuBLAS and the start-up tuner's other candidates, at decode and prefill
+sizes, with the weight as stored and shuffled.
 
     python bench/cutlass_mixed_lab.py [--rows 64 512 2048] [--shapes ...] [--skip-tuner] [--out FILE]
 

@@ -13,7 +13,8 @@ by shard, quantizing each tensor as it arrives. For each configuration:
 - error: relative error of the logits (float32, last 64 positions of a 512-token prompt) against bf16 weights
   with a bf16 cache, and how often the top token agrees.
 "int8 + CUTLASS", "int4 + CUTLASS" and "fp8 + CUTLASS" (only when named in --configs) load the format again with
-XVERSE_CUTLASS=1: CUTLASS's GEMMs among the tuning candidates (Hopper, nvcc and the nvidia-cutlass wheel).
+XVERSE_CUTLASS=1: CUTLASS's GEMMs among the tuning candidates (Hopper, nvcc and the nvidia-cutlass wheel); the
+other configurations load with XVERSE_CUTLASS=0, so that each pair compares the kernels in one run.
 Then the capped runs: the process limited to 10 GiB (int8 weights) and 6 GiB (int4) with
 torch.cuda.set_per_process_memory_fraction, loading, planning and serving inside the cap with an int8 cache and
 --max-model-len 2048 (the cap covers the CUDA context too, as on a real card; the step limits are

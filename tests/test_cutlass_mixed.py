@@ -1,4 +1,4 @@
-"""kernels.cutlass_mixed: CUTLASS's mixed-input GEMM as a start-up tuning candidate (XVERSE_CUTLASS=1, Hopper).
+"""kernels.cutlass_mixed: CUTLASS's mixed-input GEMM as a start-up tuning candidate (Hopper, nvcc, the headers).
 On the CPU: the translation units it writes, the operands it takes and their PyTorch twin against the reference
 product, when it is offered, and the one line that says why not; on an H100 or H200 with nvcc and the nvidia-cutlass
 wheel (and XVERSE_CUTLASS=1, since the build takes minutes): every GEMM against the reference."""
@@ -80,34 +80,40 @@ def test_int8_and_fp8_operands_are_the_stored_weight_and_float32_scale(scheme: s
     assert torch.equal(w, layer.dequantized(torch.float32))
 
 
-def test_offered_only_where_enabled_and_the_card_runs_it(monkeypatch: pytest.MonkeyPatch,
-                                                         caplog: pytest.LogCaptureFixture) -> None:
-    # XVERSE_CUTLASS=1 on a machine that cannot run sm_90a code: no candidates, and one warning naming the reason;
-    # off (the default): nothing is tried or logged. The missing wheel and compiler each get a line saying what to
-    # install. The backend is known to the tuner's XVERSE_DISABLED_KERNELS.
+def test_offered_only_where_the_card_runs_it_and_the_reason_said_once(monkeypatch: pytest.MonkeyPatch,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    # XVERSE_CUTLASS=auto (the default) on a machine that cannot run sm_90a code: no candidates, and one info line
+    # naming the reason; 1: the same reason as a warning; 0: nothing tried or logged; anything else refused. The
+    # missing wheel and compiler each get a line saying what to install. The backend is known to the tuner's
+    # XVERSE_DISABLED_KERNELS.
     layer = layer_of("int8", 512, 128, seed=4)
     assert "cutlass" in BACKENDS and str(MatmulKernel("cutlass", (("config", 2),))) == "cutlass(config=2)"
-    monkeypatch.delenv("XVERSE_CUTLASS", raising=False)
-    cutlass_mixed.served_module.cache_clear()
-    with caplog.at_level(logging.INFO, logger=cutlass_mixed.__name__):
-        assert cutlass_mixed.served_module("int8", 0) is None
-    assert not caplog.records
-
-    monkeypatch.setenv("XVERSE_CUTLASS", "1")
-    cutlass_mixed.served_module.cache_clear()
     if torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):
         pytest.skip("this card runs the CUTLASS GEMMs (test_the_cutlass_gemms_multiply_as_the_reference)")
-    with caplog.at_level(logging.INFO, logger=cutlass_mixed.__name__):
-        assert cutlass_mixed.served_module("int4", 0) is None
-        assert cutlass_mixed.served_module("int4", 0) is None  # decided once
-    assert [record.getMessage() for record in caplog.records] == [
-        "XVERSE_CUTLASS=1, but the int4 CUTLASS GEMMs are left out: the CUTLASS GEMMs are built for compute "
-        "capability 9.0 (Hopper: H100, H200)"]
-    assert "cutlass" not in {kernel.backend for kernel in candidates(layer, 512)}
+    reason = "the CUTLASS GEMMs are built for compute capability 9.0 (Hopper: H100, H200)"
+    for setting, level in (("auto", logging.INFO), (None, logging.INFO), ("1", logging.WARNING), ("0", None)):
+        if setting is None:
+            monkeypatch.delenv("XVERSE_CUTLASS", raising=False)
+        else:
+            monkeypatch.setenv("XVERSE_CUTLASS", setting)
+        cutlass_mixed.served_module.cache_clear()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger=cutlass_mixed.__name__):
+            assert cutlass_mixed.served_module("int4", 0) is None
+            assert cutlass_mixed.served_module("int4", 0) is None  # decided once
+        logged = [(record.levelno, record.getMessage()) for record in caplog.records]
+        shown = setting or "auto"
+        assert logged == ([] if level is None else
+                          [(level, f"the int4 CUTLASS GEMMs are left out (XVERSE_CUTLASS={shown}): {reason}")])
+        assert "cutlass" not in {kernel.backend for kernel in candidates(layer, 512)}
+    monkeypatch.setenv("XVERSE_CUTLASS", "yes")
+    with pytest.raises(ValueError, match="XVERSE_CUTLASS takes auto, 1 or 0, got 'yes'"):
+        cutlass_mixed.mode()
+    monkeypatch.delenv("XVERSE_CUTLASS")
     cutlass_mixed.served_module.cache_clear()
 
     monkeypatch.setattr(cutlass_mixed.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(cutlass_mixed.Unavailable, match=r"pip install nvidia-cutlass==4\.2\.0\.0"):
+    with pytest.raises(cutlass_mixed.Unavailable, match=r"pip install --no-deps nvidia-cutlass==4\.2\.0\.0"):
         cutlass_mixed.include_dirs()
     from torch.utils import cpp_extension
 
@@ -138,7 +144,7 @@ def test_the_cutlass_gemms_multiply_as_the_reference(scheme: str, monkeypatch: p
     import os
 
     if os.environ.get("XVERSE_CUTLASS") != "1":
-        pytest.skip("building the CUTLASS GEMMs takes minutes: set XVERSE_CUTLASS=1 to run this test")
+        pytest.skip("building all the CUTLASS GEMMs takes minutes: set XVERSE_CUTLASS=1 to run this test")
     pytest.importorskip("cutlass_library", reason="pip install nvidia-cutlass==4.2.0.0")
     gemms = [(scheme, shuffled, config) for shuffled in cutlass_mixed.LAYOUTS for config in cutlass_mixed.CONFIGS]
     module = cutlass_mixed.build(f"xverse_cutlass_test_{scheme}", gemms, cutlass_mixed.build_dir() / f"test_{scheme}")

@@ -4,10 +4,14 @@ convert the weights in registers and run the warpgroup MMAs, the structure that 
 that dequantizes in registers (docs/quantization.md), for prefill-sized batches.
 
 Not in requirements.txt: it needs CUDA's compiler (nvcc) and ninja, and CUTLASS's headers from the `nvidia-cutlass`
-wheel; torch's cpp_extension compiles it on first use (one translation unit per format, layout and tile, a minute or
-two of a core each, side by side) and keeps the library for later starts. The server offers it to the start-up
-tuning only where XVERSE_CUTLASS=1 (not yet timed on a GPU, so off by default) and the card is compute capability
-9.0: its kernels are built for sm_90a (wgmma, setmaxnreg), which runs on no other.
+wheel (`pip install --no-deps nvidia-cutlass==4.2.0.0`: its dependencies serve CUTLASS's Python interface, which
+this does not use); torch's cpp_extension compiles it on first use (one translation unit per format, layout and
+tile, a minute or two of a core each, side by side) and keeps the library for later starts. The start-up tuning offers it where the
+card is compute capability 9.0 (its kernels are built for sm_90a: wgmma, setmaxnreg, which run on no other) and
+nvcc and the headers are there, unless XVERSE_CUTLASS=0 (`mode`). On an H100 the tuner chose it for int8's and
+int4's projections from 17-65 rows up, and the first token of 512 went from 1.33x to 1.09x bf16's (int8) and from
+1.39x to 1.12x (int4); 64 requests from 1.02x to 1.07x (int8) and from 0.95x to 1.05x (int4)
+(bench/results/quant_h100_cutlass.json, quant_h100_cutlass_int8_fp8.json).
 
 Operands: int8's and fp8's weights as stored ([N, K], converted exactly to bf16 in the mainloop) with their float32
 channel scales applied in the epilogue; int4's packed weight as stored ([N, K / 2], k = 2j in byte j's low nibble,
@@ -70,7 +74,8 @@ def include_dirs() -> list[str]:
     toolkit from pip keeps it beside, not in, nvcc's own include folder."""
     spec = importlib.util.find_spec("cutlass_library")
     if spec is None or not spec.submodule_search_locations:
-        raise Unavailable("CUTLASS's headers come with the nvidia-cutlass wheel: pip install nvidia-cutlass==4.2.0.0")
+        raise Unavailable("CUTLASS's headers come with the nvidia-cutlass wheel: "
+                          "pip install --no-deps nvidia-cutlass==4.2.0.0")
     source = Path(next(iter(spec.submodule_search_locations))) / "source"
     dirs = [str(SOURCES), str(source / "include"), str(source / "tools" / "util" / "include")]
     nvidia = importlib.util.find_spec("nvidia")
@@ -107,8 +112,20 @@ def build(name: str, gemms: list[tuple[str, bool, int]], build_dir: Path, verbos
                               extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "-DNDEBUG", *CUDA_TYPES])
 
 
+MODES = ("auto", "1", "0")
+
+
+def mode() -> str:
+    """XVERSE_CUTLASS: `auto` (the default) offers the GEMMs where the card runs them and nvcc and CUTLASS's headers
+    are there, saying why not in an info line; `1` the same, a warning where they cannot be; `0` never."""
+    value = os.environ.get("XVERSE_CUTLASS", "auto")
+    if value not in MODES:
+        raise ValueError(f"XVERSE_CUTLASS takes auto, 1 or 0, got {value!r}")
+    return value
+
+
 def enabled() -> bool:
-    return os.environ.get("XVERSE_CUTLASS", "0") == "1"
+    return mode() != "0"
 
 
 def check_device(device: torch.device) -> None:
@@ -122,19 +139,31 @@ def build_dir() -> Path:
     return cache / "xverse_serve" / f"cutlass-torch{torch.__version__}-cuda{torch.version.cuda}"
 
 
+# The first build of a format's five GEMMs took 99 s on a 16-core H100 machine; a later start loads them in 0.2 s.
+FIRST_BUILD_NOTE = "about 100 s on 16 CPU cores, on the first start only"
+
+
 @functools.cache
 def served_module(scheme: str, device_index: int):
     """The extension with `scheme`'s plain-layout GEMMs, built on first use (logged, with how long it took), or None
-    where XVERSE_CUTLASS is not 1 or they cannot be built or run here (logged once, with the reason)."""
-    if not enabled():
+    where XVERSE_CUTLASS is 0 or they cannot be built or run here (logged once, with the reason: a warning where
+    XVERSE_CUTLASS=1 asked for them, or the build failed)."""
+    setting = mode()
+    if setting == "0":
         return None
+    started = time.perf_counter()
     try:
         check_device(torch.device("cuda", device_index))
-        started = time.perf_counter()
+        include_dirs()  # before announcing a build: raises Unavailable without the headers
+        log.info("building or loading the %s CUTLASS GEMMs (%s)", scheme, FIRST_BUILD_NOTE)
         module = build(f"xverse_cutlass_{scheme}", [(scheme, False, config) for config in CONFIGS],
                        build_dir() / scheme)
-    except Exception as exc:  # noqa: BLE001 - no CUTLASS candidates then; the others serve
-        log.warning("XVERSE_CUTLASS=1, but the %s CUTLASS GEMMs are left out: %s", scheme,
+    except Unavailable as exc:
+        (log.warning if setting == "1" else log.info)("the %s CUTLASS GEMMs are left out (XVERSE_CUTLASS=%s): %s",
+                                                      scheme, setting, exc)
+        return None
+    except Exception as exc:  # noqa: BLE001 - a failed build: no CUTLASS candidates then; the others serve
+        log.warning("the %s CUTLASS GEMMs are left out: building them failed: %s", scheme,
                     str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
         return None
     log.info("%s CUTLASS GEMMs ready in %.1f s", scheme, time.perf_counter() - started)

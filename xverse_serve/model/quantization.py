@@ -135,7 +135,7 @@ class MatmulKernel:
     for prefills); dp4a: kernels.dp4a_gemv's GEMV on integer dot products, 1 to dp4a_gemv.MAX_ROWS rows (int8 and
     int4; with act_block, int4's activations in one int8 part with a scale per act_block values);
     scaled_mm: FP8 tensor cores with the activations quantized per token (fp8 only); cutlass: kernels.cutlass_mixed's
-    CUTLASS mixed-input GEMM (Hopper, bf16, XVERSE_CUTLASS=1; option config: its tile); torch:
+    CUTLASS mixed-input GEMM (Hopper, bf16, unless XVERSE_CUTLASS=0; option config: its tile); torch:
     torch._weight_int8pack_mm (int8 only); reference: the weight dequantized by PyTorch, then F.linear (slow and
     memory-hungry: only where no other kernel works)."""
 
@@ -573,8 +573,8 @@ def _has_tma(device: torch.device) -> bool:
 
 
 def _cutlass_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> list[MatmulKernel]:
-    """kernels.cutlass_mixed's GEMMs, each tile, from cutlass_mixed.MIN_ROWS rows of bf16: where XVERSE_CUTLASS=1
-    and they build and run on this card (served_module builds them on the first call)."""
+    """kernels.cutlass_mixed's GEMMs, each tile, from cutlass_mixed.MIN_ROWS rows of bf16: where they build and run
+    on this card and XVERSE_CUTLASS is not 0 (served_module builds them on the first call)."""
     from ..kernels import cutlass_mixed
 
     device = layer.weight.device
