@@ -6,11 +6,11 @@ that dequantizes in registers (docs/quantization.md), for prefill-sized batches.
 Not in requirements.txt: it needs CUDA's compiler (nvcc) and ninja, and CUTLASS's headers from the `nvidia-cutlass`
 wheel (`pip install --no-deps nvidia-cutlass==4.2.0.0`: its dependencies serve CUTLASS's Python interface, which
 this does not use); torch's cpp_extension compiles it on first use (one translation unit per format, layout and
-tile, a minute or two of a core each, side by side) and keeps the library for later starts. The start-up tuning offers it where the
-card is compute capability 9.0 (its kernels are built for sm_90a: wgmma, setmaxnreg, which run on no other) and
-nvcc and the headers are there, unless XVERSE_CUTLASS=0 (`mode`). On an H100 the tuner chose it for int8's and
-int4's projections from 17-65 rows up, and the first token of 512 went from 1.33x to 1.09x bf16's (int8) and from
-1.39x to 1.12x (int4); 64 requests from 1.02x to 1.07x (int8) and from 0.95x to 1.05x (int4)
+tile, a minute or two of a core each, side by side) and keeps the library for later starts. The start-up tuning
+offers it where the card is compute capability 9.0 (its kernels are built for sm_90a: wgmma, setmaxnreg, which run
+on no other) and nvcc and the headers are there, unless XVERSE_CUTLASS=0 (`mode`). On an H100 the tuner chose it for
+int8's and int4's projections from 17-65 rows up, and the first token of 512 went from 1.33x to 1.09x bf16's (int8)
+and from 1.39x to 1.12x (int4); 64 requests from 1.02x to 1.07x (int8) and from 0.95x to 1.05x (int4)
 (bench/results/quant_h100_cutlass.json, quant_h100_cutlass_int8_fp8.json).
 
 Operands: int8's and fp8's weights as stored ([N, K], converted exactly to bf16 in the mainloop) with their float32
@@ -139,8 +139,9 @@ def build_dir() -> Path:
     return cache / "xverse_serve" / f"cutlass-torch{torch.__version__}-cuda{torch.version.cuda}"
 
 
-# The first build of a format's five GEMMs took 99 s on a 16-core H100 machine; a later start loads them in 0.2 s.
-FIRST_BUILD_NOTE = "about 100 s on 16 CPU cores, on the first start only"
+# The first build of a format's five GEMMs took 99 s and 139 s on two 16-core H100 machines; a later start loaded
+# them in 0.2 s.
+FIRST_BUILD_NOTE = "about two minutes on 16 CPU cores, on the first start only"
 
 
 @functools.cache
