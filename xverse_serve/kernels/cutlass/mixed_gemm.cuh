@@ -1,6 +1,6 @@
 // y = x W^T for int8, int4 and fp8 weights on Hopper through CUTLASS's mixed-input GEMM. kernels/cutlass_mixed.py
 // builds it (one translation unit per weight format, layout and tile, each adding its GEMM to api.h's registry);
-// a start-up tuning candidate where XVERSE_CUTLASS=1, and bench/cutlass_mixed_lab.py's subject.
+// a start-up tuning candidate on Hopper (unless XVERSE_CUTLASS=0), and bench/cutlass_mixed_lab.py's subject.
 //
 // CUTLASS's mixed-input mainloop takes the narrow operand through the registers, where it is converted (and scaled)
 // before warpgroup MMAs, with a producer warp copying tiles by TMA beside the consumers: what Triton could not do
@@ -29,7 +29,7 @@ namespace xverse_cutlass {
 using namespace cute;
 
 // The weight's layout in memory, [N, K] row-major as we store it, or shuffled at load (`Shuffled`): CUTLASS then
-// wants the elements that one thread reads for a warpgroup MMA next to each other (a 64-bit shared-memory load
+// wants the elements that one thread reads for a warpgroup MMA next to each other (one 32-bit shared-memory load
 // instead of several narrow ones), and uint4 and int8 in the value order that its bit-trick converters take
 // (LayoutAwareConvertImpl in cutlass/detail/collective/mixed_input_utils.hpp: a lop3 and a subtraction per two
 // values, where the plain layout converts value by value). `reorder` writes a weight in that layout.
@@ -111,7 +111,8 @@ struct MixedGemm {
                 "x must be a contiguous bf16 CUDA matrix");
     TORCH_CHECK(y.is_contiguous() && y.scalar_type() == at::kBFloat16 && y.size(0) == x.size(0),
                 "y must be a contiguous bf16 [M, N] matrix");
-    TORCH_CHECK(weight.is_contiguous() && weight.device() == x.device(), "the weight must be contiguous, on x's device");
+    TORCH_CHECK(weight.is_contiguous() && weight.device() == x.device(),
+                "the weight must be contiguous, on x's device");
     c10::cuda::CUDAGuard device(x.device());
     int const m = x.size(0), k = x.size(1), n = y.size(1);
     auto stride_w = WeightLayout<Weight, Shuffled>::of(n, k);
