@@ -120,6 +120,10 @@ def test_offered_only_where_the_card_runs_it_and_the_reason_said_once(monkeypatc
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
     with pytest.raises(cutlass_mixed.Unavailable, match=r"needs CUDA's compiler \(nvcc\)"):
         cutlass_mixed.build("unused", [], cutlass_mixed.build_dir())
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local/cuda")
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
+    with pytest.raises(cutlass_mixed.Unavailable, match="needs ninja: pip install ninja"):
+        cutlass_mixed.build("unused", [], cutlass_mixed.build_dir())
 
 
 def test_a_layer_keeps_the_operands_only_while_its_plan_takes_cutlass() -> None:

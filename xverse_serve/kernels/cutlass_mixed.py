@@ -88,12 +88,14 @@ def include_dirs() -> list[str]:
 def build(name: str, gemms: list[tuple[str, bool, int]], build_dir: Path, verbose: bool = False):
     """Compiles the extension `name` with the GEMMs `gemms` ((scheme, shuffled, config) each) into build_dir (kept:
     a later call with the same sources only loads it) and returns the module. Raises Unavailable without nvcc or
-    CUTLASS's headers; a compiler error as torch's cpp_extension raises it."""
+    CUTLASS's headers or ninja; a compiler error as torch's cpp_extension raises it."""
     from torch.utils import cpp_extension
 
     if cpp_extension.CUDA_HOME is None:
         raise Unavailable("building the CUTLASS GEMMs needs CUDA's compiler (nvcc): install the CUDA toolkit or set "
                           "CUDA_HOME")
+    if not cpp_extension.is_ninja_available():
+        raise Unavailable("building the CUTLASS GEMMs needs ninja: pip install ninja")
     includes = include_dirs()
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")  # wgmma and setmaxnreg need the sm_90a target
     os.environ.setdefault("MAX_JOBS", str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
