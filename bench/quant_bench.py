@@ -13,8 +13,10 @@ by shard, quantizing each tensor as it arrives. For each configuration:
 - error: relative error of the logits (float32, last 64 positions of a 512-token prompt) against bf16 weights
   with a bf16 cache, and how often the top token agrees.
 "int8 + CUTLASS", "int4 + CUTLASS" and "fp8 + CUTLASS" (only when named in --configs) load the format again with
-XVERSE_CUTLASS=1: CUTLASS's GEMMs among the tuning candidates (Hopper, nvcc and the nvidia-cutlass wheel); the
-other configurations load with XVERSE_CUTLASS=0, so that each pair compares the kernels in one run.
+XVERSE_CUTLASS=1: CUTLASS's GEMMs among the tuning candidates (Hopper, nvcc and the nvidia-cutlass wheel). The
+other configurations load as the server does, with XVERSE_CUTLASS as the environment has it (auto: CUTLASS where it
+builds); `XVERSE_CUTLASS=0 python bench/quant_bench.py --configs bf16 int8 "int8 + CUTLASS"` compares without and
+with in one run.
 Then the capped runs: the process limited to 10 GiB (int8 weights) and 6 GiB (int4) with
 torch.cuda.set_per_process_memory_fraction, loading, planning and serving inside the cap with an int8 cache and
 --max-model-len 2048 (the cap covers the CUDA context too, as on a real card; the step limits are
@@ -184,13 +186,20 @@ def run_configs(model_dir: Path, device: torch.device, args: argparse.Namespace,
     vocab = load_config(model_dir).vocab_size
     error_ids = prompts(1, ERROR_PROMPT_LEN, vocab, 7)[0]
     reference: torch.Tensor | None = None
+    cutlass_setting = os.environ.get("XVERSE_CUTLASS")  # the server's, for the configurations without "+ CUTLASS"
     for quantize, with_cutlass in itertools.product(("none", "int8", "int4", "fp8"), (False, True)):
         # the CUTLASS configurations only when named: they need nvcc and a Hopper card, and take minutes to build
         configs = [c for c in CONFIGS if c[1] == quantize and c[0].endswith(CUTLASS) == with_cutlass
                    and (c[0] in args.configs if args.configs is not None else not with_cutlass)]
         if not configs:
             continue
-        os.environ["XVERSE_CUTLASS"] = "1" if with_cutlass else "0"  # read as the tuner builds its candidates
+        # read as the tuner builds its candidates
+        if with_cutlass:
+            os.environ["XVERSE_CUTLASS"] = "1"
+        elif cutlass_setting is None:
+            os.environ.pop("XVERSE_CUTLASS", None)
+        else:
+            os.environ["XVERSE_CUTLASS"] = cutlass_setting
         try:
             model, load_facts = load(model_dir, device, torch.bfloat16 if cuda(device) else torch.float32, quantize)
         except Exception as exc:
@@ -237,7 +246,7 @@ def tuning_table(model: XverseForCausalLM) -> dict:
         if not any(isinstance(m, QuantizedLinear) and (m.scheme, m.out_features, m.in_features) == (scheme, n, k)
                    for m in model.modules()):
             continue
-        table[f"{scheme} {n}x{k} {key[4]}{CUTLASS if key[-1] else ''}"] = {
+        table[f"{scheme} {n}x{k} {key[4]}{'' if key[-1] else ', without CUTLASS'}"] = {
             "plan": [[m, str(kernel)] for m, kernel in plan],
             "timings_ms": {str(m): t for m, t in tuner.TIMINGS[key].items()},
         }
