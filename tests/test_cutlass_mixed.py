@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,6 +125,48 @@ def test_offered_only_where_the_card_runs_it_and_the_reason_said_once(monkeypatc
     monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
     with pytest.raises(cutlass_mixed.Unavailable, match="needs ninja: pip install ninja"):
         cutlass_mixed.build("unused", [], cutlass_mixed.build_dir())
+
+
+def test_a_failed_build_is_remembered_until_the_sources_change(monkeypatch: pytest.MonkeyPatch, tmp_path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    # A build that fails (a compiler error) is warned about once and written down in its folder, so that the next
+    # start skips it with an info line saying how to try again, instead of spending minutes failing again; once
+    # what it depends on changes, it is tried again, and a build that works clears the record.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("XVERSE_CUTLASS", raising=False)
+    monkeypatch.setattr(cutlass_mixed, "check_device", lambda device: None)
+    monkeypatch.setattr(cutlass_mixed, "include_dirs", lambda: [])
+    attempts: list[str] = []
+    outcome: list = [RuntimeError("Error building extension 'xverse_cutlass_int8'\nninja: build stopped")]
+
+    def build(name: str, gemms: list, folder: Path):
+        attempts.append(name)
+        assert folder == cutlass_mixed.build_dir() / "int8" and len(gemms) == len(cutlass_mixed.CONFIGS)
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
+        return outcome[0]
+
+    monkeypatch.setattr(cutlass_mixed, "build", build)
+
+    def start() -> object:
+        cutlass_mixed.served_module.cache_clear()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger=cutlass_mixed.__name__):
+            return cutlass_mixed.served_module("int8", 0)
+
+    assert start() is None and len(attempts) == 1
+    assert ("the int8 CUTLASS GEMMs are left out: building them failed: Error building extension "
+            "'xverse_cutlass_int8'") in [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert start() is None and len(attempts) == 1  # not tried again
+    folder = cutlass_mixed.build_dir() / "int8"
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.INFO, "the int8 CUTLASS GEMMs are left out (XVERSE_CUTLASS=auto): building them failed before "
+                       f"(Error building extension 'xverse_cutlass_int8'); delete {folder} to try again")]
+    monkeypatch.setattr(cutlass_mixed, "build_digest", lambda: "changed")
+    outcome[0] = "module"
+    assert start() == "module" and len(attempts) == 2
+    assert not (folder / "FAILED").exists()
+    cutlass_mixed.served_module.cache_clear()
 
 
 def test_a_layer_keeps_the_operands_only_while_its_plan_takes_cutlass() -> None:

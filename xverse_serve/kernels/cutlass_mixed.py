@@ -24,6 +24,7 @@ the weight, since the other kernels read the plain one.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import logging
 import os
@@ -146,29 +147,53 @@ def build_dir() -> Path:
 FIRST_BUILD_NOTE = "about two minutes on 16 CPU cores, on the first start only"
 
 
+def build_digest() -> str:
+    """A digest of what a build depends on here, the extension's sources and the CUDA toolkit it finds: a failed
+    build is tried again once either changes."""
+    from torch.utils import cpp_extension
+
+    digest = hashlib.sha256(str(cpp_extension.CUDA_HOME).encode())
+    for path in sorted(SOURCES.iterdir()):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 @functools.cache
 def served_module(scheme: str, device_index: int):
     """The extension with `scheme`'s plain-layout GEMMs, built on first use (logged, with how long it took), or None
     where XVERSE_CUTLASS is 0 or they cannot be built or run here (logged once, with the reason: a warning where
-    XVERSE_CUTLASS=1 asked for them, or the build failed)."""
+    XVERSE_CUTLASS=1 asked for them, or the build failed). A failed build is remembered in its folder (FAILED), so
+    that later starts do not spend minutes failing again, until the sources or the CUDA toolkit change or the folder
+    is deleted."""
     setting = mode()
     if setting == "0":
         return None
     started = time.perf_counter()
+    folder = build_dir() / scheme
+    failed = folder / "FAILED"
     try:
         check_device(torch.device("cuda", device_index))
         include_dirs()  # before announcing a build: raises Unavailable without the headers
+        if failed.is_file():
+            digest, _, reason = failed.read_text().partition("\n")
+            if digest == build_digest():
+                raise Unavailable(f"building them failed before ({reason.strip()}); delete {folder} to try again")
         log.info("building or loading the %s CUTLASS GEMMs (%s)", scheme, FIRST_BUILD_NOTE)
-        module = build(f"xverse_cutlass_{scheme}", [(scheme, False, config) for config in CONFIGS],
-                       build_dir() / scheme)
+        module = build(f"xverse_cutlass_{scheme}", [(scheme, False, config) for config in CONFIGS], folder)
     except Unavailable as exc:
         (log.warning if setting == "1" else log.info)("the %s CUTLASS GEMMs are left out (XVERSE_CUTLASS=%s): %s",
                                                       scheme, setting, exc)
         return None
     except Exception as exc:  # noqa: BLE001 - a failed build: no CUTLASS candidates then; the others serve
-        log.warning("the %s CUTLASS GEMMs are left out: building them failed: %s", scheme,
-                    str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.warning("the %s CUTLASS GEMMs are left out: building them failed: %s", scheme, reason)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            failed.write_text(f"{build_digest()}\n{reason}\n")
+        except OSError:  # a cache folder we cannot write: the next start tries again
+            pass
         return None
+    failed.unlink(missing_ok=True)
     log.info("%s CUTLASS GEMMs ready in %.1f s", scheme, time.perf_counter() - started)
     return module
 
