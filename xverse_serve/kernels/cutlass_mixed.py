@@ -47,7 +47,8 @@ WEIGHT_TYPES = {"int8": ("int8_t", False), "fp8": ("cutlass::float_e4m3_t", Fals
 # torch's extensions build with CUDA's half and bfloat16 operators and conversions turned off; CUTLASS uses them.
 CUDA_TYPES = [f"-U__CUDA_NO_{name}__" for name in ("HALF_OPERATORS", "HALF_CONVERSIONS", "HALF2_OPERATORS",
                                                    "BFLOAT16_OPERATORS", "BFLOAT16_CONVERSIONS", "BFLOAT162_OPERATORS")]
-# Rows from which the tuner times these kernels: their tiles hold 64 tokens or more.
+# Rows from which the tuner times these kernels: below it most of their 64-token (or wider) tiles would be
+# padding. On an H100 the tuner chose them from 17 rows (bench/results/quant_h100_cutlass.json).
 MIN_ROWS = 16
 
 
