@@ -133,6 +133,20 @@ def split_gemm_kernels() -> Iterator[tuple]:
                            "PER_SPLIT": 4096 // block_k // split, "EVEN_K": True, "MAX_M": split_gemm.MAX_ROWS,
                            "TWO_PART": False}, {
                            "num_warps": num_warps, "num_stages": num_stages})
+    for block_n, block_k, num_warps, num_stages, tma in split_gemm.SCALED_ROWS_CONFIGS:
+        for block_m, split in ((16, 1), (64, 4)):
+            operands = ({"x": f"tensordesc<fp8e4nv[{block_m}, {block_k}]>",
+                         "w": f"tensordesc<fp8e4nv[{block_n}, {block_k}]>"} if tma else
+                        {"x": "*fp8e4nv", "w": "*fp8e4nv"})
+            yield (f"fp8e4nv scaled_rows(block_m={block_m}, block_n={block_n}, block_k={block_k}, split={split}, "
+                   f"tma={tma})", split_gemm._scaled_rows_kernel, {
+                       **operands, "x_scale_ptr": "*fp32", "y_ptr": "*bf16", "scale_ptr": "*fp32",
+                       "partial_ptr": "*fp32", "ticket_ptr": "*i32", "M": "i32", "N": "i32", "stride_xm": "i32",
+                       "stride_wn": "i32", "stride_ym": "i32"}, {
+                       "K": 4096, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT": split,
+                       "PER_SPLIT": 4096 // block_k // split, "EVEN_K": True, "MAX_M": split_gemm.MAX_ROWS,
+                       "TMA": bool(tma), "STAGES": num_stages}, {
+                       "num_warps": num_warps, "num_stages": num_stages})
     for block_n, num_warps, num_stages in split_gemm.INT4_TUNED_CONFIGS:
         for block_m, split in ((16, 1), (16, 4), (64, 4)):
             yield (f"u4 split(block_m={block_m}, block_n={block_n}, split={split})", split_gemm._split_int4_kernel, {

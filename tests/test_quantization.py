@@ -642,8 +642,13 @@ def test_every_quantized_matmul_kernel_compiles_for_hopper_without_register_spil
                                                             "u4 two-part split", "fp8e4nv two-part split",
                                                             "cublas_int8 combine", "i8 mixed", "u4 mixed",
                                                             "fp8e4nv mixed", "i8 mixed_tma", "u4 mixed_tma",
-                                                            "fp8e4nv mixed_tma"}
+                                                            "fp8e4nv mixed_tma", "fp8e4nv scaled_rows"}
     assert [r for r in reports if r["spilled_bytes"]] == []
+    # split_gemm's fp8-activation kernel: FP8 wgmma on the weights as stored, nothing converted; its TMA form copies
+    scaled = [r for r in reports if " scaled_rows(" in r["kernel"]]
+    assert scaled and all(r["wgmma"] > 0 and r["int_to_float"] == 0 for r in scaled)
+    assert {r["kernel"].endswith("tma=1)") for r in scaled} == {True, False}
+    assert all((r["tma"] > 0) == r["kernel"].endswith("tma=1)") for r in scaled)
     # mixed_gemm: the weights reach Hopper's tensor cores as wgmma's register operand, int4's nibbles made floats
     # by their bits: no more int-to-float conversions (a sixteenth of the FMA rate) than int8's, whose weights the
     # compiler converts without them (the few left are the tile index's division)
@@ -721,7 +726,7 @@ def test_the_tuner_keeps_the_fastest_right_kernel_per_size(monkeypatch: pytest.M
     last_call: list = [None, 0]  # the kernel and rows of the latest call, which the fake time_call times
 
     class Fake:
-        backend = "mixed"
+        backend, options = "mixed", ()
 
         def __init__(self, name: str, ms: dict[int, float], wrong: bool = False) -> None:
             self.name, self.ms, self.wrong = name, ms, wrong  # a size missing from ms: the kernel raises there
@@ -780,6 +785,8 @@ def test_the_tuner_leaves_out_disabled_kernels_and_names_one_that_hangs(monkeypa
     called: list[str] = []
 
     class Fake:
+        options = ()
+
         def __init__(self, backend: str, seconds: float = 0.0) -> None:
             self.backend, self.seconds = backend, seconds
 

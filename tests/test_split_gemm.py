@@ -88,6 +88,51 @@ def test_split_matmul_refuses_what_it_cannot_multiply() -> None:
         split_gemm.split_matmul(torch.randn(2, 64).to(DEVICE), q, scale[:8])
 
 
+FP8_DOTS = not INTERPRET and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@pytest.mark.parametrize(("n", "k", "rows", "config", "tma"), [
+    (64, 512, 5, (32, 64, 4, 2, 4), False),  # four slices of two steps
+    (37, 100, 1, (32, 32, 4, 2, 3), False),  # outputs and K in partial blocks; the last slice runs past K
+    (130, 256, 17, (64, 64, 4, 2, 1), False),  # no split: the tile is stored directly
+    (96, 384, 64, (32, 64, 4, 2, 2), False),
+    (70, 416, 33, (64, 128, 4, 2), False),  # the split chosen for the card
+    (96, 384, 64, (32, 64, 4, 2, 2), True),  # by TMA copies: rows past M, outputs past N and K past K read as 0
+    (37, 100, 5, (32, 32, 4, 2, 3), True),
+], ids=str)
+def test_scaled_rows_matmul_applies_both_scales_to_the_sums_of_the_e4m3_products(n: int, k: int, rows: int,
+                                                                                 config: tuple, tma: bool) -> None:
+    """On a GPU with FP8 dots: e4m3 operands. In the interpreter (which mis-decodes e4m3 in dots, test_imma_gemm.py)
+    the same values in float16, where every e4m3 value is exact: the tiling, split and scales are what is tested."""
+    if tma and not (FP8_DOTS and torch.cuda.get_device_capability() >= (9, 0)):
+        pytest.skip("TMA copies: compute capability 9.0+")
+    if not INTERPRET and not FP8_DOTS:
+        pytest.skip("FP8 tensor cores: compute capability 8.9+")
+    q, scale, w = scaled_weight("fp8", n, k, seed=n + k)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+    x[:, 3] *= 30  # an outlier channel sets its rows' scales
+    xq, x_scale = quantization.quantize_activations_fp8(x)
+    operand = torch.float16 if INTERPRET else xq.dtype
+    out = split_gemm.scaled_rows_matmul(xq.to(operand).to(DEVICE), x_scale.to(DEVICE), q.to(operand), scale,
+                                        torch.bfloat16 if not INTERPRET else torch.float32, config, tma)
+    assert out.shape == (rows, n)
+    # the exact product of what the kernel was given; the float32 sums add only their own rounding (and bf16's)
+    reference = (xq.float() * x_scale).to(DEVICE) @ w.T
+    assert relative_error(out, reference) < (1e-5 if INTERPRET else 5e-3)
+    # against x itself, the e4m3 rounding of the activations shows: the tuner's bound for such kernels
+    assert relative_error(out, x.to(DEVICE) @ w.T) < 0.06
+
+
+def test_scaled_rows_matmul_refuses_operands_of_two_dtypes_or_too_many_rows() -> None:
+    q, scale, _ = scaled_weight("fp8", 16, 64, seed=1)
+    x_scale = torch.ones(2, device=DEVICE)
+    with pytest.raises(ValueError, match="of one dtype"):
+        split_gemm.scaled_rows_matmul(torch.randn(2, 64).to(DEVICE), x_scale, q, scale, torch.float32)
+    with pytest.raises(ValueError, match="1 to 64 rows"):
+        split_gemm.scaled_rows_matmul(torch.zeros(65, 64, dtype=q.dtype, device=DEVICE), x_scale, q, scale,
+                                      torch.float32)
+
+
 @pytest.mark.parametrize(("n", "groups", "rows", "config"), [
     (64, 4, 5, (32, 4, 2, 2)),  # two slices of two groups
     (37, 3, 1, (32, 4, 2, 2)),  # outputs in a partial block; the last slice has no group

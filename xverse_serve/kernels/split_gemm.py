@@ -41,6 +41,11 @@ SWEEP_CONFIGS = ((64, 128, 4, 3), (32, 256, 4, 4), (128, 128, 8, 4))
 INT4_DEFAULT_CONFIG = (64, 8, 3)
 INT4_TUNED_CONFIGS = ((64, 8, 3), (128, 8, 3))
 TARGET_PROGRAMS_PER_SM = 3
+# fp8 weights with fp8 activations (scaled_rows_matmul): (block_n, block_k, num_warps, num_stages, tma) the tuner
+# times, from SCALED_ROWS_MIN_ROWS rows (fewer are served by exact-activation kernels at close to the weights'
+# bandwidth already: no reason to round the activations to e4m3 there).
+SCALED_ROWS_CONFIGS = ((64, 128, 4, 4, 0), (64, 256, 4, 4, 1))
+SCALED_ROWS_MIN_ROWS = 16
 # Two-part activations (two_part=True, kernels/imma_gemm.py explains them): the configurations the tuner times,
 # (block_n, block_k, num_warps, num_stages) for int8 and fp8, (block_n, num_warps, num_stages) for int4; none
 # spills registers on sm_90. block_k stays <= 512, under which the int32 sums cannot overflow. (256, 64, 8, 3) for
@@ -166,6 +171,48 @@ def _split_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, partial_ptr, ticket_ptr, M, N,
             BLOCK_M, BLOCK_N, SPLIT, MAX_M)
 
 
+@triton.jit(do_not_specialize=["M"])
+def _scaled_rows_kernel(x, w, x_scale_ptr, y_ptr, scale_ptr, partial_ptr, ticket_ptr, M, N, stride_xm, stride_wn,
+                        stride_ym, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, PER_SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
+                        MAX_M: tl.constexpr, TMA: tl.constexpr, STAGES: tl.constexpr):
+    # e4m3 weights and e4m3 activations quantized per row beforehand (x_scale [M]): one FP8 dot a step, nothing
+    # converted in the loop, both scales on the float32 sums. TMA: x and w are tensor descriptors and each tile
+    # comes by a TMA copy (rows past M and columns past K read as zeros); else pointers and cp.async.
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    outs = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_M)
+    out_ok, row_ok = outs < N, rows < M
+    first = split * PER_SPLIT * BLOCK_K
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    if TMA:
+        for i in tl.range(0, PER_SPLIT, num_stages=STAGES):
+            wt = w.load([tile * BLOCK_N, first + i * BLOCK_K])
+            xt = x.load([0, first + i * BLOCK_K])
+            acc = tl.dot(wt, tl.trans(xt), acc)
+    else:
+        ks = first + tl.arange(0, BLOCK_K)
+        w_ptrs = w + outs[:, None].to(tl.int64) * stride_wn + ks[None, :]
+        x_ptrs = x + rows[None, :] * stride_xm + ks[:, None]
+        for _ in tl.range(0, PER_SPLIT, num_stages=STAGES):
+            if EVEN_K:
+                wt = tl.load(w_ptrs, mask=out_ok[:, None], other=0.0, eviction_policy="evict_first")
+                xt = tl.load(x_ptrs, mask=row_ok[None, :], other=0.0)
+            else:  # the last slices run past K: their columns read as zeros
+                k_ok = ks < K
+                wt = tl.load(w_ptrs, mask=out_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
+                xt = tl.load(x_ptrs, mask=row_ok[None, :] & k_ok[:, None], other=0.0)
+                ks += BLOCK_K
+            acc = tl.dot(wt, xt, acc)
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+    scale = (tl.load(scale_ptr + outs, mask=out_ok, other=0.0)[:, None]
+             * tl.load(x_scale_ptr + rows, mask=row_ok, other=0.0)[None, :])
+    _finish(acc, scale, y_ptr, partial_ptr, ticket_ptr, tile, split, rows, outs, row_ok, out_ok, N, stride_ym,
+            BLOCK_M, BLOCK_N, SPLIT, MAX_M)
+
+
 @triton.jit
 def _nibbles_plus_128(q, dtype: tl.constexpr):
     """Values 0..15 as 128 + q in bf16 or fp16, by their bits (128's exponent, q in the mantissa's bits of the
@@ -287,6 +334,39 @@ def split_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         PER_SPLIT=triton.cdiv(steps, split), EVEN_K=k % block_k == 0 and steps % split == 0, MAX_M=MAX_ROWS,
         TWO_PART=two_part, num_warps=num_warps, num_stages=num_stages)
     return out.view(*x.shape[:-1], n)
+
+
+def scaled_rows_matmul(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                       out_dtype: torch.dtype, config: tuple[int, ...] | None = None,
+                       tma: bool = False) -> torch.Tensor:
+    """xq [M, K] (1..MAX_ROWS rows) with x_scale float32 [M] or [M, 1], weight [N, K] with scale float32 [N] ->
+    (xq * x_scale) @ (weight * scale[:, None]).T in out_dtype: e4m3 x and weight on FP8 tensor cores (any dtype
+    that both share and tl.dot takes, for Triton's interpreter). `config`: (block_n, block_k, num_warps,
+    num_stages), with a fifth value the split (else default_split). `tma`: the tiles come by TMA copies (Hopper)."""
+    if xq.dtype != weight.dtype or xq.dim() != 2 or weight.stride(1) != 1 or scale.shape != (weight.shape[0],):
+        raise ValueError(f"scaled_rows_matmul takes xq [M, K] and weight [N, K] of one dtype with scale [N]; got "
+                         f"{xq.dtype} {tuple(xq.shape)}, {weight.dtype} {tuple(weight.shape)}, {tuple(scale.shape)}")
+    n, k = weight.shape
+    x2 = _rows(xq, k)
+    x_scale = x_scale.reshape(-1)
+    block_n, block_k, num_warps, num_stages = (config or DEFAULT_CONFIG)[:4]
+    split = config[4] if config and len(config) > 4 else default_split(n, k, block_n, block_k, xq.device)
+    out = torch.empty(x2.shape[0], n, dtype=out_dtype, device=xq.device)
+    partial, tickets = _workspace(xq.device, n, block_n, split) if split > 1 else (out, out)
+    steps = triton.cdiv(k, block_k)
+    block_m = max(16, triton.next_power_of_2(x2.shape[0]))
+    x_arg, w_arg = x2, weight
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        x_arg = TensorDescriptor.from_tensor(x2, [block_m, block_k])
+        w_arg = TensorDescriptor.from_tensor(weight, [block_n, block_k])
+    _scaled_rows_kernel[(triton.cdiv(n, block_n), split)](
+        x_arg, w_arg, x_scale, out, scale, partial, tickets, x2.shape[0], n, x2.stride(0), weight.stride(0),
+        out.stride(0), K=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split,
+        PER_SPLIT=triton.cdiv(steps, split), EVEN_K=k % block_k == 0 and steps % split == 0, MAX_M=MAX_ROWS,
+        TMA=tma, STAGES=num_stages, num_warps=num_warps, num_stages=num_stages)
+    return out
 
 
 def check_int4(weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group: int) -> int:

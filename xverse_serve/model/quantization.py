@@ -68,15 +68,19 @@ def quantize_activations_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
-def scaled_mm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
-    """x @ W^T on FP8 tensor cores (torch._scaled_mm, cuBLASLt), W fp8 with a scale per output channel and x
-    quantized to fp8 per token on the fly: twice bf16's FLOP rate, for prefill-sized batches."""
+def fp8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_activations_fp8, by one kernel on a GPU (kernels.fused_ops.quantize_rows_fp8)."""
     if x.is_cuda:
         from ..kernels.fused_ops import quantize_rows_fp8
 
-        xq, x_scale = quantize_rows_fp8(x)
-    else:
-        xq, x_scale = quantize_activations_fp8(x)
+        return quantize_rows_fp8(x)
+    return quantize_activations_fp8(x)
+
+
+def scaled_mm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """x @ W^T on FP8 tensor cores (torch._scaled_mm, cuBLASLt), W fp8 with a scale per output channel and x
+    quantized to fp8 per token on the fly: twice bf16's FLOP rate, for prefill-sized batches."""
+    xq, x_scale = fp8_activations(x)
     # Fast accumulation (FP8 tensor cores' own sums, not promoted to float32 every few steps, as vLLM's FP8 GEMMs
     # run): on an H100 0.85-0.95 of the time at 16-512 rows, the error against the exact product unchanged (2.65%,
     # the activations' e4m3 rounding; bench/results/fp8_gemm_lab_h100.json).
@@ -128,7 +132,8 @@ class MatmulKernel:
     gemv, gemm, dequantize: the Triton kernels of kernels.quant_matmul (dequantize: the dense weight, then F.linear);
     rowgemv, skinny: kernels.gemv's one-row GEMV and 2-64-row GEMM (int8 and fp8); split: kernels.split_gemm's
     swap-AB, split-K GEMM for 1-64 rows (int8, fp8 and int4), with two_part=1 on int8 or FP8 tensor cores with the
-    activations in two parts; imma_rows: kernels.imma_gemm's int8 tensor-core GEMM for prefill-sized batches
+    activations in two parts, with fp8_act=1 (fp8, 16-64 rows) on FP8 tensor cores with the activations quantized
+    per token first as scaled_mm takes them (tma=1: its tiles by TMA copies); imma_rows: kernels.imma_gemm's int8 tensor-core GEMM for prefill-sized batches
     (int8 and int4); cublas_int8: the same two-part activations through cuBLAS's int8 GEMM (int8, 64 rows:
     imma_gemm.CUBLAS_MAX_ROWS); mixed: kernels.mixed_gemm's GEMM with the weights dequantized in registers as the
     first operand of bf16 or fp16 tensor-core dots (int8, int4 and fp8, 2 rows and up; with tma=1 its TMA kernel,
@@ -155,6 +160,8 @@ class MatmulKernel:
             from ..kernels import split_gemm
 
             two_part = bool(options.get("two_part", 0))
+            if options.get("fp8_act"):
+                return _scaled_rows(x, layer, options)
             if layer.bits == 4:
                 config = tuple(options[name] for name in ("block_n", "num_warps", "num_stages"))
                 return split_gemm.split_matmul_int4(x, layer.weight, layer.weight_scale, layer.weight_offset,
@@ -212,6 +219,17 @@ class MatmulKernel:
         if not self.options:
             return self.backend
         return f"{self.backend}({', '.join(f'{name}={value}' for name, value in self.options)})"
+
+
+def _scaled_rows(x: torch.Tensor, layer: QuantizedLinear, options: dict[str, int]) -> torch.Tensor:
+    """The split kernel with fp8 activations (kernels.split_gemm.scaled_rows_matmul), x quantized per row first."""
+    from ..kernels import split_gemm
+
+    xq, x_scale = fp8_activations(x.reshape(-1, layer.in_features))
+    config = tuple(options[name] for name in ("block_n", "block_k", "num_warps", "num_stages"))
+    y = split_gemm.scaled_rows_matmul(xq, x_scale, layer.weight, layer.weight_scale, x.dtype, config,
+                                      bool(options.get("tma", 0)))
+    return y.view(*x.shape[:-1], layer.out_features)
 
 
 # (largest M, kernel) pairs in increasing M; beyond the last M, the last kernel.
@@ -600,7 +618,23 @@ def _fp8_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> list[
     if dtype == torch.float32:
         return [MatmulKernel("reference")]
     return (_gemv_candidates(m, dtype) + _two_part_candidates(layer, m, dtype) + [MatmulKernel("scaled_mm")]
-            + _mixed_candidates(layer, m, dtype) + _cutlass_candidates(layer, m, dtype))
+            + _scaled_rows_candidates(layer, m, dtype) + _mixed_candidates(layer, m, dtype)
+            + _cutlass_candidates(layer, m, dtype))
+
+
+def _scaled_rows_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) -> list[MatmulKernel]:
+    """fp8: split_gemm's split-K kernel on FP8 tensor cores with the activations quantized per token as scaled_mm
+    takes them, for split_gemm.SCALED_ROWS_MIN_ROWS to MAX_ROWS rows of bf16 or fp16 (where the card has FP8 dots;
+    the TMA configurations where it has TMA)."""
+    from ..kernels import split_gemm
+
+    device = layer.weight.device
+    if (not split_gemm.SCALED_ROWS_MIN_ROWS <= m <= split_gemm.MAX_ROWS or dtype not in (torch.bfloat16, torch.float16)
+            or device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9)):
+        return []
+    names = ("block_n", "block_k", "num_warps", "num_stages", "tma")
+    return [MatmulKernel("split", (*zip(names, config), ("fp8_act", 1))) for config in split_gemm.SCALED_ROWS_CONFIGS
+            if not config[4] or _has_tma(device)]
 
 
 def default_plan(layer: QuantizedLinear) -> MatmulPlan:
@@ -618,7 +652,7 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 def tolerance(dtype: torch.dtype, kernel: MatmulKernel | None = None) -> float:
     """Relative error a correct kernel stays under: the output's own rounding, with room; scaled_mm also rounds
     the activations to e4m3 (three mantissa bits), a few percent of the product."""
-    if kernel is not None and kernel.backend == "scaled_mm":
+    if kernel is not None and (kernel.backend == "scaled_mm" or ("fp8_act", 1) in kernel.options):
         return 0.06
     return 1e-4 if dtype == torch.float32 else 1e-2
 
