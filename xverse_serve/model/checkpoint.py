@@ -58,7 +58,8 @@ class ModelConfig:
             raise CheckpointError(f"config.json hidden_act {raw['hidden_act']!r} is not supported (only silu)")
         num_heads = raw["num_attention_heads"]
         if raw.get("num_key_value_heads", num_heads) != num_heads:
-            raise CheckpointError("config.json asks for grouped-query attention; XVERSE models use multi-head attention")
+            raise CheckpointError("config.json asks for grouped-query attention; "
+                                  "XVERSE models use multi-head attention")
         max_positions = raw.get("max_position_embeddings", 8192)
         return cls(
             vocab_size=raw["vocab_size"],
@@ -117,7 +118,8 @@ def weight_files(model_dir: Path) -> list[Path]:
             files = [model_dir / name for name in names]
             missing = [f.name for f in files if not f.is_file()]
             if missing:
-                raise CheckpointError(f"{model_dir} is incomplete: {', '.join(missing)} missing (named by {index_name})")
+                raise CheckpointError(f"{model_dir} is incomplete: {', '.join(missing)} missing "
+                                      f"(named by {index_name})")
             return files
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (model_dir / single).is_file():

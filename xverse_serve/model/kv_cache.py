@@ -57,5 +57,6 @@ class KVCache:
         element = torch.tensor([], dtype=dtype).element_size()
         per_token = 2 * config.num_layers * config.hidden_size * element
         if dtype in QUANTIZED_KV_DTYPES:
-            per_token += 2 * config.num_layers * config.num_heads * torch.tensor([], dtype=KV_SCALE_DTYPE).element_size()
+            scale_bytes = torch.tensor([], dtype=KV_SCALE_DTYPE).element_size()
+            per_token += 2 * config.num_layers * config.num_heads * scale_bytes
         return per_token

@@ -130,19 +130,19 @@ class MatmulKernel:
     """One way to multiply by a quantized weight on CUDA: a backend and its options.
 
     gemv, gemm, dequantize: the Triton kernels of kernels.quant_matmul (dequantize: the dense weight, then F.linear);
-    rowgemv, skinny: kernels.gemv's one-row GEMV and 2-64-row GEMM (int8 and fp8); split: kernels.split_gemm's
-    swap-AB, split-K GEMM for 1-64 rows (int8, fp8 and int4), with two_part=1 on int8 or FP8 tensor cores with the
-    activations in two parts, with fp8_act=1 (fp8, 16-64 rows) on FP8 tensor cores with the activations quantized
-    per token first as scaled_mm takes them (tma=1: its tiles by TMA copies); imma_rows: kernels.imma_gemm's int8 tensor-core GEMM for prefill-sized batches
-    (int8 and int4); cublas_int8: the same two-part activations through cuBLAS's int8 GEMM (int8, 64 rows:
-    imma_gemm.CUBLAS_MAX_ROWS); mixed: kernels.mixed_gemm's GEMM with the weights dequantized in registers as the
-    first operand of bf16 or fp16 tensor-core dots (int8, int4 and fp8, 2 rows and up; with tma=1 its TMA kernel,
-    for prefills); dp4a: kernels.dp4a_gemv's GEMV on integer dot products, 1 to dp4a_gemv.MAX_ROWS rows (int8 and
-    int4; with act_block, int4's activations in one int8 part with a scale per act_block values);
-    scaled_mm: FP8 tensor cores with the activations quantized per token (fp8 only); cutlass: kernels.cutlass_mixed's
-    CUTLASS mixed-input GEMM (Hopper, bf16, unless XVERSE_CUTLASS=0; option config: its tile); torch:
-    torch._weight_int8pack_mm (int8 only); reference: the weight dequantized by PyTorch, then F.linear (slow and
-    memory-hungry: only where no other kernel works)."""
+    rowgemv, skinny: kernels.gemv's one-row GEMV and 2-64-row GEMM (int8 and fp8); split: kernels.split_gemm's swap-AB,
+    split-K GEMM for 1-64 rows (int8, fp8 and int4), with two_part=1 on int8 or FP8 tensor cores with the activations in
+    two parts, with fp8_act=1 (fp8, 16-64 rows) on FP8 tensor cores with the activations quantized per token first as
+    scaled_mm takes them (tma=1: its tiles by TMA copies); imma_rows: kernels.imma_gemm's int8 tensor-core GEMM for
+    prefill-sized batches (int8 and int4); cublas_int8: the same two-part activations through cuBLAS's int8 GEMM (int8,
+    64 rows: imma_gemm.CUBLAS_MAX_ROWS); mixed: kernels.mixed_gemm's GEMM with the weights dequantized in registers as
+    the first operand of bf16 or fp16 tensor-core dots (int8, int4 and fp8, 2 rows and up; with tma=1 its TMA kernel,
+    for prefills); dp4a: kernels.dp4a_gemv's GEMV on integer dot products, 1 to dp4a_gemv.MAX_ROWS rows (int8 and int4;
+    with act_block, int4's activations in one int8 part with a scale per act_block values); scaled_mm: FP8 tensor cores
+    with the activations quantized per token (fp8 only); cutlass: kernels.cutlass_mixed's CUTLASS mixed-input GEMM
+    (Hopper, bf16, unless XVERSE_CUTLASS=0; option config: its tile); torch: torch._weight_int8pack_mm (int8 only);
+    reference: the weight dequantized by PyTorch, then F.linear (slow and memory-hungry: only where no other kernel
+    works)."""
 
     backend: str
     options: tuple[tuple[str, int], ...] = ()
