@@ -76,6 +76,10 @@ def test_default_split_fills_the_card_but_keeps_two_steps_per_slice() -> None:
     assert split_gemm.default_split(22016, 4096, 64, 128, device) == 2  # 344 tiles -> 688
     assert split_gemm.default_split(100534, 4096, 64, 128, device) == 1
     assert split_gemm.default_split(4096, 512, 64, 128, device) == 2  # 4 steps: two slices of two
+    # the fp8-activation kernel's: half as many programs (XVERSE-7B's qkv, o, gate_up and down projections)
+    half = split_gemm.SCALED_ROWS_PROGRAMS_PER_SM
+    assert [split_gemm.default_split(n, k, 64, 128, device, half)
+            for n, k in ((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008))] == [2, 4, 1, 4]
 
 
 def test_split_matmul_refuses_what_it_cannot_multiply() -> None:

@@ -43,9 +43,12 @@ INT4_TUNED_CONFIGS = ((64, 8, 3), (128, 8, 3))
 TARGET_PROGRAMS_PER_SM = 3
 # fp8 weights with fp8 activations (scaled_rows_matmul): (block_n, block_k, num_warps, num_stages, tma) the tuner
 # times, from SCALED_ROWS_MIN_ROWS rows (fewer are served by exact-activation kernels at close to the weights'
-# bandwidth already: no reason to round the activations to e4m3 there).
+# bandwidth already: no reason to round the activations to e4m3 there). Its split fills the card half as densely
+# as the others': on an H100 at 32 and 64 rows, of 5 tiles and 2-3 splits each, the fastest for every projection
+# had 1.5-3 programs per SM, and twice as many were 5-20% slower (bench/results/fp8_rows_lab_h100.json).
 SCALED_ROWS_CONFIGS = ((64, 128, 4, 4, 0), (64, 256, 4, 4, 1))
 SCALED_ROWS_MIN_ROWS = 16
+SCALED_ROWS_PROGRAMS_PER_SM = 1.5
 # Two-part activations (two_part=True, kernels/imma_gemm.py explains them): the configurations the tuner times,
 # (block_n, block_k, num_warps, num_stages) for int8 and fp8, (block_n, num_warps, num_stages) for int4; none
 # spills registers on sm_90. block_k stays <= 512, under which the int32 sums cannot overflow. (256, 64, 8, 3) for
@@ -277,14 +280,15 @@ def _split_int4_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, offset_ptr, partial_ptr, 
             BLOCK_M, BLOCK_N, SPLIT, MAX_M)
 
 
-def default_split(n: int, k: int, block_n: int, block_k: int, device: torch.device) -> int:
-    """The fewest slices of K (a power of two) that give every SM TARGET_PROGRAMS_PER_SM programs, keeping at
-    least two steps of BLOCK_K per slice."""
+def default_split(n: int, k: int, block_n: int, block_k: int, device: torch.device,
+                  per_sm: float = TARGET_PROGRAMS_PER_SM) -> int:
+    """The fewest slices of K (a power of two) that give every SM `per_sm` programs, keeping at least two steps of
+    BLOCK_K per slice."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
     tiles = triton.cdiv(n, block_n)
     steps = triton.cdiv(k, block_k)
     split = 1
-    while tiles * split < TARGET_PROGRAMS_PER_SM * sms and steps // (split * 2) >= 2:
+    while tiles * split < per_sm * sms and steps // (split * 2) >= 2:
         split *= 2
     return split
 
@@ -342,7 +346,8 @@ def scaled_rows_matmul(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Te
     """xq [M, K] (1..MAX_ROWS rows) with x_scale float32 [M] or [M, 1], weight [N, K] with scale float32 [N] ->
     (xq * x_scale) @ (weight * scale[:, None]).T in out_dtype: e4m3 x and weight on FP8 tensor cores (any dtype
     that both share and tl.dot takes, for Triton's interpreter). `config`: (block_n, block_k, num_warps,
-    num_stages), with a fifth value the split (else default_split). `tma`: the tiles come by TMA copies (Hopper)."""
+    num_stages), with a fifth value the split (else default_split for SCALED_ROWS_PROGRAMS_PER_SM). `tma`: the tiles
+    come by TMA copies (Hopper)."""
     if xq.dtype != weight.dtype or xq.dim() != 2 or weight.stride(1) != 1 or scale.shape != (weight.shape[0],):
         raise ValueError(f"scaled_rows_matmul takes xq [M, K] and weight [N, K] of one dtype with scale [N]; got "
                          f"{xq.dtype} {tuple(xq.shape)}, {weight.dtype} {tuple(weight.shape)}, {tuple(scale.shape)}")
@@ -350,7 +355,8 @@ def scaled_rows_matmul(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Te
     x2 = _rows(xq, k)
     x_scale = x_scale.reshape(-1)
     block_n, block_k, num_warps, num_stages = (config or DEFAULT_CONFIG)[:4]
-    split = config[4] if config and len(config) > 4 else default_split(n, k, block_n, block_k, xq.device)
+    split = config[4] if config and len(config) > 4 else default_split(n, k, block_n, block_k, xq.device,
+                                                                       SCALED_ROWS_PROGRAMS_PER_SM)
     out = torch.empty(x2.shape[0], n, dtype=out_dtype, device=xq.device)
     partial, tickets = _workspace(xq.device, n, block_n, split) if split > 1 else (out, out)
     steps = triton.cdiv(k, block_k)
