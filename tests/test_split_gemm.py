@@ -102,7 +102,7 @@ FP8_DOTS = not INTERPRET and torch.cuda.is_available() and torch.cuda.get_device
     (96, 384, 64, (32, 64, 4, 2, 2), False),
     (70, 416, 33, (64, 128, 4, 2), False),  # the split chosen for the card
     (96, 384, 64, (32, 64, 4, 2, 2), True),  # by TMA copies: rows past M, outputs past N and K past K read as 0
-    (37, 100, 5, (32, 32, 4, 2, 3), True),
+    (37, 112, 5, (32, 32, 4, 2, 3), True),
 ], ids=str)
 def test_scaled_rows_matmul_applies_both_scales_to_the_sums_of_the_e4m3_products(n: int, k: int, rows: int,
                                                                                  config: tuple, tma: bool) -> None:
@@ -135,6 +135,10 @@ def test_scaled_rows_matmul_refuses_operands_of_two_dtypes_or_too_many_rows() ->
     with pytest.raises(ValueError, match="1 to 64 rows"):
         split_gemm.scaled_rows_matmul(torch.zeros(65, 64, dtype=q.dtype, device=DEVICE), x_scale, q, scale,
                                       torch.float32)
+    q, scale, _ = scaled_weight("fp8", 16, 72, seed=1)
+    with pytest.raises(ValueError, match="16-byte boundaries; K is 72"):
+        split_gemm.scaled_rows_matmul(torch.zeros(2, 72, dtype=q.dtype, device=DEVICE), x_scale, q, scale,
+                                      torch.float32, tma=True)
 
 
 @pytest.mark.parametrize(("n", "groups", "rows", "config"), [

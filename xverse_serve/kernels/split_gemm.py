@@ -13,6 +13,9 @@ choices make it stream:
   program finished first), scales and stores them, and resets the ticket for the next call. One kernel, no
   memset, and CUDA-graph capturable.
 
+scaled_rows_matmul takes fp8 weights with activations already in e4m3 (a scale per row, as torch._scaled_mm takes
+them): one FP8 dot a step, nothing converted, both scales on the sums; its tiles by pointers or by TMA copies.
+
 With `two_part`, the weights skip the widening: int8 (and int4's nibbles) go into int8 tensor-core dots, e4m3 into
 FP8 ones, as stored, and each step's activations are split into two parts with one scale per row (kernels/imma_gemm.py
 explains the split): the conversion per weight, which bounds the widening kernels, is gone.
@@ -362,6 +365,8 @@ def scaled_rows_matmul(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Te
     steps = triton.cdiv(k, block_k)
     block_m = max(16, triton.next_power_of_2(x2.shape[0]))
     x_arg, w_arg = x2, weight
+    if tma and (k % 16 or xq.data_ptr() % 16 or weight.data_ptr() % 16 or x2.stride(0) % 16):
+        raise ValueError(f"scaled_rows_matmul's TMA copies need rows on 16-byte boundaries; K is {k}")
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 

@@ -633,8 +633,9 @@ def _scaled_rows_candidates(layer: QuantizedLinear, m: int, dtype: torch.dtype) 
             or device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9)):
         return []
     names = ("block_n", "block_k", "num_warps", "num_stages", "tma")
+    tma = _has_tma(device) and layer.in_features % 16 == 0  # TMA copies take rows on 16-byte boundaries
     return [MatmulKernel("split", (*zip(names, config), ("fp8_act", 1))) for config in split_gemm.SCALED_ROWS_CONFIGS
-            if not config[4] or _has_tma(device)]
+            if not config[4] or tma]
 
 
 def default_plan(layer: QuantizedLinear) -> MatmulPlan:
