@@ -241,15 +241,15 @@ def run_configs(model_dir: Path, device: torch.device, args: argparse.Namespace,
 def tuning_table(model: XverseForCausalLM) -> dict:
     """The start-up tuning's choices and timings for this model's layer shapes."""
     table = {}
-    for key, plan in tuner._PLANS.items():
-        scheme, n, k = key[0], key[1], key[2]
-        if not any(isinstance(m, QuantizedLinear) and (m.scheme, m.out_features, m.in_features) == (scheme, n, k)
-                   for m in model.modules()):
+    for layer in model.modules():
+        if not isinstance(layer, QuantizedLinear) or layer.plan is None:
             continue
-        table[f"{scheme} {n}x{k} {key[4]}{'' if key[-1] else ', without CUTLASS'}"] = {
-            "plan": [[m, str(kernel)] for m, kernel in plan],
-            "timings_ms": {str(m): t for m, t in tuner.TIMINGS[key].items()},
-        }
+        key = tuner.plan_key(layer, model.dtype)
+        name = f"{layer.scheme} {layer.out_features}x{layer.in_features} {key[4]}"
+        table.setdefault(name + ("" if key[-1] else ", without CUTLASS"), {
+            "plan": [[m, str(kernel)] for m, kernel in layer.plan],
+            "timings_ms": {str(m): t for m, t in tuner.TIMINGS.get(key, {}).items()},
+        })
     return table
 
 
