@@ -58,6 +58,7 @@ from xverse_serve.model.quantization import (
     quantized_bytes,
     reference_matmul,
     relative_error,
+    tolerance,
     unpack_int4,
 )
 from xverse_serve.model.tuner import one_row_family, one_row_options  # noqa: E402
@@ -317,6 +318,35 @@ def test_fp8_takes_the_two_part_split_kernel(m: int) -> None:
     y = MatmulKernel("split", options)(x, layer)
     assert y.shape == (m, 256) and y.dtype == torch.bfloat16
     assert relative_error(y, reference_matmul(x, layer)) < 1e-2  # the tuner's bound, as for weight-only kernels
+
+
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="FP8 tensor cores: 8.9+ (tests/test_imma_gemm.py says why not in the interpreter)")
+@pytest.mark.parametrize("tma", [0, 1])
+@pytest.mark.parametrize("m", [16, 33, 64])
+def test_fp8_takes_the_split_kernel_with_e4m3_activations(m: int, tma: int) -> None:
+    if tma and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA copies: compute capability 9.0+")
+    layer = quantized_layer("fp8", 256, 512, seed=8, device=DEVICE)
+    x = (gaussian(m, 512, seed=m) * torch.linspace(0.1, 10, m)[:, None]).to(torch.bfloat16).to(DEVICE)
+    options = (("block_n", 64), ("block_k", 128), ("num_warps", 4), ("num_stages", 3), ("tma", tma), ("fp8_act", 1))
+    y = MatmulKernel("split", options)(x.view(m, 1, -1), layer)  # any leading shape
+    assert y.shape == (m, 1, 256) and y.dtype == torch.bfloat16
+    # x rounded to e4m3 per token as scaled_mm rounds it: the same product, to the sums' order and bf16's rounding
+    assert relative_error(y.view(m, 256), MatmulKernel("scaled_mm")(x, layer).float()) < 1e-2
+    assert relative_error(y.view(m, 256), reference_matmul(x, layer)) < 0.05
+
+
+def test_kernels_that_round_the_activations_to_e4m3_are_held_to_scaled_mms_bound() -> None:
+    fp8_act = MatmulKernel("split", (("block_n", 64), ("block_k", 128), ("num_warps", 4), ("num_stages", 3),
+                                     ("tma", 0), ("fp8_act", 1)))
+    assert tolerance(torch.bfloat16, fp8_act) == tolerance(torch.bfloat16, MatmulKernel("scaled_mm")) == 0.06
+    two_part = MatmulKernel("split", (("block_n", 64), ("block_k", 128), ("num_warps", 4), ("num_stages", 3),
+                                      ("two_part", 1)))
+    assert tolerance(torch.bfloat16, two_part) == tolerance(torch.bfloat16) == 1e-2
+    # offered only where the card has FP8 dots: a layer on the CPU gets none
+    fp8 = QuantizedLinear(4096, 4096, "fp8")
+    assert not [k for m in (16, 64) for k in candidates(fp8, m) if ("fp8_act", 1) in k.options]
 
 
 def test_candidates_cover_every_batch_size_and_the_torch_op_only_for_int8() -> None:
