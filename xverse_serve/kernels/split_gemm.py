@@ -91,6 +91,20 @@ def _finish(acc, scale, y_ptr, partial_ptr, ticket_ptr, tile, split, rows, outs,
 
 
 @triton.jit
+def _step_tiles(w_ptrs, x_ptrs, ks, out_ok, row_ok, K: tl.constexpr, EVEN_K: tl.constexpr):
+    """One step's weight tile [BLOCK_N, BLOCK_K] and x^T tile [BLOCK_K, BLOCK_M] (rows past M, outputs past N and,
+    unless EVEN_K, columns past K read as zeros: the last slices may run past K)."""
+    if EVEN_K:
+        w = tl.load(w_ptrs, mask=out_ok[:, None], other=0.0, eviction_policy="evict_first")
+        xt = tl.load(x_ptrs, mask=row_ok[None, :], other=0.0)
+    else:
+        k_ok = ks < K
+        w = tl.load(w_ptrs, mask=out_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
+        xt = tl.load(x_ptrs, mask=row_ok[None, :] & k_ok[:, None], other=0.0)
+    return w, xt
+
+
+@triton.jit
 def _round(v):
     return (v + tl.where(v >= 0, 0.5, -0.5)).to(tl.int32)
 
@@ -156,13 +170,8 @@ def _split_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, partial_ptr, ticket_ptr, M, N,
     x_ptrs = x_ptr + rows[None, :] * stride_xm + ks[:, None]
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for _ in range(PER_SPLIT):
-        if EVEN_K:
-            w = tl.load(w_ptrs, mask=out_ok[:, None], other=0.0, eviction_policy="evict_first")
-            xt = tl.load(x_ptrs, mask=row_ok[None, :], other=0.0)
-        else:  # the last slices run past K: their columns read as zeros
-            k_ok = ks < K
-            w = tl.load(w_ptrs, mask=out_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
-            xt = tl.load(x_ptrs, mask=row_ok[None, :] & k_ok[:, None], other=0.0)
+        w, xt = _step_tiles(w_ptrs, x_ptrs, ks, out_ok, row_ok, K, EVEN_K)
+        if not EVEN_K:
             ks += BLOCK_K
         if TWO_PART and w.dtype == tl.float8e4nv:
             acc += _two_part_dot_fp8(w, xt.to(tl.float32))
@@ -202,13 +211,8 @@ def _scaled_rows_kernel(x, w, x_scale_ptr, y_ptr, scale_ptr, partial_ptr, ticket
         w_ptrs = w + outs[:, None].to(tl.int64) * stride_wn + ks[None, :]
         x_ptrs = x + rows[None, :] * stride_xm + ks[:, None]
         for _ in tl.range(0, PER_SPLIT, num_stages=STAGES):
-            if EVEN_K:
-                wt = tl.load(w_ptrs, mask=out_ok[:, None], other=0.0, eviction_policy="evict_first")
-                xt = tl.load(x_ptrs, mask=row_ok[None, :], other=0.0)
-            else:  # the last slices run past K: their columns read as zeros
-                k_ok = ks < K
-                wt = tl.load(w_ptrs, mask=out_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
-                xt = tl.load(x_ptrs, mask=row_ok[None, :] & k_ok[:, None], other=0.0)
+            wt, xt = _step_tiles(w_ptrs, x_ptrs, ks, out_ok, row_ok, K, EVEN_K)
+            if not EVEN_K:
                 ks += BLOCK_K
             acc = tl.dot(wt, xt, acc)
             w_ptrs += BLOCK_K
