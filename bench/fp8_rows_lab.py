@@ -1,5 +1,6 @@
 """fp8 weights at decode batches (16-64 rows): split_gemm's scaled-rows kernel (the activations quantized to e4m3
-per row first, one FP8 dot a step, split along K; by pointers or by TMA copies) in several shapes, against
+per row first, one FP8 dot a step, split along K; by pointers or by TMA copies) in several tiles and two splits
+(for its own programs per SM and for the other split kernels': on XVERSE-7B's shapes half and the whole), against
 torch._scaled_mm (the same activations, cuBLASLt) and the start-up tuner's other candidates, on XVERSE-7B's
 projections.
 
@@ -52,10 +53,10 @@ def main() -> None:
             row: dict = {"quantize_rows_fp8": time_call(partial(quantize_rows_fp8, x), flush, 30)}
             row["scaled_mm"] = time_call(partial(scaled_mm, x, layer.weight, layer.weight_scale), flush, 30)
             row.update(time_candidates(layer, x, flush, True, skip=("scaled_mm",)))
-            split = split_gemm.default_split
-            for config in CONFIGS:
-                base = split(n, k, config[0], config[1], x.device)
-                for parts in sorted({base, max(1, base // 2)}):
+            for config in CONFIGS:  # K split for the kernel's programs per SM and for the other split kernels'
+                splits = {split_gemm.default_split(n, k, config[0], config[1], x.device, per_sm)
+                          for per_sm in (split_gemm.SCALED_ROWS_PROGRAMS_PER_SM, split_gemm.TARGET_PROGRAMS_PER_SM)}
+                for parts in sorted(splits):
                     for tma in (False, True):
                         label = f"scaled_rows{(*config, parts)}{' tma' if tma else ''}"
                         fn = partial(scaled_rows, x, layer.weight, layer.weight_scale, (*config, parts), tma)
