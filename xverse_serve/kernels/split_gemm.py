@@ -47,8 +47,8 @@ TARGET_PROGRAMS_PER_SM = 3
 # fp8 weights with fp8 activations (scaled_rows_matmul): (block_n, block_k, num_warps, num_stages, tma) the tuner
 # times, from SCALED_ROWS_MIN_ROWS rows (fewer are served by exact-activation kernels at close to the weights'
 # bandwidth already: no reason to round the activations to e4m3 there). Its split fills the card half as densely
-# as the others': on an H100 at 32 and 64 rows, of 5 tiles and 2-3 splits each, the fastest for every projection
-# had 1.5-3 programs per SM, and twice as many were 5-20% slower (bench/results/fp8_rows_lab_h100.json).
+# as the others': on an H100 at 32 and 64 rows, of 5 tiles and two splits each, the fastest for every projection
+# had 1.9-2.9 programs per SM, and the same tile with twice as many was 5-36% slower (fp8_rows_lab_h100.json).
 SCALED_ROWS_CONFIGS = ((64, 128, 4, 4, 0), (64, 256, 4, 4, 1))
 SCALED_ROWS_MIN_ROWS = 16
 SCALED_ROWS_PROGRAMS_PER_SM = 1.5
