@@ -165,18 +165,22 @@ def serve(model: XverseForCausalLM, settings: Settings) -> tuple[Engine, dict]:
 def measure_speed(engine: Engine, vocab: int, args: argparse.Namespace) -> dict:
     """One request, then `requests` at once, `repeats` times over (new prompts each time, so that no prefix is
     cached): the medians, and every run's figure beside them (a 64-request run is a few seconds, and one alone
-    moved by up to 15% between runs of the same code)."""
+    moved by up to 15% between runs of the same code). The many-request run in two parts: until every request has
+    its first token (the prompts' prefills, with the first decode steps among them), and after."""
     device = engine.runner.device
     reset_peak(device)
-    runs: dict[str, list[float]] = {"ttft_ms": [], "decode_tok_s": [], f"throughput_{args.requests}_tok_s": []}
+    n = args.requests
+    runs: dict[str, list[float]] = {"ttft_ms": [], "decode_tok_s": [], f"throughput_{n}_tok_s": [],
+                                    f"first_tokens_{n}_s": [], f"after_first_tokens_{n}_s": []}
     for run in range(args.repeats):
         seed = 1 + 1000 * run
         single = run_engine(engine, prompts(1, args.prompt_len, vocab, seed), args.output_len)
-        many = run_engine(engine, prompts(args.requests, args.prompt_len, vocab, seed + args.requests),
-                          args.output_len)
+        many = run_engine(engine, prompts(n, args.prompt_len, vocab, seed + n), args.output_len)
         runs["ttft_ms"].append(single["ttft"][0] * 1e3)
         runs["decode_tok_s"].append((args.output_len - 1) / (single["last"][0] - single["ttft"][0]))
-        runs[f"throughput_{args.requests}_tok_s"].append(many["tokens"] / many["seconds"])
+        runs[f"throughput_{n}_tok_s"].append(many["tokens"] / many["seconds"])
+        runs[f"first_tokens_{n}_s"].append(many["ttft"][-1])
+        runs[f"after_first_tokens_{n}_s"].append(many["seconds"] - many["ttft"][-1])
     facts = {key: statistics.median(values) for key, values in runs.items()}
     facts.update({f"{key}_runs": values for key, values in runs.items()})
     return {**facts, "preemptions": engine.scheduler.num_preemptions, "peak_serving_GiB": peak(device)}
