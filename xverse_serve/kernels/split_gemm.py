@@ -369,7 +369,8 @@ def scaled_rows_matmul(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Te
     steps = triton.cdiv(k, block_k)
     block_m = max(16, triton.next_power_of_2(x2.shape[0]))
     x_arg, w_arg = x2, weight
-    if tma and (k % 16 or xq.data_ptr() % 16 or weight.data_ptr() % 16 or x2.stride(0) % 16):
+    row_bytes = (k * weight.element_size(), x2.stride(0) * x2.element_size())
+    if tma and (row_bytes[0] % 16 or row_bytes[1] % 16 or x2.data_ptr() % 16 or weight.data_ptr() % 16):
         raise ValueError(f"scaled_rows_matmul's TMA copies need rows on 16-byte boundaries; K is {k}")
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor

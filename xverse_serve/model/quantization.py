@@ -159,9 +159,9 @@ class MatmulKernel:
         if self.backend == "split":
             from ..kernels import split_gemm
 
-            two_part = bool(options.get("two_part", 0))
             if options.get("fp8_act"):
                 return _scaled_rows(x, layer, options)
+            two_part = bool(options.get("two_part", 0))
             if layer.bits == 4:
                 config = tuple(options[name] for name in ("block_n", "num_warps", "num_stages"))
                 return split_gemm.split_matmul_int4(x, layer.weight, layer.weight_scale, layer.weight_offset,
