@@ -46,7 +46,16 @@ import traceback
 from pathlib import Path
 
 import torch
-from common import BLOCK_SIZE, PROJECTION_SHAPES, copy_bandwidth, engine_like_server, prompts, run_engine, write_results
+from common import (
+    BLOCK_SIZE,
+    PROJECTION_SHAPES,
+    copy_bandwidth,
+    engine_like_server,
+    prompts,
+    run_engine,
+    write_results,
+)
+from gpu_monitor import GpuMonitor
 
 from xverse_serve.engine.block_allocator import blocks_needed
 from xverse_serve.engine.engine import Engine
@@ -172,18 +181,20 @@ def measure_speed(engine: Engine, vocab: int, args: argparse.Namespace) -> dict:
     n = args.requests
     runs: dict[str, list[float]] = {"ttft_ms": [], "decode_tok_s": [], f"throughput_{n}_tok_s": [],
                                     f"first_tokens_{n}_s": [], f"after_first_tokens_{n}_s": []}
-    for run in range(args.repeats):
-        seed = 1 + 1000 * run
-        single = run_engine(engine, prompts(1, args.prompt_len, vocab, seed), args.output_len)
-        many = run_engine(engine, prompts(n, args.prompt_len, vocab, seed + n), args.output_len)
-        runs["ttft_ms"].append(single["ttft"][0] * 1e3)
-        runs["decode_tok_s"].append((args.output_len - 1) / (single["last"][0] - single["ttft"][0]))
-        runs[f"throughput_{n}_tok_s"].append(many["tokens"] / many["seconds"])
-        runs[f"first_tokens_{n}_s"].append(many["ttft"][-1])
-        runs[f"after_first_tokens_{n}_s"].append(many["seconds"] - many["ttft"][-1])
+    with GpuMonitor(device.index or 0) as monitor:  # the card's clocks and power meanwhile (gpu_monitor.py: why)
+        for run in range(args.repeats):
+            seed = 1 + 1000 * run
+            single = run_engine(engine, prompts(1, args.prompt_len, vocab, seed), args.output_len)
+            many = run_engine(engine, prompts(n, args.prompt_len, vocab, seed + n), args.output_len)
+            runs["ttft_ms"].append(single["ttft"][0] * 1e3)
+            runs["decode_tok_s"].append((args.output_len - 1) / (single["last"][0] - single["ttft"][0]))
+            runs[f"throughput_{n}_tok_s"].append(many["tokens"] / many["seconds"])
+            runs[f"first_tokens_{n}_s"].append(many["ttft"][-1])
+            runs[f"after_first_tokens_{n}_s"].append(many["seconds"] - many["ttft"][-1])
     facts = {key: statistics.median(values) for key, values in runs.items()}
     facts.update({f"{key}_runs": values for key, values in runs.items()})
-    return {**facts, "preemptions": engine.scheduler.num_preemptions, "peak_serving_GiB": peak(device)}
+    gpu = monitor.summary() if cuda(device) else {}
+    return {**facts, "preemptions": engine.scheduler.num_preemptions, "peak_serving_GiB": peak(device), "gpu": gpu}
 
 
 def run_configs(model_dir: Path, device: torch.device, args: argparse.Namespace, results: dict) -> None:
