@@ -444,6 +444,59 @@ def test_argmax_rows_is_torchs_argmax_first_maximum_included(rows: int, vocab: i
     assert out.cpu().tolist() == logits.argmax(dim=-1).tolist()
 
 
+def _fp8_rows_equal(q: torch.Tensor, scale: torch.Tensor, q_ref: torch.Tensor, scale_ref: torch.Tensor) -> None:
+    assert q.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32 and scale.shape == scale_ref.shape
+    torch.testing.assert_close(scale, scale_ref, rtol=0, atol=0)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "first-layer"])
+@pytest.mark.parametrize(("tokens", "hidden"), [(1, 4096), (6, 96)], ids=str)
+def test_rms_norm_with_fp8_output_is_the_norm_then_its_quantization_bit_for_bit(
+        tokens: int, hidden: int, with_residual: bool, dtype: torch.dtype) -> None:
+    """What an FP8 projection after the norm reads: the norm's kernel quantizes its own output (the value the
+    model dtype holds) exactly as quantize_rows_fp8 would quantize it afterwards."""
+    from test_kv_int8 import _to_float8
+
+    from xverse_serve.kernels.fused_ops import quantize_rows_fp8, rms_norm_fp8
+
+    x = randn(tokens, hidden, dtype=dtype, seed=tokens, scale=3.0)
+    residual = randn(tokens, hidden, dtype=dtype, seed=hidden, scale=10.0) if with_residual else None
+    weight = (1 + randn(hidden, dtype=torch.float32, seed=1, scale=0.1)).to(dtype)
+    with interpreter_converts_floats_with(_to_float8):
+        q, scale, new_residual = rms_norm_fp8(x, residual, weight, 1e-6)
+        normed, expected_residual = fused_add_rms_norm(x, residual, weight, 1e-6)
+        q_ref, scale_ref = quantize_rows_fp8(normed)
+    _fp8_rows_equal(q, scale, q_ref, scale_ref)
+    assert torch.equal(new_residual, expected_residual)
+
+
+def test_rms_norm_with_fp8_output_refuses_a_weight_of_another_dtype() -> None:
+    from xverse_serve.kernels.fused_ops import rms_norm_fp8
+
+    x = randn(2, 64, dtype=torch.bfloat16, seed=1)
+    with pytest.raises(TypeError, match="weight in x's dtype"):
+        rms_norm_fp8(x, None, torch.ones(64, device=DEVICE), 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(("rows", "inter"), [(1, 11008), (5, 96)], ids=str)
+def test_silu_and_mul_with_fp8_output_is_silu_and_mul_then_its_quantization_bit_for_bit(
+        rows: int, inter: int, dtype: torch.dtype) -> None:
+    from test_kv_int8 import _to_float8
+
+    from xverse_serve.kernels.fused_ops import quantize_rows_fp8, silu_and_mul_fp8
+
+    gate_up = randn(rows, 2 * inter, dtype=dtype, seed=inter, scale=2.0)
+    with interpreter_converts_floats_with(_to_float8):
+        q, scale = silu_and_mul_fp8(gate_up)
+        q_ref, scale_ref = quantize_rows_fp8(silu_and_mul(gate_up))
+    _fp8_rows_equal(q, scale, q_ref, scale_ref)
+    with pytest.raises(ValueError, match="2 \\* inter"):
+        silu_and_mul_fp8(gate_up[:, :-1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(("rows", "k"), [(1, 4096), (5, 100), (3, 11008)], ids=str)
 def test_fp8_row_quantization_is_the_pytorch_reference_bit_for_bit(rows: int, k: int, dtype: torch.dtype) -> None:

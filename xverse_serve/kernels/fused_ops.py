@@ -45,11 +45,12 @@ def _round(x, DTYPE: tl.constexpr):
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
+    x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, scale_ptr,
     hidden, eps,
     stride_x, stride_r, stride_o, stride_ro,
     BLOCK: tl.constexpr,  # next power of two >= hidden: the whole row in one block
     HAS_RESIDUAL: tl.constexpr,
+    FP8_OUT: tl.constexpr,  # out in e4m3 with the row's scale (an FP8 matmul's activations), not in the model dtype
     PDL: tl.constexpr,  # launched early (kernels.pdl)
 ):
     pdl.begin(PDL)
@@ -67,7 +68,10 @@ def _rms_norm_kernel(
     inv_rms = tl.math.div_rn(1.0, tl.sqrt_rn(variance + eps))
     normed = _round(x * inv_rms, dtype)
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, (weight * normed).to(out_ptr.dtype.element_ty), mask=mask)
+    if FP8_OUT:  # the norm's output as the model dtype holds it, then quantized as quantize_rows_fp8 does
+        _store_fp8_row(_round(weight * normed, dtype), out_ptr + row * stride_o + cols, scale_ptr + row, mask)
+    else:
+        tl.store(out_ptr + row * stride_o + cols, (weight * normed).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _norm_num_warps(block: int) -> int:
@@ -75,9 +79,12 @@ def _norm_num_warps(block: int) -> int:
     return max(1, min(16, block // 256))
 
 
-def _launch_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _launch_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                     fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(out, the new residual or None, out's scale per row [rows, 1] with fp8, else None)."""
     hidden = x.shape[-1]
+    if fp8 and weight.dtype != x.dtype:
+        raise TypeError(f"an fp8 output takes the weight in x's dtype {x.dtype}, got {weight.dtype}")
     if weight.shape != (hidden,):
         raise ValueError(f"weight has shape {tuple(weight.shape)}, expected ({hidden},)")
     if residual is not None:
@@ -93,24 +100,28 @@ def _launch_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
     if x2.stride(-1) != 1 or r2.stride(-1) != 1 or weight.stride(0) != 1:
         x2, r2, weight = x2.contiguous(), r2.contiguous(), weight.contiguous()
     # weight * normed promotes as in PyTorch (a float32 weight on bf16 activations gives float32).
-    out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
-    residual_out = torch.empty_like(x2) if residual is not None else out
+    out_dtype = torch.float8_e4m3fn if fp8 else torch.promote_types(weight.dtype, x.dtype)
+    out = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
+    residual_out = torch.empty_like(x2) if residual is not None else x2
     rows = x2.shape[0]
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device) if fp8 else None
     if rows:
         _rms_norm_kernel[(rows,)](
-            x2, r2, weight, out, residual_out,
+            x2, r2, weight, out, residual_out, scale if fp8 else out,
             hidden, float(eps),
             x2.stride(0), r2.stride(0), out.stride(0), residual_out.stride(0),
-            BLOCK=block, HAS_RESIDUAL=residual is not None, num_warps=_norm_num_warps(block), **pdl.launch(x),
+            BLOCK=block, HAS_RESIDUAL=residual is not None, FP8_OUT=fp8, num_warps=_norm_num_warps(block),
+            **pdl.launch(x),
         )
-    out = out.view(*x.shape[:-1], hidden)
-    return out, (residual_out.view(x.shape) if residual is not None else None)
+    if not fp8:
+        out = out.view(*x.shape[:-1], hidden)
+    return out, (residual_out.view(x.shape) if residual is not None else None), scale
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * RMSNorm(x) over the last dimension, as model.RMSNorm computes it (variance in float32,
     the normalised value rounded to x's dtype before the weight). x [..., hidden]; weight [hidden]."""
-    out, _ = _launch_rms_norm(x, None, weight, eps)
+    out, _, _ = _launch_rms_norm(x, None, weight, eps)
     return out
 
 
@@ -121,8 +132,17 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: t
     Returns new tensors; the inputs are not modified."""
     if residual is None:
         return rms_norm(x, weight, eps), x
-    out, new_residual = _launch_rms_norm(x, residual, weight, eps)
+    out, new_residual, _ = _launch_rms_norm(x, residual, weight, eps)
     return out, new_residual
+
+
+def rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fused_add_rms_norm with its output quantized for an FP8 matmul in the same kernel: (e4m3 [rows, hidden],
+    float32 scale [rows, 1], the new residual), bit for bit quantize_rows_fp8 of fused_add_rms_norm's output. x
+    [..., hidden] is taken as rows of hidden; the weight must be in x's dtype."""
+    out, new_residual, scale = _launch_rms_norm(x, residual, weight, eps, fp8=True)
+    return out, scale, (new_residual if residual is not None else x)
 
 
 @triton.jit
@@ -392,15 +412,22 @@ FP8_MAX = tl.constexpr(torch.finfo(torch.float8_e4m3fn).max)  # 448; a constexpr
 
 
 @triton.jit
+def _store_fp8_row(x, q_ptrs, scale_ptr, mask):
+    """Row x (float32, zero where masked) as e4m3 at q_ptrs, its largest |value| mapped to 448, and that scale at
+    scale_ptr: model.quantization.quantize_activations_fp8's arithmetic."""
+    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12), FP8_MAX)
+    y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_MAX), FP8_MAX)
+    tl.store(q_ptrs, _to_fp8(y), mask=mask)
+    tl.store(scale_ptr, scale)
+
+
+@triton.jit
 def _quantize_rows_fp8_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < K
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12), FP8_MAX)
-    y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_MAX), FP8_MAX)
-    tl.store(q_ptr + row * stride_q + cols, _to_fp8(y), mask=mask)
-    tl.store(scale_ptr + row, scale)
+    _store_fp8_row(x, q_ptr + row * stride_q + cols, scale_ptr + row, mask)
 
 
 def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -418,6 +445,36 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         block = triton.next_power_of_2(k)
         _quantize_rows_fp8_kernel[(rows,)](x, q, scale, k, x.stride(0), q.stride(0), BLOCK=block,
                                            num_warps=_norm_num_warps(block))
+    return q, scale
+
+
+@triton.jit
+def _silu_and_mul_fp8_kernel(x_ptr, q_ptr, scale_ptr, inter, stride_x, stride_q, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < inter
+    dtype = x_ptr.dtype.element_ty
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
+    silu = _round(tl.math.div_rn(gate, 1.0 + tl.exp(-gate)), dtype)
+    _store_fp8_row(_round(silu * up, dtype), q_ptr + row * stride_q + cols, scale_ptr + row, mask)
+
+
+def silu_and_mul_fp8(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rows_fp8(silu_and_mul(gate_up)) in one kernel, bit for bit: gate_up [rows, 2 * inter] ->
+    (e4m3 [rows, inter], float32 scale [rows, 1]). One program per row (the scale needs the row's maximum)."""
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.shape[1] // 2 > MAX_NORM_BLOCK:
+        raise ValueError(f"silu_and_mul_fp8 takes [rows, 2 * inter] with inter <= {MAX_NORM_BLOCK}, "
+                         f"got {tuple(gate_up.shape)}")
+    if gate_up.stride(1) != 1:
+        gate_up = gate_up.contiguous()
+    rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    q = torch.empty(rows, inter, dtype=torch.float8_e4m3fn, device=gate_up.device)
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=gate_up.device)
+    if rows:
+        block = triton.next_power_of_2(inter)
+        _silu_and_mul_fp8_kernel[(rows,)](gate_up, q, scale, inter, gate_up.stride(0), q.stride(0), BLOCK=block,
+                                          num_warps=_norm_num_warps(block))
     return q, scale
 
 
