@@ -44,6 +44,7 @@ from xverse_serve.model.checkpoint import CheckpointError, ModelConfig, load_con
 from xverse_serve.model.quantization import (
     INT4_GROUP,
     TORCH_INT8_MAX_ROWS,
+    Fp8Rows,
     MatmulKernel,
     QuantizedEmbedding,
     QuantizedLinear,
@@ -523,6 +524,73 @@ def test_one_row_decode_steps_run_either_family_of_fused_gemvs(scheme: str, fami
     assert relative_error(fused[20:], unfused[20:].float()) < 2e-2
     if family != "dp4a_one_part":
         assert torch.equal(fused.argmax(dim=-1), unfused.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("kernel", ["scaled_mm", "split_fp8_act"])
+def test_fp8_projections_take_their_activations_quantized_by_the_norm_and_silu(
+        triton_kernels, tiny_model_dir: Path, kernel: str, monkeypatch) -> None:
+    """Where an fp8 projection's kernel multiplies e4m3 activations, the kernel before it quantizes them: the norms
+    before qkv_proj and gate_up_proj (fused_ops.rms_norm_fp8) and SiLU·up before down_proj (silu_and_mul_fp8), and
+    no kernel of the projection's own does. The logits are those of the projections quantizing x themselves, bit
+    for bit (the same e4m3 values into the same matmul). On the CPU the fused kernels run in Triton's interpreter
+    and the projections run their plan as a GPU would (scaled_mm on the CPU; the split kernel is GPU-only)."""
+    from test_kv_int8 import _to_float8
+    from test_triton_ops import interpreter_converts_floats_with
+
+    from xverse_serve.kernels import fused_ops
+    from xverse_serve.model import xverse
+
+    if kernel == "split_fp8_act" and (INTERPRET or torch.cuda.get_device_capability() < (8, 9)):
+        pytest.skip("the split kernel with e4m3 activations runs compiled, on compute capability 8.9+")
+    config = load_config(tiny_model_dir)
+    model = load_model(tiny_model_dir, config, DEVICE, torch.bfloat16, MAX_POSITIONS, "fp8")
+    chosen = MatmulKernel("scaled_mm") if kernel == "scaled_mm" else MatmulKernel("split", (
+        ("block_n", 64), ("block_k", 128), ("num_warps", 4), ("num_stages", 3), ("tma", 0), ("fp8_act", 1)))
+    for layer in model.model.layers:
+        for projection in layer.projections():
+            projection.plan = ((1 << 30, chosen),)
+            projection.one_row = None  # decode steps take the general path too
+    if INTERPRET:
+        monkeypatch.setattr(xverse, "fused_ops", lambda t: fused_ops)
+
+        cpu_forward = QuantizedLinear.forward
+
+        def run_plan(self: QuantizedLinear, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+            if self.plan is None:  # the int8 lm_head
+                return cpu_forward(self, x)
+            if isinstance(x, Fp8Rows):
+                return kernel_for(self.plan, x.values.shape[0])(x, self)
+            x2 = x.reshape(-1, self.in_features)
+            return kernel_for(self.plan, x2.shape[0])(x2, self).view(*x.shape[:-1], self.out_features)
+
+        monkeypatch.setattr(QuantizedLinear, "forward", run_plan)
+    calls: dict[str, int] = {"rms_norm_fp8": 0, "silu_and_mul_fp8": 0}
+    for name in calls:
+        original = getattr(fused_ops, name)
+        monkeypatch.setattr(fused_ops, name, lambda *args, _f=original, _n=name: calls.update({_n: calls[_n] + 1})
+                            or _f(*args))
+    token_ids, chunks = random_ids(22, config, seed=3), [20, 1, 1]
+    with interpreter_converts_floats_with(_to_float8):
+        fused = paged_logits(model, token_ids, chunks)
+        assert calls == {"rms_norm_fp8": 2 * config.num_layers * 3, "silu_and_mul_fp8": config.num_layers * 3}
+        monkeypatch.setattr(xverse, "FP8_FUSED_QUANT", False)
+        unfused = paged_logits(model, token_ids, chunks)
+    assert calls == {"rms_norm_fp8": 2 * config.num_layers * 3, "silu_and_mul_fp8": config.num_layers * 3}
+    assert torch.equal(fused, unfused)
+
+
+def test_only_the_kernels_that_multiply_e4m3_activations_take_fp8_rows() -> None:
+    fp8 = QuantizedLinear(4096, 4096, "fp8")
+    fp8.plan = ((16, MatmulKernel("skinny")), (64, MatmulKernel("split", (("block_n", 64), ("fp8_act", 1)))),
+                (1 << 30, MatmulKernel("scaled_mm")))
+    assert [fp8.takes_fp8_rows(m) for m in (0, 1, 16, 17, 64, 65, 4096)] == [False, False, False, True, True, True,
+                                                                            True]
+    int8 = QuantizedLinear(4096, 4096, "int8")
+    int8.plan = fp8.plan
+    assert not int8.takes_fp8_rows(4096)
+    rows = Fp8Rows(torch.zeros(2, 4096, dtype=torch.float8_e4m3fn), torch.ones(2, 1), torch.bfloat16)
+    with pytest.raises(TypeError, match="skinny takes activations in torch.bfloat16, not Fp8Rows"):
+        MatmulKernel("skinny")(rows, fp8)
 
 
 def test_a_quantized_model_quantizes_the_projections_lm_head_and_embeddings_only(tiny_int4_dir: Path) -> None:

@@ -68,8 +68,21 @@ def quantize_activations_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
-def fp8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """quantize_activations_fp8, by one kernel on a GPU (kernels.fused_ops.quantize_rows_fp8)."""
+@dataclass(frozen=True)
+class Fp8Rows:
+    """Activations already quantized for an FP8 matmul, as quantize_activations_fp8 gives them: e4m3 values [M, K],
+    a float32 scale per row [M, 1], and the dtype the product comes back in. The norm or SiLU·up before an fp8
+    projection makes them in its own kernel (kernels.fused_ops) when the projection's kernel takes them."""
+
+    values: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+
+def fp8_activations(x: torch.Tensor | Fp8Rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_activations_fp8, by one kernel on a GPU (kernels.fused_ops.quantize_rows_fp8); Fp8Rows as they are."""
+    if isinstance(x, Fp8Rows):
+        return x.values, x.scale
     if x.is_cuda:
         from ..kernels.fused_ops import quantize_rows_fp8
 
@@ -77,9 +90,9 @@ def fp8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_activations_fp8(x)
 
 
-def scaled_mm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+def scaled_mm(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
     """x @ W^T on FP8 tensor cores (torch._scaled_mm, cuBLASLt), W fp8 with a scale per output channel and x
-    quantized to fp8 per token on the fly: twice bf16's FLOP rate, for prefill-sized batches."""
+    quantized to fp8 per token on the fly (or already, Fp8Rows): twice bf16's FLOP rate, for prefill-sized batches."""
     xq, x_scale = fp8_activations(x)
     # Fast accumulation (FP8 tensor cores' own sums, not promoted to float32 every few steps, as vLLM's FP8 GEMMs
     # run): on an H100 0.85-0.95 of the time at 16-512 rows, the error against the exact product unchanged (2.65%,
@@ -147,9 +160,16 @@ class MatmulKernel:
     backend: str
     options: tuple[tuple[str, int], ...] = ()
 
-    def __call__(self, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+    @property
+    def takes_fp8_rows(self) -> bool:
+        """Whether it multiplies activations quantized to e4m3 per row (and so can be given Fp8Rows)."""
+        return self.backend == "scaled_mm" or ("fp8_act", 1) in self.options
+
+    def __call__(self, x: torch.Tensor | Fp8Rows, layer: QuantizedLinear) -> torch.Tensor:
         from ..kernels import quant_matmul  # imported here, so a CPU-only install needs no Triton
 
+        if isinstance(x, Fp8Rows) and not self.takes_fp8_rows:
+            raise TypeError(f"{self} takes activations in {x.dtype}, not Fp8Rows")
         options = dict(self.options)
         if self.backend in ("rowgemv", "skinny"):
             from ..kernels import gemv
@@ -221,15 +241,16 @@ class MatmulKernel:
         return f"{self.backend}({', '.join(f'{name}={value}' for name, value in self.options)})"
 
 
-def _scaled_rows(x: torch.Tensor, layer: QuantizedLinear, options: dict[str, int]) -> torch.Tensor:
-    """The split kernel with fp8 activations (kernels.split_gemm.scaled_rows_matmul), x quantized per row first."""
+def _scaled_rows(x: torch.Tensor | Fp8Rows, layer: QuantizedLinear, options: dict[str, int]) -> torch.Tensor:
+    """The split kernel with fp8 activations (kernels.split_gemm.scaled_rows_matmul), x quantized per row first
+    (unless it comes quantized)."""
     from ..kernels import split_gemm
 
-    xq, x_scale = fp8_activations(x.reshape(-1, layer.in_features))
+    xq, x_scale = fp8_activations(x if isinstance(x, Fp8Rows) else x.reshape(-1, layer.in_features))
     config = tuple(options[name] for name in ("block_n", "block_k", "num_warps", "num_stages"))
     y = split_gemm.scaled_rows_matmul(xq, x_scale, layer.weight, layer.weight_scale, x.dtype, config,
                                       bool(options.get("tma", 0)))
-    return y.view(*x.shape[:-1], layer.out_features)
+    return y if isinstance(x, Fp8Rows) else y.view(*x.shape[:-1], layer.out_features)
 
 
 # (largest M, kernel) pairs in increasing M; beyond the last M, the last kernel.
@@ -318,7 +339,16 @@ class QuantizedLinear(nn.Module, OneRowProjection):
             return dequantize_rows(self.weight[rows], self.weight_scale[rows], dtype)
         return dequantize_int4(self.weight[rows], self.weight_scale[rows], self.weight_offset[rows], dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def takes_fp8_rows(self, rows: int) -> bool:
+        """Whether the kernel this layer's plan runs for `rows` rows multiplies e4m3 activations (fp8: scaled_mm
+        or split(…, fp8_act=1)), so that the kernel making its input can hand it over quantized (Fp8Rows)."""
+        if self.scheme != "fp8" or rows < 1:
+            return False
+        return kernel_for(self.plan or default_plan(self), rows).takes_fp8_rows
+
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+        if isinstance(x, Fp8Rows):  # [M, K] already quantized: only the kernels that take_fp8_rows
+            return kernel_for(self.plan or default_plan(self), x.values.shape[0])(x, self)
         x2 = x.reshape(-1, self.in_features)
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()

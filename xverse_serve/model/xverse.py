@@ -12,6 +12,7 @@ arrives.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property, partial
@@ -26,7 +27,7 @@ from .attention import AttentionBatch, paged_attention, write_kv
 from .checkpoint import CheckpointError, ModelConfig, is_skipped_tensor, iter_shard_tensors
 from .kv_cache import LayerCache
 from .one_row import FUSED_KERNELS, OneRowProjection, gemv_kernels
-from .quantization import QuantizedEmbedding, QuantizedLinear, replace_linear
+from .quantization import Fp8Rows, QuantizedEmbedding, QuantizedLinear, replace_linear
 from .tuner import tune
 
 
@@ -37,6 +38,18 @@ def fused_ops(t: torch.Tensor) -> ModuleType | None:
     from ..kernels import fused_ops  # imported here, so a CPU-only install needs no Triton
 
     return fused_ops
+
+
+# XVERSE_FP8_FUSED_QUANT=0: fp8 projections quantize their own input, as before the norm and SiLU·up did (to compare).
+FP8_FUSED_QUANT = os.environ.get("XVERSE_FP8_FUSED_QUANT", "1") != "0"
+
+
+def takes_fp8(proj: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the fused kernel that reads x [rows, ...] to make proj's input (the norm, SiLU·up) should hand it over
+    quantized (Fp8Rows): proj is fp8 and its kernel at that many rows multiplies e4m3 activations. Saves the kernel
+    that would quantize them (a launch and a pass over the rows) before each such projection."""
+    return (FP8_FUSED_QUANT and isinstance(proj, QuantizedLinear) and fused_ops(x) is not None
+            and proj.takes_fp8_rows(x.shape[0]))
 
 
 class Linear(nn.Linear, OneRowProjection):
@@ -79,8 +92,15 @@ class RMSNorm(nn.Module):
             return ops.rms_norm(x, self.weight, self.eps)
         return rms_norm_reference(x, self.weight, self.eps)
 
-    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(residual + x), residual + x): on CUDA the residual add is fused into the norm's kernel."""
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
+                     fp8: bool = False) -> tuple[torch.Tensor | Fp8Rows, torch.Tensor]:
+        """(norm(residual + x), residual + x): on CUDA the residual add is fused into the norm's kernel. Residual
+        None: (norm(x), x). fp8 (where takes_fp8 says so): the norm comes quantized for an FP8 matmul."""
+        if fp8:
+            q, scale, residual = fused_ops(x).rms_norm_fp8(x, residual, self.weight, self.eps)
+            return Fp8Rows(q, scale, x.dtype), residual
+        if residual is None:
+            return self(x), x
         if (ops := fused_ops(x)) is not None:
             return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
         residual = residual + x
@@ -163,12 +183,14 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
         # One row on CUDA: the projection and the activation in one kernel (an int4 projection has no such).
-        if (hidden := self.gate_up_proj.gated(x)) is not None:
+        if not isinstance(x, Fp8Rows) and (hidden := self.gate_up_proj.gated(x)) is not None:
             return self.down_proj(hidden)
         gate_up = self.gate_up_proj(x)
         if (ops := fused_ops(gate_up)) is not None:
+            if takes_fp8(self.down_proj, gate_up):
+                return self.down_proj(Fp8Rows(*ops.silu_and_mul_fp8(gate_up), gate_up.dtype))
             return self.down_proj(ops.silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
@@ -200,17 +222,14 @@ class DecoderLayer(nn.Module):
     def attention_input(self, x: torch.Tensor, residual: torch.Tensor | None, rotary: Rotary, kv: LayerCache,
                         slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The norm and the q, k, v projection; k and v go into the cache. Returns q and the running sum."""
-        if residual is None:
-            h, residual = self.input_layernorm(x), x
-        else:
-            h, residual = self.input_layernorm.add_and_norm(x, residual)
         attn = self.self_attn
+        h, residual = self.input_layernorm.add_and_norm(x, residual, takes_fp8(attn.qkv_proj, x))
         return attn.rope_and_cache(attn.qkv_proj(h), rotary, kv, slot_mapping), residual
 
     def attention_output(self, attn: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The output projection of the attention [tokens, heads, head_dim], its residual add and the MLP."""
         h = self.self_attn.o_proj(attn.reshape(attn.shape[0], -1))
-        h, residual = self.post_attention_layernorm.add_and_norm(h, residual)
+        h, residual = self.post_attention_layernorm.add_and_norm(h, residual, takes_fp8(self.mlp.gate_up_proj, h))
         return self.mlp(h), residual
 
     def forward_one_row(self, stream: torch.Tensor, squares: torch.Tensor | None, rotary: Rotary, kv: LayerCache,
