@@ -114,6 +114,18 @@ def quantized_matmul_kernels() -> Iterator[tuple]:
             "x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "K": "i32", "stride_x": "i32",
             "stride_q": "i32"}, {"BLOCK": triton.next_power_of_2(k)}, {"num_warps": fused_ops._norm_num_warps(
                 triton.next_power_of_2(k))}
+    # the norm and SiLU·up handing an fp8 projection its activations quantized (model.xverse.takes_fp8)
+    for residual in (True, False):
+        yield f"fp8 norm(residual={int(residual)})", fused_ops._rms_norm_kernel, {
+            "x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*fp8e4nv",
+            "residual_out_ptr": "*bf16", "scale_ptr": "*fp32", "hidden": "i32", "eps": "fp32", "stride_x": "i32",
+            "stride_r": "i32", "stride_o": "i32", "stride_ro": "i32"}, {
+            "BLOCK": 4096, "HAS_RESIDUAL": residual, "FP8_OUT": True, "PDL": True}, {
+            "num_warps": fused_ops._norm_num_warps(4096)}
+    yield "fp8 silu_and_mul", fused_ops._silu_and_mul_fp8_kernel, {
+        "x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "inter": "i32", "stride_x": "i32",
+        "stride_q": "i32"}, {"BLOCK": triton.next_power_of_2(11008)}, {"num_warps": fused_ops._norm_num_warps(
+            triton.next_power_of_2(11008))}
 
 
 def split_gemm_kernels() -> Iterator[tuple]:

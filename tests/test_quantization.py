@@ -740,7 +740,8 @@ def test_every_quantized_matmul_kernel_compiles_for_hopper_without_register_spil
                                                             "u4 two-part split", "fp8e4nv two-part split",
                                                             "cublas_int8 combine", "i8 mixed", "u4 mixed",
                                                             "fp8e4nv mixed", "i8 mixed_tma", "u4 mixed_tma",
-                                                            "fp8e4nv mixed_tma", "fp8e4nv scaled_rows"}
+                                                            "fp8e4nv mixed_tma", "fp8e4nv scaled_rows", "fp8 norm",
+                                                            "fp8 silu_and_mul"}
     assert [r for r in reports if r["spilled_bytes"]] == []
     # split_gemm's fp8-activation kernel: FP8 wgmma on the weights as stored, nothing converted; its TMA form copies
     scaled = [r for r in reports if " scaled_rows(" in r["kernel"]]
