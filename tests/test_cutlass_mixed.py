@@ -127,6 +127,35 @@ def test_offered_only_where_the_card_runs_it_and_the_reason_said_once(monkeypatc
         cutlass_mixed.build("unused", [], cutlass_mixed.build_dir())
 
 
+def test_a_build_stopped_midway_does_not_hold_up_the_next_one(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    # torch's cpp_extension waits while its lock file exists, and a build killed midway leaves that file behind.
+    # build holds a lock of its own that the OS drops with the process: a torch lock found under it is removed; a
+    # build under way in another process (here: another open file) is waited for.
+    import fcntl
+    import threading
+
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local/cuda")
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
+    monkeypatch.setattr(cutlass_mixed, "include_dirs", lambda: [])
+    for name, value in (("TORCH_CUDA_ARCH_LIST", "9.0a"), ("MAX_JOBS", "1")):  # build sets them where unset
+        monkeypatch.setenv(name, value)
+    loads: list[bool] = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: loads.append(
+        Path(kwargs["build_directory"], "lock").exists()) or "module")
+    (tmp_path / "lock").write_text("")  # a killed build's
+    assert cutlass_mixed.build("xverse_cutlass_int8", [], tmp_path) == "module" and loads == [False]
+    with open(tmp_path / "build.flock", "w") as other_build:
+        fcntl.flock(other_build, fcntl.LOCK_EX)
+        waiting = threading.Thread(target=cutlass_mixed.build, args=("xverse_cutlass_int8", [], tmp_path))
+        waiting.start()
+        waiting.join(0.3)
+        assert waiting.is_alive() and len(loads) == 1  # waits for the other build
+    waiting.join(10)
+    assert not waiting.is_alive() and loads == [False, False]
+
+
 def test_a_failed_build_is_remembered_until_the_sources_change(monkeypatch: pytest.MonkeyPatch, tmp_path,
                                                                  caplog: pytest.LogCaptureFixture) -> None:
     # A build that fails (a compiler error) is warned about once and written down in its folder, so that the next

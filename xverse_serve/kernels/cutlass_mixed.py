@@ -23,6 +23,7 @@ the weight, since the other kernels read the plain one.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import importlib.util
@@ -111,9 +112,17 @@ def build(name: str, gemms: list[tuple[str, bool, int]], build_dir: Path, verbos
         if not unit.exists() or unit.read_text() != text:  # an unchanged unit keeps ninja's object
             unit.write_text(text)
         sources.append(str(unit))
-    return cpp_extension.load(name=name, sources=sources, build_directory=str(build_dir), verbose=verbose,
-                              extra_include_paths=includes,
-                              extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "-DNDEBUG", *CUDA_TYPES])
+    # torch's build lock is a file it deletes when done: a build killed midway (Ctrl-C in the first start) leaves
+    # it, and every later start would wait for it forever. Builds here hold a lock the OS drops with its process
+    # instead, so that a torch lock found while holding it is a dead build's.
+    with open(build_dir / "build.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another server building the same GEMMs: wait for it, then load
+        if (stale := build_dir / "lock").exists():
+            log.info("removing %s, left by a build that was stopped", stale)
+            stale.unlink()
+        return cpp_extension.load(name=name, sources=sources, build_directory=str(build_dir), verbose=verbose,
+                                  extra_include_paths=includes,
+                                  extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "-DNDEBUG", *CUDA_TYPES])
 
 
 MODES = ("auto", "1", "0")
