@@ -7,6 +7,7 @@ runs without xverse_serve being installed.
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
 import sys
@@ -26,7 +27,11 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from xverse_serve.engine.config import CacheConfig  # noqa: E402
 from xverse_serve.engine.engine import Engine  # noqa: E402
-from xverse_serve.engine.loader import assemble_engine, resolve_kv_cache_dtype  # noqa: E402
+from xverse_serve.engine.loader import (  # noqa: E402
+    assemble_engine,
+    freeze_startup_objects,
+    resolve_kv_cache_dtype,
+)
 from xverse_serve.engine.memory_plan import StepPeaks, kv_cache_tokens_for_card, measure_step_peaks  # noqa: E402
 from xverse_serve.engine.messages import SamplingParams  # noqa: E402
 from xverse_serve.model.checkpoint import GenerationDefaults, ModelConfig  # noqa: E402
@@ -162,7 +167,43 @@ def engine_like_server(model: XverseForCausalLM, settings: Settings) -> ServedEn
                              scheduler, max_model_len, cuda_graphs, config.overlap_steps)
     if on_cuda:
         engine.warm_up()
+    freeze_startup_objects()  # as load_engine leaves the server's process; release_engines undoes it
     return ServedEngine(engine, kv_tokens, peaks)
+
+
+def release_engines() -> None:
+    """Frees the engines no longer referenced (their graphs and caches sit in reference cycles), and their memory
+    on the card: unfrozen first, since engine_like_server froze everything alive at its start-up."""
+    gc.unfreeze()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class GcPauses:
+    """The garbage collector's collections while the `with` block runs, by generation: how many and their seconds
+    (the longest too). A full collection of an engine's process before freeze_startup_objects took ~0.1 s."""
+
+    def __init__(self) -> None:
+        self.pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        self._started = 0.0
+
+    def _observe(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses[info["generation"]].append(time.perf_counter() - self._started)
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._observe)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._observe)
+
+    def summary(self) -> dict:
+        return {f"gen{generation}": {"count": len(times), "seconds": sum(times), "longest_s": max(times, default=0.0)}
+                for generation, times in self.pauses.items()}
 
 
 def run_engine(engine: Engine, batch: list[list[int]], max_tokens: int) -> dict:

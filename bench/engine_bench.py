@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import statistics
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from common import (
     engine_like_server,
     prompts,
     random_model,
+    release_engines,
     run_engine,
     write_results,
 )
@@ -122,8 +122,7 @@ def bench_ours(model: XverseForCausalLM, settings: Settings, args: argparse.Name
         print(f"{label} {n} requests: {run['tokens'] / run['seconds']:.1f} output tok/s ({run['seconds']:.1f} s, "
               f"{results['throughput'][n]['preemptions']} preemptions)", flush=True)
     del engine, served
-    gc.collect()  # the engine's graphs and cache sit in reference cycles; the next user needs that memory
-    torch.cuda.empty_cache()
+    release_engines()  # the next user needs that memory
     return results
 
 

@@ -34,7 +34,6 @@ Every configuration runs in its own try/except: a failure is recorded in the JSO
 from __future__ import annotations
 
 import argparse
-import gc
 import itertools
 import json
 import os
@@ -49,9 +48,11 @@ import torch
 from common import (
     BLOCK_SIZE,
     PROJECTION_SHAPES,
+    GcPauses,
     copy_bandwidth,
     engine_like_server,
     prompts,
+    release_engines,
     run_engine,
     write_results,
 )
@@ -112,10 +113,6 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def free_memory(device: torch.device) -> None:
-    gc.collect()  # engines and graphs sit in reference cycles
-    if cuda(device):
-        torch.cuda.empty_cache()
 
 
 @torch.inference_mode()
@@ -139,7 +136,7 @@ def write_random_checkpoint(folder: Path, tiny: bool, device: torch.device) -> N
 
 
 def load(model_dir: Path, device: torch.device, dtype: torch.dtype, quantize: str) -> tuple[XverseForCausalLM, dict]:
-    free_memory(device)
+    release_engines()
     reset_peak(device)
     before = allocated(device)
     started = time.perf_counter()
@@ -156,7 +153,7 @@ def load(model_dir: Path, device: torch.device, dtype: torch.dtype, quantize: st
 def serve(model: XverseForCausalLM, settings: Settings) -> tuple[Engine, dict]:
     """Our engine as the server builds it from `settings` (common.engine_like_server), and what its plan found."""
     device = model.device
-    free_memory(device)
+    release_engines()
     started = time.perf_counter()
     served = engine_like_server(model, settings)
     sync(device)
@@ -181,7 +178,8 @@ def measure_speed(engine: Engine, vocab: int, args: argparse.Namespace) -> dict:
     n = args.requests
     runs: dict[str, list[float]] = {"ttft_ms": [], "decode_tok_s": [], f"throughput_{n}_tok_s": [],
                                     f"first_tokens_{n}_s": [], f"after_first_tokens_{n}_s": []}
-    with GpuMonitor(device.index or 0) as monitor:  # the card's clocks and power meanwhile (gpu_monitor.py: why)
+    # the card's clocks and power meanwhile (gpu_monitor.py: why), and the garbage collector's pauses
+    with GpuMonitor(device.index or 0) as monitor, GcPauses() as pauses:
         for run in range(args.repeats):
             seed = 1 + 1000 * run
             single = run_engine(engine, prompts(1, args.prompt_len, vocab, seed), args.output_len)
@@ -194,7 +192,8 @@ def measure_speed(engine: Engine, vocab: int, args: argparse.Namespace) -> dict:
     facts = {key: statistics.median(values) for key, values in runs.items()}
     facts.update({f"{key}_runs": values for key, values in runs.items()})
     gpu = monitor.summary() if cuda(device) else {}
-    return {**facts, "preemptions": engine.scheduler.num_preemptions, "peak_serving_GiB": peak(device), "gpu": gpu}
+    return {**facts, "preemptions": engine.scheduler.num_preemptions, "peak_serving_GiB": peak(device), "gpu": gpu,
+            "gc": pauses.summary()}
 
 
 def run_configs(model_dir: Path, device: torch.device, args: argparse.Namespace, results: dict) -> None:
@@ -243,13 +242,13 @@ def run_configs(model_dir: Path, device: torch.device, args: argparse.Namespace,
                 entry["error"] = f"{type(exc).__name__}: {exc}"
                 traceback.print_exc()
             del engine
-            free_memory(device)
+            release_engines()
             print(json.dumps(entry), flush=True)
             write_results(results, args.out)
         if quantize != "none" and cuda(device):
             results["matmul_tuning"].update(tuning_table(model))
         del model
-        free_memory(device)
+        release_engines()
         write_results(results, args.out)
 
 
@@ -281,7 +280,7 @@ def run_capped(model_dir: Path, device: torch.device, args: argparse.Namespace, 
         fraction = budget * GiB / total
         index = device.index if device.index is not None else torch.cuda.current_device()  # the cap wants an index
         try:
-            free_memory(device)
+            release_engines()
             torch.cuda.set_per_process_memory_fraction(fraction, index)
             model, load_facts = load(model_dir, device, torch.bfloat16, quantize)
             entry.update(load_facts)
@@ -311,7 +310,7 @@ def run_capped(model_dir: Path, device: torch.device, args: argparse.Namespace, 
             entry["error"] = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
         del engine, model
-        free_memory(device)
+        release_engines()
         torch.cuda.set_per_process_memory_fraction(1.0, index)
         print(json.dumps(entry), flush=True)
         write_results(results, args.out)

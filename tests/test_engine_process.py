@@ -58,6 +58,21 @@ async def until(condition, timeout: float = 30) -> None:
         await asyncio.sleep(0.02)
 
 
+def test_the_loaded_engine_is_left_out_of_the_garbage_collectors_scans(tiny_model_dir: Path) -> None:
+    # Its start-up objects frozen (loader.freeze_startup_objects): a full collection over a served model's process
+    # would pause a step for ~0.1 s.
+    import gc
+
+    gc.unfreeze()
+    try:
+        engine = load_engine(config_for(tiny_model_dir))
+        assert gc.get_freeze_count() > 0
+        scanned = {id(o) for o in gc.get_objects()}
+        assert id(engine) not in scanned and id(engine.runner.model) not in scanned
+    finally:
+        gc.unfreeze()  # the other tests' engines are collected as before
+
+
 def test_the_engine_process_gives_the_answers_of_the_engine_thread(tiny_model_dir: Path) -> None:
     config = config_for(tiny_model_dir)
     params = {rid: SamplingParams(max_tokens=12 + i, temperature=0.0 if i % 2 else 0.8, seed=i, ignore_eos=True,

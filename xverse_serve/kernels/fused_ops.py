@@ -436,15 +436,18 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     model.quantization.quantize_activations_fp8 computes them."""
     if x.dim() != 2 or x.shape[1] > MAX_NORM_BLOCK:
         raise ValueError(f"quantize_rows_fp8 takes [M, K] with K <= {MAX_NORM_BLOCK}, got {tuple(x.shape)}")
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    rows, k = x.shape
-    q = torch.empty(rows, k, dtype=torch.float8_e4m3fn, device=x.device)
+    return _launch_fp8_rows(_quantize_rows_fp8_kernel, x if x.stride(1) == 1 else x.contiguous(), x.shape[1])
+
+
+def _launch_fp8_rows(kernel, x: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """kernel (x_ptr, q_ptr, scale_ptr, width, stride_x, stride_q, BLOCK) in one program per row of x, each writing
+    `width` e4m3 values and the row's scale."""
+    rows = x.shape[0]
+    q = torch.empty(rows, width, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
     if rows:
-        block = triton.next_power_of_2(k)
-        _quantize_rows_fp8_kernel[(rows,)](x, q, scale, k, x.stride(0), q.stride(0), BLOCK=block,
-                                           num_warps=_norm_num_warps(block))
+        block = triton.next_power_of_2(width)
+        kernel[(rows,)](x, q, scale, width, x.stride(0), q.stride(0), BLOCK=block, num_warps=_norm_num_warps(block))
     return q, scale
 
 
@@ -466,16 +469,8 @@ def silu_and_mul_fp8(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.shape[1] // 2 > MAX_NORM_BLOCK:
         raise ValueError(f"silu_and_mul_fp8 takes [rows, 2 * inter] with inter <= {MAX_NORM_BLOCK}, "
                          f"got {tuple(gate_up.shape)}")
-    if gate_up.stride(1) != 1:
-        gate_up = gate_up.contiguous()
-    rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
-    q = torch.empty(rows, inter, dtype=torch.float8_e4m3fn, device=gate_up.device)
-    scale = torch.empty(rows, 1, dtype=torch.float32, device=gate_up.device)
-    if rows:
-        block = triton.next_power_of_2(inter)
-        _silu_and_mul_fp8_kernel[(rows,)](gate_up, q, scale, inter, gate_up.stride(0), q.stride(0), BLOCK=block,
-                                          num_warps=_norm_num_warps(block))
-    return q, scale
+    return _launch_fp8_rows(_silu_and_mul_fp8_kernel, gate_up if gate_up.stride(1) == 1 else gate_up.contiguous(),
+                            gate_up.shape[1] // 2)
 
 
 ARGMAX_BLOCK = 2048  # logits per program of the first pass: ~50 programs per row of XVERSE's 100,534
