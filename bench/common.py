@@ -41,8 +41,8 @@ from xverse_serve.model.quantization import (  # noqa: E402
     reference_matmul,
     relative_error,
 )
-from xverse_serve.model.tuner import L2_FLUSH_BYTES, time_call  # noqa: E402
-from xverse_serve.model.xverse import XverseForCausalLM  # noqa: E402
+from xverse_serve.model.tuner import L2_FLUSH_BYTES, time_call, tune  # noqa: E402
+from xverse_serve.model.xverse import XverseForCausalLM, load_targets, quantize_projections  # noqa: E402
 from xverse_serve.settings import Settings  # noqa: E402
 
 INIT_STD = 0.02  # random weights: normal with this deviation, norms 1
@@ -96,20 +96,26 @@ XVERSE_SAMPLING = SamplingParams(max_tokens=10_000, temperature=_XVERSE_DEFAULTS
                                  repetition_penalty=_XVERSE_DEFAULTS.repetition_penalty, ignore_eos=True)
 
 
-def random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> XverseForCausalLM:
-    """The model with random weights, made on the device (no checkpoint to write or read)."""
+def random_model(config: ModelConfig, device: torch.device, dtype: torch.dtype,
+                 quantize: str = "none") -> XverseForCausalLM:
+    """The model with random weights, made on the device (no checkpoint to write or read); with `quantize`, its
+    projections quantized as load_model quantizes a checkpoint's, a tensor at a time, and their kernels tuned."""
     with torch.device("meta"):
         model = XverseForCausalLM(config).to(dtype)
+        if quantize != "none":
+            quantize_projections(model, quantize)
     model = model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, INIT_STD, generator=gen)
+        for name, target in load_targets(model).items():  # by checkpoint tensor: q, k and v apart, as loaded
+            values = torch.empty(target.shape, dtype=dtype, device=device)
+            target.store(values.fill_(1.0) if name.endswith("norm.weight") else
+                         values.normal_(0.0, INIT_STD, generator=gen))
     model.init_rope(config.max_position_embeddings)
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    if quantize != "none" and device.type == "cuda":
+        tune(model, dtype)
+    return model
 
 
 def prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:

@@ -4,6 +4,7 @@ a step of `--max-batched-tokens 8192`), from torch.profiler, beside each step's 
 one-sequence decode step through its CUDA graph (so the gaps between kernels show).
 
     python bench/kernel_profile.py --decode-batches 1 64 --out bench/results/kernel_profile_h100.json
+    python bench/kernel_profile.py --quantize fp8 --decode-batches 64   # fp8 weights, tuned as the server tunes them
 """
 
 from __future__ import annotations
@@ -90,10 +91,12 @@ def main() -> None:
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[1],
                         help="sequences in the profiled decode steps, one profile each")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"])
+    parser.add_argument("--quantize", default="none", choices=["none", "int8", "int4", "fp8"],
+                        help="the projections' weights, quantized and their kernels tuned as --quantize loads them")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device("cuda")
-    model = random_model(XVERSE_7B, device, torch.bfloat16)
+    model = random_model(XVERSE_7B, device, torch.bfloat16, args.quantize)
     kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, device, torch.bfloat16)
     blocks = max(16, *args.decode_batches) * (args.context // BLOCK_SIZE + 24)
     # Steps of 8,192 tokens, so that the 16 prompts are prefilled in one.
@@ -101,7 +104,7 @@ def main() -> None:
     engine = assemble_engine(model, CacheConfig(blocks, BLOCK_SIZE, kv_dtype), scheduler,
                              XVERSE_7B.max_position_embeddings)
     engine.warm_up()
-    results = {"device": torch.cuda.get_device_name(device), "kv_cache_dtype": str(kv_dtype),
+    results = {"device": torch.cuda.get_device_name(device), "quantize": args.quantize, "kv_cache_dtype": str(kv_dtype),
                **{f"decode_{batch}": decode_profile(engine, args.context, batch) for batch in args.decode_batches},
                "prefill_16x512": prefill_profile(engine, 16, 512)}
     graphed = assemble_engine(model, CacheConfig(16 * 40, BLOCK_SIZE, kv_dtype),

@@ -14,7 +14,6 @@ import torch
 from common import (
     BLOCK_SIZE,
     GREEDY,
-    WEIGHT_BYTES,
     XVERSE_7B,
     XVERSE_SAMPLING,
     abort_all,
@@ -32,6 +31,7 @@ from xverse_serve.engine.engine import Engine
 from xverse_serve.engine.loader import assemble_engine
 from xverse_serve.engine.messages import SamplingParams
 from xverse_serve.model.kv_cache import KVCache
+from xverse_serve.model.quantization import quantized_bytes
 from xverse_serve.model.xverse import Linear
 
 KV_BYTES_PER_TOKEN = KVCache.bytes_per_token(XVERSE_7B, torch.bfloat16)
@@ -67,20 +67,24 @@ def main() -> None:
                         help="the graphs' block-table width (the decode kernel's grid covers it)")
     parser.add_argument("--unfused-one-row", action="store_true",
                         help="one-sequence steps through the per-op path (norm kernels of their own), to compare")
+    parser.add_argument("--quantize", default="none", choices=["none", "int8", "int4", "fp8"],
+                        help="the projections' weights, quantized and their kernels tuned as --quantize loads them")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.unfused_one_row:
         Linear.runs_one_row = classmethod(lambda cls, x: False)
     device = torch.device("cuda")
     bandwidth = copy_bandwidth(device)
-    model = random_model(XVERSE_7B, device, torch.bfloat16)
+    model = random_model(XVERSE_7B, device, torch.bfloat16, args.quantize)
+    # A decode step streams every weight but the embedding table, of which it reads one row per token.
+    weight_bytes = quantized_bytes(model) - quantized_bytes(model.model.embed_tokens)
     # The largest batch's contexts plus its steps, and at least one full context (the warm-up's longest request).
     blocks = max(max(args.batches) * -(-(args.context + 64) // BLOCK_SIZE), -(-args.max_model_len // BLOCK_SIZE) + 1)
     engine = assemble_engine(model, CacheConfig(blocks, BLOCK_SIZE), SchedulerConfig(256, 4096), args.max_model_len,
                              cuda_graphs=True)
     graphs = engine.runner.graphs
-    results = {"device": torch.cuda.get_device_name(device), "copy_GBps": bandwidth / 1e9,
-               "weights_ms": WEIGHT_BYTES / bandwidth * 1e3, "rows": []}
+    results = {"device": torch.cuda.get_device_name(device), "quantize": args.quantize, "copy_GBps": bandwidth / 1e9,
+               "weights_ms": weight_bytes / bandwidth * 1e3, "rows": []}
     print(f"{results['device']}: streaming the weights once takes {results['weights_ms']:.2f} ms")
     print("| batch | bytes-bound ms (weights + KV read) | graph replay ms | step ms greedy | step ms greedy, "
           "one at a time | step ms XVERSE sampling | schedule ms |")
@@ -95,7 +99,7 @@ def main() -> None:
         # The graph's static inputs still hold the last step of this batch (its real contexts, so attention
         # reads what a step reads); replaying rewrites that step's keys and values with the same ones.
         graph_ms = replay_ms(graphs.graphs[size])
-        bound_ms = (WEIGHT_BYTES + batch * args.context * KV_BYTES_PER_TOKEN) / bandwidth * 1e3
+        bound_ms = (weight_bytes + batch * args.context * KV_BYTES_PER_TOKEN) / bandwidth * 1e3
         row = {"batch": batch, "bytes_bound_ms": bound_ms, "graph_ms": graph_ms, "step_ms_greedy": plain["step"],
                "step_ms_greedy_one_at_a_time": serial["step"], "step_ms_sampled": sampled["step"],
                "schedule_ms": sampled["schedule"]}
