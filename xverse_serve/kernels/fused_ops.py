@@ -1,5 +1,6 @@
 """The decoder's elementwise stages as fused Triton kernels: residual add + RMSNorm, RoPE + KV-cache write,
-SiLU * up, an 8-bit cache's gather and dequantization for prefills, and FP8 activations per row.
+SiLU * up, an 8-bit cache's gather and dequantization for prefills, and FP8 activations per row (on their own, or
+made by the norm or SiLU * up in the same kernel for an fp8 projection that multiplies them: model.xverse.takes_fp8).
 
 In PyTorch each of these is a handful of tiny kernels (RMSNorm alone is ~7), and at batch 1 a decode step
 is dominated by them rather than by streaming the weights. Each kernel here reads its inputs once and

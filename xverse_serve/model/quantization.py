@@ -347,7 +347,7 @@ class QuantizedLinear(nn.Module, OneRowProjection):
         return kernel_for(self.plan or default_plan(self), rows).takes_fp8_rows
 
     def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
-        if isinstance(x, Fp8Rows):  # [M, K] already quantized: only the kernels that take_fp8_rows
+        if isinstance(x, Fp8Rows):  # [M, K], quantized by the kernel before (where takes_fp8_rows said so)
             return kernel_for(self.plan or default_plan(self), x.values.shape[0])(x, self)
         x2 = x.reshape(-1, self.in_features)
         if x2.stride(-1) != 1:

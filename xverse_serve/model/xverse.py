@@ -5,9 +5,10 @@ Triton kernels (kernels.fused_ops); on CPU the pure-PyTorch code here runs inste
 kernels and the transformers-equality tests compare against. XVERSE_FUSED_KERNELS=0 keeps CUDA on the
 PyTorch code too (to compare or bisect).
 
-With --quantize, the projections of every layer become quantization.QuantizedLinear (int8 or int4), and the
+With --quantize, the projections of every layer become quantization.QuantizedLinear (int8, int4 or fp8), and the
 lm_head and the embedding table int8; the norms keep the model dtype. load_model quantizes each tensor as it
-arrives.
+arrives. Before an fp8 projection whose kernel multiplies e4m3 activations, the norm or SiLU * up quantizes its
+output in its own kernel (takes_fp8, quantization.Fp8Rows).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def fused_ops(t: torch.Tensor) -> ModuleType | None:
     return fused_ops
 
 
-# XVERSE_FP8_FUSED_QUANT=0: fp8 projections quantize their own input, as before the norm and SiLU·up did (to compare).
+# XVERSE_FP8_FUSED_QUANT=0: the norm and SiLU·up hand fp8 projections bf16, which they quantize themselves (to compare).
 FP8_FUSED_QUANT = os.environ.get("XVERSE_FP8_FUSED_QUANT", "1") != "0"
 
 
