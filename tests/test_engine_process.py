@@ -73,6 +73,29 @@ def test_the_loaded_engine_is_left_out_of_the_garbage_collectors_scans(tiny_mode
         gc.unfreeze()  # the other tests' engines are collected as before
 
 
+def test_the_started_app_is_left_out_of_the_garbage_collectors_scans(tiny_model_dir: Path) -> None:
+    # The HTTP process freezes what its start-up built too (server.app's lifespan), so that a full collection does
+    # not pause every stream.
+    import gc
+
+    from xverse_serve.launch import build_engine
+    from xverse_serve.server.app import create_app
+
+    ctx = build_engine(Settings(model_path=tiny_model_dir, device="cpu", max_model_len=256, kv_cache_tokens=4096))
+    app = create_app(ctx)
+
+    async def started() -> tuple[int, bool]:
+        async with app.router.lifespan_context(app):
+            return gc.get_freeze_count(), id(app) in {id(o) for o in gc.get_objects()}
+
+    gc.unfreeze()
+    try:
+        frozen, app_scanned = asyncio.run(started())
+        assert frozen > 0 and not app_scanned
+    finally:
+        gc.unfreeze()
+
+
 def test_the_engine_process_gives_the_answers_of_the_engine_thread(tiny_model_dir: Path) -> None:
     config = config_for(tiny_model_dir)
     params = {rid: SamplingParams(max_tokens=12 + i, temperature=0.0 if i % 2 else 0.8, seed=i, ignore_eos=True,

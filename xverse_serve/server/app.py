@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -23,6 +24,10 @@ def create_app(ctx: ServingContext) -> FastAPI:
     async def lifespan(app: FastAPI):
         ctx.engine.start()
         structured.warm_up()
+        # What start-up built (the app, the tokenizer, the libraries: some 200,000 objects) taken out of the garbage
+        # collector's scans, as vLLM does: a full collection over them took 65 ms on a CPU, a pause of every stream.
+        gc.collect()
+        gc.freeze()
         yield
         ctx.engine.stop()
 
