@@ -860,6 +860,71 @@ def test_the_tuner_keeps_the_fastest_right_kernel_per_size(monkeypatch: pytest.M
     assert timings[8]["small"] == "failed: RuntimeError: out of resources"
 
 
+def test_the_tuner_times_fp8_activation_kernels_on_handed_over_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Where the model hands a projection its activations quantized (the norm or SiLU·up before it), the tuner gives
+    # the kernels that take Fp8Rows the rows as quantize_activations_fp8 makes them, outside the timed call, and
+    # the others x itself; without the handover every kernel gets x. The plan's key tells the two apart.
+    from xverse_serve.model import tuner
+    from xverse_serve.model.quantization import quantize_activations_fp8
+
+    layer = QuantizedLinear(256, 128, "fp8")
+    layer.load_rows(0, torch.randn(128, 256, generator=torch.Generator().manual_seed(5)) * 0.05)
+    given: dict[str, list] = {"scaled_mm": [], "skinny": []}
+
+    class Fake:
+        options = ()
+
+        def __init__(self, backend: str) -> None:
+            self.backend, self.takes_fp8_rows = backend, backend == "scaled_mm"
+
+        def __call__(self, x, called: QuantizedLinear) -> torch.Tensor:
+            given[self.backend].append(x)
+            if isinstance(x, Fp8Rows):
+                return reference_matmul(x.values.float() * x.scale, called)
+            return reference_matmul(x, called)
+
+        def __str__(self) -> str:
+            return self.backend
+
+    monkeypatch.setattr(tuner, "TUNE_SIZES", (1, 2))
+    monkeypatch.setattr(tuner, "L2_FLUSH_BYTES", 1024)
+    monkeypatch.setattr(tuner, "COMPILE_THREADS", 0)
+    monkeypatch.setattr(tuner, "candidates", lambda layer, m, dtype: [Fake("scaled_mm"), Fake("skinny")])
+    monkeypatch.setattr(tuner, "time_call", lambda fn, flush, graph=True: fn() is None or 0.01)
+    layer.fp8_input_handed_over = True
+    tuner.measure_plan(layer, torch.float32)
+    assert all(isinstance(x, Fp8Rows) for x in given["scaled_mm"]) and len(given["scaled_mm"]) == 4  # check, time
+    assert all(isinstance(x, torch.Tensor) for x in given["skinny"])
+    x = given["skinny"][0]
+    values, scale = quantize_activations_fp8(x)
+    rows = given["scaled_mm"][0]
+    assert torch.equal(rows.values.view(torch.uint8), values.view(torch.uint8)) and torch.equal(rows.scale, scale)
+    assert rows.dtype == torch.float32
+    layer.fp8_input_handed_over = False
+    given["scaled_mm"].clear()
+    tuner.measure_plan(layer, torch.float32)
+    assert given["scaled_mm"] and all(isinstance(x, torch.Tensor) for x in given["scaled_mm"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "card")
+    handed_over = tuner.plan_key(layer, torch.bfloat16)
+    layer.fp8_input_handed_over = True
+    assert tuner.plan_key(layer, torch.bfloat16) != handed_over
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_fp8_projections_after_a_norm_or_silu_are_marked_as_handed_over(tiny_model_dir: Path, fused: bool,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from xverse_serve.model import xverse
+
+    monkeypatch.setattr(xverse, "FP8_FUSED_QUANT", fused)
+    model = load_model(tiny_model_dir, load_config(tiny_model_dir), CPU, torch.bfloat16, MAX_POSITIONS, "fp8")
+    layer = model.model.layers[0]
+    marked = [projection.fp8_input_handed_over for projection in layer.projections()]
+    assert marked == ([True, False, True, True] if fused else [False] * 4)  # qkv, o, gate_up, down
+    assert not model.lm_head.fp8_input_handed_over
+    int8 = load_model(tiny_model_dir, load_config(tiny_model_dir), CPU, torch.bfloat16, MAX_POSITIONS, "int8")
+    assert not any(projection.fp8_input_handed_over for projection in int8.model.layers[0].projections())
+
+
 def test_the_tuner_leaves_out_disabled_kernels_and_names_one_that_hangs(monkeypatch: pytest.MonkeyPatch,
                                                                         caplog: pytest.LogCaptureFixture) -> None:
     # XVERSE_DISABLED_KERNELS: its backends are never called or timed; an unknown name or `reference` (the fallback)

@@ -283,6 +283,9 @@ class QuantizedLinear(nn.Module, OneRowProjection):
             self.register_buffer("weight_scale", torch.empty(out_features, groups, dtype=torch.float16))
             self.register_buffer("weight_offset", torch.empty(out_features, groups, dtype=torch.float16))
         self.plan: MatmulPlan | None = None  # set by tuner.tune; until then default_plan
+        # Whether the kernel before this layer hands its activations over quantized where the plan's kernel takes
+        # them (model.xverse.takes_fp8): the tuner then times such kernels without x's quantization.
+        self.fp8_input_handed_over = False
         self._cutlass_operands: tuple | None = None  # cutlass_operands', kept only while a plan uses them
         # The one-row path's kernel family (one_row.py): int8 and fp8 start with kernels.gemv's; tuner.tune may choose
         # dp4a (int8, int4) or none (the tuned kernels).

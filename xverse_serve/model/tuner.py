@@ -21,11 +21,13 @@ from ..kernels import cutlass_mixed
 from .one_row import DP4A_ACT_BLOCKS
 from .quantization import (
     BACKENDS,
+    Fp8Rows,
     MatmulKernel,
     MatmulPlan,
     QuantizedLinear,
     candidates,
     dp4a_family,
+    fp8_activations,
     reference_matmul,
     relative_error,
     tolerance,
@@ -76,10 +78,11 @@ TIMINGS: dict[tuple, dict[int, dict[str, float | str]]] = {}
 
 
 def plan_key(layer: QuantizedLinear, dtype: torch.dtype) -> tuple:
-    """What a plan depends on: the layer's format and shape, the activations' dtype, the card, and whether
-    CUTLASS's GEMMs are among the candidates (XVERSE_CUTLASS, which a benchmark may change between loads)."""
+    """What a plan depends on: the layer's format and shape, the activations' dtype, the card, whether CUTLASS's
+    GEMMs are among the candidates (XVERSE_CUTLASS, which a benchmark may change between loads), and whether its
+    fp8 activations come quantized (QuantizedLinear.fp8_input_handed_over)."""
     return (layer.scheme, layer.out_features, layer.in_features, layer.group_size, str(dtype),
-            torch.cuda.get_device_name(layer.weight.device), cutlass_mixed.enabled())
+            torch.cuda.get_device_name(layer.weight.device), cutlass_mixed.enabled(), layer.fp8_input_handed_over)
 
 
 def _usable_cpus() -> int:
@@ -192,17 +195,21 @@ def measure_plan(layer: QuantizedLinear, dtype: torch.dtype) -> tuple[MatmulPlan
     for m in sizes:
         x = torch.randn(m, layer.in_features, generator=gen, device=layer.weight.device).to(dtype)
         reference = reference_matmul(x, layer)
+        # As the layer will be given x: quantized by the kernel before (its cost there is a few stores, not a
+        # kernel), for those that multiply e4m3 activations where the model hands them over.
+        handed_over = Fp8Rows(*fp8_activations(x), dtype) if layer.fp8_input_handed_over else None
         timings[m] = {}
         best: tuple[float, MatmulKernel] | None = None
         for kernel in tuning_candidates(layer, m, dtype):
+            given = handed_over if handed_over is not None and kernel.takes_fp8_rows else x
             try:
                 with hang_warning(f"tuning the {layer.scheme} {layer.out_features}x{layer.in_features} matmul at "
                                   f"M={m}: {kernel}", kernel.backend):
-                    error = relative_error(kernel(x, layer), reference)
+                    error = relative_error(kernel(given, layer), reference)
                     if error > tolerance(dtype, kernel):
                         timings[m][str(kernel)] = f"rejected: relative error {error:.2e}"
                         continue
-                    ms = time_call(lambda kernel=kernel, x=x: kernel(x, layer), flush,
+                    ms = time_call(lambda kernel=kernel, given=given: kernel(given, layer), flush,
                                    graph=m <= GRAPH_TIMING_MAX_ROWS)
             except Exception as exc:  # a backend this build or card lacks, or out of memory: not a candidate
                 timings[m][str(kernel)] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
@@ -211,7 +218,7 @@ def measure_plan(layer: QuantizedLinear, dtype: torch.dtype) -> tuple[MatmulPlan
             timings[m][str(kernel)] = ms
             if best is None or ms < best[0]:
                 best = (ms, kernel)
-        del x, reference
+        del x, reference, handed_over
         if best is None:
             log.warning("no quantized matmul kernel works for %s at M=%d (%s): using the PyTorch reference",
                         layer.extra_repr(), m, timings[m])

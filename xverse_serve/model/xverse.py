@@ -335,6 +335,9 @@ def quantize_projections(model: XverseForCausalLM, scheme: str) -> None:
         for parent, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
                              (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
             replace_linear(parent, name, scheme)
+            # the norm or SiLU·up before it hands fp8 activations over (takes_fp8); the attention before o_proj not
+            getattr(parent, name).fp8_input_handed_over = (scheme == "fp8" and name != "o_proj" and FP8_FUSED_QUANT
+                                                           and FUSED_KERNELS)
     if not model.config.tie_word_embeddings:
         replace_linear(model, "lm_head", "int8")
         # The embedding table (0.8 GB in bf16) as int8 too: a lookup reads a few rows, so it costs no speed.
