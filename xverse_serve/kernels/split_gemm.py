@@ -316,8 +316,10 @@ def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
     return x2 if x2.stride(1) == 1 else x2.contiguous()
 
 
-def _outputs(x2: torch.Tensor, n: int, block_n: int, split: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    out = torch.empty(x2.shape[0], n, dtype=x2.dtype, device=x2.device)
+def _outputs(x2: torch.Tensor, n: int, block_n: int, split: int,
+             dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The output [rows, n] (in x2's dtype unless given) and the split's partial sums and tickets."""
+    out = torch.empty(x2.shape[0], n, dtype=dtype or x2.dtype, device=x2.device)
     partial, tickets = _workspace(x2.device, n, block_n, split) if split > 1 else (out, out)
     return out, partial, tickets
 
@@ -364,8 +366,7 @@ def scaled_rows_matmul(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Te
     block_n, block_k, num_warps, num_stages = (config or DEFAULT_CONFIG)[:4]
     split = config[4] if config and len(config) > 4 else default_split(n, k, block_n, block_k, xq.device,
                                                                        SCALED_ROWS_PROGRAMS_PER_SM)
-    out = torch.empty(x2.shape[0], n, dtype=out_dtype, device=xq.device)
-    partial, tickets = _workspace(xq.device, n, block_n, split) if split > 1 else (out, out)
+    out, partial, tickets = _outputs(x2, n, block_n, split, out_dtype)
     steps = triton.cdiv(k, block_k)
     block_m = max(16, triton.next_power_of_2(x2.shape[0]))
     x_arg, w_arg = x2, weight
