@@ -825,7 +825,7 @@ def test_the_tuner_keeps_the_fastest_right_kernel_per_size(monkeypatch: pytest.M
     last_call: list = [None, 0]  # the kernel and rows of the latest call, which the fake time_call times
 
     class Fake:
-        backend, options = "mixed", ()
+        backend, options, takes_fp8_rows = "mixed", (), False
 
         def __init__(self, name: str, ms: dict[int, float], wrong: bool = False) -> None:
             self.name, self.ms, self.wrong = name, ms, wrong  # a size missing from ms: the kernel raises there
@@ -949,7 +949,7 @@ def test_the_tuner_leaves_out_disabled_kernels_and_names_one_that_hangs(monkeypa
     called: list[str] = []
 
     class Fake:
-        options = ()
+        options, takes_fp8_rows = (), False
 
         def __init__(self, backend: str, seconds: float = 0.0) -> None:
             self.backend, self.seconds = backend, seconds

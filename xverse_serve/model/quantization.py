@@ -685,8 +685,9 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def tolerance(dtype: torch.dtype, kernel: MatmulKernel | None = None) -> float:
     """Relative error a correct kernel stays under: the output's own rounding, with room; scaled_mm also rounds
-    the activations to e4m3 (three mantissa bits), a few percent of the product."""
-    if kernel is not None and (kernel.backend == "scaled_mm" or ("fp8_act", 1) in kernel.options):
+    the activations to e4m3 (three mantissa bits), a few percent of the product, as do the other kernels that
+    take them so (takes_fp8_rows)."""
+    if kernel is not None and kernel.takes_fp8_rows:
         return 0.06
     return 1e-4 if dtype == torch.float32 else 1e-2
 
