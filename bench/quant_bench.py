@@ -64,6 +64,7 @@ from xverse_serve.engine.memory_plan import kv_cache_tokens_for_card, measure_st
 from xverse_serve.engine.messages import SamplingParams
 from xverse_serve.engine.runner import ModelRunner
 from xverse_serve.engine.scheduler import ScheduledSequence, Sequence
+from xverse_serve.kernels import cutlass_mixed
 from xverse_serve.model import quantization, tuner
 from xverse_serve.model.checkpoint import load_config
 from xverse_serve.model.kv_cache import KVCache
@@ -253,16 +254,16 @@ def run_configs(model_dir: Path, device: torch.device, args: argparse.Namespace,
 
 
 def tuning_table(model: XverseForCausalLM) -> dict:
-    """The start-up tuning's choices and timings for this model's layer shapes."""
+    """The start-up tuning's choices and timings for this model's layer shapes (called while XVERSE_CUTLASS is as
+    it was for the tuning)."""
     table = {}
+    without = "" if cutlass_mixed.enabled() else ", without CUTLASS"
     for layer in model.modules():
         if not isinstance(layer, QuantizedLinear) or layer.plan is None:
             continue
-        key = tuner.plan_key(layer, model.dtype)
-        name = f"{layer.scheme} {layer.out_features}x{layer.in_features} {key[4]}"
-        table.setdefault(name + ("" if key[-1] else ", without CUTLASS"), {
+        table.setdefault(f"{layer.scheme} {layer.out_features}x{layer.in_features} {model.dtype}{without}", {
             "plan": [[m, str(kernel)] for m, kernel in layer.plan],
-            "timings_ms": {str(m): t for m, t in tuner.TIMINGS.get(key, {}).items()},
+            "timings_ms": {str(m): t for m, t in tuner.TIMINGS.get(tuner.plan_key(layer, model.dtype), {}).items()},
         })
     return table
 
