@@ -214,7 +214,7 @@ class GcPauses:
 
 def run_engine(engine: Engine, batch: list[list[int]], max_tokens: int) -> dict:
     """All requests submitted at once, greedy, each to max_tokens; returns the wall time, the times of each request's
-    first and last tokens (sorted) and the output tokens."""
+    first and last tokens (sorted), the output tokens and each engine step's wall time (`step_s`, in order)."""
     params = msgspec.structs.replace(GREEDY, max_tokens=max_tokens)
     if engine.runner.device.type == "cuda":
         torch.cuda.synchronize()
@@ -224,15 +224,38 @@ def run_engine(engine: Engine, batch: list[list[int]], max_tokens: int) -> dict:
     first_token: dict[str, float] = {}
     last_token: dict[str, float] = {}
     produced = 0
+    step_s: list[float] = []
     while engine.has_work():
+        began = time.perf_counter() - start
         outputs = engine.step()
         now = time.perf_counter() - start
+        step_s.append(now - began)
         for out in outputs:
             produced += len(out.new_token_ids)
             first_token.setdefault(out.request_id, now)
             last_token[out.request_id] = now
     return {"seconds": time.perf_counter() - start, "tokens": produced,
-            "ttft": sorted(first_token.values()), "last": sorted(last_token.values())}
+            "ttft": sorted(first_token.values()), "last": sorted(last_token.values()), "step_s": step_s}
+
+
+def slowest_steps(step_s: list[float], count: int = 5) -> list[tuple[int, float]]:
+    """The `count` slowest steps as (index, ms), slowest first: whether a slow run had a few long pauses (a
+    compilation, an allocation, a collection) or every step slower (the clock)."""
+    ranked = sorted(enumerate(step_s), key=lambda item: item[1], reverse=True)[:count]
+    return [(index, seconds * 1e3) for index, seconds in ranked]
+
+
+# torch.cuda.memory_stats counters that mean the caching allocator went to the driver during a measurement
+ALLOCATOR_EVENTS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_ooms")
+
+
+def allocator_events(device: torch.device) -> dict[str, int]:
+    """ALLOCATOR_EVENTS' counts so far on a CUDA device ({} elsewhere): a retry frees the cached blocks (a
+    cudaFree, which synchronises) and allocates again, each cudaMalloc or cudaFree costs up to milliseconds."""
+    if device.type != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats(device)
+    return {name: int(stats.get(name, 0)) for name in ALLOCATOR_EVENTS}
 
 
 def start_decoding(engine: Engine, batch: list[list[int]], params: SamplingParams, prefix: str) -> None:

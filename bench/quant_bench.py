@@ -49,11 +49,13 @@ from common import (
     BLOCK_SIZE,
     PROJECTION_SHAPES,
     GcPauses,
+    allocator_events,
     copy_bandwidth,
     engine_like_server,
     prompts,
     release_engines,
     run_engine,
+    slowest_steps,
     write_results,
 )
 from gpu_monitor import GpuMonitor
@@ -179,12 +181,16 @@ def measure_speed(engine: Engine, vocab: int, args: argparse.Namespace) -> dict:
     n = args.requests
     runs: dict[str, list[float]] = {"ttft_ms": [], "decode_tok_s": [], f"throughput_{n}_tok_s": [],
                                     f"first_tokens_{n}_s": [], f"after_first_tokens_{n}_s": []}
-    # the card's clocks and power meanwhile (gpu_monitor.py: why), and the garbage collector's pauses
+    # the card's clocks and power meanwhile (gpu_monitor.py: why), the garbage collector's pauses, the allocator's
+    # trips to the driver, and each many-request run's slowest steps: where a slow run lost its time
+    slowest: list[list[tuple[int, float]]] = []
+    allocator_before = allocator_events(device)
     with GpuMonitor(device.index or 0) as monitor, GcPauses() as pauses:
         for run in range(args.repeats):
             seed = 1 + 1000 * run
             single = run_engine(engine, prompts(1, args.prompt_len, vocab, seed), args.output_len)
             many = run_engine(engine, prompts(n, args.prompt_len, vocab, seed + n), args.output_len)
+            slowest.append(slowest_steps(many["step_s"]))
             runs["ttft_ms"].append(single["ttft"][0] * 1e3)
             runs["decode_tok_s"].append((args.output_len - 1) / (single["last"][0] - single["ttft"][0]))
             runs[f"throughput_{n}_tok_s"].append(many["tokens"] / many["seconds"])
@@ -193,8 +199,9 @@ def measure_speed(engine: Engine, vocab: int, args: argparse.Namespace) -> dict:
     facts = {key: statistics.median(values) for key, values in runs.items()}
     facts.update({f"{key}_runs": values for key, values in runs.items()})
     gpu = monitor.summary() if cuda(device) else {}
+    allocator = {name: count - allocator_before[name] for name, count in allocator_events(device).items()}
     return {**facts, "preemptions": engine.scheduler.num_preemptions, "peak_serving_GiB": peak(device), "gpu": gpu,
-            "gc": pauses.summary()}
+            "gc": pauses.summary(), "allocator": allocator, f"slowest_steps_{n}_runs": slowest}
 
 
 def run_configs(model_dir: Path, device: torch.device, args: argparse.Namespace, results: dict) -> None:
