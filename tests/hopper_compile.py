@@ -2,7 +2,7 @@
 Triton's wheel brings, and prints one JSON line per kernel: its name, registers and bytes spilled, how many integer
 dot-product instructions (dp4a), Hopper tensor-core dots (wgmma), TMA copies and grid-dependency waits its PTX
 has, and its machine instructions (nvdisasm): how many, how many int-to-float conversions (I2F) among them, and
-how many global loads come before the grid-dependency wait.
+how many global loads (and reads of any kind: cp.async and TMA copies too) come before the grid-dependency wait.
 
     python tests/hopper_compile.py quant|kv|gemv|dp4a
 
@@ -58,7 +58,10 @@ def compile_for_hopper(fn, signature: dict[str, str], constexprs: dict, num_warp
     before_wait = sass.split("ACQBULK")[0] if "ACQBULK" in sass else ""
     return {"spilled_bytes": int(spills[1]) + int(spills[2]), "registers": int(registers[1]),
             "loads_before_wait": len(re.findall(r"\bLDG\.", before_wait)),
+            # any read of global memory there: plain loads, cp.async copies (LDGSTS) and TMA copies (UTMALDG)
+            "reads_before_wait": len(re.findall(r"\b(?:LDG|LDGSTS|UTMALDG)\b", before_wait)),
             "dp4a": ptx.count("dp4a."), "pdl_waits": ptx.count("griddepcontrol.wait"),
+            "pdl_launches": ptx.count("griddepcontrol.launch_dependents"),
             "atomics": len(re.findall(r"\b(?:atom|red)\.", ptx)),
             "wgmma": ptx.count("wgmma.mma_async"), "tma": ptx.count("cp.async.bulk.tensor"),
             "int_to_float": len(re.findall(r"\bI2F\b", sass)),
@@ -143,7 +146,7 @@ def split_gemm_kernels() -> Iterator[tuple]:
                            "stride_wn": "i32", "stride_ym": "i32"}, {
                            "K": 4096, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT": split,
                            "PER_SPLIT": 4096 // block_k // split, "EVEN_K": True, "MAX_M": split_gemm.MAX_ROWS,
-                           "TWO_PART": False}, {
+                           "TWO_PART": False, "PDL": True}, {
                            "num_warps": num_warps, "num_stages": num_stages})
     for block_n, block_k, num_warps, num_stages, tma in split_gemm.SCALED_ROWS_CONFIGS:
         for block_m, split in ((16, 1), (64, 4)):
@@ -157,7 +160,7 @@ def split_gemm_kernels() -> Iterator[tuple]:
                        "stride_wn": "i32", "stride_ym": "i32"}, {
                        "K": 4096, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT": split,
                        "PER_SPLIT": 4096 // block_k // split, "EVEN_K": True, "MAX_M": split_gemm.MAX_ROWS,
-                       "TMA": bool(tma), "STAGES": num_stages}, {
+                       "TMA": bool(tma), "STAGES": num_stages, "PDL": True}, {
                        "num_warps": num_warps, "num_stages": num_stages})
     for block_n, num_warps, num_stages in split_gemm.INT4_TUNED_CONFIGS:
         for block_m, split in ((16, 1), (16, 4), (64, 4)):
@@ -166,7 +169,8 @@ def split_gemm_kernels() -> Iterator[tuple]:
                 "partial_ptr": "*fp32", "ticket_ptr": "*i32", "M": "i32", "N": "i32", "stride_xm": "i32",
                 "stride_wn": "i32", "stride_sn": "i32", "stride_ym": "i32"}, {
                 "K": 4096, "GROUP": 128, "BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT": split,
-                "PER_SPLIT": 32 // split, "EVEN": True, "MAX_M": split_gemm.MAX_ROWS, "TWO_PART": False}, {
+                "PER_SPLIT": 32 // split, "EVEN": True, "MAX_M": split_gemm.MAX_ROWS, "TWO_PART": False,
+                "PDL": True}, {
                 "num_warps": num_warps, "num_stages": num_stages})
 
 
@@ -233,7 +237,8 @@ def imma_gemm_kernels() -> Iterator[tuple]:
                            "partial_ptr": "*fp32", "ticket_ptr": "*i32", "M": "i32", "N": "i32", "stride_xm": "i32",
                            "stride_wn": "i32", "stride_ym": "i32"}, {
                            "K": 4096, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT": 4,
-                           "PER_SPLIT": 4096 // block_k // 4, "EVEN_K": True, "MAX_M": 64, "TWO_PART": True}, {
+                           "PER_SPLIT": 4096 // block_k // 4, "EVEN_K": True, "MAX_M": 64, "TWO_PART": True,
+                           "PDL": True}, {
                            "num_warps": num_warps, "num_stages": num_stages})
         for block_n, num_warps, num_stages in split_gemm.TWO_PART_INT4_CONFIGS:
             yield f"u4 two-part split(block_m={block_m}, block_n={block_n})", split_gemm._split_int4_kernel, {
@@ -241,7 +246,8 @@ def imma_gemm_kernels() -> Iterator[tuple]:
                 "partial_ptr": "*fp32", "ticket_ptr": "*i32", "M": "i32", "N": "i32", "stride_xm": "i32",
                 "stride_wn": "i32", "stride_sn": "i32", "stride_ym": "i32"}, {
                 "K": 4096, "GROUP": 128, "BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT": 4, "PER_SPLIT": 8,
-                "EVEN": True, "MAX_M": 64, "TWO_PART": True}, {"num_warps": num_warps, "num_stages": num_stages}
+                "EVEN": True, "MAX_M": 64, "TWO_PART": True, "PDL": True}, {"num_warps": num_warps,
+                                                                          "num_stages": num_stages}
 
 
 def eight_bit_cache_kernels() -> Iterator[tuple]:

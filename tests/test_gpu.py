@@ -190,7 +190,7 @@ def test_gpu_log_probs_penalties_and_shared_choices_equal_the_cpu_reference(tiny
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                     reason="programmatic dependent launch needs compute capability 9.0")
-@pytest.mark.parametrize("scheme", ["none", "int8", "int4"])
+@pytest.mark.parametrize("scheme", ["none", "int8", "int4", "fp8"])
 def test_gpu_programmatic_dependent_launch_changes_no_token(scheme: str, tiny_model_dir: Path, tiny_int4_dir: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """kernels.pdl on or off gives the same greedy tokens in bf16, through CUDA graphs and the one-row path: a

@@ -127,6 +127,52 @@ def test_scaled_rows_matmul_applies_both_scales_to_the_sums_of_the_e4m3_products
     assert relative_error(out, x.to(DEVICE) @ w.T) < 0.06
 
 
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="programmatic dependent launch: compute capability 9.0+")
+def test_split_kernels_launched_early_read_nothing_before_the_kernel_before_them_ends(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Split kernels in a chain, each reading the output of the one before and all sharing one workspace of partial
+    sums and tickets, replayed from a CUDA graph: the same bits launched early (kernels.pdl) as not. A kernel that
+    read its x, or wrote the workspace, before the kernel before it had finished would show here."""
+    from xverse_serve.kernels import pdl
+
+    n = k = 4096
+    int8 = [scaled_weight("int8", n, k, seed)[:2] for seed in (1, 2)]
+    int4 = [t.to(DEVICE) for t in quantization.quantize_int4(
+        torch.randn(n, k, generator=torch.Generator().manual_seed(3)) * 0.02)]
+    x = torch.randn(64, k, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16).to(DEVICE)
+
+    def chain() -> torch.Tensor:
+        y = split_gemm.split_matmul(x, *int8[0], (64, 128, 4, 3, 4))
+        y = split_gemm.split_matmul(y, *int8[1], (64, 128, 4, 3, 4))
+        return split_gemm.split_matmul_int4(y, *int4, quantization.INT4_GROUP, (64, 8, 3, 4))  # the same workspace
+
+    launched: list[bool] = []
+    launch = pdl.launch
+
+    def recording(t: torch.Tensor) -> dict:
+        options = launch(t)
+        launched.append(options["PDL"])
+        return options
+
+    monkeypatch.setattr(pdl, "launch", recording)
+    outputs: dict[bool, list[torch.Tensor]] = {}
+    for on in (False, True):
+        monkeypatch.setattr(pdl, "ENABLED", on)
+        chain()  # compiled before the capture
+        launched.clear()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain()
+        assert launched == [on] * 3
+        outputs[on] = []
+        for _ in range(10):
+            graph.replay()
+            outputs[on].append(out.clone())
+    first = outputs[False][0]
+    assert first.abs().max() > 0 and all(torch.equal(o, first) for o in outputs[False] + outputs[True])
+
+
 def test_scaled_rows_matmul_refuses_operands_of_two_dtypes_or_too_many_rows() -> None:
     q, scale, _ = scaled_weight("fp8", 16, 64, seed=1)
     x_scale = torch.ones(2, device=DEVICE)

@@ -16,6 +16,12 @@ choices make it stream:
 scaled_rows_matmul takes fp8 weights with activations already in e4m3 (a scale per row, as torch._scaled_mm takes
 them): one FP8 dot a step, nothing converted, both scales on the sums; its tiles by pointers or by TMA copies.
 
+Launched with programmatic dependent launch (kernels.pdl, Hopper) as the one-row kernels are: each program waits
+for the kernel before it first, so its programs are placed on the SMs while that kernel ends, and lets the next
+kernel launch once its loop is done, so that kernel's programs are placed while the split's last programs add the
+partial sums. The weights are not read before the wait: a step's tiles are software-pipelined by Triton, which
+puts the first loads of weights and x together.
+
 With `two_part`, the weights skip the widening: int8 (and int4's nibbles) go into int8 tensor-core dots, e4m3 into
 FP8 ones, as stored, and each step's activations are split into two parts with one scale per row (kernels/imma_gemm.py
 explains the split): the conversion per weight, which bounds the widening kernels, is gone.
@@ -27,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
 from .gemv import check_scale
 
 MAX_ROWS = 64
@@ -157,9 +164,11 @@ def _two_part_dot_int4(packed, x_even, x_odd):
 def _split_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, partial_ptr, ticket_ptr, M, N, stride_xm, stride_wn, stride_ym,
                   K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   SPLIT: tl.constexpr, PER_SPLIT: tl.constexpr, EVEN_K: tl.constexpr, MAX_M: tl.constexpr,
-                  TWO_PART: tl.constexpr):
+                  TWO_PART: tl.constexpr, PDL: tl.constexpr):
     # int8 or fp8 weights. PER_SPLIT: steps of BLOCK_K per slice of K (the last slices may run past K unless
-    # EVEN_K). TWO_PART: the weights enter int8 or FP8 dots as stored, x split in two parts per step.
+    # EVEN_K). TWO_PART: the weights enter int8 or FP8 dots as stored, x split in two parts per step. PDL: launched
+    # early (module docstring).
+    pdl.wait(PDL)
     tile = tl.program_id(0)
     split = tl.program_id(1)
     outs = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -181,6 +190,7 @@ def _split_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, partial_ptr, ticket_ptr, M, N,
             acc = tl.dot(w.to(xt.dtype), xt, acc)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
+    pdl.launch_next(PDL)
     scale = tl.load(scale_ptr + outs, mask=out_ok, other=0.0)[:, None]
     _finish(acc, scale, y_ptr, partial_ptr, ticket_ptr, tile, split, rows, outs, row_ok, out_ok, N, stride_ym,
             BLOCK_M, BLOCK_N, SPLIT, MAX_M)
@@ -190,10 +200,11 @@ def _split_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, partial_ptr, ticket_ptr, M, N,
 def _scaled_rows_kernel(x, w, x_scale_ptr, y_ptr, scale_ptr, partial_ptr, ticket_ptr, M, N, stride_xm, stride_wn,
                         stride_ym, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, PER_SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
-                        MAX_M: tl.constexpr, TMA: tl.constexpr, STAGES: tl.constexpr):
+                        MAX_M: tl.constexpr, TMA: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
     # e4m3 weights and e4m3 activations quantized per row beforehand (x_scale [M]): one FP8 dot a step, nothing
     # converted in the loop, both scales on the float32 sums. TMA: x and w are tensor descriptors and each tile
     # comes by a TMA copy (rows past M and columns past K read as zeros); else pointers and cp.async.
+    pdl.wait(PDL)
     tile = tl.program_id(0)
     split = tl.program_id(1)
     outs = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -217,6 +228,7 @@ def _scaled_rows_kernel(x, w, x_scale_ptr, y_ptr, scale_ptr, partial_ptr, ticket
             acc = tl.dot(wt, xt, acc)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
+    pdl.launch_next(PDL)
     scale = (tl.load(scale_ptr + outs, mask=out_ok, other=0.0)[:, None]
              * tl.load(x_scale_ptr + rows, mask=row_ok, other=0.0)[None, :])
     _finish(acc, scale, y_ptr, partial_ptr, ticket_ptr, tile, split, rows, outs, row_ok, out_ok, N, stride_ym,
@@ -239,11 +251,12 @@ def _nibbles_plus_128(q, dtype: tl.constexpr):
 def _split_int4_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, offset_ptr, partial_ptr, ticket_ptr, M, N, stride_xm,
                        stride_wn, stride_sn, stride_ym, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, PER_SPLIT: tl.constexpr, EVEN: tl.constexpr,
-                       MAX_M: tl.constexpr, TWO_PART: tl.constexpr):
+                       MAX_M: tl.constexpr, TWO_PART: tl.constexpr, PDL: tl.constexpr):
     # int4 (quantization.quantize_int4's layout): one group of K per step. The nibbles go into the dots as
     # 128 + q (exact in bf16 and fp16, _nibbles_plus_128), against x's even and odd columns; the group's scale and
     # offset apply to the float32 sums: sum_k x_k W_nk = scale_ng * sum_k x_k (128 + q_nk) + (offset_ng - 128 *
     # scale_ng) * sum_k x_k.
+    pdl.wait(PDL)
     tile = tl.program_id(0)
     split = tl.program_id(1)
     outs = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -283,6 +296,7 @@ def _split_int4_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, offset_ptr, partial_ptr, 
         w_ptrs += GROUP // 2
         x_ptrs += GROUP
         s_offsets += 1
+    pdl.launch_next(PDL)
     _finish(acc, 1.0, y_ptr, partial_ptr, ticket_ptr, tile, split, rows, outs, row_ok, out_ok, N, stride_ym,
             BLOCK_M, BLOCK_N, SPLIT, MAX_M)
 
@@ -345,7 +359,7 @@ def split_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         x2, weight, out, scale, partial, tickets, x2.shape[0], n, x2.stride(0), weight.stride(0), out.stride(0),
         K=k, BLOCK_M=max(16, triton.next_power_of_2(x2.shape[0])), BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split,
         PER_SPLIT=triton.cdiv(steps, split), EVEN_K=k % block_k == 0 and steps % split == 0, MAX_M=MAX_ROWS,
-        TWO_PART=two_part, num_warps=num_warps, num_stages=num_stages)
+        TWO_PART=two_part, num_warps=num_warps, num_stages=num_stages, **pdl.launch(x2))
     return out.view(*x.shape[:-1], n)
 
 
@@ -382,7 +396,7 @@ def scaled_rows_matmul(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Te
         x_arg, w_arg, x_scale, out, scale, partial, tickets, x2.shape[0], n, x2.stride(0), weight.stride(0),
         out.stride(0), K=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split,
         PER_SPLIT=triton.cdiv(steps, split), EVEN_K=k % block_k == 0 and steps % split == 0, MAX_M=MAX_ROWS,
-        TMA=tma, STAGES=num_stages, num_warps=num_warps, num_stages=num_stages)
+        TMA=tma, STAGES=num_stages, num_warps=num_warps, num_stages=num_stages, **pdl.launch(x2))
     return out
 
 
@@ -415,5 +429,5 @@ def split_matmul_int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         x2, weight, out, scale, offset, partial, tickets, x2.shape[0], n, x2.stride(0), weight.stride(0),
         scale.stride(0), out.stride(0), K=k, GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(x2.shape[0])),
         BLOCK_N=block_n, SPLIT=split, PER_SPLIT=triton.cdiv(groups, split), EVEN=groups % split == 0,
-        MAX_M=MAX_ROWS, TWO_PART=two_part, num_warps=num_warps, num_stages=num_stages)
+        MAX_M=MAX_ROWS, TWO_PART=two_part, num_warps=num_warps, num_stages=num_stages, **pdl.launch(x2))
     return out.view(*x.shape[:-1], n)
