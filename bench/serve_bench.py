@@ -13,6 +13,11 @@ Starting the server itself (and stopping it at the end), on the folders random_c
     python bench/serve_bench.py --launch transformers --model-path /tmp/xv-llama \
         --out bench/results/serve_transformers_h100.json
 
+Each format against bf16 under the same load, one server after another on the same port (the first is the
+reference of the ratios the run prints and writes):
+    python bench/serve_bench.py --launch ours --model-path /tmp/xv --concurrency 1 64 \
+        --server-args "" "--quantize int8" "--quantize int4" "--quantize fp8" --out serve_formats.json
+
 Neither server has `ignore_eos`, so answers may end before max_tokens: the output tokens counted are
 usage.completion_tokens where the server sends it, else the number of content chunks.
 """
@@ -380,7 +385,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="start this server, run the load, stop it")
     target.add_argument("--model-path", type=Path, default=None, help="with --launch: the model folder to serve")
     target.add_argument("--port", type=int, default=8123, help="with --launch: port to serve on")
-    target.add_argument("--server-args", default="", help="with --launch: extra flags for the server, one string")
+    target.add_argument("--server-args", nargs="+", default=[""],
+                        help="with --launch: extra flags for the server, one string; several: one server after "
+                             "another, each under the same load, the first the reference of the ratios")
     target.add_argument("--startup-timeout", type=float, default=1800.0, help="seconds to wait for /health")
     target.add_argument("--server-log", type=Path, default=None,
                         help="with --launch: where the server's output goes (default: beside --out)")
@@ -424,28 +431,80 @@ async def main_async(args: argparse.Namespace) -> dict:
         report["levels"] = await benchmark(args, spec)
         return report
 
-    command = launch_command(args.launch, args.model_path, args.port, shlex.split(args.server_args))
-    log_path = args.server_log or (args.out.with_suffix(".server.log") if args.out
-                                   else Path(tempfile.mkdtemp()) / "server.log")
+    several = len(args.server_args) > 1
+    runs = [await launched_run(args, spec, url, extra, server_log_path(args, index if several else None))
+            for index, extra in enumerate(args.server_args)]
+    if several:
+        report["servers"] = runs
+        report["ratios"] = ratios(runs)
+    else:
+        report.update(runs[0])
+    return report
+
+
+def server_log_path(args: argparse.Namespace, index: int | None) -> Path:
+    """Where a launched server's output goes: --server-log, else beside --out (one file per server of several)."""
+    suffix = ".server.log" if index is None else f".server{index}.log"
+    if args.server_log:
+        return args.server_log if index is None else args.server_log.with_suffix(suffix)
+    return args.out.with_suffix(suffix) if args.out else Path(tempfile.mkdtemp()) / f"server{suffix}"
+
+
+async def launched_run(args: argparse.Namespace, spec: LoadSpec, url: str, extra_args: str, log_path: Path) -> dict:
+    """Starts the server with extra_args, runs the load against it, stops it."""
+    command = launch_command(args.launch, args.model_path, args.port, shlex.split(extra_args))
     print(f"starting: {shlex.join(command)}  (log: {log_path})", flush=True)
     server = ServerProcess(command, log_path, server_env(args.launch))
+    run: dict = {"server_args": extra_args, "server_command": shlex.join(command)}
     try:
-        report["server_command"] = shlex.join(command)
-        report["startup_s"] = round(await server.wait_ready(url, args.startup_timeout), 1)
-        print(f"ready after {report['startup_s']} s", flush=True)
-        report["levels"] = await benchmark(args, spec, server.process.pid)
+        run["startup_s"] = round(await server.wait_ready(url, args.startup_timeout), 1)
+        print(f"ready after {run['startup_s']} s", flush=True)
+        run["levels"] = await benchmark(args, spec, server.process.pid)
     finally:
         server.stop()
-    return report
+    return run
+
+
+RATIO_FIELDS = ("output_tok_s", "ttft_ms_p50", "itl_ms_p50", "e2e_ms_p50")
+
+
+def ratios(runs: list[dict]) -> list[dict]:
+    """Each server after the first against the first, level by level (same concurrency): RATIO_FIELDS' ratios."""
+    reference = {level["concurrency"]: level for level in runs[0]["levels"]}
+
+    def ratio(value: float | None, base: float | None) -> float | None:
+        return None if value is None or not base else round(value / base, 3)
+
+    return [{"server_args": run["server_args"],
+             "levels": [{"concurrency": level["concurrency"],
+                         **{name: ratio(level[name], reference[level["concurrency"]][name]) for name in RATIO_FIELDS}}
+                        for level in run["levels"]]}
+            for run in runs[1:]]
+
+
+def ratio_table(report: dict) -> str:
+    reference = report["servers"][0]["server_args"] or "no extra flags"
+    rows = [f"| against {reference} | clients | output tok/s | TTFT p50 | ITL p50 | E2E p50 |",
+            "|---|---|---|---|---|---|"]
+    for run in report["ratios"]:
+        for level in run["levels"]:
+            cells = " | ".join(fmt(level[name], 3) for name in RATIO_FIELDS)
+            rows.append(f"| {run['server_args']} | {level['concurrency']} | {cells} |")
+    return "\n".join(rows)
 
 
 def main() -> None:
     args = parse_args()
     report = asyncio.run(main_async(args))
     write_results(report, args.out)
-    print()
-    print(markdown_table(args.launch or "server", report["levels"]))
-    if any(level["errors"] for level in report["levels"]):
+    runs = report.get("servers", [report])
+    for run in runs:
+        print()
+        print(markdown_table(run.get("server_args") or args.launch or "server", run["levels"]))
+    if "ratios" in report:
+        print()
+        print(ratio_table(report))
+    if any(level["errors"] for run in runs for level in run["levels"]):
         sys.exit(1)
 
 
