@@ -15,7 +15,8 @@ import pytest
 import requests
 import torch
 
-if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CPU tensors; set before any import of triton
+# Without a GPU, Triton kernels run in its interpreter on CPU tensors: set before any import of triton.
+if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 from tiny_checkpoint import write_checkpoint  # noqa: E402
@@ -52,6 +53,22 @@ def config(tiny_model_dir: Path) -> ModelConfig:
 def tokenizer(tiny_model_dir: Path, config: ModelConfig) -> Tokenizer:
     """The tiny checkpoint's tokenizer, as the server loads it."""
     return Tokenizer(tiny_model_dir / "tokenizer.json", config)
+
+
+def record_pdl_launches(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """A list that gets, for each kernel launched through kernels.pdl.launch from now on, whether it took PDL."""
+    from xverse_serve.kernels import pdl
+
+    launched: list[bool] = []
+    launch = pdl.launch
+
+    def recording(t: torch.Tensor) -> dict:
+        options = launch(t)
+        launched.append(options["PDL"])
+        return options
+
+    monkeypatch.setattr(pdl, "launch", recording)
+    return launched
 
 
 def free_port() -> int:

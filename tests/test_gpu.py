@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import record_pdl_launches
 
 from xverse_serve.engine.messages import SamplingParams
 from xverse_serve.launch import build_engine
@@ -200,15 +201,7 @@ def test_gpu_programmatic_dependent_launch_changes_no_token(scheme: str, tiny_mo
 
     model_dir = tiny_int4_dir if scheme == "int4" else tiny_model_dir
     flags = ("--dtype", "bfloat16", "--quantize", scheme)
-    launched: list[bool] = []
-    launch = pdl.launch
-
-    def recording(t: torch.Tensor) -> dict:
-        options = launch(t)
-        launched.append(options["PDL"])
-        return options
-
-    monkeypatch.setattr(pdl, "launch", recording)
+    launched = record_pdl_launches(monkeypatch)
     tokens = {}
     for on in (False, True):
         monkeypatch.setattr(pdl, "ENABLED", on)

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from conftest import record_pdl_launches
 from test_triton_ops import interpreter_rounds_bfloat16  # noqa: E402,F401  (autouse: bf16 rounding as on GPUs)
 
 from xverse_serve.model import quantization
@@ -147,15 +148,7 @@ def test_split_kernels_launched_early_read_nothing_before_the_kernel_before_them
         y = split_gemm.split_matmul(y, *int8[1], (64, 128, 4, 3, 4))
         return split_gemm.split_matmul_int4(y, *int4, quantization.INT4_GROUP, (64, 8, 3, 4))  # the same workspace
 
-    launched: list[bool] = []
-    launch = pdl.launch
-
-    def recording(t: torch.Tensor) -> dict:
-        options = launch(t)
-        launched.append(options["PDL"])
-        return options
-
-    monkeypatch.setattr(pdl, "launch", recording)
+    launched = record_pdl_launches(monkeypatch)
     outputs: dict[bool, list[torch.Tensor]] = {}
     for on in (False, True):
         monkeypatch.setattr(pdl, "ENABLED", on)
