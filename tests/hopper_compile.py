@@ -115,8 +115,8 @@ def quantized_matmul_kernels() -> Iterator[tuple]:
     for k in (4096, 11008):  # XVERSE's two widths of a projection's input
         yield f"fp8 activations(K={k})", fused_ops._quantize_rows_fp8_kernel, {
             "x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "K": "i32", "stride_x": "i32",
-            "stride_q": "i32"}, {"BLOCK": triton.next_power_of_2(k)}, {"num_warps": fused_ops._norm_num_warps(
-                triton.next_power_of_2(k))}
+            "stride_q": "i32"}, {"BLOCK": triton.next_power_of_2(k), "PDL": True}, {
+            "num_warps": fused_ops._norm_num_warps(triton.next_power_of_2(k))}
     # the norm and SiLU·up handing an fp8 projection its activations quantized (model.xverse.takes_fp8)
     for residual in (True, False):
         yield f"fp8 norm(residual={int(residual)})", fused_ops._rms_norm_kernel, {
@@ -125,10 +125,13 @@ def quantized_matmul_kernels() -> Iterator[tuple]:
             "stride_r": "i32", "stride_o": "i32", "stride_ro": "i32"}, {
             "BLOCK": 4096, "HAS_RESIDUAL": residual, "FP8_OUT": True, "PDL": True}, {
             "num_warps": fused_ops._norm_num_warps(4096)}
+    yield "bf16 silu_and_mul", fused_ops._silu_and_mul_kernel, {
+        "x_ptr": "*bf16", "out_ptr": "*bf16", "inter": "i32", "stride_x": "i32", "stride_o": "i32"}, {
+        "BLOCK": fused_ops.SILU_BLOCK, "PDL": True}, {"num_warps": 4}
     yield "fp8 silu_and_mul", fused_ops._silu_and_mul_fp8_kernel, {
         "x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "inter": "i32", "stride_x": "i32",
-        "stride_q": "i32"}, {"BLOCK": triton.next_power_of_2(11008)}, {"num_warps": fused_ops._norm_num_warps(
-            triton.next_power_of_2(11008))}
+        "stride_q": "i32"}, {"BLOCK": triton.next_power_of_2(11008), "PDL": True}, {
+        "num_warps": fused_ops._norm_num_warps(triton.next_power_of_2(11008))}
 
 
 def split_gemm_kernels() -> Iterator[tuple]:

@@ -377,7 +377,8 @@ def gather_dequantize(cache: torch.Tensor, scales: torch.Tensor, slots: torch.Te
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_o, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_o, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl.begin(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -404,7 +405,7 @@ def silu_and_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torc
         raise ValueError(f"out must be a contiguous {(*gate_up.shape[:-1], inter)}")
     if rows:
         _silu_and_mul_kernel[(rows, triton.cdiv(inter, SILU_BLOCK))](
-            x2, out, inter, x2.stride(0), inter, BLOCK=SILU_BLOCK, num_warps=4,
+            x2, out, inter, x2.stride(0), inter, BLOCK=SILU_BLOCK, num_warps=4, **pdl.launch(x2),
         )
     return out
 
@@ -423,7 +424,9 @@ def _store_fp8_row(x, q_ptrs, scale_ptr, mask):
 
 
 @triton.jit
-def _quantize_rows_fp8_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, BLOCK: tl.constexpr):
+def _quantize_rows_fp8_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, BLOCK: tl.constexpr,
+                              PDL: tl.constexpr):
+    pdl.begin(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < K
@@ -441,19 +444,22 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _launch_fp8_rows(kernel, x: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """kernel (x_ptr, q_ptr, scale_ptr, width, stride_x, stride_q, BLOCK) in one program per row of x, each writing
-    `width` e4m3 values and the row's scale."""
+    """kernel (x_ptr, q_ptr, scale_ptr, width, stride_x, stride_q, BLOCK, PDL) in one program per row of x, each
+    writing `width` e4m3 values and the row's scale; launched early where the card has PDL (kernels.pdl)."""
     rows = x.shape[0]
     q = torch.empty(rows, width, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
     if rows:
         block = triton.next_power_of_2(width)
-        kernel[(rows,)](x, q, scale, width, x.stride(0), q.stride(0), BLOCK=block, num_warps=_norm_num_warps(block))
+        kernel[(rows,)](x, q, scale, width, x.stride(0), q.stride(0), BLOCK=block, num_warps=_norm_num_warps(block),
+                        **pdl.launch(x))
     return q, scale
 
 
 @triton.jit
-def _silu_and_mul_fp8_kernel(x_ptr, q_ptr, scale_ptr, inter, stride_x, stride_q, BLOCK: tl.constexpr):
+def _silu_and_mul_fp8_kernel(x_ptr, q_ptr, scale_ptr, inter, stride_x, stride_q, BLOCK: tl.constexpr,
+                             PDL: tl.constexpr):
+    pdl.begin(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < inter
