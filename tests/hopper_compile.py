@@ -108,6 +108,7 @@ def quantized_matmul_kernels() -> Iterator[tuple]:
             "stride_wn": "i32", "stride_sn": "i32", "stride_on": "i32"}, {
             "BITS": layer.bits, "GROUP": INT4_GROUP, "BLOCK_N": 16, "BLOCK_K": 256}, {}
     yield from split_gemm_kernels()
+    yield from skinny_kernels()
     yield from imma_gemm_kernels()
     yield from mixed_gemm_kernels()
     from xverse_serve.kernels import fused_ops
@@ -175,6 +176,23 @@ def split_gemm_kernels() -> Iterator[tuple]:
                 "PER_SPLIT": 32 // split, "EVEN": True, "MAX_M": split_gemm.MAX_ROWS, "TWO_PART": False,
                 "PDL": True}, {
                 "num_warps": num_warps, "num_stages": num_stages})
+
+
+def skinny_kernels() -> Iterator[tuple]:
+    """kernels.gemv's skinny GEMM (2-64 rows) on bf16, int8 and fp8 weights, in its default and tuned tiles."""
+    from xverse_serve.kernels import gemv
+
+    for weight in ("*bf16", "*i8", "*fp8e4nv"):
+        for block_n, block_k, num_warps, num_stages in sorted({gemv.DEFAULT_SKINNY_CONFIG,
+                                                                *gemv.SKINNY_CONFIGS.values()}):
+            for block_m in (16, 64 if weight != "*bf16" else 32):
+                yield (f"{weight[1:]} skinny(block_m={block_m}, block_n={block_n}, block_k={block_k})",
+                       gemv._skinny_kernel, {
+                           "x_ptr": "*bf16", "w_ptr": weight, "y_ptr": "*bf16", "scale_ptr": "*fp32", "M": "i32",
+                           "N": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32"}, {
+                           "K": 4096, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "EVEN_K": True,
+                           "SCALED": weight != "*bf16", "VIA_BITS": gemv.INT8_VIA_BITS, "PDL": True}, {
+                           "num_warps": num_warps, "num_stages": num_stages})
 
 
 def mixed_gemm_kernels() -> Iterator[tuple]:

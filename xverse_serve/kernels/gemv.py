@@ -303,7 +303,9 @@ def _one_row(x: torch.Tensor, weight: torch.Tensor, n: int, config: tuple[int, i
 @triton.jit(do_not_specialize=["M"])
 def _skinny_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, M, N, stride_xm, stride_wn, stride_ym,
                    K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   EVEN_K: tl.constexpr, SCALED: tl.constexpr, VIA_BITS: tl.constexpr):
+                   EVEN_K: tl.constexpr, SCALED: tl.constexpr, VIA_BITS: tl.constexpr, PDL: tl.constexpr):
+    # PDL: launched early (kernels.pdl); waits for the kernel before it first, lets the next launch after its loop
+    pdl.wait(PDL)
     rows = tl.arange(0, BLOCK_M)
     outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, out_ok = rows < M, outs < N
@@ -319,6 +321,7 @@ def _skinny_kernel(x_ptr, w_ptr, y_ptr, scale_ptr, M, N, stride_xm, stride_wn, s
         if SCALED:  # int8 values are exact in bf16 and fp16
             w = _widen(w, VIA_BITS).to(x.dtype)
         acc = tl.dot(x, tl.trans(w), acc)
+    pdl.launch_next(PDL)
     if SCALED:
         acc *= tl.load(scale_ptr + outs, mask=out_ok, other=0.0)[None, :]
     tl.store(y_ptr + rows[:, None] * stride_ym + outs[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -348,5 +351,5 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int,
                                                BLOCK_K=block_k,
                                                EVEN_K=k % block_k == 0, SCALED=scale is not None,
                                                VIA_BITS=INT8_VIA_BITS,
-                                               num_warps=num_warps, num_stages=num_stages)
+                                               num_warps=num_warps, num_stages=num_stages, **pdl.launch(x2))
     return out.view(*x.shape[:-1], n)
