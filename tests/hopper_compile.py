@@ -209,7 +209,8 @@ def mixed_gemm_kernels() -> Iterator[tuple]:
                 "k_per_split": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_sn": "i32", "stride_ym": "i32",
                 "stride_ysplit": "i32"}, {
                 "BITS": bits, "GROUP": 128, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                "GROUP_N": 8, "TICKETS": block_m <= 64, "SPLIT": 4 if block_m <= 64 else 1, "MAX_M": 64}, {
+                "GROUP_N": 8, "TICKETS": block_m <= 64, "SPLIT": 4 if block_m <= 64 else 1, "MAX_M": 64,
+                "PDL": True}, {
                 "num_warps": num_warps, "num_stages": num_stages}
         for block_m, block_n, block_k, num_warps, num_stages in mixed_gemm.TMA_CONFIGS:
             w_block = f"{block_n}, {block_k // 2 if bits == 4 else block_k}"

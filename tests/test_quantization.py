@@ -744,9 +744,11 @@ def test_every_quantized_matmul_kernel_compiles_for_hopper_without_register_spil
                                                             "fp8 silu_and_mul", "bf16 silu_and_mul", "bf16 skinny",
                                                             "i8 skinny", "fp8e4nv skinny"}
     assert [r for r in reports if r["spilled_bytes"]] == []
-    # split_gemm's kernels and the skinny GEMM are launched early (kernels.pdl): each waits for the kernel before it
-    # before it reads anything, and lets the next one launch once, after its loop
-    splits = [r for r in reports if any(f" {name}(" in r["kernel"] for name in ("split", "scaled_rows", "skinny"))]
+    # split_gemm's kernels, the skinny GEMM and mixed_gemm's (not its TMA form, for prompts) are launched early
+    # (kernels.pdl): each waits for the kernel before it before it reads anything, and lets the next one launch
+    # once, after its loop
+    splits = [r for r in reports
+              if any(f" {name}(" in r["kernel"] for name in ("split", "scaled_rows", "skinny", "mixed"))]
     assert len(splits) > 20 and all(r["pdl_waits"] == 1 and r["reads_before_wait"] == 0 for r in splits)
     assert all(r["pdl_launches"] == 1 for r in splits)
     # so are the kernels between them: the activations' quantizer, the norm and SiLU·up (in bf16 or to e4m3)

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
 from .gemv import check_scale
 from .imma_gemm import _tile
 from .quant_matmul import _check, k_slices
@@ -54,9 +55,11 @@ TMA_MIN_ROWS = 128
 def _kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, partial_ptr, ticket_ptr, M, N, K, k_per_split, stride_xm,
             stride_wn, stride_sn, stride_ym, stride_ysplit, BITS: tl.constexpr, GROUP: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
-            TICKETS: tl.constexpr, SPLIT: tl.constexpr, MAX_M: tl.constexpr):
+            TICKETS: tl.constexpr, SPLIT: tl.constexpr, MAX_M: tl.constexpr, PDL: tl.constexpr):
     # Programs in groups of GROUP_N weight tiles that share their token tiles in L2 (the weights are read once);
-    # indices past N or M clamped: every load in bounds, the store masks.
+    # indices past N or M clamped: every load in bounds, the store masks. PDL: launched early (kernels.pdl), as
+    # split_gemm's kernels: waits for the kernel before it first, lets the next launch after its loop.
+    pdl.wait(PDL)
     outs, rows, outs_in, rows_in = _tile(N, M, BLOCK_N, BLOCK_M, GROUP_N)
     k_begin = tl.program_id(1) * k_per_split
     k_end = tl.minimum(K, k_begin + k_per_split)
@@ -79,6 +82,7 @@ def _kernel(x_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, partial_ptr, ticket_ptr,
             acc = tl.dot(w.to(x_ptr.dtype.element_ty), tl.load(x_ptrs), acc)
             w_ptrs += BLOCK_K // 2
             x_ptrs += BLOCK_K
+    pdl.launch_next(PDL)
     if TICKETS:  # one token tile, so program 0's index is the weight tile's: split_gemm's in-kernel reduction
         _finish(acc, 1.0, y_ptr, partial_ptr, ticket_ptr, tl.program_id(0), tl.program_id(1), rows, outs, rows < M,
                 outs < N, N, stride_ym, BLOCK_M, BLOCK_N, SPLIT, MAX_M)
@@ -171,7 +175,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: t
                   weight.stride(0), 0 if offset is None else offset.stride(0), target.stride(-2),
                   target.stride(0) if target is not y else 0, BITS=8 if offset is None else 4, GROUP=max(group, 1),
                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_N=8, TICKETS=tickets, SPLIT=split_k,
-                  MAX_M=MAX_ROWS, num_warps=num_warps, num_stages=num_stages)
+                  MAX_M=MAX_ROWS, num_warps=num_warps, num_stages=num_stages, **pdl.launch(x2))
     if target is not y:
         y.copy_(target.sum(dim=0))
     return y.view(*x.shape[:-1], n)
