@@ -5,6 +5,7 @@ has, and its machine instructions (nvdisasm): how many, how many int-to-float co
 how many global loads (and reads of any kind: cp.async and TMA copies too) come before the grid-dependency wait.
 
     python tests/hopper_compile.py quant|kv|gemv|dp4a
+    python tests/hopper_compile.py consumer   # one of each kernel for Ada and Ampere (sm_89, sm_86) instead
 
 Run as its own process: where TRITON_INTERPRET is set (the CPU tests), kernels can only be interpreted.
 Pointers and strides are marked 16-divisible, as Triton's launcher marks them at run time.
@@ -32,19 +33,21 @@ PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 NVDISASM = PTXAS.with_name("nvdisasm")
 
 
-def compile_for_hopper(fn, signature: dict[str, str], constexprs: dict, num_warps: int = 4, num_stages: int = 3,
-                       **options) -> dict:
+def compile_for(fn, signature: dict[str, str], constexprs: dict, num_warps: int = 4, num_stages: int = 3,
+                capability: int = 90, **options) -> dict:
+    """The kernel compiled for compute capability `capability` (90: Hopper, sm_90a), and what its code holds."""
     index = fn.arg_names.index
     attrs = {(index(name),): [["tt.divisibility", 16]] for name, kind in signature.items()
              if kind.startswith("*") or name.startswith("stride") or name in ("N", "K", "k_per_split")}
     source = ASTSource(fn=fn, signature={**signature, **{name: "constexpr" for name in constexprs}},
                        constexprs={(index(name),): value for name, value in constexprs.items()}, attrs=attrs)
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+    kernel = triton.compile(source, target=GPUTarget("cuda", capability, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages, **options})
+    gpu_name = "sm_90a" if capability == 90 else f"sm_{capability}"
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
         ptx.write(kernel.asm["ptx"])
         ptx.flush()
-        report = subprocess.run([str(PTXAS), "-v", "--gpu-name", "sm_90a", ptx.name, "-o", os.devnull],
+        report = subprocess.run([str(PTXAS), "-v", "--gpu-name", gpu_name, ptx.name, "-o", os.devnull],
                                 capture_output=True, text=True, check=True).stderr
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     registers = re.search(r"Used (\d+) registers", report)
@@ -376,11 +379,37 @@ def dp4a_gemv_kernels() -> Iterator[tuple]:
                     "num_warps": num_warps, "num_stages": 1}
 
 
+FAMILIES = {"quant": quantized_matmul_kernels, "kv": eight_bit_cache_kernels, "gemv": one_row_gemv_kernels,
+            "dp4a": dp4a_gemv_kernels}
+# The consumer cards a 7B model is served from (the README's 24 GB cards): Ada (RTX 4090, L4) and Ampere (RTX 3090,
+# A10). Neither has TMA copies or PDL, which the kernels take only on Hopper; Ampere has no e4m3 either.
+CONSUMER_CAPABILITIES = (89, 86)
+
+
+def consumer_card_kernels() -> Iterator[tuple]:
+    """One configuration of each kernel family the other families list, as it launches on an Ada or Ampere card:
+    PDL off, TMA forms left out, e4m3 ones on Ada only (model.quantization offers them from 8.9). Each item has the
+    capability it compiles for as a fifth field."""
+    seen = set()
+    for family in FAMILIES.values():
+        for name, fn, signature, constexprs, launch in family():
+            if constexprs.get("TMA") or any("tensordesc" in kind for kind in signature.values()):
+                continue
+            kind = (fn.__name__, name.split("(")[0].split(" K=")[0])  # tiles, K and the dp4a forms: one of each
+            if kind in seen:
+                continue
+            seen.add(kind)
+            uses_fp8 = "fp8" in name or any("fp8" in str(v) for v in (*signature.values(), *constexprs.values()))
+            constexprs = {key: (False if key == "PDL" else value) for key, value in constexprs.items()}
+            for capability in CONSUMER_CAPABILITIES:
+                if capability >= 89 or not uses_fp8:
+                    yield f"sm_{capability} {name}", fn, signature, constexprs, {**launch, "capability": capability}
+
+
 def main() -> None:
-    kernels = {"quant": quantized_matmul_kernels, "kv": eight_bit_cache_kernels, "gemv": one_row_gemv_kernels,
-               "dp4a": dp4a_gemv_kernels}[sys.argv[1]]
+    kernels = {**FAMILIES, "consumer": consumer_card_kernels}[sys.argv[1]]
     for name, fn, signature, constexprs, launch in kernels():
-        print(json.dumps({"kernel": name, **compile_for_hopper(fn, signature, constexprs, **launch)}), flush=True)
+        print(json.dumps({"kernel": name, **compile_for(fn, signature, constexprs, **launch)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ DEVICE = torch.device("cpu" if INTERPRET else "cuda")
 
 pytest.importorskip("triton")
 
-from test_quantization import compile_for_hopper, gaussian, quantized_layer  # noqa: E402
+from test_quantization import compiled_kernels, gaussian, quantized_layer  # noqa: E402
 from test_triton_ops import interpreter_rounds_bfloat16  # noqa: E402,F401  (autouse: bf16 rounding as on GPUs)
 
 from xverse_serve.kernels import dp4a_gemv  # noqa: E402
@@ -293,7 +293,7 @@ def test_bad_shapes_are_clear_errors() -> None:
 
 
 def test_the_dp4a_kernels_compile_for_hopper_with_dp4a_and_without_register_spills() -> None:
-    reports = {r["kernel"]: r for r in compile_for_hopper("dp4a")}
+    reports = {r["kernel"]: r for r in compiled_kernels("dp4a")}
     assert len(reports) == 32 and [r for r in reports.values() if r["spilled_bytes"]] == []
     shapes = [(k, form) for k, forms in ((4096, ("", " gated", " residual")), (11008, ("", " residual")))
               for form in forms]

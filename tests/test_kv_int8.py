@@ -67,7 +67,7 @@ def _to_float8(input, input_dtype, output_dtype, rounding_mode, _original):
 
 
 @pytest.fixture(autouse=True, scope="module")
-def interpreter_rounds_float8(interpreter_rounds_bfloat16):
+def interpreter_rounds_float8(interpreter_rounds_bfloat16):  # noqa: F811 (pytest requests the fixture by name)
     with interpreter_converts_floats_with(_to_float8):
         yield
 
@@ -297,9 +297,9 @@ def test_engine_with_an_int8_cache_gives_the_unquantized_greedy_tokens(tiny_mode
 
 
 def test_8bit_cache_kernels_compile_for_hopper_without_register_spills() -> None:
-    from test_quantization import compile_for_hopper
+    from test_quantization import compiled_kernels
 
-    reports = compile_for_hopper("kv")
+    reports = compiled_kernels("kv")
     assert len(reports) == 6  # decode attention (two loop forms) and the cache write, for int8 and fp8
     assert [r for r in reports if r["spilled_bytes"]] == []
     assert {r["pdl_waits"] for r in reports} == {1}  # launched early, each waiting for the kernel before (kernels.pdl)

@@ -711,8 +711,9 @@ def test_api_py_serves_with_int8_weights_and_an_int8_kv_cache(tiny_model_dir: Pa
 # ---------------------------------------------------------------- the kernels compile for the GPU
 
 
-def compile_for_hopper(family: str) -> list[dict]:
-    """tests/hopper_compile.py's report for a family of kernels (compiled for sm_90 in a process of its own)."""
+def compiled_kernels(family: str) -> list[dict]:
+    """tests/hopper_compile.py's report for a family of kernels (compiled for sm_90, or for "consumer" sm_89 and
+    sm_86, in a process of its own)."""
     triton = pytest.importorskip("triton")
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").is_file():
         pytest.skip("this Triton wheel brings no ptxas")
@@ -723,7 +724,7 @@ def compile_for_hopper(family: str) -> list[dict]:
 
 
 def test_the_one_row_gemvs_compile_for_hopper_without_register_spills() -> None:
-    reports = compile_for_hopper("gemv")
+    reports = compiled_kernels("gemv")
     assert len(reports) == 8 and [r for r in reports if r["spilled_bytes"]] == []
     assert {r["pdl_waits"] for r in reports} == {1}  # launched early, each waiting for the kernel before (kernels.pdl)
     # ... having read its first step of weights (the gated GEMV the gate's and the up's), which no kernel writes
@@ -732,7 +733,7 @@ def test_the_one_row_gemvs_compile_for_hopper_without_register_spills() -> None:
 
 
 def test_every_quantized_matmul_kernel_compiles_for_hopper_without_register_spills() -> None:
-    reports = compile_for_hopper("quant")
+    reports = compiled_kernels("quant")
     assert {r["kernel"].split("(")[0] for r in reports} >= {"int8 gemv", "int8 gemm", "int8 dequantize", "int4 gemv",
                                                             "int4 gemm", "int4 dequantize", "i8 split", "fp8e4nv split",
                                                             "u4 split", "fp8 activations", "split rows",
@@ -773,6 +774,23 @@ def test_every_quantized_matmul_kernel_compiles_for_hopper_without_register_spil
     tma = [r for r in reports if " mixed_tma(" in r["kernel"]]
     assert len(tma) == 6 and all(r["wgmma"] > 0 and r["tma"] > 0 for r in tma)
     assert all(r["int_to_float"] <= 1 for r in tma if r["kernel"].startswith("u4"))
+
+
+def test_each_kernel_compiles_for_the_consumer_cards_as_it_launches_there() -> None:
+    # The 24 GB cards the README serves quantized models on, which the GPU tests never run: Ada (sm_89: RTX 4090,
+    # L4) and Ampere (sm_86: RTX 3090, A10). One configuration of each kernel, without PDL or TMA (Hopper's), e4m3
+    # on Ada only.
+    reports = compiled_kernels("consumer")
+    cards = {capability: {r["kernel"].split(" ", 1)[1] for r in reports if r["kernel"].startswith(f"sm_{capability} ")}
+             for capability in (89, 86)}
+    assert len(cards[89]) >= 40 and cards[86] == {name for name in cards[89] if "fp8" not in name}
+    assert {"i8 split", "u4 mixed", "fp8e4nv scaled_rows", "int4 dp4a", "bf16 gemv plain"} <= {
+        name.split("(")[0].split(" K=")[0] for name in cards[89]}
+    assert all(r["pdl_waits"] == 0 and r["tma"] == 0 and r["wgmma"] == 0 for r in reports)
+    # no register spills but one: one-sequence decode attention on an int8 cache, its first tile read early
+    # (PRELOAD, as on Hopper), spills 16 bytes on both
+    spilled = {r["kernel"]: r["spilled_bytes"] for r in reports if r["spilled_bytes"]}
+    assert spilled == {f"sm_{capability} decode attention, i8 cache, lanes=False": 16 for capability in (89, 86)}
 
 
 def test_the_tuners_candidates_can_be_compiled_side_by_side_first(monkeypatch: pytest.MonkeyPatch) -> None:
