@@ -234,22 +234,22 @@ def imma_gemm_kernels() -> Iterator[tuple]:
     for k in (4096, 11008):
         yield f"split rows(K={k})", imma_gemm._split_rows_kernel, {
             "x_ptr": "*bf16", "hi_ptr": "*i8", "lo_ptr": "*i8", "s_ptr": "*fp32", "sum_ptr": "*fp32",
-            "stride_xm": "i32"}, {"K": k, "GROUP": 128, "BLOCK": imma_gemm.SPLIT_BLOCK, "INT4": True}, {}
+            "stride_xm": "i32"}, {"K": k, "GROUP": 128, "BLOCK": imma_gemm.SPLIT_BLOCK, "INT4": True, "PDL": True}, {}
     for block_m, block_n, block_k, num_warps, num_stages in imma_gemm.ROWS_CONFIGS:
         yield f"i8 imma_rows(block_m={block_m}, block_n={block_n}, block_k={block_k})", imma_gemm._rows_kernel, {
             "hi_ptr": "*i8", "lo_ptr": "*i8", "s_ptr": "*fp32", "w_ptr": "*i8", "ws_ptr": "*fp32", "y_ptr": "*bf16",
             "M": "i32", "N": "i32", "stride_wn": "i32", "stride_ym": "i32"}, {
-            "K": 4096, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}, {
+            "K": 4096, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8, "PDL": True}, {
             "num_warps": num_warps, "num_stages": num_stages}
     yield "cublas_int8 combine", imma_gemm._combine_kernel, {
         "acc_ptr": "*i32", "s_ptr": "*fp32", "ws_ptr": "*fp32", "y_ptr": "*bf16", "M": "i32", "N": "i32",
-        "stride_ym": "i32"}, {"BLOCK": imma_gemm.COMBINE_BLOCK}, {"num_warps": 4}
+        "stride_ym": "i32"}, {"BLOCK": imma_gemm.COMBINE_BLOCK, "PDL": True}, {"num_warps": 4}
     for block_m, block_n, num_warps, num_stages in imma_gemm.ROWS_INT4_CONFIGS:
         yield f"u4 imma_rows(block_m={block_m}, block_n={block_n})", imma_gemm._rows_int4_kernel, {
             "hi_ptr": "*i8", "lo_ptr": "*i8", "s_ptr": "*fp32", "sum_ptr": "*fp32", "w_ptr": "*u8",
             "scale_ptr": "*fp16", "offset_ptr": "*fp16", "y_ptr": "*bf16", "M": "i32", "N": "i32",
             "stride_wn": "i32", "stride_sn": "i32", "stride_ym": "i32"}, {
-            "K": 4096, "GROUP": 128, "BLOCK_M": block_m, "BLOCK_N": block_n, "GROUP_M": 8}, {
+            "K": 4096, "GROUP": 128, "BLOCK_M": block_m, "BLOCK_N": block_n, "GROUP_M": 8, "PDL": True}, {
             "num_warps": num_warps, "num_stages": num_stages}
     from xverse_serve.kernels import split_gemm
 

@@ -745,17 +745,18 @@ def test_every_quantized_matmul_kernel_compiles_for_hopper_without_register_spil
                                                             "fp8 silu_and_mul", "bf16 silu_and_mul", "bf16 skinny",
                                                             "i8 skinny", "fp8e4nv skinny"}
     assert [r for r in reports if r["spilled_bytes"]] == []
-    # split_gemm's kernels, the skinny GEMM and mixed_gemm's (not its TMA form, for prompts) are launched early
-    # (kernels.pdl): each waits for the kernel before it before it reads anything, and lets the next one launch
-    # once, after its loop
+    # split_gemm's kernels, the skinny GEMM, mixed_gemm's (not its TMA form, for prompts) and imma_gemm's are launched
+    # early (kernels.pdl): each waits for the kernel before it before it reads anything, and lets the next one
+    # launch once, after its loop
     splits = [r for r in reports
-              if any(f" {name}(" in r["kernel"] for name in ("split", "scaled_rows", "skinny", "mixed"))]
+              if any(f" {name}(" in r["kernel"] for name in ("split", "scaled_rows", "skinny", "mixed", "imma_rows"))]
     assert len(splits) > 20 and all(r["pdl_waits"] == 1 and r["reads_before_wait"] == 0 for r in splits)
     assert all(r["pdl_launches"] == 1 for r in splits)
     # so are the kernels between them: the activations' quantizer, the norm and SiLU·up (in bf16 or to e4m3)
     between = [r for r in reports if r["kernel"].split("(")[0] in ("fp8 activations", "fp8 norm", "fp8 silu_and_mul",
-                                                                   "bf16 silu_and_mul")]
-    assert len(between) == 6 and all(r["pdl_waits"] == 1 and r["reads_before_wait"] == 0 for r in between)
+                                                                   "bf16 silu_and_mul", "split rows",
+                                                                   "cublas_int8 combine")]
+    assert len(between) == 9 and all(r["pdl_waits"] == 1 and r["reads_before_wait"] == 0 for r in between)
     # split_gemm's fp8-activation kernel: FP8 wgmma on the weights as stored, nothing converted; its TMA form copies
     scaled = [r for r in reports if " scaled_rows(" in r["kernel"]]
     assert scaled and all(r["wgmma"] > 0 and r["int_to_float"] == 0 for r in scaled)

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import split_gemm
+from . import pdl, split_gemm
 from .gemv import check_scale
 from .split_gemm import FIXED, _round
 
@@ -44,9 +44,10 @@ ROWS_INT4_CONFIGS = ((64, 128, 4, 3),)
 
 @triton.jit
 def _split_rows_kernel(x_ptr, hi_ptr, lo_ptr, s_ptr, sum_ptr, stride_xm, K: tl.constexpr, GROUP: tl.constexpr,
-                       BLOCK: tl.constexpr, INT4: tl.constexpr):
+                       BLOCK: tl.constexpr, INT4: tl.constexpr, PDL: tl.constexpr):
     # One row. For int4 each group of K is written evens first, then odds (the packed nibbles' order: low, high),
-    # and sum_ptr gets each group's sum of x divided by s.
+    # and sum_ptr gets each group's sum of x divided by s. PDL: launched early (kernels.pdl).
+    pdl.begin(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     amax = tl.zeros([BLOCK], dtype=tl.float32)
@@ -92,7 +93,7 @@ def _split_parts(x: torch.Tensor, group: int = 0) -> tuple[torch.Tensor, torch.T
     s = torch.empty(m, dtype=torch.float32, device=x.device)
     sums = torch.empty(m, k // group if group else 1, dtype=torch.float32, device=x.device)
     _split_rows_kernel[(m,)](x, parts, parts[m:], s, sums, x.stride(0), K=k, GROUP=group or SPLIT_BLOCK,
-                             BLOCK=SPLIT_BLOCK, INT4=bool(group), num_warps=4)
+                             BLOCK=SPLIT_BLOCK, INT4=bool(group), num_warps=4, **pdl.launch(x))
     return parts, s, sums
 
 
@@ -121,7 +122,10 @@ def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.conste
 # Not specialized on M, which varies from step to step: a variant compiled while serving would stall every request.
 @triton.jit(do_not_specialize=["M"])
 def _rows_kernel(hi_ptr, lo_ptr, s_ptr, w_ptr, ws_ptr, y_ptr, M, N, stride_wn, stride_ym, K: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                 PDL: tl.constexpr):
+    # PDL: launched early (kernels.pdl); waits for the kernel before it first, lets the next launch after its loop.
+    pdl.wait(PDL)
     rows, outs, rows_in, outs_in = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     ks = tl.arange(0, BLOCK_K)
     a_offsets = rows_in[:, None].to(tl.int64) * K + ks[None, :]
@@ -135,6 +139,7 @@ def _rows_kernel(hi_ptr, lo_ptr, s_ptr, w_ptr, ws_ptr, y_ptr, M, N, stride_wn, s
         acc_lo = tl.dot(tl.load(lo_ptr + a_offsets), w, acc_lo, out_dtype=tl.int32)
         a_offsets += BLOCK_K
         w_ptrs += BLOCK_K
+    pdl.launch_next(PDL)
     _store_rows(acc_hi, acc_lo, s_ptr, ws_ptr, y_ptr, rows, outs, rows_in, outs_in, M, N, stride_ym)
 
 
@@ -151,7 +156,8 @@ def _store_rows(acc_hi, acc_lo, s_ptr, ws_ptr, y_ptr, rows, outs, rows_in, outs_
 @triton.jit(do_not_specialize=["M"])
 def _rows_int4_kernel(hi_ptr, lo_ptr, s_ptr, sum_ptr, w_ptr, scale_ptr, offset_ptr, y_ptr, M, N, stride_wn,
                       stride_sn, stride_ym, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+                      BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr):
+    pdl.wait(PDL)  # as _rows_kernel
     rows, outs, rows_in, outs_in = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     half = tl.arange(0, GROUP // 2)
     a_offsets = rows_in[:, None].to(tl.int64) * K + half[None, :]
@@ -174,6 +180,7 @@ def _rows_int4_kernel(hi_ptr, lo_ptr, s_ptr, sum_ptr, w_ptr, scale_ptr, offset_p
         acc += p.to(tl.float32) * scale[None, :] + x_sum[:, None] * offset[None, :]
         a_offsets += GROUP
         w_ptrs += GROUP // 2
+    pdl.launch_next(PDL)
     y = acc * tl.load(s_ptr + rows_in)[:, None]  # the sums of x were divided by s too
     tl.store(y_ptr + rows[:, None] * stride_ym + outs[None, :], y.to(y_ptr.dtype.element_ty),
              mask=(rows < M)[:, None] & (outs < N)[None, :])
@@ -201,13 +208,14 @@ def rows_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     _rows_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](
         hi, lo, s, weight, scale, y, m, n, weight.stride(0), y.stride(0), K=k, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, GROUP_M=8, num_warps=num_warps, num_stages=num_stages)
+        BLOCK_K=block_k, GROUP_M=8, num_warps=num_warps, num_stages=num_stages, **pdl.launch(x2))
     return y.view(*x.shape[:-1], n)
 
 
 @triton.jit(do_not_specialize=["M"])
-def _combine_kernel(acc_ptr, s_ptr, ws_ptr, y_ptr, M, N, stride_ym, BLOCK: tl.constexpr):
+def _combine_kernel(acc_ptr, s_ptr, ws_ptr, y_ptr, M, N, stride_ym, BLOCK: tl.constexpr, PDL: tl.constexpr):
     # acc: int32 [2M, N], the high parts' products then the low parts'; one row of y per program along axis 0.
+    pdl.begin(PDL)
     row = tl.program_id(0).to(tl.int64)
     outs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = outs < N
@@ -234,7 +242,7 @@ def cublas_rows_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     sums = torch._int_mm(parts, weight.t())
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     _combine_kernel[(m, triton.cdiv(n, COMBINE_BLOCK))](sums, s, scale, y, m, n, y.stride(0), BLOCK=COMBINE_BLOCK,
-                                                        num_warps=4)
+                                                        num_warps=4, **pdl.launch(x2))
     return y.view(*x.shape[:-1], n)
 
 
@@ -252,5 +260,6 @@ def rows_matmul_int4(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     _rows_int4_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](
         hi, lo, s, sums, weight, scale, offset, y, m, n, weight.stride(0), scale.stride(0), y.stride(0), K=k,
-        GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=8, num_warps=num_warps, num_stages=num_stages)
+        GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=8, num_warps=num_warps, num_stages=num_stages,
+        **pdl.launch(x2))
     return y.view(*x.shape[:-1], n)
