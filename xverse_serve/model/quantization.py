@@ -342,23 +342,25 @@ class QuantizedLinear(nn.Module, OneRowProjection):
             return dequantize_rows(self.weight[rows], self.weight_scale[rows], dtype)
         return dequantize_int4(self.weight[rows], self.weight_scale[rows], self.weight_offset[rows], dtype)
 
+    def kernel_at(self, rows: int) -> MatmulKernel:
+        """The kernel this layer runs for `rows` rows on a GPU: its tuned plan's, or before tuning the default's."""
+        return kernel_for(self.plan or default_plan(self), rows)
+
     def takes_fp8_rows(self, rows: int) -> bool:
         """Whether the kernel this layer's plan runs for `rows` rows multiplies e4m3 activations (fp8: scaled_mm
         or split(…, fp8_act=1)), so that the kernel making its input can hand it over quantized (Fp8Rows)."""
-        if self.scheme != "fp8" or rows < 1:
-            return False
-        return kernel_for(self.plan or default_plan(self), rows).takes_fp8_rows
+        return self.scheme == "fp8" and rows >= 1 and self.kernel_at(rows).takes_fp8_rows
 
     def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
         if isinstance(x, Fp8Rows):  # [M, K], quantized by the kernel before (where takes_fp8_rows said so)
-            return kernel_for(self.plan or default_plan(self), x.values.shape[0])(x, self)
+            return self.kernel_at(x.values.shape[0])(x, self)
         x2 = x.reshape(-1, self.in_features)
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         if x2.shape[0] == 0:
             y = x2.new_empty((0, self.out_features))
         elif x2.is_cuda:
-            y = kernel_for(self.plan or default_plan(self), x2.shape[0])(x2, self)
+            y = self.kernel_at(x2.shape[0])(x2, self)
         elif self.scheme == "int8":
             y = torch._weight_int8pack_mm(x2, self.weight, self.weight_scale.to(x2.dtype))
         else:
