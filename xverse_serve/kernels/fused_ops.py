@@ -377,16 +377,22 @@ def gather_dequantize(cache: torch.Tensor, scales: torch.Tensor, slots: torch.Te
 
 
 @triton.jit
+def _silu_times_up(row_ptr, inter, cols, mask):
+    """F.silu(gate) * up in float32 for a row's columns `cols` (gate at row_ptr, up `inter` after it), the SiLU
+    rounded to the row's dtype first, as PyTorch stores F.silu's result."""
+    gate = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(row_ptr + inter + cols, mask=mask, other=0.0).to(tl.float32)
+    return _round(tl.math.div_rn(gate, 1.0 + tl.exp(-gate)), row_ptr.dtype.element_ty) * up
+
+
+@triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_o, BLOCK: tl.constexpr, PDL: tl.constexpr):
     pdl.begin(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
-    dtype = x_ptr.dtype.element_ty
-    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
-    silu = _round(tl.math.div_rn(gate, 1.0 + tl.exp(-gate)), dtype)  # F.silu's result, in the model dtype
-    tl.store(out_ptr + row * stride_o + cols, (silu * up).to(out_ptr.dtype.element_ty), mask=mask)
+    out = _silu_times_up(x_ptr + row * stride_x, inter, cols, mask)
+    tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def silu_and_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -463,11 +469,8 @@ def _silu_and_mul_fp8_kernel(x_ptr, q_ptr, scale_ptr, inter, stride_x, stride_q,
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < inter
-    dtype = x_ptr.dtype.element_ty
-    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + row * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
-    silu = _round(tl.math.div_rn(gate, 1.0 + tl.exp(-gate)), dtype)
-    _store_fp8_row(_round(silu * up, dtype), q_ptr + row * stride_q + cols, scale_ptr + row, mask)
+    out = _silu_times_up(x_ptr + row * stride_x, inter, cols, mask)  # rounded to the model dtype, as stored unfused
+    _store_fp8_row(_round(out, x_ptr.dtype.element_ty), q_ptr + row * stride_q + cols, scale_ptr + row, mask)
 
 
 def silu_and_mul_fp8(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
