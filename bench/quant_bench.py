@@ -116,8 +116,6 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-
-
 @torch.inference_mode()
 def prompt_logits(model: XverseForCausalLM, ids: list[int], kv_dtype: torch.dtype | None) -> torch.Tensor:
     """float32 logits at the last ERROR_POSITIONS positions of one prefill of `ids`, on the CPU."""
