@@ -789,6 +789,7 @@ class HeldTransport:
 
     def __init__(self) -> None:
         self.initial_stats = EngineStats(0, 0, 0, 64, 0, 0, 0)
+        self.structured_outputs = True
         self.sent: list = []
 
     def start(self, on_report) -> None:

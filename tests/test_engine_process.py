@@ -221,7 +221,7 @@ def test_every_message_crosses_the_pipe_as_it_was_sent() -> None:
     stats = EngineStats(running=2, waiting=1, kv_blocks_used=9, kv_blocks_total=64, prefix_queried_tokens=40,
                         prefix_hit_tokens=16, preemptions=0)
     commands = [AddRequest("a", [5, 6, 7], params), AbortRequest("a"), Shutdown()]
-    reports = [Ready(stats), Failed("no weights"), Died("RuntimeError: boom"),
+    reports = [Ready(stats, False), Failed("no weights"), Died("RuntimeError: boom"),
                StepReport([StepOutput("a", [9], None), StepOutput("b", [], None, "too long", 500)], stats, 3)]
     encode = msgspec.msgpack.Encoder().encode
     for message, kind in [*((c, Command) for c in commands), *((r, Report) for r in reports)]:

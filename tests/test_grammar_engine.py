@@ -4,18 +4,20 @@ in the batch are untouched, and the mask is applied on the device as its PyTorch
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import jsonschema
 import llguidance
 import pytest
+import tokenizers
 import torch
 from paged import paged_logits
 
 from xverse_serve.engine.config import CacheConfig, SchedulerConfig
 from xverse_serve.engine.engine import Engine
 from xverse_serve.engine.grammar import GrammarCompiler
-from xverse_serve.engine.loader import assemble_engine
+from xverse_serve.engine.loader import assemble_engine, load_grammars
 from xverse_serve.engine.messages import SamplingParams
 from xverse_serve.engine.sampling import apply_token_masks
 from xverse_serve.model.checkpoint import ModelConfig, load_config
@@ -174,6 +176,19 @@ def test_a_grammar_that_does_not_compile_is_refused_and_compiled_grammars_are_re
     no_grammars = make_engine(model, None)
     with pytest.raises(ValueError, match="structured outputs are off"):
         no_grammars.add_request("x", [5, 6], SamplingParams(max_tokens=4, grammar=GRAMMAR))
+
+
+def test_a_tokenizer_llguidance_cannot_read_turns_grammars_off_with_a_warning(
+        tiny_model_dir: Path, config: ModelConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    assert isinstance(load_grammars(tiny_model_dir / "tokenizer.json", config), GrammarCompiler)
+    # A WordPiece decoder (bench/random_checkpoint.py's tokenizer has one) is a decoder llguidance does not know:
+    # the server must still start, with structured outputs off.
+    tokenizer = tokenizers.Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json"))
+    tokenizer.decoder = tokenizers.decoders.WordPiece(prefix="##", cleanup=False)
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    with caplog.at_level(logging.WARNING, logger="xverse_serve.engine.loader"):
+        assert load_grammars(tmp_path / "tokenizer.json", config) is None
+    assert "structured outputs and tool calls are off" in caplog.text and "WordPiece" in caplog.text
 
 
 def test_preempted_constrained_sequences_resume_within_their_grammar(

@@ -15,6 +15,7 @@ import jsonschema
 import openai
 import pytest
 import requests
+import tokenizers
 from conftest import RunningServer, start_server, stop_server
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_openai import ChatOpenAI
@@ -240,3 +241,27 @@ def test_langchain_bind_tools_gets_validated_calls_and_answers_their_results(llm
     results = [ToolMessage('{"temperature": 21}', tool_call_id=call["id"]) for call in message.tool_calls]
     answer = llm.bind_tools([GetWeather]).invoke([HumanMessage("What is the weather in Paris?"), message, *results])
     assert isinstance(answer, AIMessage)
+
+
+def test_a_server_whose_tokenizer_llguidance_cannot_read_serves_text_and_refuses_forms_with_a_400(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A WordPiece decoder (bench/random_checkpoint.py's) is one llguidance does not know: the server starts, answers
+    free text, and refuses response_format and tools with a 400 instead of failing them in the engine."""
+    folder = write_checkpoint(tmp_path_factory.mktemp("wordpiece") / "XVERSE-tiny")
+    tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer.decoder = tokenizers.decoders.WordPiece(prefix="##", cleanup=False)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    running = start_server(folder, folder.parent / "server.log")
+    try:
+        url, body = running.url + "/v1/chat/completions", {"model": MODEL, "messages": PROMPT, "max_tokens": 4}
+        assert requests.post(url, json=body, timeout=60).status_code == 200
+        for fields, param in (({"response_format": {"type": "json_object"}}, "response_format"),
+                              ({"tools": [WEATHER_TOOL], "tool_choice": "required"}, "tools"),
+                              ({"response_format": {"type": "json_object"}, "stream": True}, "response_format")):
+            response = requests.post(url, json={**body, **fields}, timeout=60)
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert error["param"] == param and "structured outputs and tool calls are off" in error["message"]
+        assert "llguidance cannot read" in running.log()
+    finally:
+        stop_server(running)

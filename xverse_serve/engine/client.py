@@ -40,6 +40,7 @@ class Transport(Protocol):
     """Carries commands to the engine and its reports back."""
 
     initial_stats: EngineStats  # the engine's load when it was ready
+    structured_outputs: bool  # whether the engine can constrain answers with grammars
 
     def start(self, on_report: Callable[[Report], None]) -> None:
         """Starts the engine's loop; on_report is then called, from another thread, with each StepReport and,
@@ -61,6 +62,7 @@ class EngineClient:
         self._queues: dict[str, asyncio.Queue[StepOutput]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stats = transport.initial_stats
+        self.structured_outputs = transport.structured_outputs
         self._sent_adds = 0  # AddRequests sent, and applied by the engine as of its last report
         self._applied_adds = 0
         self._started = self._stopping = False

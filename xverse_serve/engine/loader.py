@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from pathlib import Path
 
 import torch
 
@@ -118,10 +119,7 @@ def load_engine(config: EngineConfig) -> Engine:
     log.info("KV cache (%s): %d blocks of %d tokens = %d tokens, %.1f full %d-token contexts, %.2f GiB",
              str(kv_dtype).removeprefix("torch."), num_blocks, block_size, capacity, capacity / max_model_len,
              max_model_len, capacity * KVCache.bytes_per_token(model_config, kv_dtype) / 2**30)
-    started = time.perf_counter()
-    grammars = GrammarCompiler((config.model_path / "tokenizer.json").read_text(encoding="utf-8"),
-                               model_config.vocab_size, model_config.eos_token_id)
-    log.info("structured outputs: the tokenizer read by llguidance in %.1f s", time.perf_counter() - started)
+    grammars = load_grammars(config.model_path / "tokenizer.json", model_config)
     engine = assemble_engine(model, CacheConfig(num_blocks, block_size, kv_dtype), scheduler, max_model_len,
                              cuda_graphs, config.overlap_steps, grammars)
     if device.type == "cuda":
@@ -130,6 +128,21 @@ def load_engine(config: EngineConfig) -> Engine:
         log.info("warmed up the kernels in %.1f s", time.perf_counter() - started)
     freeze_startup_objects()
     return engine
+
+
+def load_grammars(tokenizer_path: Path, model_config: ModelConfig) -> GrammarCompiler | None:
+    """The grammar compiler of structured outputs and tool calls; None, with a warning, where llguidance cannot read
+    the tokenizer (a decoder it does not know): the server then serves everything else and answers requests that
+    need a grammar with a 400 that says so."""
+    started = time.perf_counter()
+    try:
+        grammars = GrammarCompiler(tokenizer_path.read_text(encoding="utf-8"), model_config.vocab_size,
+                                   model_config.eos_token_id)
+    except ValueError as exc:
+        log.warning("structured outputs and tool calls are off: llguidance cannot read %s (%s)", tokenizer_path, exc)
+        return None
+    log.info("structured outputs: the tokenizer read by llguidance in %.1f s", time.perf_counter() - started)
+    return grammars
 
 
 def freeze_startup_objects() -> None:

@@ -125,6 +125,7 @@ class Ready(msgspec.Struct, tag=True):
     """The engine process has loaded the model."""
 
     stats: EngineStats
+    structured_outputs: bool  # whether it has a grammar compiler (llguidance could read the tokenizer)
 
 
 class Failed(msgspec.Struct, tag=True):

@@ -48,12 +48,13 @@ class ProcessTransport:
         child_conn.close()
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder(Report).decode
-        self.initial_stats = self._wait_until_ready()
+        ready = self._wait_until_ready()
+        self.initial_stats, self.structured_outputs = ready.stats, ready.structured_outputs
         self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()  # None: the last one
         self._threads: list[threading.Thread] = []
         self._stopping = False
 
-    def _wait_until_ready(self):
+    def _wait_until_ready(self) -> Ready:
         try:
             report = self._decode(self._conn.recv_bytes())
         except EOFError:
@@ -63,7 +64,7 @@ class ProcessTransport:
         if isinstance(report, Failed):
             self._process.join()
             raise CheckpointError(report.message)
-        return report.stats
+        return report
 
     @property
     def pid(self) -> int:
@@ -139,7 +140,7 @@ def engine_main(config: EngineConfig, conn: Connection) -> None:
         log.exception("the engine could not start")
         conn.send_bytes(encode(Failed(f"the engine could not start: {type(exc).__name__}: {exc}")))
         return
-    conn.send_bytes(encode(Ready(engine.stats())))
+    conn.send_bytes(encode(Ready(engine.stats(), engine.grammars is not None)))
 
     def take_commands(idle: bool) -> list[Command]:
         commands = [decode(conn.recv_bytes())] if idle else []  # EOFError when the server process is gone

@@ -24,6 +24,7 @@ class ThreadTransport:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.initial_stats = engine.stats()
+        self.structured_outputs = engine.grammars is not None
         self._inbox: list[Command] = []
         self._lock = threading.Lock()
         self._wakeup = threading.Event()

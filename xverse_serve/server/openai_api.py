@@ -58,7 +58,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
     where the request asks (the grammar of answer_form)."""
     model = service.check_model(body.model)
     service.check_capacity()
-    form = answer_form(body)
+    form = answer_form(body, service.ctx.engine.structured_outputs)
     requested = body.max_completion_tokens or body.max_tokens
     field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     prompt_ids, max_tokens = service.chat_prompt(body.messages, requested, field, form.tools)

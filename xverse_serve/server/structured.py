@@ -35,8 +35,19 @@ def warm_up() -> None:
     checked_grammar_error(json_grammar(None))
 
 
-def answer_form(body: ChatCompletionRequest) -> AnswerForm:
-    """The answer's form; an APIError (400) for a schema or a function the grammar engine cannot compile."""
+def answer_form(body: ChatCompletionRequest, structured_outputs: bool) -> AnswerForm:
+    """The answer's form; an APIError (400) for a schema or a function the grammar engine cannot compile, or for
+    any of them where the engine has no grammars (`structured_outputs` False)."""
+    form = _answer_form(body)
+    if form.grammar is not None and not structured_outputs:
+        param = "tools" if form.parses_calls else "response_format"
+        raise APIError(400, f"{param}: structured outputs and tool calls are off on this server (llguidance could not "
+                       "read the model's tokenizer; the server log says why): send the request without it",
+                       param=param)
+    return form
+
+
+def _answer_form(body: ChatCompletionRequest) -> AnswerForm:
     if body.calls_tools():
         tools = tuple(FunctionSpec(tool.function.name, tool.function.description,
                                    tool.function.parameters if tool.function.parameters is not None
