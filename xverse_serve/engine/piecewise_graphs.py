@@ -11,6 +11,7 @@ rows write their keys and values to the cache's null slot, and their outputs are
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from functools import partial
 
@@ -21,8 +22,8 @@ from ..model.kv_cache import KVCache
 from ..model.xverse import Rotary, XverseForCausalLM
 
 # Largest step taken as graphs: run eagerly, a step stays bound by the host's launches up to about a thousand tokens
-# on some hosts (docs/benchmarks.md).
-MAX_PIECEWISE_TOKENS = 1024
+# on some hosts (docs/benchmarks.md). XVERSE_MAX_PIECEWISE_TOKENS sets another, to compare.
+MAX_PIECEWISE_TOKENS = int(os.environ.get("XVERSE_MAX_PIECEWISE_TOKENS", "1024"))
 
 
 def token_buckets(max_tokens: int) -> list[int]:
