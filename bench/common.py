@@ -214,10 +214,24 @@ class GcPauses:
 
 def run_engine(engine: Engine, batch: list[list[int]], max_tokens: int) -> dict:
     """All requests submitted at once, greedy, each to max_tokens; returns the wall time, the times of each request's
-    first and last tokens (sorted), the output tokens and each engine step's wall time (`step_s`, in order)."""
+    first and last tokens (sorted), the output tokens, and each engine step's wall time (`step_s`, in order) and the
+    part of it spent reading the step before back (`wait_s`: waiting for the GPU; near 0 where the host's launches,
+    not the GPU, set the pace)."""
     params = msgspec.structs.replace(GREEDY, max_tokens=max_tokens)
     if engine.runner.device.type == "cuda":
         torch.cuda.synchronize()
+    waited = 0.0
+    complete = engine._complete
+
+    def timed_complete(step):
+        nonlocal waited
+        began = time.perf_counter()
+        try:
+            return complete(step)
+        finally:
+            waited += time.perf_counter() - began
+
+    engine._complete = timed_complete
     start = time.perf_counter()
     for i, prompt in enumerate(batch):
         engine.add_request(str(i), prompt, params)
@@ -225,24 +239,30 @@ def run_engine(engine: Engine, batch: list[list[int]], max_tokens: int) -> dict:
     last_token: dict[str, float] = {}
     produced = 0
     step_s: list[float] = []
-    while engine.has_work():
-        began = time.perf_counter() - start
-        outputs = engine.step()
-        now = time.perf_counter() - start
-        step_s.append(now - began)
-        for out in outputs:
-            produced += len(out.new_token_ids)
-            first_token.setdefault(out.request_id, now)
-            last_token[out.request_id] = now
-    return {"seconds": time.perf_counter() - start, "tokens": produced,
-            "ttft": sorted(first_token.values()), "last": sorted(last_token.values()), "step_s": step_s}
+    wait_s: list[float] = []
+    try:
+        while engine.has_work():
+            began, waited = time.perf_counter() - start, 0.0
+            outputs = engine.step()
+            now = time.perf_counter() - start
+            step_s.append(now - began)
+            wait_s.append(waited)
+            for out in outputs:
+                produced += len(out.new_token_ids)
+                first_token.setdefault(out.request_id, now)
+                last_token[out.request_id] = now
+    finally:
+        del engine._complete  # the class's method again
+    return {"seconds": time.perf_counter() - start, "tokens": produced, "ttft": sorted(first_token.values()),
+            "last": sorted(last_token.values()), "step_s": step_s, "wait_s": wait_s}
 
 
-def slowest_steps(step_s: list[float], count: int = 5) -> list[tuple[int, float]]:
-    """The `count` slowest steps as (index, ms), slowest first: whether a slow run had a few long pauses (a
-    compilation, an allocation, a collection) or every step slower (the clock)."""
-    ranked = sorted(enumerate(step_s), key=lambda item: item[1], reverse=True)[:count]
-    return [(index, seconds * 1e3) for index, seconds in ranked]
+def slowest_steps(step_s: list[float], wait_s: list[float], count: int = 5) -> list[tuple[int, float, float]]:
+    """The `count` slowest steps as (index, ms, ms of it waiting for the GPU), slowest first: whether a slow run had
+    a few long pauses (a compilation, an allocation, a collection) or every step slower, and whether the GPU or
+    the host set the pace."""
+    ranked = sorted(range(len(step_s)), key=lambda index: step_s[index], reverse=True)[:count]
+    return [(index, step_s[index] * 1e3, wait_s[index] * 1e3) for index in ranked]
 
 
 # torch.cuda.memory_stats counters that mean the caching allocator went to the driver during a measurement

@@ -178,7 +178,8 @@ def measure_speed(engine: Engine, vocab: int, args: argparse.Namespace) -> dict:
     reset_peak(device)
     n = args.requests
     runs: dict[str, list[float]] = {"ttft_ms": [], "decode_tok_s": [], f"throughput_{n}_tok_s": [],
-                                    f"first_tokens_{n}_s": [], f"after_first_tokens_{n}_s": []}
+                                    f"first_tokens_{n}_s": [], f"first_tokens_{n}_gpu_wait_s": [],
+                                    f"after_first_tokens_{n}_s": []}
     # the card's clocks and power meanwhile (gpu_monitor.py: why), the garbage collector's pauses, the allocator's
     # trips to the driver, and each many-request run's slowest steps: where a slow run lost its time
     slowest: list[list[tuple[int, float]]] = []
@@ -188,7 +189,9 @@ def measure_speed(engine: Engine, vocab: int, args: argparse.Namespace) -> dict:
             seed = 1 + 1000 * run
             single = run_engine(engine, prompts(1, args.prompt_len, vocab, seed), args.output_len)
             many = run_engine(engine, prompts(n, args.prompt_len, vocab, seed + n), args.output_len)
-            slowest.append(slowest_steps(many["step_s"]))
+            slowest.append(slowest_steps(many["step_s"], many["wait_s"]))
+            prompt_steps = [i for i, at in enumerate(itertools.accumulate(many["step_s"])) if at <= many["ttft"][-1]]
+            runs[f"first_tokens_{n}_gpu_wait_s"].append(sum(many["wait_s"][i] for i in prompt_steps))
             runs["ttft_ms"].append(single["ttft"][0] * 1e3)
             runs["decode_tok_s"].append((args.output_len - 1) / (single["last"][0] - single["ttft"][0]))
             runs[f"throughput_{n}_tok_s"].append(many["tokens"] / many["seconds"])
