@@ -25,7 +25,10 @@ from xverse_serve.engine.thread_transport import ThreadTransport
 from xverse_serve.launch import build_engine
 from xverse_serve.model.checkpoint import load_config
 from xverse_serve.model.kv_cache import KVCache
+from xverse_serve.model.tokenizer import Tokenizer
 from xverse_serve.model.xverse import XverseForCausalLM, load_model
+from xverse_serve.server.generation import GenerationFailed, generate_text
+from xverse_serve.server.service import FAILURE_TYPES, failure_message
 from xverse_serve.settings import parse_settings
 
 MAX_MODEL_LEN = 256
@@ -682,7 +685,21 @@ def test_a_refused_request_gets_an_error_and_the_engine_goes_on(model: XverseFor
 
     refused, served = run_async(engine, scenario)
     assert len(refused) == 1 and refused[0].error and "32" in refused[0].error
+    assert refused[0].error_status == 400  # about the request: the server answers it as a bad request
     assert served == alone(model, PROMPTS["r1"], GREEDY, max_model_len=32)
+
+
+def test_a_refusal_reaches_the_server_as_a_400_in_the_engine_s_words(model: XverseForCausalLM,
+                                                                      tokenizer: Tokenizer) -> None:
+    async def scenario(async_engine: EngineClient) -> GenerationFailed:
+        with pytest.raises(GenerationFailed) as caught:
+            async for _ in generate_text(async_engine, tokenizer, "too-long", prompt(40, seed=0), GREEDY):
+                pass
+        return caught.value
+
+    failure = run_async(make_engine(model, max_model_len=32), scenario)
+    assert failure.status == 400 and FAILURE_TYPES[failure.status] == "invalid_request_error"
+    assert failure_message(failure) == "the prompt has 40 tokens; the context holds 32"
 
 
 def test_generate_before_start_raises_engine_dead(model: XverseForCausalLM) -> None:

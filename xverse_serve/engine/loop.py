@@ -18,7 +18,8 @@ STATS_INTERVAL_S = 10.0  # how often a busy engine logs its state
 
 
 def apply_commands(engine: Engine, commands: list[Command]) -> list[StepOutput]:
-    """Adds and aborts requests; an add the engine refuses comes back as an error output."""
+    """Adds and aborts requests; an add the engine refuses comes back as an error output, a 400: each refusal
+    (an empty or too long prompt, no room in the KV cache, a grammar that does not compile) is about the request."""
     rejected = []
     for command in commands:
         if isinstance(command, AbortRequest):
@@ -27,7 +28,7 @@ def apply_commands(engine: Engine, commands: list[Command]) -> list[StepOutput]:
         try:
             engine.add_request(command.request_id, command.prompt_ids, command.params, command.shares_prompt_with)
         except ValueError as exc:
-            rejected.append(StepOutput(command.request_id, [], error=str(exc)))
+            rejected.append(StepOutput(command.request_id, [], error=str(exc), error_status=400))
     return rejected
 
 

@@ -83,7 +83,7 @@ class StepOutput(msgspec.Struct, array_like=True):
     new_token_ids: list[int]
     finish_reason: str | None = None  # "stop" (end of text or stop token) or "length"
     error: str | None = None
-    error_status: int = 500  # the HTTP status the error maps to: 500 (failed), 503 (shutting down)
+    error_status: int = 500  # the HTTP status the error maps to: 500 (failed), 400 (refused), 503 (shutting down)
     logprobs: list[TokenLogprob] | None = None  # one per new token, for a request that asked for them
     prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token, with the request's first output
 

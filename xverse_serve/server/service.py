@@ -18,7 +18,7 @@ from .generation import GenerationFailed, TextDelta, generate_text
 from .metrics import Metrics, RequestRecord
 from .protocol import ChatMessage, OpenAIFields, SamplingFields, to_messages
 
-FAILURE_TYPES = {500: "server_error", 503: "service_unavailable", 504: "timeout"}
+FAILURE_TYPES = {400: "invalid_request_error", 500: "server_error", 503: "service_unavailable", 504: "timeout"}
 
 
 @dataclass(frozen=True)
