@@ -181,8 +181,8 @@ def measure_speed(engine: Engine, vocab: int, args: argparse.Namespace) -> dict:
                                     f"first_tokens_{n}_s": [], f"first_tokens_{n}_gpu_wait_s": [],
                                     f"after_first_tokens_{n}_s": []}
     # the card's clocks and power meanwhile (gpu_monitor.py: why), the garbage collector's pauses, the allocator's
-    # trips to the driver, and each many-request run's slowest steps: where a slow run lost its time
-    slowest: list[list[tuple[int, float]]] = []
+    # trips to the driver, each many-request run's slowest steps and its waits for the GPU: where a slow run lost time
+    slowest: list[list[tuple[int, float, float]]] = []
     allocator_before = allocator_events(device)
     with GpuMonitor(device.index or 0) as monitor, GcPauses() as pauses:
         for run in range(args.repeats):
